@@ -1,0 +1,119 @@
+"""A typed registry: string names, decorator registration, typo suggestions, glob selection.
+
+Modelled on lm-evaluation-harness and timm: the registry key is the CLI token, the ``method`` column
+in result rows and the table label. Ablations and variants are one-line registrations of an existing
+class with different config defaults (``register_variant``), not runner flags.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+
+__all__ = ["Registry", "Entry", "UnknownNameError"]
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """An unknown registry name; the message carries suggestions and the valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered name: a class plus the config overrides that define this variant."""
+
+    name: str
+    cls: type[T]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    family: str | None = None
+    description: str = ""
+
+
+class Registry(Generic[T]):
+    """Names to classes deriving from ``base``."""
+
+    def __init__(self, kind: str, base: type[T]) -> None:
+        self.kind = kind
+        self.base = base
+        self._entries: dict[str, Entry[T]] = {}
+
+    def _add(self, entry: Entry[T]) -> None:
+        if not entry.name or entry.name != entry.name.lower() or " " in entry.name:
+            raise ValueError(f"{self.kind} names are lowercase snake_case; got {entry.name!r}")
+        if entry.name in self._entries:
+            raise ValueError(f"{self.kind} {entry.name!r} is already registered (by {self._entries[entry.name].cls.__qualname__})")
+        if not (isinstance(entry.cls, type) and issubclass(entry.cls, self.base)):
+            raise TypeError(f"{entry.cls!r} must subclass {self.base.__name__} to be registered as a {self.kind}")
+        self._entries[entry.name] = entry
+
+    def register(self, name: str, *, family: str | None = None, description: str = "") -> Callable[[type[T]], type[T]]:
+        """Class decorator: ``@METHODS.register("topk")``."""
+
+        def deco(cls: type[T]) -> type[T]:
+            self._add(Entry(name, cls, {}, family, description or (cls.__doc__ or "").strip().split("\n")[0]))
+            cls.registry_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return deco
+
+    def register_variant(
+        self, name: str, base: str, *, family: str | None = None, description: str = "", **defaults: Any
+    ) -> None:
+        """Register ``name`` as ``base`` with different config defaults (an ablation in one line)."""
+        parent = self.get(base)
+        merged = {**parent.defaults, **defaults}
+        self._add(Entry(name, parent.cls, merged, family or parent.family, description))
+
+    def get(self, name: str) -> Entry[T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self._unknown_message(name)) from None
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}."
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names()]
+
+    def select(self, spec: str | list[str]) -> list[str]:
+        """Expand a comma list of names and globs (``'salad*,full'``), keeping order, no repeats.
+
+        A glob that matches nothing and an unknown plain name both raise :class:`UnknownNameError`.
+        """
+        tokens = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
+        out: list[str] = []
+        for tok in tokens:
+            if not tok:
+                continue
+            if any(ch in tok for ch in "*?["):
+                hits = [n for n in self.names() if fnmatch.fnmatchcase(n, tok)]
+                if not hits:
+                    raise UnknownNameError(f"no {self.kind} matches {tok!r}. Known: {', '.join(self.names())}.")
+            else:
+                self.get(tok)
+                hits = [tok]
+            out.extend(h for h in hits if h not in out)
+        if not out:
+            raise ValueError(f"no {self.kind} selected from {spec!r}")
+        return out

@@ -1,0 +1,200 @@
+"""Result rows: one flat JSON object per measured cell, appended to ``<run>/rows.jsonl`` at once.
+
+Every row carries its provenance (git SHA and dirty flag, card, torch/triton/cuDNN/CUDA versions,
+date, command line) and the method's full config, so tables, plots and the gate are pure functions of
+rows. A run interrupted mid-way keeps every row already written; ``resume`` skips cells whose key is
+already present.
+
+Row fields written by the runner (others may add more; readers must tolerate missing ones):
+
+identity   run_id, kind ("attention" | "kernel" | "dit" | "quality"), method, family, config (JSON),
+           config_hash, workload, B, H, N, D, grid, dtype, device, card, pass ("fwd" | "fwd+bwd"),
+           sparsity_target
+outcome    status ("ok" | "skipped" | "error"), reason
+measured   density, sparsity (1 - density), ms, ms_p20, ms_p80, reps, timer, select_ms, peak_mem_gib,
+           flops_executed, flops_dense, flops_<part>, tflops_dense_equiv, tflops_executed, mfu,
+           backend, rel_l2, cos_sim, max_abs_err
+baseline   baseline_method, baseline_backend, baseline_ms, speedup, fa2_ms, speedup_vs_fa2
+provenance git_sha, git_dirty, torch, triton, cudnn, cuda, python, date, host, command
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["ResultsFileError", "RowWriter", "cell_key", "config_hash", "load_rows", "provenance", "read_jsonl"]
+
+KEY_FIELDS = ("kind", "method", "config_hash", "workload", "dtype", "pass", "sparsity_target", "card")
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be read; the message names the file, the line and what to do."""
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def card_name(device: str = "") -> str:
+    """GPU name from torch, or ``cpu:<processor>`` on a machine without CUDA."""
+    import torch
+
+    if (not device or device.startswith("cuda")) and torch.cuda.is_available():
+        idx = torch.device(device).index if device.startswith("cuda:") else torch.cuda.current_device()
+        return torch.cuda.get_device_name(idx or 0)
+    return f"cpu:{platform.machine()}"
+
+
+def provenance(device: str = "") -> dict[str, Any]:
+    """Where and with what a row was measured."""
+    import torch
+
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    sha = os.environ.get("SALAD_GIT_SHA") or _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_sha": sha or None,
+        "git_dirty": bool(dirty) if sha else None,
+        "card": card_name(device),
+        "torch": torch.__version__,
+        "triton": triton_v,
+        "cudnn": cudnn,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def cell_key(row: dict[str, Any]) -> tuple:
+    """The identity of a measured cell, used by resume."""
+    return tuple(str(row.get(f)) for f in KEY_FIELDS)
+
+
+def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str, Any]]:
+    """Rows of one JSONL file.
+
+    A torn last line (no trailing newline: the process died mid-write) is dropped with a warning when
+    ``tolerate_torn_tail``; any other bad line raises :class:`ResultsFileError` naming it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ResultsFileError(f"{path}: no such results file")
+    text = path.read_text()
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            rows.append(row)
+        except ValueError as exc:
+            last = i == len(lines) and not text.endswith("\n")
+            if last and tolerate_torn_tail:
+                print(f"warning: {path}:{i}: dropping a torn last line (interrupted write)", file=sys.stderr)
+                continue
+            raise ResultsFileError(
+                f"{path}:{i}: not a valid result row ({exc}). The file is corrupt: remove or fix that line, "
+                f"or write to a new --out directory."
+            ) from None
+    return rows
+
+
+class RowWriter:
+    """Appends rows to ``<run_dir>/rows.jsonl`` one at a time (flushed and fsynced)."""
+
+    def __init__(self, run_dir: str | Path, *, resume: bool = False, device: str = "") -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "rows.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prov = provenance(device)
+        self.run_id = self.run_dir.name
+        self._done: set[tuple] = set()
+        self.existing: list[dict[str, Any]] = []
+        if self.path.exists() and self.path.stat().st_size:
+            if not resume:
+                raise ResultsFileError(
+                    f"{self.path} already holds results; pass --resume to continue that run or choose another --out"
+                )
+            self.existing = read_jsonl(self.path)
+            self._repair_tail()
+            self._done = {cell_key(r) for r in self.existing if r.get("status") == "ok"}
+
+    def _repair_tail(self) -> None:
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            keep = text[: text.rfind("\n") + 1]
+            self.path.write_text(keep)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self._prov)
+
+    def is_done(self, row_identity: dict[str, Any]) -> bool:
+        probe = {**row_identity, "card": row_identity.get("card", self._prov["card"])}
+        return cell_key(probe) in self._done
+
+    def append(self, row: dict[str, Any]) -> dict[str, Any]:
+        full = {"run_id": self.run_id, **row}
+        for key, val in self._prov.items():
+            full.setdefault(key, val)
+        line = json.dumps(full, default=_json_default, allow_nan=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if full.get("status") == "ok":
+            self._done.add(cell_key(full))
+        return full
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def load_rows(paths: str | Path | Iterable[str | Path]):
+    """A pandas DataFrame of the rows in one or more run directories or ``.jsonl`` files."""
+    import pandas as pd
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.rglob("rows.jsonl")) if p.is_dir() else [p]
+        if p.is_dir() and not files:
+            raise ResultsFileError(f"{p}: no rows.jsonl under this directory")
+        for f in files:
+            rows.extend(read_jsonl(f))
+    return pd.DataFrame(rows)

@@ -11,7 +11,7 @@ import torch
 
 from kernels.errors import Unsupported
 from kernels.layout import BlockLayout, cdiv, keep_count
-from kernels.reference import block_sparse_attention_ref, linear_attention_ref
+from kernels.reference import block_sparse_attention_gather, block_sparse_attention_ref, linear_attention_ref
 
 __all__ = [
     "BlockLayout",
@@ -43,9 +43,12 @@ def triton_available(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA, ``torch`` elsewhere; check an explicit choice can run."""
+    """``auto`` -> our Triton kernel on CUDA (FlexAttention if it is absent), the torch gather path on
+    the CPU; an explicit choice is checked. The choice is recorded in each result row's ``backend``."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available(device) else "flex"
+        return "torch"
     if backend == "triton" and not triton_available(device):
         raise Unsupported(
             f"the Triton block-sparse kernel needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); got {device}"
@@ -73,7 +76,7 @@ def block_sparse_attention(
         from kernels.flex import flex_block_sparse_attention
 
         return flex_block_sparse_attention(q, k, v, layout, scale=scale)
-    return block_sparse_attention_ref(q, k, v, layout, scale=scale)
+    return block_sparse_attention_gather(q, k, v, layout, scale=scale)
 
 
 def linear_attention(

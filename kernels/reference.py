@@ -12,7 +12,7 @@ import torch
 
 from kernels.layout import BlockLayout
 
-__all__ = ["block_sparse_attention_ref", "token_mask_from_layout", "feature_map", "linear_attention_ref"]
+__all__ = ["block_sparse_attention_gather", "block_sparse_attention_ref", "token_mask_from_layout", "feature_map", "linear_attention_ref"]
 
 
 def token_mask_from_layout(layout: BlockLayout, q_rows: slice | None = None) -> torch.Tensor:
@@ -105,3 +105,54 @@ def linear_attention_ref(
     state = torch.einsum("bhnd,bhne->bhde", fk, v.to(work))
     num = torch.einsum("bhnd,bhde->bhne", fq, state)
     return (num / den).to(q.dtype)
+
+
+def block_sparse_attention_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float | None = None,
+    return_lse: bool = False,
+    max_chunk_elems: int = 1 << 25,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The torch execution path: gathers only the kept key blocks of each query block.
+
+    Work and memory scale with the kept tiles (not N^2), so this is the CPU backend; results equal
+    :func:`block_sparse_attention_ref`. Differentiable through autograd.
+    """
+    b, h, n, d = q.shape
+    if layout.seq_len != n or layout.kv_cnt.shape[:2] != (b, h):
+        raise ValueError(f"layout is for N={layout.seq_len}, B,H={tuple(layout.kv_cnt.shape[:2])}; q is {tuple(q.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bq, bk = layout.block_q, layout.block_k
+    mq, mk = layout.num_q_blocks, layout.num_k_blocks
+    kmax = layout.kv_idx.shape[-1]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pad_q, pad_k = mq * bq - n, mk * bk - n
+    qf = torch.nn.functional.pad(q.to(work), (0, 0, 0, pad_q)).view(b, h, mq, bq, d)
+    kf = torch.nn.functional.pad(k.to(work), (0, 0, 0, pad_k)).view(b, h, mk, bk, d)
+    vf = torch.nn.functional.pad(v.to(work), (0, 0, 0, pad_k)).view(b, h, mk, bk, d)
+    slot_ok = torch.arange(kmax, device=q.device) < layout.kv_cnt.unsqueeze(-1)  # (B, H, Mq, Kmax)
+    idx = torch.where(slot_ok, layout.kv_idx.long(), 0)
+    key_pos = idx.unsqueeze(-1) * bk + torch.arange(bk, device=q.device)  # (B, H, Mq, Kmax, bk)
+    key_ok = slot_ok.unsqueeze(-1) & (key_pos < n)
+    rows = max(1, max_chunk_elems // max(1, b * h * bq * kmax * bk))
+    outs, lses = [], []
+    for s in range(0, mq, rows):
+        e = min(mq, s + rows)
+        gi = idx[:, :, s:e].reshape(b, h, -1)  # (B, H, C*Kmax)
+        kg = torch.gather(kf, 2, gi[..., None, None].expand(-1, -1, -1, bk, d)).view(b, h, e - s, kmax * bk, d)
+        vg = torch.gather(vf, 2, gi[..., None, None].expand(-1, -1, -1, bk, d)).view(b, h, e - s, kmax * bk, d)
+        sc = torch.einsum("bhmqd,bhmkd->bhmqk", qf[:, :, s:e], kg) * scale
+        ok = key_ok[:, :, s:e].reshape(b, h, e - s, 1, kmax * bk)
+        sc = sc.masked_fill(~ok, float("-inf"))
+        lse = torch.logsumexp(sc, dim=-1)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        p = torch.exp(sc - safe.unsqueeze(-1)) * ok
+        outs.append(torch.einsum("bhmqk,bhmkd->bhmqd", p, vg))
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).reshape(b, h, mq * bq, d)[:, :, :n].to(q.dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=2).reshape(b, h, mq * bq)[:, :, :n]
+    return out

@@ -10,8 +10,9 @@ import importlib
 import pkgutil
 
 from methods.base import METHODS, AttentionMethod, AttnContext, MethodConfig, MethodReport, Unsupported, create_method
+from methods.registry import UnknownNameError
 
-__all__ = ["METHODS", "AttentionMethod", "AttnContext", "MethodConfig", "MethodReport", "Unsupported", "create_method"]
+__all__ = ["METHODS", "UnknownNameError", "AttentionMethod", "AttnContext", "MethodConfig", "MethodReport", "Unsupported", "create_method"]
 
 _INFRA = {"base", "registry"}
 

@@ -87,10 +87,13 @@ def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
             with _sdpa_ctx(name):
                 return F.scaled_dot_product_attention(q, k, v)
         except RuntimeError as exc:
-            if "No available kernel" in str(exc) or "not supported" in str(exc).lower():
+            msg = str(exc)
+            if "No available kernel" in msg or "No viable backend" in msg or "not supported" in msg.lower():
                 raise Unsupported(f"SDPA backend {name!r} cannot run {q.dtype} head_dim={q.shape[-1]} on {q.device}: {str(exc)[:200]}") from exc
             raise
     if name == "flex":
+        if q.device.type != "cuda":
+            raise Unsupported("FlexAttention is compiled only on CUDA here; eager flex on the CPU materialises all N^2 scores, not a fair baseline")
         from kernels.flex import flex_dense_attention
 
         return flex_dense_attention(q, k, v)

@@ -1,0 +1,272 @@
+"""The sweep: workloads x methods x sparsities, one row appended per measured cell.
+
+For each Q/K/V workload the runner first times every dense backend present (the ``full_*``
+variants) so that each method's speedup is over the fastest dense backend *measured in the same
+process on the same card*, and over FA2 (SDPA's flash backend) beside it. A cell that cannot run
+becomes a ``skipped`` row (with the reason) or an ``error`` row (out of memory, NaN output, an
+exception) and the sweep goes on. ``dit:`` workloads are handed to :mod:`harness.dit`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.accuracy import compare, reference_attention
+from harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
+from harness.results import RowWriter, config_hash
+from harness.timing import measure, peak_memory_gib
+from harness.workloads import Workload, get_workload, make_qkv
+from methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
+
+__all__ = ["RunSpec", "run", "DENSE_BASELINES", "validate_spec"]
+
+# Dense backends timed for every Q/K/V workload; the fastest that runs is the speedup baseline.
+DENSE_BASELINES = ("full_cudnn", "full_flash", "full_efficient", "full_flex", "full_flash_attn", "full_fa4", "full_math")
+FA2 = "full_flash"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class RunSpec:
+    methods: list[str]
+    workloads: list[str]
+    sparsities: list[float]
+    device: str = "cpu"
+    dtype: str = "bf16"
+    out: Path = Path("runs/latest")
+    resume: bool = False
+    qkv: str = "video"
+    seed: int = 0
+    backward: bool = False
+    baselines: bool = True
+    weights: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+
+
+def validate_spec(spec: RunSpec) -> None:
+    """Reject bad input before anything is measured (messages name the problem and the fix)."""
+    for s in spec.sparsities:
+        if not (0.0 <= s < 1.0) or math.isnan(s):
+            raise ValueError(f"sparsity {s} is impossible: it must be in [0, 1) (0.9 keeps 10% of the tiles)")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {spec.dtype!r}; use one of {', '.join(DTYPES)}")
+    dev = torch.device(spec.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec.device!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {spec.device!r}; use cpu, cuda or cuda:N")
+    for name in spec.methods:
+        for s in spec.sparsities[:1] or [0.0]:
+            create_method(name, num_heads=2, head_dim=64, sparsity=s, **spec.knobs.get(name, {}))  # knob check
+    for w in spec.workloads:
+        if w.startswith("dit:"):
+            continue
+        wl = get_workload(w)
+        if dev.type == "cpu" and wl.n > 16384:
+            raise ValueError(
+                f"workload {w!r} has N={wl.n:,} tokens: too large for a CPU run; use --workloads cpu-tiny "
+                f"or run on a GPU (--device cuda)"
+            )
+
+
+def _identity(kind: str, method: str, cfg: dict, workload: str, dtype: str, pass_: str, sparsity: float) -> dict:
+    return {
+        "kind": kind,
+        "method": method,
+        "config": json.dumps(cfg, sort_keys=True, default=str),
+        "config_hash": config_hash(cfg),
+        "workload": workload,
+        "dtype": dtype,
+        "pass": pass_,
+        "sparsity_target": sparsity,
+    }
+
+
+class _Sweep:
+    def __init__(self, spec: RunSpec, writer: RowWriter, progress) -> None:
+        self.spec = spec
+        self.writer = writer
+        self.progress = progress
+        self.device = torch.device(spec.device)
+        self.dtype = DTYPES[spec.dtype]
+
+    # -- one workload ----------------------------------------------------------------------------
+    def workload(self, wl: Workload) -> None:
+        spec = self.spec
+        try:
+            q, k, v = make_qkv(wl, kind=spec.qkv, seed=spec.seed, device=self.device, dtype=self.dtype)
+        except torch.cuda.OutOfMemoryError:
+            self._fail_all(wl, "error", f"out of memory creating q/k/v for {wl.name} ({wl.attention_gib():.1f} GiB); use a smaller workload")
+            return
+        if not all(torch.isfinite(t).all() for t in (q, k, v)):
+            raise ValueError(f"q/k/v for {wl.name} contain NaN or Inf; check --qkv/--seed")
+        ref = reference_attention(q, k, v)
+        ctx = AttnContext(grid=wl.grid, num_layers=wl.layers)
+        base: dict[str, float] = {}
+        if spec.baselines:
+            for name in DENSE_BASELINES:
+                row = self.cell(wl, name, 0.0, q, k, v, ref, ctx, base=None)
+                if row and row.get("status") == "ok":
+                    base[name] = row["ms"]
+        best = min(base, key=base.get) if base else None
+        base_info = {"baseline_method": best, "baseline_ms": base.get(best) if best else None, "fa2_ms": base.get(FA2)}
+        for name in spec.methods:
+            family = METHODS.get(name).family
+            for s in [0.0] if family == "full" else spec.sparsities:
+                self.cell(wl, name, s, q, k, v, ref, ctx, base=base_info)
+        del q, k, v, ref
+
+    def _fail_all(self, wl: Workload, status: str, reason: str) -> None:
+        for name in self.spec.methods:
+            ident = _identity("attention", name, {}, wl.name, self.spec.dtype, "fwd", 0.0)
+            self.writer.append({**ident, "status": status, "reason": reason, "N": wl.n})
+            self.progress.update(1)
+
+    # -- one cell --------------------------------------------------------------------------------
+    def cell(self, wl, name, sparsity, q, k, v, ref, ctx, base) -> dict | None:
+        spec = self.spec
+        passes = ["fwd", "fwd+bwd"] if spec.backward else ["fwd"]
+        knobs = dict(spec.knobs.get(name, {}))
+        last = None
+        for pass_ in passes:
+            entry = METHODS.get(name)
+            cfg = {**entry.defaults, **knobs, "sparsity": sparsity}
+            ident = _identity("attention", name, cfg, wl.name, spec.dtype, pass_, sparsity)
+            common = {
+                **ident,
+                "family": entry.family,
+                "B": wl.batch,
+                "H": wl.heads,
+                "N": wl.n,
+                "D": wl.head_dim,
+                "grid": list(wl.grid),
+                "device": str(self.device),
+                "qkv": spec.qkv,
+                "seed": spec.seed,
+            }
+            if base is not None:
+                common.update(base)
+            if spec.resume and self.writer.is_done(ident):
+                self.progress.update(1)
+                continue
+            self.progress.set_postfix_str(f"{wl.name} {name} s={sparsity}")
+            try:
+                row = self._measure(name, sparsity, knobs, pass_, q, k, v, ref, ctx, wl)
+                row = {**common, **row}
+            except Unsupported as exc:
+                row = {**common, "status": "skipped", "reason": str(exc)}
+            except torch.cuda.OutOfMemoryError as exc:
+                torch.cuda.empty_cache()
+                row = {**common, "status": "error", "reason": f"out of memory: {str(exc).splitlines()[0][:200]}; try a smaller workload or batch"}
+            except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the sweep
+                tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+                row = {**common, "status": "error", "reason": f"{type(exc).__name__}: {exc} [{tb}]"[:500]}
+            if row.get("status") == "ok" and base is not None and base.get("baseline_ms") and pass_ == "fwd":
+                row["speedup"] = base["baseline_ms"] / row["ms"]
+                if base.get("fa2_ms"):
+                    row["speedup_vs_fa2"] = base["fa2_ms"] / row["ms"]
+            last = self.writer.append(row)
+            self.progress.update(1)
+        return last
+
+    def _measure(self, name, sparsity, knobs, pass_, q, k, v, ref, ctx, wl) -> dict:
+        m: AttentionMethod = create_method(name, num_heads=wl.heads, head_dim=wl.head_dim, sparsity=sparsity, **knobs)
+        m = m.to(self.device)
+        if any(p.is_floating_point() for p in m.parameters()):
+            m = m.to(self.dtype)
+        m.eval()
+        spec = self.spec
+        with torch.no_grad():
+            out = m(q, k, v, ctx)
+        if not torch.isfinite(out).all():
+            return {"status": "error", "reason": "output contains NaN or Inf"}
+        rep = m.report()
+        acc = compare(out, ref)
+        del out
+        row: dict[str, Any] = {"status": "ok", "reason": "", "backend": rep.backend, "density": rep.density, "sparsity": 1.0 - rep.density}
+        row.update(acc)
+        b, h, n, d = q.shape
+        dense = dense_flops(b, h, n, n, d)
+        executed = rep.flops_total
+        if pass_ == "fwd":
+            with torch.no_grad():
+                t = measure(lambda: m(q, k, v, ctx), self.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms)
+                layout = m.select(q, k, ctx)
+                if layout is not None:
+                    row["select_ms"] = measure(lambda: m.select(q, k, ctx), self.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms).median_ms
+                row["peak_mem_gib"] = peak_memory_gib(lambda: m(q, k, v, ctx), self.device)
+        else:
+            qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+            grad = torch.randn_like(q)
+
+            def step():
+                o = m(qg, kg, vg, ctx)
+                o.backward(grad)
+                qg.grad = kg.grad = vg.grad = None
+
+            t = measure(step, self.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms)
+            dense *= 1 + BACKWARD_FACTOR
+            executed *= 1 + BACKWARD_FACTOR
+        row.update(t.as_row())
+        row.update({f"flops_{part}": val for part, val in rep.flops.items()})
+        card = self.writer.provenance["card"]
+        row.update(
+            {
+                "flops_executed": executed,
+                "flops_dense": dense,
+                "tflops_dense_equiv": tflops(dense, t.median_ms),
+                "tflops_executed": tflops(executed, t.median_ms),
+                "mfu": mfu(executed, t.median_ms, card),
+            }
+        )
+        if rep.extra:
+            row["extra"] = json.dumps(rep.extra, default=str)
+        return row
+
+
+def count_cells(spec: RunSpec) -> int:
+    per_wl = 0
+    for name in spec.methods:
+        per_wl += 1 if METHODS.get(name).family == "full" else len(spec.sparsities)
+    if spec.baselines:
+        per_wl += len(DENSE_BASELINES)
+    per_wl *= 2 if spec.backward else 1
+    return per_wl * len([w for w in spec.workloads if not w.startswith("dit:")]) + len(
+        [w for w in spec.workloads if w.startswith("dit:")]
+    ) * len(spec.methods) * len(spec.sparsities)
+
+
+def run(spec: RunSpec, *, quiet: bool = False) -> Path:
+    """Measure every cell of ``spec``; returns the path of ``rows.jsonl``."""
+    from tqdm.auto import tqdm
+
+    validate_spec(spec)
+    writer = RowWriter(spec.out, resume=spec.resume, device=spec.device)
+    with tqdm(total=count_cells(spec), disable=quiet, unit="cell", dynamic_ncols=True) as bar:
+        sweep = _Sweep(spec, writer, bar)
+        for w in spec.workloads:
+            if w.startswith("dit:"):
+                from harness.dit import run_dit_workload
+
+                run_dit_workload(
+                    w,
+                    spec.methods,
+                    spec.sparsities,
+                    writer=writer,
+                    device=spec.device,
+                    dtype=DTYPES[spec.dtype],
+                    weights=spec.weights,
+                    progress=bar,
+                )
+                continue
+            sweep.workload(get_workload(w))
+    return writer.path

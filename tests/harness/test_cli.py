@@ -1,0 +1,80 @@
+"""run_all.py end to end on the CPU: the table, rows, resume, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.results import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_writes_rows_and_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--methods", "topk,full", "--sparsity", "0.9", "--out", str(out), "--quick", "--no-baselines"])
+    assert rc == 0
+    rows = read_jsonl(out / "rows.jsonl")
+    by = {r["method"]: r for r in rows}
+    assert by["topk"]["status"] == "ok" and by["topk"]["density"] < 0.3
+    assert by["full"]["rel_l2"] < 1e-5
+    assert "| topk |" in capsys.readouterr().out
+    assert (out / "summary.md").exists()
+
+
+def test_missing_backend_is_a_skipped_row_with_reason(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--methods", "full_cudnn", "--out", str(out), "--quick", "--no-baselines"]) == 0
+    (row,) = read_jsonl(out / "rows.jsonl")
+    assert row["status"] == "skipped" and "CUDA" in row["reason"]
+
+
+def test_resume_skips_measured_cells(tmp_path):
+    out = tmp_path / "run"
+    args = ["--methods", "topk", "--sparsity", "0.9", "--out", str(out), "--quick", "--no-baselines"]
+    assert main(args) == 0
+    assert main(args) == 2  # refuses to mix into an existing run without --resume
+    assert main([*args, "--resume", "--sparsity", "0.9,0.95"]) == 0
+    rows = read_jsonl(out / "rows.jsonl")
+    assert sorted(r["sparsity_target"] for r in rows) == [0.9, 0.95]
+
+
+def test_speedup_is_over_fastest_measured_dense(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--methods", "topk", "--sparsity", "0.9", "--out", str(out), "--quick"]) == 0
+    rows = read_jsonl(out / "rows.jsonl")
+    dense = {r["method"]: r["ms"] for r in rows if r["method"].startswith("full_") and r["status"] == "ok"}
+    (topk,) = [r for r in rows if r["method"] == "topk"]
+    best = min(dense, key=dense.get)
+    assert topk["baseline_method"] == best
+    assert topk["speedup"] == pytest.approx(dense[best] / topk["ms"])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--methods", "salda"], "did you mean 'salad'"),
+        (["--methods", "topk", "--sparsity", "1.0"], "impossible"),
+        (["--methods", "topk", "--sparsity", "-0.2"], "impossible"),
+        (["--methods", "topk", "--workloads", "wan2.1-1.3b-480p", "--device", "cpu"], "too large for a CPU"),
+        (["--methods", "topk", "--knob", "topk.block_q=48"], "block_q=48"),
+        (["--methods", "topk", "--workloads", "nope"], "unknown workload"),
+    ],
+)
+def test_bad_input_exits_2_with_message(args, needle, tmp_path, capsys):
+    rc = main([*args, "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert needle.lower() in capsys.readouterr().err.lower()
+    assert not (tmp_path / "r" / "rows.jsonl").exists()
+
+
+def test_cli_entry_point_and_list():
+    res = subprocess.run([sys.executable, "run_all.py", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    assert "salad_no_gate" in res.stdout and "ablation" in res.stdout and "wan2.1-1.3b-480p" in res.stdout
+    bad = subprocess.run([sys.executable, "run_all.py", "--methods", "fulll"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "did you mean 'full'" in bad.stderr.lower()

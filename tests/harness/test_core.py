@@ -1,0 +1,100 @@
+"""FLOPs, workloads, timing, result rows (append, resume, provenance, corrupt files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.flops import dense_flops, mfu, peak_tflops, tflops
+from harness.results import ResultsFileError, RowWriter, load_rows, read_jsonl
+from harness.timing import measure
+from harness.workloads import WORKLOADS, get_workload, make_qkv
+
+
+def test_wan_480p_layer_is_6_59_tflop():
+    wl = get_workload("wan2.1-1.3b-480p")
+    assert wl.n == 32_760
+    per_head = dense_flops(1, 1, wl.n, wl.n, wl.head_dim)
+    assert per_head / 1e12 == pytest.approx(0.549, abs=0.001)
+    layer = dense_flops(1, wl.heads, wl.n, wl.n, wl.head_dim)
+    assert layer / 1e12 == pytest.approx(6.59, abs=0.01)
+    assert wl.layers * layer / 1e12 == pytest.approx(198, abs=0.5)
+
+
+def test_presets_match_reference():
+    assert get_workload("wan2.1-1.3b-720p").n == 75_600
+    assert get_workload("wan2.1-14b-720p").heads == 40
+    assert get_workload("hunyuan-720p").n == 118_800
+    assert WORKLOADS["cpu-tiny"].n % 64 != 0
+
+
+def test_unknown_workload_suggests():
+    with pytest.raises(KeyError, match="wan2.1-1.3b-480p"):
+        get_workload("wan2.1-1.3b-480")
+
+
+def test_mfu_and_tflops():
+    assert tflops(1e12, 1000.0) == pytest.approx(1.0)
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert mfu(989e12, 1000.0, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)
+    assert mfu(1.0, 1.0, "cpu:x86_64") is None
+
+
+def test_qkv_seeded_and_structured():
+    wl = get_workload("cpu-tiny")
+    a = make_qkv(wl, seed=3)
+    b = make_qkv(wl, seed=3)
+    c = make_qkv(wl, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    q, k, _ = a
+    # video-like: a token's nearest neighbour in the raster scores higher than a far-away token
+    s = torch.einsum("hnd,hmd->hnm", q[0, :, :200].float(), k[0, :, :200].float())
+    near = torch.diagonal(s[:, 1:, :-1], dim1=1, dim2=2).mean()
+    far = s[:, :100, 100:].mean()
+    assert near > far
+
+
+def test_measure_cpu_reports_quantiles():
+    t = measure(lambda: sum(range(1000)), "cpu", warmup_ms=1, rep_ms=5)
+    assert t.p20_ms <= t.median_ms <= t.p80_ms and t.reps >= 3 and t.timer == "cpu-perf_counter"
+
+
+def test_rows_append_provenance_and_resume(tmp_path):
+    w = RowWriter(tmp_path / "run")
+    ident = {"kind": "attention", "method": "topk", "config_hash": "x", "workload": "cpu-tiny", "dtype": "fp32", "pass": "fwd", "sparsity_target": 0.9}
+    w.append({**ident, "status": "ok", "ms": 1.0})
+    w.append({**ident, "sparsity_target": 0.5, "status": "error", "reason": "boom"})
+    rows = read_jsonl(w.path)
+    assert len(rows) == 2
+    for key in ("git_sha", "git_dirty", "card", "torch", "triton", "cudnn", "date", "command", "run_id"):
+        assert key in rows[0]
+    with pytest.raises(ResultsFileError, match="--resume"):
+        RowWriter(tmp_path / "run")
+    w2 = RowWriter(tmp_path / "run", resume=True)
+    assert w2.is_done(ident)
+    assert not w2.is_done({**ident, "sparsity_target": 0.5})  # errors are retried on resume
+    df = load_rows(tmp_path)
+    assert list(df["method"]) == ["topk", "topk"]
+
+
+def test_torn_last_line_is_dropped_on_resume(tmp_path):
+    w = RowWriter(tmp_path / "run")
+    w.append({"method": "a", "status": "ok"})
+    with open(w.path, "a") as f:
+        f.write('{"method": "b", "sta')  # the process died mid-write
+    w2 = RowWriter(tmp_path / "run", resume=True)
+    assert [r["method"] for r in w2.existing] == ["a"]
+    w2.append({"method": "c", "status": "ok"})
+    assert [r["method"] for r in read_jsonl(w2.path)] == ["a", "c"]
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps({"a": 1}) + "\nnot json\n" + json.dumps({"a": 2}) + "\n")
+    with pytest.raises(ResultsFileError, match=r"rows.jsonl:2.*corrupt"):
+        read_jsonl(p)
+    with pytest.raises(ResultsFileError, match="no such results file"):
+        read_jsonl(tmp_path / "missing.jsonl")

@@ -1,0 +1,83 @@
+"""The typed registry: duplicates, typo suggestions, globs, variants, knob validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from methods import METHODS, AttentionMethod, UnknownNameError, create_method
+from methods.base import MethodConfig
+from methods.registry import Registry
+
+
+class _Toy(AttentionMethod):
+    Config = MethodConfig
+
+
+def test_duplicate_name_raises():
+    reg: Registry[AttentionMethod] = Registry("method", AttentionMethod)
+    reg.register("toy")(_Toy)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("toy")(_Toy)
+
+
+def test_non_subclass_rejected():
+    reg: Registry[AttentionMethod] = Registry("method", AttentionMethod)
+    with pytest.raises(TypeError, match="must subclass AttentionMethod"):
+        reg.register("bad")(int)
+
+
+def test_bad_name_rejected():
+    reg: Registry[AttentionMethod] = Registry("method", AttentionMethod)
+    with pytest.raises(ValueError, match="snake_case"):
+        reg.register("Has Space")(_Toy)
+
+
+def test_unknown_name_suggests():
+    with pytest.raises(UnknownNameError) as info:
+        METHODS.get("salda")
+    msg = str(info.value)
+    assert "did you mean" in msg.lower() and "'salad'" in msg and "Known:" in msg
+
+
+def test_glob_selection_keeps_order_and_dedups():
+    names = METHODS.select("full,salad*,full")
+    assert names[0] == "full" and names.count("full") == 1
+    assert "salad" in names and "salad_no_gate" in names
+    assert all(n == "full" or n.startswith("salad") for n in names)
+
+
+def test_glob_matching_nothing_raises():
+    with pytest.raises(UnknownNameError, match="no method matches"):
+        METHODS.select("nosuch*")
+
+
+def test_variant_is_one_line_with_defaults():
+    e = METHODS.get("salad_no_gate")
+    assert e.cls is METHODS.get("salad").cls and e.defaults == {"gate": "none"} and e.family == "ablation"
+    m = create_method("salad_no_gate", num_heads=2, head_dim=32)
+    assert m.config.gate == "none" and m.name == "salad_no_gate"
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan")])
+def test_impossible_sparsity_rejected(sparsity):
+    with pytest.raises(ValueError, match="sparsity"):
+        create_method("topk", num_heads=2, head_dim=32, sparsity=sparsity)
+
+
+def test_unknown_knob_named():
+    with pytest.raises(ValueError, match="no knob 'blok_q'.*block_q"):
+        create_method("topk", num_heads=2, head_dim=32, blok_q=64)
+
+
+def test_bad_knob_value_named():
+    with pytest.raises(ValueError, match="block_q=48"):
+        create_method("topk", num_heads=2, head_dim=32, block_q=48)
+    with pytest.raises(ValueError, match="gate='sometimes'"):
+        create_method("salad", num_heads=2, head_dim=32, gate="sometimes")
+
+
+def test_every_entry_has_a_known_family():
+    from methods.base import FAMILIES
+
+    for e in METHODS.entries():
+        assert (e.family or e.cls.family) in FAMILIES, e.name

@@ -1,0 +1,142 @@
+"""topk's selection rule and SALAD's maths, checked against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels.reference import block_sparse_attention_ref, linear_attention_ref
+from kernels.rope import apply_rope, rope_3d_freqs
+from methods import AttnContext, create_method
+
+GRID = (3, 10, 11)
+N = 330
+
+
+def _qkv(gen, h=2, d=64):
+    return [torch.randn(1, h, N, d, generator=gen, dtype=torch.float64) for _ in range(3)]
+
+
+def test_topk_keeps_best_pooled_blocks_and_diagonal(gen):
+    q, k, v = _qkv(gen)
+    m = create_method("topk", num_heads=2, head_dim=64, sparsity=0.8)
+    layout = m.select(q, k, AttnContext(grid=GRID))
+    tiles = layout.to_dense()[0, 0]
+    mq, mk = tiles.shape
+    # brute force pooled scores
+    pq = torch.stack([q[0, 0, i * 128 : (i + 1) * 128].mean(0) for i in range(mq)])
+    pk = torch.stack([k[0, 0, j * 64 : (j + 1) * 64].mean(0) for j in range(mk)])
+    s = pq @ pk.T
+    keep = math.ceil(0.2 * mk - 1e-9)
+    for i in range(mq):
+        diag = {j for j in range(mk) if j * 64 < min(N, (i + 1) * 128) and (j + 1) * 64 > i * 128}
+        assert diag <= set(torch.nonzero(tiles[i]).flatten().tolist())
+        kept = set(torch.nonzero(tiles[i]).flatten().tolist())
+        assert len(kept) == max(keep, 2 if i < mq - 1 else len(diag))
+        others = kept - diag
+        best_rest = set(torch.topk(s[i].masked_fill(torch.tensor([j in diag for j in range(mk)]), -1e9), len(others)).indices.tolist()) if others else set()
+        assert others == best_rest
+
+
+def test_topk_output_matches_reference_on_its_layout(gen):
+    q, k, v = _qkv(gen)
+    m = create_method("topk", num_heads=2, head_dim=64, sparsity=0.7)
+    out = m(q, k, v, AttnContext(grid=GRID))
+    ref = block_sparse_attention_ref(q, k, v, m.layout)
+    assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_salad_is_pure_sparse_untrained(gen):
+    q, k, v = _qkv(gen)
+    salad = create_method("salad", num_heads=2, head_dim=64, sparsity=0.8).double()
+    topk = create_method("topk", num_heads=2, head_dim=64, sparsity=0.8)
+    ctx = AttnContext(grid=GRID)
+    assert torch.equal(salad(q, k, v, ctx), topk(q, k, v, ctx))
+
+
+def test_salad_formula(gen):
+    """O = O_sparse + G * Proj(O_linear) with RoPE inside the linear branch, checked by hand."""
+    h, d = 2, 64
+    q, k, v = _qkv(gen, h, d)
+    ctx = AttnContext(grid=GRID)
+    m = create_method("salad", num_heads=h, head_dim=d, sparsity=0.6, proj_init="random").double()
+    torch.nn.init.normal_(m.gate_proj.weight, std=0.05)
+    out = m(q, k, v, ctx)
+    sparse = block_sparse_attention_ref(q, k, v, m.sparse.layout)
+    # linear branch by hand
+    cos, sin = rope_3d_freqs(GRID, d)
+    fq, fk = torch.relu(q), torch.relu(k)
+    den = fq @ fk.sum(2, keepdim=True).transpose(-1, -2) + 1e-6  # (1, H, N, 1)
+    rq, rk = apply_rope(fq, cos, sin), apply_rope(fk, cos, sin)
+    lin = (rq @ (rk.transpose(-1, -2) @ v)) / den
+    assert torch.allclose(lin, linear_attention_ref(q, k, v, "relu", cos, sin), atol=1e-10)
+    pooled = q.mean(2).reshape(1, -1)
+    g = torch.sigmoid(pooled @ m.gate_proj.weight.T + m.gate_proj.bias)  # (1, 1)
+    merged = (lin * g[:, :, None, None]).transpose(1, 2).reshape(1, N, h * d)
+    expect = sparse + (merged @ m.proj.weight.T + m.proj.bias).view(1, N, h, d).transpose(1, 2)
+    assert torch.allclose(out, expect, atol=1e-9)
+
+
+def test_salad_gate_uses_hidden_states_when_given(gen):
+    q, k, v = _qkv(gen)
+    m = create_method("salad", num_heads=2, head_dim=64, proj_init="random").double()
+    torch.nn.init.normal_(m.gate_proj.weight)
+    x1 = torch.randn(1, N, 128, generator=gen, dtype=torch.float64)
+    g1 = m.gate_value(q, AttnContext(grid=GRID, hidden_states=x1))
+    g2 = m.gate_value(q, AttnContext(grid=GRID, hidden_states=-x1))
+    assert g1.shape == (1, 2) and not torch.allclose(g1, g2)
+
+
+def test_salad_extra_parameters_match_paper_on_wan13b():
+    # One C x C projection (+bias) per block and a C -> 1 gate: the paper's +4.99% on 1,418,996,800.
+    m = create_method("salad", num_heads=12, head_dim=128)
+    per_layer = m.extra_parameters()
+    c = 12 * 128
+    assert per_layer == c * c + c + c + 1
+    assert 30 * per_layer / 1_418_996_800 == pytest.approx(0.0499, abs=0.0003)
+
+
+def test_salad_gradients_reach_projection_and_gate(gen):
+    q, k, v = _qkv(gen)
+    m = create_method("salad", num_heads=2, head_dim=64, sparsity=0.5).double()
+    out = m(q, k, v, AttnContext(grid=GRID))
+    out.square().sum().backward()
+    assert m.proj.weight.grad is not None and m.proj.weight.grad.abs().sum() > 0
+    # Proj starts at zero, so the gate's gradient is zero at step 0 and non-zero after Proj moves.
+    with torch.no_grad():
+        m.proj.weight.normal_(std=0.01)
+    m.zero_grad()
+    m(q, k, v, AttnContext(grid=GRID)).square().sum().backward()
+    assert m.gate_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant,attr,value", [("salad_no_rope", "rope", False), ("salad_static_gate", "gate", "static"), ("salad_separate_qkv", "shared_qkv", False)])
+def test_ablation_variants_change_the_output(gen, variant, attr, value):
+    q, k, v = _qkv(gen)
+    ctx = AttnContext(grid=GRID)
+    torch.manual_seed(0)
+    base = create_method("salad", num_heads=2, head_dim=64, sparsity=0.6, proj_init="random").double()
+    torch.manual_seed(0)
+    abl = create_method(variant, num_heads=2, head_dim=64, sparsity=0.6, proj_init="random").double()
+    assert getattr(abl.config, attr) == value
+    abl.load_state_dict(base.state_dict(), strict=False)
+    if value == "static":
+        with torch.no_grad():
+            abl.layer_scale.fill_(0.3)
+    if variant == "salad_separate_qkv":
+        with torch.no_grad():
+            abl.qkv_maps.add_(0.1 * torch.randn_like(abl.qkv_maps))
+    assert not torch.allclose(base(q, k, v, ctx), abl(q, k, v, ctx))
+
+
+def test_drop_weakest_linear_branches():
+    from methods.salad import drop_weakest_linear_branches
+
+    mods = [create_method("salad", num_heads=2, head_dim=32) for _ in range(10)]
+    for i, m in enumerate(mods):
+        m.gate_mean = torch.tensor(float((i * 7) % 10))
+    dropped = drop_weakest_linear_branches(mods, 0.2)
+    assert dropped == [0, 3]  # gates 0 and 1
+    assert [m.linear_enabled for m in mods].count(False) == 2

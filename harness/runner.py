@@ -251,7 +251,8 @@ def run(spec: RunSpec, *, quiet: bool = False) -> Path:
 
     validate_spec(spec)
     writer = RowWriter(spec.out, resume=spec.resume, device=spec.device)
-    with tqdm(total=count_cells(spec), disable=quiet, unit="cell", dynamic_ncols=True) as bar:
+    # disable=None: no bar when stderr is not a terminal (CI logs, the device tool)
+    with tqdm(total=count_cells(spec), disable=True if quiet else None, unit="cell", dynamic_ncols=True) as bar:
         sweep = _Sweep(spec, writer, bar)
         for w in spec.workloads:
             if w.startswith("dit:"):

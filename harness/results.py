@@ -27,8 +27,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["ResultsFileError", "RowWriter", "cell_key", "config_hash", "load_rows", "provenance", "read_jsonl"]
 
@@ -79,7 +80,7 @@ def provenance(device: str = "") -> dict[str, Any]:
         "cudnn": cudnn,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "command": " ".join(sys.argv),
     }

@@ -7,13 +7,14 @@ a query block's own tokens (the "diagonal") can be forced in.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from kernels.layout import BlockLayout, cdiv
 
-__all__ = ["pool_blocks", "block_scores", "diagonal_blocks", "topk_layout", "topp_layout"]
+__all__ = ["pool_blocks", "block_scores", "diagonal_blocks", "diagonal_width", "topk_layout", "topp_layout"]
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -39,8 +40,9 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -
     return torch.einsum("bhqd,bhkd->bhqk", pq, pk) / math.sqrt(q.shape[-1])
 
 
+@functools.lru_cache(maxsize=32)
 def diagonal_blocks(n: int, block_q: int, block_k: int, device) -> torch.Tensor:
-    """Bool ``(Mq, Mk)``: key blocks that overlap each query block's own token range."""
+    """Bool ``(Mq, Mk)``: key blocks that overlap each query block's own token range (cached)."""
     mq, mk = cdiv(n, block_q), cdiv(n, block_k)
     qs = torch.arange(mq, device=device) * block_q
     qe = torch.clamp(qs + block_q, max=n) - 1
@@ -50,18 +52,38 @@ def diagonal_blocks(n: int, block_q: int, block_k: int, device) -> torch.Tensor:
 
 
 def topk_layout(
-    scores: torch.Tensor, keep: int, n: int, block_q: int, block_k: int, force: torch.Tensor | None = None
+    scores: torch.Tensor,
+    keep: int,
+    n: int,
+    block_q: int,
+    block_k: int,
+    force: torch.Tensor | None = None,
+    force_width: int | None = None,
 ) -> BlockLayout:
-    """Keep the ``keep`` best key blocks per query block, plus every block ``force`` marks."""
+    """Keep the ``keep`` best key blocks per query block, plus every block ``force`` marks.
+
+    ``force_width`` is the most forced blocks in any row; it defaults to the diagonal's width, which
+    is what ``force`` is unless the caller says otherwise.
+    """
     s = scores
     if force is not None:
         s = s.masked_fill(force, float("inf"))
-        keep = max(keep, int(force.sum(-1).max().item()))
+        keep = max(keep, diagonal_width(n, block_q, block_k) if force_width is None else force_width)
     keep = min(keep, s.shape[-1])
     idx = torch.topk(s, keep, dim=-1, sorted=False).indices
     idx = torch.sort(idx, dim=-1).values.to(torch.int32)
     cnt = torch.full(s.shape[:3], keep, dtype=torch.int32, device=s.device)
     return BlockLayout(idx.contiguous(), cnt, block_q, block_k, n)
+
+
+@functools.lru_cache(maxsize=256)
+def diagonal_width(n: int, block_q: int, block_k: int) -> int:
+    """Most key blocks any query block's diagonal covers (plain ints: no device sync)."""
+    widest = 0
+    for qs in range(0, n, block_q):
+        qe = min(n, qs + block_q) - 1
+        widest = max(widest, qe // block_k - qs // block_k + 1)
+    return widest
 
 
 def topp_layout(

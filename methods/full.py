@@ -16,8 +16,9 @@ every dense backend side by side. FLOPs: ``4*B*H*N^2*D``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -120,18 +120,19 @@ class Salad(AttentionMethod):
         return self._rope_cache[key]
 
     def gate_value(self, q: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        """Gate per (sample, head): shape ``(B, H)`` (float32)."""
+        """Gate per (sample, head): shape ``(B, H)`` (float32, float64 for float64 inputs)."""
         b, h = q.shape[0], q.shape[1]
         kind = self.config.gate
-        g = torch.ones(b, h, device=q.device, dtype=torch.float32)
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        g = torch.ones(b, h, device=q.device, dtype=work)
         if kind in ("dynamic", "static_dynamic"):
             x = ctx.hidden_states
-            pooled = x.float().mean(dim=1) if x is not None else q.float().mean(dim=2).reshape(b, -1)
-            g = g * torch.sigmoid(self.gate_proj(pooled.to(self.gate_proj.weight.dtype)).float())
+            pooled = x.to(work).mean(dim=1) if x is not None else q.to(work).mean(dim=2).reshape(b, -1)
+            g = g * torch.sigmoid(self.gate_proj(pooled.to(self.gate_proj.weight.dtype)).to(work))
         if kind in ("static", "static_dynamic"):
-            g = g * self.layer_scale.float()
+            g = g * self.layer_scale.to(work)
         if kind == "static_dynamic":
-            g = g * self.head_scale.float()[None, :]
+            g = g * self.head_scale.to(work)[None, :]
         return g
 
     def linear_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:

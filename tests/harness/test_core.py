@@ -47,7 +47,7 @@ def test_qkv_seeded_and_structured():
     a = make_qkv(wl, seed=3)
     b = make_qkv(wl, seed=3)
     c = make_qkv(wl, seed=4)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
     assert not torch.equal(a[0], c[0])
     q, k, _ = a
     # video-like: a token's nearest neighbour in the raster scores higher than a far-away token

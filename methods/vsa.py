@@ -26,7 +26,8 @@ Layout at the boundary: ``q, k, v`` are ``(B, H, N, D)`` with tokens in raster (
   to ``AttnContext.hidden_states`` ``(B, N, C)`` when the caller has it (the DiT path), otherwise to
   the queries merged over heads ``(B, N, H*D)`` (bare Q/K/V workloads). Zero init makes the untrained
   method *exactly* pure fine attention. ``gate="none"`` adds ``O_coarse`` ungated (FastVideo's path
-  when no gate tensor is passed; ablation ``vsa_no_gate``).
+  when no gate tensor is passed). Not registered as a variant: at sparsity 0 it is not dense by design,
+  which the shared contract test must list first (``NOT_DENSE_AT_ZERO``).
 
 Token order (our choice, exact, padding-free): FastVideo pads every cube to 64 slots and tells its
 kernel the valid length of each block; our kernels take uniform blocks with no per-block lengths, so
@@ -258,8 +259,3 @@ class VSA(AttentionMethod):
         gate = (2.0 * b * n * c * c if self.config.gate == "linear" else 0.0) + 2.0 * b * h * n * d
         self._remember(layout, backend, coarse=coarse, gate=gate)
         return out
-
-
-METHODS.register_variant(
-    "vsa_no_gate", "vsa", family="ablation", gate="none", description="ablation: O_coarse added ungated"
-)

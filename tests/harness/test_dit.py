@@ -1,0 +1,137 @@
+"""``dit:`` workloads: presets, rows, the attention split, resume, skipped/error cells (CPU, dit:tiny)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from harness import dit  # noqa: E402
+from harness.dit import DIT_WORKLOADS, get_dit_workload, run_dit_workload  # noqa: E402
+from harness.results import RowWriter, read_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+FAST = dict(device="cpu", dtype=torch.float32, warmup_ms=1.0, rep_ms=5.0, attn_reps=2)
+TOPK_SMALL = {"block_q": 32, "block_k": 32}
+
+
+def _params(cfg) -> int:
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in WanTransformer3DModel(**cfg).parameters())
+
+
+def test_presets_match_the_reference():
+    w = get_dit_workload("dit:wan2.1-1.3b-480p")
+    assert w.grid == (21, 30, 52) and w.n == 32_760 and w.text_len == 512 and w.config["text_dim"] == 4096
+    assert _params(w.config) == 1_418_996_800  # REFERENCE.md section 1
+    w = get_dit_workload("dit:wan2.1-1.3b-720p")
+    assert w.grid == (21, 45, 80) and w.n == 75_600
+    w = get_dit_workload("dit:wan2.1-14b-720p")
+    assert (w.heads, w.head_dim, w.config["num_layers"], w.config["ffn_dim"]) == (40, 128, 40, 13824)
+    assert 14.0e9 < _params(w.config) < 14.5e9
+    assert set(DIT_WORKLOADS) >= {"dit:tiny"}
+    with pytest.raises(KeyError, match="Did you mean 'dit:wan2.1-1.3b-480p'"):
+        get_dit_workload("dit:wan2.1-1.3b-480")
+
+
+def test_rows_for_dense_and_sparse_methods(tmp_path):
+    writer = RowWriter(tmp_path / "run")
+    seen = []
+    run_dit_workload(
+        "dit:tiny", ["full", "topk", "salad"], [0.5], writer=writer, progress=seen.append,
+        knobs={"topk": TOPK_SMALL, "salad": {"sparse_knobs": (("block_q", 32), ("block_k", 32))}}, **FAST,
+    )  # fmt: skip
+    rows = read_jsonl(writer.path)
+    assert [r["method"] for r in rows] == ["full", "topk", "salad"] and len(seen) == 3
+    full, topk, salad = rows
+    for r in rows:
+        assert r["status"] == "ok", r["reason"]
+        assert r["kind"] == "dit" and r["workload"] == "dit:tiny" and r["grid"] == [3, 8, 8] and r["N"] == 192
+        assert r["baseline_method"] == "full" and r["baseline_backend"] == "default" and r["baseline_ms"] > 0
+        assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert 0 < r["attn_ms"] < r["ms"] and r["rest_ms"] == pytest.approx(r["ms"] - r["attn_ms"])
+        assert r["attn_share"] == pytest.approx(r["attn_ms"] / r["ms"])
+        assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["ms"])
+        assert r["rest_ms_stub"] > 0 and r["output_finite"] is True
+        assert r["layers"] == 2 and r["H"] == 2 and r["D"] == 16 and r["step"] == 25
+        assert json.loads(r["config"])["sparsity"] == r["sparsity_target"]
+    assert full["sparsity_target"] == 0.0 and full["density"] == 1.0 and full["speedup"] == 1.0
+    assert topk["sparsity_target"] == 0.5 and topk["density"] < 1.0 and topk["backend"] == "torch"
+    assert salad["density"] < 1.0 and salad["family"] == "salad"
+    assert topk["flops_attn_executed"] < topk["flops_attn_dense"]
+
+
+def test_resume_skips_done_cells(tmp_path):
+    writer = RowWriter(tmp_path / "run")
+    run_dit_workload("dit:tiny", ["full", "topk"], [0.5], writer=writer, knobs={"topk": TOPK_SMALL}, **FAST)
+    again = RowWriter(tmp_path / "run", resume=True)
+    run_dit_workload("dit:tiny", ["full", "topk"], [0.5, 0.75], writer=again, knobs={"topk": TOPK_SMALL}, **FAST)
+    rows = read_jsonl(again.path)
+    assert [(r["method"], r["sparsity_target"]) for r in rows] == [("full", 0.0), ("topk", 0.5), ("topk", 0.75)]
+
+
+def test_unsupported_is_skipped_and_failures_are_error_rows(tmp_path):
+    writer = RowWriter(tmp_path / "run")
+    run_dit_workload("dit:tiny", ["full_cudnn", "topk"], [0.5], writer=writer, knobs={"topk": {"block_q": 48}}, **FAST)
+    cudnn, topk = read_jsonl(writer.path)
+    assert cudnn["status"] == "skipped" and "CUDA" in cudnn["reason"]
+    assert topk["status"] == "error" and "block_q" in topk["reason"]
+
+
+def test_a_model_that_does_not_fit_gives_skipped_rows(tmp_path, monkeypatch):
+    import harness.integrations.wan as wan
+
+    def boom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 GiB")
+
+    monkeypatch.setattr(wan, "new_transformer", boom)
+    writer = RowWriter(tmp_path / "run")
+    run_dit_workload("dit:tiny", ["full", "topk"], [0.5], writer=writer, **FAST)
+    rows = read_jsonl(writer.path)
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert "out of memory building dit:tiny" in rows[0]["reason"] and "GiB" in rows[0]["reason"]
+
+
+def test_real_weights_are_loaded_and_named(tmp_path):
+    from harness.integrations.wan import new_transformer
+
+    new_transformer(get_dit_workload("dit:tiny").config, seed=5).save_pretrained(tmp_path / "w" / "transformer")
+    writer = RowWriter(tmp_path / "run")
+    run_dit_workload("dit:tiny", ["full"], [0.5], writer=writer, weights=str(tmp_path / "w"), **FAST)
+    (row,) = read_jsonl(writer.path)
+    assert row["status"] == "ok" and row["workload"] == "dit:tiny[weights=w]" and row["weights"].endswith("w")
+
+
+def test_command_line(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = dit.main(
+        ["--workload", "dit:tiny", "--methods", "full,topk", "--sparsity", "0.5", "--out", str(out), "--device", "cpu",
+         "--dtype", "fp32", "--warmup-ms", "1", "--rep-ms", "5", "--attn-reps", "1", "--knobs", json.dumps({"topk": TOPK_SMALL})]
+    )  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "speedup" in text and "rows:" in text
+    assert len(read_jsonl(out / "rows.jsonl")) == 2
+    assert dit.main(["--list"]) == 0
+
+
+@pytest.mark.gpu
+def test_tiny_on_cuda_bf16(tmp_path):
+    writer = RowWriter(tmp_path / "run", device="cuda")
+    run_dit_workload("dit:tiny", ["full", "topk", "salad"], [0.5], writer=writer, device="cuda", dtype=torch.bfloat16)
+    rows = read_jsonl(writer.path)
+    assert all(r["status"] == "ok" for r in rows), [r["reason"] for r in rows]
+    assert all(r["timer_attn"].startswith("cuda-events") and r["peak_mem_gib"] > 0 for r in rows)

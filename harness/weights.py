@@ -314,9 +314,8 @@ def load_pipeline(
             f"{root}: pipeline components missing: {', '.join(absent)} (listed in {index} and as folders); finish the download ({_HOWTO})"
         )
     transformer = load_transformer(root, device=device, dtype=dtype)
-    for part in ("vae", "text_encoder"):
-        read = _read_json(root / part / "config.json")
-        del read
+    for part in ("vae", "text_encoder"):  # check the files before the slow loads
+        _read_json(root / part / "config.json")
         for f in _weight_files(root / part):
             check_safetensors(f)
     try:

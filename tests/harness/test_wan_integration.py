@@ -389,6 +389,11 @@ def test_generate_writes_a_real_mp4(tmp_path, monkeypatch):
         root, "a cat", 1, 1, 1.0, "full", 0.0, tmp_path / "b.mp4", 5, 32, 32, dtype=torch.float32, device="cpu"
     )
     assert all((fa == fb).all() for fa, fb in zip(imageio.get_reader(a), imageio.get_reader(b), strict=True))
+    # a truncated component is named before anything slow is loaded
+    vae_file = root / "vae" / "diffusion_pytorch_model.safetensors"
+    vae_file.write_bytes(vae_file.read_bytes()[:-10])
+    with pytest.raises(WeightsError, match=r"vae/diffusion_pytorch_model.safetensors: truncated"):
+        generate(root, "a cat", 0, 1, 1.0, None, 0.0, tmp_path / "c.mp4", 5, 32, 32, device="cpu")
     # a pipeline directory without model_index.json cannot generate
     (root / "model_index.json").unlink()
     with pytest.raises(WeightsError, match="model_index.json: missing"):

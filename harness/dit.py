@@ -228,6 +228,9 @@ def _forward_stats(
         reports = [m.report() for m in installed_methods(model)]
     attn_ms = statistics.median(sums)
     backends = sorted({r.backend for r in reports if r.backend})
+    # methods with dense warm-up layers/steps also report the density averaged over a whole run
+    eff = [r.extra.get("effective_density") for r in reports]
+    effective = statistics.fmean(eff) if eff and all(isinstance(e, (int, float)) for e in eff) else None
     return {
         **t.as_row(),
         "attn_ms": attn_ms,
@@ -235,6 +238,7 @@ def _forward_stats(
         "attn_share": attn_ms / t.median_ms if t.median_ms > 0 else None,
         "attn_reps": len(sums),
         "density": statistics.fmean(r.density for r in reports) if reports else None,
+        "effective_density": effective,
         "backend": ",".join(backends),
         "flops_attn_executed": float(sum(r.flops_total for r in reports)),
         "peak_mem_gib": peak,

@@ -16,7 +16,7 @@ Exit codes: 0 pass, 1 regression, 2 bad input (missing or malformed results or b
 Baseline file (JSON)::
 
     {"schema": 1, "card": "NVIDIA H200", "versions": {"torch": ..., "triton": ..., "cudnn": ...},
-     "git_sha": ..., "date": ..., "source": "results/<run>",
+     "git_sha": ..., "date": ..., "source_run": "results/<run>" (space-separated when several),
      "thresholds": {"default": {"rel": 0.10, "abs": 0.15}, "NVIDIA H200": {"rel": ..., "abs": ...}},
      "entries": [{"kind", "method", "workload", "dtype", "pass", "sparsity_target", "speedup",
                   "baseline_backend", "ms", "baseline_ms", "family", "N", "config_hash"}, ...]}
@@ -201,7 +201,7 @@ def make_baseline(
         "versions": versions,
         "git_sha": _most_common([r.get("git_sha") for r in recs]),
         "date": dates[-1] if dates else _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "source": source,
+        "source_run": source,
         "thresholds": {"default": {"rel": rel, "abs": abs_}},
         "entries": entries,
     }

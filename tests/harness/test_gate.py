@@ -120,6 +120,7 @@ def test_nothing_comparable_says_so(baseline: dict) -> None:
 
 def test_make_baseline_contents(baseline: dict) -> None:
     assert baseline["card"] == CARD and baseline["versions"] == VERSIONS and baseline["git_sha"] == "abc1234def"
+    assert baseline["source_run"] == "results/base"  # .ci/run gates this run against its baseline
     assert baseline["thresholds"]["default"] == gate.DEFAULT_THRESHOLDS
     e = next(e for e in baseline["entries"] if e["method"] == "topk" and e["sparsity_target"] == 0.9)
     assert e["speedup"] == 7.0 and e["baseline_backend"] == "cudnn"

@@ -77,12 +77,12 @@ WAN_14B: dict[str, Any] = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 138
 TINY: dict[str, Any] = {
     **WAN_1_3B,
     "num_attention_heads": 2,
-    "attention_head_dim": 16,
+    "attention_head_dim": 64,  # the smallest head_dim the Triton kernels take, so dit:tiny also runs on a GPU
     "in_channels": 4,
     "out_channels": 4,
     "text_dim": 32,
     "freq_dim": 32,
-    "ffn_dim": 64,
+    "ffn_dim": 256,
     "num_layers": 2,
     "rope_max_seq_len": 64,
 }
@@ -130,7 +130,11 @@ DIT_WORKLOADS: dict[str, DiTWorkload] = {
             "dit:wan2.1-14b-720p", WAN_14B, (21, 90, 160), note="Wan2.1-T2V-14B, 81 frames 720x1280: 75,600 tokens"
         ),
         DiTWorkload(
-            "dit:tiny", TINY, (3, 16, 16), text_len=16, note="CPU-sized: 2 layers, 2x16 heads, grid 3x8x8 = 192 tokens"
+            "dit:tiny",
+            TINY,
+            (3, 16, 16),
+            text_len=16,
+            note="CPU-sized: 2 layers, 2 heads x 64, grid 3x8x8 = 192 tokens",
         ),
     ]
 }

@@ -118,7 +118,12 @@ class _Sweep:
                 if row and row.get("status") == "ok":
                     base[name] = row["ms"]
         best = min(base, key=base.get) if base else None
-        base_info = {"baseline_method": best, "baseline_ms": base.get(best) if best else None, "fa2_ms": base.get(FA2)}
+        base_info = {
+            "baseline_method": best,
+            "baseline_backend": METHODS.get(best).defaults.get("backend") if best else None,
+            "baseline_ms": base.get(best) if best else None,
+            "fa2_ms": base.get(FA2),
+        }
         for name in spec.methods:
             family = METHODS.get(name).family
             for s in [0.0] if family == "full" else spec.sparsities:

@@ -312,6 +312,10 @@ def run_dit_workload(
     names = METHODS.select(methods)
     knobs = knobs or {}
     prog = _Progress(progress)
+    if dev.type == "cpu" and wl.n > 4096:
+        raise ValueError(
+            f"{wl.name} has N={wl.n:,} tokens per layer: far too large for a CPU run; use dit:tiny or --device cuda"
+        )
     step = num_steps // 2 if step is None else step
     if not 0 <= step < num_steps:
         raise ValueError(f"step={step} is outside [0, num_steps={num_steps})")

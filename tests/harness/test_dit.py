@@ -47,6 +47,18 @@ def test_presets_match_the_reference():
         get_dit_workload("dit:wan2.1-1.3b-480")
 
 
+def test_refuses_full_size_presets_on_the_cpu(tmp_path):
+    with pytest.raises(ValueError, match="too large for a CPU run"):
+        run_dit_workload(
+            "dit:wan2.1-1.3b-480p",
+            ["full"],
+            [0.9],
+            writer=RowWriter(tmp_path / "r"),
+            device="cpu",
+            dtype=torch.bfloat16,
+        )
+
+
 def test_rows_for_dense_and_sparse_methods(tmp_path):
     writer = RowWriter(tmp_path / "run")
     seen = []

@@ -30,11 +30,12 @@ Knobs (defaults, provenance):
   of 50 steps dense (``dense_layers=1``, ``dense_timesteps=12``). See ``methods/_warmup.py``.
 
 Reachable sparsity: the sink and the dense band are fixed, so density cannot drop below roughly
-``(sink_frames + 2 * dense_band + 1) / T`` plus the narrowest far bands: for short videos this floor is
-high: with the default 128 x 64 tiles it is 1.0 at T = 4 (16 x 18 frames), 0.72 at T = 16, 0.40 for
-Wan 480p (21 x 30 x 52), 0.28 for Wan 720p (21 x 45 x 80), 0.22 for HunyuanVideo 720p (33 x 45 x 80).
-Targets past the floor give the floor, with a warning (``extra["min_density"]`` reports it). At very large ``decay_factor`` far bands become whole
-frame pairs, except frames skipped by the split rule, so 1.0 may be out of reach for long videos.
+``(sink_frames + 2 * dense_band + 1) / T`` plus the narrowest far bands. With the default 128 x 64
+tiles this floor is 1.0 at T = 4 (16 x 18 frames), 0.72 at T = 16, 0.40 for Wan 480p (21 x 30 x 52),
+0.28 for Wan 720p (21 x 45 x 80) and 0.22 for HunyuanVideo 720p (33 x 45 x 80): Radial pays off on
+long videos. Targets past the floor give the floor, with a warning (``extra["min_density"]``). At
+very large ``decay_factor`` far bands become whole frame pairs except frames skipped by the split
+rule, so 1.0 may be out of reach for long videos; ``sparsity == 0`` therefore uses the full layout.
 
 FLOPs: attention ``4 * kept token pairs * D``; selection none (static, cached mask).
 """
@@ -159,6 +160,7 @@ class Radial(WarmupMethod):
         self._segs: dict[tuple, _Segments] = {}
         self._maps: dict[tuple, torch.Tensor] = {}
         self._decay: dict[tuple, float] = {}
+        self._layouts: dict[tuple, tuple[BlockLayout, dict]] = {}
 
     def tile_map(self, grid, decay_factor: float, device="cpu") -> torch.Tensor:
         c = self.config
@@ -197,15 +199,20 @@ class Radial(WarmupMethod):
         if self.is_dense_call(ctx) or (c.decay_factor is None and c.sparsity == 0.0):
             self._report_extra = {}
             return self.full_layout(q)
-        decay = (
-            c.decay_factor if c.decay_factor is not None else self.decay_for_sparsity(ctx.grid, c.sparsity, q.device)
-        )
-        tiles = self.tile_map(ctx.grid, decay, q.device)
-        floor = self.density(ctx.grid, _FLOOR, q.device)
-        if c.decay_factor is None:
-            self._check_reach(self.density(ctx.grid, decay, q.device), floor, f"grid {tuple(ctx.grid)}")
-        self._report_extra = {"decay_factor": decay, "min_density": floor}
-        return BlockLayout.from_dense(tiles[None, None].expand(b, h, -1, -1), c.block_q, c.block_k, n)
+        key = (tuple(ctx.grid), b, h, str(q.device))
+        if key not in self._layouts:
+            grid = ctx.grid
+            decay = (
+                c.decay_factor if c.decay_factor is not None else self.decay_for_sparsity(grid, c.sparsity, q.device)
+            )
+            floor = self.density(grid, _FLOOR, q.device)
+            if c.decay_factor is None:
+                self._check_reach(self.density(grid, decay, q.device), floor, f"grid {tuple(grid)}")
+            tiles = self.tile_map(grid, decay, q.device)
+            layout = BlockLayout.from_dense(tiles[None, None].expand(b, h, -1, -1), c.block_q, c.block_k, n)
+            self._layouts[key] = (layout, {"decay_factor": decay, "min_density": floor})
+        layout, self._report_extra = self._layouts[key]
+        return layout
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         layout = self.select(q, k, ctx)

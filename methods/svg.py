@@ -51,7 +51,7 @@ import torch
 from kernels import block_sparse_attention, resolve_backend
 from kernels.layout import BlockLayout, cdiv
 from methods._warmup import WarmupConfig, WarmupMethod, check_count
-from methods.base import METHODS, AttnContext, check_range
+from methods.base import METHODS, AttnContext, MethodReport, check_range
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ class Svg(WarmupMethod):
         super().__init__(config, **kw)
         self._maps: dict[tuple, torch.Tensor] = {}
         self._widths: dict[tuple, int] = {}
+        self._bands: dict[tuple, tuple[int, torch.Tensor, bool]] = {}
+        self._layouts: dict[tuple, BlockLayout] = {}
         self._temporal: torch.Tensor | None = None
 
     # -- the static band ------------------------------------------------------------------------
@@ -160,6 +162,20 @@ class Svg(WarmupMethod):
         return out
 
     # -- the contract ----------------------------------------------------------------------------
+    def _band(self, grid, n: int, device) -> tuple[int, torch.Tensor, bool]:
+        """(width, tile map, whether it keeps every tile), cached; warns once if out of reach."""
+        c = self.config
+        key = (tuple(grid), n, c.block_q, c.block_k, c.sink_frames, c.band_frames, c.sparsity, str(device))
+        if key not in self._bands:
+            sink = c.sink_frames * (n // grid[0])
+            width = self.band_width(grid, n, device)
+            tiles = self._map(n, width, sink, device)
+            if c.band_frames is None:
+                floor = self._map(n, 0, sink, device).float().mean().item()
+                self._check_reach(float(tiles.float().mean().item()), floor, f"grid {tuple(grid)}")
+            self._bands[key] = (width, tiles, bool(tiles.all()))
+        return self._bands[key]
+
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, v: torch.Tensor | None = None) -> BlockLayout:
         """The shared band layout; it also classifies the heads (stored for :meth:`attend`).
 
@@ -169,24 +185,23 @@ class Svg(WarmupMethod):
         b, h, n, _ = q.shape
         self._temporal = torch.zeros(b, h, dtype=torch.bool, device=q.device)
         if self.is_dense_call(ctx):
+            self._report_extra = {}
             return self.full_layout(q)
         c = self.config
-        frame = n // ctx.grid[0]
-        width = self.band_width(ctx.grid, n, q.device)
-        tiles = self._map(n, width, c.sink_frames * frame, q.device)
-        if c.band_frames is None:
-            floor = self._map(n, 0, c.sink_frames * frame, q.device).float().mean().item()
-            self._check_reach(float(tiles.float().mean().item()), floor, f"grid {tuple(ctx.grid)}")
-        full = bool(tiles.all())
+        width, tiles, full = self._band(ctx.grid, n, q.device)
         if not full:
             self._temporal = self.classify_heads(q, k, k if v is None else v, ctx.grid, tiles)
-        self._report_extra = {
-            "band_width": width,
-            "band_frames": width / frame,
-            "temporal_heads": self._temporal.sum(0).tolist(),
-            "profiled": not full,
-        }
-        return BlockLayout.from_dense(tiles[None, None].expand(b, h, -1, -1), c.block_q, c.block_k, n)
+        self._report_extra = {"band_width": width, "band_frames": width / (n // ctx.grid[0]), "profiled": not full}
+        key = (b, h, n, width, c.sink_frames, str(q.device))
+        if key not in self._layouts:
+            self._layouts[key] = BlockLayout.from_dense(tiles[None, None].expand(b, h, -1, -1), c.block_q, c.block_k, n)
+        return self._layouts[key]
+
+    def report(self) -> MethodReport:
+        rep = super().report()
+        if self._temporal is not None and rep.extra.get("profiled"):
+            rep.extra["temporal_heads"] = self._temporal.sum(0).tolist()  # per head: samples choosing temporal
+        return rep
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         dense = self.is_dense_call(ctx)
@@ -194,8 +209,6 @@ class Svg(WarmupMethod):
         backend = resolve_backend(self.config.backend, q.device)
         temporal = self._temporal
         b, h, n, d = q.shape
-        if dense:
-            self._report_extra = {}
         if dense or not bool(temporal.any()):
             out = block_sparse_attention(q, k, v, layout, backend=backend)
         else:

@@ -203,7 +203,9 @@ def render_videos(
         dist = _sdf(p["shape"][:, 0], u, v)
         alpha = (0.5 - dist * r).clamp(0, 1) * p["present"][:, k, None, None, None]  # 1-pixel antialiasing
         stripe = 0.5 + 0.5 * torch.sin(p["tex_freq"][:, k, None, None, None] * u * r)
-        color = p["c1"][:, k, :, None, None, None] * stripe[:, None] + p["c2"][:, k, :, None, None, None] * (1 - stripe[:, None])
+        color = p["c1"][:, k, :, None, None, None] * stripe[:, None] + p["c2"][:, k, :, None, None, None] * (
+            1 - stripe[:, None]
+        )
         img = img * (1 - alpha[:, None]) + color * alpha[:, None]
     return img.clamp(-1, 1).contiguous()
 
@@ -215,7 +217,13 @@ class ProceduralVideos:
     ``seed(i)`` and ``label(i)`` define video ``i``; :meth:`batch` renders a list of indices.
     """
 
-    def __init__(self, split: Split = "train", size: int | None = None, spec: VideoSpec = VideoSpec(), num_classes: int = NUM_CLASSES) -> None:
+    def __init__(
+        self,
+        split: Split = "train",
+        size: int | None = None,
+        spec: VideoSpec = VideoSpec(),
+        num_classes: int = NUM_CLASSES,
+    ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
         if not 1 <= num_classes <= NUM_CLASSES:

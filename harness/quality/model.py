@@ -37,7 +37,16 @@ from torch import nn
 
 from harness.quality.data import NUM_CLASSES, VideoSpec
 
-__all__ = ["CheckpointError", "MiniWan", "MiniWanConfig", "base_state_dict", "count_parameters", "load_checkpoint", "save_checkpoint", "write_card"]
+__all__ = [
+    "CheckpointError",
+    "MiniWan",
+    "MiniWanConfig",
+    "base_state_dict",
+    "count_parameters",
+    "load_checkpoint",
+    "save_checkpoint",
+    "write_card",
+]
 
 FORMAT = "salad-mini-wan/1"
 _SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
@@ -260,7 +269,9 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
         path = d / _shard_name(k, n)
         meta, tensors = _open_shard(path)
         if meta.get("format") != FORMAT or "config" not in meta:
-            raise CheckpointError(f"{path}: not a mini-wan shard (metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+            raise CheckpointError(
+                f"{path}: not a mini-wan shard (metadata format={meta.get('format')!r}, expected {FORMAT!r})"
+            )
         cfg = json.loads(meta["config"])
         if config_dict is None:
             config_dict = cfg
@@ -270,7 +281,9 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
         where.update({name: path for name in tensors})
     assert config_dict is not None
     if card.get("model_config") not in (None, config_dict):
-        diff = sorted(k for k in set(config_dict) | set(card["model_config"]) if config_dict.get(k) != card["model_config"].get(k))
+        diff = sorted(
+            k for k in set(config_dict) | set(card["model_config"]) if config_dict.get(k) != card["model_config"].get(k)
+        )
         raise CheckpointError(f"{card_path}: model_config disagrees with the shards' config on {', '.join(diff)}")
     try:
         config = MiniWanConfig.from_dict(config_dict)
@@ -280,7 +293,9 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"{d}: tensors missing from every shard: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(
+            f"{d}: tensors missing from every shard: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{where[extra[0]]}: holds tensors the config does not define: {', '.join(extra[:5])}")

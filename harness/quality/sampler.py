@@ -20,7 +20,9 @@ from harness.quality.data import VideoSpec
 __all__ = ["autocast", "euler_sample", "make_noise", "timesteps"]
 
 
-def make_noise(n: int, spec: VideoSpec, seed: int, device: torch.device | str = "cpu", *, offset: int = 0) -> torch.Tensor:
+def make_noise(
+    n: int, spec: VideoSpec, seed: int, device: torch.device | str = "cpu", *, offset: int = 0
+) -> torch.Tensor:
     """``(n, 3, T, H, W)`` standard normal noise; video ``j`` uses generator seed ``seed * 1_000_003 + offset + j``
     so any subset of videos can be regenerated alone."""
     out = torch.empty(n, *spec.shape)

@@ -84,6 +84,8 @@ class TrainConfig:
     ckpt_every: int = 0
     bf16: bool = True
     time_budget_s: float | None = None  # stop early (the steps actually done are reported)
+    fit_to_budget: bool = False  # after ``fit_after`` steps, shrink ``steps`` (and the schedule) to fit the budget
+    fit_after: int = 30
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -199,6 +201,7 @@ class TrainResult:
     seconds: float
     stopped_early: bool = False
     reason: str = ""
+    steps_planned: int = 0
     curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -213,16 +216,32 @@ def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(f"{path}: cannot read the training state ({type(exc).__name__}: {exc}); delete it to start over") from None
+        raise ValueError(
+            f"{path}: cannot read the training state ({type(exc).__name__}: {exc}); delete it to start over"
+        ) from None
     keep = ("time_budget_s", "log_every", "val_every", "ckpt_every")  # may change on resume
     old = {k: v for k, v in state.get("config", {}).items() if k not in keep}
     new = {k: v for k, v in cfg.as_dict().items() if k not in keep}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ValueError(f"{path}: saved with a different recipe ({', '.join(diff)}); delete it or use the same settings")
+        raise ValueError(
+            f"{path}: saved with a different recipe ({', '.join(diff)}); delete it or use the same settings"
+        )
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
+
+
+def _fit_steps(
+    cfg: TrainConfig, step: int, start: int, elapsed: float, dist: Dist, device: torch.device
+) -> TrainConfig:
+    """Shrink ``cfg.steps`` so the run ends inside ``time_budget_s`` at the pace measured so far
+    (5% margin; the first steps include warm-up, so the pace is pessimistic). Ranks agree on the pace."""
+    per_step = _all_mean(elapsed / max(1, step - start), dist, device)
+    fit = step + int(max(0.0, 0.95 * cfg.time_budget_s - elapsed) / per_step)
+    if fit >= cfg.steps:
+        return cfg
+    return dataclasses.replace(cfg, steps=fit, warmup_steps=min(cfg.warmup_steps, fit // 5))
 
 
 def train_loop(
@@ -258,12 +277,14 @@ def train_loop(
         fwd = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     if cfg.batch_size % dist.world:
         raise ValueError(f"global batch {cfg.batch_size} does not split over {dist.world} ranks")
-    sampler = ShardedSampler(cfg.dataset_size, cfg.batch_size // dist.world, rank=dist.rank, world=dist.world, seed=cfg.seed)
+    sampler = ShardedSampler(
+        cfg.dataset_size, cfg.batch_size // dist.world, rank=dist.rank, world=dist.world, seed=cfg.seed
+    )
     model.train()
     t0 = time.perf_counter()
     loss_val: float | None = None
     vloss: float | None = None
-    result = TrainResult(start, None, None, 0.0)
+    result = TrainResult(start, None, None, 0.0, steps_planned=cfg.steps)
     step = start
     while step < cfg.steps:
         lr = lr_at(step, cfg)
@@ -279,7 +300,8 @@ def train_loop(
         with autocast(device, cfg.bf16):
             loss = flow_matching_mse(fwd, x0, labels, t, noise).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
         if stop_if_no_grad and step == start and not _any(any(p.grad is not None for p in params), dist, device):
             result.reason = "no parameter receives a gradient"
             result.steps = 0
@@ -300,6 +322,9 @@ def train_loop(
             result.curve.append(row)
         if state_file is not None and dist.main and cfg.ckpt_every and step % cfg.ckpt_every == 0:
             _save_state(state_file, model, opt, step, cfg)
+        if cfg.fit_to_budget and cfg.time_budget_s and step == start + cfg.fit_after:
+            cfg = _fit_steps(cfg, step, start, elapsed, dist, device)
+            result.steps_planned = cfg.steps
         over = cfg.time_budget_s is not None and elapsed > cfg.time_budget_s
         if _any(over, dist, device) and step < cfg.steps:
             result.stopped_early = True
@@ -360,7 +385,9 @@ def finetune(
     trained parameters (elements)."""
     params = trainable_parameters(model, methods, train_params)
     count = sum(p.numel() for p in params)
-    result = train_loop(model, params, data, cfg, device=device, dist=dist, curve=curve, on_t=on_t, stop_if_no_grad=True)
+    result = train_loop(
+        model, params, data, cfg, device=device, dist=dist, curve=curve, on_t=on_t, stop_if_no_grad=True
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     return result, count
@@ -393,7 +420,15 @@ def train_base_model(
     curve = CurveLogger(curve_path, enabled=dist.main, echo=echo and dist.main, phase="base", method="full")
     state = Path(state_path) if state_path is not None else Path(out_dir) / "resume" / "state.pt"
     res = train_loop(
-        model, list(model.parameters()), data, cfg, device=device, dist=dist, curve=curve, state_path=state, val_data=val_data
+        model,
+        list(model.parameters()),
+        data,
+        cfg,
+        device=device,
+        dist=dist,
+        curve=curve,
+        state_path=state,
+        val_data=val_data,
     )
     final_val = val_loss(model, *val_data, bf16=cfg.bf16)
     prov = provenance(str(device))
@@ -411,6 +446,7 @@ def train_base_model(
         "train_config": cfg.as_dict(),
         "world_size": dist.world,
         "steps_done": res.steps,
+        "steps_planned": res.steps_planned,
         "samples_seen": res.steps * cfg.batch_size,
         "stopped_early": res.stopped_early,
         "stop_reason": res.reason,

@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="save the resumable state every N steps")
     p.add_argument("--n-val", type=int, default=32, help="validation videos")
-    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (steps done are recorded)")
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="stop after this many seconds (steps done are recorded)"
+    )
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="a CPU-sized model (2 layers, 4x16x16 videos)")
     p.add_argument("--curves", default=None, help="JSONL file for the training curve (default <out>/curves.jsonl)")
@@ -55,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         val_every=a.val_every,
         ckpt_every=a.ckpt_every,
         time_budget_s=a.time_budget,
+        fit_to_budget=a.time_budget is not None,
         seed=a.seed,
     )
     dist, device = init_distributed(a.device)
     curves = a.curves or f"{a.out}/curves.jsonl"
-    train_base_model(a.out, model_cfg, cfg, device=device, dist=dist, n_val=a.n_val, curve_path=curves, state_path=a.state, echo=True)
+    train_base_model(
+        a.out, model_cfg, cfg, device=device, dist=dist, n_val=a.n_val, curve_path=curves, state_path=a.state, echo=True
+    )
     return 0
 
 

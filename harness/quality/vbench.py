@@ -58,17 +58,23 @@ def resolve_python(python: str | None = None) -> str:
     """The VBench interpreter: ``python`` or ``$SALAD_VBENCH_PYTHON``; raises :class:`VBenchUnavailable`."""
     py = python or os.environ.get(ENV_VAR)
     if not py:
-        raise VBenchUnavailable(f"no VBench environment configured: set {ENV_VAR} to its python (e.g. /path/vbench-venv/bin/python)")
+        raise VBenchUnavailable(
+            f"no VBench environment configured: set {ENV_VAR} to its python (e.g. /path/vbench-venv/bin/python)"
+        )
     if not (Path(py).is_file() and os.access(py, os.X_OK)):
         raise VBenchUnavailable(f"{ENV_VAR}={py} is not an executable file")
-    probe = subprocess.run([py, "-c", "import vbench, sys; print(sys.version.split()[0])"], capture_output=True, text=True, timeout=300)
+    probe = subprocess.run(
+        [py, "-c", "import vbench, sys; print(sys.version.split()[0])"], capture_output=True, text=True, timeout=300
+    )
     if probe.returncode != 0:
         tail = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["?"]
         raise VBenchUnavailable(f"{py} cannot import vbench: {tail[0][:200]}")
     return py
 
 
-def write_custom_input(videos: torch.Tensor, prompts: Sequence[str], out_dir: str | Path, *, fps: int = 8) -> list[Path]:
+def write_custom_input(
+    videos: torch.Tensor, prompts: Sequence[str], out_dir: str | Path, *, fps: int = 8
+) -> list[Path]:
     """Write ``videos`` ``(B, 3, T, H, W)`` in [-1, 1] as ``<out_dir>/<prompt>-<i>.mp4`` (i counts per prompt)."""
     import imageio.v2 as imageio
 
@@ -87,7 +93,9 @@ def write_custom_input(videos: torch.Tensor, prompts: Sequence[str], out_dir: st
         counts[prompt] = i + 1
         path = out / f"{prompt}-{i}.mp4"
         # near-lossless H.264 so VBench's decoded frames stay close to the generated ones
-        writer = imageio.get_writer(path, fps=fps, codec="libx264", quality=10, macro_block_size=1, ffmpeg_log_level="error")
+        writer = imageio.get_writer(
+            path, fps=fps, codec="libx264", quality=10, macro_block_size=1, ffmpeg_log_level="error"
+        )
         for frame in frames:
             writer.append_data(frame)
         writer.close()
@@ -138,7 +146,17 @@ def run_vbench(
         start = time.time()
         exe = Path(bindir) / "vbench"
         cli = [str(exe)] if exe.exists() else [py, "-c", "from vbench.cli.vbench import main; main()"]
-        cmd = cli + ["evaluate", "--videos_path", videos, "--dimension", *dims, "--mode", "custom_input", "--output_path", str(out)]
+        cmd = cli + [
+            "evaluate",
+            "--videos_path",
+            videos,
+            "--dimension",
+            *dims,
+            "--mode",
+            "custom_input",
+            "--output_path",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         found = _newest_results(out, start)
         if found is not None:
@@ -150,7 +168,11 @@ def run_vbench(
     start = time.time()
     name = f"salad_{int(start)}"
     proc = subprocess.run(
-        [py, "-c", _API_SNIPPET, videos, str(out), name, ",".join(dims)], capture_output=True, text=True, timeout=timeout_s, env=env
+        [py, "-c", _API_SNIPPET, videos, str(out), name, ",".join(dims)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
     )
     found = out / f"{name}_eval_results.json"
     if proc.returncode != 0 or not found.exists():

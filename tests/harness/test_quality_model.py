@@ -1,0 +1,125 @@
+"""The mini Wan and its checkpoint format: round trip, shards < limit, clear errors on damage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("safetensors")
+
+from harness.quality.model import (  # noqa: E402
+    CheckpointError,
+    MiniWan,
+    MiniWanConfig,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+TINY = MiniWanConfig(num_layers=2, num_heads=2, head_dim=64, ffn_dim=128, freq_dim=32, frames=4, height=16, width=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = MiniWan(TINY)
+    # a small shard limit forces several shards, as the 16 MB limit does for the real model
+    save_checkpoint(model, tmp_path, {"steps_done": 5}, max_shard_bytes=800_000)
+    return model, tmp_path
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 4, 16, 16, generator=g), torch.tensor([0.3, 0.8]), torch.tensor([1, 7])
+
+
+def test_forward_shape_and_wan_architecture():
+    model = MiniWan(TINY)
+    out = model(*_inputs())
+    assert out.shape == (2, 3, 4, 16, 16)
+    assert type(model.transformer).__name__ == "WanTransformer3DModel"
+    assert model.transformer.config.qk_norm == "rms_norm_across_heads"
+
+
+def test_round_trip_and_shard_sizes(saved):
+    model, d = saved
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    assert all(p.stat().st_size < 1_000_000 for p in shards)
+    loaded, card = load_checkpoint(d)
+    assert card["steps_done"] == 5 and card["model_config"] == TINY.as_dict()
+    assert (d / "README.md").exists()
+    with torch.no_grad():
+        assert torch.equal(model(*_inputs()), loaded(*_inputs()))
+
+
+def test_missing_shard_names_the_file(saved):
+    _, d = saved
+    victim = sorted(d.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        load_checkpoint(d)
+
+
+def test_corrupt_shard_names_the_file(saved):
+    _, d = saved
+    victim = sorted(d.glob("model-*.safetensors"))[0]
+    victim.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(CheckpointError, match=victim.name):
+        load_checkpoint(d)
+
+
+def test_config_mismatch_with_card_names_the_file(saved):
+    _, d = saved
+    card = json.loads((d / "card.json").read_text())
+    card["model_config"]["num_layers"] = 3
+    (d / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"card\.json.*num_layers"):
+        load_checkpoint(d)
+
+
+def test_shards_that_disagree_name_the_file(saved):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, d = saved
+    victim = sorted(d.glob("model-*.safetensors"))[-1]
+    with safe_open(str(victim), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["config"])
+    cfg["ffn_dim"] = 256
+    save_file(tensors, str(victim), metadata={**meta, "config": json.dumps(cfg)})
+    with pytest.raises(CheckpointError, match=victim.name):
+        load_checkpoint(d)
+
+
+def test_wrong_tensor_shape_names_the_file(saved):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, d = saved
+    victim = sorted(d.glob("model-*.safetensors"))[0]
+    with safe_open(str(victim), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = torch.zeros(tensors[name].numel() + 1)
+    save_file(tensors, str(victim), metadata=meta)
+    with pytest.raises(CheckpointError, match=f"{victim.name}.*{name}"):
+        load_checkpoint(d)
+
+
+def test_empty_directory_and_no_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no model-"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "nope")

@@ -245,9 +245,9 @@ def count_cells(spec: RunSpec) -> int:
     if spec.baselines:
         per_wl += len(DENSE_BASELINES)
     per_wl *= 2 if spec.backward else 1
-    return per_wl * len([w for w in spec.workloads if not w.startswith("dit:")]) + len(
-        [w for w in spec.workloads if w.startswith("dit:")]
-    ) * len(spec.methods) * len(spec.sparsities)
+    per_dit = sum(1 if METHODS.get(n).family == "full" else len(spec.sparsities) for n in spec.methods)
+    n_dit = len([w for w in spec.workloads if w.startswith("dit:")])
+    return per_wl * (len(spec.workloads) - n_dit) + per_dit * n_dit
 
 
 def run(spec: RunSpec, *, quiet: bool = False) -> Path:
@@ -272,6 +272,7 @@ def run(spec: RunSpec, *, quiet: bool = False) -> Path:
                     dtype=DTYPES[spec.dtype],
                     weights=spec.weights,
                     progress=bar,
+                    knobs=spec.knobs,
                 )
                 continue
             sweep.workload(get_workload(w))

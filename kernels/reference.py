@@ -130,9 +130,9 @@ def block_sparse_attention_gather(
     kmax = layout.kv_idx.shape[-1]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     pad_q, pad_k = mq * bq - n, mk * bk - n
-    qf = torch.nn.functional.pad(q.to(work), (0, 0, 0, pad_q)).view(b, h, mq, bq, d)
-    kf = torch.nn.functional.pad(k.to(work), (0, 0, 0, pad_k)).view(b, h, mk, bk, d)
-    vf = torch.nn.functional.pad(v.to(work), (0, 0, 0, pad_k)).view(b, h, mk, bk, d)
+    qf = torch.nn.functional.pad(q.to(work), (0, 0, 0, pad_q)).reshape(b, h, mq, bq, d)
+    kf = torch.nn.functional.pad(k.to(work), (0, 0, 0, pad_k)).reshape(b, h, mk, bk, d)
+    vf = torch.nn.functional.pad(v.to(work), (0, 0, 0, pad_k)).reshape(b, h, mk, bk, d)
     slot_ok = torch.arange(kmax, device=q.device) < layout.kv_cnt.unsqueeze(-1)  # (B, H, Mq, Kmax)
     idx = torch.where(slot_ok, layout.kv_idx.long(), 0)
     key_pos = idx.unsqueeze(-1) * bk + torch.arange(bk, device=q.device)  # (B, H, Mq, Kmax, bk)

@@ -28,7 +28,7 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     xf = x.float()
     if pad:
         xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-    sums = xf.view(b, h, m, block, d).sum(3)
+    sums = xf.reshape(b, h, m, block, d).sum(3)
     counts = torch.full((m,), float(block), device=x.device)
     counts[-1] = block - pad
     return sums / counts[:, None]

@@ -114,7 +114,7 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """``(B, H, N, E) -> (B, H, ceil(N/block), block, E)``, zero-padded at the end."""
     b, h, n, e = x.shape
     m = cdiv(n, block)
-    return F.pad(x, (0, 0, 0, m * block - n)).view(b, h, m, block, e)
+    return F.pad(x, (0, 0, 0, m * block - n)).reshape(b, h, m, block, e)
 
 
 def marginal_linear_attention(

@@ -74,8 +74,8 @@ def _strided(q: torch.Tensor, k: torch.Tensor, stride: int) -> tuple[torch.Tenso
     if pad:
         qf, kf = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qf, kf))
     runs = qf.shape[2] // stride
-    q_r = qf.view(b, h, runs, stride, d).flip(3).reshape(b, h, runs, stride * d)
-    return q_r, kf.view(b, h, runs, stride * d)
+    q_r = qf.reshape(b, h, runs, stride, d).flip(3).reshape(b, h, runs, stride * d)
+    return q_r, kf.reshape(b, h, runs, stride * d)
 
 
 def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:

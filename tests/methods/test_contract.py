@@ -58,10 +58,16 @@ def test_equals_full_when_dense(name, gen):
     assert err < 1e-5, f"{name} differs from full at density 1: rel err {err:.2e}"
 
 
+# Radial attention's static mask only thins out with temporal distance: on 4 frames it cannot drop
+# below density 1, so its 90% check runs on a long, small-frame grid where its floor is ~0.15.
+GRID_AT_90 = {"radial": (32, 8, 8)}
+
+
 @pytest.mark.parametrize("name", SPARSE)
 def test_sparse_at_90_percent(name, gen):
-    q, k, v = _qkv(gen, grid=(4, 16, 18))
-    m, out = _run(name, q, k, v, grid=(4, 16, 18), sparsity=0.9)
+    grid = GRID_AT_90.get(name, (4, 16, 18))
+    q, k, v = _qkv(gen, grid=grid)
+    m, out = _run(name, q, k, v, grid=grid, sparsity=0.9)
     rep = m.report()
     assert rep.density < 0.75, f"{name} at sparsity 0.9 computed density {rep.density:.3f}"
     assert torch.isfinite(out).all()
@@ -73,6 +79,17 @@ def test_deterministic(name, gen):
     _, a = _run(name, q, k, v, sparsity=0.5 if name not in ("full",) and METHODS.get(name).family != "full" else 0.0)
     _, b = _run(name, q, k, v, sparsity=0.5 if name not in ("full",) and METHODS.get(name).family != "full" else 0.0)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_strided_inputs(name, gen):
+    """The DiT processor hands methods (B, H, N, D) views of (B, N, H, D) tensors, as diffusers does."""
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _qkv(gen))
+    assert not q.is_contiguous()
+    sparsity = 0.0 if METHODS.get(name).family == "full" else 0.5
+    _, a = _run(name, q, k, v, sparsity=sparsity)
+    _, b = _run(name, q.contiguous(), k.contiguous(), v.contiguous(), sparsity=sparsity)
+    assert torch.allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL)

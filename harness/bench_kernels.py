@@ -1,0 +1,605 @@
+"""Kernel benchmark: block-sparse attention backends, block selection and the linear branch.
+
+``python -m harness.bench_kernels --out results/kernels/<date>-<card>`` times, in one process on one
+card, at the Wan2.1-1.3B 480p attention shape (B=1, H=12, N=32,760, D=128, bf16):
+
+* dense: SDPA cuDNN, SDPA flash (FA2), FlexAttention (compiled, no mask);
+* block-sparse at each density (random layouts with the diagonal always kept, 128 x 64 tiles):
+  FlexAttention with the same block mask and our Triton kernel;
+* passes ``fwd``, ``bwd`` (backward alone, graph retained) and ``fwd+bwd``;
+* our kernel's variants (TMA loads, heavy-rows-first order) and a top-k layout from video-like Q/K;
+* block selection (Triton vs torch) and the linear branch (Triton vs torch).
+
+Every cell is one row (kind ``kernel``) appended at once with provenance; a backend that cannot run
+gives a ``skipped`` row with the reason, never a silent fallback. Accuracy: ``rel_l2`` of the output
+(and of dQ/dK/dV for ``fwd+bwd``) against an fp32 reference on the first two heads. FLOPs: forward
+``4 * kept token pairs * D``, backward 2.5x, fwd+bwd 3.5x; dense-equivalent uses ``4 B H N^2 D``.
+A Markdown table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from harness.flops import BACKWARD_FACTOR, tflops
+from harness.results import RowWriter, config_hash
+from harness.timing import measure
+from kernels.errors import Unsupported
+from kernels.layout import BlockLayout, cdiv, keep_count
+
+PASS_FACTOR = {"fwd": 1.0, "bwd": BACKWARD_FACTOR, "fwd+bwd": 1.0 + BACKWARD_FACTOR}
+REF_HEADS = 2  # heads checked against the fp32 reference (the full reference is slow)
+
+
+# ----------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------
+def random_layout(b: int, h: int, n: int, bq: int, bk: int, density: float, device, seed: int = 0) -> BlockLayout:
+    """``keep_count`` blocks per query block: the diagonal ones plus uniformly random others."""
+    from kernels.selection import diagonal_blocks, topk_layout
+
+    mq, mk = cdiv(n, bq), cdiv(n, bk)
+    if density >= 1.0:
+        return BlockLayout.full(b, h, n, bq, bk, device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    scores = torch.rand(b, h, mq, mk, generator=g).to(device)
+    force = diagonal_blocks(n, bq, bk, device)
+    return topk_layout(scores, keep_count(1.0 - density, mk), n, bq, bk, force)
+
+
+def head_slice(layout: BlockLayout, heads: int) -> BlockLayout:
+    return BlockLayout(layout.kv_idx[:, :heads].contiguous(), layout.kv_cnt[:, :heads].contiguous(),
+                       layout.block_q, layout.block_k, layout.seq_len)
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.float(), ref.float()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the benchmark
+# ----------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        self.b, self.h, self.n, self.d = 1, args.heads, args.n, 128
+        self.writer = RowWriter(args.out, resume=args.resume, device=str(self.device))
+        self.rows: list[dict[str, Any]] = []
+        self.baselines: dict[tuple[str, str], float] = {}  # (method, pass) -> ms
+        g = torch.Generator(device="cpu").manual_seed(0)
+        shape = (self.b, self.h, self.n, self.d)
+        self.q, self.k, self.v = (torch.randn(shape, generator=g).to(self.device, self.dtype) for _ in range(3))
+        self.dout = torch.randn(shape, generator=g).to(self.device, self.dtype)
+        self.rep_ms = 50.0 if args.quick else 100.0
+        self._ref_cache: dict[Any, Any] = {}
+
+    # -- rows --------------------------------------------------------------------------------------
+    def emit(self, **row: Any) -> dict[str, Any]:
+        base = {
+            "kind": "kernel", "workload": f"attn-B{self.b}H{self.h}N{self.n}D{self.d}", "B": self.b, "H": self.h,
+            "N": self.n, "D": self.d, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+        }
+        cfg = row.pop("config", {})
+        full = {**base, **row, "config": json.dumps(cfg, sort_keys=True), "config_hash": config_hash(cfg)}
+        full = self.writer.append(full)
+        self.rows.append(full)
+        status = full.get("status")
+        ms = full.get("ms")
+        msg = f"{ms:8.3f} ms" if isinstance(ms, float) else f"{status}: {full.get('reason', '')}"
+        print(f"  {full['method']:<24} {full.get('variant', ''):<14} d={full.get('density', '')!s:<6} "
+              f"{full.get('pass', ''):<8} {msg}", flush=True)
+        return full
+
+    def timed(self, method: str, backend: str, pass_: str, fn: Callable[[], Any], *, density: float = 1.0,
+              pairs: float | None = None, variant: str = "", extra: dict | None = None,
+              config: dict | None = None, attention: bool = True) -> dict[str, Any] | None:
+        dense_pairs = float(self.b * self.h * self.n * self.n)
+        pairs = dense_pairs if pairs is None else pairs
+        ident = dict(method=method, backend=backend, variant=variant, density=density, sparsity=1.0 - density,
+                     sparsity_target=round(1.0 - density, 4), config=config or {"backend": backend, "variant": variant})
+        ident["pass"] = pass_
+        try:
+            t = measure(fn, self.device, rep_ms=self.rep_ms)
+        except Unsupported as exc:
+            return self.emit(**ident, status="skipped", reason=str(exc), **(extra or {}))
+        except Exception as exc:  # a backend that fails here is reported, the sweep goes on
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            print(traceback.format_exc(limit=3), file=sys.stderr)
+            return self.emit(**ident, status="error", reason=reason, **(extra or {}))
+        if not attention:
+            return self.emit(**ident, status="ok", reason="", **t.as_row(), **(extra or {}))
+        fac = PASS_FACTOR[pass_]
+        flops_exec = 4.0 * pairs * self.d * fac
+        flops_dense = 4.0 * dense_pairs * self.d * fac
+        row = dict(ident, status="ok", reason="", **t.as_row(), flops_executed=flops_exec, flops_dense=flops_dense,
+                   tflops_executed=tflops(flops_exec, t.median_ms), tflops_dense_equiv=tflops(flops_dense, t.median_ms))
+        for name, key in (("cudnn", "sdpa_cudnn"), ("fa2", "sdpa_flash")):
+            base = self.baselines.get((key, pass_))
+            row[f"{name}_ms"] = base
+            row[f"speedup_vs_{name}"] = base / t.median_ms if base else None
+        row["baseline_method"], row["baseline_ms"] = "sdpa_cudnn", row["cudnn_ms"]
+        row["speedup"] = row["speedup_vs_cudnn"]
+        row.update(extra or {})
+        return self.emit(**row)
+
+    def skipped(self, method: str, backend: str, pass_: str, reason: str, density: float = 1.0, variant: str = ""):
+        return self.emit(method=method, backend=backend, variant=variant, density=density, sparsity=1.0 - density,
+                         sparsity_target=round(1.0 - density, 4), config={"backend": backend, "variant": variant},
+                         status="skipped", reason=reason, **{"pass": pass_})
+
+    # -- attention callables ---------------------------------------------------------------------
+    def run_passes(self, method: str, backend: str, attn: Callable, *, density: float = 1.0, pairs=None,
+                   variant: str = "", layout: BlockLayout | None = None, passes=("fwd", "bwd", "fwd+bwd"),
+                   config: dict | None = None) -> dict[str, float]:
+        """Time ``attn(q, k, v)`` forward, backward alone and both; check accuracy once."""
+        q, k, v, dout = self.q, self.k, self.v, self.dout
+        acc = {}
+        try:
+            acc = self.accuracy(attn, layout, grads="fwd+bwd" in passes)
+        except Unsupported as exc:
+            for p in passes:
+                self.skipped(method, backend, p, str(exc), density, variant)
+            return {}
+        except Exception as exc:
+            print(traceback.format_exc(limit=4), file=sys.stderr)
+            for p in passes:
+                self.emit(method=method, backend=backend, variant=variant, density=density, status="error",
+                          reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                          config={"backend": backend, "variant": variant}, **{"pass": p})
+            return {}
+        out_ms = {}
+        if "fwd" in passes:
+            r = self.timed(method, backend, "fwd", lambda: attn(q, k, v), density=density, pairs=pairs,
+                           variant=variant, extra={"rel_l2": acc.get("out")}, config=config)
+            out_ms["fwd"] = r.get("ms") if r else None
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        if "bwd" in passes:
+            out = attn(qg, kg, vg)
+            r = self.timed(method, backend, "bwd",
+                           lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True),
+                           density=density, pairs=pairs, variant=variant, config=config)
+            out_ms["bwd"] = r.get("ms") if r else None
+            del out
+        if "fwd+bwd" in passes:
+            r = self.timed(method, backend, "fwd+bwd",
+                           lambda: torch.autograd.grad(attn(qg, kg, vg), (qg, kg, vg), dout),
+                           density=density, pairs=pairs, variant=variant, config=config,
+                           extra={"rel_l2": acc.get("out"), "rel_l2_dq": acc.get("dq"), "rel_l2_dk": acc.get("dk"),
+                                  "rel_l2_dv": acc.get("dv")})
+            out_ms["fwd+bwd"] = r.get("ms") if r else None
+        return out_ms
+
+    def accuracy(self, attn: Callable, layout: BlockLayout | None, grads: bool) -> dict[str, float]:
+        """rel L2 of out (and grads) vs the fp32 reference, on the first REF_HEADS heads.
+
+        The method runs on all heads (no recompilation for a new shape); only the first heads are compared.
+        """
+        hs = min(REF_HEADS, self.h)
+        lay = head_slice(layout, hs) if layout is not None else BlockLayout.full(self.b, hs, self.n, 128, 128, self.device)
+        key = (id(layout), grads)
+        if key not in self._ref_cache:
+            sl = [x[:, :hs].float() for x in (self.q, self.k, self.v)]
+            self._ref_cache = {key: reference_chunked(*sl, lay, self.dout[:, :hs].float() if grads else None)}
+        ref, ref_grads = self._ref_cache[key]
+        xs = [x.detach().clone().requires_grad_(grads) for x in (self.q, self.k, self.v)]
+        out = attn(*xs)
+        res = {"out": rel_l2(out[:, :hs], ref)}
+        if grads:
+            got = torch.autograd.grad(out, xs, self.dout)
+            res.update({n: rel_l2(g[:, :hs], r) for n, g, r in zip(("dq", "dk", "dv"), got, ref_grads, strict=True)})
+        return res
+
+
+def reference_chunked(q, k, v, layout: BlockLayout, dout=None, rows: int = 2048):
+    """fp32 block-sparse attention (and its gradients for ``dout``), one chunk of query rows at a time.
+
+    Each chunk is differentiated on its own, so memory stays O(rows * N) even with gradients.
+    """
+    from kernels.reference import token_mask_from_layout
+
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty_like(q)
+    dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+    for s in range(0, q.shape[2], rows):
+        sl = slice(s, min(q.shape[2], s + rows))
+        qc = q[:, :, sl].detach().requires_grad_(dout is not None)
+        kk, vv = k.detach().requires_grad_(dout is not None), v.detach().requires_grad_(dout is not None)
+        with torch.enable_grad():
+            mask = token_mask_from_layout(layout, sl)
+            sc = torch.einsum("bhqd,bhkd->bhqk", qc, kk) * scale
+            sc = sc.masked_fill(~mask, float("-inf"))
+            p = torch.softmax(sc, dim=-1).nan_to_num(0.0)
+            o = torch.einsum("bhqk,bhkd->bhqd", p, vv)
+        out[:, :, sl] = o.detach()
+        if dout is not None:
+            gq, gk, gv = torch.autograd.grad(o, (qc, kk, vv), dout[:, :, sl])
+            dq[:, :, sl] = gq
+            dk += gk
+            dv += gv
+    return out, ([dq, dk, dv] if dout is not None else [])
+
+
+class LayoutAttn:
+    """A callable ``(q, k, v) -> out`` bound to a layout, re-bindable for the accuracy check."""
+
+    def __init__(self, make: Callable[[BlockLayout], Callable], layout: BlockLayout) -> None:
+        self.make, self.layout = make, layout
+        self.fn = make(layout)
+
+    def __call__(self, q, k, v):
+        return self.fn(q, k, v)
+
+    def with_layout(self, layout: BlockLayout) -> Callable:
+        return self.make(layout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------------
+def dense_section(bench: Bench) -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("dense baselines", flush=True)
+    for method, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+        def attn(q, k, v, _b=backend):
+            with sdpa_kernel(_b):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        if bench.device.type != "cuda":
+            for p in ("fwd", "bwd", "fwd+bwd"):
+                bench.skipped(method, str(backend), p, "needs a CUDA device")
+            continue
+        ms = bench.run_passes(method, method.split("_")[1], attn)
+        for p, t in ms.items():
+            if t:
+                bench.baselines[(method, p)] = t
+    try:
+        from kernels.flex import flex_dense_attention
+
+        bench.run_passes("flex_dense", "flex", flex_dense_attention)
+    except Unsupported as exc:
+        for p in ("fwd", "bwd", "fwd+bwd"):
+            bench.skipped("flex_dense", "flex", p, str(exc))
+    try:
+        from kernels.fa4 import fa4_available
+
+        ok, why = fa4_available()
+        if not ok:
+            for p in ("fwd", "bwd", "fwd+bwd"):
+                bench.skipped("fa4_dense", "flash-attn-4", p, why)
+    except ImportError as exc:
+        bench.skipped("fa4_dense", "flash-attn-4", "fwd", f"kernels.fa4 missing: {exc}")
+
+
+def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "fwd+bwd")) -> None:
+    from kernels import block_sparse as bs
+    from kernels.flex import flex_block_mask, flex_block_sparse_attention
+
+    bq, bk = 128, 64
+    for dens in densities:
+        lay = random_layout(bench.b, bench.h, bench.n, bq, bk, dens, bench.device, seed=int(dens * 1000))
+        real = lay.density()
+        pairs = float(lay.kept_token_pairs())
+        print(f"block-sparse density {dens} (measured {real:.4f})", flush=True)
+        cfg = {"block_q": bq, "block_k": bk, "layout": "random+diagonal", "density_target": dens}
+
+        def ours(layout):
+            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
+
+        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+                         layout=lay, passes=passes, config={**cfg, "options": dict(bs.OPTIONS)})
+
+        def flex(layout):
+            bm = flex_block_mask(layout)
+            return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
+
+        try:
+            bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+                             layout=lay, passes=passes, config=cfg)
+        except Exception as exc:  # mask construction failing
+            for p in passes:
+                bench.skipped("flex_block_sparse", "flex", p, f"{type(exc).__name__}: {exc}", real)
+        del lay
+
+
+def variants_section(bench: Bench, densities: list[float]) -> None:
+    """Our kernel's execution options, forward (and backward order), one density at a time."""
+    from kernels import block_sparse as bs
+
+    saved = dict(bs.OPTIONS)
+    variants = {
+        "tma": {"fwd_tma": True},
+        "order": {"fwd_order": True},
+        "tma+order": {"fwd_tma": True, "fwd_order": True},
+        "bwd_natural": {"bwd_order": False},
+    }
+    for dens in densities:
+        lay = random_layout(bench.b, bench.h, bench.n, 128, 64, dens, bench.device, seed=int(dens * 1000))
+        real, pairs = lay.density(), float(lay.kept_token_pairs())
+        for name, opts in variants.items():
+            bs.OPTIONS.update(saved)
+            bs.OPTIONS.update(opts)
+
+            def ours(layout):
+                return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
+
+            passes = ("bwd",) if name.startswith("bwd") else ("fwd",)
+            bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+                             variant=name, layout=lay, passes=passes,
+                             config={"block_q": 128, "block_k": 64, "options": dict(bs.OPTIONS)})
+    bs.OPTIONS.clear()
+    bs.OPTIONS.update(saved)
+    # 128 x 128 tiles (the tile FlexAttention's default block mask uses), forward, ours and Flex
+    from kernels.flex import flex_block_mask, flex_block_sparse_attention
+
+    for dens in densities:
+        if dens >= 1.0:
+            continue
+        lay = random_layout(bench.b, bench.h, bench.n, 128, 128, dens, bench.device, seed=7)
+        real, pairs = lay.density(), float(lay.kept_token_pairs())
+
+        def ours128(layout):
+            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
+
+        def flex128(layout):
+            bm = flex_block_mask(layout)
+            return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
+
+        cfg = {"block_q": 128, "block_k": 128}
+        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours128, lay), density=real, pairs=pairs,
+                         variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
+        bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex128, lay), density=real, pairs=pairs,
+                         variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
+
+
+def linear_variants_section(bench: Bench) -> None:
+    """Grid size and tile options of the linear branch, forward only."""
+    from kernels import linear_attn as la
+    from kernels.rope import rope_3d_freqs
+
+    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
+    saved = {key: (dict(val) if isinstance(val, dict) else val) for key, val in la.OPTIONS.items()}
+    variants = {
+        "pps1": {"programs_per_sm": 1},
+        "pps4": {"programs_per_sm": 4},
+        "w4s3": {"state": {"BLOCK": 64, "num_warps": 4, "num_stages": 3},
+                 "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
+        "b128w8s2": {"state": {"BLOCK": 128, "num_warps": 8, "num_stages": 2},
+                     "out": {"BLOCK": 128, "num_warps": 8, "num_stages": 2}},
+        "s3": {"state": {"BLOCK": 64, "num_warps": 8, "num_stages": 3},
+               "out": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
+    }
+    q, k, v = bench.q, bench.k, bench.v
+    for name, opts in variants.items():
+        la.OPTIONS.clear()
+        la.OPTIONS.update({key: (dict(val) if isinstance(val, dict) else val) for key, val in saved.items()})
+        la.OPTIONS.update(opts)
+        bench.timed("linear_triton", "triton", "fwd", lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin),
+                    variant=name, config={"kind": "relu", "rope": True, "options": json.dumps(la.OPTIONS)},
+                    attention=False)
+    la.OPTIONS.clear()
+    la.OPTIONS.update(saved)
+
+
+def autotune_choices() -> dict[str, str]:
+    """What the autotuners picked, per key (printed; recorded in kernels/NOTES.md by hand)."""
+    out = {}
+    try:
+        from kernels import block_sparse as bs
+
+        for name, tuned in (("fwd", bs._fwd_tuned), ("dkdv", bs._dkdv_tuned), ("dq", bs._dq_tuned)):
+            for key, cfg in getattr(tuned, "cache", {}).items():
+                out[f"{name}{key}"] = str(cfg)
+    except Exception as exc:  # reporting only
+        out["error"] = repr(exc)
+    return out
+
+
+def video_topk_section(bench: Bench, sparsity: float = 0.9) -> None:
+    """A top-k layout selected from video-like Q/K (structured, as in a real DiT)."""
+    from kernels import block_sparse as bs
+    from kernels.flex import flex_block_mask, flex_block_sparse_attention
+    from kernels.select_triton import select_topk_triton
+
+    try:
+        from harness.workloads import Workload, make_qkv
+    except ImportError as exc:
+        bench.skipped("triton_block_sparse", "triton", "fwd", f"harness.workloads missing: {exc}", variant="video_topk")
+        return
+    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    wl = Workload("bench", grid, bench.h, bench.d, 1)
+    q, k, _ = make_qkv(wl, kind="video", device=bench.device, dtype=bench.dtype)
+    lay = select_topk_triton(q, k, keep_count(sparsity, cdiv(bench.n, 64)), 128, 64)
+    del q, k
+    real, pairs = lay.density(), float(lay.kept_token_pairs())
+    print(f"video top-k layout (measured density {real:.4f})", flush=True)
+
+    def ours(layout):
+        return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
+
+    def flex(layout):
+        bm = flex_block_mask(layout)
+        return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
+
+    cfg = {"block_q": 128, "block_k": 64, "layout": "video_topk"}
+    bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+                     variant="video_topk", layout=lay, passes=("fwd", "bwd"), config=cfg)
+    bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+                     variant="video_topk", layout=lay, passes=("fwd", "bwd"), config=cfg)
+
+
+def selection_section(bench: Bench, density: float = 0.1) -> None:
+    from kernels import select_triton as st
+    from kernels import selection as sel
+
+    q, k = bench.q, bench.k
+    n, bq, bk = bench.n, 128, 64
+    keep = keep_count(1.0 - density, cdiv(n, bk))
+    print(f"selection (keep {keep} of {cdiv(n, bk)} key blocks)", flush=True)
+    force = sel.diagonal_blocks(n, bq, bk, bench.device)
+
+    def torch_topk():
+        return sel.topk_layout(sel.block_scores(q, k, bq, bk), keep, n, bq, bk, force)
+
+    want = torch_topk()
+    got = st.select_topk_triton(q, k, keep, bq, bk)
+    same = float((got.to_dense() == want.to_dense()).float().mean())
+    cfg = {"block_q": bq, "block_k": bk, "keep": keep}
+    for method, fn, extra in (
+        ("select_topk_triton", lambda: st.select_topk_triton(q, k, keep, bq, bk), {"tile_agreement": same}),
+        ("select_topk_torch", torch_topk, {}),
+        ("select_topp_triton", lambda: st.select_topp_triton(q, k, 0.9, bq, bk), {"mass": 0.9}),
+        ("select_topp_torch", lambda: sel.topp_layout(sel.block_scores(q, k, bq, bk), 0.9, n, bq, bk, force), {"mass": 0.9}),
+        ("pool_scores_triton", lambda: st.block_scores_triton(q, k, bq, bk), {}),
+    ):
+        bench.timed(method, method.rsplit("_", 1)[1], "fwd", fn, density=density, config=cfg, extra=extra,
+                    attention=False)
+
+
+def linear_section(bench: Bench) -> None:
+    from kernels.linear_attn import linear_attention_triton
+    from kernels.reference import linear_attention_ref
+    from kernels.rope import rope_3d_freqs
+
+    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
+    q, k, v, dout = bench.q, bench.k, bench.v, bench.dout
+    print("linear branch (relu, RoPE)", flush=True)
+    hs = min(REF_HEADS, bench.h)
+    xs = [x[:, :hs].float().requires_grad_() for x in (q, k, v)]
+    ref = linear_attention_ref(*xs, "relu", cos, sin)
+    ref_g = torch.autograd.grad(ref, xs, dout[:, :hs].float())
+    acc: dict[str, Any] = {}
+    try:
+        ys = [x[:, :hs].clone().requires_grad_() for x in (q, k, v)]
+        out = linear_attention_triton(*ys, "relu", cos, sin)
+        got = torch.autograd.grad(out, ys, dout[:, :hs])
+        acc = {"rel_l2": rel_l2(out, ref), **{f"rel_l2_d{n}": rel_l2(g, r) for n, g, r in zip("qkv", got, ref_g, strict=True)}}
+        torch_same = linear_attention_ref(*[x[:, :hs] for x in (q, k, v)], "relu", cos, sin)
+        acc["rel_l2_torch_same_dtype"] = rel_l2(torch_same, ref)
+    except Unsupported as exc:
+        for p in ("fwd", "fwd+bwd"):
+            bench.skipped("linear_triton", "triton", p, str(exc))
+        return
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    cfg = {"kind": "relu", "rope": True}
+    for method, fn in (("linear_triton", linear_attention_triton), ("linear_torch", linear_attention_ref)):
+        extra = acc if method == "linear_triton" else {}
+        for p, call in (
+            ("fwd", lambda fn=fn: fn(q, k, v, "relu", cos, sin)),
+            ("fwd+bwd", lambda fn=fn: torch.autograd.grad(fn(qg, kg, vg, "relu", cos, sin), (qg, kg, vg), dout)),
+        ):
+            bench.timed(method, method.split("_")[1], p, call, config=cfg, extra=extra, attention=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# table and targets
+# ----------------------------------------------------------------------------------------------------
+def _f(x: Any, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and x is not None and not (isinstance(x, float) and math.isnan(x)) else "-"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = "| method | variant | density | pass | ms | TF/s exec | TF/s dense-eq | x cuDNN | x FA2 | rel_l2 | status |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r.get('variant', '')} | {_f(r.get('density'), '.3f')} | {r.get('pass', '')} | "
+            f"{_f(r.get('ms'), '.3f')} | {_f(r.get('tflops_executed'), '.0f')} | {_f(r.get('tflops_dense_equiv'), '.0f')} | "
+            f"{_f(r.get('speedup_vs_cudnn'), '.2f')} | {_f(r.get('speedup_vs_fa2'), '.2f')} | {_f(r.get('rel_l2'), '.1e')} | "
+            f"{r.get('status', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    def pick(method, pass_, dens=None, variant=""):
+        for r in rows:
+            if r["method"] == method and r.get("pass") == pass_ and r.get("variant", "") == variant and r.get("status") == "ok":
+                if dens is None or abs(r.get("sparsity_target", -1) - (1 - dens)) < 1e-6:
+                    return r
+        return None
+
+    out = []
+    f10 = pick("triton_block_sparse", "fwd", 0.1)
+    flex10 = pick("flex_block_sparse", "fwd", 0.1)
+    if f10:
+        out.append(f"fwd d=0.10: {f10['ms']:.3f} ms (target <= 1.3), x cuDNN {_f(f10.get('speedup_vs_cudnn'), '.2f')} "
+                   f"(>= 8.5), x Flex same mask {_f(flex10['ms'] / f10['ms'] if flex10 else None, '.2f')} (>= 1.4)")
+    f1, flexd = pick("triton_block_sparse", "fwd", 1.0), pick("flex_dense", "fwd")
+    if f1 and flexd:
+        out.append(f"fwd d=1.00: {f1['ms']:.3f} ms = {flexd['ms'] / f1['ms'] * 100:.0f}% of Flex dense throughput (>= 90%)")
+    b10 = pick("triton_block_sparse", "bwd", 0.1)
+    dense_b = [r["ms"] for m in ("sdpa_cudnn", "sdpa_flash", "flex_dense") if (r := pick(m, "bwd"))]
+    if b10 and dense_b:
+        out.append(f"bwd d=0.10: {b10['ms']:.3f} ms, {min(dense_b) / b10['ms']:.2f}x the fastest dense bwd (>= 5)")
+    s = pick("select_topk_triton", "fwd", 0.1)
+    if s:
+        out.append(f"selection top-k d=0.10: {s['ms']:.3f} ms (target <= 0.1)")
+    lin = pick("linear_triton", "fwd")
+    if lin:
+        out.append(f"linear fwd: {lin['ms']:.3f} ms (target <= 0.15)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/kernels/latest", help="run directory for rows.jsonl")
+    p.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
+    p.add_argument("--n", type=int, default=32760)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--quick", action="store_true", help="shorter timing budget")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="bf16 on GPUs; fp32/fp16 for a CPU smoke run under TRITON_INTERPRET=1")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--sections", default="dense,sparse,selection,linear,video,variants,linear_variants",
+                   help="comma list of dense,sparse,selection,linear,video,variants,linear_variants")
+    p.add_argument("--variant-densities", default="0.1,1.0")
+    args = p.parse_args(argv)
+    bench = Bench(args)
+    sections = set(args.sections.split(","))
+    densities = [float(x) for x in args.densities.split(",") if x]
+    if bench.device.type != "cuda":
+        print("warning: no CUDA device; Triton kernels need TRITON_INTERPRET=1 and a tiny --n", file=sys.stderr)
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("dense", lambda: dense_section(bench)),
+        ("sparse", lambda: sparse_section(bench, densities)),
+        ("selection", lambda: selection_section(bench)),
+        ("linear", lambda: linear_section(bench)),
+        ("video", lambda: video_topk_section(bench)),
+        ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x])),
+        ("linear_variants", lambda: linear_variants_section(bench)),
+    ]
+    for name, step in steps:
+        if name not in sections:
+            continue
+        try:
+            step()
+        except Exception:
+            print(f"section {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    print()
+    print(f"card: {bench.writer.provenance['card']}, torch {torch.__version__}, rows in {bench.writer.path}")
+    for key, cfg in autotune_choices().items():
+        print("autotune:", key, "->", cfg)
+    for line in targets(bench.rows):
+        print("target:", line)
+    print()
+    print(markdown_table(bench.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+"""Non-causal linear attention in Triton (forward and backward), the SALAD linear branch.
+
+Same semantics as :func:`kernels.reference.linear_attention_ref` (its torch reference):
+``O[i] = (R_i f(q_i))^T S / (f(q_i)^T z + eps)`` with ``S = sum_j (R_j f(k_j)) v_j^T`` and
+``z = sum_j f(k_j)``; RoPE (``cos, sin`` of shape ``(N, D/2)``, pairs ``(2i, 2i+1)``) rotates the
+numerator features only. ``f`` is ``relu``, ``elu`` (elu + 1) or ``softmax`` over the head dim.
+
+Two passes each way, memory-bound at the video shapes:
+
+* forward: (1) one pass over K, V: per-head partial states ``S`` (D x D) and ``z`` over token chunks,
+  summed by torch (a few MB); (2) one pass over Q producing O.
+* backward: (1) one pass over Q, dO: dQ plus partial ``dS``/``dz``; (2) one pass over K, V: dK, dV.
+
+Numerics: states are kept in "mean" units (``S/N``, ``z/N``; the ratio is unchanged), so every
+operand is O(1) and can go through fp16 tensor cores safely. Products with a native operand (V, dO)
+use the input dtype and split the fp32 operand into hi + lo parts (exact to ~16 bits); products of two
+fp32 tiles round both to fp16 (``F32_SPLIT`` adds the lo parts; off by default: the error stays within
+~10% of torch's own output rounding); fp32 inputs use IEEE fp32 dots throughout (the CPU interpreter
+tests use fp32/fp16).
+The even/odd RoPE pairs are kept as two half-width tiles (``x[..., 0::2]``, ``x[..., 1::2]``), so the
+state is stored split as ``(2, D/2, D)`` and no interleaving shuffle is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.errors import Unsupported
+from kernels.layout import cdiv
+
+__all__ = ["linear_attention_triton", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_KINDS = {"relu": 0, "elu": 1, "softmax": 2}
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _cast(x, MODE: tl.constexpr):
+    if MODE == 1:
+        return x.to(tl.float16)
+    elif MODE == 2:
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _mm(a, b, acc, MODE: tl.constexpr, A_SPLIT: tl.constexpr, B_SPLIT: tl.constexpr):
+    """``acc + a @ b``: MODE 0 = IEEE fp32; 1/2 = fp16/bf16 operands, ``*_SPLIT`` adds the lo parts."""
+    if MODE == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        ah = _cast(a, MODE)
+        bh = _cast(b, MODE)
+        acc = tl.dot(ah, bh, acc)
+        if A_SPLIT:
+            al = _cast(a.to(tl.float32) - ah.to(tl.float32), MODE)
+            acc = tl.dot(al, bh, acc)
+        if B_SPLIT:
+            bl = _cast(b.to(tl.float32) - bh.to(tl.float32), MODE)
+            acc = tl.dot(ah, bl, acc)
+        return acc
+
+
+@triton.jit
+def _feature(x, KIND: tl.constexpr):
+    if KIND == 0:
+        return tl.maximum(x, 0.0)
+    elif KIND == 1:
+        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    else:
+        m = tl.max(x, 1)
+        e = tl.exp(x - m[:, None])
+        return e / tl.sum(e, 1)[:, None]
+
+
+@triton.jit
+def _feature_bwd(x, a, da, KIND: tl.constexpr):
+    if KIND == 0:
+        return tl.where(x > 0, da, 0.0)
+    elif KIND == 1:
+        return tl.where(x > 0, da, da * a)
+    else:
+        return a * (da - tl.sum(da * a, 1)[:, None])
+
+
+@triton.jit
+def _halves(x, ROWS: tl.constexpr, D2: tl.constexpr):
+    """Even and odd channels of a ``ROWS x 2*D2`` tile."""
+    return tl.split(tl.reshape(x, (ROWS, D2, 2)))
+
+
+@triton.jit
+def _interleave(x0, x1, ROWS: tl.constexpr, D2: tl.constexpr):
+    return tl.reshape(tl.join(x0, x1), (ROWS, 2 * D2))
+
+
+@triton.jit
+def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: tl.constexpr,
+               ROWS: tl.constexpr, D: tl.constexpr):
+    """Raw tile, features (zero on rows past N), their halves and the rotated halves (and cos/sin)."""
+    D2: tl.constexpr = D // 2
+    mask = offs < N
+    x = tl.load(X + base + offs[:, None] * stride_n + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
+    x = x.to(tl.float32)
+    f = tl.where(mask[:, None], _feature(x, KIND), 0.0)
+    f0, f1 = _halves(f, ROWS, D2)
+    if ROPE:
+        cs_off = offs[:, None] * D2 + tl.arange(0, D2)[None, :]
+        c = tl.load(COS + cs_off, mask=mask[:, None], other=0.0)
+        s = tl.load(SIN + cs_off, mask=mask[:, None], other=0.0)
+        r0 = f0 * c - f1 * s
+        r1 = f0 * s + f1 * c
+    else:
+        c = f0
+        s = f0
+        r0 = f0
+        r1 = f1
+    return x, f, f0, f1, r0, r1, c, s
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_state_kernel(
+    K, V, COS, SIN, SPART, ZPART,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, CHUNK,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    nsplit = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    acc0 = tl.zeros([D2, D], dtype=tl.float32)
+    acc1 = tl.zeros([D2, D], dtype=tl.float32)
+    z0 = tl.zeros([D2], dtype=tl.float32)
+    z1 = tl.zeros([D2], dtype=tl.float32)
+    start = pid * CHUNK
+    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(K, COS, SIN, k_base, offs, N, stride_kn, KIND, ROPE, BLOCK, D)
+        z0 += tl.sum(f0, 0)
+        z1 += tl.sum(f1, 0)
+        v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
+        acc0 = _mm(tl.trans(r0), v, acc0, NATIVE_MODE, True, False)
+        acc1 = _mm(tl.trans(r1), v, acc1, NATIVE_MODE, True, False)
+    part = bh.to(tl.int64) * nsplit + pid
+    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(SPART + part * (2 * D2 * D) + rows, acc0)
+    tl.store(SPART + part * (2 * D2 * D) + D2 * D + rows, acc1)
+    tl.store(ZPART + part * D + tl.arange(0, D2), z0)
+    tl.store(ZPART + part * D + D2 + tl.arange(0, D2), z1)
+
+
+@triton.jit
+def _fwd_out_kernel(
+    Q, Out, COS, SIN, S, Z,
+    stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
+    H, N, CHUNK, eps_n,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+    s_base = S + bh.to(tl.int64) * (2 * D2 * D)
+    s0 = tl.load(s_base + rows)
+    s1 = tl.load(s_base + D2 * D + rows)
+    z0 = tl.load(Z + bh.to(tl.int64) * D + tl.arange(0, D2))
+    z1 = tl.load(Z + bh.to(tl.int64) * D + D2 + tl.arange(0, D2))
+    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    o_base = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    start = pid * CHUNK
+    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
+        den = tl.sum(f0 * z0[None, :], 1) + tl.sum(f1 * z1[None, :], 1) + eps_n
+        num = tl.zeros([BLOCK, D], dtype=tl.float32)
+        num = _mm(r0, s0, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+        num = _mm(r1, s1, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+        out = num / den[:, None]
+        tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
+                 mask=offs[:, None] < N)
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_q_kernel(
+    Q, DO, DQ, COS, SIN, S, Z, DSPART, DZPART,
+    stride_qb, stride_qh, stride_qn, stride_db, stride_dh, stride_dn, stride_gb, stride_gh, stride_gn,
+    H, N, CHUNK, eps_n,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, F32_MODE: tl.constexpr,
+    F32_SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    nsplit = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+    s_base = S + bh.to(tl.int64) * (2 * D2 * D)
+    s0 = tl.load(s_base + rows)
+    s1 = tl.load(s_base + D2 * D + rows)
+    z0 = tl.load(Z + bh.to(tl.int64) * D + tl.arange(0, D2))
+    z1 = tl.load(Z + bh.to(tl.int64) * D + D2 + tl.arange(0, D2))
+    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_base = b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+    dq_base = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    ds0 = tl.zeros([D2, D], dtype=tl.float32)
+    ds1 = tl.zeros([D2, D], dtype=tl.float32)
+    dz0 = tl.zeros([D2], dtype=tl.float32)
+    dz1 = tl.zeros([D2], dtype=tl.float32)
+    start = pid * CHUNK
+    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        mask = offs[:, None] < N
+        x, f, f0, f1, r0, r1, c, sn = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
+        g = tl.load(DO + do_base + offs[:, None] * stride_dn + tl.arange(0, D)[None, :], mask=mask, other=0.0)
+        den = tl.sum(f0 * z0[None, :], 1) + tl.sum(f1 * z1[None, :], 1) + eps_n
+        num = tl.zeros([BLOCK, D], dtype=tl.float32)
+        num = _mm(r0, s0, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+        num = _mm(r1, s1, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+        inv = 1.0 / den
+        dden = -tl.sum(g.to(tl.float32) * num, 1) * inv * inv
+        # d(rotated features) = (g @ S^T) / den, kept per half
+        dr0 = _mm(g, tl.trans(s0), tl.zeros([BLOCK, D2], dtype=tl.float32), NATIVE_MODE, False, True) * inv[:, None]
+        dr1 = _mm(g, tl.trans(s1), tl.zeros([BLOCK, D2], dtype=tl.float32), NATIVE_MODE, False, True) * inv[:, None]
+        if ROPE:
+            da0 = dr0 * c + dr1 * sn
+            da1 = dr1 * c - dr0 * sn
+        else:
+            da0 = dr0
+            da1 = dr1
+        da0 += dden[:, None] * z0[None, :]
+        da1 += dden[:, None] * z1[None, :]
+        da = _interleave(da0, da1, BLOCK, D2)
+        dq = _feature_bwd(x, f, da, KIND)
+        tl.store(DQ + dq_base + offs[:, None] * stride_gn + tl.arange(0, D)[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=mask)
+        # dS += (r / den)^T @ g ; dz += sum_i dden_i f_i
+        ds0 = _mm(tl.trans(r0 * inv[:, None]), g, ds0, NATIVE_MODE, True, False)
+        ds1 = _mm(tl.trans(r1 * inv[:, None]), g, ds1, NATIVE_MODE, True, False)
+        dz0 += tl.sum(f0 * dden[:, None], 0)
+        dz1 += tl.sum(f1 * dden[:, None], 0)
+    part = bh.to(tl.int64) * nsplit + pid
+    tl.store(DSPART + part * (2 * D2 * D) + rows, ds0)
+    tl.store(DSPART + part * (2 * D2 * D) + D2 * D + rows, ds1)
+    tl.store(DZPART + part * D + tl.arange(0, D2), dz0)
+    tl.store(DZPART + part * D + D2 + tl.arange(0, D2), dz1)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    K, V, DK, DV, COS, SIN, DS, DZ,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
+    H, N, CHUNK,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, F32_MODE: tl.constexpr,
+    F32_SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+    s_base = DS + bh.to(tl.int64) * (2 * D2 * D)
+    ds0 = tl.load(s_base + rows)
+    ds1 = tl.load(s_base + D2 * D + rows)
+    dz0 = tl.load(DZ + bh.to(tl.int64) * D + tl.arange(0, D2))
+    dz1 = tl.load(DZ + bh.to(tl.int64) * D + D2 + tl.arange(0, D2))
+    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    g_base = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    start = pid * CHUNK
+    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        mask = offs[:, None] < N
+        x, f, f0, f1, r0, r1, c, sn = _load_feat(K, COS, SIN, k_base, offs, N, stride_kn, KIND, ROPE, BLOCK, D)
+        v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=mask, other=0.0)
+        dr0 = _mm(v, tl.trans(ds0), tl.zeros([BLOCK, D2], dtype=tl.float32), NATIVE_MODE, False, True)
+        dr1 = _mm(v, tl.trans(ds1), tl.zeros([BLOCK, D2], dtype=tl.float32), NATIVE_MODE, False, True)
+        if ROPE:
+            db0 = dr0 * c + dr1 * sn
+            db1 = dr1 * c - dr0 * sn
+        else:
+            db0 = dr0
+            db1 = dr1
+        db0 += dz0[None, :]
+        db1 += dz1[None, :]
+        dk = _feature_bwd(x, f, _interleave(db0, db1, BLOCK, D2), KIND)
+        dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+        dv = _mm(r0, ds0, dv, F32_MODE, F32_SPLIT, F32_SPLIT)
+        dv = _mm(r1, ds1, dv, F32_MODE, F32_SPLIT, F32_SPLIT)
+        out_off = g_base + offs[:, None] * stride_gn + tl.arange(0, D)[None, :]
+        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------
+_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
+# Tiles per pass; the benchmark may override them. ``programs`` is the grid size per pass (per head
+# times heads): about 2 programs per SM keeps HBM busy without many partial states.
+OPTIONS: dict = {"state": dict(_CFG), "out": dict(_CFG), "bwd_q": dict(_CFG), "bwd_kv": dict(_CFG), "programs_per_sm": 2}
+
+
+def _modes(dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:
+        return {"NATIVE_MODE": 0, "F32_MODE": 0, "F32_SPLIT": False}
+    if dtype == torch.float16:
+        # measured in the interpreter: splitting the fp32 operands changes the error by <10%; kept off
+        return {"NATIVE_MODE": 1, "F32_MODE": 1, "F32_SPLIT": False}
+    return {"NATIVE_MODE": 2, "F32_MODE": 1, "F32_SPLIT": False}
+
+
+def _chunks(n: int, bh: int, device: torch.device, block: int = 128) -> tuple[int, int]:
+    """(programs per head, tokens per program) for the chunked passes."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target = max(1, (OPTIONS["programs_per_sm"] * sms) // max(bh, 1))
+    else:
+        target = 2
+    chunk = cdiv(cdiv(n, target), block) * block
+    return cdiv(n, chunk), chunk
+
+
+def _launch(kernel, grid, args, consts, cfg):
+    cfg = dict(cfg)
+    nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    kernel[grid](*args, **consts, **cfg, num_warps=nw, num_stages=ns)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rope_args(cos, sin, n, d, device):
+    if cos is None:
+        dummy = torch.zeros(1, dtype=torch.float32, device=device)
+        return dummy, dummy, False
+    if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
+        raise ValueError(f"cos/sin must be (N, D/2) = ({n}, {d // 2}); got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    return cos.to(device=device, dtype=torch.float32).contiguous(), sin.to(device=device, dtype=torch.float32).contiguous(), True
+
+
+def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
+    b, h, n, d = q.shape
+    modes = _modes(q.dtype)
+    nsplit, chunk = _chunks(n, b * h, q.device)
+    spart = torch.empty((b * h, nsplit, 2, d // 2, d), dtype=torch.float32, device=q.device)
+    zpart = torch.empty((b * h, nsplit, d), dtype=torch.float32, device=q.device)
+    _launch(
+        _fwd_state_kernel, (nsplit, b * h),
+        (k, v, cos, sin, spart, zpart, *_strides(k), *_strides(v), h, n, chunk),
+        dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"]), OPTIONS["state"],
+    )
+    state = spart.sum(1).div_(n).contiguous()  # mean units
+    z = zpart.sum(1).div_(n).contiguous()
+    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    nsplit2, chunk2 = _chunks(n, b * h, q.device)
+    _launch(
+        _fwd_out_kernel, (nsplit2, b * h),
+        (q, out, cos, sin, state, z, *_strides(q), *_strides(out), h, n, chunk2, eps / n),
+        dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"]), OPTIONS["out"],
+    )
+    return out, state, z
+
+
+def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state, z):
+    b, h, n, d = q.shape
+    modes = _modes(q.dtype)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    nsplit, chunk = _chunks(n, b * h, q.device)
+    dspart = torch.empty((b * h, nsplit, 2, d // 2, d), dtype=torch.float32, device=q.device)
+    dzpart = torch.empty((b * h, nsplit, d), dtype=torch.float32, device=q.device)
+    dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    _launch(
+        _bwd_q_kernel, (nsplit, b * h),
+        (q, do, dq, cos, sin, state, z, dspart, dzpart, *_strides(q), *_strides(do), *_strides(dq), h, n, chunk, eps / n),
+        dict(D=d, KIND=kind, ROPE=rope, **modes), OPTIONS["bwd_q"],
+    )
+    # true dS = dS_mean / N, true dz = dz_mean / N (see the module docstring)
+    ds = dspart.sum(1).div_(n).contiguous()
+    dz = dzpart.sum(1).div_(n).contiguous()
+    dk = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    dv = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    _launch(
+        _bwd_kv_kernel, (nsplit, b * h),
+        (k, v, dk, dv, cos, sin, ds, dz, *_strides(k), *_strides(v), *_strides(dk), h, n, chunk),
+        dict(D=d, KIND=kind, ROPE=rope, **modes), OPTIONS["bwd_kv"],
+    )
+    return dq, dk, dv
+
+
+class _LinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, kind, rope, eps):
+        out, state, z = _forward(q, k, v, kind, cos, sin, rope, eps)
+        ctx.save_for_backward(q, k, v, cos, sin, state, z)
+        ctx.meta = (kind, rope, eps)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, cos, sin, state, z = ctx.saved_tensors
+        kind, rope, eps = ctx.meta
+        dq, dk, dv = _backward(dout, q, k, v, kind, cos, sin, rope, eps, state, z)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def linear_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str = "relu",
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention ``(B, H, N, D)`` in and out (q's dtype); differentiable in q, k, v (not cos/sin).
+
+    ``kind``: ``relu`` | ``elu`` (elu + 1) | ``softmax``; ``cos, sin``: ``(N, D/2)`` RoPE tables or None.
+    Raises :class:`Unsupported` for a device, dtype or head_dim it cannot run.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of relu, elu, softmax; got {kind!r}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (B, H, N, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes disagree: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise Unsupported(f"the Triton linear-attention kernel needs a CUDA device (or TRITON_INTERPRET=1); got {q.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise Unsupported(f"the Triton linear-attention kernel supports float16, bfloat16 and float32, not {q.dtype}")
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise Unsupported(f"the Triton linear-attention kernel supports head_dim {SUPPORTED_HEAD_DIMS}, not {d}")
+    if (cos is None) != (sin is None):
+        raise ValueError("pass both cos and sin, or neither")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cos_t, sin_t, rope = _rope_args(cos, sin, q.shape[2], d, q.device)
+    return _LinearAttention.apply(q, k, v, cos_t, sin_t, _KINDS[kind], rope, float(eps))

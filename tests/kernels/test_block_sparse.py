@@ -1,0 +1,147 @@
+"""Triton block-sparse attention vs the torch reference (interpreter on the CPU, tiny shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import block_sparse as bs
+from kernels.errors import Unsupported
+from kernels.layout import BlockLayout, cdiv
+from kernels.reference import block_sparse_attention_ref
+from tests.kernels._tol import assert_close_to_torch, rel_l2
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(gen, b, h, n, d, dtype):
+    return [torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype) for _ in range(3)]
+
+
+def _random_layout(gen, b, h, n, bq, bk, density=0.5, empty=True):
+    mq, mk = cdiv(n, bq), cdiv(n, bk)
+    tiles = torch.rand(b, h, mq, mk, generator=gen) < density
+    tiles[..., -1, -1] = True  # the ragged corner tile is exercised
+    if empty:
+        tiles[0, 0, 0] = False  # a query block with no key block
+    lay = BlockLayout.from_dense(tiles, bq, bk, n)
+    # shuffle each row's kept entries: the kernel must not rely on ascending order
+    perm = torch.argsort(torch.rand(lay.kv_idx.shape, generator=gen), dim=-1)
+    valid = torch.arange(lay.kv_idx.shape[-1]) < lay.kv_cnt.unsqueeze(-1)
+    keyed = torch.where(valid, perm, perm + lay.kv_idx.shape[-1])  # padding stays last
+    order = torch.argsort(keyed, dim=-1)
+    idx = torch.gather(lay.kv_idx, -1, order).contiguous()
+    return BlockLayout(idx.to(DEVICE), lay.kv_cnt.to(DEVICE), bq, bk, n)
+
+
+CASES = [
+    # n, d, block_q, block_k, dtype
+    (200, 64, 128, 64, torch.float32),
+    (200, 64, 64, 64, torch.float16),
+    (130, 128, 64, 128, torch.float32),
+    (96, 128, 64, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("n,d,bq,bk,dtype", CASES)
+def test_forward_matches_reference(gen, n, d, bq, bk, dtype):
+    q, k, v = _inputs(gen, 1, 2, n, d, dtype)
+    lay = _random_layout(gen, 1, 2, n, bq, bk)
+    out, lse = bs.block_sparse_attention_triton(q, k, v, lay, return_lse=True)
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay, return_lse=True)
+    same = block_sparse_attention_ref(q, k, v, lay)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_to_torch(out, same, ref, what="out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-3
+    assert (out[0, 0, :bq] == 0).all()  # the empty query block
+
+
+@pytest.mark.parametrize("n,d,bq,bk,dtype", [(200, 64, 128, 64, torch.float32), (136, 64, 64, 64, torch.float16)])
+def test_backward_matches_autograd(gen, n, d, bq, bk, dtype):
+    q, k, v = _inputs(gen, 1, 2, n, d, dtype)
+    lay = _random_layout(gen, 1, 2, n, bq, bk)
+    dout = torch.randn(1, 2, n, d, generator=gen).to(DEVICE, dtype)
+
+    def grads(fn, dt):
+        xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        fn(*xs, lay).backward(dout.to(dt))
+        return [x.grad for x in xs]
+
+    ours = grads(bs.block_sparse_attention_triton, dtype)
+    ref = grads(block_sparse_attention_ref, torch.float64)
+    same = grads(block_sparse_attention_ref, dtype)
+    for name, o, r, s in zip("qkv", ours, ref, same, strict=True):
+        assert_close_to_torch(o, s, r, factor=3.0 if dtype == torch.float16 else 2.0, what=f"d{name}")
+
+
+@pytest.mark.parametrize("use_tma,order", [(True, False), (False, True)])
+def test_variants_agree(gen, use_tma, order):
+    n, d = 200, 64
+    q, k, v = _inputs(gen, 1, 2, n, d, torch.float32)
+    lay = _random_layout(gen, 1, 2, n, 128, 64)
+    out, lse = bs._forward(q, k, v, lay, d**-0.5, order=order, use_tma=use_tma)
+    ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay)
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_full_layout_is_dense_attention(gen):
+    n, d = 150, 64
+    q, k, v = _inputs(gen, 1, 1, n, d, torch.float32)
+    lay = BlockLayout.full(1, 1, n, 64, 64, DEVICE)
+    out = bs.block_sparse_attention_triton(q, k, v, lay, scale=0.1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.1)
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_transpose_layout(gen):
+    lay = _random_layout(gen, 2, 3, 500, 128, 64)
+    idx, cnt = bs.transpose_layout(lay)
+    dense_t = lay.to_dense().transpose(-1, -2)
+    assert torch.equal(cnt, dense_t.sum(-1).int())
+    rebuilt = torch.zeros_like(dense_t)
+    for b in range(2):
+        for h in range(3):
+            for kb in range(dense_t.shape[2]):
+                c = int(cnt[b, h, kb])
+                rows = idx[b, h, kb, :c].long()
+                assert torch.all(rows[1:] > rows[:-1])  # ascending
+                rebuilt[b, h, kb, rows] = True
+    assert torch.equal(rebuilt, dense_t)
+
+
+def test_unsupported_inputs(gen):
+    q, k, v = _inputs(gen, 1, 1, 64, 64, torch.float32)
+    lay = BlockLayout.full(1, 1, 64, 64, 64, DEVICE)
+    with pytest.raises(Unsupported, match="float64"):
+        bs.block_sparse_attention_triton(q.double(), k.double(), v.double(), lay)
+    q96 = torch.randn(1, 1, 64, 96, device=DEVICE)
+    with pytest.raises(Unsupported, match="head_dim"):
+        bs.block_sparse_attention_triton(q96, q96, q96, lay)
+    big = BlockLayout.full(1, 1, 64, 256, 64, DEVICE)
+    with pytest.raises(Unsupported, match="block sizes"):
+        bs.block_sparse_attention_triton(q, k, v, big)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_full_size_gpu(gen, dtype):
+    """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference."""
+    b, h, n, d = 1, 2, 32760, 128
+    q, k, v = _inputs(gen, b, h, n, d, dtype)
+    mq, mk = cdiv(n, 128), cdiv(n, 64)
+    tiles = torch.rand(b, h, mq, mk, generator=gen) < 0.1
+    tiles[..., torch.arange(mq), torch.arange(mq) * 2] = True
+    lay = BlockLayout.from_dense(tiles.to(DEVICE), 128, 64, n)
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = bs.block_sparse_attention_triton(*xs, lay)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    rs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = block_sparse_attention_ref(*rs, lay)
+    ref.backward(dout.float())
+    same = block_sparse_attention_ref(q, k, v, lay)
+    assert_close_to_torch(out, same, ref, what="out")
+    for x, r in zip(xs, rs, strict=True):
+        assert rel_l2(x.grad, r.grad) < 2e-2

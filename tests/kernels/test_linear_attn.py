@@ -1,0 +1,62 @@
+"""Triton linear attention vs kernels.reference.linear_attention_ref (interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.errors import Unsupported
+from kernels.linear_attn import linear_attention_triton
+from kernels.reference import linear_attention_ref
+from kernels.rope import rope_3d_freqs
+from tests.kernels._tol import assert_close_to_torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(gen, kind, dtype, grid, d, rope, b=1, h=2):
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v = [torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype) for _ in range(3)]
+    cos, sin = rope_3d_freqs(grid, d, DEVICE) if rope else (None, None)
+    dout = torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype)
+
+    def go(fn, dt):
+        xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        out = fn(*xs, kind=kind, cos=cos, sin=sin)
+        out.backward(dout.to(dt))
+        return [out.detach()] + [x.grad for x in xs]
+
+    ours = go(linear_attention_triton, dtype)
+    ref = go(linear_attention_ref, torch.float64)
+    same = go(linear_attention_ref, dtype)
+    for name, o, r, s in zip(("out", "dq", "dk", "dv"), ours, ref, same, strict=True):
+        assert o.dtype == dtype
+        assert_close_to_torch(o, s, r, what=f"{kind} {dtype} rope={rope} {name}")
+
+
+@pytest.mark.parametrize("kind", ["relu", "elu", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference_with_rope(gen, kind, dtype):
+    _run(gen, kind, dtype, (2, 5, 7), 64, rope=True)  # N = 70: ragged against every tile size
+
+
+def test_without_rope_and_head_dim_128(gen):
+    _run(gen, "relu", torch.float16, (1, 3, 13), 128, rope=False)
+
+
+def test_rejects_what_it_cannot_run(gen):
+    x = torch.randn(1, 1, 16, 64, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(Unsupported, match="float64"):
+        linear_attention_triton(x, x, x)
+    y = torch.randn(1, 1, 16, 48, device=DEVICE)
+    with pytest.raises(Unsupported, match="head_dim"):
+        linear_attention_triton(y, y, y)
+    with pytest.raises(ValueError, match="kind"):
+        linear_attention_triton(x.float(), x.float(), x.float(), kind="gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wan_shape_gpu(gen, dtype):
+    """Wan 480p: 21 x 30 x 52 grid, 12 heads x 128."""
+    _run(gen, "relu", dtype, (21, 30, 52), 128, rope=True, h=12)

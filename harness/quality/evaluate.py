@@ -327,13 +327,65 @@ class QualityStudy:
     vbench_dir: str = "vbench"
 
 
+def check_kernels(device: torch.device, n: int = 4096, tol: float = 3e-2) -> str:
+    """Compare the default ("auto") block-sparse and linear-attention paths on ``device`` with their torch
+    references, forward and backward, at the study's shapes. Returns "" when they agree, else why not.
+
+    Run before a GPU study (``--check-kernels``) so that a broken kernel is caught before it spoils rows.
+    """
+    from kernels import block_sparse_attention, linear_attention, linear_attention_ref
+    from kernels.rope import rope_3d_freqs
+    from methods import AttnContext, create_method
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 4, n, 64, generator=g).to(device, dtype) for _ in range(4))
+    grid = (n // 256, 16, 16)
+    layout = create_method("topk", num_heads=4, head_dim=64, sparsity=0.9).select(q, k, AttnContext(grid=grid))
+    cos, sin = rope_3d_freqs(grid, 64, device)
+
+    def run(fn):
+        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+        out = fn(qq, kk, vv)
+        (out.float() * dout.float()).sum().backward()
+        return [out.detach(), qq.grad, kk.grad, vv.grad]
+
+    pairs = {
+        "block_sparse": (
+            lambda a, b, c: block_sparse_attention(a, b, c, layout, backend="auto"),
+            lambda a, b, c: block_sparse_attention(a, b, c, layout, backend="torch"),
+        ),
+        "linear": (
+            lambda a, b, c: linear_attention(a, b, c, kind="relu", cos=cos, sin=sin),
+            lambda a, b, c: linear_attention_ref(a.float(), b.float(), c.float(), kind="relu", cos=cos, sin=sin),
+        ),
+    }
+    problems = []
+    for name, (fast, ref) in pairs.items():
+        try:
+            got, want = run(fast), run(ref)
+        except Exception as exc:
+            problems.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        for what, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+            err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+            if not err < tol:
+                problems.append(f"{name} {what}: relative error {err:.3g} > {tol}")
+    return "; ".join(problems)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = FINETUNE_DEFAULTS
     p = argparse.ArgumentParser(prog="python -m harness.quality.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="base model directory (python -m harness.quality.train_base)")
+    p.add_argument("--checkpoint", help="base model directory (python -m harness.quality.train_base)")
+    p.add_argument(
+        "--check-kernels",
+        action="store_true",
+        help="only compare the default kernels with their torch references (fwd+bwd) and exit 1 if they disagree",
+    )
     p.add_argument("--methods", default="full,topk,salad", help="comma list / globs of registered methods")
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--out", required=True, help="run directory: rows.jsonl, curves.jsonl, samples.npz")
+    p.add_argument("--out", help="run directory: rows.jsonl, curves.jsonl, samples.npz")
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per trainable method (paper: <=1600)")
     p.add_argument("--batch", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -371,8 +423,17 @@ def main(argv: list[str] | None = None) -> int:
     from harness.results import RowWriter
     from methods import METHODS
 
-    names = METHODS.select(a.methods)
     dist, device = init_distributed(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the torch reference paths run fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    if a.check_kernels:
+        why = check_kernels(device)
+        print(f"kernel check on {device}: {'ok' if not why else why}", flush=True)
+        return 0 if not why else 1
+    if not a.checkpoint or not a.out:
+        raise SystemExit("--checkpoint and --out are required (unless --check-kernels)")
+    names = METHODS.select(a.methods)
     t_start = time.perf_counter()
     base, card = load_checkpoint(a.checkpoint, device)
     cfg = dataclasses.replace(

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Without an NVIDIA device the Triton kernels run in Triton's CPU interpreter. This must be set before
+# anything imports triton (it is read at import), so it lives in the root conftest, loaded first.
+if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,8 +7,9 @@ query block's own tokens (``keep_diagonal``). Exact softmax attention over the k
 
 Knobs (defaults): ``sparsity`` 0 (the runner sets it); ``block_q`` 128 x ``block_k`` 64 (the tile of
 the Triton kernel; SLA's benchmark uses 128x64); ``keep_diagonal`` True (a token always sees its
-neighbourhood); ``backend`` auto. FLOPs: ``4 * kept token pairs * D`` for attention plus selection
-(pooling ``2*B*H*N*D``, block scores ``2*B*H*Mq*Mk*D``).
+neighbourhood); ``backend`` auto. On CUDA the selection runs as one Triton pass
+(``kernels.select_triton``), on the CPU in torch (``kernels.selection``); both implement this rule.
+FLOPs: ``4 * kept token pairs * D`` for attention plus selection (pooling ``2*B*H*N*D``, block scores ``2*B*H*Mq*Mk*D``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import block_sparse_attention, keep_count, resolve_backend
+from kernels import block_sparse_attention, cdiv, keep_count, resolve_backend, triton_available
 from kernels.layout import BlockLayout
 from kernels.selection import block_scores, diagonal_blocks, topk_layout
 from methods.base import METHODS, AttentionMethod, AttnContext, BlockSparseConfig
@@ -44,6 +45,12 @@ class TopK(AttentionMethod):
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout:
         c = self.config
         n = q.shape[2]
+        if q.device.type == "cuda" and triton_available(q.device):
+            # Same rule in one fused pass (pool, score, exact top-k by bisection), no N x N anywhere.
+            from kernels.select_triton import select_topk_triton
+
+            keep = keep_count(c.sparsity, cdiv(n, c.block_k))
+            return select_topk_triton(q, k, keep, c.block_q, c.block_k, keep_diagonal=c.keep_diagonal)
         scores = block_scores(q, k, c.block_q, c.block_k)
         force = diagonal_blocks(n, c.block_q, c.block_k, q.device) if c.keep_diagonal else None
         return topk_layout(scores, keep_count(c.sparsity, scores.shape[-1]), n, c.block_q, c.block_k, force)

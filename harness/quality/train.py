@@ -233,11 +233,12 @@ def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
 
 
 def _fit_steps(
-    cfg: TrainConfig, step: int, start: int, elapsed: float, dist: Dist, device: torch.device
+    cfg: TrainConfig, step: int, done: int, seconds: float, elapsed: float, dist: Dist, device: torch.device
 ) -> TrainConfig:
-    """Shrink ``cfg.steps`` so the run ends inside ``time_budget_s`` at the pace measured so far
-    (5% margin; the first steps include warm-up, so the pace is pessimistic). Ranks agree on the pace."""
-    per_step = _all_mean(elapsed / max(1, step - start), dist, device)
+    """Shrink ``cfg.steps`` so the run ends inside ``time_budget_s`` at the pace of the last ``done`` steps
+    (``seconds`` long: measured after the first half of ``fit_after``, so warm-up does not count), with a
+    5% margin. Ranks agree on the pace."""
+    per_step = _all_mean(seconds / max(1, done), dist, device)
     fit = step + int(max(0.0, 0.95 * cfg.time_budget_s - elapsed) / per_step)
     if fit >= cfg.steps:
         return cfg
@@ -285,6 +286,7 @@ def train_loop(
     loss_val: float | None = None
     vloss: float | None = None
     result = TrainResult(start, None, None, 0.0, steps_planned=cfg.steps)
+    t_half = 0.0
     step = start
     while step < cfg.steps:
         lr = lr_at(step, cfg)
@@ -322,8 +324,11 @@ def train_loop(
             result.curve.append(row)
         if state_file is not None and dist.main and cfg.ckpt_every and step % cfg.ckpt_every == 0:
             _save_state(state_file, model, opt, step, cfg)
-        if cfg.fit_to_budget and cfg.time_budget_s and step == start + cfg.fit_after:
-            cfg = _fit_steps(cfg, step, start, elapsed, dist, device)
+        half = start + max(1, cfg.fit_after // 2)
+        if step == half:
+            t_half = elapsed
+        if cfg.fit_to_budget and cfg.time_budget_s and step == start + cfg.fit_after and step > half:
+            cfg = _fit_steps(cfg, step, step - half, elapsed - t_half, elapsed, dist, device)
             result.steps_planned = cfg.steps
         over = cfg.time_budget_s is not None and elapsed > cfg.time_budget_s
         if _any(over, dist, device) and step < cfg.steps:

@@ -25,6 +25,7 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,9 +145,9 @@ class Bench:
                    config: dict | None = None) -> dict[str, float]:
         """Time ``attn(q, k, v)`` forward, backward alone and both; check accuracy once."""
         q, k, v, dout = self.q, self.k, self.v, self.dout
-        acc = {}
+        acc: dict[str, Any] = {}
         try:
-            acc = self.accuracy(attn, layout, grads="fwd+bwd" in passes)
+            acc = self.accuracy(attn, layout, grads=False)
         except Unsupported as exc:
             for p in passes:
                 self.skipped(method, backend, p, str(exc), density, variant)
@@ -158,6 +159,11 @@ class Bench:
                           reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                           config={"backend": backend, "variant": variant}, **{"pass": p})
             return {}
+        if "fwd+bwd" in passes:
+            try:  # a backward that cannot compile must not hide the forward rows
+                acc.update(self.accuracy(attn, layout, grads=True))
+            except Exception:
+                print(traceback.format_exc(limit=4), file=sys.stderr)
         out_ms = {}
         if "fwd" in passes:
             r = self.timed(method, backend, "fwd", lambda: attn(q, k, v), density=density, pairs=pairs,
@@ -165,11 +171,19 @@ class Bench:
             out_ms["fwd"] = r.get("ms") if r else None
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
         if "bwd" in passes:
-            out = attn(qg, kg, vg)
-            r = self.timed(method, backend, "bwd",
-                           lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True),
-                           density=density, pairs=pairs, variant=variant, config=config)
-            out_ms["bwd"] = r.get("ms") if r else None
+            try:
+                out = attn(qg, kg, vg)
+            except Exception as exc:  # e.g. a backward graph that does not compile
+                print(traceback.format_exc(limit=3), file=sys.stderr)
+                out = None
+                self.emit(method=method, backend=backend, variant=variant, density=density, status="error",
+                          reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                          config=config or {"backend": backend, "variant": variant}, **{"pass": "bwd"})
+            if out is not None:
+                r = self.timed(method, backend, "bwd",
+                               lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True),
+                               density=density, pairs=pairs, variant=variant, config=config)
+                out_ms["bwd"] = r.get("ms") if r else None
             del out
         if "fwd+bwd" in passes:
             r = self.timed(method, backend, "fwd+bwd",
@@ -187,11 +201,13 @@ class Bench:
         """
         hs = min(REF_HEADS, self.h)
         lay = head_slice(layout, hs) if layout is not None else BlockLayout.full(self.b, hs, self.n, 128, 128, self.device)
-        key = (id(layout), grads)
-        if key not in self._ref_cache:
+        cached = self._ref_cache.get("entry")
+        if cached is None or cached[0] is not layout or (grads and not cached[2][1]):
             sl = [x[:, :hs].float() for x in (self.q, self.k, self.v)]
-            self._ref_cache = {key: reference_chunked(*sl, lay, self.dout[:, :hs].float() if grads else None)}
-        ref, ref_grads = self._ref_cache[key]
+            # the layout object itself is kept: an id() could be reused by the next density's layout
+            self._ref_cache["entry"] = (layout, None, reference_chunked(*sl, lay, self.dout[:, :hs].float()
+                                                                        if grads else None))
+        ref, ref_grads = self._ref_cache["entry"][2]
         xs = [x.detach().clone().requires_grad_(grads) for x in (self.q, self.k, self.v)]
         out = attn(*xs)
         res = {"out": rel_l2(out[:, :hs], ref)}
@@ -320,9 +336,9 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
 
     saved = dict(bs.OPTIONS)
     variants = {
-        "tma": {"fwd_tma": True},
+        "ptr": {"fwd_tma": False},
         "order": {"fwd_order": True},
-        "tma+order": {"fwd_tma": True, "fwd_order": True},
+        "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }
     for dens in densities:
@@ -372,26 +388,78 @@ def linear_variants_section(bench: Bench) -> None:
     grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
     cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
     saved = {key: (dict(val) if isinstance(val, dict) else val) for key, val in la.OPTIONS.items()}
+    def tiles(block, warps, stages):
+        c = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
+        return {"state": dict(c), "out": dict(c)}
+
     variants = {
         "pps1": {"programs_per_sm": 1},
         "pps4": {"programs_per_sm": 4},
-        "w4s3": {"state": {"BLOCK": 64, "num_warps": 4, "num_stages": 3},
-                 "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
-        "b128w8s2": {"state": {"BLOCK": 128, "num_warps": 8, "num_stages": 2},
-                     "out": {"BLOCK": 128, "num_warps": 8, "num_stages": 2}},
-        "s3": {"state": {"BLOCK": 64, "num_warps": 8, "num_stages": 3},
-               "out": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
+        "pps8": {"programs_per_sm": 8},
+        "b32w4s3": tiles(32, 4, 3),
+        "b64w4s4": tiles(64, 4, 4),
+        "b128w4s3": tiles(128, 4, 3),
+        "b64w8s3": tiles(64, 8, 3),
+        "fp16_native": {"modes": {"NATIVE_MODE": 1, "F32_MODE": 1, "F32_SPLIT": False}},
+        "norope": {},
     }
     q, k, v = bench.q, bench.k, bench.v
     for name, opts in variants.items():
+        cs, sn = (None, None) if name == "norope" else (cos, sin)
         la.OPTIONS.clear()
         la.OPTIONS.update({key: (dict(val) if isinstance(val, dict) else val) for key, val in saved.items()})
         la.OPTIONS.update(opts)
-        bench.timed("linear_triton", "triton", "fwd", lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin),
+        bench.timed("linear_triton", "triton", "fwd",
+                    lambda cs=cs, sn=sn: la.linear_attention_triton(q, k, v, "relu", cs, sn),
                     variant=name, config={"kind": "relu", "rope": True, "options": json.dumps(la.OPTIONS)},
                     attention=False)
     la.OPTIONS.clear()
     la.OPTIONS.update(saved)
+
+
+def profile_section(bench: Bench) -> None:
+    """Per-kernel device times (torch.profiler) of our kernels: launch overhead vs GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kernels import block_sparse as bs
+    from kernels.linear_attn import linear_attention_triton
+    from kernels.rope import rope_3d_freqs
+    from kernels.select_triton import select_topk_triton
+
+    q, k, v, dout = bench.q, bench.k, bench.v, bench.dout
+    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
+    lay = random_layout(bench.b, bench.h, bench.n, 128, 64, 0.1, bench.device, seed=100)
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    keep = keep_count(0.9, cdiv(bench.n, 64))
+    items = {
+        "select_topk": lambda: select_topk_triton(q, k, keep, 128, 64),
+        "linear_fwd": lambda: linear_attention_triton(q, k, v, "relu", cos, sin),
+        "linear_fwd_bwd": lambda: torch.autograd.grad(linear_attention_triton(qg, kg, vg, "relu", cos, sin),
+                                                      (qg, kg, vg), dout),
+        "sparse_fwd_bwd_d0.1": lambda: torch.autograd.grad(bs.block_sparse_attention_triton(qg, kg, vg, lay),
+                                                           (qg, kg, vg), dout),
+    }
+    report = {}
+    for name, fn in items.items():
+        try:
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+            rows = []
+            for evt in prof.key_averages():
+                dev = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+                if dev:
+                    rows.append((evt.key[:70], evt.count, dev / max(evt.count, 1)))
+            report[name] = rows
+            for key, count, us in sorted(rows, key=lambda r: -r[1] * r[2]):
+                print(f"  profile {name:<20} {key:<70} x{count:<3} {us:9.1f} us")
+        except Exception as exc:
+            print(f"  profile {name} failed: {exc!r}")
+    (Path(bench.writer.run_dir) / "profile.json").write_text(json.dumps(report, indent=1))
 
 
 def autotune_choices() -> dict[str, str]:
@@ -565,10 +633,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="bf16 on GPUs; fp32/fp16 for a CPU smoke run under TRITON_INTERPRET=1")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--sections", default="dense,sparse,selection,linear,video,variants,linear_variants",
-                   help="comma list of dense,sparse,selection,linear,video,variants,linear_variants")
+    p.add_argument("--sections", default="dense,sparse,selection,linear,video,variants",
+                   help="comma list of dense,sparse,selection,linear,video,variants,linear_variants,profile")
     p.add_argument("--variant-densities", default="0.1,1.0")
     args = p.parse_args(argv)
+    try:  # compiled flex backward donates buffers, which forbids timing the backward with retain_graph
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+    except (ImportError, AttributeError):
+        pass
     bench = Bench(args)
     sections = set(args.sections.split(","))
     densities = [float(x) for x in args.densities.split(",") if x]
@@ -582,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         ("video", lambda: video_topk_section(bench)),
         ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x])),
         ("linear_variants", lambda: linear_variants_section(bench)),
+        ("profile", lambda: profile_section(bench)),
     ]
     for name, step in steps:
         if name not in sections:

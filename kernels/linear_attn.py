@@ -7,8 +7,8 @@ numerator features only. ``f`` is ``relu``, ``elu`` (elu + 1) or ``softmax`` ove
 
 Two passes each way, memory-bound at the video shapes:
 
-* forward: (1) one pass over K, V: per-head partial states ``S`` (D x D) and ``z`` over token chunks,
-  summed by torch (a few MB); (2) one pass over Q producing O.
+* forward: (1) one pass over K, V: per-head partial states ``S`` (D x D) and ``z`` over token chunks
+  in one flat buffer, summed by one torch op (a few MB); (2) one pass over Q producing O.
 * backward: (1) one pass over Q, dO: dQ plus partial ``dS``/``dz``; (2) one pass over K, V: dK, dV.
 
 Numerics: states are kept in "mean" units (``S/N``, ``z/N``; the ratio is unchanged), so every
@@ -68,6 +68,53 @@ def _mm(a, b, acc, MODE: tl.constexpr, A_SPLIT: tl.constexpr, B_SPLIT: tl.conste
             bl = _cast(b.to(tl.float32) - bh.to(tl.float32), MODE)
             acc = tl.dot(ah, bl, acc)
         return acc
+
+
+@triton.jit
+def _split_b(b, MODE: tl.constexpr, SPLIT: tl.constexpr):
+    """Loop-invariant operand cast once: (hi, lo) in the dot dtype (lo is hi when not split)."""
+    bh = _cast(b, MODE)
+    if SPLIT:
+        return bh, _cast(b.to(tl.float32) - bh.to(tl.float32), MODE)
+    else:
+        return bh, bh
+
+
+@triton.jit
+def _mm_pre(a, bh, bl, acc, MODE: tl.constexpr, A_SPLIT: tl.constexpr, B_SPLIT: tl.constexpr):
+    """``acc + a @ b`` with ``b`` already split by :func:`_split_b`."""
+    if MODE == 0:
+        return tl.dot(a.to(tl.float32), bh, acc, input_precision="ieee")
+    else:
+        ah = _cast(a, MODE)
+        acc = tl.dot(ah, bh, acc)
+        if A_SPLIT:
+            acc = tl.dot(_cast(a.to(tl.float32) - ah.to(tl.float32), MODE), bh, acc)
+        if B_SPLIT:
+            acc = tl.dot(ah, bl, acc)
+        return acc
+
+
+@triton.jit
+def _load_state(S, bh, inv_n, D2: tl.constexpr, D: tl.constexpr):
+    """Halves of the summed state (scaled to mean units) and of the normaliser, from one flat buffer."""
+    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+    base = S + bh.to(tl.int64) * (2 * D2 * D + D)
+    s0 = tl.load(base + rows) * inv_n
+    s1 = tl.load(base + D2 * D + rows) * inv_n
+    z0 = tl.load(base + 2 * D2 * D + tl.arange(0, D2)) * inv_n
+    z1 = tl.load(base + 2 * D2 * D + D2 + tl.arange(0, D2)) * inv_n
+    return s0, s1, z0, z1
+
+
+@triton.jit
+def _store_state(P, part, s0, s1, z0, z1, D2: tl.constexpr, D: tl.constexpr):
+    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+    base = P + part * (2 * D2 * D + D)
+    tl.store(base + rows, s0)
+    tl.store(base + D2 * D + rows, s1)
+    tl.store(base + 2 * D2 * D + tl.arange(0, D2), z0)
+    tl.store(base + 2 * D2 * D + D2 + tl.arange(0, D2), z1)
 
 
 @triton.jit
@@ -132,7 +179,7 @@ def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: t
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_state_kernel(
-    K, V, COS, SIN, SPART, ZPART,
+    K, V, COS, SIN, PART,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     H, N, CHUNK,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, BLOCK: tl.constexpr,
@@ -147,30 +194,26 @@ def _fwd_state_kernel(
     v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     acc0 = tl.zeros([D2, D], dtype=tl.float32)
     acc1 = tl.zeros([D2, D], dtype=tl.float32)
-    z0 = tl.zeros([D2], dtype=tl.float32)
-    z1 = tl.zeros([D2], dtype=tl.float32)
+    # normaliser partials are kept per row and reduced once after the loop (no cross-warp sync per tile)
+    za0 = tl.zeros([BLOCK, D2], dtype=tl.float32)
+    za1 = tl.zeros([BLOCK, D2], dtype=tl.float32)
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
         _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(K, COS, SIN, k_base, offs, N, stride_kn, KIND, ROPE, BLOCK, D)
-        z0 += tl.sum(f0, 0)
-        z1 += tl.sum(f1, 0)
+        za0 += f0
+        za1 += f1
         v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
         acc0 = _mm(tl.trans(r0), v, acc0, NATIVE_MODE, True, False)
         acc1 = _mm(tl.trans(r1), v, acc1, NATIVE_MODE, True, False)
-    part = bh.to(tl.int64) * nsplit + pid
-    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(SPART + part * (2 * D2 * D) + rows, acc0)
-    tl.store(SPART + part * (2 * D2 * D) + D2 * D + rows, acc1)
-    tl.store(ZPART + part * D + tl.arange(0, D2), z0)
-    tl.store(ZPART + part * D + D2 + tl.arange(0, D2), z1)
+    _store_state(PART, bh.to(tl.int64) * nsplit + pid, acc0, acc1, tl.sum(za0, 0), tl.sum(za1, 0), D2, D)
 
 
 @triton.jit
 def _fwd_out_kernel(
-    Q, Out, COS, SIN, S, Z,
+    Q, Out, COS, SIN, S,
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
-    H, N, CHUNK, eps_n,
+    H, N, CHUNK, eps_n, inv_n,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -179,12 +222,9 @@ def _fwd_out_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
-    s_base = S + bh.to(tl.int64) * (2 * D2 * D)
-    s0 = tl.load(s_base + rows)
-    s1 = tl.load(s_base + D2 * D + rows)
-    z0 = tl.load(Z + bh.to(tl.int64) * D + tl.arange(0, D2))
-    z1 = tl.load(Z + bh.to(tl.int64) * D + D2 + tl.arange(0, D2))
+    s0, s1, z0, z1 = _load_state(S, bh, inv_n, D2, D)
+    s0h, s0l = _split_b(s0, F32_MODE, F32_SPLIT)
+    s1h, s1l = _split_b(s1, F32_MODE, F32_SPLIT)
     q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     o_base = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     start = pid * CHUNK
@@ -193,8 +233,8 @@ def _fwd_out_kernel(
         _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
         den = tl.sum(f0 * z0[None, :], 1) + tl.sum(f1 * z1[None, :], 1) + eps_n
         num = tl.zeros([BLOCK, D], dtype=tl.float32)
-        num = _mm(r0, s0, num, F32_MODE, F32_SPLIT, F32_SPLIT)
-        num = _mm(r1, s1, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+        num = _mm_pre(r0, s0h, s0l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+        num = _mm_pre(r1, s1h, s1l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
         out = num / den[:, None]
         tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
                  mask=offs[:, None] < N)
@@ -205,9 +245,9 @@ def _fwd_out_kernel(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_q_kernel(
-    Q, DO, DQ, COS, SIN, S, Z, DSPART, DZPART,
+    Q, DO, DQ, COS, SIN, S, DPART,
     stride_qb, stride_qh, stride_qn, stride_db, stride_dh, stride_dn, stride_gb, stride_gh, stride_gn,
-    H, N, CHUNK, eps_n,
+    H, N, CHUNK, eps_n, inv_n,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, F32_MODE: tl.constexpr,
     F32_SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -217,19 +257,14 @@ def _bwd_q_kernel(
     nsplit = tl.num_programs(0)
     b = bh // H
     h = bh % H
-    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
-    s_base = S + bh.to(tl.int64) * (2 * D2 * D)
-    s0 = tl.load(s_base + rows)
-    s1 = tl.load(s_base + D2 * D + rows)
-    z0 = tl.load(Z + bh.to(tl.int64) * D + tl.arange(0, D2))
-    z1 = tl.load(Z + bh.to(tl.int64) * D + D2 + tl.arange(0, D2))
+    s0, s1, z0, z1 = _load_state(S, bh, inv_n, D2, D)
     q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
     dq_base = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
     ds0 = tl.zeros([D2, D], dtype=tl.float32)
     ds1 = tl.zeros([D2, D], dtype=tl.float32)
-    dz0 = tl.zeros([D2], dtype=tl.float32)
-    dz1 = tl.zeros([D2], dtype=tl.float32)
+    dza0 = tl.zeros([BLOCK, D2], dtype=tl.float32)
+    dza1 = tl.zeros([BLOCK, D2], dtype=tl.float32)
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
@@ -260,20 +295,16 @@ def _bwd_q_kernel(
         # dS += (r / den)^T @ g ; dz += sum_i dden_i f_i
         ds0 = _mm(tl.trans(r0 * inv[:, None]), g, ds0, NATIVE_MODE, True, False)
         ds1 = _mm(tl.trans(r1 * inv[:, None]), g, ds1, NATIVE_MODE, True, False)
-        dz0 += tl.sum(f0 * dden[:, None], 0)
-        dz1 += tl.sum(f1 * dden[:, None], 0)
-    part = bh.to(tl.int64) * nsplit + pid
-    tl.store(DSPART + part * (2 * D2 * D) + rows, ds0)
-    tl.store(DSPART + part * (2 * D2 * D) + D2 * D + rows, ds1)
-    tl.store(DZPART + part * D + tl.arange(0, D2), dz0)
-    tl.store(DZPART + part * D + D2 + tl.arange(0, D2), dz1)
+        dza0 += f0 * dden[:, None]
+        dza1 += f1 * dden[:, None]
+    _store_state(DPART, bh.to(tl.int64) * nsplit + pid, ds0, ds1, tl.sum(dza0, 0), tl.sum(dza1, 0), D2, D)
 
 
 @triton.jit
 def _bwd_kv_kernel(
-    K, V, DK, DV, COS, SIN, DS, DZ,
+    K, V, DK, DV, COS, SIN, DS,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gn,
-    H, N, CHUNK,
+    H, N, CHUNK, inv_n,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, F32_MODE: tl.constexpr,
     F32_SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -282,12 +313,8 @@ def _bwd_kv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
-    s_base = DS + bh.to(tl.int64) * (2 * D2 * D)
-    ds0 = tl.load(s_base + rows)
-    ds1 = tl.load(s_base + D2 * D + rows)
-    dz0 = tl.load(DZ + bh.to(tl.int64) * D + tl.arange(0, D2))
-    dz1 = tl.load(DZ + bh.to(tl.int64) * D + D2 + tl.arange(0, D2))
+    # true dS = dS_mean / N and dz = dz_mean / N (see the module docstring)
+    ds0, ds1, dz0, dz1 = _load_state(DS, bh, inv_n, D2, D)
     k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     g_base = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
@@ -319,13 +346,16 @@ def _bwd_kv_kernel(
 # ----------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------
-_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
-# Tiles per pass; the benchmark may override them. ``programs`` is the grid size per pass (per head
-# times heads): about 2 programs per SM keeps HBM busy without many partial states.
-OPTIONS: dict = {"state": dict(_CFG), "out": dict(_CFG), "bwd_q": dict(_CFG), "bwd_kv": dict(_CFG), "programs_per_sm": 2}
+_CFG = {"BLOCK": 64, "num_warps": 4, "num_stages": 3}
+# Tiles per pass (the benchmark may override them); ``programs_per_sm`` sets the grid of every pass
+# (programs per head = programs_per_sm * SMs / heads); ``modes`` overrides the dot precision policy.
+OPTIONS: dict = {"state": dict(_CFG), "out": dict(_CFG), "bwd_q": dict(_CFG), "bwd_kv": dict(_CFG),
+                 "programs_per_sm": 2, "modes": None}
 
 
 def _modes(dtype: torch.dtype) -> dict:
+    if OPTIONS.get("modes"):
+        return dict(OPTIONS["modes"])
     if dtype == torch.float32:
         return {"NATIVE_MODE": 0, "F32_MODE": 0, "F32_SPLIT": False}
     if dtype == torch.float16:
@@ -365,51 +395,46 @@ def _rope_args(cos, sin, n, d, device):
 
 
 def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
+    """Output and the summed state ``(B*H, D*D + D)`` (S halves then z; sum units)."""
     b, h, n, d = q.shape
     modes = _modes(q.dtype)
     nsplit, chunk = _chunks(n, b * h, q.device)
-    spart = torch.empty((b * h, nsplit, 2, d // 2, d), dtype=torch.float32, device=q.device)
-    zpart = torch.empty((b * h, nsplit, d), dtype=torch.float32, device=q.device)
+    part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=q.device)
     _launch(
         _fwd_state_kernel, (nsplit, b * h),
-        (k, v, cos, sin, spart, zpart, *_strides(k), *_strides(v), h, n, chunk),
+        (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk),
         dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"]), OPTIONS["state"],
     )
-    state = spart.sum(1).div_(n).contiguous()  # mean units
-    z = zpart.sum(1).div_(n).contiguous()
+    state = part.sum(1)
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    nsplit2, chunk2 = _chunks(n, b * h, q.device)
     _launch(
-        _fwd_out_kernel, (nsplit2, b * h),
-        (q, out, cos, sin, state, z, *_strides(q), *_strides(out), h, n, chunk2, eps / n),
+        _fwd_out_kernel, (nsplit, b * h),
+        (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n),
         dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"]), OPTIONS["out"],
     )
-    return out, state, z
+    return out, state
 
 
-def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state, z):
+def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state):
     b, h, n, d = q.shape
     modes = _modes(q.dtype)
     do = do if do.stride(-1) == 1 else do.contiguous()
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
     nsplit, chunk = _chunks(n, b * h, q.device)
-    dspart = torch.empty((b * h, nsplit, 2, d // 2, d), dtype=torch.float32, device=q.device)
-    dzpart = torch.empty((b * h, nsplit, d), dtype=torch.float32, device=q.device)
+    dpart = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=q.device)
     dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     _launch(
         _bwd_q_kernel, (nsplit, b * h),
-        (q, do, dq, cos, sin, state, z, dspart, dzpart, *_strides(q), *_strides(do), *_strides(dq), h, n, chunk, eps / n),
+        (q, do, dq, cos, sin, state, dpart, *_strides(q), *_strides(do), *_strides(dq), h, n, chunk, eps / n, 1.0 / n),
         dict(D=d, KIND=kind, ROPE=rope, **modes), OPTIONS["bwd_q"],
     )
-    # true dS = dS_mean / N, true dz = dz_mean / N (see the module docstring)
-    ds = dspart.sum(1).div_(n).contiguous()
-    dz = dzpart.sum(1).div_(n).contiguous()
+    ds = dpart.sum(1)
     dk = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     dv = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     _launch(
         _bwd_kv_kernel, (nsplit, b * h),
-        (k, v, dk, dv, cos, sin, ds, dz, *_strides(k), *_strides(v), *_strides(dk), h, n, chunk),
+        (k, v, dk, dv, cos, sin, ds, *_strides(k), *_strides(v), *_strides(dk), h, n, chunk, 1.0 / n),
         dict(D=d, KIND=kind, ROPE=rope, **modes), OPTIONS["bwd_kv"],
     )
     return dq, dk, dv
@@ -418,16 +443,16 @@ def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state, z
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, kind, rope, eps):
-        out, state, z = _forward(q, k, v, kind, cos, sin, rope, eps)
-        ctx.save_for_backward(q, k, v, cos, sin, state, z)
+        out, state = _forward(q, k, v, kind, cos, sin, rope, eps)
+        ctx.save_for_backward(q, k, v, cos, sin, state)
         ctx.meta = (kind, rope, eps)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, cos, sin, state, z = ctx.saved_tensors
+        q, k, v, cos, sin, state = ctx.saved_tensors
         kind, rope, eps = ctx.meta
-        dq, dk, dv = _backward(dout, q, k, v, kind, cos, sin, rope, eps, state, z)
+        dq, dk, dv = _backward(dout, q, k, v, kind, cos, sin, rope, eps, state)
         return dq, dk, dv, None, None, None, None, None
 
 

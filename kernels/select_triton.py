@@ -9,9 +9,10 @@ Same semantics as :mod:`kernels.selection` (the torch reference), up to ties and
   ``force`` a bool mask broadcastable to ``(B, H, Mq, Mk)`` (or ``"diagonal"``, computed in-kernel);
 * :func:`select_topk_triton` / :func:`select_topp_triton`: the whole pipeline from ``q, k``.
 
-Nothing of size N x N is built. One program selects for a few query-block rows held in registers:
+Nothing of size N x N is built. Two launches: one pools Q and K; one program per 16 query blocks of a
+head writes their scores (fused path) and selects from the rows held in registers:
 top-k finds the k-th largest score by bisection on the order-preserving integer image of the fp32
-scores (33 steps, exact), keeps ties by lowest index, and writes the indices ascending with a prefix
+scores (32 steps, exact), keeps ties by lowest index, and writes the indices ascending with a prefix
 sum, so no sort is needed. Top-p bisects on the probabilities' bit patterns for the smallest value
 ``t`` with ``sum(p > t) < mass``: exactly the reference's "mass before this block < mass" rule.
 Top-p counts vary per row, so its ``kv_idx`` is ``Mk`` wide (no host sync); unused slots hold 0.
@@ -43,18 +44,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _pool_kernel(X, OUT, stride_b, stride_h, stride_n, H, N, M, mult,
-                 D: tl.constexpr, BLOCK: tl.constexpr):
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _pool_tile(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D: tl.constexpr, BLOCK: tl.constexpr):
     offs = m * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs[:, None] * stride_n
                 + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
     count = tl.minimum(N - m * BLOCK, BLOCK).to(tl.float32)
     mean = tl.sum(x.to(tl.float32), 0) * (mult / count)
     tl.store(OUT + (bh.to(tl.int64) * M + m) * D + tl.arange(0, D), mean)
+
+
+@triton.jit
+def _pool_kernel(Q, K, PQ, PK, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, H, N, MQ, MK, mult_q, mult_k,
+                 D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, POOL_K: tl.constexpr):
+    """One launch pools Q (programs ``< MQ``) and, with POOL_K, K (the next MK programs)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if pid < MQ:
+        _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ)
+    elif POOL_K:
+        _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK)
 
 
 @triton.jit
@@ -80,67 +90,73 @@ def _row_forced(rows, cols, FMASK, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK,
 
 
 @triton.jit
-def _topk_kernel(S, IDX, CNT, FMASK, R, keep, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK,
-                 BQ: tl.constexpr, BK: tl.constexpr, FORCE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def _select_kernel(
+    S, PQ, PK, IDX, CNT, FMASK, keep, mass, N, MQ, MK, H, fs_b, fs_h, fs_m, fs_k, idx_width,
+    D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, FORCE: tl.constexpr, TOPP: tl.constexpr,
+    FUSED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, CH: tl.constexpr,
+):
+    """Per program: ROWS query blocks of one head. FUSED: first write their scores (pooled q . pooled k)."""
+    bh = tl.program_id(1)
+    m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = m < MQ
+    rows = bh * MQ + m
     cols = tl.arange(0, COLS)
-    rmask = rows < R
+    s_rows = S + rows[:, None].to(tl.int64) * MK
+    if FUSED:
+        pq = tl.load(PQ + rows[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
+        for c in range(0, MK, CH):
+            kc = c + tl.arange(0, CH)
+            pk = tl.load(PK + (bh.to(tl.int64) * MK + kc[:, None]) * D + tl.arange(0, D)[None, :],
+                         mask=kc[:, None] < MK, other=0.0)
+            sc = tl.dot(pq, tl.trans(pk), input_precision="ieee")
+            tl.store(s_rows + kc[None, :], sc, mask=rmask[:, None] & (kc[None, :] < MK))
+        tl.debug_barrier()
     valid = (cols[None, :] < MK) & rmask[:, None]
-    s = tl.load(S + rows[:, None].to(tl.int64) * MK + cols[None, :], mask=valid, other=0.0)
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # order-preserving image of fp32
     forced = _row_forced(rows, cols, FMASK, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK, BQ, BK, FORCE)
-    key = tl.where(forced, 2147483648, key)
-    key = tl.where(valid, key, -2147483649)
-    # largest t with count(key >= t) >= keep
-    lo = tl.full([ROWS], -2147483649, tl.int64)
-    hi = tl.full([ROWS], 2147483648, tl.int64)
-    for _ in range(33):
-        mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((key >= mid[:, None]).to(tl.int32), 1)
-        ok = c >= keep
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    gt = key > lo[:, None]
-    n_gt = tl.sum(gt.to(tl.int32), 1)
-    eq = (key == lo[:, None]) & valid
-    rank = tl.cumsum(eq.to(tl.int32), 1)
-    sel = gt | (eq & (rank <= (keep - n_gt)[:, None]))
+    if TOPP:
+        s = tl.load(s_rows + cols[None, :], mask=valid, other=float("-inf"))
+        mx = tl.max(s, 1)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.where(valid, tl.exp(s - mx[:, None]), 0.0)
+        p = e / tl.maximum(tl.sum(e, 1), 1e-30)[:, None]
+        bits = p.to(tl.int32, bitcast=True)  # p >= 0: integer order = float order
+        # smallest t with sum(p > t) < mass; keep p >= t (the reference's "mass before < mass")
+        lo = tl.full([ROWS], -1, tl.int32)
+        hi = tl.full([ROWS], 0x3F800000, tl.int32)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            above = tl.sum(tl.where(bits > mid[:, None], p, 0.0), 1)
+            ok = above < mass
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, mid)
+        sel = ((bits >= hi[:, None]) & valid) | (forced & rmask[:, None])
+        cnt = tl.sum(sel.to(tl.int32), 1)
+    else:
+        s = tl.load(s_rows + cols[None, :], mask=valid, other=0.0)
+        bits = s.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving image of fp32
+        key = tl.where(forced, 2147483647, key)
+        key = tl.where(valid, key, -2147483648)
+        # largest t with count(key >= t) >= keep (overflow-free upper midpoint)
+        lo = tl.full([ROWS], -2147483648, tl.int32)
+        hi = tl.full([ROWS], 2147483647, tl.int32)
+        for _ in range(32):
+            mid = (lo | hi) - ((lo ^ hi) >> 1)
+            c = tl.sum((key >= mid[:, None]).to(tl.int32), 1)
+            ok = c >= keep
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        gt = key > lo[:, None]
+        n_gt = tl.sum(gt.to(tl.int32), 1)
+        eq = (key == lo[:, None]) & valid
+        rank = tl.cumsum(eq.to(tl.int32), 1)
+        sel = gt | (eq & (rank <= (keep - n_gt)[:, None]))
+        cnt = tl.full([ROWS], 0, tl.int32) + keep
     pos = tl.cumsum(sel.to(tl.int32), 1) - 1
-    tl.store(IDX + rows[:, None].to(tl.int64) * keep + pos, cols[None, :] + 0 * pos, mask=sel & rmask[:, None])
-    tl.store(CNT + rows, tl.full([ROWS], 0, tl.int32) + keep, mask=rmask)
-
-
-@triton.jit
-def _topp_kernel(S, IDX, CNT, FMASK, R, mass, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK,
-                 BQ: tl.constexpr, BK: tl.constexpr, FORCE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    rmask = rows < R
-    valid = (cols[None, :] < MK) & rmask[:, None]
-    s = tl.load(S + rows[:, None].to(tl.int64) * MK + cols[None, :], mask=valid, other=float("-inf"))
-    mx = tl.max(s, 1)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    e = tl.where(valid, tl.exp(s - mx[:, None]), 0.0)
-    p = e / tl.maximum(tl.sum(e, 1), 1e-30)[:, None]
-    bits = p.to(tl.int32, bitcast=True)  # p >= 0: integer order = float order
-    # smallest t with sum(p > t) < mass; keep p >= t
-    lo = tl.full([ROWS], -1, tl.int32)
-    hi = tl.full([ROWS], 0x3F800000, tl.int32)
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        above = tl.sum(tl.where(bits > mid[:, None], p, 0.0), 1)
-        ok = above < mass
-        hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, mid)
-    sel = (bits >= hi[:, None]) & valid
-    forced = _row_forced(rows, cols, FMASK, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK, BQ, BK, FORCE)
-    sel = sel | (forced & rmask[:, None])
-    cnt = tl.sum(sel.to(tl.int32), 1)
-    pos = tl.cumsum(sel.to(tl.int32), 1) - 1
-    base = IDX + rows[:, None].to(tl.int64) * MK
-    tl.store(base + cols[None, :], cols[None, :] * 0, mask=(cols[None, :] >= cnt[:, None]) & valid)
-    tl.store(base + pos, cols[None, :] + 0 * pos, mask=sel)
+    base = IDX + rows[:, None].to(tl.int64) * idx_width
+    if TOPP:
+        tl.store(base + cols[None, :], cols[None, :] * 0, mask=(cols[None, :] >= cnt[:, None]) & valid)
+    tl.store(base + pos, cols[None, :] + 0 * pos, mask=sel & rmask[:, None])
     tl.store(CNT + rows, cnt, mask=rmask)
 
 
@@ -152,25 +168,40 @@ def _check_device(x: torch.Tensor) -> None:
         raise Unsupported(f"Triton block selection needs a CUDA device (or TRITON_INTERPRET=1); got {x.device}")
 
 
-def pool_blocks_triton(x: torch.Tensor, block: int, mult: float = 1.0) -> torch.Tensor:
-    """Mean of each block of ``block`` tokens: ``(B, H, N, D) -> (B, H, ceil(N/block), D)`` fp32 (times ``mult``)."""
+def _check_qk(x: torch.Tensor, block: int) -> torch.Tensor:
     _check_device(x)
-    b, h, n, d = x.shape
+    d = x.shape[-1]
     if block & (block - 1) or d & (d - 1):
         raise Unsupported(f"pooling needs power-of-two block and head_dim; got block={block}, D={d}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m = cdiv(n, block)
-    out = torch.empty((b, h, m, d), dtype=torch.float32, device=x.device)
-    _pool_kernel[(m, b * h)](x, out, x.stride(0), x.stride(1), x.stride(2), h, n, m, float(mult),
-                             D=d, BLOCK=block, num_warps=4)
-    return out
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, mult_q: float = 1.0):
+    """Pooled q (times ``mult_q``) and k (None when ``k`` is None) in one launch."""
+    q = _check_qk(q, block_q)
+    b, h, n, d = q.shape
+    mq, mk = cdiv(n, block_q), cdiv(n, block_k)
+    pq = torch.empty((b, h, mq, d), dtype=torch.float32, device=q.device)
+    if k is None:
+        k, pk, grid0 = q, pq, mq
+    else:
+        k = _check_qk(k, block_k)
+        pk = torch.empty((b, h, mk, d), dtype=torch.float32, device=q.device)
+        grid0 = mq + mk
+    _pool_kernel[(grid0, b * h)](q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                 k.stride(2), h, n, mq, mk, float(mult_q), 1.0, D=d, BQ=block_q, BK=block_k,
+                                 POOL_K=grid0 > mq, num_warps=4)
+    return pq, (pk if grid0 > mq else None)
+
+
+def pool_blocks_triton(x: torch.Tensor, block: int, mult: float = 1.0) -> torch.Tensor:
+    """Mean of each block of ``block`` tokens: ``(B, H, N, D) -> (B, H, ceil(N/block), D)`` fp32 (times ``mult``)."""
+    return _pool(x, None, block, block, mult)[0]
 
 
 def block_scores_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
-    """Pooled attention logits ``(B, H, Mq, Mk)`` fp32, scaled by ``1/sqrt(D)`` (one cuBLAS matmul)."""
-    pq = pool_blocks_triton(q, block_q, 1.0 / math.sqrt(q.shape[-1]))
-    pk = pool_blocks_triton(k, block_k)
+    """Pooled attention logits ``(B, H, Mq, Mk)`` fp32, scaled by ``1/sqrt(D)`` (pool launch + one matmul)."""
+    pq, pk = _pool(q, k, block_q, block_k, 1.0 / math.sqrt(q.shape[-1]))
     return torch.matmul(pq, pk.transpose(-1, -2))
 
 
@@ -184,80 +215,84 @@ def _diag_max(n: int, block_q: int, block_k: int) -> int:
     return best
 
 
-def _force_args(force, scores: torch.Tensor):
-    """(FORCE code, mask tensor, its 4 strides, most forced per row or None when it needs a sync)."""
+def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
+    """(FORCE code, mask tensor, its 4 strides)."""
     if force is None:
-        return 0, scores, (0, 0, 0, 0)
+        return 0, ref, (0, 0, 0, 0)
     if isinstance(force, str):
         if force != "diagonal":
             raise ValueError(f"force must be None, 'diagonal' or a bool mask; got {force!r}")
-        return 1, scores, (0, 0, 0, 0)
+        return 1, ref, (0, 0, 0, 0)
     if force.dtype != torch.bool:
         raise ValueError("force must be a bool mask broadcastable to (B, H, Mq, Mk)")
     f = force.to(torch.int8)
     while f.dim() < 4:
         f = f.unsqueeze(0)
-    f = f.expand(scores.shape)
+    f = f.expand(shape)
     return 2, f, tuple(f.stride())
 
 
-_SEL_ROWS = 4
+_SEL_ROWS = 16  # query-block rows per selection program (>= 16: the fused score tile is a tl.dot)
 
 
-def _select_grid(r: int) -> tuple[int]:
-    return (cdiv(r, _SEL_ROWS),)
+def _select(scores, pq, pk, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0, topp: bool = False):
+    fused = scores is None
+    if fused:
+        b, h, mq, d = pq.shape
+        mk = pk.shape[2]
+        scores = torch.empty((b, h, mq, mk), dtype=torch.float32, device=pq.device)
+    else:
+        _check_device(scores)
+        scores = scores.float().contiguous()
+        b, h, mq, mk = scores.shape
+        d = 16
+        pq = pk = scores
+    code, fmask, fs = _force_args(force, scores, (b, h, mq, mk))
+    if not topp:
+        if code == 1:
+            keep = max(keep, _diag_max(n, block_q, block_k))
+        elif code == 2:
+            keep = max(keep, int(fmask.sum(-1).max().item()))
+        keep = max(1, min(keep, mk))
+    width = mk if topp else keep
+    idx = torch.empty((b, h, mq, width), dtype=torch.int32, device=scores.device)
+    cnt = torch.empty((b, h, mq), dtype=torch.int32, device=scores.device)
+    _select_kernel[(cdiv(mq, _SEL_ROWS), b * h)](
+        scores, pq, pk, idx, cnt, fmask, keep, float(mass), n, mq, mk, h, *fs, width,
+        D=d, BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, FUSED=fused, ROWS=_SEL_ROWS,
+        COLS=triton.next_power_of_2(mk), CH=64, num_warps=8,
+    )
+    return BlockLayout(idx, cnt, block_q, block_k, n)
 
 
 def topk_layout_triton(
     scores: torch.Tensor, keep: int, n: int, block_q: int, block_k: int, force=None
 ) -> BlockLayout:
     """Drop-in for :func:`kernels.selection.topk_layout` (indices ascending, ties to the lower index)."""
-    _check_device(scores)
-    b, h, mq, mk = scores.shape
-    code, fmask, fs = _force_args(force, scores)
-    if code == 1:
-        keep = max(keep, _diag_max(n, block_q, block_k))
-    elif code == 2:
-        keep = max(keep, int(fmask.sum(-1).max().item()))
-    keep = max(1, min(keep, mk))
-    scores = scores.float().contiguous()
-    idx = torch.empty((b, h, mq, keep), dtype=torch.int32, device=scores.device)
-    cnt = torch.empty((b, h, mq), dtype=torch.int32, device=scores.device)
-    r = b * h * mq
-    _topk_kernel[_select_grid(r)](scores, idx, cnt, fmask, r, keep, n, mq, h, *fs, mk,
-                                  BQ=block_q, BK=block_k, FORCE=code, ROWS=_SEL_ROWS,
-                                  COLS=triton.next_power_of_2(mk), num_warps=4)
-    return BlockLayout(idx, cnt, block_q, block_k, n)
+    return _select(scores, None, None, n, block_q, block_k, force, keep=keep)
 
 
 def topp_layout_triton(
     scores: torch.Tensor, mass: float, n: int, block_q: int, block_k: int, force=None
 ) -> BlockLayout:
     """Drop-in for :func:`kernels.selection.topp_layout`; ``kv_idx`` is ``Mk`` wide (no host sync)."""
-    _check_device(scores)
     if not 0.0 < mass:
         raise ValueError(f"mass must be > 0; got {mass}")
-    b, h, mq, mk = scores.shape
-    code, fmask, fs = _force_args(force, scores)
-    scores = scores.float().contiguous()
-    idx = torch.empty((b, h, mq, mk), dtype=torch.int32, device=scores.device)
-    cnt = torch.empty((b, h, mq), dtype=torch.int32, device=scores.device)
-    r = b * h * mq
-    _topp_kernel[_select_grid(r)](scores, idx, cnt, fmask, r, float(mass), n, mq, h, *fs, mk,
-                                  BQ=block_q, BK=block_k, FORCE=code, ROWS=_SEL_ROWS,
-                                  COLS=triton.next_power_of_2(mk), num_warps=4)
-    return BlockLayout(idx, cnt, block_q, block_k, n)
+    return _select(scores, None, None, n, block_q, block_k, force, mass=mass, topp=True)
 
 
 def select_topk_triton(q: torch.Tensor, k: torch.Tensor, keep: int, block_q: int = 128, block_k: int = 64,
                        keep_diagonal: bool = True) -> BlockLayout:
-    """Pool, score and keep the ``keep`` best key blocks per query block (plus the diagonal)."""
-    scores = block_scores_triton(q, k, block_q, block_k)
-    return topk_layout_triton(scores, keep, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None)
+    """Pool, score and keep the ``keep`` best key blocks per query block (plus the diagonal): two launches."""
+    pq, pk = _pool(q, k, block_q, block_k, 1.0 / math.sqrt(q.shape[-1]))
+    return _select(None, pq, pk, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None, keep=keep)
 
 
 def select_topp_triton(q: torch.Tensor, k: torch.Tensor, mass: float, block_q: int = 128, block_k: int = 64,
                        keep_diagonal: bool = True) -> BlockLayout:
-    """Pool, score and keep the fewest key blocks reaching softmax ``mass`` (plus the diagonal)."""
-    scores = block_scores_triton(q, k, block_q, block_k)
-    return topp_layout_triton(scores, mass, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None)
+    """Pool, score and keep the fewest key blocks reaching softmax ``mass`` (plus the diagonal): two launches."""
+    if not 0.0 < mass:
+        raise ValueError(f"mass must be > 0; got {mass}")
+    pq, pk = _pool(q, k, block_q, block_k, 1.0 / math.sqrt(q.shape[-1]))
+    return _select(None, pq, pk, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None,
+                   mass=mass, topp=True)

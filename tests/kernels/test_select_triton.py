@@ -63,3 +63,22 @@ def test_topp_matches_up_to_boundary(gen):
         differ = got != want
         assert (before[differ] - mass).abs().max().item() < 1e-5 if differ.any() else True
         assert (got | ~force).all()  # diagonal kept
+
+
+def test_fused_pipelines_keep_diagonal(gen):
+    n, bq, bk = 700, 128, 64
+    q, k = _qk(gen, n)
+    scores = ref.block_scores(q, k, bq, bk)
+    force = ref.diagonal_blocks(n, bq, bk, DEVICE)
+    got = st.select_topk_triton(q, k, 4, bq, bk).to_dense()
+    want = ref.topk_layout(scores, 4, n, bq, bk, force).to_dense()
+    assert (got | ~force).all() and (got.sum(-1) == want.sum(-1)).all()
+    s_forced = scores.masked_fill(force, float("inf"))
+    kth = torch.topk(s_forced, 4, dim=-1).values[..., -1:]
+    assert (s_forced[got] >= kth.expand_as(s_forced)[got] - 1e-5).all()
+    got_p = st.select_topp_triton(q, k, 0.8, bq, bk).to_dense()
+    want_p = ref.topp_layout(scores, 0.8, n, bq, bk, force).to_dense()
+    p = torch.softmax(scores, -1)
+    before = (p.unsqueeze(-1) * (p.unsqueeze(-1) > p.unsqueeze(-2))).sum(-2)
+    differ = got_p != want_p
+    assert not differ.any() or (before[differ] - 0.8).abs().max().item() < 1e-5

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU evidence run behind results/<date>-<card>-*: every method at 0.5/0.75/0.9/0.95 on Wan2.1-1.3B
+# 480p attention, the whole Wan2.1-1.3B transformer at 90%, and a recheck run for the speedup gate.
+# Usage on a GPU machine: OUT=/some/dir bash scripts/gpu_evidence.sh   (diffusers must be importable)
+set -uo pipefail
+OUT=${OUT:-runs/evidence}
+export PYTHONUNBUFFERED=1
+METHODS='full,topk,sta,svg,radial,xattention,sparge,vsa,sla,sla_b128,sparse_lora,salad,salad_sta,salad_v2,salad_no_gate,salad_no_linear,salad_no_rope,salad_separate_qkv,salad_static_gate,salad_drop20'
+python3 run_all.py --methods "$METHODS" --workloads wan2.1-1.3b-480p --out "$OUT/methods" > "$OUT/methods.log" 2>&1
+echo "methods sweep rc=$?"
+python3 run_all.py --methods full,salad,topk,salad_sta --sparsity 0.9 --workloads dit:wan2.1-1.3b-480p --out "$OUT/dit" > "$OUT/dit.log" 2>&1
+echo "dit rc=$?"
+python3 run_all.py --methods full,topk,salad --sparsity 0.5,0.9 --workloads wan2.1-1.3b-480p --out "$OUT/recheck" > "$OUT/recheck.log" 2>&1
+echo "recheck rc=$?"
+tail -n 45 "$OUT/methods/summary.md"; cat "$OUT/dit/summary.md" 2>/dev/null | head -5
+python3 -c "
+import json
+for l in open('$OUT/dit/rows.jsonl'):
+    r = json.loads(l); print(r['method'], r.get('sparsity_target'), r.get('status'), r.get('ms'), r.get('attn_ms'), r.get('attn_share'), r.get('speedup'), r.get('baseline_backend'), (r.get('reason') or '')[:120])
+"

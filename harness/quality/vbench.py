@@ -206,3 +206,55 @@ def vbench_rows(result: VBenchResult, **identity: Any) -> list[dict[str, Any]]:
         }
         for dim, score in result.scores.items()
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.quality.vbench --samples RUN/samples.npz --out DIR``: score a study's saved
+    samples with VBench (one mp4 folder and one VBench run per method) and write rows of kind "quality"
+    (``pass`` "vbench"), each with our in-process score beside VBench's for ``temporal_flickering``."""
+    import argparse
+
+    import numpy as np
+
+    from harness.quality.data import CLASS_NAMES
+    from harness.quality.metrics import temporal_flickering_videos
+    from harness.results import RowWriter
+
+    p = argparse.ArgumentParser(prog="python -m harness.quality.vbench", description=main.__doc__.split("\n")[0])
+    p.add_argument("--samples", required=True, help="samples.npz written by harness.quality.evaluate --save-samples")
+    p.add_argument("--out", required=True, help="run directory for rows.jsonl, the mp4s and VBench's outputs")
+    p.add_argument("--methods", default="", help="comma list (default: every method in the file)")
+    p.add_argument("--dims", default="temporal_flickering")
+    p.add_argument("--python", default=None, help=f"VBench interpreter (default ${ENV_VAR})")
+    p.add_argument("--runner", choices=("auto", "cli", "api"), default="auto")
+    a = p.parse_args(argv)
+    data = np.load(a.samples)
+    labels = data["labels"]
+    names = [m for m in (a.methods.split(",") if a.methods else data.files) if m != "labels"]
+    dims = [d for d in a.dims.split(",") if d]
+    writer = RowWriter(a.out)
+    for i, name in enumerate(names):
+        videos = torch.from_numpy(data[name]).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # uint8 back to [-1, 1]
+        folder = Path(a.out) / "videos" / name
+        write_custom_input(videos, [CLASS_NAMES[int(x)] for x in labels], folder)
+        identity = {"kind": "quality", "pass": "vbench", "method": name, "samples": str(a.samples)}
+        try:
+            # the CLI needs CUDA (see the module docstring): try it once, then go straight to the API
+            res = run_vbench(
+                folder, dims, Path(a.out) / "vbench" / name, python=a.python, runner=a.runner if i == 0 else "api"
+            )
+        except (VBenchUnavailable, OSError) as exc:
+            writer.append({**identity, "status": "skipped", "reason": str(exc)[:400]})
+            continue
+        for row in vbench_rows(res, **identity):
+            if row["dimension"] == "temporal_flickering":
+                row["ours_uint8_frames"] = temporal_flickering_videos(videos)
+            writer.append({**row, "status": "ok"})
+            print(f"{name:>16} {row['dimension']}: vbench {row['score']:.4f} ({row['vbench_runner']})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -663,8 +663,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             step()
-        except Exception:
+        except Exception as exc:  # the section becomes an error row; the sweep goes on
             print(f"section {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            bench.emit(method=f"section:{name}", backend="", variant="", status="error",
+                       reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                       **{"pass": ""})
     print()
     print(f"card: {bench.writer.provenance['card']}, torch {torch.__version__}, rows in {bench.writer.path}")
     for key, cfg in autotune_choices().items():

@@ -104,8 +104,8 @@ def _select_kernel(
     s_rows = S + rows[:, None].to(tl.int64) * MK
     if FUSED:
         pq = tl.load(PQ + rows[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
-        for c in range(0, MK, CH):
-            kc = c + tl.arange(0, CH)
+        for c0 in range(0, MK, CH):
+            kc = c0 + tl.arange(0, CH)
             pk = tl.load(PK + (bh.to(tl.int64) * MK + kc[:, None]) * D + tl.arange(0, D)[None, :],
                          mask=kc[:, None] < MK, other=0.0)
             sc = tl.dot(pq, tl.trans(pk), input_precision="ieee")
@@ -142,8 +142,8 @@ def _select_kernel(
         hi = tl.full([ROWS], 2147483647, tl.int32)
         for _ in range(32):
             mid = (lo | hi) - ((lo ^ hi) >> 1)
-            c = tl.sum((key >= mid[:, None]).to(tl.int32), 1)
-            ok = c >= keep
+            n_ge = tl.sum((key >= mid[:, None]).to(tl.int32), 1)
+            ok = n_ge >= keep
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
         gt = key > lo[:, None]

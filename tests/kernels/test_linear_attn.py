@@ -60,3 +60,27 @@ def test_rejects_what_it_cannot_run(gen):
 def test_wan_shape_gpu(gen, dtype):
     """Wan 480p: 21 x 30 x 52 grid, 12 heads x 128."""
     _run(gen, "relu", dtype, (21, 30, 52), 128, rope=True, h=12)
+
+
+def test_launch_retries_smaller_when_shared_memory_overflows():
+    import triton
+
+    from kernels import linear_attn as la
+
+    calls = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, BLOCK, num_warps, num_stages, **consts):
+                calls.append((BLOCK, num_stages))
+                if BLOCK * num_stages > 64:
+                    raise triton.runtime.errors.OutOfResources(BLOCK * num_stages * 1024, 65536, "shared memory")
+
+            return run
+
+    cfg = {"BLOCK": 64, "num_warps": 8, "num_stages": 3}
+    la._launch(FakeKernel(), (1,), (), {"D": 64}, cfg)
+    assert calls == [(64, 3), (64, 2), (64, 1)]
+    calls.clear()
+    la._launch(FakeKernel(), (1,), (), {"D": 64}, cfg)  # the fitted config is remembered
+    assert calls == [(64, 1)]

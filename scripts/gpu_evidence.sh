@@ -12,7 +12,12 @@ python3 run_all.py --methods full,salad,topk,salad_sta --sparsity 0.9 --workload
 echo "dit rc=$?"
 python3 run_all.py --methods full,topk,salad --sparsity 0.5,0.9 --workloads wan2.1-1.3b-480p --out "$OUT/recheck" > "$OUT/recheck.log" 2>&1
 echo "recheck rc=$?"
-tail -n 45 "$OUT/methods/summary.md"; cat "$OUT/dit/summary.md" 2>/dev/null | head -5
+timeout 240 python3 -m harness.bench_kernels --out "$OUT/kernels" --sections dense,sparse,selection,linear > "$OUT/kernels.log" 2>&1
+echo "kernel bench rc=$?"
+timeout 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?"; tail -n 3 "$OUT/gpu_tests.log"
+tail -n 25 "$OUT/kernels.log"
+grep -E "^\| (topk|salad|sparse_lora|sla|vsa|sta) " "$OUT/methods/summary.md" | head -40; cat "$OUT/dit/summary.md" 2>/dev/null | head -5
 python3 -c "
 import json
 for l in open('$OUT/dit/rows.jsonl'):

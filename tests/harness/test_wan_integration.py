@@ -211,18 +211,13 @@ def _registered():
     return METHODS.names()
 
 
-# Methods that call .view() on q/k/v: the processor hands over zero-copy (B, H, N, D) views of the
-# (B, N, H, D) projections, exactly what diffusers gives SDPA; a method must accept strided inputs.
-_STRIDED_INPUT_BUGS = {"xattention": "methods/xattention.py uses .view() on strided q/k (use .reshape)"}
-
-
+# The processor hands over zero-copy (B, H, N, D) views of the (B, N, H, D) projections, exactly what
+# diffusers gives SDPA, so every method must accept strided inputs (also checked in test_contract.py).
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("name", _registered())
-def test_every_registered_method_runs_inside_wan(name, request):
+def test_every_registered_method_runs_inside_wan(name):
     from methods import Unsupported
 
-    if name in _STRIDED_INPUT_BUGS:
-        request.node.add_marker(pytest.mark.xfail(reason=_STRIDED_INPUT_BUGS[name], strict=False))
     model = _model()
     try:
         methods = install_attention(model, name, sparsity=0.5, num_steps=4)

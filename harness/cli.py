@@ -131,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _finish(rows_path: Path, args) -> int:
+    from harness.report import dit_tables, main_tables, skipped_table, to_markdown
     from harness.results import load_rows
-    from harness.summary import summary_table
 
     df = load_rows(rows_path)
-    table = summary_table(df)
+    tables = main_tables(df) + dit_tables(df)
+    bad = skipped_table(df)
+    table = to_markdown(tables + ([bad] if bad.cells else []))
     (rows_path.parent / "summary.md").write_text(table)
     print(table)
     print(f"rows: {rows_path}")

@@ -7,6 +7,8 @@ silent fallback to dense).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.errors import Unsupported
@@ -31,7 +33,13 @@ def triton_available(device: torch.device) -> bool:
     """Whether our Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
     import os
 
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    return _triton_importable(device.type, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=8)
+def _triton_importable(device_type: str, interpret: bool) -> bool:
+    # Cached: resolve_backend asks on every attention call.
+    if device_type != "cuda" and not interpret:
         return False
     try:
         import triton  # noqa: F401

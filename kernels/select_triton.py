@@ -20,7 +20,6 @@ Top-p counts vary per row, so its ``kv_idx`` is ``Mk`` wide (no host sync); unus
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -30,6 +29,7 @@ import triton.language as tl
 
 from kernels.errors import Unsupported
 from kernels.layout import BlockLayout, cdiv
+from kernels.selection import diagonal_width
 
 __all__ = [
     "pool_blocks_triton",
@@ -205,16 +205,6 @@ def block_scores_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k:
     return torch.matmul(pq, pk.transpose(-1, -2))
 
 
-@functools.lru_cache(maxsize=64)
-def _diag_max(n: int, block_q: int, block_k: int) -> int:
-    """Most diagonal (self-overlapping) key blocks any query block has."""
-    best = 0
-    for m in range(cdiv(n, block_q)):
-        qs, qe = m * block_q, min(n, (m + 1) * block_q) - 1
-        best = max(best, qe // block_k - qs // block_k + 1)
-    return best
-
-
 def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
     """(FORCE code, mask tensor, its 4 strides)."""
     if force is None:
@@ -250,7 +240,7 @@ def _select(scores, pq, pk, n, block_q, block_k, force, keep: int = 0, mass: flo
     code, fmask, fs = _force_args(force, scores, (b, h, mq, mk))
     if not topp:
         if code == 1:
-            keep = max(keep, _diag_max(n, block_q, block_k))
+            keep = max(keep, diagonal_width(n, block_q, block_k))
         elif code == 2:
             keep = max(keep, int(fmask.sum(-1).max().item()))
         keep = max(1, min(keep, mk))

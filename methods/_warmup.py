@@ -22,15 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kernels.layout import BlockLayout
-from methods.base import AttentionMethod, AttnContext, BlockSparseConfig, MethodReport
+from methods.base import AttentionMethod, AttnContext, BlockSparseConfig, MethodReport, check_count
 
-__all__ = ["WarmupConfig", "WarmupMethod", "check_count", "effective_density"]
+__all__ = ["WarmupConfig", "WarmupMethod", "effective_density"]
 
-
-def check_count(name: str, value: Any, lo: int = 0) -> None:
-    """Raise ``ValueError`` naming the knob unless ``value`` is an int ``>= lo``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name}={value!r} is not valid; it must be an integer >= {lo}")
 
 
 def effective_density(

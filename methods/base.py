@@ -33,6 +33,8 @@ __all__ = [
     "MethodReport",
     "METHODS",
     "Unsupported",
+    "check_choice",
+    "check_count",
     "check_range",
     "create_method",
     "dense_flops",
@@ -48,6 +50,13 @@ def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool 
     if bad or (isinstance(value, float) and math.isnan(value)):
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"{name}={value!r} is out of range; valid range is {left}{lo}, {hi}{right}")
+
+
+def check_count(name: str, value: Any, lo: int = 0, hi: int | None = None) -> None:
+    """Raise ``ValueError`` naming the knob unless ``value`` is an int in ``[lo, hi]`` (``hi`` None: no cap)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}={value!r} is not valid; it must be an integer {bound}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:

@@ -49,8 +49,8 @@ import torch
 
 from kernels import block_sparse_attention, resolve_backend
 from kernels.layout import BlockLayout, cdiv
-from methods._warmup import WarmupConfig, WarmupMethod, check_count
-from methods.base import METHODS, AttnContext, check_range
+from methods._warmup import WarmupConfig, WarmupMethod
+from methods.base import METHODS, AttnContext, check_count, check_range
 
 _FLOOR = 2.0**-30  # a decay factor small enough that every far window is min_window
 

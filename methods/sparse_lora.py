@@ -46,6 +46,7 @@ from methods.base import (
     AttnContext,
     MethodConfig,
     MethodReport,
+    check_count,
     check_range,
     create_method,
 )
@@ -74,9 +75,7 @@ class SparseLoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-            raise ValueError(f"rank={self.rank!r} must be an integer in [1, 1024]")
-        check_range("rank", self.rank, 1, 1024)
+        check_count("rank", self.rank, 1, 1024)
         if self.alpha is not None:
             check_range("alpha", self.alpha, 0.0, 1e6, lo_open=True)
         bad = [t for t in self.targets if t not in TARGETS]

@@ -50,8 +50,8 @@ import torch
 
 from kernels import block_sparse_attention, resolve_backend
 from kernels.layout import BlockLayout, cdiv
-from methods._warmup import WarmupConfig, WarmupMethod, check_count
-from methods.base import METHODS, AttnContext, MethodReport, check_range
+from methods._warmup import WarmupConfig, WarmupMethod
+from methods.base import METHODS, AttnContext, MethodReport, check_count, check_range
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,8 @@ import torch
 from kernels import block_sparse_attention, keep_count, resolve_backend
 from kernels.layout import BlockLayout, cdiv
 from kernels.selection import diagonal_blocks, topk_layout, topp_layout
-from methods._warmup import WarmupConfig, WarmupMethod, check_count
-from methods.base import METHODS, AttnContext, check_choice, check_range
+from methods._warmup import WarmupConfig, WarmupMethod
+from methods.base import METHODS, AttnContext, check_choice, check_count, check_range
 
 
 @dataclass(frozen=True)

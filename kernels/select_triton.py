@@ -9,13 +9,19 @@ Same semantics as :mod:`kernels.selection` (the torch reference), up to ties and
   ``force`` a bool mask broadcastable to ``(B, H, Mq, Mk)`` (or ``"diagonal"``, computed in-kernel);
 * :func:`select_topk_triton` / :func:`select_topp_triton`: the whole pipeline from ``q, k``.
 
-Nothing of size N x N is built. Two launches: one pools Q and K; one program per 16 query blocks of a
-head writes their scores (fused path) and selects from the rows held in registers:
-top-k finds the k-th largest score by bisection on the order-preserving integer image of the fp32
-scores (32 steps, exact), keeps ties by lowest index, and writes the indices ascending with a prefix
-sum, so no sort is needed. Top-p bisects on the probabilities' bit patterns for the smallest value
-``t`` with ``sum(p > t) < mass``: exactly the reference's "mass before this block < mass" rule.
+Nothing of size N x N is built. Three launches: one pools Q and K, one matmul scores the pooled blocks
+(``B*H*Mq*Mk`` floats, 6 MB at Wan 480p), and one program per query block selects from its row held in
+registers: top-k finds the k-th largest score by bisection on the order-preserving integer image of the
+fp32 scores (32 steps, exact), keeps ties by lowest index, and writes the indices ascending with a
+prefix sum, so no sort is needed. Top-p bisects on the probabilities' bit patterns for the smallest
+value ``t`` with ``sum(p > t) < mass``: exactly the reference's "mass before this block < mass" rule.
 Top-p counts vary per row, so its ``kv_idx`` is ``Mk`` wide (no host sync); unused slots hold 0.
+
+One row per program is deliberate. With several query-block rows per program (a ``[ROWS, Mk]`` tile and
+row-wise reductions inside the bisection loop), Triton 3.6 on the H200 computed the right threshold only
+for the first row (or two) of each program once ``Mk`` reached 512, while the interpreter was exact; the
+earlier fused selector (scores by ``tl.dot`` on 16 rows) kept the wrong blocks because of it.
+``scripts/diag_selector.py`` reproduces that on a GPU (kernels/NOTES.md, run 4).
 """
 
 from __future__ import annotations
@@ -44,34 +50,38 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _pool_tile(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D: tl.constexpr, BLOCK: tl.constexpr):
-    offs = m * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs[:, None] * stride_n
-                + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
+def _pool_tile(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D: tl.constexpr, BLOCK: tl.constexpr,
+               SUB: tl.constexpr):
+    base = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s0 in tl.static_range(0, BLOCK, SUB):  # unrolled: every sub-tile's load is in flight at once
+        offs = m * BLOCK + s0 + tl.arange(0, SUB)
+        x = tl.load(base + offs[:, None].to(tl.int64) * stride_n + tl.arange(0, D)[None, :],
+                    mask=offs[:, None] < N, other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
     count = tl.minimum(N - m * BLOCK, BLOCK).to(tl.float32)
-    mean = tl.sum(x.to(tl.float32), 0) * (mult / count)
-    tl.store(OUT + (bh.to(tl.int64) * M + m) * D + tl.arange(0, D), mean)
+    tl.store(OUT + (bh.to(tl.int64) * M + m) * D + tl.arange(0, D), acc * (mult / count))
 
 
 @triton.jit
 def _pool_kernel(Q, K, PQ, PK, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, H, N, MQ, MK, mult_q, mult_k,
-                 D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, POOL_K: tl.constexpr):
+                 D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, POOL_K: tl.constexpr, SUB: tl.constexpr):
     """One launch pools Q (programs ``< MQ``) and, with POOL_K, K (the next MK programs)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     if pid < MQ:
-        _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ)
+        _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ, SUB)
     elif POOL_K:
-        _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK)
+        _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK, SUB)
 
 
 @triton.jit
-def _row_forced(rows, cols, FMASK, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK,
+def _row_forced(rows, cols, FMASK, R, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK,
                 BQ: tl.constexpr, BK: tl.constexpr, FORCE: tl.constexpr):
     """Bool [ROWS, COLS]: blocks forced in (0 none, 1 diagonal, 2 mask tensor)."""
-    valid = cols[None, :] < MK
+    valid = (cols[None, :] < MK) & (rows[:, None] < R)
     if FORCE == 1:
         m = rows % MQ
         qs = m * BQ
@@ -91,28 +101,17 @@ def _row_forced(rows, cols, FMASK, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK,
 
 @triton.jit
 def _select_kernel(
-    S, PQ, PK, IDX, CNT, FMASK, keep, mass, N, MQ, MK, H, fs_b, fs_h, fs_m, fs_k, idx_width,
-    D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, FORCE: tl.constexpr, TOPP: tl.constexpr,
-    FUSED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, CH: tl.constexpr,
+    S, IDX, CNT, FMASK, keep, mass, R, N, MQ, MK, H, fs_b, fs_h, fs_m, fs_k, idx_width,
+    BQ: tl.constexpr, BK: tl.constexpr, FORCE: tl.constexpr, TOPP: tl.constexpr, ROWS: tl.constexpr,
+    COLS: tl.constexpr,
 ):
-    """Per program: ROWS query blocks of one head. FUSED: first write their scores (pooled q . pooled k)."""
-    bh = tl.program_id(1)
-    m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = m < MQ
-    rows = bh * MQ + m
+    """Per program: ROWS query blocks (flattened over B*H*Mq; keep ROWS = 1, see the module docstring)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < R
     cols = tl.arange(0, COLS)
     s_rows = S + rows[:, None].to(tl.int64) * MK
-    if FUSED:
-        pq = tl.load(PQ + rows[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0)
-        for c0 in range(0, MK, CH):
-            kc = c0 + tl.arange(0, CH)
-            pk = tl.load(PK + (bh.to(tl.int64) * MK + kc[:, None]) * D + tl.arange(0, D)[None, :],
-                         mask=kc[:, None] < MK, other=0.0)
-            sc = tl.dot(pq, tl.trans(pk), input_precision="ieee")
-            tl.store(s_rows + kc[None, :], sc, mask=rmask[:, None] & (kc[None, :] < MK))
-        tl.debug_barrier()
     valid = (cols[None, :] < MK) & rmask[:, None]
-    forced = _row_forced(rows, cols, FMASK, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK, BQ, BK, FORCE)
+    forced = _row_forced(rows, cols, FMASK, R, N, MQ, H, fs_b, fs_h, fs_m, fs_k, MK, BQ, BK, FORCE)
     if TOPP:
         s = tl.load(s_rows + cols[None, :], mask=valid, other=float("-inf"))
         mx = tl.max(s, 1)
@@ -161,6 +160,23 @@ def _select_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
+# configs: autotuned on CUDA (both kernels only write their outputs, so re-running them is harmless),
+# fixed in the interpreter
+# ----------------------------------------------------------------------------------------------------
+def _prune_sub(configs, named_args, **kwargs):
+    most = min(kwargs.get("BQ", named_args.get("BQ")), kwargs.get("BK", named_args.get("BK")))
+    return [c for c in configs if c.kwargs["SUB"] <= most] or [triton.Config({"SUB": most}, num_warps=4)]
+
+
+_pool_tuned = triton.autotune(
+    [triton.Config({"SUB": sub}, num_warps=w) for sub in (16, 32, 64) for w in (2, 4, 8)],
+    key=["D", "BQ", "BK", "POOL_K"], prune_configs_by={"early_config_prune": _prune_sub},
+)(_pool_kernel)
+_select_tuned = triton.autotune([triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)],
+                                key=["COLS", "FORCE", "TOPP"])(_select_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------
 def _check_device(x: torch.Tensor) -> None:
@@ -188,9 +204,13 @@ def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, m
         k = _check_qk(k, block_k)
         pk = torch.empty((b, h, mk, d), dtype=torch.float32, device=q.device)
         grid0 = mq + mk
-    _pool_kernel[(grid0, b * h)](q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                                 k.stride(2), h, n, mq, mk, float(mult_q), 1.0, D=d, BQ=block_q, BK=block_k,
-                                 POOL_K=grid0 > mq, num_warps=4)
+    args = (q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), h, n, mq, mk,
+            float(mult_q), 1.0)
+    meta = {"D": d, "BQ": block_q, "BK": block_k, "POOL_K": grid0 > mq}
+    if _INTERPRET:
+        _pool_kernel[(grid0, b * h)](*args, **meta, SUB=min(block_q, block_k, 64), num_warps=4)
+    else:
+        _pool_tuned[(grid0, b * h)](*args, **meta)
     return pq, (pk if grid0 > mq else None)
 
 
@@ -222,21 +242,13 @@ def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
     return 2, f, tuple(f.stride())
 
 
-_SEL_ROWS = 16  # query-block rows per selection program (>= 16: the fused score tile is a tl.dot)
+_SEL_ROWS = 1  # query-block rows per selection program; > 1 miscompiles on sm_90 (module docstring)
 
 
-def _select(scores, pq, pk, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0, topp: bool = False):
-    fused = scores is None
-    if fused:
-        b, h, mq, d = pq.shape
-        mk = pk.shape[2]
-        scores = torch.empty((b, h, mq, mk), dtype=torch.float32, device=pq.device)
-    else:
-        _check_device(scores)
-        scores = scores.float().contiguous()
-        b, h, mq, mk = scores.shape
-        d = 16
-        pq = pk = scores
+def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0, topp: bool = False):
+    _check_device(scores)
+    scores = scores.float().contiguous()
+    b, h, mq, mk = scores.shape
     code, fmask, fs = _force_args(force, scores, (b, h, mq, mk))
     if not topp:
         if code == 1:
@@ -247,11 +259,14 @@ def _select(scores, pq, pk, n, block_q, block_k, force, keep: int = 0, mass: flo
     width = mk if topp else keep
     idx = torch.empty((b, h, mq, width), dtype=torch.int32, device=scores.device)
     cnt = torch.empty((b, h, mq), dtype=torch.int32, device=scores.device)
-    _select_kernel[(cdiv(mq, _SEL_ROWS), b * h)](
-        scores, pq, pk, idx, cnt, fmask, keep, float(mass), n, mq, mk, h, *fs, width,
-        D=d, BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, FUSED=fused, ROWS=_SEL_ROWS,
-        COLS=triton.next_power_of_2(mk), CH=64, num_warps=8,
-    )
+    rows = b * h * mq
+    cols = triton.next_power_of_2(mk)
+    args = (scores, idx, cnt, fmask, keep, float(mass), rows, n, mq, mk, h, *fs, width)
+    meta = {"BQ": block_q, "BK": block_k, "FORCE": code, "TOPP": topp, "ROWS": _SEL_ROWS, "COLS": cols}
+    if _INTERPRET:
+        _select_kernel[(cdiv(rows, _SEL_ROWS),)](*args, **meta, num_warps=max(1, min(8, cols // 128)))
+    else:
+        _select_tuned[(cdiv(rows, _SEL_ROWS),)](*args, **meta)
     return BlockLayout(idx, cnt, block_q, block_k, n)
 
 
@@ -259,7 +274,7 @@ def topk_layout_triton(
     scores: torch.Tensor, keep: int, n: int, block_q: int, block_k: int, force=None
 ) -> BlockLayout:
     """Drop-in for :func:`kernels.selection.topk_layout` (indices ascending, ties to the lower index)."""
-    return _select(scores, None, None, n, block_q, block_k, force, keep=keep)
+    return _select(scores, n, block_q, block_k, force, keep=keep)
 
 
 def topp_layout_triton(
@@ -268,21 +283,20 @@ def topp_layout_triton(
     """Drop-in for :func:`kernels.selection.topp_layout`; ``kv_idx`` is ``Mk`` wide (no host sync)."""
     if not 0.0 < mass:
         raise ValueError(f"mass must be > 0; got {mass}")
-    return _select(scores, None, None, n, block_q, block_k, force, mass=mass, topp=True)
+    return _select(scores, n, block_q, block_k, force, mass=mass, topp=True)
 
 
 def select_topk_triton(q: torch.Tensor, k: torch.Tensor, keep: int, block_q: int = 128, block_k: int = 64,
                        keep_diagonal: bool = True) -> BlockLayout:
-    """Pool, score and keep the ``keep`` best key blocks per query block (plus the diagonal): two launches."""
-    pq, pk = _pool(q, k, block_q, block_k, 1.0 / math.sqrt(q.shape[-1]))
-    return _select(None, pq, pk, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None, keep=keep)
+    """Pool, score and keep the ``keep`` best key blocks per query block (plus the diagonal): three launches."""
+    scores = block_scores_triton(q, k, block_q, block_k)
+    return _select(scores, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None, keep=keep)
 
 
 def select_topp_triton(q: torch.Tensor, k: torch.Tensor, mass: float, block_q: int = 128, block_k: int = 64,
                        keep_diagonal: bool = True) -> BlockLayout:
-    """Pool, score and keep the fewest key blocks reaching softmax ``mass`` (plus the diagonal): two launches."""
+    """Pool, score and keep the fewest key blocks reaching softmax ``mass`` (plus the diagonal): three launches."""
     if not 0.0 < mass:
         raise ValueError(f"mass must be > 0; got {mass}")
-    pq, pk = _pool(q, k, block_q, block_k, 1.0 / math.sqrt(q.shape[-1]))
-    return _select(None, pq, pk, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None,
-                   mass=mass, topp=True)
+    scores = block_scores_triton(q, k, block_q, block_k)
+    return _select(scores, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None, mass=mass, topp=True)

@@ -7,12 +7,10 @@ query block's own tokens (``keep_diagonal``). Exact softmax attention over the k
 
 Knobs (defaults): ``sparsity`` 0 (the runner sets it); ``block_q`` 128 x ``block_k`` 64 (the tile of
 the Triton kernel; SLA's benchmark uses 128x64); ``keep_diagonal`` True (a token always sees its
-neighbourhood); ``backend`` auto; ``selector`` torch. ``selector="triton"`` runs the same rule as
-one fused Triton pass (``kernels.select_triton``, 0.25 ms instead of 1.1 ms on the H200), but it is
-opt-in: it matches the torch selector exactly in Triton's interpreter (also at N = 32,760) and
-compiles for sm_90, yet on the H200 (2026-11-28) it kept the wrong blocks (rel-L2 vs full 0.36 at 90%
-where torch selection gives 0.025). Until ``tests/kernels/test_select_triton.py``'s GPU test passes,
-the default stays torch.
+neighbourhood); ``backend`` auto; ``selector`` auto: on a CUDA device with Triton the same rule runs
+as pool + score + one selection kernel (``kernels.select_triton``, 0.115 ms instead of 1.10 ms in torch
+on the H200 at Wan 480p, tile-for-tile identical to torch there), elsewhere in torch; ``"torch"`` and
+``"triton"`` force one (``"triton"`` raises off CUDA).
 FLOPs: ``4 * kept token pairs * D`` for attention plus selection (pooling ``2*B*H*N*D``, block scores ``2*B*H*Mq*Mk*D``).
 """
 
@@ -33,11 +31,11 @@ from methods.base import METHODS, AttentionMethod, AttnContext, BlockSparseConfi
 @dataclass(frozen=True)
 class TopKConfig(BlockSparseConfig):
     keep_diagonal: bool = True
-    selector: Literal["torch", "triton"] = "torch"
+    selector: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("selector", self.selector, ("torch", "triton"))
+        check_choice("selector", self.selector, ("auto", "torch", "triton"))
 
 
 def selection_flops(b: int, h: int, n: int, d: int, mq: int, mk: int) -> float:
@@ -56,10 +54,12 @@ class TopK(AttentionMethod):
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout:
         c = self.config
         n = q.shape[2]
-        if c.selector == "triton":
-            if not (q.device.type == "cuda" and triton_available(q.device)):
-                raise Unsupported("selector='triton' needs a CUDA device; use selector='torch'")
-            # Same rule in one fused pass (pool, score, exact top-k by bisection), no N x N anywhere.
+        if c.selector == "triton" and not triton_available(q.device):
+            raise Unsupported("selector='triton' needs a CUDA device with Triton (or TRITON_INTERPRET=1); use selector='torch'")
+        pow2 = not (c.block_q & (c.block_q - 1) or c.block_k & (c.block_k - 1) or q.shape[-1] & (q.shape[-1] - 1))
+        on_gpu = q.device.type == "cuda" and triton_available(q.device)
+        if c.selector == "triton" or (c.selector == "auto" and on_gpu and pow2):
+            # Same rule on the GPU (pool, score, exact top-k by bisection), no N x N anywhere.
             from kernels.select_triton import select_topk_triton
 
             keep = keep_count(c.sparsity, cdiv(n, c.block_k))

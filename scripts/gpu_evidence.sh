@@ -5,6 +5,8 @@
 set -uo pipefail
 OUT=${OUT:-runs/evidence}
 export PYTHONUNBUFFERED=1
+timeout 120 python3 scripts/diag_selector.py 2>&1 | grep -v Assertion > "$OUT/diag_selector.log"
+echo "selector diagnostic rc=$?"; grep -E "bad rows|out-of-range" "$OUT/diag_selector.log" | sort | uniq -c | head -5
 METHODS='full,topk,sta,svg,radial,xattention,sparge,vsa,sla,sla_b128,sparse_lora,salad,salad_sta,salad_v2,salad_no_gate,salad_no_linear,salad_no_rope,salad_separate_qkv,salad_static_gate,salad_drop20'
 python3 run_all.py --methods "$METHODS" --workloads wan2.1-1.3b-480p --out "$OUT/methods" > "$OUT/methods.log" 2>&1
 echo "methods sweep rc=$?"
@@ -14,8 +16,8 @@ python3 run_all.py --methods full,topk,salad --sparsity 0.5,0.9 --workloads wan2
 echo "recheck rc=$?"
 timeout 150 python3 -m harness.bench_kernels --out "$OUT/kernels" --sections dense,sparse,selection,linear > "$OUT/kernels.log" 2>&1
 echo "kernel bench rc=$?"
-timeout 90 python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$?"; tail -n 3 "$OUT/gpu_tests.log"
+timeout 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=8 > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?"; tail -n 14 "$OUT/gpu_tests.log"
 tail -n 25 "$OUT/kernels.log"
 grep -E "^\| (topk|salad|sparse_lora|sla|vsa|sta) " "$OUT/methods/summary.md" | head -40; cat "$OUT/dit/summary.md" 2>/dev/null | head -5
 python3 -c "

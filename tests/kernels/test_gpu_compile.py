@@ -33,23 +33,23 @@ SCRIPT = textwrap.dedent(
         src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
-    ptr = {"S": "*fp32", "PQ": "*fp32", "PK": "*fp32", "IDX": "*i32", "CNT": "*i32", "FMASK": "*i8"}
-    ints = ["keep", "N", "MQ", "MK", "H", "fs_b", "fs_h", "fs_m", "fs_k", "idx_width"]
+    ptr = {"S": "*fp32", "IDX": "*i32", "CNT": "*i32", "FMASK": "*i8"}
+    ints = ["keep", "R", "N", "MQ", "MK", "H", "fs_b", "fs_h", "fs_m", "fs_k", "idx_width"]
     types = {**ptr, **{k: "i32" for k in ints}, "mass": "fp32"}
     failed = 0
-    for force, topp, fused in itertools.product([0, 1, 2], [False, True], [False, True]):
-        const = {"D": 128, "BQ": 128, "BK": 64, "FORCE": force, "TOPP": topp, "FUSED": fused, "ROWS": 4, "COLS": 512, "CH": 64}
+    for force, topp in itertools.product([0, 1, 2], [False, True]):
+        const = {"BQ": 128, "BK": 64, "FORCE": force, "TOPP": topp, "ROWS": st._SEL_ROWS, "COLS": 512}
         try:
             k = build(st._select_kernel, types, const)
             assert "cubin" in k.asm or "ptx" in k.asm
         except Exception as exc:
             failed += 1
-            print(f"_select_kernel FORCE={force} TOPP={topp} FUSED={fused}: {type(exc).__name__}: {str(exc)[:600]}")
+            print(f"_select_kernel FORCE={force} TOPP={topp}: {type(exc).__name__}: {str(exc)[:600]}")
     pool_types = {"Q": "*bf16", "K": "*bf16", "PQ": "*fp32", "PK": "*fp32", **{k: "i32" for k in
                   ["sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "H", "N", "MQ", "MK"]}, "mult_q": "fp32", "mult_k": "fp32"}
     for pool_k in (False, True):
         try:
-            build(st._pool_kernel, pool_types, {"D": 128, "BQ": 128, "BK": 64, "POOL_K": pool_k})
+            build(st._pool_kernel, pool_types, {"D": 128, "BQ": 128, "BK": 64, "POOL_K": pool_k, "SUB": 32})
         except Exception as exc:
             failed += 1
             print(f"_pool_kernel POOL_K={pool_k}: {type(exc).__name__}: {str(exc)[:600]}")

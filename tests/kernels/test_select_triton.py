@@ -65,7 +65,7 @@ def test_topp_matches_up_to_boundary(gen):
         assert (got | ~force).all()  # diagonal kept
 
 
-def test_fused_pipelines_keep_diagonal(gen):
+def test_pipelines_from_qk_keep_diagonal(gen):
     n, bq, bk = 700, 128, 64
     q, k = _qk(gen, n)
     scores = ref.block_scores(q, k, bq, bk)
@@ -85,15 +85,13 @@ def test_fused_pipelines_keep_diagonal(gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "scores_given"])
+@pytest.mark.parametrize("path", ["from_qk", "scores_given"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_triton_selector_matches_torch_on_gpu_at_wan_480p(sparsity, path):
-    """On the H200 (2026-11-28) the compiled selector kept other blocks than the torch rule although the
-    interpreter agreed; this is the check that must pass before topk's selector default changes.
-
-    ``fused`` computes the scores inside the selection kernel and reads them back from global memory
-    in the same program (visibility rests on ``tl.debug_barrier``, which the interpreter cannot test);
-    ``scores_given`` takes scores from a separate launch, so the two results localise a failure.
+    """On the H200 (2026-11-28) a selector with 16 query-block rows per program kept other blocks than the
+    torch rule (Triton 3.6 miscompiled its row-wise bisection at Mk = 512) although the interpreter
+    agreed. This full-size check is what the interpreter cannot give: ``from_qk`` runs the whole
+    pipeline (pool, score, select), ``scores_given`` selects from torch's scores.
     """
     from harness.workloads import get_workload, make_qkv
     from kernels import keep_count
@@ -105,7 +103,7 @@ def test_triton_selector_matches_torch_on_gpu_at_wan_480p(sparsity, path):
     keep = keep_count(sparsity, -(-wl.n // 64))
     ref_scores = block_scores(q, k, 128, 64)
     ref = topk_layout(ref_scores, keep, wl.n, 128, 64, diagonal_blocks(wl.n, 128, 64, q.device)).to_dense()
-    if path == "fused":
+    if path == "from_qk":
         ours = select_topk_triton(q, k, keep, 128, 64, keep_diagonal=True).to_dense()
     else:
         scores = block_scores_triton(q, k, 128, 64)

@@ -40,6 +40,17 @@ def test_topk_keeps_best_pooled_blocks_and_diagonal(gen):
         assert others == best_rest
 
 
+def test_topk_selectors_agree_and_bad_selector_is_refused(gen):
+    """selector='triton' (the interpreter here) keeps the same tiles as torch; 'auto' is torch on the CPU."""
+    q, k, _ = [x.float() for x in _qkv(gen)]
+    lays = {s: create_method("topk", num_heads=2, head_dim=64, sparsity=0.8, selector=s).select(q, k, AttnContext(grid=GRID))
+            for s in ("torch", "triton", "auto")}
+    assert torch.equal(lays["torch"].to_dense(), lays["triton"].to_dense())
+    assert torch.equal(lays["torch"].to_dense(), lays["auto"].to_dense())
+    with pytest.raises(ValueError, match="selector"):
+        create_method("topk", num_heads=2, head_dim=64, sparsity=0.8, selector="cuda")
+
+
 def test_topk_output_matches_reference_on_its_layout(gen):
     q, k, v = _qkv(gen)
     m = create_method("topk", num_heads=2, head_dim=64, sparsity=0.7)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from harness.results import ResultsFileError, load_rows
+from harness.results import ResultsFileError, latest_per_cell, load_rows
 from methods.base import FAMILIES
 
 __all__ = [
@@ -627,9 +627,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="run directories (containing rows.jsonl) or .jsonl files")
     ap.add_argument("--out", default="reports", help="output directory (default: reports/)")
     ap.add_argument("--no-figures", action="store_true", help="tables only")
+    ap.add_argument("--keep-all", action="store_true",
+                    help="keep every row of a cell measured more than once (default: the latest row wins)")
     args = ap.parse_args(argv)
     try:
         df = load_rows(args.runs)
+        if not args.keep_all:
+            df = latest_per_cell(df)
     except ResultsFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,11 +69,19 @@ def provenance(device: str = "") -> dict[str, Any]:
     except ImportError:
         triton_v = None
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    sha = os.environ.get("SALAD_GIT_SHA") or _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    env_sha = os.environ.get("SALAD_GIT_SHA")
+    if env_sha:
+        # A copy of the tree without its own history (a device machine): the sender names the commit and
+        # may say whether the copy had local changes (SALAD_GIT_DIRTY=0/1); a git status here would
+        # describe some other checkout.
+        flag = os.environ.get("SALAD_GIT_DIRTY")
+        sha, dirty = env_sha, (None if flag is None else flag not in ("0", "", "false", "False"))
+    else:
+        sha = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None
     return {
         "git_sha": sha or None,
-        "git_dirty": bool(dirty) if sha else None,
+        "git_dirty": dirty,
         "card": card_name(device),
         "torch": torch.__version__,
         "triton": triton_v,
@@ -182,6 +190,18 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, tuple)):
         return list(obj)
     return str(obj)
+
+
+def latest_per_cell(df):
+    """Keep, for every measured cell (:func:`cell_key`), only its latest row: by ``date``, then by the
+    order the rows were read (a rerun passed after its run supersedes it). Rows without a cell identity
+    are kept as they are."""
+    if df.empty:
+        return df
+    keys = [cell_key(r) for r in df.to_dict("records")]
+    order = df.assign(_k=keys, _i=range(len(df)), _d=df["date"].astype(str) if "date" in df else "")
+    keep = order.sort_values(["_d", "_i"], kind="stable").drop_duplicates("_k", keep="last")["_i"]
+    return df.iloc[sorted(keep)]
 
 
 def load_rows(paths: str | Path | Iterable[str | Path]):

@@ -83,7 +83,7 @@ class TrainConfig:
     val_every: int = 0
     ckpt_every: int = 0
     bf16: bool = True
-    time_budget_s: float | None = None  # stop early (the steps actually done are reported)
+    time_budget_s: float | None = None  # stop early (the steps actually done are reported); the clock starts after step 1
     fit_to_budget: bool = False  # after ``fit_after`` steps, shrink ``steps`` (and the schedule) to fit the budget
     fit_after: int = 30
 
@@ -287,6 +287,7 @@ def train_loop(
     vloss: float | None = None
     result = TrainResult(start, None, None, 0.0, steps_planned=cfg.steps)
     t_half = 0.0
+    t_first = 0.0  # the first step carries Triton compilation and autotuning: the time budget starts after it
     step = start
     while step < cfg.steps:
         lr = lr_at(step, cfg)
@@ -324,16 +325,19 @@ def train_loop(
             result.curve.append(row)
         if state_file is not None and dist.main and cfg.ckpt_every and step % cfg.ckpt_every == 0:
             _save_state(state_file, model, opt, step, cfg)
+        if step == start + 1:
+            t_first = elapsed
         half = start + max(1, cfg.fit_after // 2)
         if step == half:
             t_half = elapsed
         if cfg.fit_to_budget and cfg.time_budget_s and step == start + cfg.fit_after and step > half:
-            cfg = _fit_steps(cfg, step, step - half, elapsed - t_half, elapsed, dist, device)
+            cfg = _fit_steps(cfg, step, step - half, elapsed - t_half, elapsed - t_first, dist, device)
             result.steps_planned = cfg.steps
-        over = cfg.time_budget_s is not None and elapsed > cfg.time_budget_s
+        over = cfg.time_budget_s is not None and elapsed - t_first > cfg.time_budget_s
         if _any(over, dist, device) and step < cfg.steps:
             result.stopped_early = True
-            result.reason = f"time budget of {cfg.time_budget_s:.0f} s reached at step {step} of {cfg.steps}"
+            result.reason = (f"time budget of {cfg.time_budget_s:.0f} s (after the first step's {t_first:.1f} s) "
+                             f"reached at step {step} of {cfg.steps}")
             break
     if result.reason != "no parameter receives a gradient":
         result.steps = step

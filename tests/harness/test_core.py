@@ -62,6 +62,19 @@ def test_measure_cpu_reports_quantiles():
     assert t.p20_ms <= t.median_ms <= t.p80_ms and t.reps >= 3 and t.timer == "cpu-perf_counter"
 
 
+def test_provenance_from_the_environment_on_a_copy_without_history(monkeypatch):
+    from harness.results import provenance
+
+    monkeypatch.setenv("SALAD_GIT_SHA", "abc1234")
+    monkeypatch.delenv("SALAD_GIT_DIRTY", raising=False)
+    p = provenance()
+    assert p["git_sha"] == "abc1234" and p["git_dirty"] is None  # unknown, not this checkout's status
+    monkeypatch.setenv("SALAD_GIT_DIRTY", "0")
+    assert provenance()["git_dirty"] is False
+    monkeypatch.setenv("SALAD_GIT_DIRTY", "1")
+    assert provenance()["git_dirty"] is True
+
+
 def test_rows_append_provenance_and_resume(tmp_path):
     w = RowWriter(tmp_path / "run")
     ident = {"kind": "attention", "method": "topk", "config_hash": "x", "workload": "cpu-tiny", "dtype": "fp32", "pass": "fwd", "sparsity_target": 0.9}

@@ -50,6 +50,21 @@ def _fresh():
     return MiniWan(TINY)
 
 
+def test_time_budget_does_not_count_the_first_step(monkeypatch):
+    """A slow first step (Triton compilation and autotuning on the GPU) must not eat a method's budget."""
+    import harness.quality.train as tr
+
+    clock = iter([0.0, 50.0, 51.0, 52.0, 53.0, 54.0, 55.0])  # t0, then one reading per step
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: next(clock, 99.0))
+    data = ProceduralVideos("train", 16, TINY.spec)
+    m = _fresh()
+    cfg = TrainConfig(steps=6, batch_size=2, lr=1e-3, warmup_steps=1, dataset_size=16, bf16=False, time_budget_s=2.5)
+    r = train_loop(m, list(m.parameters()), data, cfg, device=torch.device("cpu"))
+    # step 1 ends at 50 s (not counted); steps 2..4 end at 51..53 s: 3 s > 2.5 s after step 4
+    assert r.stopped_early and r.steps == 4, (r.steps, r.reason)
+    assert "after the first step's 50.0 s" in r.reason
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     data = ProceduralVideos("train", 16, TINY.spec)
     cfg = TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, dataset_size=16, bf16=False, ckpt_every=2)
@@ -57,7 +72,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     train_loop(a, list(a.parameters()), data, cfg, device=torch.device("cpu"))
     b = _fresh()
     state = tmp_path / "state.pt"
-    # interrupted run: the same recipe, killed after 2 steps (simulated with a time budget of 0 s)
+    # interrupted run: the same recipe, stopped after 2 steps (a time budget of 0 s; the clock starts after step 1)
     r = train_loop(
         b,
         list(b.parameters()),
@@ -66,7 +81,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         device=torch.device("cpu"),
         state_path=state,
     )
-    assert r.stopped_early and r.steps == 1 and state.exists()
+    assert r.stopped_early and r.steps == 2 and state.exists()
     c = _fresh()
     r2 = train_loop(c, list(c.parameters()), data, cfg, device=torch.device("cpu"), state_path=state)
     assert r2.steps == 4

@@ -229,6 +229,24 @@ def test_cli_writes_tables(tmp_path: Path) -> None:
     assert (out / "main.md").read_text() == report.to_markdown(report.main_tables(synthetic_rows()))
 
 
+def test_a_rerun_supersedes_its_cell_unless_keep_all(tmp_path: Path) -> None:
+    import json
+
+    from harness.results import latest_per_cell, load_rows
+
+    cell = {"kind": "quality", "method": "salad", "config_hash": "h", "workload": "mini", "dtype": "bf16",
+            "pass": "fwd", "sparsity_target": 0.9, "card": "NVIDIA H200", "status": "ok"}
+    first, rerun = tmp_path / "a", tmp_path / "b"
+    for d, rows in ((first, [{**cell, "psnr": 10.0, "date": "2026-11-28T10:00"}, {**cell, "method": "vsa", "psnr": 17.0, "date": "2026-11-28T10:00"}]),
+                    (rerun, [{**cell, "psnr": 16.0, "date": "2026-11-28T10:30"}])):
+        d.mkdir()
+        (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = load_rows([first, rerun])
+    kept = latest_per_cell(df)
+    assert sorted(zip(kept["method"], kept["psnr"])) == [("salad", 16.0), ("vsa", 17.0)]
+    assert len(df) == 3  # load_rows itself keeps everything (--keep-all)
+
+
 def test_cli_bad_input_exit_2(tmp_path: Path, capsys) -> None:
     assert report.main([str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err

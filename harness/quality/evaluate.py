@@ -43,7 +43,7 @@ import torch
 
 from harness.quality.data import CLASS_NAMES, ProceduralVideos
 from harness.quality.metrics import fidelity, lpips_score, temporal_flickering_videos, to_uint8, val_loss
-from harness.quality.model import MiniWan, load_checkpoint
+from harness.quality.model import MiniWan, load_checkpoint, save_finetuned
 from harness.quality.sampler import autocast, euler_sample, make_noise
 from harness.quality.train import FINETUNE_DEFAULTS, CurveLogger, Dist, TrainConfig, finetune, init_distributed
 
@@ -239,14 +239,24 @@ class QualityStudy:
             trainable = family in TRAINABLE_FAMILIES or (self.train_params == "all" and family == "full")
             if trainable:
                 curve = self.curve.with_fields(phase="finetune", method=name)
-                res, count = finetune(
+                ckpt = Path(self.finetuned_dir) / name if self.finetuned_dir else None
+                state = ckpt.with_name(f"{name}.resume.pt") if ckpt is not None else None
+                res, trained = finetune(
                     model, methods, self.train_data, self.ft_cfg, train_params=self.train_params, device=self.device,
-                    dist=self.dist, curve=curve, on_t=on_t,
+                    dist=self.dist, curve=curve, on_t=on_t, state_path=state,
                 )  # fmt: skip
                 row.update(
-                    train_steps=res.steps, trainable_params=count, train_seconds=round(res.seconds, 2),
-                    train_loss_last=res.final_loss, train_note=res.reason,
+                    train_steps=res.steps, trainable_params=sum(p.numel() for p in trained),
+                    train_seconds=round(res.seconds, 2), train_loss_last=res.final_loss, train_note=res.reason,
                 )  # fmt: skip
+                if ckpt is not None and self.dist.main and res.steps > 0:
+                    info = {"method": name, "knobs": knobs, "sparsity_target": target, "train_params": self.train_params,
+                            "train_steps": res.steps, "train_config": self.ft_cfg.as_dict(), "base_checkpoint": self.checkpoint,
+                            "base_steps": self.card.get("steps_done"), "base_val_loss": self.card.get("val_loss")}  # fmt: skip
+                    save_finetuned(model, trained, ckpt, info)
+                    row["finetuned_checkpoint"] = str(ckpt)
+                if state is not None and self.dist.main and not res.stopped_early:
+                    state.unlink(missing_ok=True)  # done: the checkpoint above is what stays
             else:
                 row["train_note"] = "training-free: evaluated as is"
             model.eval()
@@ -304,7 +314,7 @@ class QualityStudy:
         cfg = dataclasses.replace(self.ft_cfg, steps=steps, log_every=1, time_budget_s=None, fit_to_budget=False)
         res, _ = finetune(
             model, methods, self.train_data, cfg, train_params=self.train_params, device=self.device, dist=self.dist
-        )
+        )  # no state_path: a probe must not leave a resumable state behind
         rows = [r for r in res.curve if r["step"] in (1, res.steps)]
         if res.steps < 2 or len(rows) < 2:
             return 0.0
@@ -325,6 +335,7 @@ class QualityStudy:
             return {"vbench_reason": str(exc)[:300]}
 
     vbench_dir: str = "vbench"
+    finetuned_dir: str | None = None  # per-method checkpoints of what trained (None: not saved)
 
 
 def check_kernels(device: torch.device, n: int = 4096, tol: float = 3e-2) -> str:
@@ -411,7 +422,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-samples", action="store_true", help="write <out>/samples.npz (uint8 videos per method)")
     p.add_argument("--vbench-dims", default="", help="comma list of VBench dimensions to run through the adapter")
     p.add_argument("--vbench-python", default=None, help="VBench interpreter (default $SALAD_VBENCH_PYTHON)")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--finetuned-dir",
+        default=None,
+        help="per-method checkpoints of the trained parameters, and resumable fine-tuning state (default <out>/finetuned; "
+        "'none' to skip)",
+    )
+    p.add_argument("--resume", action="store_true",
+                   help="skip methods already measured; an interrupted fine-tuning continues from its state in --finetuned-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--echo", action="store_true", help="print training curves as they come")
@@ -452,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         dist=dist, curve=curve,
     )  # fmt: skip
     study.vbench_dir = str(out / "vbench")
+    if a.finetuned_dir != "none":
+        study.finetuned_dir = a.finetuned_dir or str(out / "finetuned")
     study.sparsity = a.sparsity
     if a.fit_steps_to is not None:
         trainable = [n for n in names if _family(n) in TRAINABLE_FAMILIES]

@@ -44,14 +44,14 @@ __all__ = [
     "base_state_dict",
     "count_parameters",
     "load_checkpoint",
+    "load_finetuned",
     "save_checkpoint",
+    "save_finetuned",
     "write_card",
 ]
 
 FORMAT = "salad-mini-wan/1"
-_SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
-
-
+FINETUNED_FORMAT = "salad-mini-wan-finetuned/1"
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the offending file."""
 
@@ -143,8 +143,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
-def _shard_name(k: int, n: int) -> str:
-    return f"model-{k:05d}-of-{n:05d}.safetensors"
+def _shard_name(k: int, n: int, stem: str = "model") -> str:
+    return f"{stem}-{k:05d}-of-{n:05d}.safetensors"
 
 
 def save_checkpoint(
@@ -155,11 +155,23 @@ def save_checkpoint(
     Only the base model's own tensors are written (an installed attention method's parameters are
     not part of the mini Wan). Returns the shard paths.
     """
+    out = Path(out_dir)
+    meta = {"format": FORMAT, "config": json.dumps(model.config.as_dict(), sort_keys=True)}
+    paths = _write_shards(base_state_dict(model), out, "model", meta, max_shard_bytes)
+    if card is not None:
+        write_card(out, {**card, "model_config": model.config.as_dict(), "shards": [p.name for p in paths]})
+    return paths
+
+
+def _write_shards(
+    state: dict[str, torch.Tensor], out: Path, stem: str, meta: dict[str, str], max_shard_bytes: int
+) -> list[Path]:
+    """Write ``state`` as ``<stem>-0000k-of-0000n.safetensors`` shards (each < ``max_shard_bytes``; old
+    shards of that stem are removed first), every shard carrying ``meta`` plus its index."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in base_state_dict(model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
@@ -171,18 +183,85 @@ def save_checkpoint(
             size = 0
         shards[-1][name] = state[name]
         size += nbytes
-    for old in out.glob("model-*-of-*.safetensors"):
+    for old in out.glob(f"{stem}-*-of-*.safetensors"):
         old.unlink()
     paths = []
-    config_json = json.dumps(model.config.as_dict(), sort_keys=True)
     for k, shard in enumerate(shards, 1):
-        path = out / _shard_name(k, len(shards))
-        meta = {"format": FORMAT, "config": config_json, "shard": str(k), "num_shards": str(len(shards))}
-        save_file(shard, str(path), metadata=meta)
+        path = out / _shard_name(k, len(shards), stem)
+        save_file(shard, str(path), metadata={**meta, "shard": str(k), "num_shards": str(len(shards))})
         paths.append(path)
-    if card is not None:
-        write_card(out, {**card, "model_config": model.config.as_dict(), "shards": [p.name for p in paths]})
     return paths
+
+
+def _read_shards(d: Path, stem: str) -> tuple[list[tuple[Path, dict[str, str]]], dict[str, torch.Tensor], dict[str, Path]]:
+    """Every ``<stem>-*-of-*.safetensors`` shard of ``d``, checked complete: ``([(path, metadata)],
+    tensors, tensor -> its file)``."""
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such checkpoint directory")
+    pattern = re.compile(rf"^{re.escape(stem)}-(\d{{5}})-of-(\d{{5}})\.safetensors$")
+    names = sorted(p.name for p in d.iterdir() if pattern.match(p.name))
+    if not names:
+        raise CheckpointError(f"{d}: no {stem}-*-of-*.safetensors shards in this directory")
+    totals = {int(pattern.match(n).group(2)) for n in names}  # type: ignore[union-attr]
+    if len(totals) != 1:
+        raise CheckpointError(f"{d}: shards disagree on the shard count ({sorted(totals)}): {', '.join(names)}")
+    n = totals.pop()
+    for k in range(1, n + 1):
+        if _shard_name(k, n, stem) not in names:
+            raise CheckpointError(f"{d / _shard_name(k, n, stem)}: shard {k} of {n} is missing")
+    metas: list[tuple[Path, dict[str, str]]] = []
+    state: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    for k in range(1, n + 1):
+        path = d / _shard_name(k, n, stem)
+        meta, tensors = _open_shard(path)
+        metas.append((path, meta))
+        state.update(tensors)
+        where.update({name: path for name in tensors})
+    return metas, state, where
+
+
+def save_finetuned(
+    model: nn.Module, params: list[nn.Parameter], out_dir: str | Path, info: dict[str, Any], *,
+    max_shard_bytes: int = 15 * 10**6,
+) -> list[Path]:
+    """Write the parameters a fine-tuning trained (``params``, named by their path in ``model``) as
+    ``trained-*-of-*.safetensors`` shards plus ``card.json`` (``info``: method, knobs, base checkpoint,
+    steps...). Load them back onto a freshly installed model with :func:`load_finetuned`."""
+    ids = {id(p) for p in params}
+    state = {name: p for name, p in model.named_parameters(remove_duplicate=True) if id(p) in ids}
+    if len(state) != len(ids):
+        raise ValueError("some trained parameters are not parameters of the model")
+    meta = {"format": FINETUNED_FORMAT, "info": json.dumps(info, sort_keys=True, default=str)}
+    out = Path(out_dir)
+    paths = _write_shards(state, out, "trained", meta, max_shard_bytes)
+    card = {**info, "format": FINETUNED_FORMAT, "tensors": len(state), "elements": sum(p.numel() for p in state.values()),
+            "shards": [p.name for p in paths]}
+    (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+    return paths
+
+
+def load_finetuned(model: nn.Module, ckpt_dir: str | Path) -> dict[str, Any]:
+    """Copy a :func:`save_finetuned` checkpoint into ``model`` (the base with the same method installed);
+    returns its info. Every saved tensor must exist in ``model`` with the same shape."""
+    d = Path(ckpt_dir)
+    metas, state, where = _read_shards(d, "trained")
+    for path, meta in metas:
+        if meta.get("format") != FINETUNED_FORMAT:
+            raise CheckpointError(f"{path}: not a fine-tuned checkpoint (format={meta.get('format')!r})")
+    own = dict(model.named_parameters(remove_duplicate=True))
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise CheckpointError(
+            f"{where[unknown[0]]}: holds {', '.join(unknown[:3])}, which the model does not have "
+            "(install the same method with the same knobs before loading)"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise CheckpointError(f"{where[name]}: {name} has shape {tuple(tensor.shape)}, the model {tuple(own[name].shape)}")
+            own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+    return json.loads(metas[0][1].get("info", "{}"))
 
 
 def base_state_dict(model: MiniWan) -> dict[str, torch.Tensor]:
@@ -243,18 +322,7 @@ def _open_shard(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> tuple[MiniWan, dict[str, Any]]:
     """Load a mini Wan saved by :func:`save_checkpoint`; returns ``(model, card)`` (card may be ``{}``)."""
     d = Path(ckpt_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: no such checkpoint directory")
-    names = sorted(p.name for p in d.iterdir() if _SHARD_RE.match(p.name))
-    if not names:
-        raise CheckpointError(f"{d}: no model-*-of-*.safetensors shards in this directory")
-    totals = {int(_SHARD_RE.match(n).group(2)) for n in names}  # type: ignore[union-attr]
-    if len(totals) != 1:
-        raise CheckpointError(f"{d}: shards disagree on the shard count ({sorted(totals)}): {', '.join(names)}")
-    n = totals.pop()
-    for k in range(1, n + 1):
-        if _shard_name(k, n) not in names:
-            raise CheckpointError(f"{d / _shard_name(k, n)}: shard {k} of {n} is missing")
+    metas, state, where = _read_shards(d, "model")
     card_path = d / "card.json"
     card: dict[str, Any] = {}
     if card_path.exists():
@@ -263,11 +331,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
         except ValueError as exc:
             raise CheckpointError(f"{card_path}: not valid JSON ({exc})") from None
     config_dict: dict[str, Any] | None = None
-    state: dict[str, torch.Tensor] = {}
-    where: dict[str, Path] = {}
-    for k in range(1, n + 1):
-        path = d / _shard_name(k, n)
-        meta, tensors = _open_shard(path)
+    for path, meta in metas:
         if meta.get("format") != FORMAT or "config" not in meta:
             raise CheckpointError(
                 f"{path}: not a mini-wan shard (metadata format={meta.get('format')!r}, expected {FORMAT!r})"
@@ -276,9 +340,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
         if config_dict is None:
             config_dict = cfg
         elif cfg != config_dict:
-            raise CheckpointError(f"{path}: its model config differs from {d / _shard_name(1, n)}'s")
-        state.update(tensors)
-        where.update({name: path for name in tensors})
+            raise CheckpointError(f"{path}: its model config differs from {metas[0][0]}'s")
     assert config_dict is not None
     if card.get("model_config") not in (None, config_dict):
         diff = sorted(
@@ -288,7 +350,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
     try:
         config = MiniWanConfig.from_dict(config_dict)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{d / _shard_name(1, n)}: bad model config in metadata ({exc})") from None
+        raise CheckpointError(f"{metas[0][0]}: bad model config in metadata ({exc})") from None
     model = MiniWan(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -104,7 +104,7 @@ class TrainConfig:
 
 # Base model: ~3 minutes on one H100 at the default size; the issue's recipe for fine-tuning.
 BASE_DEFAULTS = TrainConfig(steps=3000, batch_size=8, lr=5e-4, warmup_steps=200, val_every=500, ckpt_every=500)
-FINETUNE_DEFAULTS = TrainConfig(steps=1600, batch_size=8, lr=1e-3, warmup_steps=50, dataset_size=2000, log_every=10)
+FINETUNE_DEFAULTS = TrainConfig(steps=1600, batch_size=8, lr=1e-3, warmup_steps=50, dataset_size=2000, log_every=10, ckpt_every=200)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -389,17 +389,18 @@ def finetune(
     dist: Dist = Dist(),
     curve: CurveLogger | None = None,
     on_t: Callable[[torch.Tensor], None] | None = None,
-) -> tuple[TrainResult, int]:
-    """Fine-tune a model whose attention methods are installed; returns the result and the count of
-    trained parameters (elements)."""
+    state_path: str | Path | None = None,
+) -> tuple[TrainResult, list[nn.Parameter]]:
+    """Fine-tune a model whose attention methods are installed; returns the result and the parameters
+    that trained. With ``state_path`` the run saves its state there and resumes from it if present."""
     params = trainable_parameters(model, methods, train_params)
-    count = sum(p.numel() for p in params)
     result = train_loop(
-        model, params, data, cfg, device=device, dist=dist, curve=curve, on_t=on_t, stop_if_no_grad=True
-    )
+        model, params, data, cfg, device=device, dist=dist, curve=curve, on_t=on_t, stop_if_no_grad=True,
+        state_path=state_path,
+    )  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
-    return result, count
+    return result, params
 
 
 # -- the base model -------------------------------------------------------------------------------

@@ -92,5 +92,27 @@ def test_curves_samples_and_resume(study):
     assert len(read_jsonl(out / "rows.jsonl")) == len(rows)
 
 
+def test_per_method_checkpoints_load_back(study):
+    """What each method trained is saved under <out>/finetuned/<method> and reproduces its weights."""
+    from harness.integrations.wan import install_attention
+    from harness.quality.model import load_checkpoint, load_finetuned
+
+    rows, out, *_ = study
+    assert "finetuned_checkpoint" not in rows["topk"]  # nothing trained, nothing saved
+    assert not list((out / "finetuned").glob("*.resume.pt"))  # finished runs leave no resume state
+    for name in ("salad", "sparse_lora"):
+        ckpt = out / "finetuned" / name
+        assert rows[name]["finetuned_checkpoint"] == str(ckpt)
+        card = json.loads((ckpt / "card.json").read_text())
+        assert card["method"] == name and card["train_steps"] == 2 and card["elements"] == rows[name]["trainable_params"]
+        model, _ = load_checkpoint(out.parent / "ckpt")
+        install_attention(model.transformer, name, sparsity=0.5)
+        before = {n: p.clone() for n, p in model.named_parameters()}
+        info = load_finetuned(model, ckpt)
+        assert info["method"] == name
+        moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert moved and all(n.startswith("transformer.blocks") for n in moved)  # only the installed attention
+
+
 def test_step_for_t():
     assert step_for_t(1.0, 20) == 0 and step_for_t(0.0, 20) == 19 and step_for_t(0.5, 20) == 10

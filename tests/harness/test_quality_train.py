@@ -140,7 +140,8 @@ def test_finetune_moves_only_the_method_and_reports_no_grad_methods():
     m = _fresh()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     methods = wan.install_attention(m.transformer, "salad", sparsity=0.5)
-    res, count = finetune(m, methods, data, cfg, device=torch.device("cpu"))
+    res, trained = finetune(m, methods, data, cfg, device=torch.device("cpu"))
+    count = sum(p.numel() for p in trained)
     assert res.steps == 2 and count > 0
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # base frozen
@@ -150,6 +151,51 @@ def test_finetune_moves_only_the_method_and_reports_no_grad_methods():
     off = wan.install_attention(m2.transformer, "salad_no_linear", sparsity=0.5)
     res2, _ = finetune(m2, off, data, cfg, device=torch.device("cpu"))
     assert res2.steps == 0 and "gradient" in res2.reason
+
+
+def test_finetuned_checkpoint_round_trip_and_bad_files(tmp_path):
+    from harness.quality.model import CheckpointError, load_finetuned, save_finetuned
+
+    wan = pytest.importorskip("harness.integrations.wan")
+    data = ProceduralVideos("train", 8, TINY.spec)
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0, dataset_size=8, bf16=False)
+    m = _fresh()
+    methods = wan.install_attention(m.transformer, "salad", sparsity=0.5)
+    _, trained = finetune(m, methods, data, cfg, device=torch.device("cpu"))
+    paths = save_finetuned(m, trained, tmp_path / "salad", {"method": "salad", "train_steps": 2}, max_shard_bytes=131_100)
+    assert len(paths) >= 2 and all(p.stat().st_size < 131_100 for p in paths)  # sharded under the limit
+    m2 = _fresh()
+    wan.install_attention(m2.transformer, "salad", sparsity=0.5)
+    assert load_finetuned(m2, tmp_path / "salad")["train_steps"] == 2
+    for (n, p), q in zip(m.named_parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    m3 = _fresh()
+    wan.install_attention(m3.transformer, "topk", sparsity=0.5)  # no salad parameters to receive them
+    with pytest.raises(CheckpointError, match="install the same method"):
+        load_finetuned(m3, tmp_path / "salad")
+    paths[-1].unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_finetuned(m2, tmp_path / "salad")
+
+
+def test_interrupted_finetune_resumes_from_its_state(tmp_path):
+    wan = pytest.importorskip("harness.integrations.wan")
+    data = ProceduralVideos("train", 8, TINY.spec)
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=0, dataset_size=8, bf16=False, ckpt_every=1)
+    a = _fresh()
+    ma = wan.install_attention(a.transformer, "salad", sparsity=0.5)
+    finetune(a, ma, data, cfg, device=torch.device("cpu"))
+    b = _fresh()
+    mb = wan.install_attention(b.transformer, "salad", sparsity=0.5)
+    state = tmp_path / "resume.pt"
+    r1, _ = finetune(b, mb, data, dataclasses.replace(cfg, time_budget_s=0.0), device=torch.device("cpu"), state_path=state)
+    assert r1.stopped_early and r1.steps == 2
+    c = _fresh()
+    mc = wan.install_attention(c.transformer, "salad", sparsity=0.5)
+    r2, _ = finetune(c, mc, data, cfg, device=torch.device("cpu"), state_path=state)
+    assert r2.steps == 4
+    for (n, p), q in zip(a.named_parameters(), c.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
 
 
 def _run(args, env=None, timeout=120):

@@ -243,7 +243,7 @@ def test_a_rerun_supersedes_its_cell_unless_keep_all(tmp_path: Path) -> None:
         (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     df = load_rows([first, rerun])
     kept = latest_per_cell(df)
-    assert sorted(zip(kept["method"], kept["psnr"])) == [("salad", 16.0), ("vsa", 17.0)]
+    assert sorted(zip(kept["method"], kept["psnr"], strict=True)) == [("salad", 16.0), ("vsa", 17.0)]
     assert len(df) == 3  # load_rows itself keeps everything (--keep-all)
 
 

@@ -111,3 +111,24 @@ def test_triton_selector_matches_torch_on_gpu_at_wan_480p(sparsity, path):
         ours = topk_layout_triton(scores, keep, wl.n, 128, 64, "diagonal").to_dense()
     # fp32 summation order may flip near-ties: allow a tiny fraction of differing tiles
     assert (ours ^ ref).float().mean().item() < 1e-3
+
+
+@pytest.mark.gpu
+def test_selector_replays_from_a_cuda_graph():
+    """The kernel benchmark times the selector from a CUDA graph too: capture must work (no host sync)
+    and a replay must give the eager layout."""
+    from harness.bench_kernels import cuda_graph
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(1, 2, 4000, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    want = st.select_topk_triton(q, k, 8, 128, 64).to_dense()
+    got = {}
+
+    def fn():
+        got["layout"] = st.select_topk_triton(q, k, 8, 128, 64)
+
+    replay = cuda_graph(fn)
+    got["layout"].kv_idx.fill_(-1)
+    replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got["layout"].to_dense(), want)

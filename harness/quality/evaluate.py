@@ -338,6 +338,25 @@ class QualityStudy:
     finetuned_dir: str | None = None  # per-method checkpoints of what trained (None: not saved)
 
 
+def save_samples(path: Path, samples: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Merge ``samples`` into ``path`` (an earlier call's methods stay; the same method is replaced) and
+    write it atomically, so a killed or resumed study keeps every video sampled so far."""
+    merged: dict[str, np.ndarray] = {}
+    if path.exists():
+        try:
+            with np.load(path) as old:
+                merged = {k: old[k] for k in old.files}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable samples file ({exc}); move it away or delete it to start afresh") from None
+        if "labels" in merged and not np.array_equal(merged["labels"], labels):
+            raise ValueError(f"{path}: its videos are for other evaluation labels; use another --out")
+    merged.update(samples)
+    merged["labels"] = labels
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **merged)
+    tmp.replace(path)
+
+
 def check_kernels(device: torch.device, n: int = 4096, tol: float = 3e-2) -> str:
     """Compare the default ("auto") block-sparse and linear-attention paths on ``device`` with their torch
     references, forward and backward, at the study's shapes. Returns "" when they agree, else why not.
@@ -507,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         if writer is not None:
             writer.append(row)
             print(_summary(row, time.perf_counter() - t0), flush=True)
-    if dist.main and settings.save_samples and study.samples:
-        np.savez_compressed(out / "samples.npz", **study.samples, labels=study.eval_labels.cpu().numpy())
+        if dist.main and settings.save_samples and study.samples:
+            save_samples(out / "samples.npz", study.samples, study.eval_labels.cpu().numpy())
     if dist.world > 1:
         torch.distributed.barrier()
     return 0

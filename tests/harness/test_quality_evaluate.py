@@ -90,6 +90,7 @@ def test_curves_samples_and_resume(study):
     assert samples["salad"].shape == (2, 4, 16, 16, 3) and samples["salad"].dtype == np.uint8
     assert main(args + common + ["--resume"]) == 0  # nothing left to do: no new rows
     assert len(read_jsonl(out / "rows.jsonl")) == len(rows)
+    assert "salad" in np.load(out / "samples.npz").files  # a resumed call keeps the earlier calls' videos
 
 
 def test_per_method_checkpoints_load_back(study):
@@ -112,6 +113,22 @@ def test_per_method_checkpoints_load_back(study):
         assert info["method"] == name
         moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
         assert moved and all(n.startswith("transformer.blocks") for n in moved)  # only the installed attention
+
+
+def test_save_samples_merges_and_refuses_other_labels(tmp_path):
+    from harness.quality.evaluate import save_samples
+
+    path, labels = tmp_path / "samples.npz", np.arange(2)
+    a, b = np.zeros((2, 1), np.uint8), np.ones((2, 1), np.uint8)
+    save_samples(path, {"salad": a}, labels)
+    save_samples(path, {"vsa": b}, labels)
+    with np.load(path) as f:
+        assert set(f.files) == {"salad", "vsa", "labels"} and (f["vsa"] == 1).all()
+    with pytest.raises(ValueError, match="other evaluation labels"):
+        save_samples(path, {"sla": a}, np.arange(3))
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="unreadable samples file"):
+        save_samples(path, {"sla": a}, labels)
 
 
 def test_step_for_t():

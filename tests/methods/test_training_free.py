@@ -125,6 +125,7 @@ BAD_KNOBS = [
     ("xattention", "stride", 128),  # larger than block_k=64
     ("xattention", "threshold", 1.5),
     ("xattention", "threshold", 0.0),
+    ("xattention", "score_precision", "bf16"),
     ("sparge", "cdf_threshold", 0.0),
     ("sparge", "sim_threshold", 2.0),
     ("sparge", "sparsity", 1.0),
@@ -390,3 +391,26 @@ def test_sparge_cdf_mode_reaches_the_mass(gen):
     tiles = m.layout.to_dense()
     assert ((probs * tiles).sum(-1) >= 0.7 - 1e-6).all()
     assert m.report().extra["mode"] == "cdf" and tiles.float().mean() < 1.0
+
+
+def test_xattention_tf32_switch_is_scoped():
+    from methods.xattention import _matmul_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with _matmul_precision(not before):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before)
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+@pytest.mark.gpu
+def test_xattention_tf32_scores_keep_the_fp32_tiles_at_wan_480p():
+    """TF32 scoring (the default on CUDA) must select (nearly) the tiles IEEE fp32 scoring selects."""
+    from harness.workloads import get_workload, make_qkv
+
+    wl = get_workload("wan2.1-1.3b-480p")
+    q, k, _ = make_qkv(wl, device="cuda", dtype=torch.bfloat16)
+    ctx = AttnContext(grid=wl.grid)
+    lays = {p: create_method("xattention", num_heads=wl.heads, head_dim=wl.head_dim, sparsity=0.9, score_precision=p).select(q, k, ctx)
+            for p in ("tf32", "fp32")}
+    a, b = lays["tf32"].to_dense(), lays["fp32"].to_dense()
+    assert (a ^ b).float().mean().item() < 0.01 * a.float().mean().item()  # < 1% of the kept tiles differ

@@ -134,10 +134,12 @@ class Bench:
         row.update(extra or {})
         return self.emit(**row)
 
-    def skipped(self, method: str, backend: str, pass_: str, reason: str, density: float = 1.0, variant: str = ""):
+    def skipped(self, method: str, backend: str, pass_: str, reason: str, density: float = 1.0, variant: str = "",
+                status: str = "skipped", config: dict | None = None):
+        """A row that was not measured (``status`` skipped, or error), with its reason."""
         return self.emit(method=method, backend=backend, variant=variant, density=density, sparsity=1.0 - density,
-                         sparsity_target=round(1.0 - density, 4), config={"backend": backend, "variant": variant},
-                         status="skipped", reason=reason, **{"pass": pass_})
+                         sparsity_target=round(1.0 - density, 4), config=config or {"backend": backend, "variant": variant},
+                         status=status, reason=reason, **{"pass": pass_})
 
     # -- attention callables ---------------------------------------------------------------------
     def run_passes(self, method: str, backend: str, attn: Callable, *, density: float = 1.0, pairs=None,
@@ -526,31 +528,28 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
     got = st.select_topk_triton(q, k, keep, bq, bk)
     same = float((got.to_dense() == want.to_dense()).float().mean())
     cfg = {"block_q": bq, "block_k": bk, "keep": keep}
-    for method, fn, extra in (
+    paths = (
         ("select_topk_triton", lambda: st.select_topk_triton(q, k, keep, bq, bk), {"tile_agreement": same}),
         ("select_topk_torch", torch_topk, {}),
         ("select_topp_triton", lambda: st.select_topp_triton(q, k, 0.9, bq, bk), {"mass": 0.9}),
         ("select_topp_torch", lambda: sel.topp_layout(sel.block_scores(q, k, bq, bk), 0.9, n, bq, bk, force), {"mass": 0.9}),
         ("pool_scores_triton", lambda: st.block_scores_triton(q, k, bq, bk), {}),
-    ):
+    )
+    for method, fn, extra in paths:
         bench.timed(method, method.rsplit("_", 1)[1], "fwd", fn, density=density, config=cfg, extra=extra,
                     attention=False)
-    # The same Triton paths replayed from a CUDA graph: device time without the host's launch gaps.
-    # Timed alone, three short launches (~0.1 ms of work) can be bound by Python launch overhead; inside
-    # a model forward the host runs ahead of the GPU and those gaps are hidden.
-    for method, fn in (
-        ("select_topk_triton", lambda: st.select_topk_triton(q, k, keep, bq, bk)),
-        ("select_topp_triton", lambda: st.select_topp_triton(q, k, 0.9, bq, bk)),
-        ("pool_scores_triton", lambda: st.block_scores_triton(q, k, bq, bk)),
-    ):
-        gcfg = {**cfg, "cuda_graph": True}
+    # The Triton paths replayed from a CUDA graph: device time without the host's launch gaps. Timed
+    # alone, three short launches (~0.1 ms of work) can be bound by Python launch overhead; inside a
+    # model forward the host runs ahead of the GPU and those gaps are hidden.
+    gcfg = {**cfg, "cuda_graph": True}
+    for method, fn, _ in paths:
+        if not method.endswith("_triton"):
+            continue
         try:
             replay = cuda_graph(fn)
         except Exception as exc:  # capture can fail (a host sync inside fn): say so, go on
-            bench.emit(method=method, backend="triton", variant="cuda_graph", density=density,
-                       sparsity=1.0 - density, sparsity_target=round(1.0 - density, 4), config=gcfg,
-                       status="error", reason=f"CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]}",
-                       **{"pass": "fwd"})
+            bench.skipped(method, "triton", "fwd", f"CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]}",
+                          density, "cuda_graph", status="error", config=gcfg)
             continue
         bench.timed(method, "triton", "fwd", replay, density=density, variant="cuda_graph", config=gcfg,
                     attention=False)

@@ -183,13 +183,12 @@ def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, m
         k = _check_qk(k, block_k)
         pk = torch.empty((b, h, mk, d), dtype=torch.float32, device=q.device)
         grid0 = mq + mk
-    args = (q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), h, n, mq, mk,
-            float(mult_q), 1.0)
-    meta = {"D": d, "BQ": block_q, "BK": block_k, "POOL_K": grid0 > mq}
     # One load per block with 4 warps: 0.086 ms for pool + scores at Wan 480p on the H200. An autotuned
     # variant (sub-tiles of 16/32/64 tokens x 2/4/8 warps) measured slower there (0.124 ms), so the
     # configuration is fixed (kernels/NOTES.md, run 4).
-    _pool_kernel[(grid0, b * h)](*args, **meta, num_warps=4)
+    _pool_kernel[(grid0, b * h)](q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                 k.stride(2), h, n, mq, mk, float(mult_q), 1.0, D=d, BQ=block_q, BK=block_k,
+                                 POOL_K=grid0 > mq, num_warps=4)
     return pq, (pk if grid0 > mq else None)
 
 
@@ -240,9 +239,10 @@ def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0
     cnt = torch.empty((b, h, mq), dtype=torch.int32, device=scores.device)
     rows = b * h * mq
     cols = triton.next_power_of_2(mk)
-    args = (scores, idx, cnt, fmask, keep, float(mass), rows, n, mq, mk, h, *fs, width)
-    meta = {"BQ": block_q, "BK": block_k, "FORCE": code, "TOPP": topp, "ROWS": _SEL_ROWS, "COLS": cols}
-    _select_kernel[(cdiv(rows, _SEL_ROWS),)](*args, **meta, num_warps=max(1, min(8, cols // 128)))
+    _select_kernel[(cdiv(rows, _SEL_ROWS),)](
+        scores, idx, cnt, fmask, keep, float(mass), rows, n, mq, mk, h, *fs, width,
+        BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols, num_warps=max(1, min(8, cols // 128)),
+    )
     return BlockLayout(idx, cnt, block_q, block_k, n)
 
 

@@ -56,14 +56,17 @@ class TopK(AttentionMethod):
         n = q.shape[2]
         if c.selector == "triton" and not triton_available(q.device):
             raise Unsupported("selector='triton' needs a CUDA device with Triton (or TRITON_INTERPRET=1); use selector='torch'")
-        pow2 = not (c.block_q & (c.block_q - 1) or c.block_k & (c.block_k - 1) or q.shape[-1] & (q.shape[-1] - 1))
-        on_gpu = q.device.type == "cuda" and triton_available(q.device)
-        if c.selector == "triton" or (c.selector == "auto" and on_gpu and pow2):
+        if c.selector == "triton" or (c.selector == "auto" and q.device.type == "cuda" and triton_available(q.device)):
             # Same rule on the GPU (pool, score, exact top-k by bisection), no N x N anywhere.
             from kernels.select_triton import select_topk_triton
 
-            keep = keep_count(c.sparsity, cdiv(n, c.block_k))
-            return select_topk_triton(q, k, keep, c.block_q, c.block_k, keep_diagonal=c.keep_diagonal)
+            try:
+                return select_topk_triton(q, k, keep_count(c.sparsity, cdiv(n, c.block_k)), c.block_q, c.block_k,
+                                          keep_diagonal=c.keep_diagonal)
+            except Unsupported:
+                if c.selector == "triton":
+                    raise
+                # auto: a shape the Triton selector does not take (non-power-of-two block or D) selects in torch
         scores = block_scores(q, k, c.block_q, c.block_k)
         force = diagonal_blocks(n, c.block_q, c.block_k, q.device) if c.keep_diagonal else None
         return topk_layout(scores, keep_count(c.sparsity, scores.shape[-1]), n, c.block_q, c.block_k, force)

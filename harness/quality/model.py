@@ -52,6 +52,8 @@ __all__ = [
 
 FORMAT = "salad-mini-wan/1"
 FINETUNED_FORMAT = "salad-mini-wan-finetuned/1"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the offending file."""
 

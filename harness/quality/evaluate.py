@@ -33,6 +33,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -265,12 +266,15 @@ class QualityStudy:
                 row["dropped_layers"] = dropped
             if not self.dist.main:
                 return row
-            row["val_loss"] = val_loss(
+            per_video = val_loss(
                 model,
                 *self.val_data,
                 batch_size=self.s.eval_batch,
                 on_t=lambda t: set_step(model.transformer, step_for_t(t, n_steps), n_steps),
+                per_video=True,
             )
+            row["val_loss"] = float(np.mean(per_video))
+            row["val_loss_per_video"] = [round(x, 7) for x in per_video]
             row["val_loss_rel"] = row["val_loss"] / self.val_loss_full - 1.0
             densities: list[float] = []
             videos = self._sample(model, on_step, densities, methods)
@@ -280,6 +284,8 @@ class QualityStudy:
             row["psnr"] = None if fid["psnr"] == float("inf") else fid["psnr"]
             row["psnr_identical"] = fid["psnr"] == float("inf")
             row["ssim"] = fid["ssim"]
+            row["psnr_per_video"] = [None if math.isinf(x) else round(x, 4) for x in fid["psnr_per_video"]]
+            row["ssim_per_video"] = [round(x, 5) for x in fid["ssim_per_video"]]
             row["lpips"], lp_reason = lpips_score(videos, self.ref_videos)
             if lp_reason:
                 row["lpips_reason"] = lp_reason
@@ -341,6 +347,14 @@ class QualityStudy:
 def save_samples(path: Path, samples: dict[str, np.ndarray], labels: np.ndarray) -> None:
     """Merge ``samples`` into ``path`` (an earlier call's methods stay; the same method is replaced) and
     write it atomically, so a killed or resumed study keeps every video sampled so far."""
+    import fcntl  # studies run side by side (harness.quality.parallel) share one samples file
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_samples(path, samples, labels)
+
+
+def _merge_samples(path: Path, samples: dict[str, np.ndarray], labels: np.ndarray) -> None:
     merged: dict[str, np.ndarray] = {}
     if path.exists():
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,17 +60,20 @@ def val_loss(
     batch_size: int = 8,
     on_t: Callable[[float], None] | None = None,
     bf16: bool = True,
-) -> float:
+    per_video: bool = False,
+) -> float | list[float]:
     """Mean flow-matching MSE over ``videos`` x ``t_grid``; video ``j`` always gets the same noise.
 
     ``on_t(t)`` runs before each ``t`` (the study maps it to a sampling step for step-aware methods).
+    With ``per_video`` the result is each video's mean over ``t_grid`` (their mean is the usual value),
+    which paired confidence intervals between methods need.
     """
     from harness.quality.data import VideoSpec
 
     b, _, f, h, w = videos.shape
     spec = VideoSpec(frames=f, height=h, width=w, patch=(1, 1, 1))
     noise = make_noise(b, spec, noise_seed, videos.device)
-    total, count = 0.0, 0
+    sums = torch.zeros(b, dtype=torch.float64)
     for t_val in t_grid:
         if on_t is not None:
             on_t(float(t_val))
@@ -78,9 +82,9 @@ def val_loss(
             t = torch.full((x0.shape[0],), float(t_val), device=x0.device)
             with autocast(x0.device, bf16):
                 per = flow_matching_mse(model, x0, lab, t, nz)
-            total += float(per.sum())
-            count += x0.shape[0]
-    return total / count
+            sums[s : s + x0.shape[0]] += per.double().cpu()
+    each = sums / len(t_grid)
+    return [float(x) for x in each] if per_video else float(each.mean())
 
 
 def to_uint8(videos: torch.Tensor) -> np.ndarray:
@@ -111,8 +115,9 @@ def _frames01(videos: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fidelity(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """PSNR (dB) and SSIM of ``pred`` against ``ref`` (both ``(B, 3, T, H, W)`` in [-1, 1]), per video then mean.
+def fidelity(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """PSNR (dB) and SSIM of ``pred`` against ``ref`` (both ``(B, 3, T, H, W)`` in [-1, 1]), per video then mean:
+    ``psnr``/``ssim`` are the means, ``psnr_per_video``/``ssim_per_video`` the lists (for paired intervals).
 
     A video identical to its reference has infinite PSNR; the mean is then ``inf`` too.
     """
@@ -126,7 +131,7 @@ def fidelity(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
         mse = float((pv - rv).square().mean())
         psnrs.append(math.inf if mse == 0 else float(peak_signal_noise_ratio(pv, rv, data_range=1.0)))
         ssims.append(float(structural_similarity_index_measure(pv, rv, data_range=1.0)))
-    return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+    return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "psnr_per_video": psnrs, "ssim_per_video": ssims}
 
 
 def _alexnet_weights() -> Path:

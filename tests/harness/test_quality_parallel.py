@@ -1,0 +1,66 @@
+"""Side-by-side quality workers: methods dealt out by weight, one shared run directory (CPU, tiny model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.quality.parallel import assign, main, plan_workers
+
+pytest.importorskip("diffusers")
+pytest.importorskip("torchmetrics")
+pytest.importorskip("harness.integrations.wan")
+
+
+def test_assign_balances_heaviest_first_and_keeps_order():
+    names = ["full", "salad", "topk", "vsa", "sta", "sla"]
+    w = {"salad": 20, "vsa": 20, "sla": 20, "full": 1, "topk": 1, "sta": 1}
+    shares = assign(names, w, 2)
+    assert sorted(sum(shares, [])) == sorted(names)  # every method once
+    loads = [sum(w[n] for n in s) for s in shares]
+    assert max(loads) - min(loads) <= 20  # no better split exists with three 20s
+    for s in shares:
+        assert s == [n for n in names if n in s]  # the caller's order within a worker
+    assert assign(["a"], {}, 3) == [["a"]]  # idle workers are dropped
+    with pytest.raises(ValueError, match="at least one worker"):
+        assign(names, w, 0)
+
+
+def test_plan_workers():
+    assert plan_workers(["0", "1"], 2) == ["0", "0", "1", "1"]
+    assert plan_workers([], 3) == [None, None, None]
+    with pytest.raises(ValueError, match="per-gpu"):
+        plan_workers(["0"], 0)
+
+
+def test_launcher_refuses_flags_it_owns(tmp_path):
+    with pytest.raises(SystemExit, match="--resume is set by the launcher"):
+        main(["--methods", "full", "--out", str(tmp_path), "--", "--resume"])
+
+
+def test_two_workers_share_one_run(tmp_path):
+    from harness.quality.model import MiniWan, MiniWanConfig, save_checkpoint
+    from harness.results import read_jsonl
+
+    tiny = MiniWanConfig(num_layers=2, num_heads=2, head_dim=64, ffn_dim=64, freq_dim=32, frames=4, height=16, width=16)
+    torch.manual_seed(0)
+    save_checkpoint(MiniWan(tiny), tmp_path / "ckpt", {"steps_done": 0})
+    out = tmp_path / "run"
+    args = ["--methods", "full,topk,salad,sparse_lora", "--out", str(out), "--gpus", "none", "--per-gpu", "2",
+            "--threads", "1", "--", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--sparsity", "0.5",
+            "--steps", "2", "--batch", "2", "--train-samples", "4", "--n-val", "2", "--n-eval", "2", "--sample-steps",
+            "2", "--eval-batch", "2", "--save-samples"]  # fmt: skip
+    assert main(args) == 0
+    rows = read_jsonl(out / "rows.jsonl")
+    assert sorted(r["method"] for r in rows) == ["full", "salad", "sparse_lora", "topk"]
+    assert all(r["status"] == "ok" and "ms" not in r for r in rows)  # a shared device: no latency
+    for r in rows:  # per-video values for paired intervals
+        assert len(r["val_loss_per_video"]) == 2 and len(r["ssim_per_video"]) == 2
+        assert r["val_loss"] == pytest.approx(np.mean(r["val_loss_per_video"]), rel=1e-6)
+    with np.load(out / "samples.npz") as f:  # both workers' videos survive the shared file
+        assert {"salad", "sparse_lora", "topk"} <= set(f.files)
+    log = (out / "log.txt").read_text()
+    assert "[w0]" in log and "[w1]" in log
+    assert main(args) == 0  # everything is done: a second call runs nothing
+    assert len(read_jsonl(out / "rows.jsonl")) == 4

@@ -338,8 +338,11 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
 
     saved = dict(bs.OPTIONS)
     variants = {
+        "default": {},
         "ptr": {"fwd_tma": False},
         "order": {"fwd_order": True},
+        "pair": {"fwd_pair": True},
+        "pair_order": {"fwd_pair": True, "fwd_order": True},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }
@@ -357,6 +360,16 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
             bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
                              variant=name, layout=lay, passes=passes,
                              config={"block_q": 128, "block_k": 64, "options": dict(bs.OPTIONS)})
+        if dens < 1.0:  # FlexAttention on this very layout, so every variant has its same-mask ratio
+            from kernels.flex import flex_block_mask, flex_block_sparse_attention
+
+            def flex(layout):
+                bm = flex_block_mask(layout)
+                return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
+
+            bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+                             variant="variants_layout", layout=lay, passes=("fwd",),
+                             config={"block_q": 128, "block_k": 64})
     bs.OPTIONS.clear()
     bs.OPTIONS.update(saved)
     # 128 x 128 tiles (the tile FlexAttention's default block mask uses), forward, ours and Flex
@@ -385,6 +398,7 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
 def linear_variants_section(bench: Bench) -> None:
     """Grid size and tile options of the linear branch, forward only."""
     from kernels import linear_attn as la
+    from kernels.reference import linear_attention_ref
     from kernels.rope import rope_3d_freqs
 
     grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
@@ -403,18 +417,33 @@ def linear_variants_section(bench: Bench) -> None:
         "b128w4s3": tiles(128, 4, 3),
         "b64w8s3": tiles(64, 8, 3),
         "fp16_native": {"modes": {"NATIVE_MODE": 1, "F32_MODE": 1, "F32_SPLIT": False}},
+        "default": {},
+        "nosplit": {"state_split": False},
+        "rope_bf16": {},
+        "nosplit_rope_bf16": {"state_split": False},
         "norope": {},
     }
     q, k, v = bench.q, bench.k, bench.v
+    hs = min(REF_HEADS, bench.h)
+    ref = linear_attention_ref(*[x[:, :hs].float() for x in (q, k, v)], "relu", cos, sin)
     for name, opts in variants.items():
         cs, sn = (None, None) if name == "norope" else (cos, sin)
+        if "rope_bf16" in name:  # half the table traffic; the caller converts once (tables are per shape)
+            cs, sn = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
         la.OPTIONS.clear()
         la.OPTIONS.update({key: (dict(val) if isinstance(val, dict) else val) for key, val in saved.items()})
         la.OPTIONS.update(opts)
+        extra = {}
+        if name != "norope":
+            try:
+                extra["rel_l2"] = rel_l2(la.linear_attention_triton(q[:, :hs], k[:, :hs], v[:, :hs], "relu", cs, sn), ref)
+            except Exception as exc:  # the timing below reports the failure
+                print(f"  linear {name}: accuracy failed: {exc!r}")
         bench.timed("linear_triton", "triton", "fwd",
                     lambda cs=cs, sn=sn: la.linear_attention_triton(q, k, v, "relu", cs, sn),
-                    variant=name, config={"kind": "relu", "rope": True, "options": json.dumps(la.OPTIONS)},
-                    attention=False)
+                    variant=name, config={"kind": "relu", "rope": name != "norope", "options": json.dumps(la.OPTIONS),
+                                          "tables": str(cs.dtype) if cs is not None else None},
+                    attention=False, extra=extra)
     la.OPTIONS.clear()
     la.OPTIONS.update(saved)
 
@@ -538,6 +567,17 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
     for method, fn, extra in paths:
         bench.timed(method, method.rsplit("_", 1)[1], "fwd", fn, density=density, config=cfg, extra=extra,
                     attention=False)
+    # pooling alone (the bandwidth-bound part: Q and K read once), Triton at 4 and 8 warps, and torch
+    for warps in (4, 8):
+        st.POOL_WARPS, saved_warps = warps, st.POOL_WARPS
+        try:
+            bench.timed("pool_triton", "triton", "fwd", lambda: st._pool(q, k, bq, bk), density=density,
+                        variant=f"w{warps}", config={**cfg, "num_warps": warps}, attention=False,
+                        extra={"bytes_read": 2 * q.numel() * q.element_size()})
+        finally:
+            st.POOL_WARPS = saved_warps
+    bench.timed("pool_torch", "torch", "fwd", lambda: (_pool_torch(q, bq), _pool_torch(k, bk)), density=density,
+                config=cfg, attention=False)
     # The Triton paths replayed from a CUDA graph: device time without the host's launch gaps. Timed
     # alone, three short launches (~0.1 ms of work) can be bound by Python launch overhead; inside a
     # model forward the host runs ahead of the GPU and those gaps are hidden.
@@ -553,6 +593,16 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
             continue
         bench.timed(method, "triton", "fwd", replay, density=density, variant="cuda_graph", config=gcfg,
                     attention=False)
+
+
+def _pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Block means with torch reductions (whole blocks, then the ragged tail), fp32."""
+    n = x.shape[2]
+    whole = n // block * block
+    parts = [x[:, :, :whole].unflatten(2, (n // block, block)).mean(3, dtype=torch.float32)]
+    if whole < n:
+        parts.append(x[:, :, whole:].mean(2, keepdim=True, dtype=torch.float32))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:

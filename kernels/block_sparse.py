@@ -99,6 +99,27 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N
 
 
 @triton.jit
+def _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start0, start1, N, stride_kn, stride_vn,
+               qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    """Two unmasked key blocks per step: one online-softmax update (max, rescale of ``acc``) for both."""
+    k0 = _load_rows(k_base, k_desc, b, h, start0, N, stride_kn, BK, D, USE_TMA, False)
+    k1 = _load_rows(k_base, k_desc, b, h, start1, N, stride_kn, BK, D, USE_TMA, False)
+    qk0 = tl.dot(q, tl.trans(k0), input_precision=PREC)
+    qk1 = tl.dot(q, tl.trans(k1), input_precision=PREC)
+    m_ij = tl.maximum(m_i, tl.maximum(tl.max(qk0, 1), tl.max(qk1, 1)) * qk_scale)
+    p0 = tl.math.exp2(qk0 * qk_scale - m_ij[:, None])
+    p1 = tl.math.exp2(qk1 * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
+    acc = acc * alpha[:, None]
+    v0 = _load_rows(v_base, v_desc, b, h, start0, N, stride_vn, BK, D, USE_TMA, False)
+    acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=PREC)
+    v1 = _load_rows(v_base, v_desc, b, h, start1, N, stride_vn, BK, D, USE_TMA, False)
+    acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, KV_IDX, KV_CNT, ORDER, k_desc, v_desc,
     qk_scale,
@@ -109,7 +130,7 @@ def _fwd_kernel(
     H, N, MQ, MK, KMAX,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PAIR: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     pid = tl.program_id(0)
@@ -138,12 +159,29 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
 
     has, last = _ragged_entry(idx_base, cnt, MK, EVEN_N, KMAX_P2)
-    for j in range(0, cnt - has):
-        kb = tl.load(idx_base + j)
-        if not EVEN_N:
-            kb = tl.where(kb == MK - 1, last, kb)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
-                                  stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
+    n_full = cnt - has  # list entries of unmasked key blocks (the ragged last block is done after)
+    if PAIR:
+        for j in range(0, n_full // 2):
+            kb0 = tl.load(idx_base + 2 * j)
+            kb1 = tl.load(idx_base + 2 * j + 1)
+            if not EVEN_N:
+                kb0 = tl.where(kb0 == MK - 1, last, kb0)
+                kb1 = tl.where(kb1 == MK - 1, last, kb1)
+            acc, l_i, m_i = _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb0 * BK, kb1 * BK,
+                                       N, stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, PREC)
+        if n_full % 2 == 1:
+            kb = tl.load(idx_base + n_full - 1)
+            if not EVEN_N:
+                kb = tl.where(kb == MK - 1, last, kb)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
+                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
+    else:
+        for j in range(0, n_full):
+            kb = tl.load(idx_base + j)
+            if not EVEN_N:
+                kb = tl.where(kb == MK - 1, last, kb)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
+                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
     if not EVEN_N:
         if has > 0:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
@@ -343,7 +381,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA"]
+_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_block_m})(
     _fwd_kernel
 )
@@ -442,7 +480,7 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
 
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
-             config: dict | None = None):
+             pair: bool = False, config: dict | None = None):
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -464,7 +502,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         h, n, mq, mk, kmax,
     )
     kwargs = dict(D=d, BQ=bq, BK=bk, EVEN_N=(n % bk == 0), KMAX_P2=triton.next_power_of_2(max(kmax, 2)),
-                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype))
+                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair))
 
     def grid(meta):
         return (mq * (bq // meta["BLOCK_M"]), b * h)
@@ -529,14 +567,17 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 
 # Execution options used by the public function; the benchmark flips them to time variants.
 # TMA loads are used where the hardware has them (sm90+; see _tma_ok), pointer loads elsewhere.
-OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "bwd_order": True, "bwd_tma": False}
+# ``fwd_pair``: the forward takes two key blocks per online-softmax step (one rescale of the accumulator
+# per 2 x block_k keys).
+OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "bwd_order": True, "bwd_tma": False}
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_idx, kv_cnt, block_q, block_k, scale):
         layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
-        out, lse = _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"])
+        out, lse = _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
+                            pair=OPTIONS["fwd_pair"])
         ctx.save_for_backward(q, k, v, out, lse, kv_idx, kv_cnt)
         ctx.blocks = (block_q, block_k)
         ctx.scale = scale

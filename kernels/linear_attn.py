@@ -162,8 +162,8 @@ def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: t
     f0, f1 = _halves(f, ROWS, D2)
     if ROPE:
         cs_off = offs[:, None] * D2 + tl.arange(0, D2)[None, :]
-        c = tl.load(COS + cs_off, mask=mask[:, None], other=0.0)
-        s = tl.load(SIN + cs_off, mask=mask[:, None], other=0.0)
+        c = tl.load(COS + cs_off, mask=mask[:, None], other=0.0).to(tl.float32)
+        s = tl.load(SIN + cs_off, mask=mask[:, None], other=0.0).to(tl.float32)
         r0 = f0 * c - f1 * s
         r1 = f0 * s + f1 * c
     else:
@@ -182,7 +182,8 @@ def _fwd_state_kernel(
     K, V, COS, SIN, PART,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     H, N, CHUNK,
-    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
@@ -204,8 +205,8 @@ def _fwd_state_kernel(
         za0 += f0
         za1 += f1
         v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
-        acc0 = _mm(tl.trans(r0), v, acc0, NATIVE_MODE, True, False)
-        acc1 = _mm(tl.trans(r1), v, acc1, NATIVE_MODE, True, False)
+        acc0 = _mm(tl.trans(r0), v, acc0, NATIVE_MODE, STATE_SPLIT, False)
+        acc1 = _mm(tl.trans(r1), v, acc1, NATIVE_MODE, STATE_SPLIT, False)
     _store_state(PART, bh.to(tl.int64) * nsplit + pid, acc0, acc1, tl.sum(za0, 0), tl.sum(za1, 0), D2, D)
 
 
@@ -353,8 +354,10 @@ def _bwd_kv_kernel(
 # memory); a config that does not fit is retried smaller (see _launch).
 _FWD_CFG = {"BLOCK": 32, "num_warps": 4, "num_stages": 3}
 _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
+# ``state_split``: the K/V pass also multiplies the lo parts of the fp32 features (two more dots per
+# tile) for half-precision inputs.
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
-                 "programs_per_sm": 2, "modes": None}
+                 "programs_per_sm": 2, "modes": None, "state_split": True}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -411,7 +414,9 @@ def _rope_args(cos, sin, n, d, device):
         return dummy, dummy, False
     if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
         raise ValueError(f"cos/sin must be (N, D/2) = ({n}, {d // 2}); got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    return cos.to(device=device, dtype=torch.float32).contiguous(), sin.to(device=device, dtype=torch.float32).contiguous(), True
+    # tables stay in the half dtype they come in (half the traffic: a caller's choice, see OPTIONS)
+    dt = cos.dtype if cos.dtype in (torch.float16, torch.bfloat16) and sin.dtype == cos.dtype else torch.float32
+    return cos.to(device=device, dtype=dt).contiguous(), sin.to(device=device, dtype=dt).contiguous(), True
 
 
 def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
@@ -423,7 +428,8 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     _launch(
         _fwd_state_kernel, (nsplit, b * h),
         (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk),
-        dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"]), OPTIONS["state"],
+        dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
+             STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0), OPTIONS["state"],
     )
     state = part.sum(1)
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)

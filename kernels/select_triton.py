@@ -171,6 +171,9 @@ def _check_qk(x: torch.Tensor, block: int) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+POOL_WARPS = 4  # warps per pooling program (the benchmark times 4 and 8)
+
+
 def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, mult_q: float = 1.0):
     """Pooled q (times ``mult_q``) and k (None when ``k`` is None) in one launch."""
     q = _check_qk(q, block_q)
@@ -188,7 +191,7 @@ def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, m
     # configuration is fixed (kernels/NOTES.md, run 4).
     _pool_kernel[(grid0, b * h)](q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                                  k.stride(2), h, n, mq, mk, float(mult_q), 1.0, D=d, BQ=block_q, BK=block_k,
-                                 POOL_K=grid0 > mq, num_warps=4)
+                                 POOL_K=grid0 > mq, num_warps=POOL_WARPS)
     return pq, (pk if grid0 > mq else None)
 
 

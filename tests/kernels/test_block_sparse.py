@@ -86,6 +86,21 @@ def test_variants_agree(gen, use_tma, order):
     assert rel_l2(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("n,use_tma", [(200, True), (256, False), (136, False)])
+def test_paired_forward_matches_reference(gen, n, use_tma):
+    """Two key blocks per softmax step: odd and even counts, empty rows, the ragged block anywhere in a list."""
+    d = 64
+    lay = _random_layout(gen, 2, 2, n, 64, 64)  # shuffled lists, row (0, 0, 0) empty
+    q, k, v = _inputs(gen, 2, 2, n, d, torch.float32)
+    assert (lay.kv_cnt % 2 == 1).any() and (lay.kv_cnt[lay.kv_cnt > 0] % 2 == 0).any()
+    out, lse = bs._forward(q, k, v, lay, d**-0.5, use_tma=use_tma, pair=True)
+    ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay)
+    assert rel_l2(out, ref) < 1e-5
+    assert torch.isneginf(lse[0, 0, :64]).all() and (out[0, 0, :64] == 0).all()
+    single, lse1 = bs._forward(q, k, v, lay, d**-0.5, use_tma=use_tma, pair=False)
+    assert torch.allclose(lse, lse1, atol=1e-5)
+
+
 def test_full_layout_is_dense_attention(gen):
     n, d = 150, 64
     q, k, v = _inputs(gen, 1, 1, n, d, torch.float32)
@@ -125,9 +140,10 @@ def test_unsupported_inputs(gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_full_size_gpu(gen, dtype):
+@pytest.mark.parametrize("dtype,pair", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
+def test_full_size_gpu(gen, dtype, pair, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference."""
+    monkeypatch.setitem(bs.OPTIONS, "fwd_pair", pair)
     b, h, n, d = 1, 2, 32760, 128
     q, k, v = _inputs(gen, b, h, n, d, dtype)
     mq, mk = cdiv(n, 128), cdiv(n, 64)

@@ -568,14 +568,29 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
         bench.timed(method, method.rsplit("_", 1)[1], "fwd", fn, density=density, config=cfg, extra=extra,
                     attention=False)
     # pooling alone (the bandwidth-bound part: Q and K read once), Triton at 4 and 8 warps, and torch
-    for warps in (4, 8):
-        st.POOL_WARPS, saved_warps = warps, st.POOL_WARPS
+    # the pooled-score matmul on TF32 tensor cores (off by default in torch): time and agreement
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got32 = st.select_topk_triton(q, k, keep, bq, bk)
+        agree = float((got32.to_dense() == want.to_dense()).float().mean())
+        for method, fn in (("select_topk_triton", lambda: st.select_topk_triton(q, k, keep, bq, bk)),
+                           ("pool_scores_triton", lambda: st.block_scores_triton(q, k, bq, bk))):
+            bench.timed(method, "triton", "fwd", fn, density=density, variant="tf32_scores",
+                        config={**cfg, "tf32": True}, attention=False, extra={"tile_agreement": agree})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    want_pool = sel.pool_blocks(q, bq)
+    for warps, sub in ((4, 0), (8, 0), (4, 32), (8, 32), (4, 16), (2, 16)):
+        saved_pool = st.POOL_WARPS, st.POOL_SUB
+        st.POOL_WARPS, st.POOL_SUB = warps, sub
         try:
+            err = float((st._pool(q, None, bq, bq)[0] - want_pool).abs().max())
             bench.timed("pool_triton", "triton", "fwd", lambda: st._pool(q, k, bq, bk), density=density,
-                        variant=f"w{warps}", config={**cfg, "num_warps": warps}, attention=False,
-                        extra={"bytes_read": 2 * q.numel() * q.element_size()})
+                        variant=f"w{warps}" + (f"s{sub}" if sub else ""), config={**cfg, "num_warps": warps, "sub": sub},
+                        attention=False, extra={"bytes_read": 2 * q.numel() * q.element_size(), "max_abs_err": err})
         finally:
-            st.POOL_WARPS = saved_warps
+            st.POOL_WARPS, st.POOL_SUB = saved_pool
     bench.timed("pool_torch", "torch", "fwd", lambda: (_pool_torch(q, bq), _pool_torch(k, bk)), density=density,
                 config=cfg, attention=False)
     # The Triton paths replayed from a CUDA graph: device time without the host's launch gaps. Timed

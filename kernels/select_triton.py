@@ -60,17 +60,39 @@ def _pool_tile(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D:
 
 
 @triton.jit
+def _pool_tile_loop(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D: tl.constexpr,
+                    BLOCK: tl.constexpr, SUB: tl.constexpr):
+    """As :func:`_pool_tile`, in ``SUB``-token slices (fewer registers per thread, more programs per SM)."""
+    base = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    acc = tl.zeros([SUB, D], dtype=tl.float32)
+    for s in tl.static_range(0, BLOCK, SUB):
+        offs = m * BLOCK + s + tl.arange(0, SUB)
+        x = tl.load(base + offs[:, None].to(tl.int64) * stride_n + tl.arange(0, D)[None, :], mask=offs[:, None] < N,
+                    other=0.0)
+        acc += x.to(tl.float32)
+    count = tl.minimum(N - m * BLOCK, BLOCK).to(tl.float32)
+    tl.store(OUT + (bh.to(tl.int64) * M + m) * D + tl.arange(0, D), tl.sum(acc, 0) * (mult / count))
+
+
+@triton.jit
 def _pool_kernel(Q, K, PQ, PK, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, H, N, MQ, MK, mult_q, mult_k,
-                 D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, POOL_K: tl.constexpr):
-    """One launch pools Q (programs ``< MQ``) and, with POOL_K, K (the next MK programs)."""
+                 D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, POOL_K: tl.constexpr, SUB: tl.constexpr):
+    """One launch pools Q (programs ``< MQ``) and, with POOL_K, K (the next MK programs); SUB = 0 loads
+    a whole block at once, else in SUB-token slices."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     if pid < MQ:
-        _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ)
+        if SUB == 0:
+            _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ)
+        else:
+            _pool_tile_loop(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ, SUB)
     elif POOL_K:
-        _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK)
+        if SUB == 0:
+            _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK)
+        else:
+            _pool_tile_loop(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK, SUB)
 
 
 @triton.jit
@@ -172,6 +194,7 @@ def _check_qk(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 POOL_WARPS = 4  # warps per pooling program (the benchmark times 4 and 8)
+POOL_SUB = 0  # tokens per load slice in a pooling program (0: the whole block at once; the benchmark times 32/64)
 
 
 def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, mult_q: float = 1.0):
@@ -191,7 +214,7 @@ def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, m
     # configuration is fixed (kernels/NOTES.md, run 4).
     _pool_kernel[(grid0, b * h)](q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                                  k.stride(2), h, n, mq, mk, float(mult_q), 1.0, D=d, BQ=block_q, BK=block_k,
-                                 POOL_K=grid0 > mq, num_warps=POOL_WARPS)
+                                 POOL_K=grid0 > mq, SUB=min(POOL_SUB, block_q, block_k), num_warps=POOL_WARPS)
     return pq, (pk if grid0 > mq else None)
 
 

@@ -593,6 +593,28 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
             st.POOL_WARPS, st.POOL_SUB = saved_pool
     bench.timed("pool_torch", "torch", "fwd", lambda: (_pool_torch(q, bq), _pool_torch(k, bk)), density=density,
                 config=cfg, attention=False)
+    # whole-pipeline combinations (pool warps/slice, selection warps, TF32 scores), eager and from a CUDA
+    # graph, each with its agreement with the torch rule
+    saved = st.POOL_WARPS, st.POOL_SUB, st.SEL_WARPS, torch.backends.cuda.matmul.allow_tf32
+    for pw, ps, sw, tf32 in ((4, 0, 0, False), (2, 16, 0, False), (4, 0, 1, False), (4, 0, 2, False),
+                             (2, 16, 1, False), (1, 16, 1, False), (2, 32, 1, False), (2, 16, 1, True)):
+        st.POOL_WARPS, st.POOL_SUB, st.SEL_WARPS = pw, ps, sw
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        name = f"p{pw}s{ps}_sel{sw}" + ("_tf32" if tf32 else "")
+        try:
+            agree = float((st.select_topk_triton(q, k, keep, bq, bk).to_dense() == want.to_dense()).float().mean())
+            vcfg = {**cfg, "pool_warps": pw, "pool_sub": ps, "sel_warps": sw, "tf32": tf32}
+            fn = lambda: st.select_topk_triton(q, k, keep, bq, bk)  # noqa: E731
+            bench.timed("select_topk_triton", "triton", "fwd", fn, density=density, variant=name, config=vcfg,
+                        attention=False, extra={"tile_agreement": agree})
+            bench.timed("select_topk_triton", "triton", "fwd", cuda_graph(fn), density=density,
+                        variant=name + "_graph", config={**vcfg, "cuda_graph": True}, attention=False,
+                        extra={"tile_agreement": agree})
+        except Exception as exc:
+            bench.skipped("select_topk_triton", "triton", "fwd", f"{type(exc).__name__}: {str(exc)[:200]}", density,
+                          name, status="error")
+    st.POOL_WARPS, st.POOL_SUB, st.SEL_WARPS = saved[:3]
+    torch.backends.cuda.matmul.allow_tf32 = saved[3]
     # The Triton paths replayed from a CUDA graph: device time without the host's launch gaps. Timed
     # alone, three short launches (~0.1 ms of work) can be bound by Python launch overhead; inside a
     # model forward the host runs ahead of the GPU and those gaps are hidden.

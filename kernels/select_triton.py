@@ -247,6 +247,7 @@ def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
 
 
 _SEL_ROWS = 1  # query-block rows per selection program; > 1 miscompiles on sm_90 (module docstring)
+SEL_WARPS = 0  # warps per selection program (0: Mk/128, at most 8; the benchmark times 1/2/4)
 
 
 def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0, topp: bool = False):
@@ -267,7 +268,8 @@ def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0
     cols = triton.next_power_of_2(mk)
     _select_kernel[(cdiv(rows, _SEL_ROWS),)](
         scores, idx, cnt, fmask, keep, float(mass), rows, n, mq, mk, h, *fs, width,
-        BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols, num_warps=max(1, min(8, cols // 128)),
+        BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols,
+        num_warps=SEL_WARPS or max(1, min(8, cols // 128)),
     )
     return BlockLayout(idx, cnt, block_q, block_k, n)
 

@@ -193,8 +193,8 @@ def _check_qk(x: torch.Tensor, block: int) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-POOL_WARPS = 4  # warps per pooling program (the benchmark times 4 and 8)
-POOL_SUB = 0  # tokens per load slice in a pooling program (0: the whole block at once; the benchmark times 32/64)
+POOL_WARPS = 2  # warps per pooling program
+POOL_SUB = 16  # tokens per load slice in a pooling program (0: the whole block in one load)
 
 
 def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, mult_q: float = 1.0):
@@ -209,9 +209,9 @@ def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, m
         k = _check_qk(k, block_k)
         pk = torch.empty((b, h, mk, d), dtype=torch.float32, device=q.device)
         grid0 = mq + mk
-    # One load per block with 4 warps: 0.086 ms for pool + scores at Wan 480p on the H200. An autotuned
-    # variant (sub-tiles of 16/32/64 tokens x 2/4/8 warps) measured slower there (0.124 ms), so the
-    # configuration is fixed (kernels/NOTES.md, run 4).
+    # Fixed configuration, measured at Wan 480p on the H200 (kernels/NOTES.md, runs 4 and 5): 2 warps
+    # loading 16-token slices pool Q and K in 0.060 ms, against 0.070 ms for one 4-warp load per block
+    # and 0.103 ms with 8 warps. An autotuned variant measured slower (0.124 ms for pool + scores).
     _pool_kernel[(grid0, b * h)](q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                                  k.stride(2), h, n, mq, mk, float(mult_q), 1.0, D=d, BQ=block_q, BK=block_k,
                                  POOL_K=grid0 > mq, SUB=min(POOL_SUB, block_q, block_k), num_warps=POOL_WARPS)
@@ -247,7 +247,11 @@ def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
 
 
 _SEL_ROWS = 1  # query-block rows per selection program; > 1 miscompiles on sm_90 (module docstring)
-SEL_WARPS = 0  # warps per selection program (0: Mk/128, at most 8; the benchmark times 1/2/4)
+# Warps per selection program (0: Mk/128, at most 8). One warp keeps the 32 bisection reductions
+# inside the warp (no shared-memory barrier). At Wan 480p on the H200 (kernels/NOTES.md, run 5), from a
+# CUDA graph: 0.113 ms with 4-warp pooling and Mk/128 selection warps, 0.103 ms with one selection warp,
+# 0.094 ms with this pooling too.
+SEL_WARPS = 1
 
 
 def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0, topp: bool = False):

@@ -47,12 +47,12 @@ SCRIPT = textwrap.dedent(
             print(f"_select_kernel FORCE={force} TOPP={topp}: {type(exc).__name__}: {str(exc)[:600]}")
     pool_types = {"Q": "*bf16", "K": "*bf16", "PQ": "*fp32", "PK": "*fp32", **{k: "i32" for k in
                   ["sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "H", "N", "MQ", "MK"]}, "mult_q": "fp32", "mult_k": "fp32"}
-    for pool_k in (False, True):
+    for pool_k, sub in itertools.product((False, True), (0, st.POOL_SUB)):
         try:
-            build(st._pool_kernel, pool_types, {"D": 128, "BQ": 128, "BK": 64, "POOL_K": pool_k})
+            build(st._pool_kernel, pool_types, {"D": 128, "BQ": 128, "BK": 64, "POOL_K": pool_k, "SUB": sub})
         except Exception as exc:
             failed += 1
-            print(f"_pool_kernel POOL_K={pool_k}: {type(exc).__name__}: {str(exc)[:600]}")
+            print(f"_pool_kernel POOL_K={pool_k} SUB={sub}: {type(exc).__name__}: {str(exc)[:600]}")
     sys.exit(1 if failed else 0)
     """
 )

@@ -211,6 +211,42 @@ def _fwd_state_kernel(
 
 
 @triton.jit
+def _fwd_state_half_kernel(
+    K, V, COS, SIN, PART,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, CHUNK,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """As :func:`_fwd_state_kernel`, with the state split over two programs per chunk: program ``2c + j``
+    accumulates half ``j`` (even or odd feature channels), so each holds one D/2 x D accumulator. The two
+    programs of a chunk are neighbours in the grid and read the same K/V tiles (the second from L2)."""
+    D2: tl.constexpr = D // 2
+    pid = tl.program_id(0) // 2
+    half = tl.program_id(0) % 2
+    bh = tl.program_id(1)
+    nsplit = tl.num_programs(0) // 2
+    b = bh // H
+    h = bh % H
+    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    acc = tl.zeros([D2, D], dtype=tl.float32)
+    za = tl.zeros([BLOCK, D2], dtype=tl.float32)
+    start = pid * CHUNK
+    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(K, COS, SIN, k_base, offs, N, stride_kn, KIND, ROPE, BLOCK, D)
+        za += tl.where(half == 0, f0, f1)
+        r = tl.where(half == 0, r0, r1)
+        v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
+        acc = _mm(tl.trans(r), v, acc, NATIVE_MODE, STATE_SPLIT, False)
+    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+    base = PART + (bh.to(tl.int64) * nsplit + pid) * (2 * D2 * D + D)
+    tl.store(base + half * D2 * D + rows, acc)
+    tl.store(base + 2 * D2 * D + half * D2 + tl.arange(0, D2), tl.sum(za, 0))
+
+
+@triton.jit
 def _fwd_out_kernel(
     Q, Out, COS, SIN, S,
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
@@ -355,9 +391,10 @@ def _bwd_kv_kernel(
 _FWD_CFG = {"BLOCK": 32, "num_warps": 4, "num_stages": 3}
 _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # ``state_split``: the K/V pass also multiplies the lo parts of the fp32 features (two more dots per
-# tile) for half-precision inputs.
+# tile) for half-precision inputs. ``state_halves``: the K/V pass splits each chunk's state over two
+# programs (one D/2 x D accumulator each, against 255 registers and spills with both; kernels/NOTES.md).
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
-                 "programs_per_sm": 2, "modes": None, "state_split": True}
+                 "programs_per_sm": 2, "modes": None, "state_split": True, "state_halves": False}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -425,8 +462,9 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     modes = _modes(q.dtype)
     nsplit, chunk = _chunks(n, b * h, q.device)
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=q.device)
+    halves = bool(OPTIONS.get("state_halves"))
     _launch(
-        _fwd_state_kernel, (nsplit, b * h),
+        _fwd_state_half_kernel if halves else _fwd_state_kernel, (nsplit * (2 if halves else 1), b * h),
         (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk),
         dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
              STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0), OPTIONS["state"],

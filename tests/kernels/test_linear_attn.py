@@ -44,6 +44,16 @@ def test_without_rope_and_head_dim_128(gen):
     _run(gen, "relu", torch.float16, (1, 3, 13), 128, rope=False)
 
 
+@pytest.mark.parametrize("kind,rope", [("relu", True), ("softmax", False)])
+def test_state_in_halves(gen, monkeypatch, kind, rope):
+    """The K/V pass with the state split over two programs per chunk gives the same result and gradients."""
+    from kernels import linear_attn as la
+
+    monkeypatch.setitem(la.OPTIONS, "state_halves", True)
+    _run(gen, kind, torch.float16, (2, 5, 7), 64, rope=rope)
+    _run(gen, kind, torch.float32, (1, 3, 13), 128, rope=rope)
+
+
 @pytest.mark.parametrize("kind", ["relu", "elu"])
 def test_unsplit_state_pass(gen, monkeypatch, kind):
     """Without the lo-part dots in the K/V pass, forward and gradients stay within the error bound."""
@@ -83,11 +93,13 @@ def test_wan_shape_gpu(gen, dtype):
 
 
 @pytest.mark.gpu
-def test_wan_shape_cheap_options_gpu(gen, monkeypatch):
-    """The unsplit K/V pass the benchmark times, at Wan 480p in bf16."""
+@pytest.mark.parametrize("opts", [{"state_split": False}, {"state_halves": True}])
+def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
+    """The K/V-pass options the benchmark times, at Wan 480p in bf16."""
     from kernels import linear_attn as la
 
-    monkeypatch.setitem(la.OPTIONS, "state_split", False)
+    for key, val in opts.items():
+        monkeypatch.setitem(la.OPTIONS, key, val)
     _run(gen, "relu", torch.bfloat16, (21, 30, 52), 128, rope=True, h=12)
 
 

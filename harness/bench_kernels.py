@@ -20,6 +20,7 @@ A Markdown table is printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -577,12 +578,14 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
     def torch_topk():
         return sel.topk_layout(sel.block_scores(q, k, bq, bk), keep, n, bq, bk, force)
 
-    want = torch_topk()
-    got = st.select_topk_triton(q, k, keep, bq, bk)
-    same = float((got.to_dense() == want.to_dense()).float().mean())
+    want = torch_topk().to_dense()
+
+    def agreement() -> float:  # share of tiles where the Triton selector keeps what the torch rule keeps
+        return float((st.select_topk_triton(q, k, keep, bq, bk).to_dense() == want).float().mean())
+
     cfg = {"block_q": bq, "block_k": bk, "keep": keep}
     paths = (
-        ("select_topk_triton", lambda: st.select_topk_triton(q, k, keep, bq, bk), {"tile_agreement": same}),
+        ("select_topk_triton", lambda: st.select_topk_triton(q, k, keep, bq, bk), {"tile_agreement": agreement()}),
         ("select_topk_torch", torch_topk, {}),
         ("select_topp_triton", lambda: st.select_topp_triton(q, k, 0.9, bq, bk), {"mass": 0.9}),
         ("select_topp_torch", lambda: sel.topp_layout(sel.block_scores(q, k, bq, bk), 0.9, n, bq, bk, force), {"mass": 0.9}),
@@ -591,54 +594,39 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
     for method, fn, extra in paths:
         bench.timed(method, method.rsplit("_", 1)[1], "fwd", fn, density=density, config=cfg, extra=extra,
                     attention=False)
-    # pooling alone (the bandwidth-bound part: Q and K read once), Triton at 4 and 8 warps, and torch
+    tf32 = torch.backends.cuda.matmul
     # the pooled-score matmul on TF32 tensor cores (off by default in torch): time and agreement
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        got32 = st.select_topk_triton(q, k, keep, bq, bk)
-        agree = float((got32.to_dense() == want.to_dense()).float().mean())
-        for method, fn in (("select_topk_triton", lambda: st.select_topk_triton(q, k, keep, bq, bk)),
-                           ("pool_scores_triton", lambda: st.block_scores_triton(q, k, bq, bk))):
+    with _patched(tf32, allow_tf32=True):
+        extra = {"tile_agreement": agreement()}
+        for method, fn in (("select_topk_triton", paths[0][1]), ("pool_scores_triton", paths[4][1])):
             bench.timed(method, "triton", "fwd", fn, density=density, variant="tf32_scores",
-                        config={**cfg, "tf32": True}, attention=False, extra={"tile_agreement": agree})
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+                        config={**cfg, "tf32": True}, attention=False, extra=extra)
+    # pooling alone (the bandwidth-bound part: Q and K read once): warps and token slices, and torch
     want_pool = sel.pool_blocks(q, bq)
     for warps, sub in ((4, 0), (8, 0), (4, 32), (8, 32), (4, 16), (2, 16)):
-        saved_pool = st.POOL_WARPS, st.POOL_SUB
-        st.POOL_WARPS, st.POOL_SUB = warps, sub
-        try:
+        with _patched(st, POOL_WARPS=warps, POOL_SUB=sub):
             err = float((st._pool(q, None, bq, bq)[0] - want_pool).abs().max())
             bench.timed("pool_triton", "triton", "fwd", lambda: st._pool(q, k, bq, bk), density=density,
                         variant=f"w{warps}" + (f"s{sub}" if sub else ""), config={**cfg, "num_warps": warps, "sub": sub},
                         attention=False, extra={"bytes_read": 2 * q.numel() * q.element_size(), "max_abs_err": err})
-        finally:
-            st.POOL_WARPS, st.POOL_SUB = saved_pool
     bench.timed("pool_torch", "torch", "fwd", lambda: (_pool_torch(q, bq), _pool_torch(k, bk)), density=density,
                 config=cfg, attention=False)
     # whole-pipeline combinations (pool warps/slice, selection warps, TF32 scores), eager and from a CUDA
     # graph, each with its agreement with the torch rule
-    saved = st.POOL_WARPS, st.POOL_SUB, st.SEL_WARPS, torch.backends.cuda.matmul.allow_tf32
-    for pw, ps, sw, tf32 in ((4, 0, 0, False), (2, 16, 0, False), (4, 0, 1, False), (4, 0, 2, False),
-                             (2, 16, 1, False), (1, 16, 1, False), (2, 32, 1, False), (2, 16, 1, True)):
-        st.POOL_WARPS, st.POOL_SUB, st.SEL_WARPS = pw, ps, sw
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        name = f"p{pw}s{ps}_sel{sw}" + ("_tf32" if tf32 else "")
-        try:
-            agree = float((st.select_topk_triton(q, k, keep, bq, bk).to_dense() == want.to_dense()).float().mean())
-            vcfg = {**cfg, "pool_warps": pw, "pool_sub": ps, "sel_warps": sw, "tf32": tf32}
-            fn = lambda: st.select_topk_triton(q, k, keep, bq, bk)  # noqa: E731
-            bench.timed("select_topk_triton", "triton", "fwd", fn, density=density, variant=name, config=vcfg,
-                        attention=False, extra={"tile_agreement": agree})
-            bench.timed("select_topk_triton", "triton", "fwd", cuda_graph(fn), density=density,
-                        variant=name + "_graph", config={**vcfg, "cuda_graph": True}, attention=False,
-                        extra={"tile_agreement": agree})
-        except Exception as exc:
-            bench.skipped("select_topk_triton", "triton", "fwd", f"{type(exc).__name__}: {str(exc)[:200]}", density,
-                          name, status="error")
-    st.POOL_WARPS, st.POOL_SUB, st.SEL_WARPS = saved[:3]
-    torch.backends.cuda.matmul.allow_tf32 = saved[3]
+    for pw, ps, sw, on in ((4, 0, 0, False), (2, 16, 0, False), (4, 0, 1, False), (4, 0, 2, False),
+                           (2, 16, 1, False), (1, 16, 1, False), (2, 32, 1, False), (2, 16, 1, True)):
+        name = f"p{pw}s{ps}_sel{sw}" + ("_tf32" if on else "")
+        vcfg = {**cfg, "pool_warps": pw, "pool_sub": ps, "sel_warps": sw, "tf32": on}
+        with _patched(st, POOL_WARPS=pw, POOL_SUB=ps, SEL_WARPS=sw), _patched(tf32, allow_tf32=on):
+            try:
+                extra = {"tile_agreement": agreement()}
+                bench.timed("select_topk_triton", "triton", "fwd", paths[0][1], density=density, variant=name,
+                            config=vcfg, attention=False, extra=extra)
+                bench.timed("select_topk_triton", "triton", "fwd", cuda_graph(paths[0][1]), density=density,
+                            variant=name + "_graph", config={**vcfg, "cuda_graph": True}, attention=False, extra=extra)
+            except Exception as exc:
+                bench.skipped("select_topk_triton", "triton", "fwd", f"{type(exc).__name__}: {str(exc)[:200]}", density,
+                              name, status="error")
     # The Triton paths replayed from a CUDA graph: device time without the host's launch gaps. Timed
     # alone, three short launches (~0.1 ms of work) can be bound by Python launch overhead; inside a
     # model forward the host runs ahead of the GPU and those gaps are hidden.
@@ -654,6 +642,19 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
             continue
         bench.timed(method, "triton", "fwd", replay, density=density, variant="cuda_graph", config=gcfg,
                     attention=False)
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, **attrs: Any):
+    """Set attributes of ``obj`` (module knobs, torch flags) for the block, then put the old values back."""
+    saved = {key: getattr(obj, key) for key in attrs}
+    for key, val in attrs.items():
+        setattr(obj, key, val)
+    try:
+        yield
+    finally:
+        for key, val in saved.items():
+            setattr(obj, key, val)
 
 
 def _pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:

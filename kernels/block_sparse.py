@@ -76,6 +76,16 @@ def _ragged_entry(idx_base, cnt, MK, EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr
         return has, last
 
 
+@triton.jit
+def _kv_block(idx_base, j, MK, last, EVEN_N: tl.constexpr):
+    """Entry ``j`` of a key-block list, with the ragged last block swapped for the list's last entry
+    (the ragged block is done separately, masked, after the unmasked ones)."""
+    kb = tl.load(idx_base + j)
+    if not EVEN_N:
+        kb = tl.where(kb == MK - 1, last, kb)
+    return kb
+
+
 # ----------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------
@@ -162,24 +172,17 @@ def _fwd_kernel(
     n_full = cnt - has  # list entries of unmasked key blocks (the ragged last block is done after)
     if PAIR:
         for j in range(0, n_full // 2):
-            kb0 = tl.load(idx_base + 2 * j)
-            kb1 = tl.load(idx_base + 2 * j + 1)
-            if not EVEN_N:
-                kb0 = tl.where(kb0 == MK - 1, last, kb0)
-                kb1 = tl.where(kb1 == MK - 1, last, kb1)
+            kb0 = _kv_block(idx_base, 2 * j, MK, last, EVEN_N)
+            kb1 = _kv_block(idx_base, 2 * j + 1, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb0 * BK, kb1 * BK,
                                        N, stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, PREC)
         if n_full % 2 == 1:
-            kb = tl.load(idx_base + n_full - 1)
-            if not EVEN_N:
-                kb = tl.where(kb == MK - 1, last, kb)
+            kb = _kv_block(idx_base, n_full - 1, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
     else:
         for j in range(0, n_full):
-            kb = tl.load(idx_base + j)
-            if not EVEN_N:
-                kb = tl.where(kb == MK - 1, last, kb)
+            kb = _kv_block(idx_base, j, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
     if not EVEN_N:
@@ -338,9 +341,7 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     has, last = _ragged_entry(idx_base, cnt, MK, EVEN_N, KMAX_P2)
     for j in range(0, cnt - has):
-        kb = tl.load(idx_base + j)
-        if not EVEN_N:
-            kb = tl.where(kb == MK - 1, last, kb)
+        kb = _kv_block(idx_base, j, MK, last, EVEN_N)
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N, stride_kn,
                       stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
     if not EVEN_N:

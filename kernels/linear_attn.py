@@ -108,13 +108,17 @@ def _load_state(S, bh, inv_n, D2: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _store_state(P, part, s0, s1, z0, z1, D2: tl.constexpr, D: tl.constexpr):
-    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
+def _store_half(P, part, half, s, z, D2: tl.constexpr, D: tl.constexpr):
+    """Half ``half`` of a partial state (its D/2 x D block of S and D/2 entries of z) into one flat buffer."""
     base = P + part * (2 * D2 * D + D)
-    tl.store(base + rows, s0)
-    tl.store(base + D2 * D + rows, s1)
-    tl.store(base + 2 * D2 * D + tl.arange(0, D2), z0)
-    tl.store(base + 2 * D2 * D + D2 + tl.arange(0, D2), z1)
+    tl.store(base + half * D2 * D + tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :], s)
+    tl.store(base + 2 * D2 * D + half * D2 + tl.arange(0, D2), z)
+
+
+@triton.jit
+def _store_state(P, part, s0, s1, z0, z1, D2: tl.constexpr, D: tl.constexpr):
+    _store_half(P, part, 0, s0, z0, D2, D)
+    _store_half(P, part, 1, s1, z1, D2, D)
 
 
 @triton.jit
@@ -178,6 +182,15 @@ def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: t
 # forward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND: tl.constexpr, ROPE: tl.constexpr,
+             BLOCK: tl.constexpr, D: tl.constexpr):
+    """The K/V pass's tile: feature halves, rotated halves and V (rows past N are zeros)."""
+    _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(K, COS, SIN, k_base, offs, N, stride_kn, KIND, ROPE, BLOCK, D)
+    v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
+    return f0, f1, r0, r1, v
+
+
+@triton.jit
 def _fwd_state_kernel(
     K, V, COS, SIN, PART,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -201,10 +214,9 @@ def _fwd_state_kernel(
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
-        _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(K, COS, SIN, k_base, offs, N, stride_kn, KIND, ROPE, BLOCK, D)
+        f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE, BLOCK, D)
         za0 += f0
         za1 += f1
-        v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
         acc0 = _mm(tl.trans(r0), v, acc0, NATIVE_MODE, STATE_SPLIT, False)
         acc1 = _mm(tl.trans(r1), v, acc1, NATIVE_MODE, STATE_SPLIT, False)
     _store_state(PART, bh.to(tl.int64) * nsplit + pid, acc0, acc1, tl.sum(za0, 0), tl.sum(za1, 0), D2, D)
@@ -235,15 +247,11 @@ def _fwd_state_half_kernel(
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
-        _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(K, COS, SIN, k_base, offs, N, stride_kn, KIND, ROPE, BLOCK, D)
+        f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE, BLOCK, D)
         za += tl.where(half == 0, f0, f1)
         r = tl.where(half == 0, r0, r1)
-        v = tl.load(V + v_base + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
         acc = _mm(tl.trans(r), v, acc, NATIVE_MODE, STATE_SPLIT, False)
-    rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
-    base = PART + (bh.to(tl.int64) * nsplit + pid) * (2 * D2 * D + D)
-    tl.store(base + half * D2 * D + rows, acc)
-    tl.store(base + 2 * D2 * D + half * D2 + tl.arange(0, D2), tl.sum(za, 0))
+    _store_half(PART, bh.to(tl.int64) * nsplit + pid, half, acc, tl.sum(za, 0), D2, D)
 
 
 @triton.jit

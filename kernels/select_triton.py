@@ -50,19 +50,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _pool_tile(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D: tl.constexpr, BLOCK: tl.constexpr):
-    offs = m * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs[:, None].to(tl.int64) * stride_n
-                + tl.arange(0, D)[None, :], mask=offs[:, None] < N, other=0.0)
-    count = tl.minimum(N - m * BLOCK, BLOCK).to(tl.float32)
-    mean = tl.sum(x.to(tl.float32), 0) * (mult / count)
-    tl.store(OUT + (bh.to(tl.int64) * M + m) * D + tl.arange(0, D), mean)
-
-
-@triton.jit
-def _pool_tile_loop(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D: tl.constexpr,
-                    BLOCK: tl.constexpr, SUB: tl.constexpr):
-    """As :func:`_pool_tile`, in ``SUB``-token slices (fewer registers per thread, more programs per SM)."""
+def _pool_tile(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D: tl.constexpr, BLOCK: tl.constexpr,
+               SUB: tl.constexpr):
+    """Mean of block ``m`` (ragged last block over its own tokens), loaded in ``SUB``-token slices."""
     base = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     acc = tl.zeros([SUB, D], dtype=tl.float32)
     for s in tl.static_range(0, BLOCK, SUB):
@@ -84,15 +74,9 @@ def _pool_kernel(Q, K, PQ, PK, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, H, N, MQ, MK,
     b = bh // H
     h = bh % H
     if pid < MQ:
-        if SUB == 0:
-            _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ)
-        else:
-            _pool_tile_loop(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ, SUB)
+        _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ, BQ if SUB == 0 else SUB)
     elif POOL_K:
-        if SUB == 0:
-            _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK)
-        else:
-            _pool_tile_loop(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK, SUB)
+        _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK, BK if SUB == 0 else SUB)
 
 
 @triton.jit

@@ -409,64 +409,52 @@ def linear_variants_section(bench: Bench) -> None:
         c = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
         return {"state": dict(c), "out": dict(c)}
 
+    # Run 5 timed the half-layout tile/grid configurations (kernels/NOTES.md); these compare the layouts.
+    pairs = {"pairs": True}
     variants = {
-        "pps1": {"programs_per_sm": 1},
-        "pps4": {"programs_per_sm": 4},
-        "pps8": {"programs_per_sm": 8},
-        "b32w4s3": tiles(32, 4, 3),
-        "b64w4s4": tiles(64, 4, 4),
-        "b128w4s3": tiles(128, 4, 3),
-        "b64w8s3": tiles(64, 8, 3),
-        "fp16_native": {"modes": {"NATIVE_MODE": 1, "F32_MODE": 1, "F32_SPLIT": False}},
-        "b32w2s3": tiles(32, 2, 3),
-        "b32w2s4": tiles(32, 2, 4),
-        "b32w4s4": tiles(32, 4, 4),
-        "b32w4s2": tiles(32, 4, 2),
-        "b16w1s4": tiles(16, 1, 4),
-        "b16w2s3": tiles(16, 2, 3),
-        "b16w2s5": tiles(16, 2, 5),
-        "pps3": {"programs_per_sm": 3},
-        "state_b16w2s4": {"state": {"BLOCK": 16, "num_warps": 2, "num_stages": 4}},
-        "out_b16w2s4": {"out": {"BLOCK": 16, "num_warps": 2, "num_stages": 4}},
-        "out_b64w4s3": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
-        "state_b64w4s3": {"state": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
-        # ncu (run 5): the K/V pass spills at 255 registers with 4 warps, both passes hold 2 blocks/SM
-        "state_b32w8s3": {"state": {"BLOCK": 32, "num_warps": 8, "num_stages": 3}},
-        "state_b32w8s2": {"state": {"BLOCK": 32, "num_warps": 8, "num_stages": 2}},
-        "nosplit_state_b32w8s2": {"state_split": False, "state": {"BLOCK": 32, "num_warps": 8, "num_stages": 2}},
-        "out_b32w8s3": {"out": {"BLOCK": 32, "num_warps": 8, "num_stages": 3}},
-        "out_b32w4s2": {"out": {"BLOCK": 32, "num_warps": 4, "num_stages": 2}},
-        "b32w8s2": tiles(32, 8, 2),
-        "b32w8s2_pps1": {**tiles(32, 8, 2), "programs_per_sm": 1},
-        "halves": {"state_halves": True},
-        "halves_nosplit": {"state_halves": True, "state_split": False},
-        "halves_pps1": {"state_halves": True, "programs_per_sm": 1},
-        "halves_b64w4s3": {"state_halves": True, "state": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
         "default": {},
         "nosplit": {"state_split": False},
-        "rope_bf16": {},
-        "nosplit_rope_bf16": {"state_split": False},
+        "rope_fp16": {},
+        "pairs": pairs,
+        "pairs_nosplit": {**pairs, "state_split": False},
+        "pairs_rope_fp16": pairs,
+        "pairs_nosplit_rope_fp16": {**pairs, "state_split": False},
+        "pairs_b32w4s4": {**pairs, **tiles(32, 4, 4)},
+        "pairs_b32w4s2": {**pairs, **tiles(32, 4, 2)},
+        "pairs_state_b64w8s3": {**pairs, "state": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
+        "pairs_nosplit_state_b64w8s3": {**pairs, "state_split": False, "state": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
+        "pairs_state_b64w8s2": {**pairs, "state": {"BLOCK": 64, "num_warps": 8, "num_stages": 2}},
+        "pairs_out_b64w8s3": {**pairs, "out": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
+        "pairs_out_b64w4s3": {**pairs, "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
+        "pairs_out_b64w4s2": {**pairs, "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 2}},
+        "pairs_out_b32w4s4": {**pairs, "out": {"BLOCK": 32, "num_warps": 4, "num_stages": 4}},
+        "pairs_pps1": {**pairs, "programs_per_sm": 1},
+        "pairs_pps3": {**pairs, "programs_per_sm": 3},
+        "pairs_pps4": {**pairs, "programs_per_sm": 4},
+        "pairs_norope": pairs,
         "norope": {},
+        "default_again": {},
+        "pairs_again": pairs,
     }
     q, k, v = bench.q, bench.k, bench.v
     hs = min(REF_HEADS, bench.h)
     ref = linear_attention_ref(*[x[:, :hs].float() for x in (q, k, v)], "relu", cos, sin)
     for name, opts in variants.items():
-        cs, sn = (None, None) if name == "norope" else (cos, sin)
-        if "rope_bf16" in name:  # half the table traffic; the caller converts once (tables are per shape)
-            cs, sn = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+        cs, sn = (None, None) if name.endswith("norope") else (cos, sin)
+        if "rope_fp16" in name:  # half the table traffic; the caller converts once (tables are per shape)
+            cs, sn = cos.to(torch.float16), sin.to(torch.float16)
         la.OPTIONS.clear()
         la.OPTIONS.update({key: (dict(val) if isinstance(val, dict) else val) for key, val in saved.items()})
         la.OPTIONS.update(opts)
         extra = {}
-        if name != "norope":
+        if not name.endswith("norope"):
             try:
                 extra["rel_l2"] = rel_l2(la.linear_attention_triton(q[:, :hs], k[:, :hs], v[:, :hs], "relu", cs, sn), ref)
             except Exception as exc:  # the timing below reports the failure
                 print(f"  linear {name}: accuracy failed: {exc!r}")
         bench.timed("linear_triton", "triton", "fwd",
                     lambda cs=cs, sn=sn: la.linear_attention_triton(q, k, v, "relu", cs, sn),
-                    variant=name, config={"kind": "relu", "rope": name != "norope", "options": json.dumps(la.OPTIONS),
+                    variant=name, config={"kind": "relu", "rope": cs is not None, "options": json.dumps(la.OPTIONS),
                                           "tables": str(cs.dtype) if cs is not None else None},
                     attention=False, extra=extra)
     la.OPTIONS.clear()
@@ -478,6 +466,7 @@ def profile_section(bench: Bench) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from kernels import block_sparse as bs
+    from kernels import linear_attn as la
     from kernels.linear_attn import linear_attention_triton
     from kernels.rope import rope_3d_freqs
     from kernels.select_triton import select_topk_triton
@@ -491,6 +480,8 @@ def profile_section(bench: Bench) -> None:
     items = {
         "select_topk": lambda: select_topk_triton(q, k, keep, 128, 64),
         "linear_fwd": lambda: linear_attention_triton(q, k, v, "relu", cos, sin),
+        "linear_fwd_pairs": lambda: _with_options(la.OPTIONS, {"pairs": True},
+                                                  lambda: linear_attention_triton(q, k, v, "relu", cos, sin)),
         "linear_fwd_bwd": lambda: torch.autograd.grad(linear_attention_triton(qg, kg, vg, "relu", cos, sin),
                                                       (qg, kg, vg), dout),
         "sparse_fwd_bwd_d0.1": lambda: torch.autograd.grad(bs.block_sparse_attention_triton(qg, kg, vg, lay),
@@ -655,6 +646,16 @@ def _patched(obj: Any, **attrs: Any):
     finally:
         for key, val in saved.items():
             setattr(obj, key, val)
+
+
+def _with_options(options: dict, update: dict, fn: Callable[[], Any]) -> Any:
+    """``fn()`` with ``options`` (a kernel module's OPTIONS dict) updated, then restored."""
+    saved = {key: options[key] for key in update}
+    options.update(update)
+    try:
+        return fn()
+    finally:
+        options.update(saved)
 
 
 def _pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:

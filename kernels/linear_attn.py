@@ -285,6 +285,89 @@ def _fwd_out_kernel(
                  mask=offs[:, None] < N)
 
 
+# Forward in the "pairs" layout: features keep their natural channel order, the RoPE pairs (2i, 2i+1) are
+# rotated in registers (a reshape that keeps each pair in one thread), and the state is one D x D tile
+# (rows = rotated feature channels). One dot per tile in each pass instead of two half-width ones.
+@triton.jit
+def _rope_pairs(f, COS, SIN, offs, mask, ROPE: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """Rotated features in natural channel order: pair i is channels (2i, 2i+1), angle row ``offs``."""
+    D2: tl.constexpr = D // 2
+    if ROPE:
+        fe, fo = _halves(f, ROWS, D2)
+        cs = offs[:, None] * D2 + tl.arange(0, D2)[None, :]
+        c = tl.load(COS + cs, mask=mask[:, None], other=0.0).to(tl.float32)
+        s = tl.load(SIN + cs, mask=mask[:, None], other=0.0).to(tl.float32)
+        return _interleave(fe * c - fo * s, fe * s + fo * c, ROWS, D2)
+    else:
+        return f
+
+
+@triton.jit
+def _fwd_state_pairs_kernel(
+    K, V, COS, SIN, PART,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, N, CHUNK,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Partial state of one token chunk, pairs layout. The accumulator is S^T (V channels x features):
+    V^T is the smem operand straight from the pipelined load, the features the register-side one."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    nsplit = tl.num_programs(0)
+    b = bh // H
+    h = bh % H
+    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    cols = tl.arange(0, D)
+    acc = tl.zeros([D, D], dtype=tl.float32)
+    za = tl.zeros([BLOCK, D], dtype=tl.float32)
+    start = pid * CHUNK
+    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(K + k_base + offs[:, None] * stride_kn + cols[None, :], mask=mask[:, None], other=0.0)
+        v = tl.load(V + v_base + offs[:, None] * stride_vn + cols[None, :], mask=mask[:, None], other=0.0)
+        f = tl.where(mask[:, None], _feature(x.to(tl.float32), KIND), 0.0)
+        za += f
+        r = _rope_pairs(f, COS, SIN, offs, mask, ROPE, BLOCK, D)
+        acc = _mm(tl.trans(v), r, acc, NATIVE_MODE, False, STATE_SPLIT)
+    base = PART + (bh.to(tl.int64) * nsplit + pid) * (D * D + D)
+    tl.store(base + cols[None, :] * D + cols[:, None], acc)
+    tl.store(base + D * D + cols, tl.sum(za, 0))
+
+
+@triton.jit
+def _fwd_out_pairs_kernel(
+    Q, Out, COS, SIN, S,
+    stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
+    H, N, CHUNK, eps_n, inv_n,
+    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = tl.arange(0, D)
+    sbase = S + bh.to(tl.int64) * (D * D + D)
+    sh, sl = _split_b(tl.load(sbase + cols[:, None] * D + cols[None, :]) * inv_n, F32_MODE, F32_SPLIT)
+    z = tl.load(sbase + D * D + cols) * inv_n
+    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    o_base = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    start = pid * CHUNK
+    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(Q + q_base + offs[:, None] * stride_qn + cols[None, :], mask=mask[:, None], other=0.0)
+        f = _feature(x.to(tl.float32), KIND)
+        den = tl.sum(f * z[None, :], 1) + eps_n
+        r = _rope_pairs(f, COS, SIN, offs, mask, ROPE, BLOCK, D)
+        num = _mm_pre(r, sh, sl, tl.zeros([BLOCK, D], dtype=tl.float32), F32_MODE, F32_SPLIT, F32_SPLIT)
+        tl.store(Out + o_base + offs[:, None] * stride_on + cols[None, :], (num / den[:, None]).to(Out.dtype.element_ty),
+                 mask=mask[:, None])
+
+
 # ----------------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------------
@@ -401,8 +484,10 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # ``state_split``: the K/V pass also multiplies the lo parts of the fp32 features (two more dots per
 # tile) for half-precision inputs. ``state_halves``: the K/V pass splits each chunk's state over two
 # programs (one D/2 x D accumulator each, against 255 registers and spills with both; kernels/NOTES.md).
+# ``pairs``: the forward keeps the natural channel order (RoPE pairs rotated in registers, one D x D state
+# tile) instead of even/odd half tiles; the backward reads the half layout, converted from it.
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
-                 "programs_per_sm": 2, "modes": None, "state_split": True, "state_halves": False}
+                 "programs_per_sm": 2, "modes": None, "state_split": True, "state_halves": False, "pairs": False}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -465,14 +550,17 @@ def _rope_args(cos, sin, n, d, device):
 
 
 def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
-    """Output and the summed state ``(B*H, D*D + D)`` (S halves then z; sum units)."""
+    """Output, the summed state ``(B*H, D*D + D)`` (sum units) and whether it is in the pairs layout
+    (rows in channel order) rather than the half layout (even rows, odd rows, then z)."""
     b, h, n, d = q.shape
     modes = _modes(q.dtype)
     nsplit, chunk = _chunks(n, b * h, q.device)
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=q.device)
-    halves = bool(OPTIONS.get("state_halves"))
+    pairs = bool(OPTIONS.get("pairs"))
+    halves = bool(OPTIONS.get("state_halves")) and not pairs
+    state_kernel = _fwd_state_pairs_kernel if pairs else _fwd_state_half_kernel if halves else _fwd_state_kernel
     _launch(
-        _fwd_state_half_kernel if halves else _fwd_state_kernel, (nsplit * (2 if halves else 1), b * h),
+        state_kernel, (nsplit * (2 if halves else 1), b * h),
         (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk),
         dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
              STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0), OPTIONS["state"],
@@ -480,11 +568,21 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     state = part.sum(1)
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     _launch(
-        _fwd_out_kernel, (nsplit, b * h),
+        _fwd_out_pairs_kernel if pairs else _fwd_out_kernel, (nsplit, b * h),
         (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n),
         dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"]), OPTIONS["out"],
     )
-    return out, state
+    return out, state, pairs
+
+
+def _pairs_to_halves(state: torch.Tensor, d: int) -> torch.Tensor:
+    """A ``(B*H, D*D + D)`` state from the pairs layout (rows in channel order) to the half layout
+    (even channels' rows, then odd ones'; z likewise) that the backward kernels read. A few MB, done in
+    the backward so the forward does not pay for it."""
+    bh = state.shape[0]
+    s = state[:, : d * d].view(bh, d // 2, 2, d).transpose(1, 2).reshape(bh, d * d)
+    z = state[:, d * d:].view(bh, d // 2, 2).transpose(1, 2).reshape(bh, d)
+    return torch.cat([s, z], 1)
 
 
 def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state):
@@ -515,15 +613,17 @@ def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state):
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, kind, rope, eps):
-        out, state = _forward(q, k, v, kind, cos, sin, rope, eps)
+        out, state, pairs = _forward(q, k, v, kind, cos, sin, rope, eps)
         ctx.save_for_backward(q, k, v, cos, sin, state)
-        ctx.meta = (kind, rope, eps)
+        ctx.meta = (kind, rope, eps, pairs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, cos, sin, state = ctx.saved_tensors
-        kind, rope, eps = ctx.meta
+        kind, rope, eps, pairs = ctx.meta
+        if pairs:
+            state = _pairs_to_halves(state, q.shape[-1])
         dq, dk, dv = _backward(dout, q, k, v, kind, cos, sin, rope, eps, state)
         return dq, dk, dv, None, None, None, None, None
 

@@ -63,6 +63,38 @@ def test_unsplit_state_pass(gen, monkeypatch, kind):
     _run(gen, kind, torch.float16, (2, 5, 7), 64, rope=True)
 
 
+@pytest.mark.parametrize("kind,rope,dtype", [("relu", True, torch.float16), ("elu", True, torch.float32),
+                                             ("softmax", True, torch.float16), ("relu", False, torch.float32)])
+def test_pairs_layout(gen, monkeypatch, kind, rope, dtype):
+    """The natural-order forward (RoPE pairs rotated in registers, one D x D state) gives the same output,
+    and its state converted to the half layout gives the same gradients."""
+    from kernels import linear_attn as la
+
+    monkeypatch.setitem(la.OPTIONS, "pairs", True)
+    _run(gen, kind, dtype, (2, 5, 7), 64, rope=rope)
+    _run(gen, kind, dtype, (1, 3, 13), 128, rope=rope)
+
+
+def test_pairs_state_converts_to_halves(gen):
+    """The pairs-layout state, converted, equals the half-layout state of the same inputs."""
+    from kernels import linear_attn as la
+
+    q, k, v = [torch.randn(1, 2, 70, 64, generator=gen).to(DEVICE) for _ in range(3)]
+    cos, sin = rope_3d_freqs((2, 5, 7), 64, DEVICE)
+    saved = la.OPTIONS["pairs"]
+    try:
+        la.OPTIONS["pairs"] = False
+        _, halves, was_pairs = la._forward(q, k, v, 0, cos, sin, True, 1e-6)
+        assert not was_pairs
+        la.OPTIONS["pairs"] = True
+        _, pairs, was_pairs = la._forward(q, k, v, 0, cos, sin, True, 1e-6)
+        assert was_pairs
+    finally:
+        la.OPTIONS["pairs"] = saved
+    assert not torch.allclose(pairs, halves)  # the layouts differ ...
+    torch.testing.assert_close(la._pairs_to_halves(pairs, 64), halves, rtol=1e-5, atol=1e-4)  # ... by a permutation
+
+
 def test_half_rope_tables_forward(gen):
     """fp16 RoPE tables are accepted as they are; the forward stays within 2x torch's error (the
     gradients need not: through dq they measured 2.2x torch's at this size, so tables stay fp32 by default)."""
@@ -93,7 +125,8 @@ def test_wan_shape_gpu(gen, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [{"state_split": False}, {"state_halves": True}])
+@pytest.mark.parametrize("opts", [{"state_split": False}, {"state_halves": True}, {"pairs": True},
+                                  {"pairs": True, "state_split": False}])
 def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
     """The K/V-pass options the benchmark times, at Wan 480p in bf16."""
     from kernels import linear_attn as la

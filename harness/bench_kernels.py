@@ -344,6 +344,14 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
         "order": {"fwd_order": True},
         "pair": {"fwd_pair": True},
         "pair_order": {"fwd_pair": True, "fwd_order": True},
+        # fixed launch configs: the autotuner's usual pick, and 8 warps capped at 128 registers
+        "cfg_128w4s2": {"fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}},
+        "cfg_128w8s2_r128": {"fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 128}},
+        "cfg_128w8s3_r128": {"fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "maxnreg": 128}},
+        "cfg_128w8s2": {"fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
+        "pipe": {"fwd_pipe": True},
+        "pipe_cfg_128w8s2_r168": {"fwd_pipe": True,
+                                  "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 168}},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

@@ -90,14 +90,21 @@ def _kv_block(idx_base, j, MK, last, EVEN_N: tl.constexpr):
 # forward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N, stride_kn, stride_vn,
-              qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
-              PREC: tl.constexpr):
+def _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK: tl.constexpr, D: tl.constexpr,
+                USE_TMA: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Scores of the key block at ``start_n`` (columns past N are -inf when ``MASKED``)."""
     k = _load_rows(k_base, k_desc, b, h, start_n, N, stride_kn, BK, D, USE_TMA, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASKED:
         cols = start_n + tl.arange(0, BK)
         qk = tl.where(cols[None, :] < N, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, qk_scale, BK: tl.constexpr,
+                D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax update of (acc, l, m) with the scores ``qk`` of the key block at ``start_n``."""
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
@@ -106,6 +113,15 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N
     v = _load_rows(v_base, v_desc, b, h, start_n, N, stride_vn, BK, D, USE_TMA, MASKED)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_ij
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N, stride_kn, stride_vn,
+              qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
+              PREC: tl.constexpr):
+    qk = _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK, D, USE_TMA, MASKED, PREC)
+    return _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, qk_scale, BK, D, USE_TMA,
+                       MASKED, PREC)
 
 
 @triton.jit
@@ -140,7 +156,7 @@ def _fwd_kernel(
     H, N, MQ, MK, KMAX,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
-    PREC: tl.constexpr, PAIR: tl.constexpr,
+    PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     pid = tl.program_id(0)
@@ -180,6 +196,21 @@ def _fwd_kernel(
             kb = _kv_block(idx_base, n_full - 1, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
+    elif PIPE:
+        # the next block's scores are issued before this block's softmax, so the tensor cores work on
+        # them while the softmax runs (flash-attention 3's intra-warpgroup overlap, written out)
+        if n_full > 0:
+            kb = _kv_block(idx_base, 0, MK, last, EVEN_N)
+            qk = _fwd_scores(q, k_base, k_desc, b, h, kb * BK, N, stride_kn, BK, D, USE_TMA, False, PREC)
+            for j in range(1, n_full):
+                kb_next = _kv_block(idx_base, j, MK, last, EVEN_N)
+                qk_next = _fwd_scores(q, k_base, k_desc, b, h, kb_next * BK, N, stride_kn, BK, D, USE_TMA, False, PREC)
+                acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, kb * BK, N, stride_vn, qk_scale,
+                                            BK, D, USE_TMA, False, PREC)
+                qk = qk_next
+                kb = kb_next
+            acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, kb * BK, N, stride_vn, qk_scale,
+                                        BK, D, USE_TMA, False, PREC)
     else:
         for j in range(0, n_full):
             kb = _kv_block(idx_base, j, MK, last, EVEN_N)
@@ -369,6 +400,11 @@ _FWD_CONFIGS = [
     for bm in (128, 64)
     for w in (4, 8)
     for s in (2, 3, 4)
+] + [
+    # 8 warps capped at 128 registers (ptxas fits the 128 x 64 tile without spills): two programs, four
+    # warpgroups per SM instead of one program of 162 registers
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=s, maxnreg=128)
+    for s in (2, 3)
 ]
 _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
@@ -382,7 +418,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR"]
+_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_block_m})(
     _fwd_kernel
 )
@@ -400,12 +436,14 @@ def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None):
         tuned[grid_fn](*args, **kwargs)
         return
     cfg = dict(config or {})
-    num_warps = cfg.pop("num_warps", 4)
-    num_stages = cfg.pop("num_stages", 2)
+    launch = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 2)}
+    if cfg.get("maxnreg"):
+        launch["maxnreg"] = cfg.pop("maxnreg")
+    cfg.pop("maxnreg", None)
     bm = cfg.get("BLOCK_M", min(64, kwargs["BQ"]))
     cfg["BLOCK_M"] = bm
     meta = {**kwargs, **cfg}
-    raw[grid_fn(meta)](*args, **meta, num_warps=num_warps, num_stages=num_stages)
+    raw[grid_fn(meta)](*args, **meta, **launch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,7 +519,7 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
 
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
-             pair: bool = False, config: dict | None = None):
+             pair: bool = False, pipe: bool = False, config: dict | None = None):
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -503,7 +541,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         h, n, mq, mk, kmax,
     )
     kwargs = dict(D=d, BQ=bq, BK=bk, EVEN_N=(n % bk == 0), KMAX_P2=triton.next_power_of_2(max(kmax, 2)),
-                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair))
+                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair), PIPE=bool(pipe) and not pair)
 
     def grid(meta):
         return (mq * (bq // meta["BLOCK_M"]), b * h)
@@ -570,7 +608,11 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # TMA loads are used where the hardware has them (sm90+; see _tma_ok), pointer loads elsewhere.
 # ``fwd_pair``: the forward takes two key blocks per online-softmax step (one rescale of the accumulator
 # per 2 x block_k keys).
-OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "bwd_order": True, "bwd_tma": False}
+# ``fwd_pipe``: the next key block's scores are computed before this block's softmax (Triton 3.6 waits for
+# them at once, so no overlap results; kept for the benchmark). ``fwd_config``: a fixed launch config
+# (BLOCK_M, num_warps, num_stages, maxnreg) instead of the autotuner's pick.
+OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_config": None,
+                 "bwd_order": True, "bwd_tma": False}
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -578,7 +620,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, kv_idx, kv_cnt, block_q, block_k, scale):
         layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
         out, lse = _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
-                            pair=OPTIONS["fwd_pair"])
+                            pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], config=OPTIONS["fwd_config"])
         ctx.save_for_backward(q, k, v, out, lse, kv_idx, kv_cnt)
         ctx.blocks = (block_q, block_k)
         ctx.scale = scale

@@ -86,19 +86,37 @@ def test_variants_agree(gen, use_tma, order):
     assert rel_l2(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["pair", "pipe"])
 @pytest.mark.parametrize("n,use_tma", [(200, True), (256, False), (136, False)])
-def test_paired_forward_matches_reference(gen, n, use_tma):
-    """Two key blocks per softmax step: odd and even counts, empty rows, the ragged block anywhere in a list."""
+def test_forward_loop_variants_match_reference(gen, n, use_tma, mode):
+    """Two key blocks per softmax step (pair) and the next block's scores issued before this block's softmax
+    (pipe): odd and even counts, empty rows, the ragged block anywhere in a list."""
     d = 64
     lay = _random_layout(gen, 2, 2, n, 64, 64)  # shuffled lists, row (0, 0, 0) empty
     q, k, v = _inputs(gen, 2, 2, n, d, torch.float32)
     assert (lay.kv_cnt % 2 == 1).any() and (lay.kv_cnt[lay.kv_cnt > 0] % 2 == 0).any()
-    out, lse = bs._forward(q, k, v, lay, d**-0.5, use_tma=use_tma, pair=True)
+    out, lse = bs._forward(q, k, v, lay, d**-0.5, use_tma=use_tma, **{mode: True})
     ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay)
     assert rel_l2(out, ref) < 1e-5
     assert torch.isneginf(lse[0, 0, :64]).all() and (out[0, 0, :64] == 0).all()
     single, lse1 = bs._forward(q, k, v, lay, d**-0.5, use_tma=use_tma, pair=False)
     assert torch.allclose(lse, lse1, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pair", "pipe"])
+def test_forward_loop_variants_on_short_lists(gen, mode):
+    """Rows whose lists hold one unmasked block, only the ragged block, or one of each."""
+    n, d = 136, 64  # 3 key blocks of 64, the last ragged
+    tiles = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    tiles[0, 0, 0, 1] = True
+    tiles[0, 0, 1, 2] = True
+    tiles[0, 0, 2, 0] = tiles[0, 0, 2, 2] = True
+    lay = BlockLayout.from_dense(tiles, 64, 64, n)
+    lay = BlockLayout(lay.kv_idx.to(DEVICE), lay.kv_cnt.to(DEVICE), 64, 64, n)
+    q, k, v = _inputs(gen, 1, 1, n, d, torch.float32)
+    out, _ = bs._forward(q, k, v, lay, d**-0.5, **{mode: True})
+    ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay)
+    assert rel_l2(out, ref) < 1e-5
 
 
 def test_full_layout_is_dense_attention(gen):
@@ -140,10 +158,12 @@ def test_unsupported_inputs(gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,pair", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
-def test_full_size_gpu(gen, dtype, pair, monkeypatch):
+@pytest.mark.parametrize("dtype,pair,pipe", [(torch.bfloat16, False, False), (torch.float16, False, False),
+                                             (torch.bfloat16, True, False), (torch.bfloat16, False, True)])
+def test_full_size_gpu(gen, dtype, pair, pipe, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference."""
     monkeypatch.setitem(bs.OPTIONS, "fwd_pair", pair)
+    monkeypatch.setitem(bs.OPTIONS, "fwd_pipe", pipe)
     b, h, n, d = 1, 2, 32760, 128
     q, k, v = _inputs(gen, b, h, n, d, dtype)
     mq, mk = cdiv(n, 128), cdiv(n, 64)

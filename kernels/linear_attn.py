@@ -486,8 +486,10 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # programs (one D/2 x D accumulator each, against 255 registers and spills with both; kernels/NOTES.md).
 # ``pairs``: the forward keeps the natural channel order (RoPE pairs rotated in registers, one D x D state
 # tile) instead of even/odd half tiles; the backward reads the half layout, converted from it.
+# ``out_programs_per_sm``: a grid of its own for the forward's Q pass (None: the K/V pass's).
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
-                 "programs_per_sm": 2, "modes": None, "state_split": True, "state_halves": False, "pairs": False}
+                 "programs_per_sm": 2, "modes": None, "state_split": True, "state_halves": False, "pairs": False,
+                 "out_programs_per_sm": None}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -502,11 +504,11 @@ def _modes(dtype: torch.dtype) -> dict:
     return {"NATIVE_MODE": 2, "F32_MODE": 1, "F32_SPLIT": False}
 
 
-def _chunks(n: int, bh: int, device: torch.device, block: int = 128) -> tuple[int, int]:
+def _chunks(n: int, bh: int, device: torch.device, block: int = 128, per_sm: float | None = None) -> tuple[int, int]:
     """(programs per head, tokens per program) for the chunked passes."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, (OPTIONS["programs_per_sm"] * sms) // max(bh, 1))
+        target = max(1, int((per_sm or OPTIONS["programs_per_sm"]) * sms) // max(bh, 1))
     else:
         target = 2
     chunk = cdiv(cdiv(n, target), block) * block
@@ -567,6 +569,8 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     )
     state = part.sum(1)
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    if OPTIONS.get("out_programs_per_sm"):  # the Q pass needs no chunk structure of its own
+        nsplit, chunk = _chunks(n, b * h, q.device, per_sm=OPTIONS["out_programs_per_sm"])
     _launch(
         _fwd_out_pairs_kernel if pairs else _fwd_out_kernel, (nsplit, b * h),
         (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n),

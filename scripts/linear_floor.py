@@ -9,12 +9,17 @@ copy. The gap between these floors and the real passes is the compute the kernel
     python3 scripts/linear_floor.py
 """
 
-import torch
-import triton
-import triton.language as tl
-from triton.testing import do_bench
+import sys
+from pathlib import Path
 
-from kernels.linear_attn import _chunks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `kernels`
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels.linear_attn import _chunks  # noqa: E402
 
 
 @triton.jit
@@ -41,6 +46,15 @@ def _read2(X, Z, P, N, CHUNK, D: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(P + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * D + tl.arange(0, D), tl.sum(acc, 0))
 
 
+def _time_pair(q, k, v, o, nsplit, chunk, block, warps, stages) -> tuple[float, float]:
+    b, h, n, d = q.shape
+    part = torch.empty(b * h * nsplit * d, device="cuda", dtype=torch.float32)
+    launch = {"D": d, "BLOCK": block, "num_warps": warps, "num_stages": stages}
+    copy_ms = do_bench(lambda: _copy[(nsplit, b * h)](q, o, n, chunk, **launch), warmup=25, rep=200)
+    read_ms = do_bench(lambda: _read2[(nsplit, b * h)](k, v, part, n, chunk, **launch), warmup=25, rep=200)
+    return copy_ms, read_ms
+
+
 def main() -> None:
     b, h, n, d = 1, 12, 32760, 128
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -54,11 +68,7 @@ def main() -> None:
         ("128-token programs", (triton.cdiv(n, 128), 128), 4, 3, 32),
         ("512-token programs", (triton.cdiv(n, 512), 512), 4, 3, 64),
     ):
-        part = torch.empty(b * h * nsplit * d, device="cuda", dtype=torch.float32)
-        copy_ms = do_bench(lambda: _copy[(nsplit, b * h)](q, o, n, chunk, D=d, BLOCK=block, num_warps=warps,
-                                                          num_stages=stages), warmup=25, rep=200)
-        read_ms = do_bench(lambda: _read2[(nsplit, b * h)](k, v, part, n, chunk, D=d, BLOCK=block, num_warps=warps,
-                                                           num_stages=stages), warmup=25, rep=200)
+        copy_ms, read_ms = _time_pair(q, k, v, o, nsplit, chunk, block, warps, stages)
         rows.append((label, nsplit * b * h, copy_ms, read_ms))
     torch_ms = do_bench(lambda: o.copy_(q), warmup=25, rep=200)
     mb = q.numel() * q.element_size() / 1e6

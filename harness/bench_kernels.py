@@ -346,6 +346,7 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
         "order": {"fwd_order": True},
         "pair": {"fwd_pair": True},
         "pair_order": {"fwd_pair": True, "fwd_order": True},
+        "lazy": {"fwd_lazy": True},
         # fixed launch configs: the autotuner's usual pick, and 8 warps capped at 128 registers
         "cfg_128w4s2": {"fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}},
         "cfg_128w8s2_r128": {"fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 128}},
@@ -423,7 +424,7 @@ def linear_variants_section(bench: Bench) -> None:
     pairs = {"pairs": True}
     variants = {
         "default": {},
-        "nosplit": {"state_split": False},
+        "split": {"state_split": True},
         "rope_fp16": {},
         "pairs": pairs,
         "pairs_nosplit": {**pairs, "state_split": False},
@@ -581,7 +582,8 @@ def _gpu_state(device: torch.device) -> dict[str, Any]:
         return {}
 
 
-def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1) -> None:
+def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
+                     options: dict[str, dict[str, Any]] | None = None) -> None:
     """The issue's headline ratios, measured in interleaved rounds on one layout.
 
     One timing of a ~1 ms kernel moves by several per cent with the card's clock and temperature (the
@@ -610,20 +612,27 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1) -> Non
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v)
 
+    def ours(opts: dict[str, Any]):
+        return lambda: _with_options(bs.OPTIONS, opts, lambda: bs.block_sparse_attention_triton(q, k, v, lay))
+
     calls = {
         "sdpa_cudnn": (cudnn, 1.0, None, True),
-        "triton_block_sparse": (lambda: bs.block_sparse_attention_triton(q, k, v, lay), real, pairs, True),
+        "triton_block_sparse": (ours({}), real, pairs, True),
         "flex_block_sparse": (lambda: flex_block_sparse_attention(q, k, v, lay, block_mask=bm), real, pairs, True),
         "linear_triton": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False),
         "select_topk_triton": (lambda: select_topk_triton(q, k, keep, 128, 64), density, None, False),
+        # execution options of our forward under test, timed in the same rounds (variant headline_<name>_r<i>)
+        **{f"triton_block_sparse:{name}": (ours(opts), real, pairs, True) for name, opts in (options or {}).items()},
     }
     print(f"headline: {rounds} interleaved rounds at density {real:.4f}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
         state = _gpu_state(bench.device)
         for name, (fn, dens, prs, attention) in calls.items():
-            row = bench.timed(name, name.split("_")[1] if name != "sdpa_cudnn" else "cudnn", "fwd", fn, density=dens,
-                              pairs=prs, variant=f"headline_r{r}", attention=attention,
+            method, _, opt = name.partition(":")
+            row = bench.timed(method, method.split("_")[1] if method != "sdpa_cudnn" else "cudnn", "fwd", fn,
+                              density=dens, pairs=prs, variant=f"headline_{opt}_r{r}" if opt else f"headline_r{r}",
+                              attention=attention,
                               config={"headline": True, "block_q": 128, "block_k": 64, "density_target": density},
                               extra={"round": r, **state})
             times[name].append(row["ms"] if row and row.get("status") == "ok" else float("nan"))
@@ -631,6 +640,8 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1) -> Non
         "ours vs cuDNN dense": [a / b for a, b in zip(times["sdpa_cudnn"], times["triton_block_sparse"], strict=True)],
         "ours vs Flex same mask": [a / b for a, b in zip(times["flex_block_sparse"], times["triton_block_sparse"],
                                                          strict=True)],
+        **{f"{name} vs Flex same mask": [a / b for a, b in zip(times["flex_block_sparse"], times[name], strict=True)]
+           for name in times if name.startswith("triton_block_sparse:")},
     }
     summary = {name: statistics.median(v) for name, v in {**times, **ratios}.items()}
     for name, vals in {**times, **ratios}.items():
@@ -901,6 +912,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of dense,sparse,selection,linear,video,variants,linear_variants,profile,headline")
     p.add_argument("--variant-densities", default="0.1,1.0")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the headline section")
+    p.add_argument("--headline-options", default="{}",
+                   help='JSON {name: block_sparse OPTIONS update} timed in the headline rounds, e.g. \'{"lazy": {"fwd_lazy": true}}\'')
     args = p.parse_args(argv)
     try:  # compiled flex backward donates buffers, which forbids timing the backward with retain_graph
         import torch._functorch.config as functorch_config
@@ -922,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
         ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x])),
         ("linear_variants", lambda: linear_variants_section(bench)),
         ("profile", lambda: profile_section(bench)),
-        ("headline", lambda: headline_section(bench, rounds=args.rounds)),
+        ("headline", lambda: headline_section(bench, rounds=args.rounds, options=json.loads(args.headline_options))),
     ]
     for name, step in steps:
         if name not in sections:

@@ -103,13 +103,29 @@ def _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK: tl.constexpr
 
 @triton.jit
 def _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, qk_scale, BK: tl.constexpr,
-                D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Online-softmax update of (acc, l, m) with the scores ``qk`` of the key block at ``start_n``."""
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+                D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+                LAZY: tl.constexpr = False):
+    """Online-softmax update of (acc, l, m) with the scores ``qk`` of the key block at ``start_n``.
+
+    ``LAZY``: a row's running max moves only when the block raises it by more than 8 (log2 units), and
+    the accumulator is rescaled only when some row of the tile moved. Probabilities then reach at most
+    2^8 before normalisation (fp32 sums, bf16/fp16 ``p`` hold that exactly enough); once the maxima
+    settle, most blocks skip the rescale of the BLOCK_M x D accumulator."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if LAZY:
+        m_ij = tl.where(m_new > m_i + 8.0, m_new, m_i)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        if tl.sum((m_ij != m_i).to(tl.int32), 0) > 0:
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+        l_i = l_i + tl.sum(p, 1)
+    else:
+        m_ij = m_new
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
     v = _load_rows(v_base, v_desc, b, h, start_n, N, stride_vn, BK, D, USE_TMA, MASKED)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_ij
@@ -118,10 +134,10 @@ def _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N, stride_kn, stride_vn,
               qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, LAZY: tl.constexpr = False):
     qk = _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK, D, USE_TMA, MASKED, PREC)
     return _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, qk_scale, BK, D, USE_TMA,
-                       MASKED, PREC)
+                       MASKED, PREC, LAZY)
 
 
 @triton.jit
@@ -156,7 +172,7 @@ def _fwd_kernel(
     H, N, MQ, MK, KMAX,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
-    PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr,
+    PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     pid = tl.program_id(0)
@@ -206,20 +222,20 @@ def _fwd_kernel(
                 kb_next = _kv_block(idx_base, j, MK, last, EVEN_N)
                 qk_next = _fwd_scores(q, k_base, k_desc, b, h, kb_next * BK, N, stride_kn, BK, D, USE_TMA, False, PREC)
                 acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, kb * BK, N, stride_vn, qk_scale,
-                                            BK, D, USE_TMA, False, PREC)
+                                            BK, D, USE_TMA, False, PREC, LAZY)
                 qk = qk_next
                 kb = kb_next
             acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, kb * BK, N, stride_vn, qk_scale,
-                                        BK, D, USE_TMA, False, PREC)
+                                        BK, D, USE_TMA, False, PREC, LAZY)
     else:
         for j in range(0, n_full):
             kb = _kv_block(idx_base, j, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
-                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
+                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY)
     if not EVEN_N:
         if has > 0:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
-                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC)
+                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC, LAZY)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -418,7 +434,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE"]
+_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_block_m})(
     _fwd_kernel
 )
@@ -519,7 +535,7 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
 
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
-             pair: bool = False, pipe: bool = False, config: dict | None = None):
+             pair: bool = False, pipe: bool = False, lazy: bool = False, config: dict | None = None):
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -541,7 +557,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         h, n, mq, mk, kmax,
     )
     kwargs = dict(D=d, BQ=bq, BK=bk, EVEN_N=(n % bk == 0), KMAX_P2=triton.next_power_of_2(max(kmax, 2)),
-                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair), PIPE=bool(pipe) and not pair)
+                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair), PIPE=bool(pipe) and not pair,
+                  LAZY=bool(lazy))
 
     def grid(meta):
         return (mq * (bq // meta["BLOCK_M"]), b * h)
@@ -611,8 +628,9 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # ``fwd_pipe``: the next key block's scores are computed before this block's softmax (Triton 3.6 waits for
 # them at once, so no overlap results; kept for the benchmark). ``fwd_config``: a fixed launch config
 # (BLOCK_M, num_warps, num_stages, maxnreg) instead of the autotuner's pick.
-OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_config": None,
-                 "bwd_order": True, "bwd_tma": False}
+# ``fwd_lazy``: rescale the accumulator only when a row's running max grows by more than 2^8 (see _fwd_update).
+OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
+                 "fwd_config": None, "bwd_order": True, "bwd_tma": False}
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -620,7 +638,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, kv_idx, kv_cnt, block_q, block_k, scale):
         layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
         out, lse = _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
-                            pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], config=OPTIONS["fwd_config"])
+                            pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"],
+                            lazy=OPTIONS["fwd_lazy"], config=OPTIONS["fwd_config"])
         ctx.save_for_backward(q, k, v, out, lse, kv_idx, kv_cnt)
         ctx.blocks = (block_q, block_k)
         ctx.scale = scale

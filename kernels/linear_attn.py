@@ -482,13 +482,14 @@ def _bwd_kv_kernel(
 _FWD_CFG = {"BLOCK": 32, "num_warps": 4, "num_stages": 3}
 _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # ``state_split``: the K/V pass also multiplies the lo parts of the fp32 features (two more dots per
-# tile) for half-precision inputs. ``state_halves``: the K/V pass splits each chunk's state over two
+# tile) for half-precision inputs. Off: on the H200 it cost 0.014-0.016 ms of 0.19 in six measurements and
+# left the error at Wan 480p unchanged (1.7e-3, torch's own bf16 error; kernels/NOTES.md). ``state_halves``: the K/V pass splits each chunk's state over two
 # programs (one D/2 x D accumulator each, against 255 registers and spills with both; kernels/NOTES.md).
 # ``pairs``: the forward keeps the natural channel order (RoPE pairs rotated in registers, one D x D state
 # tile) instead of even/odd half tiles; the backward reads the half layout, converted from it.
 # ``out_programs_per_sm``: a grid of its own for the forward's Q pass (None: the K/V pass's).
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
-                 "programs_per_sm": 2, "modes": None, "state_split": True, "state_halves": False, "pairs": False,
+                 "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
                  "out_programs_per_sm": None}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 

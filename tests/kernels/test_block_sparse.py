@@ -86,7 +86,7 @@ def test_variants_agree(gen, use_tma, order):
     assert rel_l2(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["pair", "pipe"])
+@pytest.mark.parametrize("mode", ["pair", "pipe", "lazy"])
 @pytest.mark.parametrize("n,use_tma", [(200, True), (256, False), (136, False)])
 def test_forward_loop_variants_match_reference(gen, n, use_tma, mode):
     """Two key blocks per softmax step (pair) and the next block's scores issued before this block's softmax
@@ -103,7 +103,23 @@ def test_forward_loop_variants_match_reference(gen, n, use_tma, mode):
     assert torch.allclose(lse, lse1, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["pair", "pipe"])
+@pytest.mark.parametrize("growth", [0.5, 3.0])
+def test_lazy_rescale_with_growing_scores(gen, growth):
+    """Scores whose row maxima grow from block to block, by less and by more than the 2^8 threshold:
+    the lazily rescaled forward still equals the reference (output and log-sum-exp)."""
+    n, d = 520, 64
+    q, k, v = _inputs(gen, 1, 2, n, d, torch.float32)
+    k = k * (1.0 + growth * torch.arange(n, device=DEVICE, dtype=torch.float32) / 64)[:, None]
+    lay = _random_layout(gen, 1, 2, n, 64, 64, density=0.7)
+    out, lse = bs._forward(q, k, v, lay, d**-0.5, lazy=True)
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay, return_lse=True)
+    assert rel_l2(out, ref) < 1e-5
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+@pytest.mark.parametrize("mode", ["pair", "pipe", "lazy"])
 def test_forward_loop_variants_on_short_lists(gen, mode):
     """Rows whose lists hold one unmasked block, only the ragged block, or one of each."""
     n, d = 136, 64  # 3 key blocks of 64, the last ragged
@@ -158,12 +174,13 @@ def test_unsupported_inputs(gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,pair,pipe", [(torch.bfloat16, False, False), (torch.float16, False, False),
-                                             (torch.bfloat16, True, False), (torch.bfloat16, False, True)])
-def test_full_size_gpu(gen, dtype, pair, pipe, monkeypatch):
+@pytest.mark.parametrize("dtype,opt", [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, "fwd_pair"),
+                                       (torch.bfloat16, "fwd_pipe"), (torch.bfloat16, "fwd_lazy"),
+                                       (torch.float16, "fwd_lazy")])
+def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference."""
-    monkeypatch.setitem(bs.OPTIONS, "fwd_pair", pair)
-    monkeypatch.setitem(bs.OPTIONS, "fwd_pipe", pipe)
+    if opt:
+        monkeypatch.setitem(bs.OPTIONS, opt, True)
     b, h, n, d = 1, 2, 32760, 128
     q, k, v = _inputs(gen, b, h, n, d, dtype)
     mq, mk = cdiv(n, 128), cdiv(n, 64)

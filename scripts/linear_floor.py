@@ -76,8 +76,8 @@ def main() -> None:
     print("| grid | programs | copy Q->O ms (TB/s) | read K,V ms (TB/s) |")
     print("|---|---|---|---|")
     for label, progs, c, r in rows:
-        print(f"| {label} | {progs} | {c * 1e3:.1f} us ({2 * mb / c / 1e6:.2f}) | {r * 1e3:.1f} us ({2 * mb / r / 1e6:.2f}) |")
-    print(f"| torch copy_ | - | {torch_ms * 1e3:.1f} us ({2 * mb / torch_ms / 1e6:.2f}) | - |")
+        print(f"| {label} | {progs} | {c * 1e3:.1f} us ({2 * mb / c / 1e3:.2f}) | {r * 1e3:.1f} us ({2 * mb / r / 1e3:.2f}) |")
+    print(f"| torch copy_ | - | {torch_ms * 1e3:.1f} us ({2 * mb / torch_ms / 1e3:.2f}) | - |")
 
 
 if __name__ == "__main__":

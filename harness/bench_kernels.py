@@ -633,7 +633,8 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
             row = bench.timed(method, method.split("_")[1] if method != "sdpa_cudnn" else "cudnn", "fwd", fn,
                               density=dens, pairs=prs, variant=f"headline_{opt}_r{r}" if opt else f"headline_r{r}",
                               attention=attention,
-                              config={"headline": True, "block_q": 128, "block_k": 64, "density_target": density},
+                              config={"headline": True, "round": r, "option": opt, "block_q": 128, "block_k": 64,
+                                      "density_target": density},
                               extra={"round": r, **state})
             times[name].append(row["ms"] if row and row.get("status") == "ok" else float("nan"))
     ratios = {

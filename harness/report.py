@@ -388,14 +388,21 @@ def quality_tables(df: pd.DataFrame) -> list[Table]:
     return tables
 
 
+def _is_headline(df: pd.DataFrame) -> pd.Series:
+    return column(df, "variant").astype(str).str.startswith("headline") & column(df, "round").notna()
+
+
 def kernel_tables(df: pd.DataFrame) -> list[Table]:
-    """Kernel micro-benchmarks (``kind`` "kernel"), one table per (card, dtype, pass)."""
+    """Kernel micro-benchmarks (``kind`` "kernel"), one table per (card, dtype, pass); the interleaved
+    headline rounds get their own table (:func:`kernel_headline_tables`)."""
     ker = rows_of_kind(ok_rows(df), "kernel")
+    ker = ker[~_is_headline(ker)]
     tables = []
     for group, g in group_rows(ker, ("card", "dtype", "pass")):
         g = _sort(g)
         cols = [
             Column("method", "kernel", align="l"),
+            Column("variant", "variant", align="l"),
             Column("backend", "backend", align="l"),
             Column("workload", "workload", align="l"),
             Column("N", "N", _int),
@@ -407,12 +414,56 @@ def kernel_tables(df: pd.DataFrame) -> list[Table]:
             Column("tflops_dense_equiv", "TFLOP/s (dense-eq.)", _rate),
             Column("mfu", "MFU", _pct),
             Column("speedup", "speedup", _num(".2f")),
+            Column("git_sha", "commit", lambda v: str(v)[:7]),
         ]
         caption = (
             f"Kernels on {group['card'] or 'unknown card'} ({', '.join(p for p in (group['dtype'], group['pass']) if p)}). "
             + _baseline_text(g, fa2=False)
         )
         tables.append(_make_table(g, cols, _title(group), caption, drop_empty=[c.key for c in cols[1:]]))
+    return tables
+
+
+def kernel_headline_tables(df: pd.DataFrame) -> list[Table]:
+    """The kernel benchmark's headline rounds (``round`` set): per run, each measurement's median and range
+    over the rounds, and the speedups as medians of per-round ratios (drift between rounds cancels)."""
+    ker = rows_of_kind(ok_rows(df), "kernel")
+    ker = ker[_is_headline(ker)]
+    tables = []
+    for group, g in group_rows(ker, ("card", "run_id", "git_sha")):
+        g = g.assign(_name=[m + (f" ({v.split('_', 1)[1].rsplit('_r', 1)[0]})" if v.count("_") > 1 else "")
+                            for m, v in zip(column(g, "method").astype(str), column(g, "variant").astype(str),
+                                            strict=True)],
+                     _round=pd.to_numeric(column(g, "round")), _ms=pd.to_numeric(column(g, "ms")))
+        per_round = g.pivot_table(index="_round", columns="_name", values="_ms", aggfunc="last")
+        out = []
+        for name in per_round.columns:
+            vals = per_round[name].dropna()
+            row: dict[str, Any] = {"name": name, "median": vals.median(), "min": vals.min(), "max": vals.max(),
+                                   "rounds": len(vals)}
+            if name.startswith("triton_block_sparse"):
+                for ref, key in (("sdpa_cudnn", "x_cudnn"), ("flex_block_sparse", "x_flex")):
+                    if ref in per_round:
+                        row[key] = (per_round[ref] / per_round[name]).dropna().median()
+            out.append(row)
+        frame = pd.DataFrame(out)
+        cols = [
+            Column("name", "measurement", align="l"),
+            Column("median", "median ms", _ms),
+            Column("min", "min", _ms),
+            Column("max", "max", _ms),
+            Column("rounds", "rounds", _int),
+            Column("x_cudnn", "x cuDNN dense (median of rounds)", _num(".2f")),
+            Column("x_flex", "x Flex same mask (median of rounds)", _num(".2f")),
+        ]
+        dirty = " plus uncommitted changes" if column(g, "git_dirty").fillna(False).astype(bool).any() else ""
+        caption = (
+            f"Interleaved rounds on {group['card'] or 'unknown card'} (run {group['run_id']}, commit "
+            f"{str(group['git_sha'])[:12]}{dirty}): each round times every measurement once, back to back; "
+            "speedups are medians of the per-round ratios."
+        )
+        tables.append(_make_table(frame, cols, "headline · " + _title(group), caption,
+                                  drop_empty=("x_cudnn", "x_flex")))
     return tables
 
 
@@ -489,7 +540,7 @@ def build_tables(df: pd.DataFrame) -> dict[str, list[Table]]:
         "main": main_tables(df),
         "ablation": ablation_tables(df),
         "quality": quality_tables(df),
-        "kernel": kernel_tables(df),
+        "kernel": kernel_headline_tables(df) + kernel_tables(df),
         "dit": dit_tables(df),
         "skipped": [skipped_table(df)],
     }

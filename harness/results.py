@@ -100,8 +100,14 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
-    """The identity of a measured cell, used by resume."""
-    return tuple(str(row.get(f)) for f in KEY_FIELDS)
+    """The identity of a measured cell, used by resume. Rows of a repeated measurement (a ``round``
+    field, e.g. the kernel benchmark's interleaved headline rounds) are cells of their own, told apart
+    by variant, round and run (each run's rounds are one interleaved measurement)."""
+    key = tuple(str(row.get(f)) for f in KEY_FIELDS)
+    rnd = row.get("round")
+    if rnd is not None and rnd == rnd:  # NaN: a row without a round, read through pandas
+        key += (str(row.get("variant")), str(int(rnd)), str(row.get("run_id")))
+    return key
 
 
 def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str, Any]]:

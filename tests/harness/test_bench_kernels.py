@@ -35,3 +35,33 @@ def test_no_headline_rows_no_lines_and_failed_rows_ignored():
     rows.append({"method": "linear_triton", "variant": "headline_r0", "status": "error", "ms": None, "round": 0})
     lines = headline_targets(rows)
     assert "x Flex same mask 1.50" in lines[0] and "linear fwd - ms" in lines[1]
+
+
+def test_report_keeps_every_round_and_takes_ratios_per_round():
+    """Rounds are cells of their own (resume and the report's latest-row rule keep them all), per run;
+    the headline table gives medians and per-round speedups."""
+    import pandas as pd
+
+    from harness.report import kernel_headline_tables, kernel_tables
+    from harness.results import latest_per_cell
+
+    times = [
+        {"sdpa_cudnn": 12.0, "triton_block_sparse": 1.2, "flex_block_sparse": 1.8},
+        {"sdpa_cudnn": 13.2, "triton_block_sparse": 1.32, "flex_block_sparse": 1.98},
+        {"sdpa_cudnn": 12.0, "triton_block_sparse": 1.5, "flex_block_sparse": 1.8},
+    ]
+    rows = []
+    for run in ("a", "b"):
+        for r in _rows(times):
+            rows.append({**r, "kind": "kernel", "card": "GPU X", "run_id": run, "git_sha": "abc", "git_dirty": False,
+                         "config_hash": "same", "dtype": "bfloat16", "workload": "w", "sparsity_target": 0.9})
+    rows.append({"kind": "kernel", "method": "triton_block_sparse", "variant": "", "status": "ok", "ms": 1.0,
+                 "pass": "fwd", "card": "GPU X", "dtype": "bfloat16", "run_id": "a", "git_sha": "abc"})
+    df = latest_per_cell(pd.DataFrame(rows))
+    assert len(df) == 2 * 9 + 1
+    tables = kernel_headline_tables(df)
+    assert [t.title for t in tables] == ["headline · GPU X · a · abc", "headline · GPU X · b · abc"]
+    ours = [c for c in tables[0].cells if c[0] == "triton_block_sparse"][0]
+    assert ours[1:5] == ["1.32", "1.20", "1.50", "3"] and ours[5:] == ["10.00", "1.50"]
+    # the ordinary kernel table holds the row outside the rounds only
+    assert sum(len(t.cells) for t in kernel_tables(df)) == 1

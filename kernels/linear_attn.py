@@ -96,6 +96,12 @@ def _mm_pre(a, bh, bl, acc, MODE: tl.constexpr, A_SPLIT: tl.constexpr, B_SPLIT: 
 
 
 @triton.jit
+def _head_base(bh, H, stride_b, stride_h):
+    """Offset (int64) of head ``bh % H`` of batch ``bh // H`` in a (B, H, N, D) tensor."""
+    return (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
 def _load_state(S, bh, inv_n, D2: tl.constexpr, D: tl.constexpr):
     """Halves of the summed state (scaled to mean units) and of the normaliser, from one flat buffer."""
     rows = tl.arange(0, D2)[:, None] * D + tl.arange(0, D)[None, :]
@@ -202,10 +208,8 @@ def _fwd_state_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     nsplit = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
-    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_base = _head_base(bh, H, stride_kb, stride_kh)
+    v_base = _head_base(bh, H, stride_vb, stride_vh)
     acc0 = tl.zeros([D2, D], dtype=tl.float32)
     acc1 = tl.zeros([D2, D], dtype=tl.float32)
     # normaliser partials are kept per row and reduced once after the loop (no cross-warp sync per tile)
@@ -238,10 +242,8 @@ def _fwd_state_half_kernel(
     half = tl.program_id(0) % 2
     bh = tl.program_id(1)
     nsplit = tl.num_programs(0) // 2
-    b = bh // H
-    h = bh % H
-    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_base = _head_base(bh, H, stride_kb, stride_kh)
+    v_base = _head_base(bh, H, stride_vb, stride_vh)
     acc = tl.zeros([D2, D], dtype=tl.float32)
     za = tl.zeros([BLOCK, D2], dtype=tl.float32)
     start = pid * CHUNK
@@ -265,13 +267,11 @@ def _fwd_out_kernel(
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     s0, s1, z0, z1 = _load_state(S, bh, inv_n, D2, D)
     s0h, s0l = _split_b(s0, F32_MODE, F32_SPLIT)
     s1h, s1l = _split_b(s1, F32_MODE, F32_SPLIT)
-    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    o_base = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    q_base = _head_base(bh, H, stride_qb, stride_qh)
+    o_base = _head_base(bh, H, stride_ob, stride_oh)
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
@@ -315,10 +315,8 @@ def _fwd_state_pairs_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     nsplit = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
-    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_base = _head_base(bh, H, stride_kb, stride_kh)
+    v_base = _head_base(bh, H, stride_vb, stride_vh)
     cols = tl.arange(0, D)
     acc = tl.zeros([D, D], dtype=tl.float32)
     za = tl.zeros([BLOCK, D], dtype=tl.float32)
@@ -347,14 +345,12 @@ def _fwd_out_pairs_kernel(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     cols = tl.arange(0, D)
     sbase = S + bh.to(tl.int64) * (D * D + D)
     sh, sl = _split_b(tl.load(sbase + cols[:, None] * D + cols[None, :]) * inv_n, F32_MODE, F32_SPLIT)
     z = tl.load(sbase + D * D + cols) * inv_n
-    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    o_base = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    q_base = _head_base(bh, H, stride_qb, stride_qh)
+    o_base = _head_base(bh, H, stride_ob, stride_oh)
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
@@ -383,12 +379,10 @@ def _bwd_q_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     nsplit = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
     s0, s1, z0, z1 = _load_state(S, bh, inv_n, D2, D)
-    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    do_base = b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-    dq_base = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    q_base = _head_base(bh, H, stride_qb, stride_qh)
+    do_base = _head_base(bh, H, stride_db, stride_dh)
+    dq_base = _head_base(bh, H, stride_gb, stride_gh)
     ds0 = tl.zeros([D2, D], dtype=tl.float32)
     ds1 = tl.zeros([D2, D], dtype=tl.float32)
     dza0 = tl.zeros([BLOCK, D2], dtype=tl.float32)
@@ -439,13 +433,11 @@ def _bwd_kv_kernel(
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     # true dS = dS_mean / N and dz = dz_mean / N (see the module docstring)
     ds0, ds1, dz0, dz1 = _load_state(DS, bh, inv_n, D2, D)
-    k_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    g_base = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    k_base = _head_base(bh, H, stride_kb, stride_kh)
+    v_base = _head_base(bh, H, stride_vb, stride_vh)
+    g_base = _head_base(bh, H, stride_gb, stride_gh)
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)

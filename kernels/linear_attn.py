@@ -13,7 +13,8 @@ Two passes each way, memory-bound at the video shapes:
 
 Numerics: states are kept in "mean" units (``S/N``, ``z/N``; the ratio is unchanged), so every
 operand is O(1) and can go through fp16 tensor cores safely. Products with a native operand (V, dO)
-use the input dtype and split the fp32 operand into hi + lo parts (exact to ~16 bits); products of two
+use the input dtype; the backward splits the fp32 operand into hi + lo parts (exact to ~16 bits), the
+forward's K/V pass rounds the features once (``OPTIONS["state_split"]`` adds the lo part); products of two
 fp32 tiles round both to fp16 (``F32_SPLIT`` adds the lo parts; off by default: the error stays within
 ~10% of torch's own output rounding); fp32 inputs use IEEE fp32 dots throughout (the CPU interpreter
 tests use fp32/fp16).

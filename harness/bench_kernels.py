@@ -440,6 +440,16 @@ def linear_variants_section(bench: Bench) -> None:
         "out_pps8_b64w4s3": {"out_programs_per_sm": 8, "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
         "out_pps3_s2": {"out_programs_per_sm": 3, "out": {"BLOCK": 32, "num_warps": 4, "num_stages": 2}},
         "nosplit_out_pps4": {"state_split": False, "out_programs_per_sm": 4},
+        # the Q pass's shared-memory traffic (ncu: L1/TEX 72% busy): bigger tiles read the state once per
+        # more tokens; one stage loads Q and the tables straight to registers; fp16 tables halve theirs
+        "out_b64w4s2": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 2}},
+        "out_b64w4s1": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 1}},
+        "out_b32w4s1": {"out": {"BLOCK": 32, "num_warps": 4, "num_stages": 1}},
+        "out_b64w8s2": {"out": {"BLOCK": 64, "num_warps": 8, "num_stages": 2}},
+        "out_b128w8s1": {"out": {"BLOCK": 128, "num_warps": 8, "num_stages": 1}},
+        "rope_fp16_out_b64w4s2": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 2}},
+        "rope_fp16_out_b32w4s1": {"out": {"BLOCK": 32, "num_warps": 4, "num_stages": 1}},
+        "rope_fp16_out_b64w4s1": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 1}},
         "pairs_norope": pairs,
         "norope": {},
         "default_again": {},

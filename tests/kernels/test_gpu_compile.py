@@ -64,3 +64,84 @@ def test_selection_kernels_compile_for_hopper(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+KERNELS_SCRIPT = textwrap.dedent(
+    """
+    import inspect, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kernels import block_sparse as bs, linear_attn as la
+
+    FP32 = {"LSE", "DELTA", "PART", "S", "DPART", "DS", "COS", "SIN"}
+    I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT"}
+    FLOATS = {"qk_scale", "sm_scale", "eps_n", "inv_n"}
+
+    def build(fn, const, warps, stages=2):
+        # the launch's specialisation: 16-byte aligned pointers, integers divisible by 16 except N
+        params = list(inspect.signature(fn.fn).parameters)
+        sig = {}
+        for p in params:
+            if p in const:
+                sig[p] = "constexpr"
+            elif p.endswith("_desc"):
+                sig[p] = "tensordesc<bf16[1,1,64,128]>"
+            elif p in FP32:
+                sig[p] = "*fp32"
+            elif p in I32:
+                sig[p] = "*i32"
+            elif p in FLOATS:
+                sig[p] = "fp32"
+            elif p[0].isupper() and p not in ("H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE"):
+                sig[p] = "*bf16"
+            else:
+                sig[p] = "i32"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+                 if sig[p].startswith("*") or (sig[p] == "i32" and p != "N")}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+    fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
+               PAIR=False, PIPE=False, LAZY=False)
+    lin = dict(D=128, KIND=0, ROPE=True)
+    cases = [
+        ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
+        ("fwd pointers", bs._fwd_kernel, dict(fwd, USE_TMA=False), 4),
+        ("fwd pair", bs._fwd_kernel, dict(fwd, USE_TMA=True, PAIR=True), 8),
+        ("fwd pipe", bs._fwd_kernel, dict(fwd, USE_TMA=True, PIPE=True), 8),
+        ("fwd lazy", bs._fwd_kernel, dict(fwd, USE_TMA=True, LAZY=True), 4),
+        ("bwd preprocess", bs._bwd_preprocess, dict(D=128, BLOCK=128), 4),
+        ("bwd dk/dv", bs._bwd_dkdv_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, USE_ORDER=True, PREC="tf32"), 4),
+        ("bwd dq", bs._bwd_dq_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, EVEN_N=False, KMAX_P2=512,
+                                           USE_ORDER=False, USE_TMA=True, PREC="tf32"), 4),
+        ("linear state", la._fwd_state_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32), 4),
+        ("linear state halves", la._fwd_state_half_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=True, BLOCK=32), 4),
+        ("linear state pairs", la._fwd_state_pairs_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32), 4),
+        ("linear out", la._fwd_out_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32), 4),
+        ("linear out pairs", la._fwd_out_pairs_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32), 4),
+        ("linear bwd q", la._bwd_q_kernel, dict(lin, NATIVE_MODE=2, F32_MODE=1, F32_SPLIT=False, BLOCK=64), 8),
+        ("linear bwd k/v", la._bwd_kv_kernel, dict(lin, NATIVE_MODE=2, F32_MODE=1, F32_SPLIT=False, BLOCK=64), 8),
+    ]
+    failed = 0
+    for name, fn, const, warps in cases:
+        try:
+            k = build(fn, const, warps)
+            assert "cubin" in k.asm
+        except Exception as exc:
+            failed += 1
+            print(f"{name}: {type(exc).__name__}: {str(exc)[:600]}")
+    sys.exit(1 if failed else 0)
+    """
+)
+
+
+def test_attention_and_linear_kernels_compile_for_hopper(tmp_path):
+    """The block-sparse forward (each loop variant), its backward kernels and the linear-branch kernels
+    build for sm_90, with the specialisation a launch gives (aligned pointers, divisible integers)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", KERNELS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from harness.flops import BACKWARD_FACTOR, tflops
-from harness.results import RowWriter, config_hash
+from harness.results import RowWriter, config_hash, headline_times, round_ratios
 from harness.timing import measure
 from kernels.errors import Unsupported
 from kernels.layout import BlockLayout, cdiv, keep_count
@@ -339,7 +339,6 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
     """Our kernel's execution options, forward (and backward order), one density at a time."""
     from kernels import block_sparse as bs
 
-    saved = dict(bs.OPTIONS)
     variants = {
         "default": {},
         "ptr": {"fwd_tma": False},
@@ -361,17 +360,15 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, 128, 64, dens, bench.device, seed=int(dens * 1000))
         real, pairs = lay.density(), float(lay.kept_token_pairs())
+        def ours(layout):
+            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
+
         for name, opts in variants.items():
-            bs.OPTIONS.update(saved)
-            bs.OPTIONS.update(opts)
-
-            def ours(layout):
-                return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
             passes = ("bwd",) if name.startswith("bwd") else ("fwd",)
-            bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
-                             variant=name, layout=lay, passes=passes,
-                             config={"block_q": 128, "block_k": 64, "options": dict(bs.OPTIONS)})
+            with _updated(bs.OPTIONS, opts):
+                bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+                                 variant=name, layout=lay, passes=passes,
+                                 config={"block_q": 128, "block_k": 64, "options": dict(bs.OPTIONS)})
         if dens < 1.0:  # FlexAttention on this very layout, so every variant has its same-mask ratio
             from kernels.flex import flex_block_mask, flex_block_sparse_attention
 
@@ -382,8 +379,6 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
             bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
                              variant="variants_layout", layout=lay, passes=("fwd",),
                              config={"block_q": 128, "block_k": 64})
-    bs.OPTIONS.clear()
-    bs.OPTIONS.update(saved)
     # 128 x 128 tiles (the tile FlexAttention's default block mask uses), forward, ours and Flex
     from kernels.flex import flex_block_mask, flex_block_sparse_attention
 
@@ -415,7 +410,6 @@ def linear_variants_section(bench: Bench) -> None:
 
     grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
     cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
-    saved = {key: (dict(val) if isinstance(val, dict) else val) for key, val in la.OPTIONS.items()}
     def tiles(block, warps, stages):
         c = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
         return {"state": dict(c), "out": dict(c)}
@@ -462,28 +456,23 @@ def linear_variants_section(bench: Bench) -> None:
         cs, sn = (None, None) if name.endswith("norope") else (cos, sin)
         if "rope_fp16" in name:  # half the table traffic; the caller converts once (tables are per shape)
             cs, sn = cos.to(torch.float16), sin.to(torch.float16)
-        la.OPTIONS.clear()
-        la.OPTIONS.update({key: (dict(val) if isinstance(val, dict) else val) for key, val in saved.items()})
-        la.OPTIONS.update(opts)
-        extra = {}
-        if not name.endswith("norope"):
-            try:
-                extra["rel_l2"] = rel_l2(la.linear_attention_triton(q[:, :hs], k[:, :hs], v[:, :hs], "relu", cs, sn), ref)
-            except Exception as exc:  # the timing below reports the failure
-                print(f"  linear {name}: accuracy failed: {exc!r}")
-        bench.timed("linear_triton", "triton", "fwd",
-                    lambda cs=cs, sn=sn: la.linear_attention_triton(q, k, v, "relu", cs, sn),
-                    variant=name, config={"kind": "relu", "rope": cs is not None, "options": json.dumps(la.OPTIONS),
-                                          "tables": str(cs.dtype) if cs is not None else None},
-                    attention=False, extra=extra)
-    la.OPTIONS.clear()
-    la.OPTIONS.update(saved)
+        with _updated(la.OPTIONS, opts):
+            extra = {}
+            if not name.endswith("norope"):
+                try:
+                    extra["rel_l2"] = rel_l2(la.linear_attention_triton(q[:, :hs], k[:, :hs], v[:, :hs], "relu", cs, sn),
+                                             ref)
+                except Exception as exc:  # the timing below reports the failure
+                    print(f"  linear {name}: accuracy failed: {exc!r}")
+            bench.timed("linear_triton", "triton", "fwd",
+                        lambda cs=cs, sn=sn: la.linear_attention_triton(q, k, v, "relu", cs, sn),
+                        variant=name, config={"kind": "relu", "rope": cs is not None, "options": json.dumps(la.OPTIONS),
+                                              "tables": str(cs.dtype) if cs is not None else None},
+                        attention=False, extra=extra)
 
 
 def profile_section(bench: Bench) -> None:
     """Per-kernel device times (torch.profiler) of our kernels: launch overhead vs GPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
     from kernels import block_sparse as bs
     from kernels import linear_attn as la
     from kernels.linear_attn import linear_attention_triton
@@ -496,36 +485,47 @@ def profile_section(bench: Bench) -> None:
     lay = random_layout(bench.b, bench.h, bench.n, 128, 64, 0.1, bench.device, seed=100)
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     keep = keep_count(0.9, cdiv(bench.n, 64))
-    items = {
-        "select_topk": lambda: select_topk_triton(q, k, keep, 128, 64),
-        "linear_fwd": lambda: linear_attention_triton(q, k, v, "relu", cos, sin),
-        "linear_fwd_pairs": lambda: _with_options(la.OPTIONS, {"pairs": True},
-                                                  lambda: linear_attention_triton(q, k, v, "relu", cos, sin)),
-        "linear_fwd_bwd": lambda: torch.autograd.grad(linear_attention_triton(qg, kg, vg, "relu", cos, sin),
-                                                      (qg, kg, vg), dout),
-        "sparse_fwd_bwd_d0.1": lambda: torch.autograd.grad(bs.block_sparse_attention_triton(qg, kg, vg, lay),
-                                                           (qg, kg, vg), dout),
+
+    def linear_fwd():
+        return linear_attention_triton(q, k, v, "relu", cos, sin)
+
+    items = {  # name: (call, linear-branch options it runs with)
+        "select_topk": (lambda: select_topk_triton(q, k, keep, 128, 64), {}),
+        "linear_fwd": (linear_fwd, {}),
+        "linear_fwd_pairs": (linear_fwd, {"pairs": True}),
+        "linear_fwd_bwd": (lambda: torch.autograd.grad(linear_attention_triton(qg, kg, vg, "relu", cos, sin),
+                                                       (qg, kg, vg), dout), {}),
+        "sparse_fwd_bwd_d0.1": (lambda: torch.autograd.grad(bs.block_sparse_attention_triton(qg, kg, vg, lay),
+                                                            (qg, kg, vg), dout), {}),
     }
     report = {}
-    for name, fn in items.items():
+    for name, (fn, opts) in items.items():
         try:
-            fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-            rows = []
-            for evt in prof.key_averages():
-                dev = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-                if dev:
-                    rows.append((evt.key[:70], evt.count, dev / max(evt.count, 1)))
-            report[name] = rows
-            for key, count, us in sorted(rows, key=lambda r: -r[1] * r[2]):
-                print(f"  profile {name:<20} {key:<70} x{count:<3} {us:9.1f} us")
+            with _updated(la.OPTIONS, opts):
+                _profile_one(name, fn, report)
         except Exception as exc:
             print(f"  profile {name} failed: {exc!r}")
     (Path(bench.writer.run_dir) / "profile.json").write_text(json.dumps(report, indent=1))
+
+
+def _profile_one(name: str, fn: Callable[[], Any], report: dict[str, Any]) -> None:
+    """Device time per kernel over five calls of ``fn`` (after one warm-up), printed and kept in ``report``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        dev = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if dev:
+            rows.append((evt.key[:70], evt.count, dev / max(evt.count, 1)))
+    report[name] = rows
+    for key, count, us in sorted(rows, key=lambda r: -r[1] * r[2]):
+        print(f"  profile {name:<20} {key:<70} x{count:<3} {us:9.1f} us")
 
 
 def autotune_choices() -> dict[str, str]:
@@ -622,36 +622,37 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v)
 
-    def ours(opts: dict[str, Any]):
-        return lambda: _with_options(bs.OPTIONS, opts, lambda: bs.block_sparse_attention_triton(q, k, v, lay))
+    def ours():
+        return bs.block_sparse_attention_triton(q, k, v, lay)
 
-    calls = {
-        "sdpa_cudnn": (cudnn, 1.0, None, True),
-        "triton_block_sparse": (ours({}), real, pairs, True),
-        "flex_block_sparse": (lambda: flex_block_sparse_attention(q, k, v, lay, block_mask=bm), real, pairs, True),
-        "linear_triton": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False),
-        "select_topk_triton": (lambda: select_topk_triton(q, k, keep, 128, 64), density, None, False),
+    calls = {  # name: (call, density, kept pairs, attention FLOPs?, block-sparse options it runs with)
+        "sdpa_cudnn": (cudnn, 1.0, None, True, {}),
+        "triton_block_sparse": (ours, real, pairs, True, {}),
+        "flex_block_sparse": (lambda: flex_block_sparse_attention(q, k, v, lay, block_mask=bm), real, pairs, True, {}),
+        "linear_triton": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False, {}),
+        "select_topk_triton": (lambda: select_topk_triton(q, k, keep, 128, 64), density, None, False, {}),
         # execution options of our forward under test, timed in the same rounds (variant headline_<name>_r<i>)
-        **{f"triton_block_sparse:{name}": (ours(opts), real, pairs, True) for name, opts in (options or {}).items()},
+        **{f"triton_block_sparse:{name}": (ours, real, pairs, True, opts) for name, opts in (options or {}).items()},
     }
     print(f"headline: {rounds} interleaved rounds at density {real:.4f}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
         state = _gpu_state(bench.device)
-        for name, (fn, dens, prs, attention) in calls.items():
+        for name, (fn, dens, prs, attention, opts) in calls.items():
             method, _, opt = name.partition(":")
-            row = bench.timed(method, method.split("_")[1] if method != "sdpa_cudnn" else "cudnn", "fwd", fn,
-                              density=dens, pairs=prs, variant=f"headline_{opt}_r{r}" if opt else f"headline_r{r}",
-                              attention=attention,
-                              config={"headline": True, "round": r, "option": opt, "block_q": 128, "block_k": 64,
-                                      "density_target": density},
-                              extra={"round": r, **state})
+            with _updated(bs.OPTIONS, opts):
+                row = bench.timed(method, method.split("_")[1] if method != "sdpa_cudnn" else "cudnn", "fwd", fn,
+                                  density=dens, pairs=prs, variant=f"headline_{opt}_r{r}" if opt else f"headline_r{r}",
+                                  attention=attention,
+                                  config={"headline": True, "round": r, "option": opt, "block_q": 128, "block_k": 64,
+                                          "density_target": density},
+                                  extra={"round": r, **state})
             times[name].append(row["ms"] if row and row.get("status") == "ok" else float("nan"))
+    per_round = {name: dict(enumerate(vals)) for name, vals in times.items()}
     ratios = {
-        "ours vs cuDNN dense": [a / b for a, b in zip(times["sdpa_cudnn"], times["triton_block_sparse"], strict=True)],
-        "ours vs Flex same mask": [a / b for a, b in zip(times["flex_block_sparse"], times["triton_block_sparse"],
-                                                         strict=True)],
-        **{f"{name} vs Flex same mask": [a / b for a, b in zip(times["flex_block_sparse"], times[name], strict=True)]
+        "ours vs cuDNN dense": round_ratios(per_round, "sdpa_cudnn", "triton_block_sparse"),
+        "ours vs Flex same mask": round_ratios(per_round, "flex_block_sparse", "triton_block_sparse"),
+        **{f"{name} vs Flex same mask": round_ratios(per_round, "flex_block_sparse", name)
            for name in times if name.startswith("triton_block_sparse:")},
     }
     summary = {name: statistics.median(v) for name, v in {**times, **ratios}.items()}
@@ -755,12 +756,13 @@ def _patched(obj: Any, **attrs: Any):
             setattr(obj, key, val)
 
 
-def _with_options(options: dict, update: dict, fn: Callable[[], Any]) -> Any:
-    """``fn()`` with ``options`` (a kernel module's OPTIONS dict) updated, then restored."""
+@contextlib.contextmanager
+def _updated(options: dict, update: dict):
+    """``options`` (a kernel module's OPTIONS dict) updated for the block, then the old entries put back."""
     saved = {key: options[key] for key in update}
     options.update(update)
     try:
-        return fn()
+        yield
     finally:
         options.update(saved)
 
@@ -880,32 +882,23 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
 def headline_targets(rows: list[dict[str, Any]]) -> list[str]:
     """Medians (and ranges) over the headline section's interleaved rounds, ratios taken per round."""
-    rounds: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if str(r.get("variant", "")).startswith("headline_r") and r.get("status") == "ok":
-            rounds.setdefault(int(r["round"]), {})[r["method"]] = r["ms"]
-    if not rounds:
+    times = headline_times(rows)
+    if not times:
         return []
-
-    def series(fn) -> list[float]:
-        vals = []
-        for t in rounds.values():
-            try:
-                vals.append(fn(t))
-            except (KeyError, ZeroDivisionError):
-                pass
-        return vals
 
     def med(vals: list[float], fmt: str) -> str:
         return f"{statistics.median(vals):{fmt}} [{min(vals):{fmt}}-{max(vals):{fmt}}]" if vals else "-"
 
-    ours = series(lambda t: t["triton_block_sparse"])
+    def ms(name: str) -> list[float]:
+        return list(times.get(name, {}).values())
+
+    n_rounds = len({r for per in times.values() for r in per})
     return [
-        f"headline, {len(rounds)} interleaved rounds, median [range]: fwd d=0.10 {med(ours, '.3f')} ms (<= 1.3), "
-        f"x cuDNN {med(series(lambda t: t['sdpa_cudnn'] / t['triton_block_sparse']), '.2f')} (>= 8.5), "
-        f"x Flex same mask {med(series(lambda t: t['flex_block_sparse'] / t['triton_block_sparse']), '.2f')} (>= 1.4)",
-        f"headline: linear fwd {med(series(lambda t: t['linear_triton']), '.3f')} ms (<= 0.15), "
-        f"selection top-k {med(series(lambda t: t['select_topk_triton']), '.3f')} ms (<= 0.1)",
+        f"headline, {n_rounds} interleaved rounds, median [range]: fwd d=0.10 {med(ms('triton_block_sparse'), '.3f')} ms "
+        f"(<= 1.3), x cuDNN {med(round_ratios(times, 'sdpa_cudnn', 'triton_block_sparse'), '.2f')} (>= 8.5), "
+        f"x Flex same mask {med(round_ratios(times, 'flex_block_sparse', 'triton_block_sparse'), '.2f')} (>= 1.4)",
+        f"headline: linear fwd {med(ms('linear_triton'), '.3f')} ms (<= 0.15), "
+        f"selection top-k {med(ms('select_topk_triton'), '.3f')} ms (<= 0.1)",
     ]
 
 

@@ -20,6 +20,7 @@ CLI: ``python -m harness.report results/<run> [more runs] [--out reports/]``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from harness.results import ResultsFileError, latest_per_cell, load_rows
+from harness.results import ResultsFileError, headline_times, latest_per_cell, load_rows, round_ratios
 from methods.base import FAMILIES
 
 __all__ = [
@@ -431,20 +432,16 @@ def kernel_headline_tables(df: pd.DataFrame) -> list[Table]:
     ker = ker[_is_headline(ker)]
     tables = []
     for group, g in group_rows(ker, ("card", "run_id", "git_sha")):
-        g = g.assign(_name=[m + (f" ({v.split('_', 1)[1].rsplit('_r', 1)[0]})" if v.count("_") > 1 else "")
-                            for m, v in zip(column(g, "method").astype(str), column(g, "variant").astype(str),
-                                            strict=True)],
-                     _round=pd.to_numeric(column(g, "round")), _ms=pd.to_numeric(column(g, "ms")))
-        per_round = g.pivot_table(index="_round", columns="_name", values="_ms", aggfunc="last")
+        times = headline_times(g.to_dict("records"))
         out = []
-        for name in per_round.columns:
-            vals = per_round[name].dropna()
-            row: dict[str, Any] = {"name": name, "median": vals.median(), "min": vals.min(), "max": vals.max(),
-                                   "rounds": len(vals)}
+        for name in sorted(times):
+            vals = list(times[name].values())
+            row: dict[str, Any] = {"name": name, "median": statistics.median(vals), "min": min(vals),
+                                   "max": max(vals), "rounds": len(vals)}
             if name.startswith("triton_block_sparse"):
                 for ref, key in (("sdpa_cudnn", "x_cudnn"), ("flex_block_sparse", "x_flex")):
-                    if ref in per_round:
-                        row[key] = (per_round[ref] / per_round[name]).dropna().median()
+                    if ratios := round_ratios(times, ref, name):
+                        row[key] = statistics.median(ratios)
             out.append(row)
         frame = pd.DataFrame(out)
         cols = [

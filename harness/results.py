@@ -25,13 +25,15 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultsFileError", "RowWriter", "cell_key", "config_hash", "load_rows", "provenance", "read_jsonl"]
+__all__ = ["ResultsFileError", "RowWriter", "cell_key", "config_hash", "headline_times", "load_rows", "provenance",
+           "read_jsonl", "round_ratios"]
 
 KEY_FIELDS = ("kind", "method", "config_hash", "workload", "dtype", "pass", "sparsity_target", "card")
 
@@ -108,6 +110,29 @@ def cell_key(row: dict[str, Any]) -> tuple:
     if rnd is not None and rnd == rnd:  # NaN: a row without a round, read through pandas
         key += (str(row.get("variant")), str(int(rnd)), str(row.get("run_id")))
     return key
+
+
+# the kernel benchmark's interleaved rounds: variant "headline_r<i>", or "headline_<option>_r<i>"
+_HEADLINE_VARIANT = re.compile(r"headline(?:_(?P<option>.+?))?_r(?P<round>\d+)")
+
+
+def headline_times(rows: Iterable[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """ms per round of each measurement in a kernel benchmark's headline rounds (ok rows only), keyed by
+    method, or "method (option)" for an option set timed in the same rounds."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        m = _HEADLINE_VARIANT.fullmatch(str(r.get("variant", "")))
+        if m is None or r.get("status") != "ok":
+            continue
+        name = str(r["method"]) + (f" ({m['option']})" if m["option"] else "")
+        out.setdefault(name, {})[int(m["round"])] = float(r["ms"])
+    return out
+
+
+def round_ratios(times: dict[str, dict[int, float]], num: str, den: str) -> list[float]:
+    """``num / den`` in each round that measured both (the speedup of ``den`` over ``num``)."""
+    a, b = times.get(num, {}), times.get(den, {})
+    return [a[k] / b[k] for k in sorted(a.keys() & b.keys()) if b[k]]
 
 
 def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str, Any]]:

@@ -452,9 +452,8 @@ def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None):
         return
     cfg = dict(config or {})
     launch = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 2)}
-    if cfg.get("maxnreg"):
-        launch["maxnreg"] = cfg.pop("maxnreg")
-    cfg.pop("maxnreg", None)
+    if maxnreg := cfg.pop("maxnreg", None):
+        launch["maxnreg"] = maxnreg
     bm = cfg.get("BLOCK_M", min(64, kwargs["BQ"]))
     cfg["BLOCK_M"] = bm
     meta = {**kwargs, **cfg}

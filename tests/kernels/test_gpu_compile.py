@@ -19,19 +19,28 @@ import pytest
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
-SCRIPT = textwrap.dedent(
+# Triton's compiler for an sm_90 target, with the specialisation a launch gives: 16-byte aligned pointers
+# and integer arguments divisible by 16 (all but N, the ragged sequence length).
+BUILD = textwrap.dedent(
     """
     import inspect, itertools, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels import select_triton as st
 
-    def build(fn, types, const):
+    def build(fn, types, const, warps=8, stages=3):
         params = list(inspect.signature(fn.fn).parameters)
         sig = {p: ("constexpr" if p in const else types[p]) for p in params}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+                 if sig[p].startswith("*") or (sig[p] == "i32" and p != "N")}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    """
+)
+
+SCRIPT = BUILD + textwrap.dedent(
+    """
+    from kernels import select_triton as st
 
     ptr = {"S": "*fp32", "IDX": "*i32", "CNT": "*i32", "FMASK": "*i8"}
     ints = ["keep", "R", "N", "MQ", "MK", "H", "fs_b", "fs_h", "fs_m", "fs_k", "idx_width"]
@@ -58,49 +67,46 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_selection_kernels_compile_for_hopper(tmp_path):
+def _compile(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run a compile script in a subprocess with Triton in compiled (not interpreter) mode."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_selection_kernels_compile_for_hopper(tmp_path):
+    res = _compile(SCRIPT, tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
 
-KERNELS_SCRIPT = textwrap.dedent(
+KERNELS_SCRIPT = BUILD + textwrap.dedent(
     """
-    import inspect, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from kernels import block_sparse as bs, linear_attn as la
 
     FP32 = {"LSE", "DELTA", "PART", "S", "DPART", "DS", "COS", "SIN"}
     I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT"}
     FLOATS = {"qk_scale", "sm_scale", "eps_n", "inv_n"}
+    SCALARS = {"H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE"}
 
-    def build(fn, const, warps, stages=2):
-        # the launch's specialisation: 16-byte aligned pointers, integers divisible by 16 except N
-        params = list(inspect.signature(fn.fn).parameters)
-        sig = {}
-        for p in params:
-            if p in const:
-                sig[p] = "constexpr"
-            elif p.endswith("_desc"):
-                sig[p] = "tensordesc<bf16[1,1,64,128]>"
+    def types_of(fn):
+        # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors, the rest ints
+        types = {}
+        for p in inspect.signature(fn.fn).parameters:
+            if p.endswith("_desc"):
+                types[p] = "tensordesc<bf16[1,1,64,128]>"
             elif p in FP32:
-                sig[p] = "*fp32"
+                types[p] = "*fp32"
             elif p in I32:
-                sig[p] = "*i32"
+                types[p] = "*i32"
             elif p in FLOATS:
-                sig[p] = "fp32"
-            elif p[0].isupper() and p not in ("H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE"):
-                sig[p] = "*bf16"
+                types[p] = "fp32"
+            elif p[0].isupper() and p not in SCALARS:
+                types[p] = "*bf16"
             else:
-                sig[p] = "i32"
-        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
-                 if sig[p].startswith("*") or (sig[p] == "i32" and p != "N")}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                types[p] = "i32"
+        return types
 
     fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
                PAIR=False, PIPE=False, LAZY=False)
@@ -126,7 +132,7 @@ KERNELS_SCRIPT = textwrap.dedent(
     failed = 0
     for name, fn, const, warps in cases:
         try:
-            k = build(fn, const, warps)
+            k = build(fn, types_of(fn), const, warps, stages=2)
             assert "cubin" in k.asm
         except Exception as exc:
             failed += 1
@@ -139,9 +145,5 @@ KERNELS_SCRIPT = textwrap.dedent(
 def test_attention_and_linear_kernels_compile_for_hopper(tmp_path):
     """The block-sparse forward (each loop variant), its backward kernels and the linear-branch kernels
     build for sm_90, with the specialisation a launch gives (aligned pointers, divisible integers)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-c", KERNELS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    res = _compile(KERNELS_SCRIPT, tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

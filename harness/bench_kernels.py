@@ -354,6 +354,10 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
         "pipe": {"fwd_pipe": True},
         "pipe_cfg_128w8s2_r168": {"fwd_pipe": True,
                                   "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 168}},
+        # Triton's Hopper warp specialisation (autotuned stages, then fixed 2 / 3 stages)
+        "ws": {"fwd_ws": True},
+        "ws_cfg_128w4s2": {"fwd_ws": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}},
+        "ws_cfg_128w4s3": {"fwd_ws": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

@@ -163,7 +163,7 @@ def _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start0, s
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, KV_IDX, KV_CNT, ORDER, k_desc, v_desc,
+    Q, K, V, Out, LSE, KV_IDX, KV_CNT, ORDER, k_desc, v_desc, q_desc,
     qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -172,7 +172,7 @@ def _fwd_kernel(
     H, N, MQ, MK, KMAX,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
-    PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr,
+    PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     pid = tl.program_id(0)
@@ -192,7 +192,11 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+    if WS:
+        # every load a TMA copy: Triton's Hopper warp specialisation hands only those to a producer
+        q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, D)
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
@@ -200,9 +204,19 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
 
-    has, last = _ragged_entry(idx_base, cnt, MK, EVEN_N, KMAX_P2)
-    n_full = cnt - has  # list entries of unmasked key blocks (the ragged last block is done after)
-    if PAIR:
+    if not WS:
+        has, last = _ragged_entry(idx_base, cnt, MK, EVEN_N, KMAX_P2)
+        n_full = cnt - has  # list entries of unmasked key blocks (the ragged last block is done after)
+    if WS:
+        # Warp-specialised (Triton's Hopper pass: one TMA producer warpgroup, two consumer warpgroups of
+        # BLOCK_M / 2 rows each). The pass declines a function with any if/else (and fails on a peeled
+        # first tile), so the list is walked in one loop and, for a ragged N, every tile gets the column
+        # mask (one select per score).
+        for j in tl.range(0, cnt, warp_specialize=True):
+            kb = tl.load(idx_base + j)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
+                                      stride_kn, stride_vn, qk_scale, BK, D, True, not EVEN_N, PREC)
+    elif PAIR:
         for j in range(0, n_full // 2):
             kb0 = _kv_block(idx_base, 2 * j, MK, last, EVEN_N)
             kb1 = _kv_block(idx_base, 2 * j + 1, MK, last, EVEN_N)
@@ -232,7 +246,7 @@ def _fwd_kernel(
             kb = _kv_block(idx_base, j, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY)
-    if not EVEN_N:
+    if not EVEN_N and not WS:
         if has > 0:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC, LAZY)
@@ -406,13 +420,24 @@ def _bwd_dq_kernel(
 def _prune_block_m(configs, named_args, **kwargs):
     bq = kwargs.get("BQ", named_args.get("BQ"))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= bq and bq % c.kwargs["BLOCK_M"] == 0]
+    if kwargs.get("WS"):
+        # Triton's Hopper warp specialisation takes 4-warp programs only and splits BLOCK_M over two
+        # consumer warpgroups of at least 64 rows each
+        keep = [c for c in keep if c.num_warps == 4 and c.kwargs["BLOCK_M"] == 128]
     if not keep:
-        keep = [triton.Config({"BLOCK_M": bq}, num_warps=4, num_stages=2)]
+        keep = [triton.Config({"BLOCK_M": bq}, num_warps=4, num_stages=2, pre_hook=_set_q_block)]
     return keep
 
 
+def _set_q_block(nargs):
+    """A TMA descriptor for Q (the warp-specialised forward) carries the config's BLOCK_M rows."""
+    desc = nargs["q_desc"]
+    if not isinstance(desc, torch.Tensor):
+        desc.block_shape = [1, 1, nargs["BLOCK_M"], nargs["D"]]
+
+
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s, pre_hook=_set_q_block)
     for bm in (128, 64)
     for w in (4, 8)
     for s in (2, 3, 4)
@@ -433,7 +458,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY"]
+_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY", "WS"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_block_m})(
     _fwd_kernel
 )
@@ -445,8 +470,9 @@ _dq_tuned = triton.autotune(_DQ_CONFIGS, key=["D", "BQ", "BK", "EVEN_N", "USE_TM
 )
 
 
-def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None):
-    """Run the autotuned kernel, or a fixed config (interpreter, or an explicit ``config``)."""
+def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None, pre_hook=None):
+    """Run the autotuned kernel, or a fixed config (interpreter, or an explicit ``config``); ``pre_hook``
+    is the configs' hook, called here for a fixed config."""
     if config is None and not _INTERPRET:
         tuned[grid_fn](*args, **kwargs)
         return
@@ -457,6 +483,8 @@ def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None):
     bm = cfg.get("BLOCK_M", min(64, kwargs["BQ"]))
     cfg["BLOCK_M"] = bm
     meta = {**kwargs, **cfg}
+    if pre_hook is not None:
+        pre_hook({**dict(zip(raw.arg_names, args)), **meta})
     raw[grid_fn(meta)](*args, **meta, **launch)
 
 
@@ -533,7 +561,8 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
 
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
-             pair: bool = False, pipe: bool = False, lazy: bool = False, config: dict | None = None):
+             pair: bool = False, pipe: bool = False, lazy: bool = False, ws: bool = False,
+             config: dict | None = None):
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -543,11 +572,15 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     ordr = _row_order(kv_cnt) if order else kv_cnt
-    use_tma = bool(use_tma) and _tma_ok(k, v)
+    use_tma = bool(use_tma or ws) and _tma_ok(*((q, k, v) if ws else (k, v)))
+    if ws and not use_tma:
+        raise Unsupported("the warp-specialised forward (fwd_ws) needs TMA loads: sm90+ and 16-byte aligned "
+                          "q/k/v; turn fwd_ws off")
     k_desc = _tma_desc(k, bk) if use_tma else k
     v_desc = _tma_desc(v, bk) if use_tma else v
+    q_desc = _tma_desc(q, bq) if ws else q  # block rows set per config (_set_q_block)
     args = (
-        q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, scale * LOG2E,
+        q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, q_desc, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -555,13 +588,13 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         h, n, mq, mk, kmax,
     )
     kwargs = dict(D=d, BQ=bq, BK=bk, EVEN_N=(n % bk == 0), KMAX_P2=triton.next_power_of_2(max(kmax, 2)),
-                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair), PIPE=bool(pipe) and not pair,
-                  LAZY=bool(lazy))
+                  USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair) and not ws,
+                  PIPE=bool(pipe) and not (pair or ws), LAZY=bool(lazy) and not ws, WS=bool(ws))
 
     def grid(meta):
         return (mq * (bq // meta["BLOCK_M"]), b * h)
 
-    _launch(_fwd_tuned, _fwd_kernel, grid, args, kwargs, config)
+    _launch(_fwd_tuned, _fwd_kernel, grid, args, kwargs, config, pre_hook=_set_q_block)
     return out, lse
 
 
@@ -627,8 +660,10 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # them at once, so no overlap results; kept for the benchmark). ``fwd_config``: a fixed launch config
 # (BLOCK_M, num_warps, num_stages, maxnreg) instead of the autotuner's pick.
 # ``fwd_lazy``: rescale the accumulator only when a row's running max grows by more than 2^8 (see _fwd_update).
+# ``fwd_ws``: Triton's automatic warp specialisation on Hopper (a TMA producer warpgroup and two consumer
+# warpgroups; Q also through TMA; the ragged key block as a peeled first tile).
 OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
-                 "fwd_config": None, "bwd_order": True, "bwd_tma": False}
+                 "fwd_ws": False, "fwd_config": None, "bwd_order": True, "bwd_tma": False}
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -637,7 +672,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
         out, lse = _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
                             pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"],
-                            lazy=OPTIONS["fwd_lazy"], config=OPTIONS["fwd_config"])
+                            lazy=OPTIONS["fwd_lazy"], ws=OPTIONS["fwd_ws"], config=OPTIONS["fwd_config"])
         ctx.save_for_backward(q, k, v, out, lse, kv_idx, kv_cnt)
         ctx.blocks = (block_q, block_k)
         ctx.scale = scale

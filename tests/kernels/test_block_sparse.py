@@ -86,7 +86,7 @@ def test_variants_agree(gen, use_tma, order):
     assert rel_l2(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["pair", "pipe", "lazy"])
+@pytest.mark.parametrize("mode", ["pair", "pipe", "lazy", "ws"])
 @pytest.mark.parametrize("n,use_tma", [(200, True), (256, False), (136, False)])
 def test_forward_loop_variants_match_reference(gen, n, use_tma, mode):
     """Two key blocks per softmax step (pair) and the next block's scores issued before this block's softmax
@@ -119,7 +119,7 @@ def test_lazy_rescale_with_growing_scores(gen, growth):
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
 
 
-@pytest.mark.parametrize("mode", ["pair", "pipe", "lazy"])
+@pytest.mark.parametrize("mode", ["pair", "pipe", "lazy", "ws"])
 def test_forward_loop_variants_on_short_lists(gen, mode):
     """Rows whose lists hold one unmasked block, only the ragged block, or one of each."""
     n, d = 136, 64  # 3 key blocks of 64, the last ragged
@@ -176,7 +176,8 @@ def test_unsupported_inputs(gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,opt", [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, "fwd_pair"),
                                        (torch.bfloat16, "fwd_pipe"), (torch.bfloat16, "fwd_lazy"),
-                                       (torch.float16, "fwd_lazy")])
+                                       (torch.float16, "fwd_lazy"), (torch.bfloat16, "fwd_ws"),
+                                       (torch.float16, "fwd_ws")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference."""
     if opt:

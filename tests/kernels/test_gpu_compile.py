@@ -94,7 +94,9 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors, the rest ints
         types = {}
         for p in inspect.signature(fn.fn).parameters:
-            if p.endswith("_desc"):
+            if p == "q_desc":
+                types[p] = "tensordesc<bf16[1,1,128,128]>"
+            elif p.endswith("_desc"):
                 types[p] = "tensordesc<bf16[1,1,64,128]>"
             elif p in FP32:
                 types[p] = "*fp32"
@@ -109,7 +111,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         return types
 
     fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
-               PAIR=False, PIPE=False, LAZY=False)
+               PAIR=False, PIPE=False, LAZY=False, WS=False)
     lin = dict(D=128, KIND=0, ROPE=True)
     cases = [
         ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
@@ -117,6 +119,8 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("fwd pair", bs._fwd_kernel, dict(fwd, USE_TMA=True, PAIR=True), 8),
         ("fwd pipe", bs._fwd_kernel, dict(fwd, USE_TMA=True, PIPE=True), 8),
         ("fwd lazy", bs._fwd_kernel, dict(fwd, USE_TMA=True, LAZY=True), 4),
+        ("fwd warp-specialised", bs._fwd_kernel, dict(fwd, USE_TMA=True, WS=True), 4),
+        ("fwd warp-specialised, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, WS=True, EVEN_N=True), 4),
         ("bwd preprocess", bs._bwd_preprocess, dict(D=128, BLOCK=128), 4),
         ("bwd dk/dv", bs._bwd_dkdv_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, USE_ORDER=True, PREC="tf32"), 4),
         ("bwd dq", bs._bwd_dq_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, EVEN_N=False, KMAX_P2=512,

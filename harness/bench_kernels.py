@@ -335,8 +335,9 @@ def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "
         del lay
 
 
-def variants_section(bench: Bench, densities: list[float]) -> None:
-    """Our kernel's execution options, forward (and backward order), one density at a time."""
+def variants_section(bench: Bench, densities: list[float], only: list[str] | None = None) -> None:
+    """Our kernel's execution options, forward (and backward order), one density at a time; ``only``: the
+    variants to run, by name (all when empty)."""
     from kernels import block_sparse as bs
 
     variants = {
@@ -361,6 +362,11 @@ def variants_section(bench: Bench, densities: list[float]) -> None:
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }
+    if only:
+        unknown = sorted(set(only) - set(variants))
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; known: {', '.join(variants)}")
+        variants = {name: opts for name, opts in variants.items() if name in only}
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, 128, 64, dens, bench.device, seed=int(dens * 1000))
         real, pairs = lay.density(), float(lay.kept_token_pairs())
@@ -919,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="dense,sparse,selection,linear,video,variants,headline",
                    help="comma list of dense,sparse,selection,linear,video,variants,linear_variants,profile,headline")
     p.add_argument("--variant-densities", default="0.1,1.0")
+    p.add_argument("--variants", default="", help="comma list of the variants section's variants to run (default all)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the headline section")
     p.add_argument("--headline-options", default="{}",
                    help='JSON {name: block_sparse OPTIONS update} timed in the headline rounds, e.g. \'{"lazy": {"fwd_lazy": true}}\'')
@@ -940,7 +947,8 @@ def main(argv: list[str] | None = None) -> int:
         ("selection", lambda: selection_section(bench)),
         ("linear", lambda: linear_section(bench)),
         ("video", lambda: video_topk_section(bench)),
-        ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x])),
+        ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x],
+                                              [x for x in args.variants.split(",") if x])),
         ("linear_variants", lambda: linear_variants_section(bench)),
         ("profile", lambda: profile_section(bench)),
         ("headline", lambda: headline_section(bench, rounds=args.rounds, options=json.loads(args.headline_options))),

@@ -163,7 +163,7 @@ def _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start0, s
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, KV_IDX, KV_CNT, ORDER, k_desc, v_desc, q_desc,
+    Q, K, V, Out, LSE, KV_IDX, KV_CNT, ORDER, k_desc, v_desc,
     qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -194,7 +194,12 @@ def _fwd_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     if WS:
         # every load a TMA copy: Triton's Hopper warp specialisation hands only those to a producer
-        q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, D)
+        # Q through a device-side descriptor over Q as one (B*H*N, D) matrix: the pass re-blocks it for the
+        # two consumers (it cannot re-block a host-side one, nor split a 4-D one's rows). Rows past N read
+        # the next head's queries; they are computed and never stored.
+        q_d = tl.make_tensor_descriptor(Q, shape=[tl.num_programs(1) * N, D], strides=[D, 1],
+                                        block_shape=[BLOCK_M, D])
+        q = q_d.load([bh * N + start_m, 0])
     else:
         q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -425,19 +430,12 @@ def _prune_block_m(configs, named_args, **kwargs):
         # consumer warpgroups of at least 64 rows each
         keep = [c for c in keep if c.num_warps == 4 and c.kwargs["BLOCK_M"] == 128]
     if not keep:
-        keep = [triton.Config({"BLOCK_M": bq}, num_warps=4, num_stages=2, pre_hook=_set_q_block)]
+        keep = [triton.Config({"BLOCK_M": bq}, num_warps=4, num_stages=2)]
     return keep
 
 
-def _set_q_block(nargs):
-    """A TMA descriptor for Q (the warp-specialised forward) carries the config's BLOCK_M rows."""
-    desc = nargs["q_desc"]
-    if not isinstance(desc, torch.Tensor):
-        desc.block_shape = [1, 1, nargs["BLOCK_M"], nargs["D"]]
-
-
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s, pre_hook=_set_q_block)
+    triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
     for bm in (128, 64)
     for w in (4, 8)
     for s in (2, 3, 4)
@@ -470,9 +468,8 @@ _dq_tuned = triton.autotune(_DQ_CONFIGS, key=["D", "BQ", "BK", "EVEN_N", "USE_TM
 )
 
 
-def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None, pre_hook=None):
-    """Run the autotuned kernel, or a fixed config (interpreter, or an explicit ``config``); ``pre_hook``
-    is the configs' hook, called here for a fixed config."""
+def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None):
+    """Run the autotuned kernel, or a fixed config (interpreter, or an explicit ``config``)."""
     if config is None and not _INTERPRET:
         tuned[grid_fn](*args, **kwargs)
         return
@@ -483,8 +480,6 @@ def _launch(tuned, raw, grid_fn, args, kwargs, config: dict | None, pre_hook=Non
     bm = cfg.get("BLOCK_M", min(64, kwargs["BQ"]))
     cfg["BLOCK_M"] = bm
     meta = {**kwargs, **cfg}
-    if pre_hook is not None:
-        pre_hook({**dict(zip(raw.arg_names, args)), **meta})
     raw[grid_fn(meta)](*args, **meta, **launch)
 
 
@@ -549,6 +544,12 @@ def _tma_desc(x: torch.Tensor, rows: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]])
 
 
+def _scratch_allocator() -> None:
+    """Global scratch for tensor descriptors built inside a kernel (``tl.make_tensor_descriptor``)."""
+    if not _INTERPRET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _tma_ok(*xs: torch.Tensor) -> bool:
     """TMA descriptors need Hopper or newer (or the interpreter) and 16-byte aligned base and strides."""
     dev = xs[0].device
@@ -578,9 +579,11 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
                           "q/k/v; turn fwd_ws off")
     k_desc = _tma_desc(k, bk) if use_tma else k
     v_desc = _tma_desc(v, bk) if use_tma else v
-    q_desc = _tma_desc(q, bq) if ws else q  # block rows set per config (_set_q_block)
+    if ws:
+        q = q.contiguous()  # read in-kernel as one (B*H*N, D) matrix
+        _scratch_allocator()  # the in-kernel TMA descriptor's 128 bytes per program
     args = (
-        q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, q_desc, scale * LOG2E,
+        q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -594,7 +597,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
     def grid(meta):
         return (mq * (bq // meta["BLOCK_M"]), b * h)
 
-    _launch(_fwd_tuned, _fwd_kernel, grid, args, kwargs, config, pre_hook=_set_q_block)
+    _launch(_fwd_tuned, _fwd_kernel, grid, args, kwargs, config)
     return out, lse
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from harness import bench_kernels as bk
 from harness.bench_kernels import headline_targets
 
 
@@ -65,3 +68,8 @@ def test_report_keeps_every_round_and_takes_ratios_per_round():
     assert ours[1:5] == ["1.32", "1.20", "1.50", "3"] and ours[5:] == ["10.00", "1.50"]
     # the ordinary kernel table holds the row outside the rounds only
     assert sum(len(t.cells) for t in kernel_tables(df)) == 1
+
+
+def test_variants_filter_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown variants.*nope"):
+        bk.variants_section(None, [0.1], only=["ws", "nope"])

@@ -94,9 +94,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors, the rest ints
         types = {}
         for p in inspect.signature(fn.fn).parameters:
-            if p == "q_desc":
-                types[p] = "tensordesc<bf16[1,1,128,128]>"
-            elif p.endswith("_desc"):
+            if p.endswith("_desc"):
                 types[p] = "tensordesc<bf16[1,1,64,128]>"
             elif p in FP32:
                 types[p] = "*fp32"

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from harness.flops import BACKWARD_FACTOR, tflops
-from harness.results import RowWriter, config_hash, headline_times, round_ratios
+from harness.results import RowWriter, config_hash, headline_times, round_diffs, round_ratios
 from harness.timing import measure
 from kernels.errors import Unsupported
 from kernels.layout import BlockLayout, cdiv, keep_count
@@ -615,7 +615,9 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels import block_sparse as bs
+    from kernels import linear_attn as la
     from kernels.flex import flex_block_mask, flex_block_sparse_attention
+    from kernels.fused import sparse_linear_attention_triton
     from kernels.linear_attn import linear_attention_triton
     from kernels.rope import rope_3d_freqs
     from kernels.select_triton import select_topk_triton
@@ -635,12 +637,19 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
     def ours():
         return bs.block_sparse_attention_triton(q, k, v, lay)
 
+    cos_t, sin_t, _ = la._rope_args(cos, sin, bench.n, bench.d, bench.device)
+
     calls = {  # name: (call, density, kept pairs, attention FLOPs?, block-sparse options it runs with)
         "sdpa_cudnn": (cudnn, 1.0, None, True, {}),
         "triton_block_sparse": (ours, real, pairs, True, {}),
         "flex_block_sparse": (lambda: flex_block_sparse_attention(q, k, v, lay, block_mask=bm), real, pairs, True, {}),
         "linear_triton": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False, {}),
         "select_topk_triton": (lambda: select_topk_triton(q, k, keep, 128, 64), density, None, False, {}),
+        # SALAD's two branches: the linear K/V pass alone, and sparse + linear with the linear Q pass fused
+        # into the sparse kernel's epilogue (the linear branch then costs fused - sparse, per round)
+        "linear_state_triton": (lambda: la._state_pass(k, v, 0, cos_t, sin_t, True), 1.0, None, False, {}),
+        "fused_sparse_linear_triton": (lambda: sparse_linear_attention_triton(q, k, v, lay, "relu", cos, sin),
+                                       real, pairs, False, {}),
         # execution options of our forward under test, timed in the same rounds (variant headline_<name>_r<i>)
         **{f"triton_block_sparse:{name}": (ours, real, pairs, True, opts) for name, opts in (options or {}).items()},
     }
@@ -651,7 +660,8 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
         for name, (fn, dens, prs, attention, opts) in calls.items():
             method, _, opt = name.partition(":")
             with _updated(bs.OPTIONS, opts):
-                row = bench.timed(method, method.split("_")[1] if method != "sdpa_cudnn" else "cudnn", "fwd", fn,
+                backend = "cudnn" if method == "sdpa_cudnn" else "flex" if method.startswith("flex") else "triton"
+                row = bench.timed(method, backend, "fwd", fn,
                                   density=dens, pairs=prs, variant=f"headline_{opt}_r{r}" if opt else f"headline_r{r}",
                                   attention=attention,
                                   config={"headline": True, "round": r, "option": opt, "block_q": 128, "block_k": 64,
@@ -665,13 +675,17 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
         **{f"{name} vs Flex same mask": round_ratios(per_round, "flex_block_sparse", name)
            for name in times if name.startswith("triton_block_sparse:")},
     }
-    summary = {name: statistics.median(v) for name, v in {**times, **ratios}.items()}
-    for name, vals in {**times, **ratios}.items():
-        unit = "ms" if name in times else "x"
+    diffs = {"linear fused (fused - sparse)": round_diffs(per_round, "fused_sparse_linear_triton", "triton_block_sparse")}
+    summary = {name: statistics.median(v) for name, v in {**times, **ratios, **diffs}.items() if v}
+    for name, vals in {**times, **ratios, **diffs}.items():
+        if not vals:
+            continue
+        unit = "x" if name in ratios else "ms"
         print(f"headline {name:<24} median {summary[name]:.3f} {unit}  rounds: "
               + " ".join(f"{x:.3f}" for x in vals), flush=True)
     (Path(bench.writer.run_dir) / "headline.json").write_text(json.dumps(
-        {"rounds": rounds, "density": real, "times_ms": times, "ratios": ratios, "median": summary}, indent=1))
+        {"rounds": rounds, "density": real, "times_ms": times, "ratios": ratios, "diffs_ms": diffs, "median": summary},
+        indent=1))
 
 
 def selection_section(bench: Bench, density: float = 0.1) -> None:
@@ -908,6 +922,8 @@ def headline_targets(rows: list[dict[str, Any]]) -> list[str]:
         f"(<= 1.3), x cuDNN {med(round_ratios(times, 'sdpa_cudnn', 'triton_block_sparse'), '.2f')} (>= 8.5), "
         f"x Flex same mask {med(round_ratios(times, 'flex_block_sparse', 'triton_block_sparse'), '.2f')} (>= 1.4)",
         f"headline: linear fwd {med(ms('linear_triton'), '.3f')} ms (<= 0.15), "
+        f"fused into the sparse forward {med(round_diffs(times, 'fused_sparse_linear_triton', 'triton_block_sparse'), '.3f')} ms "
+        f"(K/V pass {med(ms('linear_state_triton'), '.3f')} ms + epilogue), "
         f"selection top-k {med(ms('select_topk_triton'), '.3f')} ms (<= 0.1)",
     ]
 

@@ -135,6 +135,12 @@ def round_ratios(times: dict[str, dict[int, float]], num: str, den: str) -> list
     return [a[k] / b[k] for k in sorted(a.keys() & b.keys()) if b[k]]
 
 
+def round_diffs(times: dict[str, dict[int, float]], a: str, b: str) -> list[float]:
+    """``a - b`` in each round that measured both (what ``a`` adds on top of ``b``)."""
+    x, y = times.get(a, {}), times.get(b, {})
+    return [x[k] - y[k] for k in sorted(x.keys() & y.keys())]
+
+
 def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str, Any]]:
     """Rows of one JSONL file.
 

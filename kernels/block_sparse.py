@@ -35,6 +35,7 @@ import triton.language as tl
 
 from kernels.errors import Unsupported
 from kernels.layout import BlockLayout, cdiv
+from kernels.linear_attn import _load_feat, _load_state, _out_tile, _split_b
 
 __all__ = ["block_sparse_attention_triton", "transpose_layout", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCKS"]
 
@@ -164,15 +165,19 @@ def _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start0, s
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, KV_IDX, KV_CNT, ORDER, k_desc, v_desc,
-    qk_scale,
+    OutL, COS, SIN, S,
+    qk_scale, eps_n, inv_n,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh, stride_ln,
     H, N, MQ, MK, KMAX,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
     PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
+    LIN: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
+    LIN_ROWS: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     pid = tl.program_id(0)
@@ -263,6 +268,25 @@ def _fwd_kernel(
              mask=offs_m[:, None] < N)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+    if LIN:
+        # SALAD's linear branch, its Q pass fused here: these rows' queries are already on chip. The state
+        # (S, z) comes from the K/V pass (kernels.linear_attn), in its half layout and sum units.
+        D2: tl.constexpr = D // 2
+        s0, s1, z0, z1 = _load_state(S, bh, inv_n, D2, D)
+        s0h, s0l = _split_b(s0, F32_MODE, F32_SPLIT)
+        s1h, s1l = _split_b(s1, F32_MODE, F32_SPLIT)
+        # in sub-tiles of LIN_ROWS queries (re-read from global memory, mostly from L2): the whole tile's
+        # features and rotated features would not fit in the registers next to the state
+        l_base = OutL + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+        q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        LR: tl.constexpr = BLOCK_M if BLOCK_M < LIN_ROWS else LIN_ROWS
+        for sub in tl.range(0, BLOCK_M // LR, loop_unroll_factor=1):
+            offs = start_m + sub * LR + tl.arange(0, LR)
+            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_off, offs, N, stride_qn, KIND, ROPE, LR, D)
+            out_l = _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE, F32_SPLIT, LR, D)
+            tl.store(l_base + offs[:, None] * stride_ln + offs_d[None, :], out_l.to(OutL.dtype.element_ty),
+                     mask=offs[:, None] < N)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -456,7 +480,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY", "WS"]
+_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY", "WS", "LIN", "KIND", "ROPE", "F32_MODE"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_block_m})(
     _fwd_kernel
 )
@@ -563,7 +587,10 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
              pair: bool = False, pipe: bool = False, lazy: bool = False, ws: bool = False,
-             config: dict | None = None):
+             config: dict | None = None, lin: dict | None = None):
+    """``(out, lse)``. ``lin``: SALAD's linear-branch Q pass fused into the epilogue: a dict with ``out`` (the
+    branch's output, written here), ``state`` (the K/V pass's summed state, half layout), ``cos``, ``sin``,
+    ``rope``, ``kind`` (0 relu, 1 elu, 2 softmax), ``eps`` and ``modes`` (see kernels.linear_attn)."""
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -582,17 +609,25 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
     if ws:
         q = q.contiguous()  # read in-kernel as one (B*H*N, D) matrix
         _scratch_allocator()  # the in-kernel TMA descriptor's 128 bytes per program
+    if lin is not None and ws:
+        raise Unsupported("the linear-branch epilogue is not built for the warp-specialised forward; turn fwd_ws off")
+    out_l, cos, sin, state = (lin["out"], lin["cos"], lin["sin"], lin["state"]) if lin else (out, lse, lse, lse)
     args = (
-        q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, scale * LOG2E,
+        q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, out_l, cos, sin, state,
+        scale * LOG2E, (lin["eps"] / n) if lin else 0.0, 1.0 / n,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        out_l.stride(0), out_l.stride(1), out_l.stride(2),
         h, n, mq, mk, kmax,
     )
+    modes = lin["modes"] if lin else {"F32_MODE": 1, "F32_SPLIT": False}
     kwargs = dict(D=d, BQ=bq, BK=bk, EVEN_N=(n % bk == 0), KMAX_P2=triton.next_power_of_2(max(kmax, 2)),
                   USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair) and not ws,
-                  PIPE=bool(pipe) and not (pair or ws), LAZY=bool(lazy) and not ws, WS=bool(ws))
+                  PIPE=bool(pipe) and not (pair or ws), LAZY=bool(lazy) and not ws, WS=bool(ws),
+                  LIN=lin is not None, KIND=lin["kind"] if lin else 0, ROPE=bool(lin and lin["rope"]),
+                  F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"], LIN_ROWS=OPTIONS["lin_rows"])
 
     def grid(meta):
         return (mq * (bq // meta["BLOCK_M"]), b * h)
@@ -666,7 +701,7 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # ``fwd_ws``: Triton's automatic warp specialisation on Hopper (a TMA producer warpgroup and two consumer
 # warpgroups; Q also through TMA; the ragged key block as a peeled first tile).
 OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
-                 "fwd_ws": False, "fwd_config": None, "bwd_order": True, "bwd_tma": False}
+                 "fwd_ws": False, "fwd_config": None, "bwd_order": True, "bwd_tma": False, "lin_rows": 32}
 
 
 class _BlockSparseAttention(torch.autograd.Function):

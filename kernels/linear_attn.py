@@ -165,9 +165,16 @@ def _interleave(x0, x1, ROWS: tl.constexpr, D2: tl.constexpr):
 def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: tl.constexpr,
                ROWS: tl.constexpr, D: tl.constexpr):
     """Raw tile, features (zero on rows past N), their halves and the rotated halves (and cos/sin)."""
-    D2: tl.constexpr = D // 2
     mask = offs < N
     x = tl.load(X + base + offs[:, None] * stride_n + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
+    return _feat_of(x, COS, SIN, offs, N, KIND, ROPE, ROWS, D)
+
+
+@triton.jit
+def _feat_of(x, COS, SIN, offs, N, KIND: tl.constexpr, ROPE: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """:func:`_load_feat` on a tile already loaded (rows ``offs``; rows past N give zero features)."""
+    D2: tl.constexpr = D // 2
+    mask = offs < N
     x = x.to(tl.float32)
     f = tl.where(mask[:, None], _feature(x, KIND), 0.0)
     f0, f1 = _halves(f, ROWS, D2)
@@ -258,6 +265,17 @@ def _fwd_state_half_kernel(
 
 
 @triton.jit
+def _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
+              ROWS: tl.constexpr, D: tl.constexpr):
+    """Output rows ``phi(q) S / (phi(q) . z + eps)`` from the feature halves and the split state halves."""
+    den = tl.sum(f0 * z0[None, :], 1) + tl.sum(f1 * z1[None, :], 1) + eps_n
+    num = tl.zeros([ROWS, D], dtype=tl.float32)
+    num = _mm_pre(r0, s0h, s0l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+    num = _mm_pre(r1, s1h, s1l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
+    return num / den[:, None]
+
+
+@triton.jit
 def _fwd_out_kernel(
     Q, Out, COS, SIN, S,
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
@@ -277,11 +295,7 @@ def _fwd_out_kernel(
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
         _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
-        den = tl.sum(f0 * z0[None, :], 1) + tl.sum(f1 * z1[None, :], 1) + eps_n
-        num = tl.zeros([BLOCK, D], dtype=tl.float32)
-        num = _mm_pre(r0, s0h, s0l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
-        num = _mm_pre(r1, s1h, s1l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
-        out = num / den[:, None]
+        out = _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE, F32_SPLIT, BLOCK, D)
         tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
                  mask=offs[:, None] < N)
 
@@ -545,14 +559,13 @@ def _rope_args(cos, sin, n, d, device):
     return cos.to(device=device, dtype=dt).contiguous(), sin.to(device=device, dtype=dt).contiguous(), True
 
 
-def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
-    """Output, the summed state ``(B*H, D*D + D)`` (sum units) and whether it is in the pairs layout
-    (rows in channel order) rather than the half layout (even rows, odd rows, then z)."""
-    b, h, n, d = q.shape
-    modes = _modes(q.dtype)
-    nsplit, chunk = _chunks(n, b * h, q.device)
-    part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=q.device)
-    pairs = bool(OPTIONS.get("pairs"))
+def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
+    """The K/V pass: the summed state ``(B*H, D*D + D)`` (sum units), in the pairs layout (rows in channel
+    order) or the half layout (even rows, odd rows, then z), and the pass's chunking."""
+    b, h, n, d = k.shape
+    modes = _modes(k.dtype)
+    nsplit, chunk = _chunks(n, b * h, k.device)
+    part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
     halves = bool(OPTIONS.get("state_halves")) and not pairs
     state_kernel = _fwd_state_pairs_kernel if pairs else _fwd_state_half_kernel if halves else _fwd_state_kernel
     _launch(
@@ -561,7 +574,15 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
         dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
              STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0), OPTIONS["state"],
     )
-    state = part.sum(1)
+    return part.sum(1), nsplit, chunk
+
+
+def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
+    """Output, the summed state (see :func:`_state_pass`) and whether it is in the pairs layout."""
+    b, h, n, d = q.shape
+    modes = _modes(q.dtype)
+    pairs = bool(OPTIONS.get("pairs"))
+    state, nsplit, chunk = _state_pass(k, v, kind, cos, sin, rope, pairs)
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     if OPTIONS.get("out_programs_per_sm"):  # the Q pass needs no chunk structure of its own
         nsplit, chunk = _chunks(n, b * h, q.device, per_sm=OPTIONS["out_programs_per_sm"])
@@ -640,6 +661,12 @@ def linear_attention_triton(
     ``kind``: ``relu`` | ``elu`` (elu + 1) | ``softmax``; ``cos, sin``: ``(N, D/2)`` RoPE tables or None.
     Raises :class:`Unsupported` for a device, dtype or head_dim it cannot run.
     """
+    q, k, v, cos_t, sin_t, rope, kind_id = _prepare(q, k, v, kind, cos, sin)
+    return _LinearAttention.apply(q, k, v, cos_t, sin_t, kind_id, rope, float(eps))
+
+
+def _prepare(q, k, v, kind: str, cos, sin):
+    """Checked inputs (last dim contiguous), the RoPE tables as the kernels take them, and the kind's id."""
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of relu, elu, softmax; got {kind!r}")
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -657,4 +684,4 @@ def linear_attention_triton(
         raise ValueError("pass both cos and sin, or neither")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cos_t, sin_t, rope = _rope_args(cos, sin, q.shape[2], d, q.device)
-    return _LinearAttention.apply(q, k, v, cos_t, sin_t, _KINDS[kind], rope, float(eps))
+    return q, k, v, cos_t, sin_t, rope, _KINDS[kind]

@@ -73,3 +73,11 @@ def test_report_keeps_every_round_and_takes_ratios_per_round():
 def test_variants_filter_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown variants.*nope"):
         bk.variants_section(None, [0.1], only=["ws", "nope"])
+
+
+def test_fused_linear_cost_is_the_per_round_difference():
+    rows = _rows([{"triton_block_sparse": 1.3, "fused_sparse_linear_triton": 1.42, "linear_state_triton": 0.09},
+                  {"triton_block_sparse": 1.4, "fused_sparse_linear_triton": 1.53, "linear_state_triton": 0.08}])
+    line = headline_targets(rows)[1]
+    assert "fused into the sparse forward 0.125 [0.120-0.130] ms" in line
+    assert "K/V pass 0.085 [0.080-0.090] ms" in line

@@ -109,7 +109,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         return types
 
     fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
-               PAIR=False, PIPE=False, LAZY=False, WS=False)
+               PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32)
     lin = dict(D=128, KIND=0, ROPE=True)
     cases = [
         ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
@@ -118,6 +118,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("fwd pipe", bs._fwd_kernel, dict(fwd, USE_TMA=True, PIPE=True), 8),
         ("fwd lazy", bs._fwd_kernel, dict(fwd, USE_TMA=True, LAZY=True), 4),
         ("fwd warp-specialised", bs._fwd_kernel, dict(fwd, USE_TMA=True, WS=True), 4),
+        ("fwd + linear-branch epilogue", bs._fwd_kernel, dict(fwd, USE_TMA=True, LIN=True, ROPE=True), 4),
         ("fwd warp-specialised, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, WS=True, EVEN_N=True), 4),
         ("bwd preprocess", bs._bwd_preprocess, dict(D=128, BLOCK=128), 4),
         ("bwd dk/dv", bs._bwd_dkdv_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, USE_ORDER=True, PREC="tf32"), 4),

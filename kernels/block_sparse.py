@@ -196,12 +196,13 @@ def _fwd_kernel(
     start_m = qblk * BQ + (pid % SUB) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_base = Q + q_off
     if WS:
-        # every load a TMA copy: Triton's Hopper warp specialisation hands only those to a producer
-        # Q through a device-side descriptor over Q as one (B*H*N, D) matrix: the pass re-blocks it for the
-        # two consumers (it cannot re-block a host-side one, nor split a 4-D one's rows). Rows past N read
-        # the next head's queries; they are computed and never stored.
+        # Triton's Hopper warp specialisation hands only TMA copies to its producer, so Q comes through a
+        # descriptor too: built in-kernel over Q as one (B*H*N, D) matrix, which the pass re-blocks for its
+        # two consumers (a host-side one keeps its box; a 4-D one's rows are split wrongly). Rows past N
+        # read the next head's queries; they are computed and never stored.
         q_d = tl.make_tensor_descriptor(Q, shape=[tl.num_programs(1) * N, D], strides=[D, 1],
                                         block_shape=[BLOCK_M, D])
         q = q_d.load([bh * N + start_m, 0])
@@ -218,10 +219,9 @@ def _fwd_kernel(
         has, last = _ragged_entry(idx_base, cnt, MK, EVEN_N, KMAX_P2)
         n_full = cnt - has  # list entries of unmasked key blocks (the ragged last block is done after)
     if WS:
-        # Warp-specialised (Triton's Hopper pass: one TMA producer warpgroup, two consumer warpgroups of
-        # BLOCK_M / 2 rows each). The pass declines a function with any if/else (and fails on a peeled
-        # first tile), so the list is walked in one loop and, for a ragged N, every tile gets the column
-        # mask (one select per score).
+        # One TMA producer warpgroup and two consumer warpgroups of BLOCK_M / 2 rows each. The pass declines
+        # a function with any if/else (and fails on a peeled first tile), so the list is walked in one loop
+        # and, for a ragged N, every tile gets the column mask (one select per score).
         for j in tl.range(0, cnt, warp_specialize=True):
             kb = tl.load(idx_base + j)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
@@ -270,16 +270,15 @@ def _fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
     if LIN:
-        # SALAD's linear branch, its Q pass fused here: these rows' queries are already on chip. The state
-        # (S, z) comes from the K/V pass (kernels.linear_attn), in its half layout and sum units.
+        # SALAD's linear branch, its Q pass for these rows fused here (kernels.fused). The state (S, z)
+        # comes from the K/V pass (kernels.linear_attn), in its half layout and sum units.
         D2: tl.constexpr = D // 2
         s0, s1, z0, z1 = _load_state(S, bh, inv_n, D2, D)
         s0h, s0l = _split_b(s0, F32_MODE, F32_SPLIT)
         s1h, s1l = _split_b(s1, F32_MODE, F32_SPLIT)
-        # in sub-tiles of LIN_ROWS queries (re-read from global memory, mostly from L2): the whole tile's
-        # features and rotated features would not fit in the registers next to the state
+        # in sub-tiles of LIN_ROWS queries, re-read from global memory: the whole tile's features and rotated
+        # features would not fit in the registers next to the state (ptxas spilled ~1 KB per thread)
         l_base = OutL + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-        q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         LR: tl.constexpr = BLOCK_M if BLOCK_M < LIN_ROWS else LIN_ROWS
         for sub in tl.range(0, BLOCK_M // LR, loop_unroll_factor=1):
             offs = start_m + sub * LR + tl.arange(0, LR)
@@ -699,7 +698,9 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # (BLOCK_M, num_warps, num_stages, maxnreg) instead of the autotuner's pick.
 # ``fwd_lazy``: rescale the accumulator only when a row's running max grows by more than 2^8 (see _fwd_update).
 # ``fwd_ws``: Triton's automatic warp specialisation on Hopper (a TMA producer warpgroup and two consumer
-# warpgroups; Q also through TMA; the ragged key block as a peeled first tile).
+# warpgroups; Q also through TMA; the column mask on every tile for a ragged N). Correct, and slower on the
+# H200 (1.41 against 1.33 ms at d=0.10; kernels/NOTES.md, run 8). ``lin_rows``: query rows per step of the
+# fused linear-branch epilogue (kernels.fused).
 OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
                  "fwd_ws": False, "fwd_config": None, "bwd_order": True, "bwd_tma": False, "lin_rows": 32}
 

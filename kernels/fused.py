@@ -45,14 +45,13 @@ class _SparseLinear(torch.autograd.Function):
         q, k, v, out, lse, kv_idx, kv_cnt, cos, sin, state = ctx.saved_tensors
         block_q, block_k, scale, kind, rope, eps = ctx.meta
         layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
-        grads = [torch.zeros_like(x) for x in (q, k, v)]
+        parts = []
         if dout is not None:
-            for g, d in zip(grads, bs._backward(dout, q, k, v, out, lse, layout, scale, order=bs.OPTIONS["bwd_order"],
-                                                use_tma=bs.OPTIONS["bwd_tma"]), strict=True):
-                g += d
+            parts.append(bs._backward(dout, q, k, v, out, lse, layout, scale, order=bs.OPTIONS["bwd_order"],
+                                      use_tma=bs.OPTIONS["bwd_tma"]))
         if dout_l is not None:
-            for g, d in zip(grads, la._backward(dout_l, q, k, v, kind, cos, sin, rope, eps, state), strict=True):
-                g += d
+            parts.append(la._backward(dout_l, q, k, v, kind, cos, sin, rope, eps, state))
+        grads = [sum(g) for g in zip(*parts, strict=True)] if parts else [None, None, None]
         return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 

@@ -79,3 +79,15 @@ def test_fused_full_size_gpu(gen, kind):
     tiles[..., torch.arange(mq), torch.arange(mq) * 2] = True
     lay = BlockLayout.from_dense(tiles.to(DEVICE), 128, 64, n)
     _check(gen, lay, kind, torch.bfloat16, (21, 30, 52), d, rope=True, h=h, ref_dtype=torch.float32)
+
+
+def test_fused_gradient_of_one_output_alone(gen):
+    """Only the sparse output used: the fused op's gradients are the sparse kernel's."""
+    q, k, v = [torch.randn(1, 2, 136, 64, generator=gen).to(DEVICE) for _ in range(3)]
+    lay = _random_layout(gen, 1, 2, 136, 64, 64)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    sparse_linear_attention_triton(*xs, lay)[0].sum().backward()
+    ys = [x.clone().requires_grad_() for x in (q, k, v)]
+    bs.block_sparse_attention_triton(*ys, lay).sum().backward()
+    for x, y in zip(xs, ys, strict=True):
+        torch.testing.assert_close(x.grad, y.grad)

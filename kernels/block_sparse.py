@@ -608,8 +608,6 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
     if ws:
         q = q.contiguous()  # read in-kernel as one (B*H*N, D) matrix
         _scratch_allocator()  # the in-kernel TMA descriptor's 128 bytes per program
-    if lin is not None and ws:
-        raise Unsupported("the linear-branch epilogue is not built for the warp-specialised forward; turn fwd_ws off")
     out_l, cos, sin, state = (lin["out"], lin["cos"], lin["sin"], lin["state"]) if lin else (out, lse, lse, lse)
     args = (
         q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, out_l, cos, sin, state,
@@ -705,13 +703,18 @@ OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pi
                  "fwd_ws": False, "fwd_config": None, "bwd_order": True, "bwd_tma": False, "lin_rows": 32}
 
 
+def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict | None = None):
+    """:func:`_forward` with the execution options in ``OPTIONS`` (no warp specialisation with ``lin``)."""
+    return _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
+                    pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
+                    ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_idx, kv_cnt, block_q, block_k, scale):
         layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
-        out, lse = _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
-                            pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"],
-                            lazy=OPTIONS["fwd_lazy"], ws=OPTIONS["fwd_ws"], config=OPTIONS["fwd_config"])
+        out, lse = _forward_with_options(q, k, v, layout, scale)
         ctx.save_for_backward(q, k, v, out, lse, kv_idx, kv_cnt)
         ctx.blocks = (block_q, block_k)
         ctx.scale = scale

@@ -31,10 +31,7 @@ class _SparseLinear(torch.autograd.Function):
         out_l = torch.empty_like(q)
         lin = {"out": out_l, "state": state, "cos": cos, "sin": sin, "rope": rope, "kind": kind, "eps": eps,
                "modes": la._modes(q.dtype)}
-        opts = bs.OPTIONS
-        out, lse = bs._forward(q, k, v, layout, scale, order=opts["fwd_order"], use_tma=opts["fwd_tma"],
-                               pair=opts["fwd_pair"], pipe=opts["fwd_pipe"], lazy=opts["fwd_lazy"],
-                               config=opts["fwd_config"], lin=lin)
+        out, lse = bs._forward_with_options(q, k, v, layout, scale, lin=lin)
         ctx.save_for_backward(q, k, v, out, lse, kv_idx, kv_cnt, cos, sin, state)
         ctx.meta = (block_q, block_k, scale, kind, rope, eps)
         ctx.mark_non_differentiable(lse)

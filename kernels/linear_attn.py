@@ -165,16 +165,9 @@ def _interleave(x0, x1, ROWS: tl.constexpr, D2: tl.constexpr):
 def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: tl.constexpr,
                ROWS: tl.constexpr, D: tl.constexpr):
     """Raw tile, features (zero on rows past N), their halves and the rotated halves (and cos/sin)."""
-    mask = offs < N
-    x = tl.load(X + base + offs[:, None] * stride_n + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
-    return _feat_of(x, COS, SIN, offs, N, KIND, ROPE, ROWS, D)
-
-
-@triton.jit
-def _feat_of(x, COS, SIN, offs, N, KIND: tl.constexpr, ROPE: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-    """:func:`_load_feat` on a tile already loaded (rows ``offs``; rows past N give zero features)."""
     D2: tl.constexpr = D // 2
     mask = offs < N
+    x = tl.load(X + base + offs[:, None] * stride_n + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
     x = x.to(tl.float32)
     f = tl.where(mask[:, None], _feature(x, KIND), 0.0)
     f0, f1 = _halves(f, ROWS, D2)

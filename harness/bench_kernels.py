@@ -359,6 +359,9 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         "ws": {"fwd_ws": True},
         "ws_cfg_128w4s2": {"fwd_ws": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}},
         "ws_cfg_128w4s3": {"fwd_ws": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
+        # the last, partial wave's tiles split over 2-4 programs each, assuming 2 or 3 resident per SM
+        "split2": {"fwd_split": 2},
+        "split3": {"fwd_split": 3},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

@@ -163,9 +163,57 @@ def _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start0, s
 
 
 @triton.jit
+def _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, D: tl.constexpr):
+    """Normalise and store output rows ``offs_m`` and their natural-log log-sum-exp (``m_i`` in log2 units);
+    rows with no key (``l_i == 0``) get zeros and ``-inf``."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    offs_d = tl.arange(0, D)
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l_safe[:, None]).to(o_base.dtype.element_ty),
+             mask=offs_m[:, None] < N)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _split_fixup(acc, m_i, l_i, PART, ML, LOCKS, t, part, o_base, lse_base, start_m, N, stride_on,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    """One part of a split tile: park (acc, m, l) in the fp32 scratch; the part that arrives last merges
+    all ``SPLIT`` parts (stream-K's fix-up) and writes the tile's output and log-sum-exp."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    slot = (t * SPLIT + part).to(tl.int64)
+    tl.store(PART + slot * (BLOCK_M * D) + rows[:, None] * D + offs_d[None, :], acc)
+    tl.store(ML + slot * (2 * BLOCK_M) + rows, m_i)
+    tl.store(ML + slot * (2 * BLOCK_M) + BLOCK_M + rows, l_i)
+    tl.debug_barrier()  # every thread's partial is written before the counter moves (release below)
+    arrived = tl.atomic_add(LOCKS + t, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        # merged in 32-row chunks, read back past L1: a second 128 x D fp32 tile next to acc would spill
+        CH: tl.constexpr = 32 if BLOCK_M > 32 else BLOCK_M
+        for c in tl.static_range(BLOCK_M // CH):
+            r = c * CH + tl.arange(0, CH)
+            m = tl.full([CH], float("-inf"), dtype=tl.float32)
+            l = tl.zeros([CH], dtype=tl.float32)
+            o = tl.zeros([CH, D], dtype=tl.float32)
+            for p in tl.static_range(SPLIT):
+                s = (t * SPLIT + p).to(tl.int64)
+                m_p = tl.load(ML + s * (2 * BLOCK_M) + r, cache_modifier=".cg")
+                l_p = tl.load(ML + s * (2 * BLOCK_M) + BLOCK_M + r, cache_modifier=".cg")
+                o_p = tl.load(PART + s * (BLOCK_M * D) + r[:, None] * D + offs_d[None, :], cache_modifier=".cg")
+                m_new = tl.maximum(m, m_p)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all parts empty so far: no -inf - -inf
+                a = tl.math.exp2(m - m_ref)
+                a_p = tl.math.exp2(m_p - m_ref)
+                o = o * a[:, None] + o_p * a_p[:, None]
+                l = l * a + l_p * a_p
+                m = m_new
+            _store_tile(o, m, l, o_base, lse_base, start_m + r, N, stride_on, D)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, KV_IDX, KV_CNT, ORDER, k_desc, v_desc,
-    OutL, COS, SIN, S,
+    OutL, COS, SIN, S, PART, ML, LOCKS, n_main,
     qk_scale, eps_n, inv_n,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -177,11 +225,24 @@ def _fwd_kernel(
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
     PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
     LIN: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
-    LIN_ROWS: tl.constexpr,
+    LIN_ROWS: tl.constexpr, SPLIT: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    if SPLIT > 1:
+        # one flat grid in the 2-D grid's order: tiles [0, n_main) whole, then each later tile as SPLIT
+        # programs, each taking a contiguous share of the key list (the last wave's tiles, spread over
+        # more programs so that the card's program slots stay busy to the end; see _split_plan)
+        pid0 = tl.program_id(0)
+        in_tail = pid0 >= n_main
+        rel = tl.maximum(pid0 - n_main, 0)
+        tile = tl.where(in_tail, n_main + rel // SPLIT, pid0)
+        part = tl.where(in_tail, rel % SPLIT, 0)
+        nparts = tl.where(in_tail, SPLIT, 1)
+        pid = tile % (MQ * SUB)
+        bh = tile // (MQ * SUB)
+    else:
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     slot = pid // SUB
@@ -218,6 +279,12 @@ def _fwd_kernel(
     if not WS:
         has, last = _ragged_entry(idx_base, cnt, MK, EVEN_N, KMAX_P2)
         n_full = cnt - has  # list entries of unmasked key blocks (the ragged last block is done after)
+        lo = 0
+        hi = n_full
+        if SPLIT > 1:
+            lo = part * n_full // nparts
+            hi = (part + 1) * n_full // nparts
+            has = has * (part == nparts - 1)  # the ragged block goes to the last part
     if WS:
         # One TMA producer warpgroup and two consumer warpgroups of BLOCK_M / 2 rows each. The pass declines
         # a function with any if/else (and fails on a peeled first tile), so the list is walked in one loop
@@ -252,7 +319,7 @@ def _fwd_kernel(
             acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, kb * BK, N, stride_vn, qk_scale,
                                         BK, D, USE_TMA, False, PREC, LAZY)
     else:
-        for j in range(0, n_full):
+        for j in range(lo, hi):
             kb = _kv_block(idx_base, j, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY)
@@ -261,13 +328,17 @@ def _fwd_kernel(
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC, LAZY)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=offs_m[:, None] < N)
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+    lse_base = LSE + bh.to(tl.int64) * N
+    if SPLIT > 1:
+        # two branches, so that acc is dead by the time a split tile's merge runs
+        if in_tail:
+            _split_fixup(acc, m_i, l_i, PART, ML, LOCKS, tile - n_main, part, o_base, lse_base, start_m, N,
+                         stride_on, D, BLOCK_M, SPLIT)
+        else:
+            _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, D)
+    else:
+        _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, D)
 
     if LIN:
         # SALAD's linear branch, its Q pass for these rows fused here (kernels.fused). The state (S, z)
@@ -584,12 +655,42 @@ def _tma_ok(*xs: torch.Tensor) -> bool:
     return True
 
 
+def _split_plan(n_tiles: int, slots: int, max_parts: int = 4) -> tuple[int, int]:
+    """``(parts, n_main)``: how to spread the last, partial wave of ``n_tiles`` equal programs over
+    ``slots`` resident program slots. Tiles ``[0, n_main)`` run whole; each later tile runs as ``parts``
+    programs with a share of its key list each. ``parts`` minimises the tail's length in waves,
+    ``ceil(tail * parts / slots) / parts`` (the smallest such count; 1 when splitting gains nothing).
+
+    At Wan 480p (3,072 tiles of 128 queries) on an H200 (132 SMs x 2 programs) the tail is 168 tiles, a
+    whole wave's time for 64% of the work; three parts each make it two thirds of a wave."""
+    tail = n_tiles % slots if slots > 0 else 0
+    if tail == 0:
+        return 1, n_tiles
+    best, best_len = 1, 1.0
+    for parts in range(2, max_parts + 1):
+        length = cdiv(tail * parts, slots) / parts
+        if length < best_len - 1e-9:
+            best, best_len = parts, length
+    return best, (n_tiles - tail if best > 1 else n_tiles)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the interpreter (tests give slots directly)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+_SPLIT_CONFIG = {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}  # the H200 autotuner's pick at 128 x 64
+
+
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
              pair: bool = False, pipe: bool = False, lazy: bool = False, ws: bool = False,
-             config: dict | None = None, lin: dict | None = None):
+             config: dict | None = None, lin: dict | None = None, split_slots: int = 0):
     """``(out, lse)``. ``lin``: SALAD's linear-branch Q pass fused into the epilogue: a dict with ``out`` (the
     branch's output, written here), ``state`` (the K/V pass's summed state, half layout), ``cos``, ``sin``,
-    ``rope``, ``kind`` (0 relu, 1 elu, 2 softmax), ``eps`` and ``modes`` (see kernels.linear_attn)."""
+    ``rope``, ``kind`` (0 relu, 1 elu, 2 softmax), ``eps`` and ``modes`` (see kernels.linear_attn).
+    ``split_slots``: resident program slots on the card (SMs x programs per SM); when > 0 the last wave's
+    tiles are split over several programs (:func:`_split_plan`) and the launch uses a fixed config
+    (``config`` or ``_SPLIT_CONFIG``), since the grid depends on BLOCK_M."""
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -609,8 +710,23 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         q = q.contiguous()  # read in-kernel as one (B*H*N, D) matrix
         _scratch_allocator()  # the in-kernel TMA descriptor's 128 bytes per program
     out_l, cos, sin, state = (lin["out"], lin["cos"], lin["sin"], lin["state"]) if lin else (out, lse, lse, lse)
+    parts, n_main, part_buf, ml_buf, locks = 1, 0, lse, lse, kv_cnt
+    if split_slots > 0:
+        if pair or pipe or ws or lin is not None:
+            raise ValueError("the split last wave (fwd_split) is built for the default forward loop only; turn "
+                             "fwd_pair, fwd_pipe and fwd_ws off (and do not fuse the linear branch)")
+        config = dict(config or _SPLIT_CONFIG)
+        config["BLOCK_M"] = bm = min(config.get("BLOCK_M", 128), bq)
+        n_tiles = mq * (bq // bm) * b * h
+        parts, n_main = _split_plan(n_tiles, split_slots)
+        if parts > 1:
+            tail = n_tiles - n_main
+            part_buf = torch.empty((tail * parts, bm, d), dtype=torch.float32, device=q.device)
+            ml_buf = torch.empty((tail * parts, 2, bm), dtype=torch.float32, device=q.device)
+            locks = torch.zeros(tail, dtype=torch.int32, device=q.device)
     args = (
         q, k, v, out, lse, kv_idx, kv_cnt, ordr, k_desc, v_desc, out_l, cos, sin, state,
+        part_buf, ml_buf, locks, n_main,
         scale * LOG2E, (lin["eps"] / n) if lin else 0.0, 1.0 / n,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -624,9 +740,11 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
                   USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair) and not ws,
                   PIPE=bool(pipe) and not (pair or ws), LAZY=bool(lazy) and not ws, WS=bool(ws),
                   LIN=lin is not None, KIND=lin["kind"] if lin else 0, ROPE=bool(lin and lin["rope"]),
-                  F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"], LIN_ROWS=OPTIONS["lin_rows"])
+                  F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"], LIN_ROWS=OPTIONS["lin_rows"], SPLIT=parts)
 
     def grid(meta):
+        if parts > 1:
+            return (n_main + (mq * (bq // meta["BLOCK_M"]) * b * h - n_main) * parts,)
         return (mq * (bq // meta["BLOCK_M"]), b * h)
 
     _launch(_fwd_tuned, _fwd_kernel, grid, args, kwargs, config)
@@ -699,15 +817,19 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # warpgroups; Q also through TMA; the column mask on every tile for a ragged N). Correct, and slower on the
 # H200 (1.41 against 1.33 ms at d=0.10; kernels/NOTES.md, run 8). ``lin_rows``: query rows per step of the
 # fused linear-branch epilogue (kernels.fused).
+# ``fwd_split``: programs resident per SM (0: off). With it, the tiles of the last, partial wave are each
+# split over up to 4 programs and merged by the last to finish (see _split_plan; fixed launch config).
 OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
-                 "fwd_ws": False, "fwd_config": None, "bwd_order": True, "bwd_tma": False, "lin_rows": 32}
+                 "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "bwd_order": True, "bwd_tma": False,
+                 "lin_rows": 32}
 
 
 def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict | None = None):
     """:func:`_forward` with the execution options in ``OPTIONS`` (no warp specialisation with ``lin``)."""
     return _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
-                    ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin)
+                    ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,
+                    split_slots=OPTIONS["fwd_split"] * _sm_count(q.device) if lin is None else 0)
 
 
 class _BlockSparseAttention(torch.autograd.Function):

@@ -135,6 +135,76 @@ def test_forward_loop_variants_on_short_lists(gen, mode):
     assert rel_l2(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("n_tiles,slots,want", [
+    (3072, 264, (3, 2904)),  # Wan 480p on an H200: a 168-tile tail, three parts make it 2/3 of a wave
+    (264 * 3, 264, (1, 792)),  # whole waves: nothing to split
+    (100, 264, (2, 0)),  # less than a wave: every tile split
+    (265, 264, (4, 264)),  # one tile left over
+    (500, 264, (1, 500)),  # tail of 236: 2 to 4 parts all take a whole wave
+    (7, 0, (1, 7)),
+])
+def test_split_plan(n_tiles, slots, want):
+    parts, n_main = bs._split_plan(n_tiles, slots)
+    assert (parts, n_main) == want
+    tail = n_tiles - n_main
+    assert parts == 1 or -(-tail * parts // slots) / parts < 1.0  # a split always shortens the tail
+
+
+@pytest.mark.parametrize("n,bq,bk,dtype,slots", [
+    (200, 64, 64, torch.float32, 3),
+    (200, 64, 32, torch.float16, 5),
+    (130, 32, 64, torch.float32, 8),
+    (256, 64, 64, torch.float32, 5),
+    (256, 64, 64, torch.float32, 64),  # fewer tiles than slots: all of them split
+])
+def test_split_last_wave_matches_reference(gen, n, bq, bk, dtype, slots):
+    """The last wave's tiles split over several programs and merged (``split_slots``): output and
+    log-sum-exp equal the reference, with ragged N, shuffled lists, an empty query block and lists
+    shorter than the number of parts."""
+    d, bm = 64, min(bq, 32)
+    q, k, v = _inputs(gen, 2, 2, n, d, dtype)
+    lay = _random_layout(gen, 2, 2, n, bq, bk, density=0.3)
+    parts, n_main = bs._split_plan(cdiv(n, bq) * (bq // bm) * 4, slots)
+    assert parts > 1 and (lay.kv_cnt < parts).any()
+    out, lse = bs._forward(q, k, v, lay, d**-0.5, split_slots=slots,
+                           config={"BLOCK_M": bm, "num_warps": 4, "num_stages": 2})
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay, return_lse=True)
+    same = block_sparse_attention_ref(q, k, v, lay)
+    assert_close_to_torch(out, same, ref, what="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
+    assert (out[0, 0, :bq] == 0).all()
+
+
+def test_split_option_forward_and_backward(gen, monkeypatch):
+    """``OPTIONS["fwd_split"]`` through the public function (one "SM" in the interpreter, so the option is
+    the slot count): the split forward's output and log-sum-exp feed the backward."""
+    n, d = 200, 64
+    q, k, v = _inputs(gen, 1, 2, n, d, torch.float32)
+    lay = _random_layout(gen, 1, 2, n, 64, 64)
+    dout = torch.randn(1, 2, n, d, generator=gen).to(DEVICE)
+    monkeypatch.setitem(bs.OPTIONS, "fwd_config", {"BLOCK_M": 32, "num_warps": 4, "num_stages": 2})
+    grads, outs = [], []
+    for split in (0, 3):
+        monkeypatch.setitem(bs.OPTIONS, "fwd_split", split)
+        xs = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = bs.block_sparse_attention_triton(*xs, lay)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out, xs, dout))
+    assert rel_l2(outs[1], outs[0]) < 1e-6
+    for a, b in zip(*grads, strict=True):
+        assert rel_l2(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["pair", "pipe", "ws"])
+def test_split_rejects_other_loops(gen, mode):
+    q, k, v = _inputs(gen, 1, 1, 128, 64, torch.float32)
+    lay = BlockLayout.full(1, 1, 128, 64, 64, DEVICE)
+    with pytest.raises(ValueError, match="fwd_split"):
+        bs._forward(q, k, v, lay, 0.125, split_slots=3, **{mode: True})
+
+
 def test_full_layout_is_dense_attention(gen):
     n, d = 150, 64
     q, k, v = _inputs(gen, 1, 1, n, d, torch.float32)
@@ -177,11 +247,13 @@ def test_unsupported_inputs(gen):
 @pytest.mark.parametrize("dtype,opt", [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, "fwd_pair"),
                                        (torch.bfloat16, "fwd_pipe"), (torch.bfloat16, "fwd_lazy"),
                                        (torch.float16, "fwd_lazy"), (torch.bfloat16, "fwd_ws"),
-                                       (torch.float16, "fwd_ws")])
+                                       (torch.float16, "fwd_ws"), (torch.bfloat16, "fwd_split"),
+                                       (torch.float16, "fwd_split")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
-    """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference."""
+    """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
+    (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""
     if opt:
-        monkeypatch.setitem(bs.OPTIONS, opt, True)
+        monkeypatch.setitem(bs.OPTIONS, opt, 3 if opt == "fwd_split" else True)
     b, h, n, d = 1, 2, 32760, 128
     q, k, v = _inputs(gen, b, h, n, d, dtype)
     mq, mk = cdiv(n, 128), cdiv(n, 64)

@@ -32,7 +32,7 @@ BUILD = textwrap.dedent(
         params = list(inspect.signature(fn.fn).parameters)
         sig = {p: ("constexpr" if p in const else types[p]) for p in params}
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
-                 if sig[p].startswith("*") or (sig[p] == "i32" and p != "N")}
+                 if sig[p].startswith("*") or (sig[p] == "i32" and p not in ("N", "n_main"))}
         src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     """
@@ -85,8 +85,8 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
     """
     from kernels import block_sparse as bs, linear_attn as la
 
-    FP32 = {"LSE", "DELTA", "PART", "S", "DPART", "DS", "COS", "SIN"}
-    I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT"}
+    FP32 = {"LSE", "DELTA", "PART", "ML", "S", "DPART", "DS", "COS", "SIN"}
+    I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT", "LOCKS"}
     FLOATS = {"qk_scale", "sm_scale", "eps_n", "inv_n"}
     SCALARS = {"H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE"}
 
@@ -109,7 +109,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         return types
 
     fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
-               PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32)
+               PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32, SPLIT=1)
     lin = dict(D=128, KIND=0, ROPE=True)
     cases = [
         ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
@@ -117,6 +117,8 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("fwd pair", bs._fwd_kernel, dict(fwd, USE_TMA=True, PAIR=True), 8),
         ("fwd pipe", bs._fwd_kernel, dict(fwd, USE_TMA=True, PIPE=True), 8),
         ("fwd lazy", bs._fwd_kernel, dict(fwd, USE_TMA=True, LAZY=True), 4),
+        ("fwd split last wave", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3), 4),
+        ("fwd split last wave, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3, EVEN_N=True), 4),
         ("fwd warp-specialised", bs._fwd_kernel, dict(fwd, USE_TMA=True, WS=True), 4),
         ("fwd + linear-branch epilogue", bs._fwd_kernel, dict(fwd, USE_TMA=True, LIN=True, ROPE=True), 4),
         ("fwd warp-specialised, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, WS=True, EVEN_N=True), 4),

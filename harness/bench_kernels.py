@@ -362,6 +362,7 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         # the last, partial wave's tiles split over 2-4 programs each, assuming 2 or 3 resident per SM
         "split2": {"fwd_split": 2},
         "split3": {"fwd_split": 3},
+        "gluon": {"fwd_gluon": True},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

@@ -817,15 +817,22 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # warpgroups; Q also through TMA; the column mask on every tile for a ragged N). Correct, and slower on the
 # H200 (1.41 against 1.33 ms at d=0.10; kernels/NOTES.md, run 8). ``lin_rows``: query rows per step of the
 # fused linear-branch epilogue (kernels.fused).
+# ``fwd_gluon``: the forward written in Gluon for sm_90 (flash-attention 3's overlap of one block's softmax
+# with the previous block's PV GEMM; kernels/block_sparse_gluon.py).
 # ``fwd_split``: programs resident per SM (0: off). With it, the tiles of the last, partial wave are each
 # split over up to 4 programs and merged by the last to finish (see _split_plan; fixed launch config).
 OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
-                 "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "bwd_order": True, "bwd_tma": False,
+                 "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False, "bwd_order": True, "bwd_tma": False,
                  "lin_rows": 32}
 
 
 def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict | None = None):
-    """:func:`_forward` with the execution options in ``OPTIONS`` (no warp specialisation with ``lin``)."""
+    """:func:`_forward` with the execution options in ``OPTIONS`` (no warp specialisation with ``lin``);
+    ``fwd_gluon`` runs the Gluon forward for Hopper instead (:mod:`kernels.block_sparse_gluon`)."""
+    if OPTIONS["fwd_gluon"] and lin is None:
+        from kernels.block_sparse_gluon import block_sparse_forward_gluon
+
+        return block_sparse_forward_gluon(q, k, v, layout, scale)
     return _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
                     ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,

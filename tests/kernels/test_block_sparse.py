@@ -248,7 +248,8 @@ def test_unsupported_inputs(gen):
                                        (torch.bfloat16, "fwd_pipe"), (torch.bfloat16, "fwd_lazy"),
                                        (torch.float16, "fwd_lazy"), (torch.bfloat16, "fwd_ws"),
                                        (torch.float16, "fwd_ws"), (torch.bfloat16, "fwd_split"),
-                                       (torch.float16, "fwd_split")])
+                                       (torch.float16, "fwd_split"), (torch.bfloat16, "fwd_gluon"),
+                                       (torch.float16, "fwd_gluon")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""
@@ -287,3 +288,40 @@ def test_backward_tma_and_pointer_paths_agree(gen, monkeypatch):
         grads.append(torch.autograd.grad(bs.block_sparse_attention_triton(*xs, lay), xs, dout))
     for a, b in zip(*grads, strict=True):
         assert rel_l2(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,d,dtype", [(1000, 128, torch.bfloat16), (1024, 64, torch.float16), (200, 128, torch.float16)])
+def test_gluon_forward_gpu(gen, n, d, dtype):
+    """The Gluon forward (sm_90) on shuffled lists with an empty row, lists of 1 to 3 blocks, the ragged
+    block anywhere, ragged and even N, against the float64 reference; the backward then runs on its
+    output and log-sum-exp."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward needs an sm_90 GPU")
+    from kernels.block_sparse_gluon import block_sparse_forward_gluon
+
+    b, h = 2, 3
+    q, k, v = _inputs(gen, b, h, n, d, dtype)
+    lay = _random_layout(gen, b, h, n, 128, 64, density=0.3)
+    cnt = lay.kv_cnt.clone()
+    cnt[1, 0, :3] = torch.tensor([1, 2, 3], device=cnt.device).clamp(max=lay.kv_cnt[1, 0, :3])
+    lay = BlockLayout(lay.kv_idx, cnt, 128, 64, n)
+    out, lse = block_sparse_forward_gluon(q, k, v, lay, d**-0.5)
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay, return_lse=True)
+    same = block_sparse_attention_ref(q, k, v, lay)
+    assert_close_to_torch(out, same, ref, what="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-3
+    assert (out[0, 0, :128] == 0).all()
+    tri_out, tri_lse = bs._forward(q, k, v, lay, d**-0.5)
+    assert rel_l2(out, tri_out) < 1e-2 and torch.equal(torch.isneginf(lse), torch.isneginf(tri_lse))
+
+
+def test_gluon_forward_refuses_what_it_cannot_run(gen):
+    """Off sm_90 (the CPU here) or with other tiles, the Gluon forward names the problem."""
+    from kernels.block_sparse_gluon import block_sparse_forward_gluon
+
+    q, k, v = _inputs(gen, 1, 1, 128, 64, torch.float32)
+    with pytest.raises(Unsupported, match="sm_90|fwd_gluon"):
+        block_sparse_forward_gluon(q, k, v, BlockLayout.full(1, 1, 128, 128, 64, DEVICE), 0.125)

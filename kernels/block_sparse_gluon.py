@@ -1,0 +1,247 @@
+"""Block-sparse attention forward for Hopper, written in Gluon (Triton's explicit-layout dialect).
+
+The Triton forward (:mod:`kernels.block_sparse`) leaves the order of work inside a program to Triton 3.6,
+which waits for each block's scores before the softmax and for the softmax before the next GEMM: a
+program's tensor-core and softmax work never overlap, only the two programs on an SM overlap each other
+(kernels/NOTES.md, runs 6 and 8). This kernel writes the order out, as flash-attention 3 does within a
+warpgroup: while the softmax of key block j runs, the tensor cores compute ``P_{j-1} V_{j-1}``:
+
+    S_j = Q K_j^T          (issued async)
+    O  += P_{j-1} V_{j-1}  (issued async)
+    wait S_j; softmax(S_j) -> P_j, alpha      (overlaps the PV GEMM)
+    wait O; O *= alpha
+
+K and V come through TMA into two shared-memory slots each, refilled as soon as the GEMM that read a
+slot has finished (K two blocks ahead, V one). One warpgroup per program, 128 query rows, 64-key blocks,
+as the Triton kernel. Only the forward: the backward needs ``(out, lse)`` and is the Triton one.
+
+Same contract as the Triton forward (the layout's lists in any order, the ragged last key block masked,
+empty lists give zeros and a log-sum-exp of ``-inf``), for sm_90 only (wgmma), bf16/fp16, D 64/128,
+block_q 128, block_k 64. Gluon does not run in the CPU interpreter: the CPU tests compile it for sm_90
+(tests/kernels/test_gpu_compile.py) and the ``gpu`` tests run it against the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                            warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from kernels.errors import Unsupported
+from kernels.layout import BlockLayout, cdiv
+
+__all__ = ["block_sparse_forward_gluon", "gluon_supported"]
+
+BLOCK_M = 128
+BLOCK_K = 64
+NUM_WARPS = 8  # two warpgroups of 64 query rows
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _entry(idx_base, j, cnt, has, last, MK, EVEN_N: gl.constexpr):
+    """Key block ``j`` of the list in processing order: the ragged last block (``MK - 1``), if listed
+    (``has``), swaps places with the list's last entry ``last``, so only the last step masks. Positions
+    past the list read a valid entry (their loads are predicated off)."""
+    jj = gl.maximum(gl.minimum(j, cnt - 1), 0)
+    kb = gl.load(idx_base + jj)
+    if not EVEN_N:
+        kb = gl.where(kb == MK - 1, last, kb)
+        kb = gl.where((jj == cnt - 1) & (has > 0), MK - 1, kb)
+    return kb
+
+
+@gluon.jit
+def _issue(desc, row, bar, dst, pred):
+    """TMA copy of one ``rows x D`` tile into ``dst``, completing on ``bar`` (nothing when not ``pred``)."""
+    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(desc, [row, 0], bar, dst, pred=pred)
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, kb, N, qk_scale, BK: gl.constexpr, MASK: gl.constexpr, s_layout: gl.constexpr):
+    """Online-softmax update with block scores ``s``: (p, alpha, l, m), base 2; ``MASK`` hides the columns
+    past N of the ragged last block."""
+    if MASK:
+        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(cols[None, :] < N - kb * BK, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@gluon.jit
+def _step(j, acc, m_i, l_i, q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last,
+          base_row, MK, N, qk_scale, BM: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr, MASK: gl.constexpr,
+          s_layout: gl.constexpr):
+    """Key block j: its scores and the previous block's PV on the tensor cores, its softmax meanwhile."""
+    ks = j % 2
+    mbarrier.wait(k_bar.index(ks), (j // 2) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(ks).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
+                      use_acc=False, is_async=True)
+    vs = (j - 1) % 2
+    mbarrier.wait(v_bar.index(vs), ((j - 1) // 2) & 1)
+    acc = warpgroup_mma(p_smem.index(vs), v_smem.index(vs), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s, ))
+    kb = _entry(idx_base, j, cnt, has, last, MK, EVEN_N)
+    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, kb, N, qk_scale, BK, MASK, s_layout)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    _refill(p, p_smem, ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row, MK,
+            BK, EVEN_N)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _refill(p, p_smem, ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row, MK,
+            BK: gl.constexpr, EVEN_N: gl.constexpr):
+    """After block j's GEMMs: P_j into its shared-memory buffer (read by the next PV GEMM), then K slot
+    ``j % 2`` takes block j + 2 and V slot ``(j + 1) % 2`` block j + 1.
+
+    P goes through shared memory, and only now, because ptxas waits for every wgmma in flight before a
+    register that one reads is rewritten, or before a shared-memory write: done during the softmax,
+    either would end its overlap with the PV GEMM."""
+    p_smem.index(ks).store(p.to(p_smem.dtype))
+    fence_async_shared()
+    gl.thread_barrier()  # every warp has stored its P rows and is past the GEMMs that read both slots
+    kb_next2 = _entry(idx_base, j + 2, cnt, has, last, MK, EVEN_N)
+    _issue(k_desc, base_row + kb_next2 * BK, k_bar.index(ks), k_smem.index(ks), j + 2 < cnt)
+    kb_next = _entry(idx_base, j + 1, cnt, has, last, MK, EVEN_N)
+    _issue(v_desc, base_row + kb_next * BK, v_bar.index(1 - ks), v_smem.index(1 - ks), (j + 1 < cnt) & (j > 0))
+
+
+@gluon.jit
+def _fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale,
+                      stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX,
+                      D: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr, KMAX_P2: gl.constexpr,
+                      p_layout: gl.constexpr, num_warps: gl.constexpr):
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    qblk = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row = bh * MQ + qblk
+    cnt = gl.load(KV_CNT + row)
+    idx_base = KV_IDX + row.to(gl.int64) * KMAX
+    last = gl.load(idx_base + gl.maximum(cnt - 1, 0))
+    if EVEN_N:
+        has = 0
+    else:
+        kl: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        offs = gl.arange(0, KMAX_P2, layout=kl)
+        has = gl.sum(((gl.load(idx_base + offs, mask=offs < cnt, other=0) == MK - 1) & (offs < cnt)).to(gl.int32), 0)
+    base_row = bh * N  # q, k, v are read as (B*H*N, D) matrices; rows past N are never stored
+    start_m = qblk * BM
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BM, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, BK, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, BK, D], v_desc.layout)
+    p_smem = gl.allocate_shared_memory(v_desc.dtype, [2, BM, BK], p_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(2):
+        mbarrier.init(k_bar.index(s), count=1)
+        mbarrier.init(v_bar.index(s), count=1)
+
+    _issue(q_desc, base_row + start_m, q_bar, q_smem, cnt > 0)
+    for s in gl.static_range(2):
+        kb = _entry(idx_base, s, cnt, has, last, MK, EVEN_N)
+        _issue(k_desc, base_row + kb * BK, k_bar.index(s), k_smem.index(s), s < cnt)
+        _issue(v_desc, base_row + kb * BK, v_bar.index(s), v_smem.index(s), s < cnt)
+
+    m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
+    if cnt > 0:
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bar.index(0), 0)
+        s0 = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        s0 = warpgroup_mma_wait(0, deps=(s0, ))
+        kb0 = _entry(idx_base, 0, cnt, has, last, MK, EVEN_N)
+        p, alpha, l_i, m_i = _softmax(s0, m_i, l_i, kb0, N, qk_scale, BK, not EVEN_N, s_layout)
+        _refill(p, p_smem, 0, 0, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row,
+                MK, BK, EVEN_N)
+        for j in range(1, cnt - 1):
+            acc, m_i, l_i = _step(j, acc, m_i, l_i, q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, k_desc, v_desc,
+                                  idx_base, cnt, has, last, base_row, MK, N, qk_scale, BM, BK, EVEN_N, False, s_layout)
+        if cnt > 1:  # the last block: the only one that can be the ragged one
+            acc, m_i, l_i = _step(cnt - 1, acc, m_i, l_i, q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, k_desc,
+                                  v_desc, idx_base, cnt, has, last, base_row, MK, N, qk_scale, BM, BK, EVEN_N,
+                                  not EVEN_N, s_layout)
+        vs = (cnt - 1) % 2
+        mbarrier.wait(v_bar.index(vs), ((cnt - 1) // 2) & 1)
+        acc = warpgroup_mma(p_smem.index(vs), v_smem.index(vs), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(2):
+        mbarrier.invalidate(k_bar.index(s))
+        mbarrier.invalidate(v_bar.index(s))
+
+    o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.convert_layout(l_safe, o_row)[:, None]
+    offs_m = start_m + gl.arange(0, BM, layout=o_row)
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    o_ptr = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    gl.store(o_ptr + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=offs_m[:, None] < N)
+    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    offs_l = start_m + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + bh.to(gl.int64) * N + offs_l, lse, mask=offs_l < N)
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def gluon_supported(q: torch.Tensor, layout: BlockLayout) -> str | None:
+    """Why the Gluon forward cannot run these inputs (None when it can)."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"the Gluon forward uses Hopper's wgmma: it needs an sm_90 GPU, not {q.device}"
+    if q.dtype not in _GL_DTYPES:
+        return f"the Gluon forward supports bfloat16 and float16, not {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"the Gluon forward supports head_dim 64 and 128, not {q.shape[-1]}"
+    if (layout.block_q, layout.block_k) != (BLOCK_M, BLOCK_K):
+        return f"the Gluon forward is built for {BLOCK_M} x {BLOCK_K} tiles, not {layout.block_q} x {layout.block_k}"
+    return None
+
+
+def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float):
+    """``(out, lse)`` of block-sparse attention, as :func:`kernels.block_sparse._forward`; raises
+    :class:`Unsupported` where :func:`gluon_supported` says why."""
+    if (why := gluon_supported(q, layout)) is not None:
+        raise Unsupported(why + "; turn fwd_gluon off to use the Triton forward")
+    b, h, n, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mq, mk = cdiv(n, BLOCK_M), cdiv(n, BLOCK_K)
+    kv_idx = layout.kv_idx.to(torch.int32).contiguous()
+    kv_cnt = layout.kv_cnt.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    gdt = _GL_DTYPES[q.dtype]
+
+    def desc(x, rows):
+        lay = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
+        return TensorDescriptor(x.view(b * h * n, d), [b * h * n, d], [d, 1], [rows, d], lay)
+
+    _fwd_gluon_kernel[(mq, b * h)](
+        desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), out, lse, kv_idx, kv_cnt, scale * LOG2E,
+        out.stride(0), out.stride(1), out.stride(2), h, n, mq, mk, kv_idx.shape[-1],
+        D=d, BK=BLOCK_K, EVEN_N=(n % BLOCK_K == 0), KMAX_P2=triton.next_power_of_2(max(kv_idx.shape[-1], 2)),
+        p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gdt), num_warps=NUM_WARPS,
+    )
+    return out, lse

@@ -193,7 +193,7 @@ def _split_fixup(acc, m_i, l_i, PART, ML, LOCKS, t, part, o_base, lse_base, star
         for c in tl.static_range(BLOCK_M // CH):
             r = c * CH + tl.arange(0, CH)
             m = tl.full([CH], float("-inf"), dtype=tl.float32)
-            l = tl.zeros([CH], dtype=tl.float32)
+            lsum = tl.zeros([CH], dtype=tl.float32)
             o = tl.zeros([CH, D], dtype=tl.float32)
             for p in tl.static_range(SPLIT):
                 s = (t * SPLIT + p).to(tl.int64)
@@ -205,9 +205,9 @@ def _split_fixup(acc, m_i, l_i, PART, ML, LOCKS, t, part, o_base, lse_base, star
                 a = tl.math.exp2(m - m_ref)
                 a_p = tl.math.exp2(m_p - m_ref)
                 o = o * a[:, None] + o_p * a_p[:, None]
-                l = l * a + l_p * a_p
+                lsum = lsum * a + l_p * a_p
                 m = m_new
-            _store_tile(o, m, l, o_base, lse_base, start_m + r, N, stride_on, D)
+            _store_tile(o, m, lsum, o_base, lse_base, start_m + r, N, stride_on, D)
 
 
 @triton.jit

@@ -11,9 +11,14 @@ warpgroup: while the softmax of key block j runs, the tensor cores compute ``P_{
     wait S_j; softmax(S_j) -> P_j, alpha      (overlaps the PV GEMM)
     wait O; O *= alpha
 
-K and V come through TMA into two shared-memory slots each, refilled as soon as the GEMM that read a
-slot has finished (K two blocks ahead, V one). One warpgroup per program, 128 query rows, 64-key blocks,
-as the Triton kernel. Only the forward: the backward needs ``(out, lse)`` and is the Triton one.
+K and V come through TMA into two shared-memory slots each, refilled at the end of each step (K two
+blocks ahead, V one); P goes to the PV GEMM through shared memory. Two warpgroups of 64 query rows per
+program (128 rows, 64-key blocks, as the Triton kernel; with one warpgroup ptxas spills at 255
+registers), one program per SM. Only the forward: the backward needs ``(out, lse)`` and is the Triton one.
+
+Measured on the H200 it is slower than the Triton forward (1.666 against 1.351 ms at density 0.10;
+kernels/NOTES.md, run 9): in the loop, ptxas still waits for the PV GEMM before the softmax's
+exponentials, so the overlap written here does not happen. Kept as ``OPTIONS["fwd_gluon"]``, off.
 
 Same contract as the Triton forward (the layout's lists in any order, the ragged last key block masked,
 empty lists give zeros and a log-sum-exp of ``-inf``), for sm_90 only (wgmma), bf16/fp16, D 64/128,
@@ -41,6 +46,11 @@ from kernels.layout import BlockLayout, cdiv
 
 __all__ = ["block_sparse_forward_gluon", "gluon_supported"]
 
+# Names that changed after Triton 3.6 (the device image): the TMA load (async_load from 3.9) and the
+# block-wide barrier (barrier from 3.9)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
 BLOCK_M = 128
 BLOCK_K = 64
 NUM_WARPS = 8  # two warpgroups of 64 query rows
@@ -64,7 +74,7 @@ def _entry(idx_base, j, cnt, has, last, MK, EVEN_N: gl.constexpr):
 def _issue(desc, row, bar, dst, pred):
     """TMA copy of one ``rows x D`` tile into ``dst``, completing on ``bar`` (nothing when not ``pred``)."""
     mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(desc, [row, 0], bar, dst, pred=pred)
+    _tma_load(desc, [row, 0], bar, dst, pred=pred)
 
 
 @gluon.jit
@@ -109,12 +119,12 @@ def _refill(p, p_smem, ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_
     """After block j's GEMMs: P_j into its shared-memory buffer (read by the next PV GEMM), then K slot
     ``j % 2`` takes block j + 2 and V slot ``(j + 1) % 2`` block j + 1.
 
-    P goes through shared memory, and only now, because ptxas waits for every wgmma in flight before a
-    register that one reads is rewritten, or before a shared-memory write: done during the softmax,
-    either would end its overlap with the PV GEMM."""
+    Both happen only now, after the PV GEMM: ptxas waits for every wgmma in flight before a register an
+    in-flight wgmma reads is rewritten (a new P kept in registers was) and before a TMA copy is issued
+    (it hoisted copies placed after the softmax above it), either of which ended the overlap."""
     p_smem.index(ks).store(p.to(p_smem.dtype))
     fence_async_shared()
-    gl.thread_barrier()  # every warp has stored its P rows and is past the GEMMs that read both slots
+    _cta_barrier()  # every warp has stored its P rows and is past the GEMMs that read both slots
     kb_next2 = _entry(idx_base, j + 2, cnt, has, last, MK, EVEN_N)
     _issue(k_desc, base_row + kb_next2 * BK, k_bar.index(ks), k_smem.index(ks), j + 2 < cnt)
     kb_next = _entry(idx_base, j + 1, cnt, has, last, MK, EVEN_N)

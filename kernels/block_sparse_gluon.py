@@ -106,24 +106,29 @@ def _step(j, acc, m_i, l_i, q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, k_desc
     s = warpgroup_mma_wait(1, deps=(s, ))
     kb = _entry(idx_base, j, cnt, has, last, MK, EVEN_N)
     p, alpha, l_i, m_i = _softmax(s, m_i, l_i, kb, N, qk_scale, BK, MASK, s_layout)
+    # P_j into its own buffer (the PV GEMM in flight reads the other one) before the wait: its consumer
+    # ahead of the wait keeps ptxas from moving the exponentials below the wait (run 9)
+    _store_p(p, p_smem, ks)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    _refill(p, p_smem, ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row, MK,
+    _refill(ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row, MK,
             BK, EVEN_N)
     return acc, m_i, l_i
 
 
 @gluon.jit
-def _refill(p, p_smem, ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row, MK,
-            BK: gl.constexpr, EVEN_N: gl.constexpr):
-    """After block j's GEMMs: P_j into its shared-memory buffer (read by the next PV GEMM), then K slot
-    ``j % 2`` takes block j + 2 and V slot ``(j + 1) % 2`` block j + 1.
-
-    Both happen only now, after the PV GEMM: ptxas waits for every wgmma in flight before a register an
-    in-flight wgmma reads is rewritten (a new P kept in registers was) and before a TMA copy is issued
-    (it hoisted copies placed after the softmax above it), either of which ended the overlap."""
-    p_smem.index(ks).store(p.to(p_smem.dtype))
+def _store_p(p, p_smem, buf):
+    """P of a block into shared-memory buffer ``buf``, where the PV GEMM reads its A operand."""
+    p_smem.index(buf).store(p.to(p_smem.dtype))
     fence_async_shared()
+
+
+@gluon.jit
+def _refill(ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row, MK,
+            BK: gl.constexpr, EVEN_N: gl.constexpr):
+    """After block j's GEMMs have finished: K slot ``ks = j % 2`` takes block j + 2, V slot ``1 - ks`` block
+    j + 1. Only now, because ptxas waits for every wgmma in flight before it issues a TMA copy (and hoisted
+    copies placed earlier above the softmax)."""
     _cta_barrier()  # every warp has stored its P rows and is past the GEMMs that read both slots
     kb_next2 = _entry(idx_base, j + 2, cnt, has, last, MK, EVEN_N)
     _issue(k_desc, base_row + kb_next2 * BK, k_bar.index(ks), k_smem.index(ks), j + 2 < cnt)
@@ -188,8 +193,9 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale
         s0 = warpgroup_mma_wait(0, deps=(s0, ))
         kb0 = _entry(idx_base, 0, cnt, has, last, MK, EVEN_N)
         p, alpha, l_i, m_i = _softmax(s0, m_i, l_i, kb0, N, qk_scale, BK, not EVEN_N, s_layout)
-        _refill(p, p_smem, 0, 0, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row,
-                MK, BK, EVEN_N)
+        _store_p(p, p_smem, 0)
+        _refill(0, 0, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, has, last, base_row, MK, BK,
+                EVEN_N)
         for j in range(1, cnt - 1):
             acc, m_i, l_i = _step(j, acc, m_i, l_i, q_smem, k_smem, v_smem, p_smem, k_bar, v_bar, k_desc, v_desc,
                                   idx_base, cnt, has, last, base_row, MK, N, qk_scale, BM, BK, EVEN_N, False, s_layout)

@@ -363,6 +363,7 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         "split2": {"fwd_split": 2},
         "split3": {"fwd_split": 3},
         "gluon": {"fwd_gluon": True},
+        "gluon64": {"fwd_gluon": 64},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

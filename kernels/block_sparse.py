@@ -818,7 +818,8 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # H200 (1.41 against 1.33 ms at d=0.10; kernels/NOTES.md, run 8). ``lin_rows``: query rows per step of the
 # fused linear-branch epilogue (kernels.fused).
 # ``fwd_gluon``: the forward written in Gluon for sm_90 (flash-attention 3's overlap of one block's softmax
-# with the previous block's PV GEMM; kernels/block_sparse_gluon.py).
+# with the previous block's PV GEMM; kernels/block_sparse_gluon.py); True for 128 query rows per program,
+# 64 for 64.
 # ``fwd_split``: programs resident per SM (0: off). With it, the tiles of the last, partial wave are each
 # split over up to 4 programs and merged by the last to finish (see _split_plan; fixed launch config).
 OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
@@ -832,7 +833,8 @@ def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict 
     if OPTIONS["fwd_gluon"] and lin is None:
         from kernels.block_sparse_gluon import block_sparse_forward_gluon
 
-        return block_sparse_forward_gluon(q, k, v, layout, scale)
+        return block_sparse_forward_gluon(q, k, v, layout, scale, rows=128 if OPTIONS["fwd_gluon"] is True
+                                          else int(OPTIONS["fwd_gluon"]))
     return _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
                     ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,

@@ -51,9 +51,11 @@ __all__ = ["block_sparse_forward_gluon", "gluon_supported"]
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-BLOCK_M = 128
+BLOCK_M = 128  # the layout's query block
 BLOCK_K = 64
-NUM_WARPS = 8  # two warpgroups of 64 query rows
+# rows per program -> warps: 128 rows as two warpgroups of 64 (one program per SM), or 64 rows as one
+# warpgroup (two programs per SM; one 128-row warpgroup spills at 255 registers)
+WARPS_FOR_ROWS = {128: 8, 64: 4}
 LOG2E = 1.4426950408889634
 
 
@@ -139,10 +141,11 @@ def _refill(ks, j, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, idx_base, cnt, 
 @gluon.jit
 def _fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale,
                       stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX,
-                      D: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr, KMAX_P2: gl.constexpr,
+                      D: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr, KMAX_P2: gl.constexpr,
                       p_layout: gl.constexpr, num_warps: gl.constexpr):
-    BM: gl.constexpr = q_desc.block_type.shape[0]
-    qblk = gl.program_id(0)
+    BM: gl.constexpr = q_desc.block_type.shape[0]  # query rows of this program: BQ, or BQ / 2
+    SUB: gl.constexpr = BQ // BM
+    qblk = gl.program_id(0) // SUB
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
@@ -157,7 +160,7 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale
         offs = gl.arange(0, KMAX_P2, layout=kl)
         has = gl.sum(((gl.load(idx_base + offs, mask=offs < cnt, other=0) == MK - 1) & (offs < cnt)).to(gl.int32), 0)
     base_row = bh * N  # q, k, v are read as (B*H*N, D) matrices; rows past N are never stored
-    start_m = qblk * BM
+    start_m = qblk * BQ + (gl.program_id(0) % SUB) * BM
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BK, 16])
@@ -241,11 +244,13 @@ def gluon_supported(q: torch.Tensor, layout: BlockLayout) -> str | None:
     return None
 
 
-def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float):
-    """``(out, lse)`` of block-sparse attention, as :func:`kernels.block_sparse._forward`; raises
-    :class:`Unsupported` where :func:`gluon_supported` says why."""
+def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows: int = 128):
+    """``(out, lse)`` of block-sparse attention, as :func:`kernels.block_sparse._forward`; ``rows``: query
+    rows per program (128 or 64). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
     if (why := gluon_supported(q, layout)) is not None:
         raise Unsupported(why + "; turn fwd_gluon off to use the Triton forward")
+    if rows not in WARPS_FOR_ROWS:
+        raise ValueError(f"the Gluon forward runs {sorted(WARPS_FOR_ROWS)} query rows per program, not {rows}")
     b, h, n, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     mq, mk = cdiv(n, BLOCK_M), cdiv(n, BLOCK_K)
@@ -259,10 +264,10 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float):
         lay = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
         return TensorDescriptor(x.view(b * h * n, d), [b * h * n, d], [d, 1], [rows, d], lay)
 
-    _fwd_gluon_kernel[(mq, b * h)](
-        desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), out, lse, kv_idx, kv_cnt, scale * LOG2E,
+    _fwd_gluon_kernel[(mq * (BLOCK_M // rows), b * h)](
+        desc(q, rows), desc(k, BLOCK_K), desc(v, BLOCK_K), out, lse, kv_idx, kv_cnt, scale * LOG2E,
         out.stride(0), out.stride(1), out.stride(2), h, n, mq, mk, kv_idx.shape[-1],
-        D=d, BK=BLOCK_K, EVEN_N=(n % BLOCK_K == 0), KMAX_P2=triton.next_power_of_2(max(kv_idx.shape[-1], 2)),
-        p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gdt), num_warps=NUM_WARPS,
+        D=d, BQ=BLOCK_M, BK=BLOCK_K, EVEN_N=(n % BLOCK_K == 0), KMAX_P2=triton.next_power_of_2(max(kv_idx.shape[-1], 2)),
+        p_layout=gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gdt), num_warps=WARPS_FOR_ROWS[rows],
     )
     return out, lse

@@ -166,12 +166,14 @@ GLUON_SCRIPT = textwrap.dedent(
     fn = bg._fwd_gluon_kernel
     params = list(inspect.signature(fn.fn).parameters)
     failed = 0
-    for d, even, dt, name in ((128, False, gl.bfloat16, "bf16"), (64, True, gl.float16, "fp16")):
-        def desc(rows):
-            return f"tensordesc<{name}[{rows}, {d}],{gl.NVMMASharedLayout.get_default_for([rows, d], dt)}>"
-        const = {"D": d, "BK": bg.BLOCK_K, "EVEN_N": even, "KMAX_P2": 512, "num_warps": bg.NUM_WARPS,
-                 "p_layout": gl.NVMMASharedLayout.get_default_for([bg.BLOCK_M, bg.BLOCK_K], dt)}
-        types = {"q_desc": desc(bg.BLOCK_M), "k_desc": desc(bg.BLOCK_K), "v_desc": desc(bg.BLOCK_K),
+    for d, even, dt, name, rows in ((128, False, gl.bfloat16, "bf16", 128), (64, True, gl.float16, "fp16", 128),
+                                    (128, False, gl.bfloat16, "bf16", 64)):
+        def desc(r):
+            return f"tensordesc<{name}[{r}, {d}],{gl.NVMMASharedLayout.get_default_for([r, d], dt)}>"
+        warps = bg.WARPS_FOR_ROWS[rows]
+        const = {"D": d, "BQ": bg.BLOCK_M, "BK": bg.BLOCK_K, "EVEN_N": even, "KMAX_P2": 512, "num_warps": warps,
+                 "p_layout": gl.NVMMASharedLayout.get_default_for([rows, bg.BLOCK_K], dt)}
+        types = {"q_desc": desc(rows), "k_desc": desc(bg.BLOCK_K), "v_desc": desc(bg.BLOCK_K),
                  "Out": "*" + name, "LSE": "*fp32", "KV_IDX": "*i32", "KV_CNT": "*i32", "qk_scale": "fp32"}
         sig = {p: ("constexpr" if p in const else types.get(p, "i32")) for p in params}
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
@@ -179,11 +181,11 @@ GLUON_SCRIPT = textwrap.dedent(
         src = GluonASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()},
                              attrs=attrs)
         try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": bg.NUM_WARPS})
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             assert "cubin" in k.asm
         except Exception as exc:
             failed += 1
-            print(f"gluon forward D={d} EVEN_N={even} {name}: {type(exc).__name__}: {str(exc)[:600]}")
+            print(f"gluon forward D={d} EVEN_N={even} {name} rows={rows}: {type(exc).__name__}: {str(exc)[:600]}")
     sys.exit(1 if failed else 0)
     """
 )

@@ -12,13 +12,16 @@ warpgroup: while the softmax of key block j runs, the tensor cores compute ``P_{
     wait O; O *= alpha
 
 K and V come through TMA into two shared-memory slots each, refilled at the end of each step (K two
-blocks ahead, V one); P goes to the PV GEMM through shared memory. Two warpgroups of 64 query rows per
-program (128 rows, 64-key blocks, as the Triton kernel; with one warpgroup ptxas spills at 255
-registers), one program per SM. Only the forward: the backward needs ``(out, lse)`` and is the Triton one.
+blocks ahead, V one); P goes to the PV GEMM through a double-buffered shared-memory tile, stored before
+the wait for that GEMM (otherwise ptxas moves the exponentials below the wait). A program runs 128 query
+rows as two warpgroups of 64 (8 warps, one program per SM) or 64 rows as one warpgroup (4 warps, two per
+SM); one 128-row warpgroup spills at 255 registers. Only the forward: the backward needs ``(out, lse)``
+and is the Triton one.
 
-Measured on the H200 it is slower than the Triton forward (1.666 against 1.351 ms at density 0.10;
-kernels/NOTES.md, run 9): in the loop, ptxas still waits for the PV GEMM before the softmax's
-exponentials, so the overlap written here does not happen. Kept as ``OPTIONS["fwd_gluon"]``, off.
+Measured on the H200 it is slower than the Triton forward: 1.587 (128 rows) and 1.608 ms (64 rows)
+against 1.331 ms at density 0.10 in the same rounds (kernels/NOTES.md, run 9). The overlap is in the
+SASS; what is missing is flash-attention 3's ping-pong between consumer warpgroups and a producer warp.
+Kept as ``OPTIONS["fwd_gluon"]``, off.
 
 Same contract as the Triton forward (the layout's lists in any order, the ragged last key block masked,
 empty lists give zeros and a log-sum-exp of ``-inf``), for sm_90 only (wgmma), bf16/fp16, D 64/128,

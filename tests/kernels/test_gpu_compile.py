@@ -28,13 +28,22 @@ BUILD = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def build(fn, types, const, warps=8, stages=3):
+    def build(fn, types, const, warps=8, stages=3, source=ASTSource):
         params = list(inspect.signature(fn.fn).parameters)
         sig = {p: ("constexpr" if p in const else types[p]) for p in params}
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
                  if sig[p].startswith("*") or (sig[p] == "i32" and p not in ("N", "n_main"))}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
+        src = source(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+    def try_build(label, *args, **kwargs):
+        # 0 when build(*args, **kwargs) gives a cubin; else prints why under label and returns 1
+        try:
+            assert "cubin" in build(*args, **kwargs).asm
+            return 0
+        except Exception as exc:
+            print(f"{label}: {type(exc).__name__}: {str(exc)[:600]}")
+            return 1
     """
 )
 
@@ -48,20 +57,12 @@ SCRIPT = BUILD + textwrap.dedent(
     failed = 0
     for force, topp in itertools.product([0, 1, 2], [False, True]):
         const = {"BQ": 128, "BK": 64, "FORCE": force, "TOPP": topp, "ROWS": st._SEL_ROWS, "COLS": 512}
-        try:
-            k = build(st._select_kernel, types, const)
-            assert "cubin" in k.asm or "ptx" in k.asm
-        except Exception as exc:
-            failed += 1
-            print(f"_select_kernel FORCE={force} TOPP={topp}: {type(exc).__name__}: {str(exc)[:600]}")
+        failed += try_build(f"_select_kernel FORCE={force} TOPP={topp}", st._select_kernel, types, const)
     pool_types = {"Q": "*bf16", "K": "*bf16", "PQ": "*fp32", "PK": "*fp32", **{k: "i32" for k in
                   ["sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "H", "N", "MQ", "MK"]}, "mult_q": "fp32", "mult_k": "fp32"}
     for pool_k, sub in itertools.product((False, True), (0, st.POOL_SUB)):
-        try:
-            build(st._pool_kernel, pool_types, {"D": 128, "BQ": 128, "BK": 64, "POOL_K": pool_k, "SUB": sub})
-        except Exception as exc:
-            failed += 1
-            print(f"_pool_kernel POOL_K={pool_k} SUB={sub}: {type(exc).__name__}: {str(exc)[:600]}")
+        failed += try_build(f"_pool_kernel POOL_K={pool_k} SUB={sub}", st._pool_kernel, pool_types,
+                            {"D": 128, "BQ": 128, "BK": 64, "POOL_K": pool_k, "SUB": sub})
     sys.exit(1 if failed else 0)
     """
 )
@@ -136,12 +137,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
     ]
     failed = 0
     for name, fn, const, warps in cases:
-        try:
-            k = build(fn, types_of(fn), const, warps, stages=2)
-            assert "cubin" in k.asm
-        except Exception as exc:
-            failed += 1
-            print(f"{name}: {type(exc).__name__}: {str(exc)[:600]}")
+        failed += try_build(name, fn, types_of(fn), const, warps, stages=2)
     sys.exit(1 if failed else 0)
     """
 )
@@ -154,17 +150,13 @@ def test_attention_and_linear_kernels_compile_for_hopper(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
 
-GLUON_SCRIPT = textwrap.dedent(
+GLUON_SCRIPT = BUILD + textwrap.dedent(
     """
-    import inspect, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from kernels import block_sparse_gluon as bg
 
-    fn = bg._fwd_gluon_kernel
-    params = list(inspect.signature(fn.fn).parameters)
+    params = inspect.signature(bg._fwd_gluon_kernel.fn).parameters
     failed = 0
     for d, even, dt, name, rows in ((128, False, gl.bfloat16, "bf16", 128), (64, True, gl.float16, "fp16", 128),
                                     (128, False, gl.bfloat16, "bf16", 64)):
@@ -173,19 +165,11 @@ GLUON_SCRIPT = textwrap.dedent(
         warps = bg.WARPS_FOR_ROWS[rows]
         const = {"D": d, "BQ": bg.BLOCK_M, "BK": bg.BLOCK_K, "EVEN_N": even, "KMAX_P2": 512, "num_warps": warps,
                  "p_layout": gl.NVMMASharedLayout.get_default_for([rows, bg.BLOCK_K], dt)}
-        types = {"q_desc": desc(rows), "k_desc": desc(bg.BLOCK_K), "v_desc": desc(bg.BLOCK_K),
-                 "Out": "*" + name, "LSE": "*fp32", "KV_IDX": "*i32", "KV_CNT": "*i32", "qk_scale": "fp32"}
-        sig = {p: ("constexpr" if p in const else types.get(p, "i32")) for p in params}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
-                 if sig[p].startswith("*") or (sig[p] == "i32" and p != "N")}
-        src = GluonASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()},
-                             attrs=attrs)
-        try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-            assert "cubin" in k.asm
-        except Exception as exc:
-            failed += 1
-            print(f"gluon forward D={d} EVEN_N={even} {name} rows={rows}: {type(exc).__name__}: {str(exc)[:600]}")
+        types = {p: "i32" for p in params} | {
+            "q_desc": desc(rows), "k_desc": desc(bg.BLOCK_K), "v_desc": desc(bg.BLOCK_K), "Out": "*" + name,
+            "LSE": "*fp32", "KV_IDX": "*i32", "KV_CNT": "*i32", "qk_scale": "fp32"}
+        failed += try_build(f"gluon forward D={d} EVEN_N={even} {name} rows={rows}", bg._fwd_gluon_kernel, types,
+                            const, warps, stages=1, source=GluonASTSource)
     sys.exit(1 if failed else 0)
     """
 )

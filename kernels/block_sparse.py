@@ -661,8 +661,11 @@ def _split_plan(n_tiles: int, slots: int, max_parts: int = 4) -> tuple[int, int]
     programs with a share of its key list each. ``parts`` minimises the tail's length in waves,
     ``ceil(tail * parts / slots) / parts`` (the smallest such count; 1 when splitting gains nothing).
 
-    At Wan 480p (3,072 tiles of 128 queries) on an H200 (132 SMs x 2 programs) the tail is 168 tiles, a
-    whole wave's time for 64% of the work; three parts each make it two thirds of a wave."""
+    At Wan 480p (3,072 tiles of 128 queries) on an H200 (132 SMs x 2 programs) the tail is 168 tiles and
+    three parts make it two thirds of a wave. That pays only if a partial wave takes a whole wave's time;
+    on the H200 it does not (a program alone on an SM runs 1.5x faster than two together, so the tail
+    costs 0.5% more than its share; scripts/wave_tail.py), and the split measured the same as none
+    (kernels/NOTES.md, run 9)."""
     tail = n_tiles % slots if slots > 0 else 0
     if tail == 0:
         return 1, n_tiles
@@ -822,6 +825,7 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # 64 for 64.
 # ``fwd_split``: programs resident per SM (0: off). With it, the tiles of the last, partial wave are each
 # split over up to 4 programs and merged by the last to finish (see _split_plan; fixed launch config).
+# Measured on the H200: 1.328-1.340 ms against 1.331-1.349 for the default in the same rounds (run 9).
 OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
                  "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False, "bwd_order": True, "bwd_tma": False,
                  "lin_rows": 32}

@@ -372,12 +372,13 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         if unknown:
             raise ValueError(f"unknown variants {unknown}; known: {', '.join(variants)}")
         variants = {name: opts for name, opts in variants.items() if name in only}
+
+    def ours(layout):
+        return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
+
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, 128, 64, dens, bench.device, seed=int(dens * 1000))
         real, pairs = lay.density(), float(lay.kept_token_pairs())
-        def ours(layout):
-            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
         for name, opts in variants.items():
             passes = ("bwd",) if name.startswith("bwd") else ("fwd",)
             with _updated(bs.OPTIONS, opts):

@@ -692,8 +692,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
     branch's output, written here), ``state`` (the K/V pass's summed state, half layout), ``cos``, ``sin``,
     ``rope``, ``kind`` (0 relu, 1 elu, 2 softmax), ``eps`` and ``modes`` (see kernels.linear_attn).
     ``split_slots``: resident program slots on the card (SMs x programs per SM); when > 0 the last wave's
-    tiles are split over several programs (:func:`_split_plan`) and the launch uses a fixed config
-    (``config`` or ``_SPLIT_CONFIG``), since the grid depends on BLOCK_M."""
+    tiles are split over several programs (:func:`_split_plan`), and when that happens the launch uses a
+    fixed config (``config`` or ``_SPLIT_CONFIG``), since the grid depends on BLOCK_M."""
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -718,11 +718,12 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         if pair or pipe or ws or lin is not None:
             raise ValueError("the split last wave (fwd_split) is built for the default forward loop only; turn "
                              "fwd_pair, fwd_pipe and fwd_ws off (and do not fuse the linear branch)")
-        config = dict(config or _SPLIT_CONFIG)
-        config["BLOCK_M"] = bm = min(config.get("BLOCK_M", 128), bq)
+        fixed = dict(config or _SPLIT_CONFIG)
+        fixed["BLOCK_M"] = bm = min(fixed.get("BLOCK_M", 128), bq)
         n_tiles = mq * (bq // bm) * b * h
         parts, n_main = _split_plan(n_tiles, split_slots)
-        if parts > 1:
+        if parts > 1:  # the grid depends on BLOCK_M: a fixed config, not the autotuner's pick
+            config = fixed
             tail = n_tiles - n_main
             part_buf = torch.empty((tail * parts, bm, d), dtype=torch.float32, device=q.device)
             ml_buf = torch.empty((tail * parts, 2, bm), dtype=torch.float32, device=q.device)

@@ -263,9 +263,9 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows:
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     gdt = _GL_DTYPES[q.dtype]
 
-    def desc(x, rows):
-        lay = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
-        return TensorDescriptor(x.view(b * h * n, d), [b * h * n, d], [d, 1], [rows, d], lay)
+    def desc(x, box_rows):
+        lay = gl.NVMMASharedLayout.get_default_for([box_rows, d], gdt)
+        return TensorDescriptor(x.view(b * h * n, d), [b * h * n, d], [d, 1], [box_rows, d], lay)
 
     _fwd_gluon_kernel[(mq * (BLOCK_M // rows), b * h)](
         desc(q, rows), desc(k, BLOCK_K), desc(v, BLOCK_K), out, lse, kv_idx, kv_cnt, scale * LOG2E,

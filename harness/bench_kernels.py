@@ -362,6 +362,12 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         # the last, partial wave's tiles split over 2-4 programs each, assuming 2 or 3 resident per SM
         "split2": {"fwd_split": 2},
         "split3": {"fwd_split": 3},
+        # every second / fourth column's exponential on the FMA pipe (a cubic) instead of the MUFU
+        "fma": {"fwd_exp": "fma"},
+        "fma4": {"fwd_exp": "fma4"},
+        "fma_split3": {"fwd_exp": "fma", "fwd_split": 3},
+        "fma_cfg_128w4s3": {"fwd_exp": "fma", "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
+        "fma_cfg_128w8s2": {"fwd_exp": "fma", "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
         "gluon": {"fwd_gluon": True},
         "gluon64": {"fwd_gluon": 64},
         "bwd_tma": {"bwd_tma": True},

@@ -102,10 +102,53 @@ def _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK: tl.constexpr
     return qk
 
 
+# 2^f on [-1/2, 1/2] as a cubic in f (minimax in relative error, by Lawson's reweighted least squares):
+# at most 7.5e-5 relative error, 26 times below a bf16 probability's own rounding (2^-9).
+_P0, _P1, _P2, _P3 = (tl.constexpr(c) for c in (0.99992806, 0.69326097, 0.24261112, 0.05517162))
+_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: adding it rounds an fp32 of magnitude < 2^22 to an integer in the low bits
+
+
+@triton.jit
+def _exp2_fma(x):
+    """``2^x`` for finite ``x <= 0`` on the FMA and integer pipes instead of the special-function unit:
+    ``x = j + f`` with ``j`` an integer (round to nearest) and ``|f| <= 1/2``, ``2^f`` from the cubic, and
+    ``j`` added to its exponent bits. ``x`` is clamped at -126: below 2^-125 the results are tiny
+    non-negative fp32 values (at most 2^-125), not the exact ones (bf16/fp16 probabilities round them to
+    zero)."""
+    xc = tl.maximum(x, -126.0)
+    t = xc + _ROUND
+    f = xc - (t - _ROUND)
+    p = (_P3 * f + _P2) * f + _P1
+    p = p * f + _P0
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fwd_probs(x, EXP: tl.constexpr):
+    """``2^x`` of a finite score tile (``x <= 0``). ``EXP`` 0: every value on the special-function unit
+    (MUFU ``ex2``, 16 per clock per SM on Hopper, about half the time of the tile's two GEMMs at D=128);
+    1: every second column on the FMA pipe (:func:`_exp2_fma`), halving the MUFU work at 8 FMA/ALU
+    instructions per value; 3: a quarter of the columns. (Packed ``ex2.approx.f16x2`` saves nothing:
+    ptxas for sm_90 issues it as two ``MUFU.EX2.F16``.)"""
+    if EXP == 1:
+        xa, xb = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+        return tl.reshape(tl.join(tl.math.exp2(xa), _exp2_fma(xb)), (x.shape[0], x.shape[1]))
+    elif EXP == 3:
+        # a quarter: the tile's column halves (a register bit of the MMA layout), then the second half's
+        # odd columns
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
+        ha, hb = tl.split(tl.reshape(hi, (x.shape[0], x.shape[1] // 4, 2)))
+        hi = tl.reshape(tl.join(tl.math.exp2(ha), _exp2_fma(hb)), (x.shape[0], x.shape[1] // 2))
+        return tl.reshape(tl.permute(tl.join(tl.math.exp2(lo), hi), (0, 2, 1)), (x.shape[0], x.shape[1]))
+    else:
+        return tl.math.exp2(x)
+
+
 @triton.jit
 def _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, qk_scale, BK: tl.constexpr,
                 D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-                LAZY: tl.constexpr = False):
+                LAZY: tl.constexpr = False, EXP: tl.constexpr = 0):
     """Online-softmax update of (acc, l, m) with the scores ``qk`` of the key block at ``start_n``.
 
     ``LAZY``: a row's running max moves only when the block raises it by more than 8 (log2 units), and
@@ -123,7 +166,10 @@ def _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, 
         l_i = l_i + tl.sum(p, 1)
     else:
         m_ij = m_new
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        if MASKED:
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        else:
+            p = _fwd_probs(qk * qk_scale - m_ij[:, None], EXP)
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -135,10 +181,10 @@ def _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N, stride_kn, stride_vn,
               qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
-              PREC: tl.constexpr, LAZY: tl.constexpr = False):
+              PREC: tl.constexpr, LAZY: tl.constexpr = False, EXP: tl.constexpr = 0):
     qk = _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK, D, USE_TMA, MASKED, PREC)
     return _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, start_n, N, stride_vn, qk_scale, BK, D, USE_TMA,
-                       MASKED, PREC, LAZY)
+                       MASKED, PREC, LAZY, EXP)
 
 
 @triton.jit
@@ -225,7 +271,7 @@ def _fwd_kernel(
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
     PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
     LIN: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
-    LIN_ROWS: tl.constexpr, SPLIT: tl.constexpr,
+    LIN_ROWS: tl.constexpr, SPLIT: tl.constexpr, EXP: tl.constexpr = 0,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     if SPLIT > 1:
@@ -322,7 +368,7 @@ def _fwd_kernel(
         for j in range(lo, hi):
             kb = _kv_block(idx_base, j, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
-                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY)
+                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY, EXP)
     if not EVEN_N and not WS:
         if has > 0:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
@@ -550,7 +596,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY", "WS", "LIN", "KIND", "ROPE", "F32_MODE"]
+_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY", "WS", "LIN", "KIND", "ROPE", "F32_MODE", "EXP"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_block_m})(
     _fwd_kernel
 )
@@ -687,13 +733,16 @@ _SPLIT_CONFIG = {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}  # the H200 au
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
              pair: bool = False, pipe: bool = False, lazy: bool = False, ws: bool = False,
-             config: dict | None = None, lin: dict | None = None, split_slots: int = 0):
+             config: dict | None = None, lin: dict | None = None, split_slots: int = 0, exp: str = "mufu"):
     """``(out, lse)``. ``lin``: SALAD's linear-branch Q pass fused into the epilogue: a dict with ``out`` (the
     branch's output, written here), ``state`` (the K/V pass's summed state, half layout), ``cos``, ``sin``,
     ``rope``, ``kind`` (0 relu, 1 elu, 2 softmax), ``eps`` and ``modes`` (see kernels.linear_attn).
     ``split_slots``: resident program slots on the card (SMs x programs per SM); when > 0 the last wave's
     tiles are split over several programs (:func:`_split_plan`), and when that happens the launch uses a
-    fixed config (``config`` or ``_SPLIT_CONFIG``), since the grid depends on BLOCK_M."""
+    fixed config (``config`` or ``_SPLIT_CONFIG``), since the grid depends on BLOCK_M. ``exp``: how the
+    unmasked blocks' probabilities are exponentiated, one of :data:`EXP_MODES` (see :func:`_fwd_probs`)."""
+    if exp not in EXP_MODES:
+        raise ValueError(f"unknown fwd_exp {exp!r}: use one of {sorted(EXP_MODES)}")
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -744,7 +793,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
                   USE_ORDER=order, USE_TMA=use_tma, PREC=_prec(q.dtype), PAIR=bool(pair) and not ws,
                   PIPE=bool(pipe) and not (pair or ws), LAZY=bool(lazy) and not ws, WS=bool(ws),
                   LIN=lin is not None, KIND=lin["kind"] if lin else 0, ROPE=bool(lin and lin["rope"]),
-                  F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"], LIN_ROWS=OPTIONS["lin_rows"], SPLIT=parts)
+                  F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"], LIN_ROWS=OPTIONS["lin_rows"], SPLIT=parts,
+                  EXP=EXP_MODES[exp])
 
     def grid(meta):
         if parts > 1:
@@ -827,7 +877,10 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # ``fwd_split``: programs resident per SM (0: off). With it, the tiles of the last, partial wave are each
 # split over up to 4 programs and merged by the last to finish (see _split_plan; fixed launch config).
 # Measured on the H200: 1.328-1.340 ms against 1.331-1.349 for the default in the same rounds (run 9).
-OPTIONS: dict = {"fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
+# ``fwd_exp``: how the forward exponentiates its scores (see _fwd_probs): "mufu" (the special-function
+# unit), "fma" / "fma4" (every second / fourth column by a cubic on the FMA pipe).
+EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 3}
+OPTIONS: dict = {"fwd_exp": "mufu", "fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
                  "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False, "bwd_order": True, "bwd_tma": False,
                  "lin_rows": 32}
 
@@ -843,7 +896,8 @@ def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict 
     return _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
                     ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,
-                    split_slots=OPTIONS["fwd_split"] * _sm_count(q.device) if lin is None else 0)
+                    split_slots=OPTIONS["fwd_split"] * _sm_count(q.device) if lin is None else 0,
+                    exp=OPTIONS["fwd_exp"])
 
 
 class _BlockSparseAttention(torch.autograd.Function):

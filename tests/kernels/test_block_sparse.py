@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import block_sparse as bs
 from kernels.errors import Unsupported
@@ -141,6 +143,50 @@ def test_forward_loop_variants_on_short_lists(gen, mode):
     assert rel_l2(out, ref) < 1e-5
 
 
+def test_exp2_fma_accuracy():
+    """The FMA-pipe exponential against float64 on [-130, 0]: within 1e-4 relative down to 2^-125, at most
+    2^-126 below it, never negative or NaN."""
+    x = torch.cat([torch.linspace(-130.0, 0.0, 4001), -torch.rand(4000) * 8, torch.tensor([0.0, -0.5, -126.0])])
+    got = torch.empty_like(x)
+
+    @triton.jit
+    def kernel(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, bs._exp2_fma(tl.load(X + offs, mask=offs < n, other=0.0)), mask=offs < n)
+
+    n = x.numel()
+    xd, yd = x.to(DEVICE), got.to(DEVICE)
+    kernel[(cdiv(n, 1024),)](xd, yd, n, BLOCK=1024)
+    got, want = yd.cpu().double(), torch.exp2(x.double())
+    normal = x >= -125
+    assert ((got[normal] - want[normal]).abs() / want[normal]).max() < 1e-4
+    assert (got[~normal] >= 0).all() and (got[~normal] <= 2.0**-125).all()
+
+
+@pytest.mark.parametrize("mode", ["fma", "fma4"])
+@pytest.mark.parametrize("n,dtype", [(200, torch.float32), (256, torch.float16)])
+def test_fma_exponential_forward(gen, n, dtype, mode, monkeypatch):
+    """``fwd_exp="fma"``/``"fma4"`` (every second/fourth column's exponential by a cubic) through the public function:
+    output and log-sum-exp match the reference to the cubic's 1e-4, and differ from the special-function
+    path (so the cubic ran)."""
+    d = 64
+    q, k, v = _inputs(gen, 1, 2, n, d, dtype)
+    lay = _random_layout(gen, 1, 2, n, 64, 64, density=0.6)
+    exact = bs.block_sparse_attention_triton(q, k, v, lay)
+    monkeypatch.setitem(bs.OPTIONS, "fwd_exp", mode)
+    out, lse = bs.block_sparse_attention_triton(q, k, v, lay, return_lse=True)
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay, return_lse=True)
+    assert rel_l2(out, ref) < (3e-4 if dtype == torch.float32 else 2e-3)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    if dtype == torch.float32:
+        assert (out - exact).abs().max() > 0
+    monkeypatch.setitem(bs.OPTIONS, "fwd_exp", "fast")
+    with pytest.raises(ValueError, match="fwd_exp"):
+        bs.block_sparse_attention_triton(q, k, v, lay)
+
+
 @pytest.mark.parametrize("n_tiles,slots,want", [
     (3072, 264, (3, 2904)),  # Wan 480p on an H200: a 168-tile tail, three parts make it 2/3 of a wave
     (264 * 3, 264, (1, 792)),  # whole waves: nothing to split
@@ -249,12 +295,14 @@ def test_unsupported_inputs(gen):
                                        (torch.float16, "fwd_lazy"), (torch.bfloat16, "fwd_ws"),
                                        (torch.float16, "fwd_ws"), (torch.bfloat16, "fwd_split"),
                                        (torch.float16, "fwd_split"), (torch.bfloat16, "fwd_gluon"),
-                                       (torch.float16, "fwd_gluon")])
+                                       (torch.float16, "fwd_gluon"), (torch.bfloat16, "fwd_exp=fma"),
+                                       (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""
     if opt:
-        monkeypatch.setitem(bs.OPTIONS, opt, 3 if opt == "fwd_split" else True)
+        name, _, value = opt.partition("=")
+        monkeypatch.setitem(bs.OPTIONS, name, value or (3 if opt == "fwd_split" else True))
     b, h, n, d = 1, 2, 32760, 128
     q, k, v = _inputs(gen, b, h, n, d, dtype)
     mq, mk = cdiv(n, 128), cdiv(n, 64)

@@ -370,6 +370,7 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         "fma_cfg_128w8s2": {"fwd_exp": "fma", "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
         "gluon": {"fwd_gluon": True},
         "gluon64": {"fwd_gluon": 64},
+        "gluon_ws": {"fwd_gluon": "ws"},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

@@ -891,8 +891,8 @@ def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict 
     if OPTIONS["fwd_gluon"] and lin is None:
         from kernels.block_sparse_gluon import block_sparse_forward_gluon
 
-        return block_sparse_forward_gluon(q, k, v, layout, scale, rows=128 if OPTIONS["fwd_gluon"] is True
-                                          else int(OPTIONS["fwd_gluon"]))
+        g = OPTIONS["fwd_gluon"]
+        return block_sparse_forward_gluon(q, k, v, layout, scale, rows=128 if g is True else g if g == "ws" else int(g))
     return _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
                     ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,

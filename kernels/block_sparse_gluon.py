@@ -247,13 +247,14 @@ def gluon_supported(q: torch.Tensor, layout: BlockLayout) -> str | None:
     return None
 
 
-def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows: int = 128):
+def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows: int | str = 128):
     """``(out, lse)`` of block-sparse attention, as :func:`kernels.block_sparse._forward`; ``rows``: query
-    rows per program (128 or 64). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
+    rows per program (128 or 64), or ``"ws"`` for the warp-specialised kernel (a producer warp and two
+    consumer warpgroups of 64 rows). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
     if (why := gluon_supported(q, layout)) is not None:
         raise Unsupported(why + "; turn fwd_gluon off to use the Triton forward")
-    if rows not in WARPS_FOR_ROWS:
-        raise ValueError(f"the Gluon forward runs {sorted(WARPS_FOR_ROWS)} query rows per program, not {rows}")
+    if rows not in WARPS_FOR_ROWS and rows != "ws":
+        raise ValueError(f"the Gluon forward runs {sorted(WARPS_FOR_ROWS)} query rows per program or 'ws', not {rows!r}")
     b, h, n, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     mq, mk = cdiv(n, BLOCK_M), cdiv(n, BLOCK_K)
@@ -267,10 +268,198 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows:
         lay = gl.NVMMASharedLayout.get_default_for([box_rows, d], gdt)
         return TensorDescriptor(x.view(b * h * n, d), [b * h * n, d], [d, 1], [box_rows, d], lay)
 
+    common = (out, lse, kv_idx, kv_cnt, scale * LOG2E, out.stride(0), out.stride(1), out.stride(2), h, n, mq, mk,
+              kv_idx.shape[-1])
+    consts = dict(D=d, BQ=BLOCK_M, BK=BLOCK_K, EVEN_N=(n % BLOCK_K == 0),
+                  KMAX_P2=triton.next_power_of_2(max(kv_idx.shape[-1], 2)))
+    if rows == "ws":
+        _fwd_gluon_ws_kernel[(mq, b * h)](
+            desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), *common, **consts,
+            p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gdt), SLOTS=WS_SLOTS,
+            CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4,
+        )
+        return out, lse
     _fwd_gluon_kernel[(mq * (BLOCK_M // rows), b * h)](
-        desc(q, rows), desc(k, BLOCK_K), desc(v, BLOCK_K), out, lse, kv_idx, kv_cnt, scale * LOG2E,
-        out.stride(0), out.stride(1), out.stride(2), h, n, mq, mk, kv_idx.shape[-1],
-        D=d, BQ=BLOCK_M, BK=BLOCK_K, EVEN_N=(n % BLOCK_K == 0), KMAX_P2=triton.next_power_of_2(max(kv_idx.shape[-1], 2)),
+        desc(q, rows), desc(k, BLOCK_K), desc(v, BLOCK_K), *common, **consts,
         p_layout=gl.NVMMASharedLayout.get_default_for([rows, BLOCK_K], gdt), num_warps=WARPS_FOR_ROWS[rows],
     )
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# warp-specialised: a producer warp and two consumer warpgroups
+# ----------------------------------------------------------------------------------------------------
+WS_SLOTS = 4  # K/V ring depth of the warp-specialised forward (4 x 32 KB + Q 32 KB + P 32 KB of shared memory)
+WS_CONSUMER_REGS = 232  # per thread in each consumer warpgroup; the producer warp gets 24
+
+
+@gluon.jit
+def _ws_entry(idx_base, j, cnt, has, last, MK):
+    """:func:`_entry` for the warp-specialised kernel, whose partitions take no constexpr arguments (Triton
+    3.6 passes them as plain Python values): ``has`` is 0 for an even N, so block ``MK - 1`` stays put."""
+    jj = gl.maximum(gl.minimum(j, cnt - 1), 0)
+    kb = gl.load(idx_base + jj)
+    kb = gl.where((kb == MK - 1) & (has > 0), last, kb)
+    return gl.where((jj == cnt - 1) & (has > 0), MK - 1, kb)
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
+                 cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
+                 p_smem0, p_smem1):
+    """One warp: Q once, then K_j and V_j into ring slot ``j % SLOTS`` once the consumers have released it."""
+    SLOTS: gl.constexpr = k_smem.type.shape[0]
+    BK: gl.constexpr = k_smem.type.shape[1]
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=cnt > 0)
+    _tma_load(q_desc, [base_row + start_m, 0], q_bar, q_smem, pred=cnt > 0)
+    for j in range(cnt):
+        slot = j % SLOTS
+        mbarrier.wait(empty.index(slot), ((j // SLOTS) & 1) ^ 1)
+        kb = _ws_entry(idx_base, j, cnt, has, last, MK)
+        _issue(k_desc, base_row + kb * BK, k_bar.index(slot), k_smem.index(slot), True)
+        _issue(v_desc, base_row + kb * BK, v_bar.index(slot), v_smem.index(slot), True)
+
+
+@gluon.jit
+def _ws_softmax_store(s, m_i, l_i, p_buf, kb, N, qk_scale, BK: gl.constexpr, MASK: gl.constexpr,
+                      s_layout: gl.constexpr):
+    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, kb, N, qk_scale, BK, MASK, s_layout)
+    p_buf.store(p.to(p_buf.dtype))
+    fence_async_shared()
+    _cta_barrier()  # the warpgroup's four warps have stored their rows of P before its GEMM reads them
+    return alpha, l_i, m_i
+
+
+@gluon.jit
+def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base, cnt, has, last, MK,
+             N, qk_scale, MASK: gl.constexpr, s_layout: gl.constexpr):
+    """Key block j in one consumer warpgroup: S_j and P_{j-1} V_{j-1} on the tensor cores, the softmax of S_j
+    meanwhile; block j-1's ring slot is released once its PV GEMM is done."""
+    SLOTS: gl.constexpr = k_smem.type.shape[0]
+    BK: gl.constexpr = k_smem.type.shape[1]
+    BM: gl.constexpr = p_smem.type.shape[1]
+    slot = j % SLOTS
+    prev = (j - 1) % SLOTS
+    mbarrier.wait(k_bar.index(slot), (j // SLOTS) & 1)
+    s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
+                      use_acc=False, is_async=True)
+    mbarrier.wait(v_bar.index(prev), ((j - 1) // SLOTS) & 1)
+    acc = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(prev), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s, ))
+    kb = _ws_entry(idx_base, j, cnt, has, last, MK)
+    alpha, l_i, m_i = _ws_softmax_store(s, m_i, l_i, p_smem.index(j % 2), kb, N, qk_scale, BK, MASK, s_layout)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    mbarrier.arrive(empty.index(prev), count=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
+                 cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
+                 p_smem, half: gl.constexpr):
+    """One warpgroup's 64 query rows (``half`` 0 or 1 of the program's 128) through the whole list. Only the
+    list's last block can be the ragged one; the first and last steps apply the column mask (a no-op on a
+    whole block)."""
+    SLOTS: gl.constexpr = k_smem.type.shape[0]
+    BK: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    BM: gl.constexpr = p_smem.type.shape[1]
+    nw: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, BK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, D, 16])
+    q_rows = q_smem.slice(half * BM, BM)
+    m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
+    if cnt > 0:
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bar.index(0), 0)
+        s0 = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+        s0 = warpgroup_mma_wait(0, deps=(s0, ))
+        kb0 = _ws_entry(idx_base, 0, cnt, has, last, MK)
+        alpha, l_i, m_i = _ws_softmax_store(s0, m_i, l_i, p_smem.index(0), kb0, N, qk_scale, BK, True, s_layout)
+        for j in range(1, cnt - 1):
+            acc, m_i, l_i = _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base,
+                                     cnt, has, last, MK, N, qk_scale, False, s_layout)
+        if cnt > 1:
+            acc, m_i, l_i = _ws_step(cnt - 1, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty,
+                                     idx_base, cnt, has, last, MK, N, qk_scale, True, s_layout)
+        vs = (cnt - 1) % SLOTS
+        mbarrier.wait(v_bar.index(vs), ((cnt - 1) // SLOTS) & 1)
+        acc = warpgroup_mma(p_smem.index((cnt - 1) % 2), v_smem.index(vs), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / gl.convert_layout(l_safe, o_row)[:, None]
+    offs_m = start_m + half * BM + gl.arange(0, BM, layout=o_row)
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    o_ptr = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    gl.store(o_ptr + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=offs_m[:, None] < N)
+    lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    offs_l = start_m + half * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + bh.to(gl.int64) * N + offs_l, lse, mask=offs_l < N)
+
+
+@gluon.jit
+def _ws_first_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
+                   cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
+                   p_smem0, p_smem1):
+    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
+                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, 0)
+
+
+@gluon.jit
+def _ws_second_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
+                    cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
+                    p_smem0, p_smem1):
+    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
+                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem1, 1)
+
+
+@gluon.jit
+def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale,
+                         stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX,
+                         D: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr,
+                         KMAX_P2: gl.constexpr, p_layout: gl.constexpr, SLOTS: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """128 query rows per program: two consumer warpgroups of 64 rows (the default partition and a worker)
+    and a producer warp that keeps a ring of ``SLOTS`` K/V blocks full (flash-attention 3's split)."""
+    BM: gl.constexpr = BQ // 2
+    qblk = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row = bh * MQ + qblk
+    cnt = gl.load(KV_CNT + row)
+    idx_base = KV_IDX + row.to(gl.int64) * KMAX
+    last = gl.load(idx_base + gl.maximum(cnt - 1, 0))
+    kl: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    offs = gl.arange(0, KMAX_P2, layout=kl)
+    has = gl.sum(((gl.load(idx_base + offs, mask=offs < cnt, other=0) == MK - 1) & (offs < cnt)).to(gl.int32), 0)
+    if EVEN_N:
+        has = has * 0
+    base_row = bh * N
+    start_m = qblk * BQ
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [BQ, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [SLOTS, BK, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [SLOTS, BK, D], v_desc.layout)
+    p_smem0 = gl.allocate_shared_memory(v_desc.dtype, [2, BM, BK], p_layout)
+    p_smem1 = gl.allocate_shared_memory(v_desc.dtype, [2, BM, BK], p_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(SLOTS):
+        mbarrier.init(k_bar.index(s), count=1)
+        mbarrier.init(v_bar.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a slot
+
+    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
+            has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, p_smem1)
+    gl.warp_specialize([(_ws_first_half, args), (_ws_second_half, args), (_ws_producer, args)], [4, 1],
+                       [CONSUMER_REGS, 24])

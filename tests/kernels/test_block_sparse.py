@@ -296,7 +296,8 @@ def test_unsupported_inputs(gen):
                                        (torch.float16, "fwd_ws"), (torch.bfloat16, "fwd_split"),
                                        (torch.float16, "fwd_split"), (torch.bfloat16, "fwd_gluon"),
                                        (torch.float16, "fwd_gluon"), (torch.bfloat16, "fwd_exp=fma"),
-                                       (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4")])
+                                       (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4"),
+                                       (torch.bfloat16, "fwd_gluon=ws")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""
@@ -339,7 +340,7 @@ def test_backward_tma_and_pointer_paths_agree(gen, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [128, 64])
+@pytest.mark.parametrize("rows", [128, 64, "ws"])
 @pytest.mark.parametrize("n,d,dtype", [(1000, 128, torch.bfloat16), (1024, 64, torch.float16), (200, 128, torch.float16)])
 def test_gluon_forward_gpu(gen, n, d, dtype, rows):
     """The Gluon forward (sm_90) on shuffled lists with an empty row, lists of 1 to 3 blocks, the ragged

@@ -110,7 +110,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         return types
 
     fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
-               PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32, SPLIT=1)
+               PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32, SPLIT=1, EXP=0)
     lin = dict(D=128, KIND=0, ROPE=True)
     cases = [
         ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
@@ -172,6 +172,15 @@ GLUON_SCRIPT = BUILD + textwrap.dedent(
             "LSE": "*fp32", "KV_IDX": "*i32", "KV_CNT": "*i32", "qk_scale": "fp32"}
         failed += try_build(f"gluon forward D={d} EVEN_N={even} {name} rows={rows}", bg._fwd_gluon_kernel, types,
                             const, warps, stages=1, source=GluonASTSource)
+        # the warp-specialised kernel: two 64-row consumer warpgroups and a producer warp
+        ws_params = inspect.signature(bg._fwd_gluon_ws_kernel.fn).parameters
+        ws_const = {**const, "num_warps": 4, "SLOTS": bg.WS_SLOTS, "CONSUMER_REGS": bg.WS_CONSUMER_REGS,
+                    "p_layout": gl.NVMMASharedLayout.get_default_for([bg.BLOCK_M // 2, bg.BLOCK_K], dt)}
+        ws_types = {p: "i32" for p in ws_params} | {k: v for k, v in types.items() if k in ws_params}
+        ws_types["q_desc"] = desc(bg.BLOCK_M)
+        if rows == 128:
+            failed += try_build(f"gluon warp-specialised forward D={d} EVEN_N={even} {name}", bg._fwd_gluon_ws_kernel,
+                                ws_types, ws_const, 4, stages=1, source=GluonASTSource)
     sys.exit(1 if failed else 0)
     """
 )

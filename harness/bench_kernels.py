@@ -371,6 +371,9 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         "gluon": {"fwd_gluon": True},
         "gluon64": {"fwd_gluon": 64},
         "gluon_ws": {"fwd_gluon": "ws"},
+        **{f"gluon_ws_s{sl}_r{rg}": {"fwd_gluon": "ws", "gluon_ws_slots": sl, "gluon_ws_regs": rg}
+           for sl in (2, 3, 4) for rg in (208, 232, 240)},
+        **{f"gluon_ws_pp_s{sl}": {"fwd_gluon": "ws", "gluon_ws_slots": sl, "gluon_ws_pingpong": True} for sl in (2, 3, 4)},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

@@ -60,6 +60,10 @@ BLOCK_K = 64
 # warpgroup (two programs per SM; one 128-row warpgroup spills at 255 registers)
 WARPS_FOR_ROWS = {128: 8, 64: 4}
 LOG2E = 1.4426950408889634
+# the warp-specialised kernel: K/V ring depth (4 x 32 KB + Q 32 KB + P 32 KB of shared memory) and registers
+# per consumer thread (setmaxnreg; the producer warp's warpgroup gets 24, so at most 240)
+WS_SLOTS = 4
+WS_CONSUMER_REGS = 232
 
 
 @gluon.jit
@@ -247,10 +251,12 @@ def gluon_supported(q: torch.Tensor, layout: BlockLayout) -> str | None:
     return None
 
 
-def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows: int | str = 128):
+def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows: int | str = 128,
+                               ws_slots: int = WS_SLOTS, ws_regs: int = WS_CONSUMER_REGS, ws_pingpong: bool = False):
     """``(out, lse)`` of block-sparse attention, as :func:`kernels.block_sparse._forward`; ``rows``: query
     rows per program (128 or 64), or ``"ws"`` for the warp-specialised kernel (a producer warp and two
-    consumer warpgroups of 64 rows). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
+    consumer warpgroups of 64 rows; ``ws_slots`` K/V blocks in its ring, ``ws_regs`` registers per consumer
+    thread; ``ws_pingpong``: the two warpgroups take turns issuing their GEMMs). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
     if (why := gluon_supported(q, layout)) is not None:
         raise Unsupported(why + "; turn fwd_gluon off to use the Triton forward")
     if rows not in WARPS_FOR_ROWS and rows != "ws":
@@ -274,9 +280,9 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows:
                   KMAX_P2=triton.next_power_of_2(max(kv_idx.shape[-1], 2)))
     if rows == "ws":
         _fwd_gluon_ws_kernel[(mq, b * h)](
-            desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), *common, **consts,
-            p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gdt), SLOTS=WS_SLOTS,
-            CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4,
+            desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), *common, int(bool(ws_pingpong)), **consts,
+            p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gdt), SLOTS=ws_slots,
+            CONSUMER_REGS=ws_regs, num_warps=4,
         )
         return out, lse
     _fwd_gluon_kernel[(mq * (BLOCK_M // rows), b * h)](
@@ -289,8 +295,6 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows:
 # ----------------------------------------------------------------------------------------------------
 # warp-specialised: a producer warp and two consumer warpgroups
 # ----------------------------------------------------------------------------------------------------
-WS_SLOTS = 4  # K/V ring depth of the warp-specialised forward (4 x 32 KB + Q 32 KB + P 32 KB of shared memory)
-WS_CONSUMER_REGS = 232  # per thread in each consumer warpgroup; the producer warp gets 24
 
 
 @gluon.jit
@@ -306,7 +310,7 @@ def _ws_entry(idx_base, j, cnt, has, last, MK):
 @gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                  cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                 p_smem0, p_smem1):
+                 p_smem0, p_smem1, turn, pingpong):
     """One warp: Q once, then K_j and V_j into ring slot ``j % SLOTS`` once the consumers have released it."""
     SLOTS: gl.constexpr = k_smem.type.shape[0]
     BK: gl.constexpr = k_smem.type.shape[1]
@@ -332,19 +336,25 @@ def _ws_softmax_store(s, m_i, l_i, p_buf, kb, N, qk_scale, BK: gl.constexpr, MAS
 
 @gluon.jit
 def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base, cnt, has, last, MK,
-             N, qk_scale, MASK: gl.constexpr, s_layout: gl.constexpr):
+             N, qk_scale, turn, pingpong, half: gl.constexpr, MASK: gl.constexpr, s_layout: gl.constexpr):
     """Key block j in one consumer warpgroup: S_j and P_{j-1} V_{j-1} on the tensor cores, the softmax of S_j
-    meanwhile; block j-1's ring slot is released once its PV GEMM is done."""
+    meanwhile; block j-1's ring slot is released once its PV GEMM is done. With ``pingpong`` the two
+    warpgroups take turns to issue their GEMMs (``turn``: one mbarrier each), so that one's softmax runs
+    while the other's GEMMs do (flash-attention 3's ping-pong)."""
     SLOTS: gl.constexpr = k_smem.type.shape[0]
     BK: gl.constexpr = k_smem.type.shape[1]
     BM: gl.constexpr = p_smem.type.shape[1]
     slot = j % SLOTS
     prev = (j - 1) % SLOTS
     mbarrier.wait(k_bar.index(slot), (j // SLOTS) & 1)
+    mbarrier.wait(v_bar.index(prev), ((j - 1) // SLOTS) & 1)
+    if pingpong:
+        mbarrier.wait(turn.index(half), ((j - 1) & 1) ^ (1 - half))
     s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
                       use_acc=False, is_async=True)
-    mbarrier.wait(v_bar.index(prev), ((j - 1) // SLOTS) & 1)
     acc = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(prev), acc, is_async=True)
+    if pingpong:
+        mbarrier.arrive(turn.index(1 - half), count=1)
     s = warpgroup_mma_wait(1, deps=(s, ))
     kb = _ws_entry(idx_base, j, cnt, has, last, MK)
     alpha, l_i, m_i = _ws_softmax_store(s, m_i, l_i, p_smem.index(j % 2), kb, N, qk_scale, BK, MASK, s_layout)
@@ -357,7 +367,7 @@ def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, emp
 @gluon.jit
 def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                  cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                 p_smem, half: gl.constexpr):
+                 p_smem, turn, pingpong, half: gl.constexpr):
     """One warpgroup's 64 query rows (``half`` 0 or 1 of the program's 128) through the whole list. Only the
     list's last block can be the ragged one; the first and last steps apply the column mask (a no-op on a
     whole block)."""
@@ -382,10 +392,10 @@ def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v
         alpha, l_i, m_i = _ws_softmax_store(s0, m_i, l_i, p_smem.index(0), kb0, N, qk_scale, BK, True, s_layout)
         for j in range(1, cnt - 1):
             acc, m_i, l_i = _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base,
-                                     cnt, has, last, MK, N, qk_scale, False, s_layout)
+                                     cnt, has, last, MK, N, qk_scale, turn, pingpong, half, False, s_layout)
         if cnt > 1:
             acc, m_i, l_i = _ws_step(cnt - 1, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty,
-                                     idx_base, cnt, has, last, MK, N, qk_scale, True, s_layout)
+                                     idx_base, cnt, has, last, MK, N, qk_scale, turn, pingpong, half, True, s_layout)
         vs = (cnt - 1) % SLOTS
         mbarrier.wait(v_bar.index(vs), ((cnt - 1) // SLOTS) & 1)
         acc = warpgroup_mma(p_smem.index((cnt - 1) % 2), v_smem.index(vs), acc, is_async=True)
@@ -406,22 +416,25 @@ def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v
 @gluon.jit
 def _ws_first_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                    cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                   p_smem0, p_smem1):
+                   p_smem0, p_smem1, turn, pingpong):
     _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, 0)
+                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0,
+                 turn, pingpong, 0)
 
 
 @gluon.jit
 def _ws_second_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                     cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                    p_smem0, p_smem1):
+                    p_smem0, p_smem1, turn, pingpong):
     _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem1, 1)
+                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem1,
+                 turn, pingpong, 1)
 
 
-@gluon.jit
+# integers equal to 1 would be specialised into constants, which the partitions cannot take (Triton 3.6)
+@gluon.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_on", "N", "MK", "pingpong"])
 def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale,
-                         stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX,
+                         stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX, pingpong,
                          D: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr,
                          KMAX_P2: gl.constexpr, p_layout: gl.constexpr, SLOTS: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
@@ -453,6 +466,9 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_sc
     k_bar = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     v_bar = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     mbarrier.init(q_bar, count=1)
     for s in gl.static_range(SLOTS):
         mbarrier.init(k_bar.index(s), count=1)
@@ -460,6 +476,7 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_sc
         mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a slot
 
     args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-            has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, p_smem1)
+            has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, p_smem1,
+            turn, pingpong)
     gl.warp_specialize([(_ws_first_half, args), (_ws_second_half, args), (_ws_producer, args)], [4, 1],
                        [CONSUMER_REGS, 24])

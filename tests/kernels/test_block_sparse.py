@@ -340,7 +340,7 @@ def test_backward_tma_and_pointer_paths_agree(gen, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [128, 64, "ws"])
+@pytest.mark.parametrize("rows", [128, 64, "ws", "ws_pingpong"])
 @pytest.mark.parametrize("n,d,dtype", [(1000, 128, torch.bfloat16), (1024, 64, torch.float16), (200, 128, torch.float16)])
 def test_gluon_forward_gpu(gen, n, d, dtype, rows):
     """The Gluon forward (sm_90) on shuffled lists with an empty row, lists of 1 to 3 blocks, the ragged
@@ -357,7 +357,9 @@ def test_gluon_forward_gpu(gen, n, d, dtype, rows):
     m = min(3, cnt.shape[-1])
     cnt[1, 0, :m] = torch.arange(1, m + 1, device=cnt.device).clamp(max=lay.kv_cnt[1, 0, :m])
     lay = BlockLayout(lay.kv_idx, cnt, 128, 64, n)
-    out, lse = block_sparse_forward_gluon(q, k, v, lay, d**-0.5, rows=rows)
+    ws = isinstance(rows, str)
+    out, lse = block_sparse_forward_gluon(q, k, v, lay, d**-0.5, rows="ws" if ws else rows,
+                                          ws_pingpong=rows == "ws_pingpong")
     _assert_matches_reference(q, k, v, lay, out, lse, 1e-3, empty_rows=128)
     tri_out, tri_lse = bs._forward(q, k, v, lay, d**-0.5)
     assert rel_l2(out, tri_out) < 1e-2 and torch.equal(torch.isneginf(lse), torch.isneginf(tri_lse))

@@ -280,9 +280,9 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows:
                   KMAX_P2=triton.next_power_of_2(max(kv_idx.shape[-1], 2)))
     if rows == "ws":
         _fwd_gluon_ws_kernel[(mq, b * h)](
-            desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), *common, int(bool(ws_pingpong)), **consts,
+            desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), *common, **consts,
             p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gdt), SLOTS=ws_slots,
-            CONSUMER_REGS=ws_regs, num_warps=4,
+            CONSUMER_REGS=ws_regs, PINGPONG=bool(ws_pingpong), num_warps=4,
         )
         return out, lse
     _fwd_gluon_kernel[(mq * (BLOCK_M // rows), b * h)](
@@ -310,7 +310,7 @@ def _ws_entry(idx_base, j, cnt, has, last, MK):
 @gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                  cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                 p_smem0, p_smem1, turn, pingpong):
+                 p_smem0, p_smem1, turn):
     """One warp: Q once, then K_j and V_j into ring slot ``j % SLOTS`` once the consumers have released it."""
     SLOTS: gl.constexpr = k_smem.type.shape[0]
     BK: gl.constexpr = k_smem.type.shape[1]
@@ -336,9 +336,10 @@ def _ws_softmax_store(s, m_i, l_i, p_buf, kb, N, qk_scale, BK: gl.constexpr, MAS
 
 @gluon.jit
 def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base, cnt, has, last, MK,
-             N, qk_scale, turn, pingpong, half: gl.constexpr, MASK: gl.constexpr, s_layout: gl.constexpr):
+             N, qk_scale, turn, half: gl.constexpr, PINGPONG: gl.constexpr, MASK: gl.constexpr,
+             s_layout: gl.constexpr):
     """Key block j in one consumer warpgroup: S_j and P_{j-1} V_{j-1} on the tensor cores, the softmax of S_j
-    meanwhile; block j-1's ring slot is released once its PV GEMM is done. With ``pingpong`` the two
+    meanwhile; block j-1's ring slot is released once its PV GEMM is done. With ``PINGPONG`` the two
     warpgroups take turns to issue their GEMMs (``turn``: one mbarrier each), so that one's softmax runs
     while the other's GEMMs do (flash-attention 3's ping-pong)."""
     SLOTS: gl.constexpr = k_smem.type.shape[0]
@@ -348,12 +349,12 @@ def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, emp
     prev = (j - 1) % SLOTS
     mbarrier.wait(k_bar.index(slot), (j // SLOTS) & 1)
     mbarrier.wait(v_bar.index(prev), ((j - 1) // SLOTS) & 1)
-    if pingpong:
+    if PINGPONG:
         mbarrier.wait(turn.index(half), ((j - 1) & 1) ^ (1 - half))
     s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
                       use_acc=False, is_async=True)
     acc = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(prev), acc, is_async=True)
-    if pingpong:
+    if PINGPONG:
         mbarrier.arrive(turn.index(1 - half), count=1)
     s = warpgroup_mma_wait(1, deps=(s, ))
     kb = _ws_entry(idx_base, j, cnt, has, last, MK)
@@ -367,7 +368,7 @@ def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, emp
 @gluon.jit
 def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                  cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                 p_smem, turn, pingpong, half: gl.constexpr):
+                 p_smem, turn, half: gl.constexpr, PINGPONG: gl.constexpr):
     """One warpgroup's 64 query rows (``half`` 0 or 1 of the program's 128) through the whole list. Only the
     list's last block can be the ragged one; the first and last steps apply the column mask (a no-op on a
     whole block)."""
@@ -392,10 +393,11 @@ def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v
         alpha, l_i, m_i = _ws_softmax_store(s0, m_i, l_i, p_smem.index(0), kb0, N, qk_scale, BK, True, s_layout)
         for j in range(1, cnt - 1):
             acc, m_i, l_i = _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base,
-                                     cnt, has, last, MK, N, qk_scale, turn, pingpong, half, False, s_layout)
+                                     cnt, has, last, MK, N, qk_scale, turn, half, PINGPONG, False, s_layout)
         if cnt > 1:
             acc, m_i, l_i = _ws_step(cnt - 1, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty,
-                                     idx_base, cnt, has, last, MK, N, qk_scale, turn, pingpong, half, True, s_layout)
+                                     idx_base, cnt, has, last, MK, N, qk_scale, turn, half, PINGPONG, True,
+                                     s_layout)
         vs = (cnt - 1) % SLOTS
         mbarrier.wait(v_bar.index(vs), ((cnt - 1) // SLOTS) & 1)
         acc = warpgroup_mma(p_smem.index((cnt - 1) % 2), v_smem.index(vs), acc, is_async=True)
@@ -416,28 +418,47 @@ def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v
 @gluon.jit
 def _ws_first_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                    cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                   p_smem0, p_smem1, turn, pingpong):
+                   p_smem0, p_smem1, turn):
     _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
                  has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0,
-                 turn, pingpong, 0)
+                 turn, 0, False)
 
 
 @gluon.jit
 def _ws_second_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                     cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                    p_smem0, p_smem1, turn, pingpong):
+                    p_smem0, p_smem1, turn):
     _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
                  has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem1,
-                 turn, pingpong, 1)
+                 turn, 1, False)
+
+
+# the same two with the ping-pong (partitions take no constexpr arguments in Triton 3.6, so one function each)
+@gluon.jit
+def _ws_first_half_pp(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
+                      cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
+                      p_smem0, p_smem1, turn):
+    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
+                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0,
+                 turn, 0, True)
+
+
+@gluon.jit
+def _ws_second_half_pp(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE,
+                       idx_base, cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b,
+                       h, bh, p_smem0, p_smem1, turn):
+    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
+                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem1,
+                 turn, 1, True)
 
 
 # integers equal to 1 would be specialised into constants, which the partitions cannot take (Triton 3.6)
-@gluon.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_on", "N", "MK", "pingpong"])
+@gluon.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_on", "N", "MK"])
 def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale,
-                         stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX, pingpong,
+                         stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX,
                          D: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr,
                          KMAX_P2: gl.constexpr, p_layout: gl.constexpr, SLOTS: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
     """128 query rows per program: two consumer warpgroups of 64 rows (the default partition and a worker)
     and a producer warp that keeps a ring of ``SLOTS`` K/V blocks full (flash-attention 3's split)."""
     BM: gl.constexpr = BQ // 2
@@ -477,6 +498,10 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_sc
 
     args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
             has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, p_smem1,
-            turn, pingpong)
-    gl.warp_specialize([(_ws_first_half, args), (_ws_second_half, args), (_ws_producer, args)], [4, 1],
-                       [CONSUMER_REGS, 24])
+            turn)
+    if PINGPONG:
+        gl.warp_specialize([(_ws_first_half_pp, args), (_ws_second_half_pp, args), (_ws_producer, args)], [4, 1],
+                           [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([(_ws_first_half, args), (_ws_second_half, args), (_ws_producer, args)], [4, 1],
+                           [CONSUMER_REGS, 24])

@@ -452,8 +452,9 @@ def _ws_second_half_pp(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_
                  turn, 1, True)
 
 
-# integers equal to 1 would be specialised into constants, which the partitions cannot take (Triton 3.6)
-@gluon.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_on", "N", "MK"])
+# N and MK equal to 1 would be specialised into constants, which the partitions cannot take (Triton 3.6);
+# the strides keep their specialisation (divisible by 16: vectorised stores)
+@gluon.jit(do_not_specialize=["N", "MK"])
 def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale,
                          stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX,
                          D: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr,

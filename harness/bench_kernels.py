@@ -374,6 +374,10 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         **{f"gluon_ws_s{sl}_r{rg}": {"fwd_gluon": "ws", "gluon_ws_slots": sl, "gluon_ws_regs": rg}
            for sl in (2, 3, 4) for rg in (208, 232, 240)},
         **{f"gluon_ws_pp_s{sl}": {"fwd_gluon": "ws", "gluon_ws_slots": sl, "gluon_ws_pingpong": True} for sl in (2, 3, 4)},
+        # two key blocks per step (64 x 128 scores per warpgroup), two slots of two blocks each
+        **{f"gluon_ws_g2{pp}_r{rg}": {"fwd_gluon": "ws", "gluon_ws_group": 2, "gluon_ws_slots": 2,
+                                     "gluon_ws_pingpong": bool(pp), "gluon_ws_regs": rg}
+           for pp in ("", "_pp") for rg in (232, 240)},
         "bwd_tma": {"bwd_tma": True},
         "bwd_natural": {"bwd_order": False},
     }

@@ -882,7 +882,7 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 3}
 OPTIONS: dict = {"fwd_exp": "mufu", "fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
                  "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False,
-                 "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "bwd_order": True, "bwd_tma": False,
+                 "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "gluon_ws_group": 1, "bwd_order": True, "bwd_tma": False,
                  "lin_rows": 32}
 
 
@@ -895,7 +895,7 @@ def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict 
         g = OPTIONS["fwd_gluon"]
         return block_sparse_forward_gluon(q, k, v, layout, scale, rows=128 if g is True else g if g == "ws" else int(g),
                                           ws_slots=OPTIONS["gluon_ws_slots"], ws_regs=OPTIONS["gluon_ws_regs"],
-                                          ws_pingpong=OPTIONS["gluon_ws_pingpong"])
+                                          ws_pingpong=OPTIONS["gluon_ws_pingpong"], ws_group=OPTIONS["gluon_ws_group"])
     return _forward(q, k, v, layout, scale, order=OPTIONS["fwd_order"], use_tma=OPTIONS["fwd_tma"],
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
                     ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,

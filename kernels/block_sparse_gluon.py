@@ -252,13 +252,17 @@ def gluon_supported(q: torch.Tensor, layout: BlockLayout) -> str | None:
 
 
 def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows: int | str = 128,
-                               ws_slots: int = WS_SLOTS, ws_regs: int = WS_CONSUMER_REGS, ws_pingpong: bool = False):
+                               ws_slots: int = WS_SLOTS, ws_regs: int = WS_CONSUMER_REGS, ws_pingpong: bool = False,
+                               ws_group: int = 1):
     """``(out, lse)`` of block-sparse attention, as :func:`kernels.block_sparse._forward`; ``rows``: query
     rows per program (128 or 64), or ``"ws"`` for the warp-specialised kernel (a producer warp and two
     consumer warpgroups of 64 rows; ``ws_slots`` K/V blocks in its ring, ``ws_regs`` registers per consumer
-    thread; ``ws_pingpong``: the two warpgroups take turns issuing their GEMMs). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
+    thread; ``ws_pingpong``: the two warpgroups take turns issuing their GEMMs; ``ws_group``: key blocks per
+    step, 1 or 2, each ring slot holding that many). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
     if (why := gluon_supported(q, layout)) is not None:
         raise Unsupported(why + "; turn fwd_gluon off to use the Triton forward")
+    if rows == "ws" and ws_group not in (1, 2):
+        raise ValueError(f"the warp-specialised Gluon forward takes 1 or 2 key blocks per step, not {ws_group}")
     if rows not in WARPS_FOR_ROWS and rows != "ws":
         raise ValueError(f"the Gluon forward runs {sorted(WARPS_FOR_ROWS)} query rows per program or 'ws', not {rows!r}")
     b, h, n, d = q.shape
@@ -281,8 +285,8 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows:
     if rows == "ws":
         _fwd_gluon_ws_kernel[(mq, b * h)](
             desc(q, BLOCK_M), desc(k, BLOCK_K), desc(v, BLOCK_K), *common, **consts,
-            p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gdt), SLOTS=ws_slots,
-            CONSUMER_REGS=ws_regs, PINGPONG=bool(ws_pingpong), num_warps=4,
+            p_layout=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, ws_group * BLOCK_K], gdt), SLOTS=ws_slots,
+            CONSUMER_REGS=ws_regs, PINGPONG=bool(ws_pingpong), G=ws_group, num_warps=4,
         )
         return out, lse
     _fwd_gluon_kernel[(mq * (BLOCK_M // rows), b * h)](
@@ -311,54 +315,74 @@ def _ws_entry(idx_base, j, cnt, has, last, MK):
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                  cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
                  p_smem0, p_smem1, turn):
-    """One warp: Q once, then K_j and V_j into ring slot ``j % SLOTS`` once the consumers have released it."""
+    """One warp: Q once, then the key blocks of step t (``G`` list entries: ring slots hold ``G`` blocks)
+    into slot ``t % SLOTS`` once the consumers have released it. Past the list's end a slot half gets the
+    last entry again (valid data; its scores are masked)."""
     SLOTS: gl.constexpr = k_smem.type.shape[0]
-    BK: gl.constexpr = k_smem.type.shape[1]
+    BK: gl.constexpr = k_desc.block_type.shape[0]
+    G: gl.constexpr = k_smem.type.shape[1] // BK
     mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=cnt > 0)
     _tma_load(q_desc, [base_row + start_m, 0], q_bar, q_smem, pred=cnt > 0)
-    for j in range(cnt):
-        slot = j % SLOTS
-        mbarrier.wait(empty.index(slot), ((j // SLOTS) & 1) ^ 1)
-        kb = _ws_entry(idx_base, j, cnt, has, last, MK)
-        _issue(k_desc, base_row + kb * BK, k_bar.index(slot), k_smem.index(slot), True)
-        _issue(v_desc, base_row + kb * BK, v_bar.index(slot), v_smem.index(slot), True)
+    for t in range(gl.cdiv(cnt, G)):
+        slot = t % SLOTS
+        mbarrier.wait(empty.index(slot), ((t // SLOTS) & 1) ^ 1)
+        mbarrier.expect(k_bar.index(slot), G * k_desc.block_type.nbytes)
+        mbarrier.expect(v_bar.index(slot), G * v_desc.block_type.nbytes)
+        for g in gl.static_range(G):
+            kb = _ws_entry(idx_base, G * t + g, cnt, has, last, MK)
+            _tma_load(k_desc, [base_row + kb * BK, 0], k_bar.index(slot), k_smem.index(slot).slice(g * BK, BK))
+            _tma_load(v_desc, [base_row + kb * BK, 0], v_bar.index(slot), v_smem.index(slot).slice(g * BK, BK))
 
 
 @gluon.jit
-def _ws_softmax_store(s, m_i, l_i, p_buf, kb, N, qk_scale, BK: gl.constexpr, MASK: gl.constexpr,
-                      s_layout: gl.constexpr):
-    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, kb, N, qk_scale, BK, MASK, s_layout)
+def _ws_softmax_store(s, m_i, l_i, p_buf, t, idx_base, cnt, has, last, MK, N, qk_scale, BK: gl.constexpr,
+                      MASK: gl.constexpr, s_layout: gl.constexpr):
+    """Online softmax of step t's scores (``G = width / BK`` key blocks side by side); ``MASK`` hides the
+    columns past N and those of entries past the list's end. P goes to ``p_buf`` for the PV GEMM."""
+    W: gl.constexpr = s.type.shape[1]
+    if MASK:
+        cols = gl.arange(0, W, layout=gl.SliceLayout(0, s_layout))
+        g = cols // BK
+        kb0 = _ws_entry(idx_base, (W // BK) * t, cnt, has, last, MK)
+        kb1 = _ws_entry(idx_base, (W // BK) * t + 1, cnt, has, last, MK)
+        key = gl.where(g == 0, kb0, kb1) * BK + cols % BK
+        ok = (key < N) & ((W // BK) * t + g < cnt)
+        s = gl.where(ok[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
     p_buf.store(p.to(p_buf.dtype))
     fence_async_shared()
     _cta_barrier()  # the warpgroup's four warps have stored their rows of P before its GEMM reads them
-    return alpha, l_i, m_i
+    return alpha, l_i, m_new
 
 
 @gluon.jit
-def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base, cnt, has, last, MK,
-             N, qk_scale, turn, half: gl.constexpr, PINGPONG: gl.constexpr, MASK: gl.constexpr,
+def _ws_step(t, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base, cnt, has, last, MK,
+             N, qk_scale, turn, BK: gl.constexpr, half: gl.constexpr, PINGPONG: gl.constexpr, MASK: gl.constexpr,
              s_layout: gl.constexpr):
-    """Key block j in one consumer warpgroup: S_j and P_{j-1} V_{j-1} on the tensor cores, the softmax of S_j
-    meanwhile; block j-1's ring slot is released once its PV GEMM is done. With ``PINGPONG`` the two
+    """Step t in one consumer warpgroup: S_t and P_{t-1} V_{t-1} on the tensor cores, the softmax of S_t
+    meanwhile; step t-1's ring slot is released once its PV GEMM is done. With ``PINGPONG`` the two
     warpgroups take turns to issue their GEMMs (``turn``: one mbarrier each), so that one's softmax runs
     while the other's GEMMs do (flash-attention 3's ping-pong)."""
     SLOTS: gl.constexpr = k_smem.type.shape[0]
-    BK: gl.constexpr = k_smem.type.shape[1]
+    W: gl.constexpr = k_smem.type.shape[1]
     BM: gl.constexpr = p_smem.type.shape[1]
-    slot = j % SLOTS
-    prev = (j - 1) % SLOTS
-    mbarrier.wait(k_bar.index(slot), (j // SLOTS) & 1)
-    mbarrier.wait(v_bar.index(prev), ((j - 1) // SLOTS) & 1)
+    slot = t % SLOTS
+    prev = (t - 1) % SLOTS
+    mbarrier.wait(k_bar.index(slot), (t // SLOTS) & 1)
+    mbarrier.wait(v_bar.index(prev), ((t - 1) // SLOTS) & 1)
     if PINGPONG:
-        mbarrier.wait(turn.index(half), ((j - 1) & 1) ^ (1 - half))
-    s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
+        mbarrier.wait(turn.index(half), ((t - 1) & 1) ^ (1 - half))
+    s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), gl.zeros([BM, W], gl.float32, s_layout),
                       use_acc=False, is_async=True)
-    acc = warpgroup_mma(p_smem.index((j - 1) % 2), v_smem.index(prev), acc, is_async=True)
+    acc = warpgroup_mma(p_smem.index((t - 1) % 2), v_smem.index(prev), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - half), count=1)
     s = warpgroup_mma_wait(1, deps=(s, ))
-    kb = _ws_entry(idx_base, j, cnt, has, last, MK)
-    alpha, l_i, m_i = _ws_softmax_store(s, m_i, l_i, p_smem.index(j % 2), kb, N, qk_scale, BK, MASK, s_layout)
+    alpha, l_i, m_i = _ws_softmax_store(s, m_i, l_i, p_smem.index(t % 2), t, idx_base, cnt, has, last, MK, N,
+                                        qk_scale, BK, MASK, s_layout)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(empty.index(prev), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
@@ -369,38 +393,40 @@ def _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, emp
 def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
                  cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
                  p_smem, turn, half: gl.constexpr, PINGPONG: gl.constexpr):
-    """One warpgroup's 64 query rows (``half`` 0 or 1 of the program's 128) through the whole list. Only the
-    list's last block can be the ragged one; the first and last steps apply the column mask (a no-op on a
-    whole block)."""
+    """One warpgroup's 64 query rows (``half`` 0 or 1 of the program's 128) through the whole list, ``G``
+    key blocks per step. Only the last step can hold the ragged block or entries past the list's end; the
+    first and last steps apply the column mask (a no-op on whole blocks)."""
     SLOTS: gl.constexpr = k_smem.type.shape[0]
-    BK: gl.constexpr = k_smem.type.shape[1]
+    W: gl.constexpr = k_smem.type.shape[1]
+    BK: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_smem.type.shape[2]
     BM: gl.constexpr = p_smem.type.shape[1]
     nw: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, BK, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, W, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, D, 16])
     q_rows = q_smem.slice(half * BM, BM)
     m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
+    steps = gl.cdiv(cnt, W // BK)
     if cnt > 0:
         mbarrier.wait(q_bar, 0)
         mbarrier.wait(k_bar.index(0), 0)
-        s0 = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
+        s0 = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), gl.zeros([BM, W], gl.float32, s_layout),
                            use_acc=False, is_async=True)
         s0 = warpgroup_mma_wait(0, deps=(s0, ))
-        kb0 = _ws_entry(idx_base, 0, cnt, has, last, MK)
-        alpha, l_i, m_i = _ws_softmax_store(s0, m_i, l_i, p_smem.index(0), kb0, N, qk_scale, BK, True, s_layout)
-        for j in range(1, cnt - 1):
-            acc, m_i, l_i = _ws_step(j, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base,
-                                     cnt, has, last, MK, N, qk_scale, turn, half, PINGPONG, False, s_layout)
-        if cnt > 1:
-            acc, m_i, l_i = _ws_step(cnt - 1, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty,
-                                     idx_base, cnt, has, last, MK, N, qk_scale, turn, half, PINGPONG, True,
+        alpha, l_i, m_i = _ws_softmax_store(s0, m_i, l_i, p_smem.index(0), 0, idx_base, cnt, has, last, MK, N,
+                                            qk_scale, BK, True, s_layout)
+        for t in range(1, steps - 1):
+            acc, m_i, l_i = _ws_step(t, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base,
+                                     cnt, has, last, MK, N, qk_scale, turn, BK, half, PINGPONG, False, s_layout)
+        if steps > 1:
+            acc, m_i, l_i = _ws_step(steps - 1, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty,
+                                     idx_base, cnt, has, last, MK, N, qk_scale, turn, BK, half, PINGPONG, True,
                                      s_layout)
-        vs = (cnt - 1) % SLOTS
-        mbarrier.wait(v_bar.index(vs), ((cnt - 1) // SLOTS) & 1)
-        acc = warpgroup_mma(p_smem.index((cnt - 1) % 2), v_smem.index(vs), acc, is_async=True)
+        vs = (steps - 1) % SLOTS
+        mbarrier.wait(v_bar.index(vs), ((steps - 1) // SLOTS) & 1)
+        acc = warpgroup_mma(p_smem.index((steps - 1) % 2), v_smem.index(vs), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
     o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
@@ -459,7 +485,8 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_sc
                          stride_ob, stride_oh, stride_on, H, N, MQ, MK, KMAX,
                          D: gl.constexpr, BQ: gl.constexpr, BK: gl.constexpr, EVEN_N: gl.constexpr,
                          KMAX_P2: gl.constexpr, p_layout: gl.constexpr, SLOTS: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+                         CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, G: gl.constexpr,
+                         num_warps: gl.constexpr):
     """128 query rows per program: two consumer warpgroups of 64 rows (the default partition and a worker)
     and a producer warp that keeps a ring of ``SLOTS`` K/V blocks full (flash-attention 3's split)."""
     BM: gl.constexpr = BQ // 2
@@ -480,10 +507,10 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_sc
     start_m = qblk * BQ
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BQ, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [SLOTS, BK, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [SLOTS, BK, D], v_desc.layout)
-    p_smem0 = gl.allocate_shared_memory(v_desc.dtype, [2, BM, BK], p_layout)
-    p_smem1 = gl.allocate_shared_memory(v_desc.dtype, [2, BM, BK], p_layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [SLOTS, G * BK, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [SLOTS, G * BK, D], v_desc.layout)
+    p_smem0 = gl.allocate_shared_memory(v_desc.dtype, [2, BM, G * BK], p_layout)
+    p_smem1 = gl.allocate_shared_memory(v_desc.dtype, [2, BM, G * BK], p_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bar = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     v_bar = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())

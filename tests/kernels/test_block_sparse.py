@@ -297,12 +297,16 @@ def test_unsupported_inputs(gen):
                                        (torch.float16, "fwd_split"), (torch.bfloat16, "fwd_gluon"),
                                        (torch.float16, "fwd_gluon"), (torch.bfloat16, "fwd_exp=fma"),
                                        (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4"),
-                                       (torch.bfloat16, "fwd_gluon=ws")])
+                                       (torch.bfloat16, "fwd_gluon=ws"), (torch.bfloat16, "gluon_ws_group=2")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""
     if opt:
         name, _, value = opt.partition("=")
+        if name == "gluon_ws_group":  # the warp-specialised Gluon forward, two key blocks per step
+            monkeypatch.setitem(bs.OPTIONS, "fwd_gluon", "ws")
+            monkeypatch.setitem(bs.OPTIONS, "gluon_ws_slots", 2)
+            value = int(value)
         monkeypatch.setitem(bs.OPTIONS, name, value or (3 if opt == "fwd_split" else True))
     b, h, n, d = 1, 2, 32760, 128
     q, k, v = _inputs(gen, b, h, n, d, dtype)
@@ -340,7 +344,7 @@ def test_backward_tma_and_pointer_paths_agree(gen, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [128, 64, "ws", "ws_pingpong"])
+@pytest.mark.parametrize("rows", [128, 64, "ws", "ws_pingpong", "ws_pairs"])
 @pytest.mark.parametrize("n,d,dtype", [(1000, 128, torch.bfloat16), (1024, 64, torch.float16), (200, 128, torch.float16)])
 def test_gluon_forward_gpu(gen, n, d, dtype, rows):
     """The Gluon forward (sm_90) on shuffled lists with an empty row, lists of 1 to 3 blocks, the ragged
@@ -358,8 +362,10 @@ def test_gluon_forward_gpu(gen, n, d, dtype, rows):
     cnt[1, 0, :m] = torch.arange(1, m + 1, device=cnt.device).clamp(max=lay.kv_cnt[1, 0, :m])
     lay = BlockLayout(lay.kv_idx, cnt, 128, 64, n)
     ws = isinstance(rows, str)
+    pairs = rows == "ws_pairs"  # two key blocks per step: odd and even list lengths
     out, lse = block_sparse_forward_gluon(q, k, v, lay, d**-0.5, rows="ws" if ws else rows,
-                                          ws_pingpong=rows == "ws_pingpong")
+                                          ws_pingpong=rows == "ws_pingpong", ws_group=2 if pairs else 1,
+                                          ws_slots=2 if pairs else 4)
     _assert_matches_reference(q, k, v, lay, out, lse, 1e-3, empty_rows=128)
     tri_out, tri_lse = bs._forward(q, k, v, lay, d**-0.5)
     assert rel_l2(out, tri_out) < 1e-2 and torch.equal(torch.isneginf(lse), torch.isneginf(tri_lse))

@@ -174,12 +174,14 @@ GLUON_SCRIPT = BUILD + textwrap.dedent(
                             const, warps, stages=1, source=GluonASTSource)
         # the warp-specialised kernel: two 64-row consumer warpgroups and a producer warp
         ws_params = inspect.signature(bg._fwd_gluon_ws_kernel.fn).parameters
-        ws_const = {**const, "num_warps": 4, "SLOTS": bg.WS_SLOTS, "CONSUMER_REGS": bg.WS_CONSUMER_REGS, "PINGPONG": even,
-                    "p_layout": gl.NVMMASharedLayout.get_default_for([bg.BLOCK_M // 2, bg.BLOCK_K], dt)}
+        group = 1 if even else 2  # key blocks per step (a ring slot holds that many)
+        ws_const = {**const, "num_warps": 4, "SLOTS": bg.WS_SLOTS // group, "CONSUMER_REGS": bg.WS_CONSUMER_REGS,
+                    "PINGPONG": even, "G": group,
+                    "p_layout": gl.NVMMASharedLayout.get_default_for([bg.BLOCK_M // 2, group * bg.BLOCK_K], dt)}
         ws_types = {p: "i32" for p in ws_params} | {k: v for k, v in types.items() if k in ws_params}
         ws_types["q_desc"] = desc(bg.BLOCK_M)
         if rows == 128:
-            failed += try_build(f"gluon warp-specialised forward D={d} EVEN_N={even} {name} ping-pong={even}",
+            failed += try_build(f"gluon warp-specialised forward D={d} EVEN_N={even} {name} ping-pong={even} G={group}",
                                 bg._fwd_gluon_ws_kernel, ws_types, ws_const, 4, stages=1, source=GluonASTSource)
     sys.exit(1 if failed else 0)
     """

@@ -129,12 +129,12 @@ def _fwd_probs(x, EXP: tl.constexpr):
     """``2^x`` of a finite score tile (``x <= 0``). ``EXP`` 0: every value on the special-function unit
     (MUFU ``ex2``, 16 per clock per SM on Hopper, about half the time of the tile's two GEMMs at D=128);
     1: every second column on the FMA pipe (:func:`_exp2_fma`), halving the MUFU work at 8 FMA/ALU
-    instructions per value; 3: a quarter of the columns. (Packed ``ex2.approx.f16x2`` saves nothing:
+    instructions per value; 2: a quarter of the columns. (Packed ``ex2.approx.f16x2`` saves nothing:
     ptxas for sm_90 issues it as two ``MUFU.EX2.F16``.)"""
     if EXP == 1:
         xa, xb = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
         return tl.reshape(tl.join(tl.math.exp2(xa), _exp2_fma(xb)), (x.shape[0], x.shape[1]))
-    elif EXP == 3:
+    elif EXP == 2:
         # a quarter: the tile's column halves (a register bit of the MMA layout), then the second half's
         # odd columns
         lo, hi = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
@@ -873,17 +873,22 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # fused linear-branch epilogue (kernels.fused).
 # ``fwd_gluon``: the forward written in Gluon for sm_90 (flash-attention 3's overlap of one block's softmax
 # with the previous block's PV GEMM; kernels/block_sparse_gluon.py); True for 128 query rows per program,
-# 64 for 64.
+# 64 for 64, "ws" for the warp-specialised kernel (a producer warp, two 64-row consumer warpgroups), tuned
+# by ``gluon_ws_slots`` (K/V ring depth), ``gluon_ws_regs`` (registers per consumer thread),
+# ``gluon_ws_pingpong`` (the consumers take turns issuing their GEMMs) and ``gluon_ws_group`` (key blocks
+# per step). Measured on the H200 (run 10): 1.46 ms against 1.33 ms for the default; 1.58 with the
+# ping-pong, 1.67 with two blocks per step.
 # ``fwd_split``: programs resident per SM (0: off). With it, the tiles of the last, partial wave are each
 # split over up to 4 programs and merged by the last to finish (see _split_plan; fixed launch config).
 # Measured on the H200: 1.328-1.340 ms against 1.331-1.349 for the default in the same rounds (run 9).
 # ``fwd_exp``: how the forward exponentiates its scores (see _fwd_probs): "mufu" (the special-function
-# unit), "fma" / "fma4" (every second / fourth column by a cubic on the FMA pipe).
-EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 3}
+# unit), "fma" / "fma4" (every second / fourth column by a cubic on the FMA pipe). Measured on the H200
+# (run 10): 1.463 / 1.413 ms against 1.335 ms for "mufu" in the same rounds.
+EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 2}
 OPTIONS: dict = {"fwd_exp": "mufu", "fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False,
                  "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False,
-                 "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "gluon_ws_group": 1, "bwd_order": True, "bwd_tma": False,
-                 "lin_rows": 32}
+                 "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "gluon_ws_group": 1,
+                 "bwd_order": True, "bwd_tma": False, "lin_rows": 32}
 
 
 def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict | None = None):

@@ -20,8 +20,9 @@ and is the Triton one.
 
 Measured on the H200 it is slower than the Triton forward: 1.587 (128 rows) and 1.608 ms (64 rows)
 against 1.331 ms at density 0.10 in the same rounds (kernels/NOTES.md, run 9). The overlap is in the
-SASS; what is missing is flash-attention 3's ping-pong between consumer warpgroups and a producer warp.
-Kept as ``OPTIONS["fwd_gluon"]``, off.
+SASS. A second kernel (``rows="ws"``, below) adds flash-attention 3's split into a producer warp and two
+consumer warpgroups: 1.46 ms against 1.33 ms (run 10), also with the consumers' ping-pong (1.58 ms) or two
+key blocks per step (1.67 ms). Kept as ``OPTIONS["fwd_gluon"]``, off.
 
 Same contract as the Triton forward (the layout's lists in any order, the ragged last key block masked,
 empty lists give zeros and a log-sum-exp of ``-inf``), for sm_90 only (wgmma), bf16/fp16, D 64/128,

@@ -119,7 +119,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("fwd pipe", bs._fwd_kernel, dict(fwd, USE_TMA=True, PIPE=True), 8),
         ("fwd lazy", bs._fwd_kernel, dict(fwd, USE_TMA=True, LAZY=True), 4),
         ("fwd fma exponentials", bs._fwd_kernel, dict(fwd, USE_TMA=True, EXP=1), 4),
-        ("fwd fma exponentials, a quarter", bs._fwd_kernel, dict(fwd, USE_TMA=True, EXP=3), 4),
+        ("fwd fma exponentials, a quarter", bs._fwd_kernel, dict(fwd, USE_TMA=True, EXP=2), 4),
         ("fwd split last wave", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3), 4),
         ("fwd split last wave, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3, EVEN_N=True), 4),
         ("fwd warp-specialised", bs._fwd_kernel, dict(fwd, USE_TMA=True, WS=True), 4),

@@ -313,12 +313,12 @@ def _ws_entry(idx_base, j, cnt, has, last, MK):
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
-                 cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                 p_smem0, p_smem1, turn):
+def _ws_producer(ctx):
     """One warp: Q once, then the key blocks of step t (``G`` list entries: ring slots hold ``G`` blocks)
     into slot ``t % SLOTS`` once the consumers have released it. Past the list's end a slot half gets the
     last entry again (valid data; its scores are masked)."""
+    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt, has, last,
+     base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, p_smem1, turn) = ctx
     SLOTS: gl.constexpr = k_smem.type.shape[0]
     BK: gl.constexpr = k_desc.block_type.shape[0]
     G: gl.constexpr = k_smem.type.shape[1] // BK
@@ -391,12 +391,13 @@ def _ws_step(t, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, emp
 
 
 @gluon.jit
-def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
-                 cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                 p_smem, turn, half: gl.constexpr, PINGPONG: gl.constexpr):
+def _ws_consumer(ctx, half: gl.constexpr, PINGPONG: gl.constexpr):
     """One warpgroup's 64 query rows (``half`` 0 or 1 of the program's 128) through the whole list, ``G``
     key blocks per step. Only the last step can hold the ragged block or entries past the list's end; the
     first and last steps apply the column mask (a no-op on whole blocks)."""
+    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt, has, last,
+     base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, p_smem1, turn) = ctx
+    p_smem = p_smem1 if half else p_smem0
     SLOTS: gl.constexpr = k_smem.type.shape[0]
     W: gl.constexpr = k_smem.type.shape[1]
     BK: gl.constexpr = k_desc.block_type.shape[0]
@@ -442,41 +443,26 @@ def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v
     gl.store(LSE + bh.to(gl.int64) * N + offs_l, lse, mask=offs_l < N)
 
 
+# The partitions take no constexpr arguments (Triton 3.6 passes them as plain Python values), so each
+# consumer warpgroup, with and without the ping-pong, is its own function.
 @gluon.jit
-def _ws_first_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
-                   cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                   p_smem0, p_smem1, turn):
-    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0,
-                 turn, 0, False)
+def _ws_first_half(ctx):
+    _ws_consumer(ctx, 0, False)
 
 
 @gluon.jit
-def _ws_second_half(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
-                    cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                    p_smem0, p_smem1, turn):
-    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem1,
-                 turn, 1, False)
-
-
-# the same two with the ping-pong (partitions take no constexpr arguments in Triton 3.6, so one function each)
-@gluon.jit
-def _ws_first_half_pp(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base,
-                      cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh,
-                      p_smem0, p_smem1, turn):
-    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0,
-                 turn, 0, True)
+def _ws_second_half(ctx):
+    _ws_consumer(ctx, 1, False)
 
 
 @gluon.jit
-def _ws_second_half_pp(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE,
-                       idx_base, cnt, has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b,
-                       h, bh, p_smem0, p_smem1, turn):
-    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-                 has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem1,
-                 turn, 1, True)
+def _ws_first_half_pp(ctx):
+    _ws_consumer(ctx, 0, True)
+
+
+@gluon.jit
+def _ws_second_half_pp(ctx):
+    _ws_consumer(ctx, 1, True)
 
 
 # N and MK equal to 1 would be specialised into constants, which the partitions cannot take (Triton 3.6);
@@ -525,9 +511,9 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_sc
         mbarrier.init(v_bar.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a slot
 
-    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
-            has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0, p_smem1,
-            turn)
+    args = ((q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, empty, Out, LSE, idx_base, cnt,
+             has, last, base_row, start_m, MK, N, qk_scale, stride_ob, stride_oh, stride_on, b, h, bh, p_smem0,
+             p_smem1, turn), )
     if PINGPONG:
         gl.warp_specialize([(_ws_first_half_pp, args), (_ws_second_half_pp, args), (_ws_producer, args)], [4, 1],
                            [CONSUMER_REGS, 24])

@@ -259,7 +259,8 @@ def block_sparse_forward_gluon(q, k, v, layout: BlockLayout, scale: float, rows:
     rows per program (128 or 64), or ``"ws"`` for the warp-specialised kernel (a producer warp and two
     consumer warpgroups of 64 rows; ``ws_slots`` K/V blocks in its ring, ``ws_regs`` registers per consumer
     thread; ``ws_pingpong``: the two warpgroups take turns issuing their GEMMs; ``ws_group``: key blocks per
-    step, 1 or 2, each ring slot holding that many). Raises :class:`Unsupported` where :func:`gluon_supported` says why."""
+    step, 1 or 2, each ring slot holding that many). Raises :class:`Unsupported` where
+    :func:`gluon_supported` says why."""
     if (why := gluon_supported(q, layout)) is not None:
         raise Unsupported(why + "; turn fwd_gluon off to use the Triton forward")
     if rows == "ws" and ws_group not in (1, 2):

@@ -189,6 +189,21 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N
 
 
 @triton.jit
+def _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N, stride_kn, stride_vn,
+                    qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
+                    PREC: tl.constexpr):
+    """Update with a fixed reference max ``ref`` per row (log2 units): no running max, no rescale of
+    ``acc``. Probabilities above 1 are fine (fp32 and bf16 reach 2^127 with the same relative precision);
+    the caller checks the sums for overflow."""
+    qk = _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK, D, USE_TMA, MASKED, PREC)
+    p = tl.math.exp2(qk * qk_scale - ref[:, None])
+    l_i = l_i + tl.sum(p, 1)
+    v = _load_rows(v_base, v_desc, b, h, start_n, N, stride_vn, BK, D, USE_TMA, MASKED)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i
+
+
+@triton.jit
 def _fwd_tile2(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start0, start1, N, stride_kn, stride_vn,
                qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
     """Two unmasked key blocks per step: one online-softmax update (max, rescale of ``acc``) for both."""
@@ -272,7 +287,8 @@ def _fwd_kernel(
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
     PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
     LIN: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
-    LIN_ROWS: tl.constexpr, SPLIT: tl.constexpr, EXP: tl.constexpr = 0,
+    LIN_ROWS: tl.constexpr, SPLIT: tl.constexpr, EXP: tl.constexpr = 0, FIXED: tl.constexpr = False,
+    FIX_LIMIT: tl.constexpr = 0.0,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     if SPLIT > 1:
@@ -365,12 +381,42 @@ def _fwd_kernel(
                 kb = kb_next
             acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v_base, v_desc, b, h, kb * BK, N, stride_vn, qk_scale,
                                         BK, D, USE_TMA, False, PREC, LAZY)
+    elif FIXED:
+        # No running max: each row's reference is its score against the first key of its list's first block
+        # (one key row loaded, a row-wise dot), and every block adds 2^(s - ref) with no rescale of acc.
+        # Relative precision does not depend on the scale and that key's term is 1, so this matches the
+        # online softmax unless some score exceeds the reference by enough to overflow (2^127 in fp32 and
+        # bf16, 2^16 in fp16): a sum past FIX_LIMIT redoes the tile with the online softmax.
+        kb0 = tl.load(idx_base, mask=cnt > 0, other=0)
+        k_row = tl.load(k_base + (kb0 * BK).to(tl.int64) * stride_kn + offs_d).to(tl.float32)
+        ref = tl.sum(q.to(tl.float32) * k_row[None, :], 1) * qk_scale
+        m_i = tl.where(cnt > 0, ref, float("-inf"))
+        for j in range(0, n_full):
+            kb = _kv_block(idx_base, j, MK, last, EVEN_N)
+            acc, l_i = _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N, stride_kn,
+                                       stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
+        if not EVEN_N:
+            if has > 0:
+                acc, l_i = _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
+                                           stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC)
+        if tl.sum(((l_i > FIX_LIMIT) | (l_i != l_i)).to(tl.int32), 0) > 0:
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+            for j in tl.range(0, n_full, num_stages=1):  # unpipelined: no shared-memory buffers of its own
+                kb = _kv_block(idx_base, j, MK, last, EVEN_N)
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
+                                          stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
+            if not EVEN_N:
+                if has > 0:
+                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK,
+                                              N, stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC)
     else:
         for j in range(lo, hi):
             kb = _kv_block(idx_base, j, MK, last, EVEN_N)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY, EXP)
-    if not EVEN_N and not WS:
+    if not EVEN_N and not WS and not FIXED:
         if has > 0:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC, LAZY)
@@ -597,7 +643,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY", "WS", "LIN", "KIND", "ROPE", "F32_MODE", "EXP"]
+_KEY = ["D", "BQ", "BK", "EVEN_N", "USE_TMA", "PAIR", "PIPE", "LAZY", "WS", "LIN", "KIND", "ROPE", "F32_MODE", "EXP", "FIXED"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_block_m})(
     _fwd_kernel
 )
@@ -734,14 +780,17 @@ _SPLIT_CONFIG = {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}  # the H200 au
 
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
              pair: bool = False, pipe: bool = False, lazy: bool = False, ws: bool = False,
-             config: dict | None = None, lin: dict | None = None, split_slots: int = 0, exp: str = "mufu"):
+             config: dict | None = None, lin: dict | None = None, split_slots: int = 0, exp: str = "mufu",
+             fixed_max: bool = False):
     """``(out, lse)``. ``lin``: SALAD's linear-branch Q pass fused into the epilogue: a dict with ``out`` (the
     branch's output, written here), ``state`` (the K/V pass's summed state, half layout), ``cos``, ``sin``,
     ``rope``, ``kind`` (0 relu, 1 elu, 2 softmax), ``eps`` and ``modes`` (see kernels.linear_attn).
     ``split_slots``: resident program slots on the card (SMs x programs per SM); when > 0 the last wave's
     tiles are split over several programs (:func:`_split_plan`), and when that happens the launch uses a
     fixed config (``config`` or ``_SPLIT_CONFIG``), since the grid depends on BLOCK_M. ``exp``: how the
-    unmasked blocks' probabilities are exponentiated, one of :data:`EXP_MODES` (see :func:`_fwd_probs`)."""
+    unmasked blocks' probabilities are exponentiated, one of :data:`EXP_MODES` (see :func:`_fwd_probs`).
+    ``fixed_max``: each row's first block fixes its reference max for the whole list (no rescaling; a tile
+    whose sums overflow is redone with the online softmax)."""
     if exp not in EXP_MODES:
         raise ValueError(f"unknown fwd_exp {exp!r}: use one of {sorted(EXP_MODES)}")
     b, h, n, d = q.shape
@@ -764,10 +813,11 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         _scratch_allocator()  # the in-kernel TMA descriptor's 128 bytes per program
     out_l, cos, sin, state = (lin["out"], lin["cos"], lin["sin"], lin["state"]) if lin else (out, lse, lse, lse)
     parts, n_main, part_buf, ml_buf, locks = 1, 0, lse, lse, kv_cnt
+    fixed_max = bool(fixed_max) and not (pair or pipe or ws or lazy)
     if split_slots > 0:
-        if pair or pipe or ws or lin is not None:
+        if pair or pipe or ws or fixed_max or lin is not None:
             raise ValueError("the split last wave (fwd_split) is built for the default forward loop only; turn "
-                             "fwd_pair, fwd_pipe and fwd_ws off (and do not fuse the linear branch)")
+                             "fwd_pair, fwd_pipe, fwd_ws and fwd_fixed_max off (and do not fuse the linear branch)")
         fixed = dict(config or _SPLIT_CONFIG)
         fixed["BLOCK_M"] = bm = min(fixed.get("BLOCK_M", 128), bq)
         n_tiles = mq * (bq // bm) * b * h
@@ -795,7 +845,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
                   PIPE=bool(pipe) and not (pair or ws), LAZY=bool(lazy) and not ws, WS=bool(ws),
                   LIN=lin is not None, KIND=lin["kind"] if lin else 0, ROPE=bool(lin and lin["rope"]),
                   F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"], LIN_ROWS=OPTIONS["lin_rows"], SPLIT=parts,
-                  EXP=EXP_MODES[exp])
+                  EXP=EXP_MODES[exp], FIXED=fixed_max,
+                  FIX_LIMIT=2.0**14 if q.dtype == torch.float16 else 2.0**100)
 
     def grid(meta):
         if parts > 1:
@@ -886,8 +937,10 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # unit), "fma" / "fma4" (every second / fourth column by a cubic on the FMA pipe). Measured on the H200
 # (run 10): 1.463 / 1.413 ms against 1.335 ms for "mufu" in the same rounds.
 EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 2}
-OPTIONS: dict = {"fwd_exp": "mufu", "fwd_order": False, "fwd_tma": True, "fwd_pair": False, "fwd_pipe": False,
-                 "fwd_lazy": False, "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False,
+# ``fwd_fixed_max``: no running max; each row's first block fixes the softmax reference (see the FIXED
+# branch of _fwd_kernel), with an online-softmax redo of any tile whose sums overflow.
+OPTIONS: dict = {"fwd_exp": "mufu", "fwd_fixed_max": False, "fwd_order": False, "fwd_tma": True,
+                 "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False, "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False,
                  "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "gluon_ws_group": 1,
                  "bwd_order": True, "bwd_tma": False, "lin_rows": 32}
 
@@ -906,7 +959,7 @@ def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict 
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
                     ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,
                     split_slots=OPTIONS["fwd_split"] * _sm_count(q.device) if lin is None else 0,
-                    exp=OPTIONS["fwd_exp"])
+                    exp=OPTIONS["fwd_exp"], fixed_max=OPTIONS["fwd_fixed_max"])
 
 
 class _BlockSparseAttention(torch.autograd.Function):

@@ -187,6 +187,48 @@ def test_fma_exponential_forward(gen, n, dtype, mode, monkeypatch):
         bs.block_sparse_attention_triton(q, k, v, lay)
 
 
+@pytest.mark.parametrize("n,dtype,bq,bk", [(200, torch.float32, 64, 64), (256, torch.float16, 64, 64),
+                                           (136, torch.float32, 32, 64)])
+def test_fixed_max_forward(gen, n, dtype, bq, bk, monkeypatch):
+    """``fwd_fixed_max`` (each row's first block fixes the softmax reference) through the public function:
+    shuffled lists, an empty query block, lists holding only the ragged block; output and log-sum-exp
+    match the reference."""
+    d = 64
+    q, k, v = _inputs(gen, 2, 2, n, d, dtype)
+    lay = _random_layout(gen, 2, 2, n, bq, bk, density=0.5)
+    cnt = lay.kv_cnt.clone()
+    mk = cdiv(n, bk)
+    idx = lay.kv_idx.clone()
+    idx[1, 1, 0, 0], cnt[1, 1, 0] = mk - 1, 1  # a row whose list is the ragged block alone
+    lay = BlockLayout(idx, cnt, bq, bk, n)
+    monkeypatch.setitem(bs.OPTIONS, "fwd_fixed_max", True)
+    out, lse = bs.block_sparse_attention_triton(q, k, v, lay, return_lse=True)
+    _assert_matches_reference(q, k, v, lay, out, lse, 1e-4 if dtype == torch.float32 else 2e-3, empty_rows=bq)
+
+
+@pytest.mark.parametrize("dtype,growth", [(torch.float32, 40.0), (torch.float16, 1.0)])
+def test_fixed_max_redoes_overflowing_tiles(gen, dtype, growth):
+    """Scores that grow from block to block far past the first block's maximum (2^100 in fp32, 2^14 in
+    fp16): the overflowing tiles are redone with the online softmax and still match the reference."""
+    n, d = 520, 64
+    q, k, v = _inputs(gen, 1, 2, n, d, torch.float32)
+    q = q.abs() + 0.5
+    k = k.abs() * (1.0 + growth * torch.arange(n, device=DEVICE, dtype=torch.float32) / 64)[:, None]
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    tiles = torch.rand(1, 2, cdiv(n, 64), cdiv(n, 64), generator=gen) < 0.7
+    tiles[..., 0] = True
+    lay = BlockLayout.from_dense(tiles, 64, 64, n)  # ascending lists: the scores grow along each list
+    lay = BlockLayout(lay.kv_idx.to(DEVICE), lay.kv_cnt.to(DEVICE), 64, 64, n)
+    out, lse = bs._forward(q, k, v, lay, d**-0.5, fixed_max=True)
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay, return_lse=True)
+    online, _ = bs._forward(q, k, v, lay, d**-0.5)
+    assert torch.isfinite(out).all()
+    assert rel_l2(out, ref) < (1e-4 if dtype == torch.float32 else 2e-3)  # scores in the thousands
+    assert rel_l2(out, online) < 1e-3
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("n_tiles,slots,want", [
     (3072, 264, (3, 2904)),  # Wan 480p on an H200: a 168-tile tail, three parts make it 2/3 of a wave
     (264 * 3, 264, (1, 792)),  # whole waves: nothing to split
@@ -297,7 +339,8 @@ def test_unsupported_inputs(gen):
                                        (torch.float16, "fwd_split"), (torch.bfloat16, "fwd_gluon"),
                                        (torch.float16, "fwd_gluon"), (torch.bfloat16, "fwd_exp=fma"),
                                        (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4"),
-                                       (torch.bfloat16, "fwd_gluon=ws"), (torch.bfloat16, "gluon_ws_group=2")])
+                                       (torch.bfloat16, "fwd_gluon=ws"), (torch.bfloat16, "gluon_ws_group=2"),
+                                       (torch.bfloat16, "fwd_fixed_max"), (torch.float16, "fwd_fixed_max")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""

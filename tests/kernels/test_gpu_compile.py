@@ -110,7 +110,8 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         return types
 
     fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
-               PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32, SPLIT=1, EXP=0)
+               PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32, SPLIT=1, EXP=0,
+               FIXED=False, FIX_LIMIT=0.0)
     lin = dict(D=128, KIND=0, ROPE=True)
     cases = [
         ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
@@ -119,6 +120,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("fwd pipe", bs._fwd_kernel, dict(fwd, USE_TMA=True, PIPE=True), 8),
         ("fwd lazy", bs._fwd_kernel, dict(fwd, USE_TMA=True, LAZY=True), 4),
         ("fwd fma exponentials", bs._fwd_kernel, dict(fwd, USE_TMA=True, EXP=1), 4),
+        ("fwd fixed reference max", bs._fwd_kernel, dict(fwd, USE_TMA=True, FIXED=True, FIX_LIMIT=2.0**100), 4),
         ("fwd fma exponentials, a quarter", bs._fwd_kernel, dict(fwd, USE_TMA=True, EXP=2), 4),
         ("fwd split last wave", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3), 4),
         ("fwd split last wave, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3, EVEN_N=True), 4),

@@ -190,9 +190,9 @@ def test_fma_exponential_forward(gen, n, dtype, mode, monkeypatch):
 @pytest.mark.parametrize("n,dtype,bq,bk", [(200, torch.float32, 64, 64), (256, torch.float16, 64, 64),
                                            (136, torch.float32, 32, 64)])
 def test_fixed_max_forward(gen, n, dtype, bq, bk, monkeypatch):
-    """``fwd_fixed_max`` (each row's first block fixes the softmax reference) through the public function:
-    shuffled lists, an empty query block, lists holding only the ragged block; output and log-sum-exp
-    match the reference."""
+    """``fwd_fixed_max`` on (the default: each row's reference is one key's score, no running max) and off
+    (the online softmax), through the public function: shuffled lists, an empty query block, lists holding
+    only the ragged block; output and log-sum-exp match the reference."""
     d = 64
     q, k, v = _inputs(gen, 2, 2, n, d, dtype)
     lay = _random_layout(gen, 2, 2, n, bq, bk, density=0.5)
@@ -201,14 +201,15 @@ def test_fixed_max_forward(gen, n, dtype, bq, bk, monkeypatch):
     idx = lay.kv_idx.clone()
     idx[1, 1, 0, 0], cnt[1, 1, 0] = mk - 1, 1  # a row whose list is the ragged block alone
     lay = BlockLayout(idx, cnt, bq, bk, n)
-    monkeypatch.setitem(bs.OPTIONS, "fwd_fixed_max", True)
-    out, lse = bs.block_sparse_attention_triton(q, k, v, lay, return_lse=True)
-    _assert_matches_reference(q, k, v, lay, out, lse, 1e-4 if dtype == torch.float32 else 2e-3, empty_rows=bq)
+    for fixed in (True, False):
+        monkeypatch.setitem(bs.OPTIONS, "fwd_fixed_max", fixed)
+        out, lse = bs.block_sparse_attention_triton(q, k, v, lay, return_lse=True)
+        _assert_matches_reference(q, k, v, lay, out, lse, 1e-4 if dtype == torch.float32 else 2e-3, empty_rows=bq)
 
 
 @pytest.mark.parametrize("dtype,growth", [(torch.float32, 40.0), (torch.float16, 1.0)])
 def test_fixed_max_redoes_overflowing_tiles(gen, dtype, growth):
-    """Scores that grow from block to block far past the first block's maximum (2^100 in fp32, 2^14 in
+    """Scores that grow along each list far past the reference key's score (sums past 2^64 in fp32, 2^14 in
     fp16): the overflowing tiles are redone with the online softmax and still match the reference."""
     n, d = 520, 64
     q, k, v = _inputs(gen, 1, 2, n, d, torch.float32)
@@ -340,7 +341,7 @@ def test_unsupported_inputs(gen):
                                        (torch.float16, "fwd_gluon"), (torch.bfloat16, "fwd_exp=fma"),
                                        (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4"),
                                        (torch.bfloat16, "fwd_gluon=ws"), (torch.bfloat16, "gluon_ws_group=2"),
-                                       (torch.bfloat16, "fwd_fixed_max"), (torch.float16, "fwd_fixed_max")])
+                                       (torch.bfloat16, "fwd_fixed_max=False"), (torch.float16, "fwd_fixed_max=False")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""
@@ -350,7 +351,8 @@ def test_full_size_gpu(gen, dtype, opt, monkeypatch):
             monkeypatch.setitem(bs.OPTIONS, "fwd_gluon", "ws")
             monkeypatch.setitem(bs.OPTIONS, "gluon_ws_slots", 2)
             value = int(value)
-        monkeypatch.setitem(bs.OPTIONS, name, value or (3 if opt == "fwd_split" else True))
+        value = {"False": False, "True": True}.get(value, value)
+        monkeypatch.setitem(bs.OPTIONS, name, value if value != "" else (3 if opt == "fwd_split" else True))
     b, h, n, d = 1, 2, 32760, 128
     q, k, v = _inputs(gen, b, h, n, d, dtype)
     mq, mk = cdiv(n, 128), cdiv(n, 64)

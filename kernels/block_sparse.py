@@ -194,6 +194,24 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N
 
 
 @triton.jit
+def _fwd_online(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, idx_base, lo, hi, has, last, MK, N,
+                stride_kn, stride_vn, qk_scale, BK: tl.constexpr, D: tl.constexpr, EVEN_N: tl.constexpr,
+                USE_TMA: tl.constexpr, PREC: tl.constexpr, LAZY: tl.constexpr = False, EXP: tl.constexpr = 0,
+                STAGES: tl.constexpr = None):
+    """The online softmax over list entries ``[lo, hi)``, then the ragged last block (masked) when ``has``;
+    ``STAGES``: the loop's pipeline depth (None: the launch's)."""
+    for j in tl.range(lo, hi, num_stages=STAGES):
+        kb = _kv_block(idx_base, j, MK, last, EVEN_N)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
+                                  stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY, EXP)
+    if not EVEN_N:
+        if has > 0:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
+                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC, LAZY)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N, stride_kn, stride_vn,
                     qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
                     PREC: tl.constexpr):
@@ -405,23 +423,16 @@ def _fwd_kernel(
                 acc, l_i = _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
                                            stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC)
         if tl.sum(((l_i > FIX_LIMIT) | (l_i != l_i)).to(tl.int32), 0) > 0:
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-            for j in tl.range(0, n_full, num_stages=1):  # unpipelined: no shared-memory buffers of its own
-                kb = _kv_block(idx_base, j, MK, last, EVEN_N)
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
-                                          stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
-            if not EVEN_N:
-                if has > 0:
-                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK,
-                                              N, stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC)
+            # unpipelined (STAGES=1): no shared-memory buffers of its own next to the main loop's
+            acc, l_i, m_i = _fwd_online(tl.zeros([BLOCK_M, D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
+                                        tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), q, k_base, v_base, k_desc,
+                                        v_desc, b, h, idx_base, 0, n_full, has, last, MK, N, stride_kn, stride_vn,
+                                        qk_scale, BK, D, EVEN_N, USE_TMA, PREC, STAGES=1)
     else:
-        for j in range(lo, hi):
-            kb = _kv_block(idx_base, j, MK, last, EVEN_N)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N,
-                                      stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LAZY, EXP)
-    if not EVEN_N and not WS and not FIXED:
+        acc, l_i, m_i = _fwd_online(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, idx_base, lo, hi, has,
+                                    last, MK, N, stride_kn, stride_vn, qk_scale, BK, D, EVEN_N, USE_TMA, PREC, LAZY,
+                                    EXP)
+    if not EVEN_N and (PAIR or PIPE):  # the loops above that leave the ragged block to here
         if has > 0:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
                                       stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC, LAZY)
@@ -832,12 +843,12 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
         if pair or pipe or ws or lin is not None:
             raise ValueError("the split last wave (fwd_split) is built for the default forward loop only; turn "
                              "fwd_pair, fwd_pipe and fwd_ws off (and do not fuse the linear branch)")
-        fixed = dict(config or _SPLIT_CONFIG)
-        fixed["BLOCK_M"] = bm = min(fixed.get("BLOCK_M", 128), bq)
+        split_cfg = dict(config or _SPLIT_CONFIG)
+        split_cfg["BLOCK_M"] = bm = min(split_cfg.get("BLOCK_M", 128), bq)
         n_tiles = mq * (bq // bm) * b * h
         parts, n_main = _split_plan(n_tiles, split_slots)
         if parts > 1:  # the grid depends on BLOCK_M: a fixed config, not the autotuner's pick
-            config = fixed
+            config = split_cfg
             tail = n_tiles - n_main
             part_buf = torch.empty((tail * parts, bm, d), dtype=torch.float32, device=q.device)
             ml_buf = torch.empty((tail * parts, 2, bm), dtype=torch.float32, device=q.device)

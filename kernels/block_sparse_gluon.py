@@ -68,6 +68,21 @@ WS_CONSUMER_REGS = 232
 
 
 @gluon.jit
+def _list_head(KV_IDX, KV_CNT, row, KMAX, MK, KMAX_P2: gl.constexpr, EVEN_N: gl.constexpr, num_warps: gl.constexpr):
+    """Query-block row ``row``'s list: (count, base pointer, last entry, whether it holds the ragged block
+    ``MK - 1``; 0 for an even N), for :func:`_entry`."""
+    cnt = gl.load(KV_CNT + row)
+    idx_base = KV_IDX + row.to(gl.int64) * KMAX
+    last = gl.load(idx_base + gl.maximum(cnt - 1, 0))
+    kl: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    offs = gl.arange(0, KMAX_P2, layout=kl)
+    has = gl.sum(((gl.load(idx_base + offs, mask=offs < cnt, other=0) == MK - 1) & (offs < cnt)).to(gl.int32), 0)
+    if EVEN_N:
+        has = has * 0
+    return cnt, idx_base, last, has
+
+
+@gluon.jit
 def _entry(idx_base, j, cnt, has, last, MK, EVEN_N: gl.constexpr):
     """Key block ``j`` of the list in processing order: the ragged last block (``MK - 1``), if listed
     (``has``), swaps places with the list's last entry ``last``, so only the last step masks. Positions
@@ -99,6 +114,18 @@ def _softmax(s, m_i, l_i, kb, N, qk_scale, BK: gl.constexpr, MASK: gl.constexpr,
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, l_i, m_new
+
+
+@gluon.jit
+def _first_scores(q_rows, k_smem, q_bar, k_bar, s_layout: gl.constexpr):
+    """The scores of the first step: once Q and ring slot 0 have landed, ``Q K^T`` on the tensor cores."""
+    BM: gl.constexpr = q_rows.type.shape[0]
+    W: gl.constexpr = k_smem.type.shape[1]
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    s0 = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), gl.zeros([BM, W], gl.float32, s_layout),
+                       use_acc=False, is_async=True)
+    return warpgroup_mma_wait(0, deps=(s0, ))
 
 
 @gluon.jit
@@ -157,16 +184,7 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
-    row = bh * MQ + qblk
-    cnt = gl.load(KV_CNT + row)
-    idx_base = KV_IDX + row.to(gl.int64) * KMAX
-    last = gl.load(idx_base + gl.maximum(cnt - 1, 0))
-    if EVEN_N:
-        has = 0
-    else:
-        kl: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        offs = gl.arange(0, KMAX_P2, layout=kl)
-        has = gl.sum(((gl.load(idx_base + offs, mask=offs < cnt, other=0) == MK - 1) & (offs < cnt)).to(gl.int32), 0)
+    cnt, idx_base, last, has = _list_head(KV_IDX, KV_CNT, bh * MQ + qblk, KMAX, MK, KMAX_P2, EVEN_N, num_warps)
     base_row = bh * N  # q, k, v are read as (B*H*N, D) matrices; rows past N are never stored
     start_m = qblk * BQ + (gl.program_id(0) % SUB) * BM
 
@@ -197,11 +215,7 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_scale
     l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
     if cnt > 0:
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bar.index(0), 0)
-        s0 = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BM, BK], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        s0 = warpgroup_mma_wait(0, deps=(s0, ))
+        s0 = _first_scores(q_smem, k_smem, q_bar, k_bar, s_layout)
         kb0 = _entry(idx_base, 0, cnt, has, last, MK, EVEN_N)
         p, alpha, l_i, m_i = _softmax(s0, m_i, l_i, kb0, N, qk_scale, BK, not EVEN_N, s_layout)
         _store_p(p, p_smem, 0)
@@ -337,10 +351,11 @@ def _ws_producer(ctx):
 
 
 @gluon.jit
-def _ws_softmax_store(s, m_i, l_i, p_buf, t, idx_base, cnt, has, last, MK, N, qk_scale, BK: gl.constexpr,
+def _ws_softmax_store(s, m_i, l_i, p_smem, buf, t, idx_base, cnt, has, last, MK, N, qk_scale, BK: gl.constexpr,
                       MASK: gl.constexpr, s_layout: gl.constexpr):
     """Online softmax of step t's scores (``G = width / BK`` key blocks side by side); ``MASK`` hides the
-    columns past N and those of entries past the list's end. P goes to ``p_buf`` for the PV GEMM."""
+    columns past N and those of entries past the list's end. P goes to ``p_smem`` buffer ``buf`` for the
+    PV GEMM."""
     W: gl.constexpr = s.type.shape[1]
     if MASK:
         cols = gl.arange(0, W, layout=gl.SliceLayout(0, s_layout))
@@ -350,14 +365,10 @@ def _ws_softmax_store(s, m_i, l_i, p_buf, t, idx_base, cnt, has, last, MK, N, qk
         key = gl.where(g == 0, kb0, kb1) * BK + cols % BK
         ok = (key < N) & ((W // BK) * t + g < cnt)
         s = gl.where(ok[None, :], s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
-    p_buf.store(p.to(p_buf.dtype))
-    fence_async_shared()
+    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, 0, N, qk_scale, W, False, s_layout)
+    _store_p(p, p_smem, buf)
     _cta_barrier()  # the warpgroup's four warps have stored their rows of P before its GEMM reads them
-    return alpha, l_i, m_new
+    return alpha, l_i, m_i
 
 
 @gluon.jit
@@ -383,7 +394,7 @@ def _ws_step(t, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, emp
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - half), count=1)
     s = warpgroup_mma_wait(1, deps=(s, ))
-    alpha, l_i, m_i = _ws_softmax_store(s, m_i, l_i, p_smem.index(t % 2), t, idx_base, cnt, has, last, MK, N,
+    alpha, l_i, m_i = _ws_softmax_store(s, m_i, l_i, p_smem, t % 2, t, idx_base, cnt, has, last, MK, N,
                                         qk_scale, BK, MASK, s_layout)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(empty.index(prev), count=1)
@@ -413,12 +424,8 @@ def _ws_consumer(ctx, half: gl.constexpr, PINGPONG: gl.constexpr):
     acc = gl.zeros([BM, D], gl.float32, layout=o_layout)
     steps = gl.cdiv(cnt, W // BK)
     if cnt > 0:
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bar.index(0), 0)
-        s0 = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), gl.zeros([BM, W], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        s0 = warpgroup_mma_wait(0, deps=(s0, ))
-        alpha, l_i, m_i = _ws_softmax_store(s0, m_i, l_i, p_smem.index(0), 0, idx_base, cnt, has, last, MK, N,
+        s0 = _first_scores(q_rows, k_smem, q_bar, k_bar, s_layout)
+        alpha, l_i, m_i = _ws_softmax_store(s0, m_i, l_i, p_smem, 0, 0, idx_base, cnt, has, last, MK, N,
                                             qk_scale, BK, True, s_layout)
         for t in range(1, steps - 1):
             acc, m_i, l_i = _ws_step(t, acc, m_i, l_i, q_rows, k_smem, v_smem, p_smem, k_bar, v_bar, empty, idx_base,
@@ -444,26 +451,21 @@ def _ws_consumer(ctx, half: gl.constexpr, PINGPONG: gl.constexpr):
     gl.store(LSE + bh.to(gl.int64) * N + offs_l, lse, mask=offs_l < N)
 
 
-# The partitions take no constexpr arguments (Triton 3.6 passes them as plain Python values), so each
-# consumer warpgroup, with and without the ping-pong, is its own function.
-@gluon.jit
-def _ws_first_half(ctx):
-    _ws_consumer(ctx, 0, False)
+def _consumer_partition(half: int, pingpong: bool):
+    """A consumer warpgroup's partition function: the partitions take no constexpr arguments (Triton 3.6
+    passes them as plain Python values), so ``half`` and ``pingpong`` are baked in as closure constants
+    (part of the function's cache key)."""
+    HALF, PINGPONG = gl.constexpr(half), gl.constexpr(pingpong)
+
+    @gluon.jit
+    def partition(ctx):
+        _ws_consumer(ctx, HALF, PINGPONG)
+
+    return partition
 
 
-@gluon.jit
-def _ws_second_half(ctx):
-    _ws_consumer(ctx, 1, False)
-
-
-@gluon.jit
-def _ws_first_half_pp(ctx):
-    _ws_consumer(ctx, 0, True)
-
-
-@gluon.jit
-def _ws_second_half_pp(ctx):
-    _ws_consumer(ctx, 1, True)
+_ws_first_half, _ws_second_half = _consumer_partition(0, False), _consumer_partition(1, False)
+_ws_first_half_pp, _ws_second_half_pp = _consumer_partition(0, True), _consumer_partition(1, True)
 
 
 # N and MK equal to 1 would be specialised into constants, which the partitions cannot take (Triton 3.6);
@@ -482,15 +484,7 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, KV_IDX, KV_CNT, qk_sc
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
-    row = bh * MQ + qblk
-    cnt = gl.load(KV_CNT + row)
-    idx_base = KV_IDX + row.to(gl.int64) * KMAX
-    last = gl.load(idx_base + gl.maximum(cnt - 1, 0))
-    kl: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    offs = gl.arange(0, KMAX_P2, layout=kl)
-    has = gl.sum(((gl.load(idx_base + offs, mask=offs < cnt, other=0) == MK - 1) & (offs < cnt)).to(gl.int32), 0)
-    if EVEN_N:
-        has = has * 0
+    cnt, idx_base, last, has = _list_head(KV_IDX, KV_CNT, bh * MQ + qblk, KMAX, MK, KMAX_P2, EVEN_N, num_warps)
     base_row = bh * N
     start_m = qblk * BQ
 

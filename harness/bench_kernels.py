@@ -362,13 +362,13 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         # the last, partial wave's tiles split over 2-4 programs each, assuming 2 or 3 resident per SM
         "split2": {"fwd_split": 2},
         "split3": {"fwd_split": 3},
-        # every second / fourth column's exponential on the FMA pipe (a cubic) instead of the MUFU
         # no running max: each row's reference is one key's score (block_sparse._fwd_kernel, FIXED; the
         # default since run 10), against the online softmax
         "fixed": {"fwd_fixed_max": True},
         "online": {"fwd_fixed_max": False},
         "fixed_cfg_128w4s3": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
         "fixed_cfg_128w8s2": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
+        # every second / fourth column's exponential on the FMA pipe (a cubic) instead of the MUFU
         "fma": {"fwd_exp": "fma"},
         "fma4": {"fwd_exp": "fma4"},
         "fma_split3": {"fwd_exp": "fma", "fwd_split": 3},

@@ -20,10 +20,15 @@ def _inputs(gen, b, h, n, d, dtype):
     return [torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype) for _ in range(3)]
 
 
-def _random_layout(gen, b, h, n, bq, bk, density=0.5, empty=True):
+def _random_layout(gen, b, h, n, bq, bk, density=0.5, empty=True, parities=False):
     mq, mk = cdiv(n, bq), cdiv(n, bk)
     tiles = torch.rand(b, h, mq, mk, generator=gen) < density
     tiles[..., -1, -1] = True  # the ragged corner tile is exercised
+    if parities:  # lists of even and of odd length, whatever the draw (needs b, h, mq, mk >= 2)
+        tiles[-1, -1, 0] = False
+        tiles[-1, -1, 0, :2] = True
+        tiles[-1, -1, 1] = False
+        tiles[-1, -1, 1, -1] = True
     if empty:
         tiles[0, 0, 0] = False  # a query block with no key block
     lay = BlockLayout.from_dense(tiles, bq, bk, n)
@@ -100,7 +105,7 @@ def test_forward_loop_variants_match_reference(gen, n, use_tma, mode):
     """Two key blocks per softmax step (pair) and the next block's scores issued before this block's softmax
     (pipe): odd and even counts, empty rows, the ragged block anywhere in a list."""
     d = 64
-    lay = _random_layout(gen, 2, 2, n, 64, 64)  # shuffled lists, row (0, 0, 0) empty
+    lay = _random_layout(gen, 2, 2, n, 64, 64, parities=True)  # shuffled lists, row (0, 0, 0) empty
     q, k, v = _inputs(gen, 2, 2, n, d, torch.float32)
     assert (lay.kv_cnt % 2 == 1).any() and (lay.kv_cnt[lay.kv_cnt > 0] % 2 == 0).any()
     out, lse = bs._forward(q, k, v, lay, d**-0.5, use_tma=use_tma, **{mode: True})

@@ -366,6 +366,8 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         # default since run 10), against the online softmax
         "fixed": {"fwd_fixed_max": True},
         "online": {"fwd_fixed_max": False},
+        # the fixed reference's row sums left split over each row's lanes until after the loop
+        "lanes": {"fwd_fixed_max": True, "fwd_lane_sums": True},
         "fixed_cfg_128w4s3": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
         "fixed_cfg_128w8s2": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
         # every second / fourth column's exponential on the FMA pipe (a cubic) instead of the MUFU
@@ -438,8 +440,8 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
                          variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
 
 
-def linear_variants_section(bench: Bench) -> None:
-    """Grid size and tile options of the linear branch, forward only."""
+def linear_variants_section(bench: Bench, only: list[str] | None = None) -> None:
+    """Grid size and tile options of the linear branch, forward only (``only``: these variants)."""
     from kernels import linear_attn as la
     from kernels.reference import linear_attention_ref
     from kernels.rope import rope_3d_freqs
@@ -482,9 +484,23 @@ def linear_variants_section(bench: Bench) -> None:
         "rope_fp16_out_b64w4s1": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 1}},
         "pairs_norope": pairs,
         "norope": {},
+        # both passes through TMA descriptors (kernels.linear_attn OPTIONS["tma"])
+        "tma": {"tma": True},
+        "tma_rope_fp16": {"tma": True},
+        "tma_out_b64w4s2": {"tma": True, "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 2}},
+        "tma_b32w4s4": {"tma": True, **tiles(32, 4, 4)},
+        "tma_b32w4s2": {"tma": True, **tiles(32, 4, 2)},
+        "tma_pps3": {"tma": True, "programs_per_sm": 3},
+        "tma_norope": {"tma": True},
         "default_again": {},
         "pairs_again": pairs,
+        "tma_again": {"tma": True},
     }
+    if only:
+        unknown = sorted(set(only) - set(variants))
+        if unknown:
+            raise SystemExit(f"unknown linear variant(s) {unknown}; choose from {sorted(variants)}")
+        variants = {name: variants[name] for name in only}
     q, k, v = bench.q, bench.k, bench.v
     hs = min(REF_HEADS, bench.h)
     ref = linear_attention_ref(*[x[:, :hs].float() for x in (q, k, v)], "relu", cos, sin)
@@ -529,6 +545,7 @@ def profile_section(bench: Bench) -> None:
         "select_topk": (lambda: select_topk_triton(q, k, keep, 128, 64), {}),
         "linear_fwd": (linear_fwd, {}),
         "linear_fwd_pairs": (linear_fwd, {"pairs": True}),
+        "linear_fwd_tma": (linear_fwd, {"tma": True}),
         "linear_fwd_bwd": (lambda: torch.autograd.grad(linear_attention_triton(qg, kg, vg, "relu", cos, sin),
                                                        (qg, kg, vg), dout), {}),
         "sparse_fwd_bwd_d0.1": (lambda: torch.autograd.grad(bs.block_sparse_attention_triton(qg, kg, vg, lay),
@@ -677,7 +694,11 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
         "fused_sparse_linear_triton": (lambda: sparse_linear_attention_triton(q, k, v, lay, "relu", cos, sin),
                                        real, pairs, False, {}),
         # execution options of our forward under test, timed in the same rounds (variant headline_<name>_r<i>)
-        **{f"triton_block_sparse:{name}": (ours, real, pairs, True, opts) for name, opts in (options or {}).items()},
+        **{f"triton_block_sparse:{name}": (ours, real, pairs, True, opts) for name, opts in (options or {}).items()
+           if not name.startswith("linear:")},
+        # "linear:<name>" options update kernels.linear_attn's OPTIONS for one more linear-branch timing
+        **{f"linear_triton:{name[7:]}": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False,
+                                         opts) for name, opts in (options or {}).items() if name.startswith("linear:")},
     }
     print(f"headline: {rounds} interleaved rounds at density {real:.4f}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -685,7 +706,7 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
         state = _gpu_state(bench.device)
         for name, (fn, dens, prs, attention, opts) in calls.items():
             method, _, opt = name.partition(":")
-            with _updated(bs.OPTIONS, opts):
+            with _updated(la.OPTIONS if method.startswith("linear") else bs.OPTIONS, opts):
                 backend = "cudnn" if method == "sdpa_cudnn" else "flex" if method.startswith("flex") else "triton"
                 row = bench.timed(method, backend, "fwd", fn,
                                   density=dens, pairs=prs, variant=f"headline_{opt}_r{r}" if opt else f"headline_r{r}",
@@ -968,9 +989,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of dense,sparse,selection,linear,video,variants,linear_variants,profile,headline")
     p.add_argument("--variant-densities", default="0.1,1.0")
     p.add_argument("--variants", default="", help="comma list of the variants section's variants to run (default all)")
+    p.add_argument("--linear-variants", default="",
+                   help="comma list of the linear_variants section's variants to run (default all)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the headline section")
     p.add_argument("--headline-options", default="{}",
-                   help='JSON {name: block_sparse OPTIONS update} timed in the headline rounds, e.g. \'{"lazy": {"fwd_lazy": true}}\'')
+                   help='JSON {name: block_sparse OPTIONS update} timed in the headline rounds, e.g. \'{"lazy": {"fwd_lazy": true}}\'; '
+                        'a name "linear:<x>" updates the linear branch\'s OPTIONS instead')
     args = p.parse_args(argv)
     try:  # compiled flex backward donates buffers, which forbids timing the backward with retain_graph
         import torch._functorch.config as functorch_config
@@ -991,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
         ("video", lambda: video_topk_section(bench)),
         ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x],
                                               [x for x in args.variants.split(",") if x])),
-        ("linear_variants", lambda: linear_variants_section(bench)),
+        ("linear_variants", lambda: linear_variants_section(bench, [x for x in args.linear_variants.split(",") if x])),
         ("profile", lambda: profile_section(bench)),
         ("headline", lambda: headline_section(bench, rounds=args.rounds, options=json.loads(args.headline_options))),
     ]

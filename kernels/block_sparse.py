@@ -41,6 +41,8 @@ import triton.language as tl
 from kernels.errors import Unsupported
 from kernels.layout import BlockLayout, cdiv
 from kernels.linear_attn import _load_feat, _load_state, _out_tile, _split_b
+from kernels.tma import tma_desc as _tma_desc
+from kernels.tma import tma_ok as _tma_ok
 
 __all__ = ["block_sparse_attention_triton", "transpose_layout", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCKS"]
 
@@ -212,15 +214,28 @@ def _fwd_online(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, idx_base
 
 
 @triton.jit
+def _lane_sums(p):
+    """Row sums of ``p`` (rows x BK) left as 4 partial sums per row, one per lane that holds part of the row
+    in Hopper's MMA accumulator layout (column ``8i + 2q + e`` sits in lane ``q`` of the row's quad, register
+    ``(i, e)``), so that the sums need no shuffles: ``tl.sum(_lane_sums(p), 1) == tl.sum(p, 1)`` up to
+    rounding. The grouping is only arithmetic: any layout gives the same sums."""
+    x = tl.reshape(p, (p.shape[0], p.shape[1] // 8, 4, 2))
+    return tl.sum(tl.sum(x, 3), 1)
+
+
+@triton.jit
 def _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N, stride_kn, stride_vn,
                     qk_scale, BK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, LANES: tl.constexpr = False):
     """Update with a fixed reference max ``ref`` per row (log2 units): no running max, no rescale of
     ``acc``. Probabilities above 1 are fine (fp32 and bf16 reach 2^127 with the same relative precision);
-    the caller checks the sums for overflow."""
+    the caller checks the sums for overflow. ``LANES``: ``l_i`` is rows x 4 (see :func:`_lane_sums`)."""
     qk = _fwd_scores(q, k_base, k_desc, b, h, start_n, N, stride_kn, BK, D, USE_TMA, MASKED, PREC)
     p = tl.math.exp2(qk * qk_scale - ref[:, None])
-    l_i = l_i + tl.sum(p, 1)
+    if LANES:
+        l_i = l_i + _lane_sums(p)
+    else:
+        l_i = l_i + tl.sum(p, 1)
     v = _load_rows(v_base, v_desc, b, h, start_n, N, stride_vn, BK, D, USE_TMA, MASKED)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i
@@ -310,7 +325,7 @@ def _fwd_kernel(
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_ORDER: tl.constexpr, USE_TMA: tl.constexpr,
     PREC: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
     LIN: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
-    LIN_ROWS: tl.constexpr, SPLIT: tl.constexpr, EXP: tl.constexpr = 0, FIXED: tl.constexpr = False,
+    LIN_ROWS: tl.constexpr, SPLIT: tl.constexpr, EXP: tl.constexpr = 0, FIXED: tl.constexpr = 0,
     FIX_LIMIT: tl.constexpr = 0.0,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
@@ -414,14 +429,25 @@ def _fwd_kernel(
         k_row = tl.load(k_base + (kb0 * BK).to(tl.int64) * stride_kn + offs_d).to(tl.float32)
         ref = tl.sum(q.to(tl.float32) * k_row[None, :], 1) * qk_scale
         m_i = tl.where(cnt > 0, ref, float("-inf"))
+        # FIXED == 2: the row sums stay split over the lanes of each row's quad until after the loop (no
+        # shuffles per block; see _lane_sums)
+        LANES: tl.constexpr = FIXED == 2
+        if LANES:
+            l_f = tl.zeros([BLOCK_M, 4], dtype=tl.float32)
+        else:
+            l_f = l_i
         for j in range(0, n_full):
             kb = _kv_block(idx_base, j, MK, last, EVEN_N)
-            acc, l_i = _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N, stride_kn,
-                                       stride_vn, qk_scale, BK, D, USE_TMA, False, PREC)
+            acc, l_f = _fwd_fixed_tile(acc, l_f, ref, q, k_base, v_base, k_desc, v_desc, b, h, kb * BK, N, stride_kn,
+                                       stride_vn, qk_scale, BK, D, USE_TMA, False, PREC, LANES)
         if not EVEN_N:
             if has > 0:
-                acc, l_i = _fwd_fixed_tile(acc, l_i, ref, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
-                                           stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC)
+                acc, l_f = _fwd_fixed_tile(acc, l_f, ref, q, k_base, v_base, k_desc, v_desc, b, h, (MK - 1) * BK, N,
+                                           stride_kn, stride_vn, qk_scale, BK, D, USE_TMA, True, PREC, LANES)
+        if LANES:
+            l_i = tl.sum(l_f, 1)
+        else:
+            l_i = l_f
         if tl.sum(((l_i > FIX_LIMIT) | (l_i != l_i)).to(tl.int32), 0) > 0:
             # unpipelined (STAGES=1): no shared-memory buffers of its own next to the main loop's
             acc, l_i, m_i = _fwd_online(tl.zeros([BLOCK_M, D], dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
@@ -741,27 +767,10 @@ def transpose_layout(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, cnt.contiguous()
 
 
-def _tma_desc(x: torch.Tensor, rows: int):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]])
-
-
 def _scratch_allocator() -> None:
     """Global scratch for tensor descriptors built inside a kernel (``tl.make_tensor_descriptor``)."""
     if not _INTERPRET:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
-def _tma_ok(*xs: torch.Tensor) -> bool:
-    """TMA descriptors need Hopper or newer (or the interpreter) and 16-byte aligned base and strides."""
-    dev = xs[0].device
-    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
-        return False
-    for x in xs:
-        if x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in x.stride()[:-1]):
-            return False
-    return True
 
 
 def _split_plan(n_tiles: int, slots: int, max_parts: int = 4) -> tuple[int, int]:
@@ -802,7 +811,7 @@ _SPLIT_CONFIG = {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}  # the H200 au
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False, use_tma: bool = False,
              pair: bool = False, pipe: bool = False, lazy: bool = False, ws: bool = False,
              config: dict | None = None, lin: dict | None = None, split_slots: int = 0, exp: str = "mufu",
-             fixed_max: bool = False):
+             fixed_max: bool = False, lane_sums: bool = False):
     """``(out, lse)``. ``lin``: SALAD's linear-branch Q pass fused into the epilogue: a dict with ``out`` (the
     branch's output, written here), ``state`` (the K/V pass's summed state, half layout), ``cos``, ``sin``,
     ``rope``, ``kind`` (0 relu, 1 elu, 2 softmax), ``eps`` and ``modes`` (see kernels.linear_attn).
@@ -812,7 +821,8 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
     unmasked blocks' probabilities are exponentiated, one of :data:`EXP_MODES` (see :func:`_fwd_probs`).
     ``fixed_max``: no running max; each row's reference is its score against its list's first key (no
     rescaling; a tile whose sums pass ``_FIX_LIMIT`` is redone with the online softmax). Only in the default
-    loop with ``exp="mufu"``; elsewhere the online softmax runs."""
+    loop with ``exp="mufu"``; elsewhere the online softmax runs. ``lane_sums`` (with ``fixed_max``): the row
+    sums stay split over the lanes of each row until after the loop (see :func:`_lane_sums`)."""
     if exp not in EXP_MODES:
         raise ValueError(f"unknown fwd_exp {exp!r}: use one of {sorted(EXP_MODES)}")
     b, h, n, d = q.shape
@@ -870,7 +880,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, order: bool = False,
                   PIPE=bool(pipe) and not (pair or ws), LAZY=bool(lazy) and not ws, WS=bool(ws),
                   LIN=lin is not None, KIND=lin["kind"] if lin else 0, ROPE=bool(lin and lin["rope"]),
                   F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"], LIN_ROWS=OPTIONS["lin_rows"], SPLIT=parts,
-                  EXP=EXP_MODES[exp], FIXED=fixed_max,
+                  EXP=EXP_MODES[exp], FIXED=(2 if lane_sums else 1) if fixed_max else 0,
                   FIX_LIMIT=_FIX_LIMIT[q.dtype])
 
     def grid(meta):
@@ -966,7 +976,7 @@ EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 2}
 # (see the FIXED branch of _fwd_kernel), with an online-softmax redo of any tile whose sums pass
 # _FIX_LIMIT. Measured on the H200 (run 10): 1.275 / 1.278 ms against 1.322 / 1.330 ms for the online
 # softmax at d=0.10 (7 rounds on each of two cards), 11.52 against 12.45 ms at d=1.0.
-OPTIONS: dict = {"fwd_exp": "mufu", "fwd_fixed_max": True, "fwd_order": False, "fwd_tma": True,
+OPTIONS: dict = {"fwd_exp": "mufu", "fwd_fixed_max": True, "fwd_lane_sums": False, "fwd_order": False, "fwd_tma": True,
                  "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False, "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False,
                  "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "gluon_ws_group": 1,
                  "bwd_order": True, "bwd_tma": False, "lin_rows": 32}
@@ -986,7 +996,8 @@ def _forward_with_options(q, k, v, layout: BlockLayout, scale: float, lin: dict 
                     pair=OPTIONS["fwd_pair"], pipe=OPTIONS["fwd_pipe"], lazy=OPTIONS["fwd_lazy"],
                     ws=OPTIONS["fwd_ws"] and lin is None, config=OPTIONS["fwd_config"], lin=lin,
                     split_slots=OPTIONS["fwd_split"] * _sm_count(q.device) if lin is None else 0,
-                    exp=OPTIONS["fwd_exp"], fixed_max=OPTIONS["fwd_fixed_max"])
+                    exp=OPTIONS["fwd_exp"], fixed_max=OPTIONS["fwd_fixed_max"],
+                    lane_sums=OPTIONS["fwd_lane_sums"])
 
 
 class _BlockSparseAttention(torch.autograd.Function):

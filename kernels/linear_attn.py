@@ -32,6 +32,7 @@ import triton.language as tl
 
 from kernels.errors import Unsupported
 from kernels.layout import cdiv
+from kernels.tma import tma_desc, tma_ok
 
 __all__ = ["linear_attention_triton", "SUPPORTED_HEAD_DIMS"]
 
@@ -162,19 +163,15 @@ def _interleave(x0, x1, ROWS: tl.constexpr, D2: tl.constexpr):
 
 
 @triton.jit
-def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: tl.constexpr,
-               ROWS: tl.constexpr, D: tl.constexpr):
-    """Raw tile, features (zero on rows past N), their halves and the rotated halves (and cos/sin)."""
+def _feat_halves(x, c, s, mask, KIND: tl.constexpr, ROPE: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """Features of a raw tile (zero on rows outside ``mask``), their halves and the rotated halves."""
     D2: tl.constexpr = D // 2
-    mask = offs < N
-    x = tl.load(X + base + offs[:, None] * stride_n + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
     x = x.to(tl.float32)
     f = tl.where(mask[:, None], _feature(x, KIND), 0.0)
     f0, f1 = _halves(f, ROWS, D2)
     if ROPE:
-        cs_off = offs[:, None] * D2 + tl.arange(0, D2)[None, :]
-        c = tl.load(COS + cs_off, mask=mask[:, None], other=0.0).to(tl.float32)
-        s = tl.load(SIN + cs_off, mask=mask[:, None], other=0.0).to(tl.float32)
+        c = c.to(tl.float32)
+        s = s.to(tl.float32)
         r0 = f0 * c - f1 * s
         r1 = f0 * s + f1 * c
     else:
@@ -183,6 +180,35 @@ def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: t
         r0 = f0
         r1 = f1
     return x, f, f0, f1, r0, r1, c, s
+
+
+@triton.jit
+def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: tl.constexpr,
+               ROWS: tl.constexpr, D: tl.constexpr):
+    """Raw tile, features (zero on rows past N), their halves and the rotated halves (and cos/sin)."""
+    D2: tl.constexpr = D // 2
+    mask = offs < N
+    x = tl.load(X + base + offs[:, None] * stride_n + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
+    c = x
+    s = x
+    if ROPE:
+        cs_off = offs[:, None] * D2 + tl.arange(0, D2)[None, :]
+        c = tl.load(COS + cs_off, mask=mask[:, None], other=0.0)
+        s = tl.load(SIN + cs_off, mask=mask[:, None], other=0.0)
+    return _feat_halves(x, c, s, mask, KIND, ROPE, ROWS, D)
+
+
+@triton.jit
+def _load_feat_tma(x_desc, c_desc, s_desc, b, h, start, N, KIND: tl.constexpr, ROPE: tl.constexpr,
+                   ROWS: tl.constexpr, D: tl.constexpr):
+    """:func:`_load_feat` through TMA descriptors: no per-element addresses; rows past N arrive as zeros."""
+    x = x_desc.load([b, h, start, 0]).reshape(ROWS, D)
+    c = x
+    s = x
+    if ROPE:
+        c = c_desc.load([start, 0])
+        s = s_desc.load([start, 0])
+    return _feat_halves(x, c, s, start + tl.arange(0, ROWS) < N, KIND, ROPE, ROWS, D)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,12 +225,14 @@ def _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND
 
 @triton.jit
 def _fwd_state_kernel(
-    K, V, COS, SIN, PART,
+    K, V, COS, SIN, PART, k_desc, v_desc, c_desc, s_desc,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     H, N, CHUNK,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
+    """Partial state of one token chunk (half layout). ``USE_TMA``: K, V and the RoPE tables come through
+    the ``*_desc`` TMA descriptors instead of pointer loads."""
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -218,8 +246,14 @@ def _fwd_state_kernel(
     za1 = tl.zeros([BLOCK, D2], dtype=tl.float32)
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE, BLOCK, D)
+        if USE_TMA:
+            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(k_desc, c_desc, s_desc, bh // H, bh % H, s, N, KIND, ROPE,
+                                                            BLOCK, D)
+            v = v_desc.load([bh // H, bh % H, s, 0]).reshape(BLOCK, D)
+        else:
+            offs = s + tl.arange(0, BLOCK)
+            f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE,
+                                         BLOCK, D)
         za0 += f0
         za1 += f1
         acc0 = _mm(tl.trans(r0), v, acc0, NATIVE_MODE, STATE_SPLIT, False)
@@ -270,12 +304,14 @@ def _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE: tl.co
 
 @triton.jit
 def _fwd_out_kernel(
-    Q, Out, COS, SIN, S,
+    Q, Out, COS, SIN, S, q_desc, o_desc, c_desc, s_desc,
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
     H, N, CHUNK, eps_n, inv_n,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
+    """Output rows of one token chunk. ``USE_TMA``: Q and the tables are loaded and O is stored through
+    TMA descriptors (stores past N are dropped by the descriptor)."""
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -287,10 +323,17 @@ def _fwd_out_kernel(
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
-        _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
+        if USE_TMA:
+            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(q_desc, c_desc, s_desc, bh // H, bh % H, s, N, KIND, ROPE,
+                                                            BLOCK, D)
+        else:
+            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
         out = _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE, F32_SPLIT, BLOCK, D)
-        tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
-                 mask=offs[:, None] < N)
+        if USE_TMA:
+            o_desc.store([bh // H, bh % H, s, 0], out.to(Out.dtype.element_ty).reshape(1, 1, BLOCK, D))
+        else:
+            tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
+                     mask=offs[:, None] < N)
 
 
 # Forward in the "pairs" layout: features keep their natural channel order, the RoPE pairs (2i, 2i+1) are
@@ -488,9 +531,11 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # ``pairs``: the forward keeps the natural channel order (RoPE pairs rotated in registers, one D x D state
 # tile) instead of even/odd half tiles; the backward reads the half layout, converted from it.
 # ``out_programs_per_sm``: a grid of its own for the forward's Q pass (None: the K/V pass's).
+# ``tma``: the forward's two passes load K, V, Q and the RoPE tables, and store O, through TMA descriptors
+# (sm90+, 16-byte aligned tensors; pointer loads elsewhere) instead of per-element pointer arithmetic.
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
                  "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
-                 "out_programs_per_sm": None}
+                 "out_programs_per_sm": None, "tma": False}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -517,7 +562,8 @@ def _chunks(n: int, bh: int, device: torch.device, block: int = 128, per_sm: flo
 
 
 def _launch(kernel, grid, args, consts, cfg):
-    """Launch with ``cfg``; on a shared-memory overflow retry with fewer stages, then smaller tiles."""
+    """Launch with ``cfg``; on a shared-memory overflow retry with fewer stages, then smaller tiles.
+    ``args``: the arguments, or a function of the tile size that returns them (TMA descriptors' blocks)."""
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(consts.items())),
            tuple(sorted(cfg.items())))
     cur = dict(_FITTED.get(key, cfg))
@@ -525,7 +571,7 @@ def _launch(kernel, grid, args, consts, cfg):
         c = dict(cur)
         nw, ns = c.pop("num_warps"), c.pop("num_stages")
         try:
-            kernel[grid](*args, **consts, **c, num_warps=nw, num_stages=ns)
+            kernel[grid](*(args(c["BLOCK"]) if callable(args) else args), **consts, **c, num_warps=nw, num_stages=ns)
             _FITTED[key] = cur
             return
         except triton.runtime.errors.OutOfResources:
@@ -560,14 +606,35 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     nsplit, chunk = _chunks(n, b * h, k.device)
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
     halves = bool(OPTIONS.get("state_halves")) and not pairs
-    state_kernel = _fwd_state_pairs_kernel if pairs else _fwd_state_half_kernel if halves else _fwd_state_kernel
-    _launch(
-        state_kernel, (nsplit * (2 if halves else 1), b * h),
-        (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk),
-        dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
-             STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0), OPTIONS["state"],
-    )
+    consts = dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
+                  STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0)
+    tail = (h, n, chunk)
+    if pairs or halves:
+        state_kernel = _fwd_state_pairs_kernel if pairs else _fwd_state_half_kernel
+        args = (k, v, cos, sin, part, *_strides(k), *_strides(v), *tail)
+    else:
+        state_kernel = _fwd_state_kernel
+        tma = _use_tma(k, v, cos, sin)
+        consts["USE_TMA"] = tma
+
+        def args(block):
+            descs = (tma_desc(k, block), tma_desc(v, block), *_table_descs(k, cos, sin, rope, block)) if tma \
+                else (k, v, k, v)
+            return (k, v, cos, sin, part, *descs, *_strides(k), *_strides(v), *tail)
+    _launch(state_kernel, (nsplit * (2 if halves else 1), b * h), args, consts, OPTIONS["state"])
     return part.sum(1), nsplit, chunk
+
+
+def _use_tma(*xs: torch.Tensor) -> bool:
+    """``OPTIONS["tma"]`` where the card and the tensors allow TMA descriptors."""
+    return bool(OPTIONS.get("tma")) and tma_ok(*xs)
+
+
+def _table_descs(x, cos, sin, rope: bool, block: int):
+    """Descriptors of the RoPE tables (``x``'s descriptor stands in, unread, without RoPE)."""
+    if not rope:
+        return tma_desc(x, block), tma_desc(x, block)
+    return tma_desc(cos, block), tma_desc(sin, block)
 
 
 def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
@@ -579,11 +646,18 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     if OPTIONS.get("out_programs_per_sm"):  # the Q pass needs no chunk structure of its own
         nsplit, chunk = _chunks(n, b * h, q.device, per_sm=OPTIONS["out_programs_per_sm"])
-    _launch(
-        _fwd_out_pairs_kernel if pairs else _fwd_out_kernel, (nsplit, b * h),
-        (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n),
-        dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"]), OPTIONS["out"],
-    )
+    consts = dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"])
+    tail = (*_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n)
+    if pairs:
+        _launch(_fwd_out_pairs_kernel, (nsplit, b * h), (q, out, cos, sin, state, *tail), consts, OPTIONS["out"])
+    else:
+        tma = _use_tma(q, out, cos, sin)
+
+        def args(block):
+            descs = (tma_desc(q, block), tma_desc(out, block), *_table_descs(q, cos, sin, rope, block)) if tma \
+                else (q, out, q, q)
+            return (q, out, cos, sin, state, *descs, *tail)
+        _launch(_fwd_out_kernel, (nsplit, b * h), args, dict(consts, USE_TMA=tma), OPTIONS["out"])
     return out, state, pairs
 
 

@@ -196,7 +196,7 @@ def test_fma_exponential_forward(gen, n, dtype, mode, monkeypatch):
                                            (136, torch.float32, 32, 64)])
 def test_fixed_max_forward(gen, n, dtype, bq, bk, monkeypatch):
     """``fwd_fixed_max`` on (the default: each row's reference is one key's score, no running max) and off
-    (the online softmax), through the public function: shuffled lists, an empty query block, lists holding
+    (the online softmax), with and without ``fwd_lane_sums``, through the public function: shuffled lists, an empty query block, lists holding
     only the ragged block; output and log-sum-exp match the reference."""
     d = 64
     q, k, v = _inputs(gen, 2, 2, n, d, dtype)
@@ -206,8 +206,9 @@ def test_fixed_max_forward(gen, n, dtype, bq, bk, monkeypatch):
     idx = lay.kv_idx.clone()
     idx[1, 1, 0, 0], cnt[1, 1, 0] = mk - 1, 1  # a row whose list is the ragged block alone
     lay = BlockLayout(idx, cnt, bq, bk, n)
-    for fixed in (True, False):
+    for fixed, lanes in ((True, False), (True, True), (False, False)):
         monkeypatch.setitem(bs.OPTIONS, "fwd_fixed_max", fixed)
+        monkeypatch.setitem(bs.OPTIONS, "fwd_lane_sums", lanes)
         out, lse = bs.block_sparse_attention_triton(q, k, v, lay, return_lse=True)
         _assert_matches_reference(q, k, v, lay, out, lse, 1e-4 if dtype == torch.float32 else 2e-3, empty_rows=bq)
 
@@ -225,14 +226,15 @@ def test_fixed_max_redoes_overflowing_tiles(gen, dtype, growth):
     tiles[..., 0] = True
     lay = BlockLayout.from_dense(tiles, 64, 64, n)  # ascending lists: the scores grow along each list
     lay = BlockLayout(lay.kv_idx.to(DEVICE), lay.kv_cnt.to(DEVICE), 64, 64, n)
-    out, lse = bs._forward(q, k, v, lay, d**-0.5, fixed_max=True)
     ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay, return_lse=True)
     online, _ = bs._forward(q, k, v, lay, d**-0.5)
-    assert torch.isfinite(out).all()
-    assert rel_l2(out, ref) < (1e-4 if dtype == torch.float32 else 2e-3)  # scores in the thousands
-    assert rel_l2(out, online) < 1e-3
     finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-4, atol=1e-3)
+    for lanes in (False, True):
+        out, lse = bs._forward(q, k, v, lay, d**-0.5, fixed_max=True, lane_sums=lanes)
+        assert torch.isfinite(out).all()
+        assert rel_l2(out, ref) < (1e-4 if dtype == torch.float32 else 2e-3)  # scores in the thousands
+        assert rel_l2(out, online) < 1e-3
+        torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("n_tiles,slots,want", [
@@ -346,7 +348,8 @@ def test_unsupported_inputs(gen):
                                        (torch.float16, "fwd_gluon"), (torch.bfloat16, "fwd_exp=fma"),
                                        (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4"),
                                        (torch.bfloat16, "fwd_gluon=ws"), (torch.bfloat16, "gluon_ws_group=2"),
-                                       (torch.bfloat16, "fwd_fixed_max=False"), (torch.float16, "fwd_fixed_max=False")])
+                                       (torch.bfloat16, "fwd_fixed_max=False"), (torch.float16, "fwd_fixed_max=False"),
+                                       (torch.bfloat16, "fwd_lane_sums"), (torch.float16, "fwd_lane_sums")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""

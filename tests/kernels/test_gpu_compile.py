@@ -91,12 +91,15 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
     FLOATS = {"qk_scale", "sm_scale", "eps_n", "inv_n"}
     SCALARS = {"H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE"}
 
-    def types_of(fn):
-        # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors, the rest ints
+    def types_of(fn, rows=64):
+        # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors (blocks of
+        # `rows` rows; the linear branch's RoPE tables c_desc / s_desc are fp32 (N, 64)), the rest ints
         types = {}
         for p in inspect.signature(fn.fn).parameters:
-            if p.endswith("_desc"):
-                types[p] = "tensordesc<bf16[1,1,64,128]>"
+            if p in ("c_desc", "s_desc"):
+                types[p] = f"tensordesc<fp32[{rows},64]>"
+            elif p.endswith("_desc"):
+                types[p] = f"tensordesc<bf16[1,1,{rows},128]>"
             elif p in FP32:
                 types[p] = "*fp32"
             elif p in I32:
@@ -111,7 +114,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
 
     fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, USE_ORDER=False, PREC="tf32",
                PAIR=False, PIPE=False, LAZY=False, WS=False, LIN=False, KIND=0, ROPE=False, F32_MODE=1, F32_SPLIT=False, LIN_ROWS=32, SPLIT=1, EXP=0,
-               FIXED=False, FIX_LIMIT=0.0)
+               FIXED=0, FIX_LIMIT=0.0)
     lin = dict(D=128, KIND=0, ROPE=True)
     cases = [
         ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
@@ -120,7 +123,8 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("fwd pipe", bs._fwd_kernel, dict(fwd, USE_TMA=True, PIPE=True), 8),
         ("fwd lazy", bs._fwd_kernel, dict(fwd, USE_TMA=True, LAZY=True), 4),
         ("fwd fma exponentials", bs._fwd_kernel, dict(fwd, USE_TMA=True, EXP=1), 4),
-        ("fwd fixed reference max", bs._fwd_kernel, dict(fwd, USE_TMA=True, FIXED=True, FIX_LIMIT=2.0**100), 4),
+        ("fwd fixed reference max", bs._fwd_kernel, dict(fwd, USE_TMA=True, FIXED=1, FIX_LIMIT=2.0**64), 4),
+        ("fwd fixed reference max, lane sums", bs._fwd_kernel, dict(fwd, USE_TMA=True, FIXED=2, FIX_LIMIT=2.0**64), 4),
         ("fwd fma exponentials, a quarter", bs._fwd_kernel, dict(fwd, USE_TMA=True, EXP=2), 4),
         ("fwd split last wave", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3), 4),
         ("fwd split last wave, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, SPLIT=3, EVEN_N=True), 4),
@@ -135,13 +139,15 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("linear state halves", la._fwd_state_half_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=True, BLOCK=32), 4),
         ("linear state pairs", la._fwd_state_pairs_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32), 4),
         ("linear out", la._fwd_out_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32), 4),
+        ("linear state tma", la._fwd_state_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32, USE_TMA=True), 4),
+        ("linear out tma", la._fwd_out_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32, USE_TMA=True), 4),
         ("linear out pairs", la._fwd_out_pairs_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32), 4),
         ("linear bwd q", la._bwd_q_kernel, dict(lin, NATIVE_MODE=2, F32_MODE=1, F32_SPLIT=False, BLOCK=64), 8),
         ("linear bwd k/v", la._bwd_kv_kernel, dict(lin, NATIVE_MODE=2, F32_MODE=1, F32_SPLIT=False, BLOCK=64), 8),
     ]
     failed = 0
     for name, fn, const, warps in cases:
-        failed += try_build(name, fn, types_of(fn), const, warps, stages=2)
+        failed += try_build(name, fn, types_of(fn, const.get("BLOCK", 64)), const, warps, stages=2)
     sys.exit(1 if failed else 0)
     """
 )

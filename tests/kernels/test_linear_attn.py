@@ -75,6 +75,37 @@ def test_pairs_layout(gen, monkeypatch, kind, rope, dtype):
     _run(gen, kind, dtype, (1, 3, 13), 128, rope=rope)
 
 
+@pytest.mark.parametrize("kind,rope,dtype", [("relu", True, torch.float16), ("elu", True, torch.float32),
+                                             ("softmax", True, torch.float16), ("relu", False, torch.float32)])
+def test_tma_forward(gen, monkeypatch, kind, rope, dtype):
+    """The forward through TMA descriptors (ragged N: the descriptors' zero rows and dropped stores) gives
+    the same output and gradients."""
+    from kernels import linear_attn as la
+
+    monkeypatch.setitem(la.OPTIONS, "tma", True)
+    assert la._use_tma(torch.zeros(8, 8, device=DEVICE))
+    _run(gen, kind, dtype, (2, 5, 7), 64, rope=rope)
+    _run(gen, kind, dtype, (1, 3, 13), 128, rope=rope)
+
+
+def test_tma_forward_fp16_tables_and_unaligned_fallback(gen, monkeypatch):
+    """Half-precision tables go through their own descriptors; a tensor TMA cannot address (a 2-byte
+    offset) takes the pointer loads, with the same result."""
+    from kernels import linear_attn as la
+
+    monkeypatch.setitem(la.OPTIONS, "tma", True)
+    q, k, v = [torch.randn(1, 2, 70, 64, generator=gen).to(DEVICE, torch.float16) for _ in range(3)]
+    cos, sin = rope_3d_freqs((2, 5, 7), 64, DEVICE)
+    ref = linear_attention_ref(q.double(), k.double(), v.double(), "relu", cos, sin)
+    ours = linear_attention_triton(q, k, v, "relu", cos.half(), sin.half())
+    assert_close_to_torch(ours, linear_attention_ref(q, k, v, "relu", cos, sin), ref, what="tma fp16 tables")
+    flat = torch.empty(q.numel() + 1, dtype=torch.float16, device=DEVICE)
+    shifted = flat[1:].view_as(q).copy_(q)
+    assert not la._use_tma(shifted)
+    torch.testing.assert_close(linear_attention_triton(shifted, k, v, "relu", cos, sin),
+                               linear_attention_triton(q, k, v, "relu", cos, sin), rtol=0, atol=0)
+
+
 def test_pairs_state_converts_to_halves(gen):
     """The pairs-layout state, converted, equals the half-layout state of the same inputs."""
     from kernels import linear_attn as la
@@ -126,7 +157,7 @@ def test_wan_shape_gpu(gen, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{"state_split": True}, {"state_halves": True}, {"pairs": True},
-                                  {"out_programs_per_sm": 4}])
+                                  {"out_programs_per_sm": 4}, {"tma": True}])
 def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
     """The K/V-pass options the benchmark times, at Wan 480p in bf16."""
     from kernels import linear_attn as la

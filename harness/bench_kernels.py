@@ -366,8 +366,10 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
         # default since run 10), against the online softmax
         "fixed": {"fwd_fixed_max": True},
         "online": {"fwd_fixed_max": False},
-        # the fixed reference's row sums left split over each row's lanes until after the loop
+        # the fixed reference's row sums left split over each row's lanes until after the loop (the default
+        # since r23), against a row sum per block
         "lanes": {"fwd_fixed_max": True, "fwd_lane_sums": True},
+        "rowsums": {"fwd_fixed_max": True, "fwd_lane_sums": False},
         "fixed_cfg_128w4s3": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
         "fixed_cfg_128w8s2": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
         # every second / fourth column's exponential on the FMA pipe (a cubic) instead of the MUFU

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kernels.errors import Unsupported
 from kernels.layout import cdiv
-from kernels.tma import tma_desc, tma_ok
+from kernels.tma import scratch_allocator, tma_ok
 
 __all__ = ["linear_attention_triton", "SUPPORTED_HEAD_DIMS"]
 
@@ -199,15 +199,29 @@ def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: t
 
 
 @triton.jit
-def _load_feat_tma(x_desc, c_desc, s_desc, b, h, start, N, KIND: tl.constexpr, ROPE: tl.constexpr,
-                   ROWS: tl.constexpr, D: tl.constexpr):
-    """:func:`_load_feat` through TMA descriptors: no per-element addresses; rows past N arrive as zeros."""
-    x = x_desc.load([b, h, start, 0]).reshape(ROWS, D)
+def _descs(X, COS, SIN, base, N, stride_n, ROPE: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """TMA descriptors built in the kernel (no host-side descriptor per launch) over one head's ``(N, D)``
+    rows and the ``(N, D/2)`` RoPE tables: loads past N read zeros, stores past N are dropped."""
+    x_d = tl.make_tensor_descriptor(X + base, shape=[N, D], strides=[stride_n, 1], block_shape=[ROWS, D])
+    if ROPE:
+        c_d = tl.make_tensor_descriptor(COS, shape=[N, D // 2], strides=[D // 2, 1], block_shape=[ROWS, D // 2])
+        s_d = tl.make_tensor_descriptor(SIN, shape=[N, D // 2], strides=[D // 2, 1], block_shape=[ROWS, D // 2])
+    else:
+        c_d = x_d
+        s_d = x_d
+    return x_d, c_d, s_d
+
+
+@triton.jit
+def _load_feat_tma(x_d, c_d, s_d, start, N, KIND: tl.constexpr, ROPE: tl.constexpr, ROWS: tl.constexpr,
+                   D: tl.constexpr):
+    """:func:`_load_feat` through the descriptors of :func:`_descs`: no per-element addresses."""
+    x = x_d.load([start, 0])
     c = x
     s = x
     if ROPE:
-        c = c_desc.load([start, 0])
-        s = s_desc.load([start, 0])
+        c = c_d.load([start, 0])
+        s = s_d.load([start, 0])
     return _feat_halves(x, c, s, start + tl.arange(0, ROWS) < N, KIND, ROPE, ROWS, D)
 
 
@@ -225,14 +239,14 @@ def _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND
 
 @triton.jit
 def _fwd_state_kernel(
-    K, V, COS, SIN, PART, k_desc, v_desc, c_desc, s_desc,
+    K, V, COS, SIN, PART,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     H, N, CHUNK,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
     BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """Partial state of one token chunk (half layout). ``USE_TMA``: K, V and the RoPE tables come through
-    the ``*_desc`` TMA descriptors instead of pointer loads."""
+    TMA descriptors built in the kernel instead of pointer loads."""
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -244,12 +258,14 @@ def _fwd_state_kernel(
     # normaliser partials are kept per row and reduced once after the loop (no cross-warp sync per tile)
     za0 = tl.zeros([BLOCK, D2], dtype=tl.float32)
     za1 = tl.zeros([BLOCK, D2], dtype=tl.float32)
+    if USE_TMA:
+        k_d, c_d, s_d = _descs(K, COS, SIN, k_base, N, stride_kn, ROPE, BLOCK, D)
+        v_d = tl.make_tensor_descriptor(V + v_base, shape=[N, D], strides=[stride_vn, 1], block_shape=[BLOCK, D])
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         if USE_TMA:
-            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(k_desc, c_desc, s_desc, bh // H, bh % H, s, N, KIND, ROPE,
-                                                            BLOCK, D)
-            v = v_desc.load([bh // H, bh % H, s, 0]).reshape(BLOCK, D)
+            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(k_d, c_d, s_d, s, N, KIND, ROPE, BLOCK, D)
+            v = v_d.load([s, 0])
         else:
             offs = s + tl.arange(0, BLOCK)
             f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE,
@@ -304,14 +320,14 @@ def _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE: tl.co
 
 @triton.jit
 def _fwd_out_kernel(
-    Q, Out, COS, SIN, S, q_desc, o_desc, c_desc, s_desc,
+    Q, Out, COS, SIN, S,
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
     H, N, CHUNK, eps_n, inv_n,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
     BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """Output rows of one token chunk. ``USE_TMA``: Q and the tables are loaded and O is stored through
-    TMA descriptors (stores past N are dropped by the descriptor)."""
+    TMA descriptors built in the kernel (stores past N are dropped by the descriptor)."""
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -320,17 +336,19 @@ def _fwd_out_kernel(
     s1h, s1l = _split_b(s1, F32_MODE, F32_SPLIT)
     q_base = _head_base(bh, H, stride_qb, stride_qh)
     o_base = _head_base(bh, H, stride_ob, stride_oh)
+    if USE_TMA:
+        q_d, c_d, s_d = _descs(Q, COS, SIN, q_base, N, stride_qn, ROPE, BLOCK, D)
+        o_d = tl.make_tensor_descriptor(Out + o_base, shape=[N, D], strides=[stride_on, 1], block_shape=[BLOCK, D])
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
         if USE_TMA:
-            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(q_desc, c_desc, s_desc, bh // H, bh % H, s, N, KIND, ROPE,
-                                                            BLOCK, D)
+            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(q_d, c_d, s_d, s, N, KIND, ROPE, BLOCK, D)
         else:
             _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
         out = _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE, F32_SPLIT, BLOCK, D)
         if USE_TMA:
-            o_desc.store([bh // H, bh % H, s, 0], out.to(Out.dtype.element_ty).reshape(1, 1, BLOCK, D))
+            o_d.store([s, 0], out.to(Out.dtype.element_ty))
         else:
             tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
                      mask=offs[:, None] < N)
@@ -614,27 +632,19 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
         args = (k, v, cos, sin, part, *_strides(k), *_strides(v), *tail)
     else:
         state_kernel = _fwd_state_kernel
-        tma = _use_tma(k, v, cos, sin)
-        consts["USE_TMA"] = tma
-
-        def args(block):
-            descs = (tma_desc(k, block), tma_desc(v, block), *_table_descs(k, cos, sin, rope, block)) if tma \
-                else (k, v, k, v)
-            return (k, v, cos, sin, part, *descs, *_strides(k), *_strides(v), *tail)
+        consts["USE_TMA"] = _use_tma(k, v, cos, sin)
+        args = (k, v, cos, sin, part, *_strides(k), *_strides(v), *tail)
     _launch(state_kernel, (nsplit * (2 if halves else 1), b * h), args, consts, OPTIONS["state"])
     return part.sum(1), nsplit, chunk
 
 
 def _use_tma(*xs: torch.Tensor) -> bool:
-    """``OPTIONS["tma"]`` where the card and the tensors allow TMA descriptors."""
-    return bool(OPTIONS.get("tma")) and tma_ok(*xs)
-
-
-def _table_descs(x, cos, sin, rope: bool, block: int):
-    """Descriptors of the RoPE tables (``x``'s descriptor stands in, unread, without RoPE)."""
-    if not rope:
-        return tma_desc(x, block), tma_desc(x, block)
-    return tma_desc(cos, block), tma_desc(sin, block)
+    """``OPTIONS["tma"]`` where the card and the tensors allow TMA descriptors (the kernels build theirs,
+    in global scratch from ``triton.set_allocator``)."""
+    if not (OPTIONS.get("tma") and tma_ok(*xs)):
+        return False
+    scratch_allocator()
+    return True
 
 
 def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
@@ -651,13 +661,8 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     if pairs:
         _launch(_fwd_out_pairs_kernel, (nsplit, b * h), (q, out, cos, sin, state, *tail), consts, OPTIONS["out"])
     else:
-        tma = _use_tma(q, out, cos, sin)
-
-        def args(block):
-            descs = (tma_desc(q, block), tma_desc(out, block), *_table_descs(q, cos, sin, rope, block)) if tma \
-                else (q, out, q, q)
-            return (q, out, cos, sin, state, *descs, *tail)
-        _launch(_fwd_out_kernel, (nsplit, b * h), args, dict(consts, USE_TMA=tma), OPTIONS["out"])
+        _launch(_fwd_out_kernel, (nsplit, b * h), (q, out, cos, sin, state, *tail),
+                dict(consts, USE_TMA=_use_tma(q, out, cos, sin)), OPTIONS["out"])
     return out, state, pairs
 
 

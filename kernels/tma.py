@@ -7,9 +7,11 @@ per (batch, head) slice, so ragged lengths need no masks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["tma_desc", "tma_ok"]
+__all__ = ["scratch_allocator", "tma_desc", "tma_ok"]
 
 
 def tma_desc(x: torch.Tensor, rows: int):
@@ -28,3 +30,11 @@ def tma_ok(*xs: torch.Tensor) -> bool:
         if x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in x.stride()[:-1]):
             return False
     return True
+
+
+def scratch_allocator() -> None:
+    """Global scratch for tensor descriptors built inside a kernel (``tl.make_tensor_descriptor``)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        import triton
+
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))

@@ -349,7 +349,7 @@ def test_unsupported_inputs(gen):
                                        (torch.float16, "fwd_exp=fma"), (torch.bfloat16, "fwd_exp=fma4"),
                                        (torch.bfloat16, "fwd_gluon=ws"), (torch.bfloat16, "gluon_ws_group=2"),
                                        (torch.bfloat16, "fwd_fixed_max=False"), (torch.float16, "fwd_fixed_max=False"),
-                                       (torch.bfloat16, "fwd_lane_sums"), (torch.float16, "fwd_lane_sums")])
+                                       (torch.bfloat16, "fwd_lane_sums=False"), (torch.float16, "fwd_lane_sums=False")])
 def test_full_size_gpu(gen, dtype, opt, monkeypatch):
     """N = 32,760 (ragged), 128 x 64 tiles, density ~0.1; two heads checked against fp32 reference
     (``fwd_split``: 3 "programs per SM", so that 512 tiles on 132 SMs leave a tail of 116 to split)."""

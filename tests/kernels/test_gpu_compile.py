@@ -91,15 +91,12 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
     FLOATS = {"qk_scale", "sm_scale", "eps_n", "inv_n"}
     SCALARS = {"H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE"}
 
-    def types_of(fn, rows=64):
-        # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors (blocks of
-        # `rows` rows; the linear branch's RoPE tables c_desc / s_desc are fp32 (N, 64)), the rest ints
+    def types_of(fn):
+        # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors, the rest ints
         types = {}
         for p in inspect.signature(fn.fn).parameters:
-            if p in ("c_desc", "s_desc"):
-                types[p] = f"tensordesc<fp32[{rows},64]>"
-            elif p.endswith("_desc"):
-                types[p] = f"tensordesc<bf16[1,1,{rows},128]>"
+            if p.endswith("_desc"):
+                types[p] = "tensordesc<bf16[1,1,64,128]>"
             elif p in FP32:
                 types[p] = "*fp32"
             elif p in I32:
@@ -135,10 +132,10 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("bwd dk/dv", bs._bwd_dkdv_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, USE_ORDER=True, PREC="tf32"), 4),
         ("bwd dq", bs._bwd_dq_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, EVEN_N=False, KMAX_P2=512,
                                            USE_ORDER=False, USE_TMA=True, PREC="tf32"), 4),
-        ("linear state", la._fwd_state_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32), 4),
+        ("linear state", la._fwd_state_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32, USE_TMA=False), 4),
         ("linear state halves", la._fwd_state_half_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=True, BLOCK=32), 4),
         ("linear state pairs", la._fwd_state_pairs_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32), 4),
-        ("linear out", la._fwd_out_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32), 4),
+        ("linear out", la._fwd_out_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32, USE_TMA=False), 4),
         ("linear state tma", la._fwd_state_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32, USE_TMA=True), 4),
         ("linear out tma", la._fwd_out_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32, USE_TMA=True), 4),
         ("linear out pairs", la._fwd_out_pairs_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32), 4),
@@ -147,7 +144,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
     ]
     failed = 0
     for name, fn, const, warps in cases:
-        failed += try_build(name, fn, types_of(fn, const.get("BLOCK", 64)), const, warps, stages=2)
+        failed += try_build(name, fn, types_of(fn), const, warps, stages=2)
     sys.exit(1 if failed else 0)
     """
 )

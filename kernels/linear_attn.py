@@ -583,8 +583,7 @@ def _chunks(n: int, bh: int, device: torch.device, block: int = 128, per_sm: flo
 
 
 def _launch(kernel, grid, args, consts, cfg):
-    """Launch with ``cfg``; on a shared-memory overflow retry with fewer stages, then smaller tiles.
-    ``args``: the arguments, or a function of the tile size that returns them (TMA descriptors' blocks)."""
+    """Launch with ``cfg``; on a shared-memory overflow retry with fewer stages, then smaller tiles."""
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(consts.items())),
            tuple(sorted(cfg.items())))
     cur = dict(_FITTED.get(key, cfg))
@@ -592,7 +591,7 @@ def _launch(kernel, grid, args, consts, cfg):
         c = dict(cur)
         nw, ns = c.pop("num_warps"), c.pop("num_stages")
         try:
-            kernel[grid](*(args(c["BLOCK"]) if callable(args) else args), **consts, **c, num_warps=nw, num_stages=ns)
+            kernel[grid](*args, **consts, **c, num_warps=nw, num_stages=ns)
             _FITTED[key] = cur
             return
         except triton.runtime.errors.OutOfResources:
@@ -629,15 +628,13 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     halves = bool(OPTIONS.get("state_halves")) and not pairs
     consts = dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
                   STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0)
-    tail = (h, n, chunk)
     if pairs or halves:
         state_kernel = _fwd_state_pairs_kernel if pairs else _fwd_state_half_kernel
-        args = (k, v, cos, sin, part, *_strides(k), *_strides(v), *tail)
     else:
         state_kernel = _fwd_state_kernel
         consts["USE_TMA"] = _use_tma(k, v, cos, sin)
-        args = (k, v, cos, sin, part, *_strides(k), *_strides(v), *tail)
-    _launch(state_kernel, (nsplit * (2 if halves else 1), b * h), args, consts, OPTIONS["state"])
+    _launch(state_kernel, (nsplit * (2 if halves else 1), b * h),
+            (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk), consts, OPTIONS["state"])
     return part.sum(1), nsplit, chunk
 
 
@@ -660,12 +657,12 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     if OPTIONS.get("out_programs_per_sm"):  # the Q pass needs no chunk structure of its own
         nsplit, chunk = _chunks(n, b * h, q.device, per_sm=OPTIONS["out_programs_per_sm"])
     consts = dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"])
-    tail = (*_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n)
-    if pairs:
-        _launch(_fwd_out_pairs_kernel, (nsplit, b * h), (q, out, cos, sin, state, *tail), consts, OPTIONS["out"])
-    else:
-        _launch(_fwd_out_kernel, (nsplit, b * h), (q, out, cos, sin, state, *tail),
-                dict(consts, USE_TMA=_use_tma(q, out, cos, sin)), OPTIONS["out"])
+    if not pairs:
+        consts["USE_TMA"] = _use_tma(q, out, cos, sin)
+    _launch(
+        _fwd_out_pairs_kernel if pairs else _fwd_out_kernel, (nsplit, b * h),
+        (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n), consts, OPTIONS["out"],
+    )
     return out, state, pairs
 
 

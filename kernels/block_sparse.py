@@ -973,8 +973,9 @@ EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 2}
 # _FIX_LIMIT. Measured on the H200 (run 10): 1.275 / 1.278 ms against 1.322 / 1.330 ms for the online
 # softmax at d=0.10 (7 rounds on each of two cards), 11.52 against 12.45 ms at d=1.0.
 # ``fwd_lane_sums`` (on, with ``fwd_fixed_max``): the row sums stay split over the 4 lanes of each row's quad
-# until after the loop (see _lane_sums): 8 shuffles and 8 adds fewer per block. Measured on the H200 (r23,
-# r23c, 9 rounds each): 1.255 / 1.228 ms against 1.295 / 1.280 ms with per-block row sums; 1.40x / 1.43x Flex.
+# until after the loop (see _lane_sums): 8 shuffles and 8 adds fewer per block. Measured on the H200 (run 11,
+# r24, 9 rounds on each of two cards): 1.236 / 1.243 ms against 1.319 / 1.326 ms with a row sum per block;
+# 1.42x / 1.42x Flex with the same mask.
 OPTIONS: dict = {"fwd_exp": "mufu", "fwd_fixed_max": True, "fwd_lane_sums": True, "fwd_order": False, "fwd_tma": True,
                  "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False, "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False,
                  "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "gluon_ws_group": 1,

@@ -63,27 +63,18 @@ def test_split_state_pass(gen, monkeypatch, kind):
     _run(gen, kind, torch.float16, (2, 5, 7), 64, rope=True)
 
 
+@pytest.mark.parametrize("option", ["pairs", "tma"])
 @pytest.mark.parametrize("kind,rope,dtype", [("relu", True, torch.float16), ("elu", True, torch.float32),
                                              ("softmax", True, torch.float16), ("relu", False, torch.float32)])
-def test_pairs_layout(gen, monkeypatch, kind, rope, dtype):
-    """The natural-order forward (RoPE pairs rotated in registers, one D x D state) gives the same output,
-    and its state converted to the half layout gives the same gradients."""
+def test_forward_layout_options(gen, monkeypatch, option, kind, rope, dtype):
+    """Two forward options give the same output and gradients: ``pairs`` (natural channel order, RoPE pairs
+    rotated in registers, one D x D state, converted to the half layout for the backward) and ``tma`` (TMA
+    descriptors; ragged N: their zero rows and dropped stores)."""
     from kernels import linear_attn as la
 
-    monkeypatch.setitem(la.OPTIONS, "pairs", True)
-    _run(gen, kind, dtype, (2, 5, 7), 64, rope=rope)
-    _run(gen, kind, dtype, (1, 3, 13), 128, rope=rope)
-
-
-@pytest.mark.parametrize("kind,rope,dtype", [("relu", True, torch.float16), ("elu", True, torch.float32),
-                                             ("softmax", True, torch.float16), ("relu", False, torch.float32)])
-def test_tma_forward(gen, monkeypatch, kind, rope, dtype):
-    """The forward through TMA descriptors (ragged N: the descriptors' zero rows and dropped stores) gives
-    the same output and gradients."""
-    from kernels import linear_attn as la
-
-    monkeypatch.setitem(la.OPTIONS, "tma", True)
-    assert la._use_tma(torch.zeros(8, 8, device=DEVICE))
+    monkeypatch.setitem(la.OPTIONS, option, True)
+    if option == "tma":
+        assert la._use_tma(torch.zeros(8, 8, device=DEVICE))
     _run(gen, kind, dtype, (2, 5, 7), 64, rope=rope)
     _run(gen, kind, dtype, (1, 3, 13), 128, rope=rope)
 

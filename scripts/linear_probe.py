@@ -1,0 +1,111 @@
+"""Where the linear branch's host and device time go at Wan 480p (relu, bf16): a diagnostic.
+
+Part 1, per input variant (RoPE tables in fp32, in fp16, or no RoPE): the benchmark's timing (do_bench),
+graph replay, host time per call and the kernels' device times (torch.profiler).
+Part 2, host time per call of each piece of one eager forward (no synchronisation, mean of 200 calls).
+
+    python3 scripts/linear_probe.py [--out FILE.json]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `kernels`
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels import linear_attn as la  # noqa: E402
+from kernels.rope import rope_3d_freqs  # noqa: E402
+
+
+def host_us(fn, n: int = 200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def device(fn) -> dict:
+    fn()
+    torch.cuda.synchronize()
+    bench_ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph_ms = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {e.key[:60]: round(e.device_time_total / e.count, 1) for e in prof.key_averages() if e.device_time_total > 0}
+    return {"do_bench_us": round(bench_ms * 1e3, 1), "graph_us": round(graph_ms * 1e3, 1),
+            "host_us": round(host_us(fn), 1), "kernels_us": kernels, "kernel_sum_us": round(sum(kernels.values()), 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="")
+    p.add_argument("--parts", default="inputs,host")
+    args = p.parse_args()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 32760, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    cos, sin = rope_3d_freqs((21, 30, 52), 128, "cuda")
+    rows: dict = {}
+    if "inputs" in args.parts:
+        for name, tables in (("fp32 tables", (cos, sin)), ("fp16 tables", (cos.half(), sin.half())),
+                             ("no rope", (None, None))):
+            try:
+                rows[name] = r = device(lambda t=tables: la.linear_attention_triton(q, k, v, "relu", *t))
+                print(f"{name:<14} do_bench {r['do_bench_us']:6.1f}  graph {r['graph_us']:6.1f}  host {r['host_us']:6.1f}"
+                      f"  kernels {r['kernel_sum_us']:6.1f}  {r['kernels_us']}", flush=True)
+            except Exception as exc:  # a diagnostic: report and go on
+                print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
+    if "host" in args.parts:
+        qp, kp, vp, cs, sn, rope, kind = la._prepare(q, k, v, "relu", cos, sin)
+        part = torch.empty((12, 22, 128 * 128 + 128), dtype=torch.float32, device="cuda")
+        state = part.sum(1)
+        b, h, n, d = q.shape
+        nsplit, chunk = la._chunks(n, b * h, q.device)
+        modes = la._modes(q.dtype)
+        out = torch.empty_like(q)
+        pieces = {
+            "torch.empty (B,H,N,D)": lambda: torch.empty((b, h, n, d), dtype=q.dtype, device=q.device),
+            "part.sum(1)": lambda: part.sum(1),
+            "_prepare": lambda: la._prepare(q, k, v, "relu", cos, sin),
+            "_chunks": lambda: la._chunks(n, b * h, q.device),
+            "_launch K/V pass": lambda: la._launch(
+                la._fwd_state_kernel, (nsplit, b * h), (k, v, cs, sn, part, *la._strides(k), *la._strides(v), h, n, chunk),
+                dict(D=d, KIND=0, ROPE=True, NATIVE_MODE=modes["NATIVE_MODE"], STATE_SPLIT=False, USE_TMA=False),
+                la.OPTIONS["state"]),
+            "_launch Q pass": lambda: la._launch(
+                la._fwd_out_kernel, (nsplit, b * h),
+                (q, out, cs, sn, state, *la._strides(q), *la._strides(out), h, n, chunk, 1e-6 / n, 1.0 / n),
+                dict(D=d, KIND=0, ROPE=True, F32_MODE=modes["F32_MODE"], F32_SPLIT=False, USE_TMA=False), la.OPTIONS["out"]),
+            "_state_pass": lambda: la._state_pass(k, v, 0, cs, sn, True),
+            "_forward (no autograd)": lambda: la._forward(qp, kp, vp, 0, cs, sn, True, 1e-6),
+            "linear_attention_triton": lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin),
+        }
+        rows["host_us"] = {}
+        for name, fn in pieces.items():
+            rows["host_us"][name] = round(host_us(fn), 1)
+            print(f"host {name:<26} {rows['host_us'][name]:7.1f} us", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

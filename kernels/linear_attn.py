@@ -556,7 +556,8 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # call against 141, so an eager call measures 0.285 against 0.181 ms. Off.
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
                  "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
-                 "out_programs_per_sm": None, "tma": False}
+                 "out_programs_per_sm": None, "tma": False,
+                 "out_gluon": False, "out_gluon_cfg": {"num_warps": 4, "stages": 3, "programs_per_sm": 1}}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -638,6 +639,18 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     return part.sum(1), nsplit, chunk
 
 
+def _out_gluon(q: torch.Tensor, cos):
+    """:mod:`kernels.linear_gluon` when ``OPTIONS["out_gluon"]`` is on and it can run these inputs (an
+    sm_90 card, bf16/fp16, D 64/128, contiguous q), else None: the Triton output pass computes the same."""
+    if not OPTIONS.get("out_gluon") or _INTERPRET or q.device.type != "cuda":
+        return None
+    try:
+        from kernels import linear_gluon
+    except ImportError:  # a Triton without Gluon
+        return None
+    return linear_gluon if linear_gluon.out_gluon_supported(q, cos) is None else None
+
+
 def _use_tma(*xs: torch.Tensor) -> bool:
     """``OPTIONS["tma"]`` where the card and the tensors allow TMA descriptors (the kernels build theirs,
     in global scratch from ``triton.set_allocator``)."""
@@ -653,6 +666,11 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     modes = _modes(q.dtype)
     pairs = bool(OPTIONS.get("pairs"))
     state, nsplit, chunk = _state_pass(k, v, kind, cos, sin, rope, pairs)
+    if not pairs and (lg := _out_gluon(q, cos if rope else None)) is not None:
+        cfg = OPTIONS["out_gluon_cfg"]
+        nsplit, chunk = _chunks(n, b * h, q.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
+        out = lg.out_pass_gluon(q, state, cos, sin, rope, kind, eps, nsplit, chunk, cfg["num_warps"], cfg["stages"])
+        return out, state, pairs
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     if OPTIONS.get("out_programs_per_sm"):  # the Q pass needs no chunk structure of its own
         nsplit, chunk = _chunks(n, b * h, q.device, per_sm=OPTIONS["out_programs_per_sm"])

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from harness.bench_kernels import _updated  # noqa: E402
 from kernels import linear_attn as la  # noqa: E402
 from kernels.rope import rope_3d_freqs  # noqa: E402
 
@@ -60,20 +61,40 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="")
     p.add_argument("--parts", default="inputs,host")
+    p.add_argument("--variants", default="", help="comma list of part 1's variants (default all)")
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 12, 32760, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     cos, sin = rope_3d_freqs((21, 30, 52), 128, "cuda")
     rows: dict = {}
     if "inputs" in args.parts:
-        for name, tables in (("fp32 tables", (cos, sin)), ("fp16 tables", (cos.half(), sin.half())),
-                             ("no rope", (None, None))):
+        fp32, fp16, none = (cos, sin), (cos.half(), sin.half()), (None, None)
+        g8 = {"num_warps": 8, "stages": 3, "programs_per_sm": 1}
+        variants = {  # name: (tables, linear_attn OPTIONS)
+            "fp32 tables": (fp32, {}), "fp16 tables": (fp16, {}), "no rope": (none, {}),
+            "gluon w4": (fp32, {"out_gluon": True}), "gluon w8": (fp32, {"out_gluon": True, "out_gluon_cfg": g8}),
+            "gluon w8 s2": (fp32, {"out_gluon": True, "out_gluon_cfg": {**g8, "stages": 2}}),
+            "gluon w8 fp16 tables": (fp16, {"out_gluon": True, "out_gluon_cfg": g8}),
+            "gluon w8 no rope": (none, {"out_gluon": True, "out_gluon_cfg": g8}),
+        }
+        only = [x for x in args.variants.split(",") if x]
+        base = {}
+        for name, (tables, opts) in variants.items():
+            if only and name not in only:
+                continue
             try:
-                rows[name] = r = device(lambda t=tables: la.linear_attention_triton(q, k, v, "relu", *t))
-                print(f"{name:<14} do_bench {r['do_bench_us']:6.1f}  graph {r['graph_us']:6.1f}  host {r['host_us']:6.1f}"
-                      f"  kernels {r['kernel_sum_us']:6.1f}  {r['kernels_us']}", flush=True)
+                with _updated(la.OPTIONS, opts):
+                    out = la.linear_attention_triton(q, k, v, "relu", *tables)
+                    key = "none" if tables[0] is None else str(tables[0].dtype)
+                    if key not in base:
+                        base[key] = out
+                    diff = ((out.float() - base[key].float()).norm() / base[key].float().norm()).item()
+                    rows[name] = r = device(lambda t=tables: la.linear_attention_triton(q, k, v, "relu", *t))
+                r["rel_diff_vs_first_same_tables"] = diff
+                print(f"{name:<22} do_bench {r['do_bench_us']:6.1f}  graph {r['graph_us']:6.1f}  host {r['host_us']:6.1f}"
+                      f"  kernels {r['kernel_sum_us']:6.1f}  diff {diff:.1e}  {r['kernels_us']}", flush=True)
             except Exception as exc:  # a diagnostic: report and go on
-                print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
+                print(f"{name}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
     if "host" in args.parts:
         qp, kp, vp, cs, sn, rope, kind = la._prepare(q, k, v, "relu", cos, sin)
         part = torch.empty((12, 22, 128 * 128 + 128), dtype=torch.float32, device="cuda")

@@ -148,7 +148,8 @@ def test_wan_shape_gpu(gen, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{"state_split": True}, {"state_halves": True}, {"pairs": True},
-                                  {"out_programs_per_sm": 4}, {"tma": True}])
+                                  {"out_programs_per_sm": 4}, {"tma": True}, {"out_gluon": True},
+                                  {"out_gluon": True, "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}])
 def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
     """The K/V-pass options the benchmark times, at Wan 480p in bf16."""
     from kernels import linear_attn as la
@@ -156,6 +157,22 @@ def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
     for key, val in opts.items():
         monkeypatch.setitem(la.OPTIONS, key, val)
     _run(gen, "relu", torch.bfloat16, (21, 30, 52), 128, rope=True, h=12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["relu", "elu", "softmax"])
+@pytest.mark.parametrize("d,dtype,rope", [(64, torch.float16, True), (128, torch.bfloat16, True),
+                                          (128, torch.float16, False)])
+@pytest.mark.parametrize("warps", [4, 8])
+def test_out_gluon_gpu(gen, monkeypatch, kind, d, dtype, rope, warps):
+    """The Gluon output pass (kernels.linear_gluon) at a ragged N (70 and 4,030 tokens: one and several
+    64-token tiles per program) against the reference, with the backward (which reads its saved state)."""
+    from kernels import linear_attn as la
+
+    monkeypatch.setitem(la.OPTIONS, "out_gluon", True)
+    monkeypatch.setitem(la.OPTIONS, "out_gluon_cfg", {"num_warps": warps, "stages": 3, "programs_per_sm": 1})
+    for grid in ((2, 5, 7), (5, 13, 62)):
+        _run(gen, kind, dtype, grid, d, rope=rope, h=3)
 
 
 def test_launch_retries_smaller_when_shared_memory_overflows():

@@ -1,0 +1,208 @@
+"""The linear branch's output pass (the forward's pass over Q) for Hopper, written in Gluon.
+
+Same contract as :func:`kernels.linear_attn._fwd_out_kernel`: with the summed state in the half layout
+(``S`` even feature rows, odd feature rows, then ``z``, in sum units), each query row gets
+``(R f(q))^T S / (f(q) . z + eps)``. What differs is the order of work, written out instead of left to
+Triton 3.6 (kernels/NOTES.md, run 12, says why):
+
+* Q tiles and the RoPE tables come through TMA into a ring of ``STAGES`` shared-memory slots, issued
+  ``STAGES`` tiles ahead, so the loads of later tiles are in flight while a tile is computed;
+* the state is cast once per program to fp16 and stays in shared memory as the wgmma B operand (the
+  Triton pass re-reads it with ``ldmatrix`` for every 32-token tile);
+* the features are computed in a blocked layout that holds each RoPE pair (channels 2i, 2i+1) in one
+  thread, so splitting them into even and odd halves moves no data; the two rotated halves go to shared
+  memory as the A operands of two wgmmas (K = D/2 each) against the state's two halves.
+
+One program per (token chunk, head), 4 or 8 warps, 64 tokens per tile. sm_90 only, bf16/fp16 inputs,
+D 64 or 128, contiguous ``(B, H, N, D)`` tensors. Gluon does not run in the CPU interpreter: the CPU tests
+build it for sm_90 (tests/kernels/test_gpu_compile.py) and the ``gpu`` tests check it on the card.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["out_pass_gluon", "out_gluon_supported"]
+
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+BLOCK = 64  # tokens per tile (one wgmma M)
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
+@gluon.jit
+def _feature(x, KIND: gl.constexpr):
+    """relu, elu + 1, or softmax over the head dim, of an fp32 ``BM x D`` tile."""
+    if KIND == 0:
+        return gl.maximum(x, 0.0)
+    elif KIND == 1:
+        return gl.where(x > 0, x + 1.0, gl.exp(gl.minimum(x, 0.0)))
+    else:
+        m = gl.max(x, 1)
+        e = gl.exp(x - m[:, None])
+        return e / gl.sum(e, 1)[:, None]
+
+
+@gluon.jit
+def _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t, start, base_row, ntiles,
+           STAGES: gl.constexpr, ROPE: gl.constexpr):
+    """TMA copies of tile ``t`` (its Q rows and, with RoPE, its rows of both tables) into ring slot
+    ``t % STAGES``, completing on that slot's barrier; nothing past the program's last tile."""
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    slot = t % STAGES
+    pred = t < ntiles
+    bar = bars.index(slot)
+    tok = start + t * BM
+    if ROPE:
+        mbarrier.expect(bar, q_desc.block_type.nbytes + 2 * c_desc.block_type.nbytes, pred=pred)
+        _tma_load(c_desc, [tok, 0], bar, c_smem.index(slot), pred=pred)
+        _tma_load(s_desc, [tok, 0], bar, s_smem.index(slot), pred=pred)
+    else:
+        mbarrier.expect(bar, q_desc.block_type.nbytes, pred=pred)
+    _tma_load(q_desc, [base_row + tok, 0], bar, q_smem.index(slot), pred=pred)
+
+
+@gluon.jit
+def _out_kernel(q_desc, c_desc, s_desc, Out, S, stride_ob, stride_oh, stride_on, H, N, CHUNK, eps_n, inv_n,
+                D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
+                st_layout: gl.constexpr, r_layout: gl.constexpr, num_warps: gl.constexpr):
+    """Output rows ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``. Q is read as a
+    ``(B*H*N, D)`` matrix: a tile's rows past N belong to the next head (or are zeros past the end) and
+    are never stored."""
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    D2: gl.constexpr = D // 2
+    WN: gl.constexpr = num_warps // 4  # warpgroups side by side along the output columns
+    pid = gl.program_id(0)
+    bh = gl.program_id(1)
+    start = pid * CHUNK
+    ntiles = gl.cdiv(gl.minimum(start + CHUNK, N) - start, BM)
+    base_row = bh * N
+
+    # each thread holds 8 consecutive channels (4 RoPE pairs) of a row: the even/odd split is in registers
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    blk3: gl.constexpr = gl.BlockedLayout([1, 4, 2], [4, 8, 1], [num_warps, 1, 1], [2, 1, 0])
+    hl: gl.constexpr = gl.SliceLayout(2, blk3)
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WN], instr_shape=[16, D // WN, 16])
+    sl: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+
+    # the state, in mean units, cast once to fp16 into shared memory (the wgmma B operands)
+    sbase = S + bh.to(gl.int64) * (D * D + D)
+    srows = gl.arange(0, D2, layout=gl.SliceLayout(1, sl))[:, None] * D + gl.arange(0, D, layout=gl.SliceLayout(0, sl))[None, :]
+    s0_smem = gl.allocate_shared_memory(gl.float16, [D2, D], st_layout, (gl.load(sbase + srows) * inv_n).to(gl.float16))
+    s1_smem = gl.allocate_shared_memory(gl.float16, [D2, D], st_layout,
+                                        (gl.load(sbase + D2 * D + srows) * inv_n).to(gl.float16))
+    zcols = gl.arange(0, D2, layout=gl.SliceLayout(0, hl))
+    z0 = gl.load(sbase + D * D + zcols) * inv_n
+    z1 = gl.load(sbase + D * D + D2 + zcols) * inv_n
+    r0_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
+    r1_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BM, D], q_desc.layout)
+    if ROPE:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BM, D2], c_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BM, D2], s_desc.layout)
+    else:
+        c_smem = q_smem
+        s_smem = q_smem
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()  # the state tiles and barrier inits before any async-proxy use
+    _cta_barrier()
+    for i in gl.static_range(STAGES):
+        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, ROPE)
+
+    zero = gl.zeros([BM, D], gl.float32, acc_l)
+    offs_m0 = gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
+    o_base = Out + (bh // H).to(gl.int64) * stride_ob + (bh % H).to(gl.int64) * stride_oh
+    for t in range(ntiles):
+        slot = t % STAGES
+        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+        x = q_smem.index(slot).load(blk).to(gl.float32)
+        if ROPE:
+            cs = c_smem.index(slot).load(hl).to(gl.float32)
+            sn = s_smem.index(slot).load(hl).to(gl.float32)
+        # every warp has read the slot (and finished the previous tile's wgmma): refill it, reuse r
+        _cta_barrier()
+        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES,
+               ROPE)
+        f0, f1 = gl.split(gl.reshape(_feature(x, KIND), [BM, D2, 2]))
+        f0 = gl.convert_layout(f0, hl, assert_trivial=True)
+        f1 = gl.convert_layout(f1, hl, assert_trivial=True)
+        den = gl.sum(f0 * z0[None, :] + f1 * z1[None, :], 1) + eps_n
+        if ROPE:
+            r0 = f0 * cs - f1 * sn
+            r1 = f0 * sn + f1 * cs
+        else:
+            r0 = f0
+            r1 = f1
+        r0_smem.store(r0.to(gl.float16))
+        r1_smem.store(r1.to(gl.float16))
+        fence_async_shared()
+        _cta_barrier()
+        acc = warpgroup_mma(r0_smem, s0_smem, zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(r1_smem, s1_smem, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        out = acc / gl.convert_layout(den, gl.SliceLayout(1, acc_l))[:, None]
+        out = gl.convert_layout(out.to(Out.dtype.element_ty), blk)
+        offs_m = start + t * BM + offs_m0
+        gl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out, mask=offs_m[:, None] < N)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+def out_gluon_supported(q: torch.Tensor, cos: torch.Tensor | None) -> str | None:
+    """Why the Gluon output pass cannot run these inputs (None when it can)."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"the Gluon output pass uses Hopper's wgmma and TMA: it needs an sm_90 GPU, not {q.device}"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"the Gluon output pass supports bfloat16 and float16, not {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"the Gluon output pass supports head_dim 64 and 128, not {q.shape[-1]}"
+    if not q.is_contiguous() or q.data_ptr() % 16:
+        return "the Gluon output pass reads q through TMA as one (B*H*N, D) matrix: it needs a contiguous, aligned q"
+    if cos is not None:
+        if cos.dtype not in _GL_DTYPES:
+            return f"the Gluon output pass takes RoPE tables in float32, float16 or bfloat16, not {cos.dtype}"
+        if cos.data_ptr() % 16:
+            return "the Gluon output pass reads the RoPE tables through TMA: they must be 16-byte aligned"
+    return None
+
+
+def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
+                   eps: float, nsplit: int, chunk: int, num_warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """The forward's output ``(B, H, N, D)`` from the summed state ``(B*H, D*D + D)`` (half layout, sum
+    units) over ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`). ``cos, sin``
+    are the ``(N, D/2)`` tables when ``rope`` (any placeholder tensors otherwise)."""
+    b, h, n, d = q.shape
+    assert chunk % BLOCK == 0 and num_warps in (4, 8)
+    gdt = _GL_DTYPES[q.dtype]
+    out = torch.empty_like(q)
+    q_desc = TensorDescriptor(q.view(b * h * n, d), [b * h * n, d], [d, 1], [BLOCK, d],
+                              gl.NVMMASharedLayout.get_default_for([BLOCK, d], gdt))
+    if rope:
+        tdt = _GL_DTYPES[cos.dtype]
+        tl_ = gl.NVMMASharedLayout.get_default_for([BLOCK, d // 2], tdt)
+        c_desc = TensorDescriptor(cos, [n, d // 2], [d // 2, 1], [BLOCK, d // 2], tl_)
+        s_desc = TensorDescriptor(sin, [n, d // 2], [d // 2, 1], [BLOCK, d // 2], tl_)
+    else:
+        c_desc = s_desc = q_desc
+    _out_kernel[(nsplit, b * h)](
+        q_desc, c_desc, s_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk, eps / n, 1.0 / n,
+        D=d, KIND=kind, ROPE=rope, STAGES=stages,
+        st_layout=gl.NVMMASharedLayout.get_default_for([d // 2, d], gl.float16),
+        r_layout=gl.NVMMASharedLayout.get_default_for([BLOCK, d // 2], gl.float16), num_warps=num_warps,
+    )
+    return out

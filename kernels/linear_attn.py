@@ -24,6 +24,7 @@ state is stored split as ``(2, D/2, D)`` and no interleaving shuffle is needed.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -557,7 +558,8 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
                  "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
                  "out_programs_per_sm": None, "tma": False,
-                 "out_gluon": False, "out_gluon_cfg": {"num_warps": 4, "stages": 3, "programs_per_sm": 1}}
+                 "out_gluon": False, "out_gluon_cfg": {"num_warps": 4, "stages": 3, "programs_per_sm": 1},
+                 "state_gluon": False, "state_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -572,10 +574,15 @@ def _modes(dtype: torch.dtype) -> dict:
     return {"NATIVE_MODE": 2, "F32_MODE": 1, "F32_SPLIT": False}
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _chunks(n: int, bh: int, device: torch.device, block: int = 128, per_sm: float | None = None) -> tuple[int, int]:
     """(programs per head, tokens per program) for the chunked passes."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         target = max(1, int((per_sm or OPTIONS["programs_per_sm"]) * sms) // max(bh, 1))
     else:
         target = 2
@@ -623,6 +630,11 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     """The K/V pass: the summed state ``(B*H, D*D + D)`` (sum units), in the pairs layout (rows in channel
     order) or the half layout (even rows, odd rows, then z), and the pass's chunking."""
     b, h, n, d = k.shape
+    if not pairs and not OPTIONS.get("state_halves") and (lg := _gluon(k, cos if rope else None, "state_gluon")) \
+            is not None and _gluon(v, None, "state_gluon") is not None:
+        cfg = OPTIONS["state_gluon_cfg"]
+        nsplit, chunk = _chunks(n, b * h, k.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
+        return lg.state_pass_gluon(k, v, cos, sin, rope, kind, nsplit, chunk, cfg["num_warps"], cfg["stages"]), nsplit, chunk
     modes = _modes(k.dtype)
     nsplit, chunk = _chunks(n, b * h, k.device)
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
@@ -639,16 +651,16 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     return part.sum(1), nsplit, chunk
 
 
-def _out_gluon(q: torch.Tensor, cos):
-    """:mod:`kernels.linear_gluon` when ``OPTIONS["out_gluon"]`` is on and it can run these inputs (an
-    sm_90 card, bf16/fp16, D 64/128, contiguous q), else None: the Triton output pass computes the same."""
-    if not OPTIONS.get("out_gluon") or _INTERPRET or q.device.type != "cuda":
+def _gluon(x: torch.Tensor, cos, option: str):
+    """:mod:`kernels.linear_gluon` when ``OPTIONS[option]`` is on and it can run these inputs (an sm_90
+    card, bf16/fp16, D 64/128, contiguous aligned tensors), else None: the Triton pass computes the same."""
+    if not OPTIONS.get(option) or _INTERPRET or x.device.type != "cuda":
         return None
     try:
         from kernels import linear_gluon
     except ImportError:  # a Triton without Gluon
         return None
-    return linear_gluon if linear_gluon.out_gluon_supported(q, cos) is None else None
+    return linear_gluon if linear_gluon.gluon_supported(x, cos) is None else None
 
 
 def _use_tma(*xs: torch.Tensor) -> bool:
@@ -666,7 +678,7 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     modes = _modes(q.dtype)
     pairs = bool(OPTIONS.get("pairs"))
     state, nsplit, chunk = _state_pass(k, v, kind, cos, sin, rope, pairs)
-    if not pairs and (lg := _out_gluon(q, cos if rope else None)) is not None:
+    if not pairs and (lg := _gluon(q, cos if rope else None, "out_gluon")) is not None:
         cfg = OPTIONS["out_gluon_cfg"]
         nsplit, chunk = _chunks(n, b * h, q.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         out = lg.out_pass_gluon(q, state, cos, sin, rope, kind, eps, nsplit, chunk, cfg["num_warps"], cfg["stages"])
@@ -752,6 +764,8 @@ def linear_attention_triton(
     Raises :class:`Unsupported` for a device, dtype or head_dim it cannot run.
     """
     q, k, v, cos_t, sin_t, rope, kind_id = _prepare(q, k, v, kind, cos, sin)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _forward(q, k, v, kind_id, cos_t, sin_t, rope, float(eps))[0]  # no graph to record: skip autograd's cost
     return _LinearAttention.apply(q, k, v, cos_t, sin_t, kind_id, rope, float(eps))
 
 

@@ -32,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["out_pass_gluon", "out_gluon_supported"]
+__all__ = ["gluon_supported", "out_pass_gluon", "state_pass_gluon"]
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -163,22 +163,178 @@ def _out_kernel(q_desc, c_desc, s_desc, Out, S, stride_ob, stride_oh, stride_on,
         mbarrier.invalidate(bars.index(i))
 
 
-def out_gluon_supported(q: torch.Tensor, cos: torch.Tensor | None) -> str | None:
-    """Why the Gluon output pass cannot run these inputs (None when it can)."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return f"the Gluon output pass uses Hopper's wgmma and TMA: it needs an sm_90 GPU, not {q.device}"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"the Gluon output pass supports bfloat16 and float16, not {q.dtype}"
-    if q.shape[-1] not in (64, 128):
-        return f"the Gluon output pass supports head_dim 64 and 128, not {q.shape[-1]}"
-    if not q.is_contiguous() or q.data_ptr() % 16:
-        return "the Gluon output pass reads q through TMA as one (B*H*N, D) matrix: it needs a contiguous, aligned q"
+@gluon.jit
+def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
+                  D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
+                  rt_layout: gl.constexpr, num_warps: gl.constexpr):
+    """Partial state of tokens ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``: ``R f(K)^T V``
+    (D x D, rows in the half layout: even features, then odd) and ``sum f(K)`` (halves), into ``PART``.
+    K and V are read as ``(B*H*N, D)`` matrices; rows past N (the next head's, or zeros) get zero
+    features, so they add nothing."""
+    BM: gl.constexpr = k_desc.block_type.shape[0]
+    D2: gl.constexpr = D // 2
+    pid = gl.program_id(0)
+    bh = gl.program_id(1)
+    nsplit = gl.num_programs(0)
+    start = pid * CHUNK
+    stop = gl.minimum(start + CHUNK, N)
+    ntiles = gl.cdiv(stop - start, BM)
+    base_row = bh * N
+
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    blk3: gl.constexpr = gl.BlockedLayout([1, 4, 2], [4, 8, 1], [num_warps, 1, 1], [2, 1, 0])
+    hl: gl.constexpr = gl.SliceLayout(2, blk3)
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
+
+    rt_smem = gl.allocate_shared_memory(v_desc.dtype, [D, BM], rt_layout)  # rotated features, transposed
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BM, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BM, D], v_desc.layout)
+    if ROPE:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BM, D2], c_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BM, D2], s_desc.layout)
+    else:
+        c_smem = k_smem
+        s_smem = k_smem
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    _cta_barrier()
+    for i in gl.static_range(STAGES):
+        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row, ntiles,
+                  STAGES, ROPE)
+
+    acc = gl.zeros([D, D], gl.float32, acc_l)
+    za0 = gl.zeros([BM, D2], gl.float32, hl)
+    za1 = gl.zeros([BM, D2], gl.float32, hl)
+    rows0 = gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+    for t in range(ntiles):
+        slot = t % STAGES
+        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+        x = k_smem.index(slot).load(blk).to(gl.float32)
+        f = gl.where((start + t * BM + rows0 < stop)[:, None], _feature(x, KIND), 0.0)
+        f0, f1 = gl.split(gl.reshape(f, [BM, D2, 2]))
+        f0 = gl.convert_layout(f0, hl, assert_trivial=True)
+        f1 = gl.convert_layout(f1, hl, assert_trivial=True)
+        za0 += f0
+        za1 += f1
+        if ROPE:
+            cs = c_smem.index(slot).load(hl).to(gl.float32)
+            sn = s_smem.index(slot).load(hl).to(gl.float32)
+            r0 = f0 * cs - f1 * sn
+            r1 = f0 * sn + f1 * cs
+        else:
+            r0 = f0
+            r1 = f1
+        # the previous tile's wgmma has finished reading rt_smem (each warpgroup waited for its own)
+        _cta_barrier()
+        rt_smem.slice(0, D2).store(gl.permute(r0.to(v_desc.dtype), (1, 0)))
+        rt_smem.slice(D2, D2).store(gl.permute(r1.to(v_desc.dtype), (1, 0)))
+        fence_async_shared()
+        _cta_barrier()
+        acc = warpgroup_mma(rt_smem, v_smem.index(slot), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        _cta_barrier()  # every warpgroup's wgmma has read the slot's V: refill it
+        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t + STAGES, start, base_row,
+                  ntiles, STAGES, ROPE)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    base = PART + (bh.to(gl.int64) * nsplit + pid) * (D * D + D)
+    r = gl.arange(0, D, layout=gl.SliceLayout(1, acc_l))
+    c = gl.arange(0, D, layout=gl.SliceLayout(0, acc_l))
+    gl.store(base + r[:, None] * D + c[None, :], acc)
+    zc = gl.arange(0, D2, layout=gl.SliceLayout(0, hl))
+    gl.store(base + D * D + zc, gl.sum(za0, 0))
+    gl.store(base + D * D + D2 + zc, gl.sum(za1, 0))
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t, start, base_row, ntiles,
+              STAGES: gl.constexpr, ROPE: gl.constexpr):
+    """TMA copies of K/V tile ``t`` (and its rows of the RoPE tables) into ring slot ``t % STAGES``."""
+    BM: gl.constexpr = k_desc.block_type.shape[0]
+    slot = t % STAGES
+    pred = t < ntiles
+    bar = bars.index(slot)
+    tok = start + t * BM
+    if ROPE:
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes + 2 * c_desc.block_type.nbytes, pred=pred)
+        _tma_load(c_desc, [tok, 0], bar, c_smem.index(slot), pred=pred)
+        _tma_load(s_desc, [tok, 0], bar, s_smem.index(slot), pred=pred)
+    else:
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=pred)
+    _tma_load(k_desc, [base_row + tok, 0], bar, k_smem.index(slot), pred=pred)
+    _tma_load(v_desc, [base_row + tok, 0], bar, v_smem.index(slot), pred=pred)
+
+
+def gluon_supported(x: torch.Tensor, cos: torch.Tensor | None) -> str | None:
+    """Why the Gluon passes cannot run these inputs (None when they can)."""
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return f"the Gluon linear passes use Hopper's wgmma and TMA: they need an sm_90 GPU, not {x.device}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"the Gluon linear passes support bfloat16 and float16, not {x.dtype}"
+    if x.shape[-1] not in (64, 128):
+        return f"the Gluon linear passes support head_dim 64 and 128, not {x.shape[-1]}"
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        return "the Gluon linear passes read q, k, v through TMA as (B*H*N, D) matrices: they must be contiguous and aligned"
     if cos is not None:
         if cos.dtype not in _GL_DTYPES:
-            return f"the Gluon output pass takes RoPE tables in float32, float16 or bfloat16, not {cos.dtype}"
+            return f"the Gluon linear passes take RoPE tables in float32, float16 or bfloat16, not {cos.dtype}"
         if cos.data_ptr() % 16:
-            return "the Gluon output pass reads the RoPE tables through TMA: they must be 16-byte aligned"
+            return "the Gluon linear passes read the RoPE tables through TMA: they must be 16-byte aligned"
     return None
+
+
+out_gluon_supported = gluon_supported  # the name the output pass was first published under
+
+# Host-side launch work, cached: this module's launches are host-bound on a slow host (kernels/NOTES.md,
+# run 12), so shared-memory layouts and the RoPE tables' descriptors (static across calls) are built once.
+_LAYOUTS: dict = {}
+_TABLE_DESCS: dict = {}
+
+
+def _layout(shape: tuple, dtype) -> gl.NVMMASharedLayout:
+    key = (shape, dtype)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(list(shape), dtype)
+    return _LAYOUTS[key]
+
+
+def _rows_desc(x: torch.Tensor) -> TensorDescriptor:
+    """A descriptor over a contiguous ``(B, H, N, D)`` tensor as one ``(B*H*N, D)`` matrix, 64-row blocks."""
+    b, h, n, d = x.shape
+    return TensorDescriptor(x.view(b * h * n, d), [b * h * n, d], [d, 1], [BLOCK, d], _layout((BLOCK, d), _GL_DTYPES[x.dtype]))
+
+
+def _table_descs(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """Descriptors over the ``(N, D/2)`` tables, keyed by what a descriptor encodes (address, shape,
+    dtype): the same for any tensor at that address, so a hit is always right. A few entries at most."""
+    key = (cos.data_ptr(), sin.data_ptr(), tuple(cos.shape), cos.dtype, cos.device)
+    descs = _TABLE_DESCS.get(key)
+    if descs is None:
+        n, d2 = cos.shape
+        lay = _layout((BLOCK, d2), _GL_DTYPES[cos.dtype])
+        descs = tuple(TensorDescriptor(t, [n, d2], [d2, 1], [BLOCK, d2], lay) for t in (cos, sin))
+        if len(_TABLE_DESCS) >= 8:
+            _TABLE_DESCS.clear()
+        _TABLE_DESCS[key] = descs
+    return descs
+
+
+def state_pass_gluon(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
+                     nsplit: int, chunk: int, num_warps: int = 8, stages: int = 3) -> torch.Tensor:
+    """The forward's K/V pass: the summed state ``(B*H, D*D + D)`` (half layout, sum units) from
+    ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`)."""
+    b, h, n, d = k.shape
+    assert chunk % BLOCK == 0 and num_warps in (4, 8)
+    part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
+    k_desc, v_desc = _rows_desc(k), _rows_desc(v)
+    c_desc, s_desc = _table_descs(cos, sin) if rope else (k_desc, k_desc)
+    _state_kernel[(nsplit, b * h)](
+        k_desc, v_desc, c_desc, s_desc, part, h, n, chunk, D=d, KIND=kind, ROPE=rope, STAGES=stages,
+        rt_layout=_layout((d, BLOCK), _GL_DTYPES[v.dtype]), num_warps=num_warps,
+    )
+    return part.sum(1)
 
 
 def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
@@ -188,21 +344,12 @@ def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin:
     are the ``(N, D/2)`` tables when ``rope`` (any placeholder tensors otherwise)."""
     b, h, n, d = q.shape
     assert chunk % BLOCK == 0 and num_warps in (4, 8)
-    gdt = _GL_DTYPES[q.dtype]
     out = torch.empty_like(q)
-    q_desc = TensorDescriptor(q.view(b * h * n, d), [b * h * n, d], [d, 1], [BLOCK, d],
-                              gl.NVMMASharedLayout.get_default_for([BLOCK, d], gdt))
-    if rope:
-        tdt = _GL_DTYPES[cos.dtype]
-        tl_ = gl.NVMMASharedLayout.get_default_for([BLOCK, d // 2], tdt)
-        c_desc = TensorDescriptor(cos, [n, d // 2], [d // 2, 1], [BLOCK, d // 2], tl_)
-        s_desc = TensorDescriptor(sin, [n, d // 2], [d // 2, 1], [BLOCK, d // 2], tl_)
-    else:
-        c_desc = s_desc = q_desc
+    q_desc = _rows_desc(q)
+    c_desc, s_desc = _table_descs(cos, sin) if rope else (q_desc, q_desc)
     _out_kernel[(nsplit, b * h)](
         q_desc, c_desc, s_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk, eps / n, 1.0 / n,
-        D=d, KIND=kind, ROPE=rope, STAGES=stages,
-        st_layout=gl.NVMMASharedLayout.get_default_for([d // 2, d], gl.float16),
-        r_layout=gl.NVMMASharedLayout.get_default_for([BLOCK, d // 2], gl.float16), num_warps=num_warps,
+        D=d, KIND=kind, ROPE=rope, STAGES=stages, st_layout=_layout((d // 2, d), gl.float16),
+        r_layout=_layout((BLOCK, d // 2), gl.float16), num_warps=num_warps,
     )
     return out

@@ -76,6 +76,11 @@ def main() -> None:
             "gluon w8 s2": (fp32, {"out_gluon": True, "out_gluon_cfg": {**g8, "stages": 2}}),
             "gluon w8 fp16 tables": (fp16, {"out_gluon": True, "out_gluon_cfg": g8}),
             "gluon w8 no rope": (none, {"out_gluon": True, "out_gluon_cfg": g8}),
+            "gluon both": (fp32, {"out_gluon": True, "state_gluon": True}),
+            "gluon both out w8": (fp32, {"out_gluon": True, "state_gluon": True, "out_gluon_cfg": g8}),
+            "gluon both s2": (fp32, {"out_gluon": True, "state_gluon": True, "state_gluon_cfg": {**g8, "stages": 2}}),
+            "gluon both no rope": (none, {"out_gluon": True, "state_gluon": True}),
+            "gluon both fp16 tables": (fp16, {"out_gluon": True, "state_gluon": True}),
         }
         only = [x for x in args.variants.split(",") if x]
         base = {}
@@ -124,6 +129,21 @@ def main() -> None:
         for name, fn in pieces.items():
             rows["host_us"][name] = round(host_us(fn), 1)
             print(f"host {name:<26} {rows['host_us'][name]:7.1f} us", flush=True)
+    if "cprofile" in args.parts:  # where one eager call's host time goes, per Python function
+        import cProfile
+        import pstats
+
+        with _updated(la.OPTIONS, {"out_gluon": True, "state_gluon": True}):
+            fn = lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(100):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 

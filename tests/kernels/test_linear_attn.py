@@ -149,7 +149,8 @@ def test_wan_shape_gpu(gen, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{"state_split": True}, {"state_halves": True}, {"pairs": True},
                                   {"out_programs_per_sm": 4}, {"tma": True}, {"out_gluon": True},
-                                  {"out_gluon": True, "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}])
+                                  {"out_gluon": True, "state_gluon": True,
+                                   "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}])
 def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
     """The K/V-pass options the benchmark times, at Wan 480p in bf16."""
     from kernels import linear_attn as la
@@ -164,15 +165,36 @@ def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
 @pytest.mark.parametrize("d,dtype,rope", [(64, torch.float16, True), (128, torch.bfloat16, True),
                                           (128, torch.float16, False)])
 @pytest.mark.parametrize("warps", [4, 8])
-def test_out_gluon_gpu(gen, monkeypatch, kind, d, dtype, rope, warps):
-    """The Gluon output pass (kernels.linear_gluon) at a ragged N (70 and 4,030 tokens: one and several
-    64-token tiles per program) against the reference, with the backward (which reads its saved state)."""
+def test_gluon_passes_gpu(gen, monkeypatch, kind, d, dtype, rope, warps):
+    """The Gluon K/V and output passes (kernels.linear_gluon) at a ragged N (70 and 4,030 tokens: one and
+    several 64-token tiles per program): the output against the float64 reference, and the gradients
+    (the Triton backward, reading the Gluon state) against the all-Triton path's."""
     from kernels import linear_attn as la
+    from tests.kernels._tol import rel_l2
 
-    monkeypatch.setitem(la.OPTIONS, "out_gluon", True)
-    monkeypatch.setitem(la.OPTIONS, "out_gluon_cfg", {"num_warps": warps, "stages": 3, "programs_per_sm": 1})
     for grid in ((2, 5, 7), (5, 13, 62)):
-        _run(gen, kind, dtype, grid, d, rope=rope, h=3)
+        n = grid[0] * grid[1] * grid[2]
+        q, k, v = [torch.randn(1, 3, n, d, generator=gen).to("cuda", dtype) for _ in range(3)]
+        cos, sin = rope_3d_freqs(grid, d, "cuda") if rope else (None, None)
+        dout = torch.randn(1, 3, n, d, generator=gen).to("cuda", dtype)
+
+        def go(q, k, v, cos, sin, dout):
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            out = linear_attention_triton(*xs, kind=kind, cos=cos, sin=sin)
+            out.backward(dout)
+            return [out.detach()] + [x.grad for x in xs]
+
+        triton_only = go(q, k, v, cos, sin, dout)
+        cfg = {"num_warps": warps, "stages": 3, "programs_per_sm": 1}
+        with monkeypatch.context() as m:
+            for key, val in (("out_gluon", True), ("state_gluon", True), ("out_gluon_cfg", cfg), ("state_gluon_cfg", cfg)):
+                m.setitem(la.OPTIONS, key, val)
+            ours = go(q, k, v, cos, sin, dout)
+        ref = linear_attention_ref(*[x.double() for x in (q, k, v)], kind, cos, sin)
+        same = linear_attention_ref(q, k, v, kind, cos, sin)
+        assert_close_to_torch(ours[0], same, ref, what=f"gluon {kind} {dtype} d={d} rope={rope} n={n} out")
+        for name, a, b in zip(("dq", "dk", "dv"), ours[1:], triton_only[1:], strict=True):
+            assert torch.isfinite(a).all() and rel_l2(a, b) < 3e-3, f"{name}: rel L2 {rel_l2(a, b):.2e} to the Triton path"
 
 
 def test_launch_retries_smaller_when_shared_memory_overflows():

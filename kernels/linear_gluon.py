@@ -166,11 +166,13 @@ def _out_kernel(q_desc, c_desc, s_desc, Out, S, stride_ob, stride_oh, stride_on,
 @gluon.jit
 def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
                   D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
-                  rt_layout: gl.constexpr, num_warps: gl.constexpr):
+                  r_layout: gl.constexpr, num_warps: gl.constexpr):
     """Partial state of tokens ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``: ``R f(K)^T V``
-    (D x D, rows in the half layout: even features, then odd) and ``sum f(K)`` (halves), into ``PART``.
+    (D x D) and ``sum f(K)``, stored in the half layout (even feature rows, then odd) into ``PART``.
     K and V are read as ``(B*H*N, D)`` matrices; rows past N (the next head's, or zeros) get zero
-    features, so they add nothing."""
+    features, so they add nothing. The rotated features keep their natural channel order in shared memory
+    (a ``BM x D`` tile, read transposed as the wgmma A operand); the accumulator's rows are permuted into
+    the half layout when stored. Tile t's wgmma runs while tile t + 1's features are computed."""
     BM: gl.constexpr = k_desc.block_type.shape[0]
     D2: gl.constexpr = D // 2
     pid = gl.program_id(0)
@@ -186,7 +188,7 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
     hl: gl.constexpr = gl.SliceLayout(2, blk3)
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
 
-    rt_smem = gl.allocate_shared_memory(v_desc.dtype, [D, BM], rt_layout)  # rotated features, transposed
+    r_smem = gl.allocate_shared_memory(v_desc.dtype, [2, BM, D], r_layout)  # rotated features, double-buffered
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BM, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BM, D], v_desc.layout)
     if ROPE:
@@ -201,8 +203,8 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
     fence_async_shared()
     _cta_barrier()
     for i in gl.static_range(STAGES):
-        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row, ntiles,
-                  STAGES, ROPE)
+        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row,
+                  i < ntiles, STAGES, ROPE)
 
     acc = gl.zeros([D, D], gl.float32, acc_l)
     za0 = gl.zeros([BM, D2], gl.float32, hl)
@@ -221,40 +223,40 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
         if ROPE:
             cs = c_smem.index(slot).load(hl).to(gl.float32)
             sn = s_smem.index(slot).load(hl).to(gl.float32)
-            r0 = f0 * cs - f1 * sn
-            r1 = f0 * sn + f1 * cs
+            r = gl.convert_layout(gl.reshape(gl.join(f0 * cs - f1 * sn, f0 * sn + f1 * cs), [BM, D]), blk,
+                                  assert_trivial=True)
         else:
-            r0 = f0
-            r1 = f1
-        # the previous tile's wgmma has finished reading rt_smem (each warpgroup waited for its own)
-        _cta_barrier()
-        rt_smem.slice(0, D2).store(gl.permute(r0.to(v_desc.dtype), (1, 0)))
-        rt_smem.slice(D2, D2).store(gl.permute(r1.to(v_desc.dtype), (1, 0)))
+            r = f
+        # buffer t % 2 was last read by tile t - 2's wgmma, which every warpgroup has waited for
+        r_smem.index(t % 2).store(r.to(v_desc.dtype))
         fence_async_shared()
         _cta_barrier()
-        acc = warpgroup_mma(rt_smem, v_smem.index(slot), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        _cta_barrier()  # every warpgroup's wgmma has read the slot's V: refill it
-        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t + STAGES, start, base_row,
-                  ntiles, STAGES, ROPE)
+        acc = warpgroup_mma(r_smem.index(t % 2).permute((1, 0)), v_smem.index(slot), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=(acc, ))  # tile t - 1's wgmma is done
+        _cta_barrier()  # ... in every warpgroup: its ring slot can take tile t - 1 + STAGES
+        nxt = t - 1 + STAGES
+        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, nxt, start, base_row,
+                  (t > 0) & (nxt < ntiles), STAGES, ROPE)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
     base = PART + (bh.to(gl.int64) * nsplit + pid) * (D * D + D)
-    r = gl.arange(0, D, layout=gl.SliceLayout(1, acc_l))
-    c = gl.arange(0, D, layout=gl.SliceLayout(0, acc_l))
-    gl.store(base + r[:, None] * D + c[None, :], acc)
+    r_ = gl.arange(0, D, layout=gl.SliceLayout(1, acc_l))
+    c_ = gl.arange(0, D, layout=gl.SliceLayout(0, acc_l))
+    # natural feature row 2i -> half-layout row i, row 2i + 1 -> row D/2 + i
+    gl.store(base + ((r_ % 2) * D2 + r_ // 2)[:, None] * D + c_[None, :], acc)
     zc = gl.arange(0, D2, layout=gl.SliceLayout(0, hl))
     gl.store(base + D * D + zc, gl.sum(za0, 0))
     gl.store(base + D * D + D2 + zc, gl.sum(za1, 0))
 
 
 @gluon.jit
-def _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t, start, base_row, ntiles,
+def _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t, start, base_row, pred,
               STAGES: gl.constexpr, ROPE: gl.constexpr):
-    """TMA copies of K/V tile ``t`` (and its rows of the RoPE tables) into ring slot ``t % STAGES``."""
+    """TMA copies of K/V tile ``t`` (and its rows of the RoPE tables) into ring slot ``t % STAGES`` when
+    ``pred``."""
     BM: gl.constexpr = k_desc.block_type.shape[0]
     slot = t % STAGES
-    pred = t < ntiles
     bar = bars.index(slot)
     tok = start + t * BM
     if ROPE:
@@ -332,7 +334,7 @@ def state_pass_gluon(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: t
     c_desc, s_desc = _table_descs(cos, sin) if rope else (k_desc, k_desc)
     _state_kernel[(nsplit, b * h)](
         k_desc, v_desc, c_desc, s_desc, part, h, n, chunk, D=d, KIND=kind, ROPE=rope, STAGES=stages,
-        rt_layout=_layout((d, BLOCK), _GL_DTYPES[v.dtype]), num_warps=num_warps,
+        r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]), num_warps=num_warps,
     )
     return part.sum(1)
 

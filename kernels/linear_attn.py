@@ -555,10 +555,14 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # pointer arithmetic. Measured on the H200 (r25, scripts/linear_host.py): its kernels take 167.9 us against
 # 173.9 (171.3 against 175.8 us replayed from a CUDA graph), but its launches cost 269 us of host time per
 # call against 141, so an eager call measures 0.285 against 0.181 ms. Off.
+# ``out_gluon`` (on): the Q pass is :mod:`kernels.linear_gluon`'s on sm_90 cards (bf16/fp16, D 64/128,
+# contiguous inputs), the Triton one elsewhere. H200, run 12 (scripts/linear_probe.py): 78.5 us against
+# 97.5 us, the whole forward 0.159 against 0.179 ms. ``state_gluon`` (off): the K/V pass in Gluon, 66.4
+# against 68.4 us on the card, but its launch costs more host time than the card saves (0.195 ms eager).
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
                  "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
                  "out_programs_per_sm": None, "tma": False,
-                 "out_gluon": False, "out_gluon_cfg": {"num_warps": 4, "stages": 3, "programs_per_sm": 1},
+                 "out_gluon": True, "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1},
                  "state_gluon": False, "state_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 

@@ -193,6 +193,48 @@ GLUON_SCRIPT = BUILD + textwrap.dedent(
 )
 
 
+LINEAR_GLUON_SCRIPT = BUILD + textwrap.dedent(
+    """
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from kernels import linear_gluon as lg
+
+    bm = lg.BLOCK
+    failed = 0
+    for d, dt, name, rope, tdt, tname, kind, warps in ((128, gl.bfloat16, "bf16", True, gl.float32, "fp32", 0, 8),
+                                                      (64, gl.float16, "fp16", True, gl.float16, "fp16", 2, 4),
+                                                      (128, gl.float16, "fp16", False, gl.float32, "fp32", 1, 4)):
+        def desc(r, c, t, tn):
+            return f"tensordesc<{tn}[{r}, {c}],{gl.NVMMASharedLayout.get_default_for([r, c], t)}>"
+        rows, table = desc(bm, d, dt, name), desc(bm, d // 2, tdt, tname)
+        common = {"c_desc": table if rope else rows, "s_desc": table if rope else rows}
+        params = inspect.signature(lg._out_kernel.fn).parameters
+        types = {p: "i32" for p in params} | common | {"q_desc": rows, "Out": "*" + name, "S": "*fp32",
+                                                       "eps_n": "fp32", "inv_n": "fp32"}
+        const = {"D": d, "KIND": kind, "ROPE": rope, "STAGES": 3, "num_warps": warps,
+                 "st_layout": gl.NVMMASharedLayout.get_default_for([d // 2, d], gl.float16),
+                 "r_layout": gl.NVMMASharedLayout.get_default_for([bm, d // 2], gl.float16)}
+        failed += try_build(f"gluon linear output pass D={d} {name} rope={rope}", lg._out_kernel, types, const,
+                            warps, stages=1, source=GluonASTSource)
+        params = inspect.signature(lg._state_kernel.fn).parameters
+        types = {p: "i32" for p in params} | common | {"k_desc": rows, "v_desc": rows, "PART": "*fp32"}
+        const = {"D": d, "KIND": kind, "ROPE": rope, "STAGES": 3, "num_warps": 8,
+                 "r_layout": gl.NVMMASharedLayout.get_default_for([bm, d], dt)}
+        failed += try_build(f"gluon linear K/V pass D={d} {name} rope={rope}", lg._state_kernel, types, const, 8,
+                            stages=1, source=GluonASTSource)
+    sys.exit(1 if failed else 0)
+    """
+)
+
+
+def test_linear_gluon_passes_compile_for_hopper(tmp_path):
+    """The linear branch's Gluon passes (kernels.linear_gluon) built for sm_90: bf16 with fp32 RoPE tables
+    at D=128, fp16 with fp16 tables at D=64, fp16 without RoPE; relu, softmax and elu features."""
+    pytest.importorskip("triton.experimental.gluon")
+    res = _compile(LINEAR_GLUON_SCRIPT, tmp_path)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
 def test_gluon_forward_compiles_for_hopper(tmp_path):
     """The Gluon forward (kernels.block_sparse_gluon) cannot run in the interpreter; it is built for sm_90
     here (bf16 with a ragged N at D=128, fp16 with an even N at D=64), so a change only the compiler rejects

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.errors import Unsupported
+from kernels.launch import launch
 from kernels.layout import cdiv
 from kernels.tma import scratch_allocator, tma_ok
 
@@ -603,7 +604,7 @@ def _launch(kernel, grid, args, consts, cfg):
         c = dict(cur)
         nw, ns = c.pop("num_warps"), c.pop("num_stages")
         try:
-            kernel[grid](*args, **consts, **c, num_warps=nw, num_stages=ns)
+            launch(kernel, grid, args, {**consts, **c}, {"num_warps": nw, "num_stages": ns})
             _FITTED[key] = cur
             return
         except triton.runtime.errors.OutOfResources:

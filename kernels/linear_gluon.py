@@ -32,6 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from kernels.launch import launch
+
 __all__ = ["gluon_supported", "out_pass_gluon", "state_pass_gluon"]
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -332,10 +334,9 @@ def state_pass_gluon(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: t
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
     k_desc, v_desc = _rows_desc(k), _rows_desc(v)
     c_desc, s_desc = _table_descs(cos, sin) if rope else (k_desc, k_desc)
-    _state_kernel[(nsplit, b * h)](
-        k_desc, v_desc, c_desc, s_desc, part, h, n, chunk, D=d, KIND=kind, ROPE=rope, STAGES=stages,
-        r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]), num_warps=num_warps,
-    )
+    launch(_state_kernel, (nsplit, b * h), (k_desc, v_desc, c_desc, s_desc, part, h, n, chunk),
+           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]),
+                num_warps=num_warps))
     return part.sum(1)
 
 
@@ -349,9 +350,8 @@ def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin:
     out = torch.empty_like(q)
     q_desc = _rows_desc(q)
     c_desc, s_desc = _table_descs(cos, sin) if rope else (q_desc, q_desc)
-    _out_kernel[(nsplit, b * h)](
-        q_desc, c_desc, s_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk, eps / n, 1.0 / n,
-        D=d, KIND=kind, ROPE=rope, STAGES=stages, st_layout=_layout((d // 2, d), gl.float16),
-        r_layout=_layout((BLOCK, d // 2), gl.float16), num_warps=num_warps,
-    )
+    launch(_out_kernel, (nsplit, b * h),
+           (q_desc, c_desc, s_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk, eps / n, 1.0 / n),
+           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, st_layout=_layout((d // 2, d), gl.float16),
+                r_layout=_layout((BLOCK, d // 2), gl.float16), num_warps=num_warps))
     return out

@@ -71,7 +71,7 @@ def main() -> None:
         fp32, fp16, none = (cos, sin), (cos.half(), sin.half()), (None, None)
         g8 = {"num_warps": 8, "stages": 3, "programs_per_sm": 1}
         variants = {  # name: (tables, linear_attn OPTIONS)
-            "fp32 tables": (fp32, {}), "fp16 tables": (fp16, {}), "no rope": (none, {}),
+            "fp32 tables": (fp32, {}), "triton out": (fp32, {"out_gluon": False}), "fp16 tables": (fp16, {}), "no rope": (none, {}),
             "gluon w4": (fp32, {"out_gluon": True}), "gluon w8": (fp32, {"out_gluon": True, "out_gluon_cfg": g8}),
             "gluon w8 s2": (fp32, {"out_gluon": True, "out_gluon_cfg": {**g8, "stages": 2}}),
             "gluon w8 fp16 tables": (fp16, {"out_gluon": True, "out_gluon_cfg": g8}),
@@ -95,9 +95,10 @@ def main() -> None:
                         base[key] = out
                     diff = ((out.float() - base[key].float()).norm() / base[key].float().norm()).item()
                     rows[name] = r = device(lambda t=tables: la.linear_attention_triton(q, k, v, "relu", *t))
+                    r["repeat_identical"] = torch.equal(la.linear_attention_triton(q, k, v, "relu", *tables), out)
                 r["rel_diff_vs_first_same_tables"] = diff
                 print(f"{name:<22} do_bench {r['do_bench_us']:6.1f}  graph {r['graph_us']:6.1f}  host {r['host_us']:6.1f}"
-                      f"  kernels {r['kernel_sum_us']:6.1f}  diff {diff:.1e}  {r['kernels_us']}", flush=True)
+                      f"  kernels {r['kernel_sum_us']:6.1f}  diff {diff:.1e} same {r['repeat_identical']}  {r['kernels_us']}", flush=True)
             except Exception as exc:  # a diagnostic: report and go on
                 print(f"{name}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
     if "host" in args.parts:

@@ -126,43 +126,71 @@ def _out_kernel(q_desc, c_desc, s_desc, Out, S, stride_ob, stride_oh, stride_on,
         _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, ROPE)
 
     zero = gl.zeros([BM, D], gl.float32, acc_l)
-    offs_m0 = gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
     o_base = Out + (bh // H).to(gl.int64) * stride_ob + (bh % H).to(gl.int64) * stride_oh
+    ring = (q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles)
     for t in range(ntiles):
-        slot = t % STAGES
-        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
-        x = q_smem.index(slot).load(blk).to(gl.float32)
-        if ROPE:
-            cs = c_smem.index(slot).load(hl).to(gl.float32)
-            sn = s_smem.index(slot).load(hl).to(gl.float32)
-        # every warp has read the slot (and finished the previous tile's wgmma): refill it, reuse r
-        _cta_barrier()
-        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES,
-               ROPE)
-        f0, f1 = gl.split(gl.reshape(_feature(x, KIND), [BM, D2, 2]))
-        f0 = gl.convert_layout(f0, hl, assert_trivial=True)
-        f1 = gl.convert_layout(f1, hl, assert_trivial=True)
-        den = gl.sum(f0 * z0[None, :] + f1 * z1[None, :], 1) + eps_n
-        if ROPE:
-            r0 = f0 * cs - f1 * sn
-            r1 = f0 * sn + f1 * cs
-        else:
-            r0 = f0
-            r1 = f1
-        r0_smem.store(r0.to(gl.float16))
-        r1_smem.store(r1.to(gl.float16))
-        fence_async_shared()
-        _cta_barrier()
-        acc = warpgroup_mma(r0_smem, s0_smem, zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(r1_smem, s1_smem, acc, is_async=True)
+        acc, den = _q_issue(t, ring, r0_smem, r1_smem, s0_smem, s1_smem, z0, z1, eps_n, zero, KIND, ROPE, STAGES, blk,
+                            hl)
+        # (keeping tile t's GEMMs in flight while tile t - 1 is stored gets them serialised by ptxas: C7514)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        out = acc / gl.convert_layout(den, gl.SliceLayout(1, acc_l))[:, None]
-        out = gl.convert_layout(out.to(Out.dtype.element_ty), blk)
-        offs_m = start + t * BM + offs_m0
-        gl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out, mask=offs_m[:, None] < N)
+        _q_store(acc, den, o_base, start + t * BM, N, stride_on, blk)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
+def _q_issue(t, ring, r0_smem, r1_smem, s0_smem, s1_smem, z0, z1, eps_n, zero, KIND: gl.constexpr,
+             ROPE: gl.constexpr, STAGES: gl.constexpr, blk: gl.constexpr, hl: gl.constexpr):
+    """Tile t up to its GEMMs: wait for its ring slot, read it, refill it with tile t + STAGES, compute the
+    rotated feature halves into shared memory and issue the two wgmmas (async). Returns (acc, den)."""
+    q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles = ring
+    slot = t % STAGES
+    mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+    x = q_smem.index(slot).load(blk).to(gl.float32)
+    if ROPE:
+        cs = c_smem.index(slot).load(hl).to(gl.float32)
+        sn = s_smem.index(slot).load(hl).to(gl.float32)
+    else:
+        cs = z0
+        sn = z0
+    # every warp has read the slot (and waited for the wgmma that last read this r buffer): refill it
+    _cta_barrier()
+    _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES, ROPE)
+    r0, r1, den = _q_features(x, cs, sn, z0, z1, eps_n, KIND, ROPE, hl)
+    r0_smem.store(r0.to(gl.float16))
+    r1_smem.store(r1.to(gl.float16))
+    fence_async_shared()
+    _cta_barrier()
+    acc = warpgroup_mma(r0_smem, s0_smem, zero, use_acc=False, is_async=True)
+    acc = warpgroup_mma(r1_smem, s1_smem, acc, is_async=True)
+    return acc, den
+
+
+@gluon.jit
+def _q_features(x, cs, sn, z0, z1, eps_n, KIND: gl.constexpr, ROPE: gl.constexpr, hl: gl.constexpr):
+    """Rotated feature halves of a Q tile and each row's denominator ``f . z + eps``."""
+    BM: gl.constexpr = x.type.shape[0]
+    D2: gl.constexpr = x.type.shape[1] // 2
+    f0, f1 = gl.split(gl.reshape(_feature(x, KIND), [BM, D2, 2]))
+    f0 = gl.convert_layout(f0, hl, assert_trivial=True)
+    f1 = gl.convert_layout(f1, hl, assert_trivial=True)
+    den = gl.sum(f0 * z0[None, :] + f1 * z1[None, :], 1) + eps_n
+    if ROPE:
+        return f0 * cs - f1 * sn, f0 * sn + f1 * cs, den
+    else:
+        return f0, f1, den
+
+
+@gluon.jit
+def _q_store(acc, den, o_base, row0, N, stride_on, blk: gl.constexpr):
+    """Rows ``row0 ..`` of the output: ``acc / den``, in a blocked layout, rows past N dropped."""
+    BM: gl.constexpr = acc.type.shape[0]
+    D: gl.constexpr = acc.type.shape[1]
+    out = acc / gl.convert_layout(den, gl.SliceLayout(1, acc.type.layout))[:, None]
+    out = gl.convert_layout(out.to(o_base.dtype.element_ty), blk)
+    offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
+    gl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out, mask=offs_m[:, None] < N)
 
 
 @gluon.jit
@@ -307,7 +335,8 @@ def _layout(shape: tuple, dtype) -> gl.NVMMASharedLayout:
 def _rows_desc(x: torch.Tensor) -> TensorDescriptor:
     """A descriptor over a contiguous ``(B, H, N, D)`` tensor as one ``(B*H*N, D)`` matrix, 64-row blocks."""
     b, h, n, d = x.shape
-    return TensorDescriptor(x.view(b * h * n, d), [b * h * n, d], [d, 1], [BLOCK, d], _layout((BLOCK, d), _GL_DTYPES[x.dtype]))
+    # the descriptor reads only the base's address and dtype: x itself serves (a .view costs ~20 us of host time)
+    return TensorDescriptor(x, [b * h * n, d], [d, 1], [BLOCK, d], _layout((BLOCK, d), _GL_DTYPES[x.dtype]))
 
 
 def _table_descs(cos: torch.Tensor, sin: torch.Tensor) -> tuple:

@@ -10,18 +10,16 @@ graph replay, the difference is host time the card waits for.
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `kernels`
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 from harness.bench_kernels import _updated  # noqa: E402
 from kernels import linear_attn as la  # noqa: E402
 from kernels.rope import rope_3d_freqs  # noqa: E402
+from scripts.linear_probe import device  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -39,36 +37,9 @@ def main() -> None:
     for name, opts in VARIANTS.items():
         try:
             with _updated(la.OPTIONS, opts):
-                def fn():
-                    return la.linear_attention_triton(q, k, v, "relu", cos, sin)
-
-                fn()
-                torch.cuda.synchronize()
-                bench_ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(50):
-                    fn()
-                host_us = (time.perf_counter() - t0) / 50 * 1e6
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    fn()
-                    with torch.cuda.graph(graph, stream=stream):
-                        fn()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph_ms = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        fn()
-                    torch.cuda.synchronize()
-                kernels = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.device_time_total > 0}
-                rows[name] = {"do_bench_ms": bench_ms, "host_us_per_call": host_us, "graph_ms": graph_ms,
-                              "kernels_us": kernels, "kernel_sum_us": sum(kernels.values())}
-                print(f"{name:<18} do_bench {bench_ms * 1e3:6.1f} us  graph {graph_ms * 1e3:6.1f} us  host/call "
-                      f"{host_us:6.1f} us  kernels {sum(kernels.values()):6.1f} us", flush=True)
+                rows[name] = r = device(lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin))
+            print(f"{name:<18} do_bench {r['do_bench_us']:6.1f} us  graph {r['graph_us']:6.1f} us  host/call "
+                  f"{r['host_us']:6.1f} us  kernels {r['kernel_sum_us']:6.1f} us", flush=True)
         except Exception as exc:  # a diagnostic: report and go on
             print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
     print(json.dumps(rows, indent=1))

@@ -57,6 +57,26 @@ def _feature(x, KIND: gl.constexpr):
 
 
 @gluon.jit
+def _ring(x_desc, c_desc, s_desc, STAGES: gl.constexpr, ROPE: gl.constexpr):
+    """A ring of ``STAGES`` slots for row tiles of ``x_desc`` and (with RoPE) of both tables, and one
+    initialised barrier per slot; shared memory written before it is fenced for the async proxy."""
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, x_desc.block_type.shape[1]], x_desc.layout)
+    if ROPE:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BM, c_desc.block_type.shape[1]], c_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BM, s_desc.block_type.shape[1]], s_desc.layout)
+    else:
+        c_smem = x_smem
+        s_smem = x_smem
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    _cta_barrier()
+    return x_smem, c_smem, s_smem, bars
+
+
+@gluon.jit
 def _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t, start, base_row, ntiles,
            STAGES: gl.constexpr, ROPE: gl.constexpr):
     """TMA copies of tile ``t`` (its Q rows and, with RoPE, its rows of both tables) into ring slot
@@ -110,18 +130,7 @@ def _out_kernel(q_desc, c_desc, s_desc, Out, S, stride_ob, stride_oh, stride_on,
     r0_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
     r1_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BM, D], q_desc.layout)
-    if ROPE:
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BM, D2], c_desc.layout)
-        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BM, D2], s_desc.layout)
-    else:
-        c_smem = q_smem
-        s_smem = q_smem
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    fence_async_shared()  # the state tiles and barrier inits before any async-proxy use
-    _cta_barrier()
+    q_smem, c_smem, s_smem, bars = _ring(q_desc, c_desc, s_desc, STAGES, ROPE)
     for i in gl.static_range(STAGES):
         _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, ROPE)
 
@@ -219,19 +228,8 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
 
     r_smem = gl.allocate_shared_memory(v_desc.dtype, [2, BM, D], r_layout)  # rotated features, double-buffered
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BM, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BM, D], v_desc.layout)
-    if ROPE:
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, [STAGES, BM, D2], c_desc.layout)
-        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BM, D2], s_desc.layout)
-    else:
-        c_smem = k_smem
-        s_smem = k_smem
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    fence_async_shared()
-    _cta_barrier()
+    k_smem, c_smem, s_smem, bars = _ring(k_desc, c_desc, s_desc, STAGES, ROPE)
     for i in gl.static_range(STAGES):
         _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row,
                   i < ntiles, STAGES, ROPE)

@@ -11,6 +11,9 @@ Two passes each way, memory-bound at the video shapes:
   in one flat buffer, summed by one torch op (a few MB); (2) one pass over Q producing O.
 * backward: (1) one pass over Q, dO: dQ plus partial ``dS``/``dz``; (2) one pass over K, V: dK, dV.
 
+On sm_90 the forward's pass over Q is :mod:`kernels.linear_gluon`'s (``OPTIONS["out_gluon"]``, same
+results to 1.4e-5); the K/V pass there is optional (``OPTIONS["state_gluon"]``).
+
 Numerics: states are kept in "mean" units (``S/N``, ``z/N``; the ratio is unchanged), so every
 operand is O(1) and can go through fp16 tensor cores safely. Products with a native operand (V, dO)
 use the input dtype; the backward splits the fp32 operand into hi + lo parts (exact to ~16 bits), the

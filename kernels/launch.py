@@ -34,6 +34,13 @@ def _spec(x) -> object:
     raise TypeError(type(x))
 
 
+def _stream():
+    """Triton's handle of the current CUDA stream (what ``kernel[grid]`` launches on)."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
 def _hooked(hook) -> bool:
     """Whether a profiler hook is set (Triton 3.6 keeps an empty hook chain when none is)."""
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -45,7 +52,6 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, options: dict | None 
     such as cached layouts); ``options`` the launch options (``num_warps``, ``num_stages``) of a Triton
     kernel."""
     from triton import knobs
-    from triton.runtime.driver import driver
 
     options = options or {}
     if not torch.cuda.is_available():  # the interpreter: nothing compiled to keep
@@ -63,6 +69,5 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, options: dict | None 
         _COMPILED[key] = kernel[grid](*args, **consts, **options)
         return
     full = list(args) + [consts.get(p.name, p.default) for p in kernel.params[len(args):]]
-    device = driver.active.get_current_device()
-    ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-           driver.active.get_current_stream(device), ck.function, ck.packed_metadata, None, None, None, *full)
+    ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _stream(), ck.function,
+           ck.packed_metadata, None, None, None, *full)

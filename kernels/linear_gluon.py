@@ -1,6 +1,13 @@
-"""The linear branch's output pass (the forward's pass over Q) for Hopper, written in Gluon.
+"""The linear branch's two forward passes for Hopper, written in Gluon.
 
-Same contract as :func:`kernels.linear_attn._fwd_out_kernel`: with the summed state in the half layout
+The output pass (:func:`out_pass_gluon`, the pass over Q) is the default on sm_90
+(``linear_attn.OPTIONS["out_gluon"]``); the K/V pass (:func:`state_pass_gluon`, ``OPTIONS["state_gluon"]``)
+is kept off: 2 us faster on the card, but more host time per call (kernels/NOTES.md, run 12). Both keep a
+ring of TMA slots; the K/V pass stores the rotated features in natural channel order and reads them
+transposed as the wgmma A operand against the V tile, permuting the state's rows into the half layout
+when it stores them.
+
+The output pass has the same contract as :func:`kernels.linear_attn._fwd_out_kernel`: with the summed state in the half layout
 (``S`` even feature rows, odd feature rows, then ``z``, in sum units), each query row gets
 ``(R f(q))^T S / (f(q) . z + eps)``. What differs is the order of work, written out instead of left to
 Triton 3.6 (kernels/NOTES.md, run 12, says why):

@@ -638,8 +638,7 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     """The K/V pass: the summed state ``(B*H, D*D + D)`` (sum units), in the pairs layout (rows in channel
     order) or the half layout (even rows, odd rows, then z), and the pass's chunking."""
     b, h, n, d = k.shape
-    if not pairs and not OPTIONS.get("state_halves") and (lg := _gluon(k, cos if rope else None, "state_gluon")) \
-            is not None and _gluon(v, None, "state_gluon") is not None:
+    if not pairs and not OPTIONS.get("state_halves") and (lg := _gluon("state_gluon", cos if rope else None, k, v)):
         cfg = OPTIONS["state_gluon_cfg"]
         nsplit, chunk = _chunks(n, b * h, k.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         return lg.state_pass_gluon(k, v, cos, sin, rope, kind, nsplit, chunk, cfg["num_warps"], cfg["stages"]), nsplit, chunk
@@ -659,16 +658,16 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     return part.sum(1), nsplit, chunk
 
 
-def _gluon(x: torch.Tensor, cos, option: str):
+def _gluon(option: str, cos, *xs: torch.Tensor):
     """:mod:`kernels.linear_gluon` when ``OPTIONS[option]`` is on and it can run these inputs (an sm_90
     card, bf16/fp16, D 64/128, contiguous aligned tensors), else None: the Triton pass computes the same."""
-    if not OPTIONS.get(option) or _INTERPRET or x.device.type != "cuda":
+    if not OPTIONS.get(option) or _INTERPRET or xs[0].device.type != "cuda":
         return None
     try:
         from kernels import linear_gluon
     except ImportError:  # a Triton without Gluon
         return None
-    return linear_gluon if linear_gluon.gluon_supported(x, cos) is None else None
+    return linear_gluon if linear_gluon.gluon_supported(cos, *xs) is None else None
 
 
 def _use_tma(*xs: torch.Tensor) -> bool:
@@ -686,7 +685,7 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
     modes = _modes(q.dtype)
     pairs = bool(OPTIONS.get("pairs"))
     state, nsplit, chunk = _state_pass(k, v, kind, cos, sin, rope, pairs)
-    if not pairs and (lg := _gluon(q, cos if rope else None, "out_gluon")) is not None:
+    if not pairs and (lg := _gluon("out_gluon", cos if rope else None, q)):
         cfg = OPTIONS["out_gluon_cfg"]
         nsplit, chunk = _chunks(n, b * h, q.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         out = lg.out_pass_gluon(q, state, cos, sin, rope, kind, eps, nsplit, chunk, cfg["num_warps"], cfg["stages"])

@@ -27,6 +27,8 @@ build it for sm_90 (tests/kernels/test_gpu_compile.py) and the ``gpu`` tests che
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -304,15 +306,22 @@ def _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, ba
     _tma_load(v_desc, [base_row + tok, 0], bar, v_smem.index(slot), pred=pred)
 
 
-def gluon_supported(x: torch.Tensor, cos: torch.Tensor | None) -> str | None:
-    """Why the Gluon passes cannot run these inputs (None when they can)."""
-    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
+@functools.cache
+def _major(index: int) -> int:
+    """The compute capability's major number of CUDA device ``index`` (asked once: a per-call cost)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def gluon_supported(cos: torch.Tensor | None, *xs: torch.Tensor) -> str | None:
+    """Why the Gluon passes cannot run on these inputs ``xs`` and RoPE table ``cos`` (None when they can)."""
+    x = xs[0]
+    if x.device.type != "cuda" or _major(x.device.index if x.device.index is not None else torch.cuda.current_device()) != 9:
         return f"the Gluon linear passes use Hopper's wgmma and TMA: they need an sm_90 GPU, not {x.device}"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"the Gluon linear passes support bfloat16 and float16, not {x.dtype}"
     if x.shape[-1] not in (64, 128):
         return f"the Gluon linear passes support head_dim 64 and 128, not {x.shape[-1]}"
-    if not x.is_contiguous() or x.data_ptr() % 16:
+    if not all(y.is_contiguous() and y.data_ptr() % 16 == 0 for y in xs):
         return "the Gluon linear passes read q, k, v through TMA as (B*H*N, D) matrices: they must be contiguous and aligned"
     if cos is not None:
         if cos.dtype not in _GL_DTYPES:
@@ -321,8 +330,6 @@ def gluon_supported(x: torch.Tensor, cos: torch.Tensor | None) -> str | None:
             return "the Gluon linear passes read the RoPE tables through TMA: they must be 16-byte aligned"
     return None
 
-
-out_gluon_supported = gluon_supported  # the name the output pass was first published under
 
 # Host-side launch work, cached: this module's launches are host-bound on a slow host (kernels/NOTES.md,
 # run 12), so shared-memory layouts and the RoPE tables' descriptors (static across calls) are built once.

@@ -105,9 +105,9 @@ def _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t, start, base_
 
 
 @gluon.jit
-def _out_kernel(q_desc, c_desc, s_desc, Out, S, stride_ob, stride_oh, stride_on, H, N, CHUNK, eps_n, inv_n,
-                D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
-                st_layout: gl.constexpr, r_layout: gl.constexpr, num_warps: gl.constexpr):
+def _out_kernel(q_desc, c_desc, s_desc, COS, SIN, Out, S, stride_ob, stride_oh, stride_on, H, N, CHUNK, eps_n, inv_n,
+                D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, TABLE_TMA: gl.constexpr, STAGES: gl.constexpr,
+                PIPE: gl.constexpr, st_layout: gl.constexpr, r_layout: gl.constexpr, num_warps: gl.constexpr):
     """Output rows ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``. Q is read as a
     ``(B*H*N, D)`` matrix: a tile's rows past N belong to the next head (or are zeros past the end) and
     are never stored."""
@@ -136,52 +136,81 @@ def _out_kernel(q_desc, c_desc, s_desc, Out, S, stride_ob, stride_oh, stride_on,
     zcols = gl.arange(0, D2, layout=gl.SliceLayout(0, hl))
     z0 = gl.load(sbase + D * D + zcols) * inv_n
     z1 = gl.load(sbase + D * D + D2 + zcols) * inv_n
-    r0_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
-    r1_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
+    NB: gl.constexpr = 2 if PIPE else 1  # rotated-feature buffers: with two, tile t + 1's are made during tile t's GEMMs
+    r0_smem = gl.allocate_shared_memory(gl.float16, [NB, BM, D2], r_layout)
+    r1_smem = gl.allocate_shared_memory(gl.float16, [NB, BM, D2], r_layout)
 
-    q_smem, c_smem, s_smem, bars = _ring(q_desc, c_desc, s_desc, STAGES, ROPE)
+    RING_TABLES: gl.constexpr = ROPE and TABLE_TMA
+    q_smem, c_smem, s_smem, bars = _ring(q_desc, c_desc, s_desc, STAGES, RING_TABLES)
     for i in gl.static_range(STAGES):
-        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, ROPE)
+        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, RING_TABLES)
 
     zero = gl.zeros([BM, D], gl.float32, acc_l)
     o_base = Out + (bh // H).to(gl.int64) * stride_ob + (bh % H).to(gl.int64) * stride_oh
-    ring = (q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles)
+    ring = (q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, COS, SIN, start, base_row, ntiles, N)
+    # every program has at least one tile
+    den = _q_tile(0, ring, r0_smem.index(0), r1_smem.index(0), z0, z1, eps_n, KIND, ROPE, RING_TABLES, STAGES, blk, hl)
     for t in range(ntiles):
-        acc, den = _q_issue(t, ring, r0_smem, r1_smem, s0_smem, s1_smem, z0, z1, eps_n, zero, KIND, ROPE, STAGES, blk,
-                            hl)
-        # (keeping tile t's GEMMs in flight while tile t - 1 is stored gets them serialised by ptxas: C7514)
+        fence_async_shared()
+        _cta_barrier()  # tile t's rotated features are in shared memory, from every warp
+        acc = warpgroup_mma(r0_smem.index(t % NB), s0_smem, zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(r1_smem.index(t % NB), s1_smem, acc, is_async=True)
+        nxt = den
+        if PIPE:  # into the other buffers, last read by tile t - 1's GEMMs (waited for)
+            if t + 1 < ntiles:
+                nxt = _q_tile(t + 1, ring, r0_smem.index((t + 1) % NB), r1_smem.index((t + 1) % NB), z0, z1, eps_n,
+                              KIND, ROPE, RING_TABLES, STAGES, blk, hl)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
+        if not PIPE:  # into the same buffers: _q_tile's barrier comes after every warpgroup's wait
+            if t + 1 < ntiles:
+                nxt = _q_tile(t + 1, ring, r0_smem.index(0), r1_smem.index(0), z0, z1, eps_n, KIND, ROPE, RING_TABLES,
+                              STAGES, blk, hl)
         _q_store(acc, den, o_base, start + t * BM, N, stride_on, blk)
+        den = nxt
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
 
 @gluon.jit
-def _q_issue(t, ring, r0_smem, r1_smem, s0_smem, s1_smem, z0, z1, eps_n, zero, KIND: gl.constexpr,
-             ROPE: gl.constexpr, STAGES: gl.constexpr, blk: gl.constexpr, hl: gl.constexpr):
-    """Tile t up to its GEMMs: wait for its ring slot, read it, refill it with tile t + STAGES, compute the
-    rotated feature halves into shared memory and issue the two wgmmas (async). Returns (acc, den)."""
-    q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles = ring
+def _q_tile(t, ring, r0_smem, r1_smem, z0, z1, eps_n, KIND: gl.constexpr, ROPE: gl.constexpr, RING_TABLES: gl.constexpr,
+            STAGES: gl.constexpr, blk: gl.constexpr, hl: gl.constexpr):
+    """Tile t up to its GEMMs: wait for its ring slot, read it, refill it with tile t + STAGES, and write
+    the rotated feature halves into ``r0_smem, r1_smem``. The tables' rows come from the ring when
+    ``RING_TABLES``, else from global memory. Returns each row's denominator ``f . z + eps``."""
+    q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, COS, SIN, start, base_row, ntiles, N = ring
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    D2: gl.constexpr = q_desc.block_type.shape[1] // 2
     slot = t % STAGES
+    cs, sn = _tables(COS, SIN, start + t * BM, N, BM, D2, ROPE and not RING_TABLES, hl)
     mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
     x = q_smem.index(slot).load(blk).to(gl.float32)
-    if ROPE:
+    if RING_TABLES:
         cs = c_smem.index(slot).load(hl).to(gl.float32)
         sn = s_smem.index(slot).load(hl).to(gl.float32)
-    else:
-        cs = z0
-        sn = z0
-    # every warp has read the slot (and waited for the wgmma that last read this r buffer): refill it
+    # every warp has read the slot (and every warpgroup has waited for the GEMMs that last read the
+    # buffers written below): refill it
     _cta_barrier()
-    _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES, ROPE)
+    _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES,
+           RING_TABLES)
     r0, r1, den = _q_features(x, cs, sn, z0, z1, eps_n, KIND, ROPE, hl)
     r0_smem.store(r0.to(gl.float16))
     r1_smem.store(r1.to(gl.float16))
-    fence_async_shared()
-    _cta_barrier()
-    acc = warpgroup_mma(r0_smem, s0_smem, zero, use_acc=False, is_async=True)
-    acc = warpgroup_mma(r1_smem, s1_smem, acc, is_async=True)
-    return acc, den
+    return den
+
+
+@gluon.jit
+def _tables(COS, SIN, row0, N, BM: gl.constexpr, D2: gl.constexpr, LOAD: gl.constexpr, hl: gl.constexpr):
+    """Rows ``row0 .. row0 + BM`` of both ``(N, D/2)`` tables in fp32 (zeros past N), loaded from global
+    memory into registers when ``LOAD``; a placeholder (never read) otherwise."""
+    if LOAD:
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, hl))
+        offs = rows[:, None] * D2 + gl.arange(0, D2, layout=gl.SliceLayout(0, hl))[None, :]
+        m = rows[:, None] < N
+        return (gl.load(COS + offs, mask=m, other=0.0).to(gl.float32),
+                gl.load(SIN + offs, mask=m, other=0.0).to(gl.float32))
+    else:
+        z = gl.zeros([BM, D2], gl.float32, hl)
+        return z, z
 
 
 @gluon.jit
@@ -212,8 +241,8 @@ def _q_store(acc, den, o_base, row0, N, stride_on, blk: gl.constexpr):
 
 
 @gluon.jit
-def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
-                  D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
+def _state_kernel(k_desc, v_desc, c_desc, s_desc, COS, SIN, PART, H, N, CHUNK,
+                  D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, TABLE_TMA: gl.constexpr, STAGES: gl.constexpr,
                   r_layout: gl.constexpr, num_warps: gl.constexpr):
     """Partial state of tokens ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``: ``R f(K)^T V``
     (D x D) and ``sum f(K)``, stored in the half layout (even feature rows, then odd) into ``PART``.
@@ -236,45 +265,29 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
     hl: gl.constexpr = gl.SliceLayout(2, blk3)
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
 
+    RING_TABLES: gl.constexpr = ROPE and TABLE_TMA
     r_smem = gl.allocate_shared_memory(v_desc.dtype, [2, BM, D], r_layout)  # rotated features, double-buffered
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BM, D], v_desc.layout)
-    k_smem, c_smem, s_smem, bars = _ring(k_desc, c_desc, s_desc, STAGES, ROPE)
+    k_smem, c_smem, s_smem, bars = _ring(k_desc, c_desc, s_desc, STAGES, RING_TABLES)
     for i in gl.static_range(STAGES):
         _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row,
-                  i < ntiles, STAGES, ROPE)
-
+                  i < ntiles, STAGES, RING_TABLES)
     acc = gl.zeros([D, D], gl.float32, acc_l)
     za0 = gl.zeros([BM, D2], gl.float32, hl)
     za1 = gl.zeros([BM, D2], gl.float32, hl)
-    rows0 = gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+    ring = (k_smem, v_smem, c_smem, s_smem, r_smem, bars, COS, SIN, start, stop, N)
+    # every program has at least one tile; tile t + 1's features are computed while tile t's wgmma runs
+    za0, za1 = _kv_tile(0, ring, za0, za1, KIND, ROPE, RING_TABLES, STAGES, blk, hl)
     for t in range(ntiles):
-        slot = t % STAGES
-        mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
-        x = k_smem.index(slot).load(blk).to(gl.float32)
-        f = gl.where((start + t * BM + rows0 < stop)[:, None], _feature(x, KIND), 0.0)
-        f0, f1 = gl.split(gl.reshape(f, [BM, D2, 2]))
-        f0 = gl.convert_layout(f0, hl, assert_trivial=True)
-        f1 = gl.convert_layout(f1, hl, assert_trivial=True)
-        za0 += f0
-        za1 += f1
-        if ROPE:
-            cs = c_smem.index(slot).load(hl).to(gl.float32)
-            sn = s_smem.index(slot).load(hl).to(gl.float32)
-            r = gl.convert_layout(gl.reshape(gl.join(f0 * cs - f1 * sn, f0 * sn + f1 * cs), [BM, D]), blk,
-                                  assert_trivial=True)
-        else:
-            r = f
-        # buffer t % 2 was last read by tile t - 2's wgmma, which every warpgroup has waited for
-        r_smem.index(t % 2).store(r.to(v_desc.dtype))
         fence_async_shared()
-        _cta_barrier()
-        acc = warpgroup_mma(r_smem.index(t % 2).permute((1, 0)), v_smem.index(slot), acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=(acc, ))  # tile t - 1's wgmma is done
-        _cta_barrier()  # ... in every warpgroup: its ring slot can take tile t - 1 + STAGES
-        nxt = t - 1 + STAGES
-        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, nxt, start, base_row,
-                  (t > 0) & (nxt < ntiles), STAGES, ROPE)
-    acc = warpgroup_mma_wait(0, deps=(acc, ))
+        _cta_barrier()  # tile t's features are in r_smem[t % 2], from every warp
+        acc = warpgroup_mma(r_smem.index(t % 2).permute((1, 0)), v_smem.index(t % STAGES), acc, is_async=True)
+        if t + 1 < ntiles:  # into r_smem[(t + 1) % 2], last read by tile t - 1's wgmma (waited for)
+            za0, za1 = _kv_tile(t + 1, ring, za0, za1, KIND, ROPE, RING_TABLES, STAGES, blk, hl)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        _cta_barrier()  # every warpgroup is done with tile t's slot: it takes tile t + STAGES
+        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t + STAGES, start, base_row,
+                  t + STAGES < ntiles, STAGES, RING_TABLES)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
     base = PART + (bh.to(gl.int64) * nsplit + pid) * (D * D + D)
@@ -285,6 +298,38 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
     zc = gl.arange(0, D2, layout=gl.SliceLayout(0, hl))
     gl.store(base + D * D + zc, gl.sum(za0, 0))
     gl.store(base + D * D + D2 + zc, gl.sum(za1, 0))
+
+
+@gluon.jit
+def _kv_tile(t, ring, za0, za1, KIND: gl.constexpr, ROPE: gl.constexpr, RING_TABLES: gl.constexpr,
+             STAGES: gl.constexpr, blk: gl.constexpr, hl: gl.constexpr):
+    """Tile t of the K/V pass up to its wgmma: its rotated features (zero on rows past the chunk) into
+    ``r_smem[t % 2]`` in natural channel order, and the feature sums ``za0, za1`` (even, odd channels)
+    updated. The tables' rows come from the ring when ``RING_TABLES``, else from global memory."""
+    k_smem, v_smem, c_smem, s_smem, r_smem, bars, COS, SIN, start, stop, N = ring
+    BM: gl.constexpr = k_smem.type.shape[1]
+    D: gl.constexpr = k_smem.type.shape[2]
+    D2: gl.constexpr = D // 2
+    slot = t % STAGES
+    row0 = start + t * BM
+    cs, sn = _tables(COS, SIN, row0, N, BM, D2, ROPE and not RING_TABLES, hl)
+    mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
+    x = k_smem.index(slot).load(blk).to(gl.float32)
+    rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+    f = gl.where((rows < stop)[:, None], _feature(x, KIND), 0.0)
+    f0, f1 = gl.split(gl.reshape(f, [BM, D2, 2]))
+    f0 = gl.convert_layout(f0, hl, assert_trivial=True)
+    f1 = gl.convert_layout(f1, hl, assert_trivial=True)
+    if RING_TABLES:
+        cs = c_smem.index(slot).load(hl).to(gl.float32)
+        sn = s_smem.index(slot).load(hl).to(gl.float32)
+    if ROPE:
+        r = gl.convert_layout(gl.reshape(gl.join(f0 * cs - f1 * sn, f0 * sn + f1 * cs), [BM, D]), blk,
+                              assert_trivial=True)
+    else:
+        r = f
+    r_smem.index(t % 2).store(r.to(r_smem.dtype))
+    return za0 + f0, za1 + f1
 
 
 @gluon.jit
@@ -367,22 +412,23 @@ def _table_descs(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
 
 
 def state_pass_gluon(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
-                     nsplit: int, chunk: int, num_warps: int = 8, stages: int = 3) -> torch.Tensor:
+                     nsplit: int, chunk: int, num_warps: int = 8, stages: int = 3, table_tma: bool = True) -> torch.Tensor:
     """The forward's K/V pass: the summed state ``(B*H, D*D + D)`` (half layout, sum units) from
     ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`)."""
     b, h, n, d = k.shape
     assert chunk % BLOCK == 0 and num_warps in (4, 8)
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
     k_desc, v_desc = _rows_desc(k), _rows_desc(v)
-    c_desc, s_desc = _table_descs(cos, sin) if rope else (k_desc, k_desc)
-    launch(_state_kernel, (nsplit, b * h), (k_desc, v_desc, c_desc, s_desc, part, h, n, chunk),
-           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]),
+    c_desc, s_desc = _table_descs(cos, sin) if rope and table_tma else (k_desc, k_desc)
+    launch(_state_kernel, (nsplit, b * h), (k_desc, v_desc, c_desc, s_desc, cos, sin, part, h, n, chunk),
+           dict(D=d, KIND=kind, ROPE=rope, TABLE_TMA=table_tma, STAGES=stages, r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]),
                 num_warps=num_warps))
     return part.sum(1)
 
 
 def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
-                   eps: float, nsplit: int, chunk: int, num_warps: int = 4, stages: int = 3) -> torch.Tensor:
+                   eps: float, nsplit: int, chunk: int, num_warps: int = 4, stages: int = 3,
+                   table_tma: bool = True, pipe: bool = False) -> torch.Tensor:
     """The forward's output ``(B, H, N, D)`` from the summed state ``(B*H, D*D + D)`` (half layout, sum
     units) over ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`). ``cos, sin``
     are the ``(N, D/2)`` tables when ``rope`` (any placeholder tensors otherwise)."""
@@ -390,9 +436,10 @@ def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin:
     assert chunk % BLOCK == 0 and num_warps in (4, 8)
     out = torch.empty_like(q)
     q_desc = _rows_desc(q)
-    c_desc, s_desc = _table_descs(cos, sin) if rope else (q_desc, q_desc)
+    c_desc, s_desc = _table_descs(cos, sin) if rope and table_tma else (q_desc, q_desc)
     launch(_out_kernel, (nsplit, b * h),
-           (q_desc, c_desc, s_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk, eps / n, 1.0 / n),
-           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, st_layout=_layout((d // 2, d), gl.float16),
+           (q_desc, c_desc, s_desc, cos, sin, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk,
+            eps / n, 1.0 / n),
+           dict(D=d, KIND=kind, ROPE=rope, TABLE_TMA=table_tma, STAGES=stages, PIPE=pipe, st_layout=_layout((d // 2, d), gl.float16),
                 r_layout=_layout((BLOCK, d // 2), gl.float16), num_warps=num_warps))
     return out

@@ -82,6 +82,16 @@ def main() -> None:
             "gluon both no rope": (none, {"out_gluon": True, "state_gluon": True}),
             "gluon both fp16 tables": (fp16, {"out_gluon": True, "state_gluon": True}),
         }
+        # the output pass's table source (TMA ring or registers), tile pipelining and programs per SM
+        for tt, pipe, st, pps, w in ((True, True, 3, 1, 8), (False, False, 3, 1, 8), (False, True, 3, 1, 8),
+                                     (False, True, 2, 2, 8), (False, False, 2, 2, 8), (False, True, 2, 2, 4)):
+            cfg = {"num_warps": w, "stages": st, "programs_per_sm": pps, "table_tma": tt, "pipe": pipe}
+            name = f"out {'ring' if tt else 'regs'}{' pipe' if pipe else ''} w{w} s{st} pps{pps}"
+            variants[name] = (fp32, {"out_gluon_cfg": cfg})
+            if (tt, st) == (False, 2) and w == 8:
+                variants[name + " no rope"] = (none, {"out_gluon_cfg": cfg})
+        for tt in (True, False):  # the K/V pass in Gluon, its table source
+            variants[f"kv {'ring' if tt else 'regs'}"] = (fp32, {"state_gluon": True, "state_gluon_cfg": {**g8, "table_tma": tt}})
         only = [x for x in args.variants.split(",") if x]
         base = {}
         for name, (tables, opts) in variants.items():

@@ -642,7 +642,7 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
         cfg = OPTIONS["state_gluon_cfg"]
         nsplit, chunk = _chunks(n, b * h, k.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         part = lg.state_pass_gluon(k, v, cos, sin, rope, kind, nsplit, chunk, cfg["num_warps"], cfg["stages"],
-                                   cfg.get("table_tma", True), cfg.get("pipe", False))
+                                   cfg.get("table_tma", True))
         return part, nsplit, chunk
     modes = _modes(k.dtype)
     nsplit, chunk = _chunks(n, b * h, k.device)

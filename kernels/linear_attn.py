@@ -320,7 +320,7 @@ def _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE: tl.co
     num = tl.zeros([ROWS, D], dtype=tl.float32)
     num = _mm_pre(r0, s0h, s0l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
     num = _mm_pre(r1, s1h, s1l, num, F32_MODE, F32_SPLIT, F32_SPLIT)
-    return num / den[:, None]
+    return num * (1.0 / den)[:, None]  # a reciprocal per row, not a division per element
 
 
 @triton.jit
@@ -434,7 +434,7 @@ def _fwd_out_pairs_kernel(
         den = tl.sum(f * z[None, :], 1) + eps_n
         r = _rope_pairs(f, COS, SIN, offs, mask, ROPE, BLOCK, D)
         num = _mm_pre(r, sh, sl, tl.zeros([BLOCK, D], dtype=tl.float32), F32_MODE, F32_SPLIT, F32_SPLIT)
-        tl.store(Out + o_base + offs[:, None] * stride_on + cols[None, :], (num / den[:, None]).to(Out.dtype.element_ty),
+        tl.store(Out + o_base + offs[:, None] * stride_on + cols[None, :], (num * (1.0 / den)[:, None]).to(Out.dtype.element_ty),
                  mask=mask[:, None])
 
 

@@ -92,6 +92,7 @@ def main() -> None:
                 variants[name + " no rope"] = (none, {"out_gluon_cfg": cfg})
         for tt in (True, False):  # the K/V pass in Gluon, its table source
             variants[f"kv {'ring' if tt else 'regs'}"] = (fp32, {"state_gluon": True, "state_gluon_cfg": {**g8, "table_tma": tt}})
+        variants["kv ring out pipe"] = (fp32, {"state_gluon": True, "out_gluon_cfg": {**g8, "pipe": True}})
         only = [x for x in args.variants.split(",") if x]
         base = {}
         for name, (tables, opts) in variants.items():
@@ -136,6 +137,19 @@ def main() -> None:
             "_forward (no autograd)": lambda: la._forward(qp, kp, vp, 0, cs, sn, True, 1e-6),
             "linear_attention_triton": lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin),
         }
+        try:  # the Gluon output pass's host-side pieces (sm_90)
+            from kernels import linear_gluon as lg
+
+            cfg = la.OPTIONS["out_gluon_cfg"]
+            pieces |= {
+                "gluon _rows_desc(q)": lambda: lg._rows_desc(q),
+                "gluon _table_descs (cached)": lambda: lg._table_descs(cs, sn),
+                "gluon out_pass_gluon": lambda: lg.out_pass_gluon(q, state, cs, sn, True, 0, 1e-6, nsplit, chunk,
+                                                                  cfg["num_warps"], cfg["stages"], cfg.get("table_tma", True),
+                                                                  cfg.get("pipe", False)),
+            }
+        except ImportError as exc:
+            print(f"no Gluon pieces: {exc}")
         rows["host_us"] = {}
         for name, fn in pieces.items():
             rows["host_us"][name] = round(host_us(fn), 1)
@@ -144,7 +158,7 @@ def main() -> None:
         import cProfile
         import pstats
 
-        with _updated(la.OPTIONS, {"out_gluon": True, "state_gluon": True}):
+        with _updated(la.OPTIONS, {}):  # the defaults
             fn = lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin)  # noqa: E731
             fn()
             torch.cuda.synchronize()

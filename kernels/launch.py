@@ -58,9 +58,7 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, options: dict | None 
         kernel[grid](*args, **consts, **options)
         return
     try:
-        key = (id(kernel), tuple(_spec(a) for a in args),
-               tuple((k, v if isinstance(v, int | float | bool | str) else id(v)) for k, v in consts.items()),
-               tuple(options.items()), torch.cuda.current_device())
+        key = _key(kernel, args, consts, options)
     except TypeError:
         kernel[grid](*args, **consts, **options)
         return
@@ -68,6 +66,18 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, options: dict | None 
     if ck is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
         _COMPILED[key] = kernel[grid](*args, **consts, **options)
         return
+    _run(ck, kernel, grid, args, consts)
+
+
+def _key(kernel, args: tuple, consts: dict, options: dict) -> tuple:
+    """What picks the compiled kernel for these arguments (raises TypeError for an unknown argument type)."""
+    return (id(kernel), tuple(_spec(a) for a in args),
+            tuple((k, v if isinstance(v, int | float | bool | str) else id(v)) for k, v in consts.items()),
+            tuple(options.items()), torch.cuda.current_device())
+
+
+def _run(ck, kernel, grid: tuple, args: tuple, consts: dict) -> None:
+    """Launch compiled kernel ``ck`` of ``kernel`` through its launcher, constexprs in parameter order."""
     full = list(args) + [consts.get(p.name, p.default) for p in kernel.params[len(args):]]
     ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _stream(), ck.function,
            ck.packed_metadata, None, None, None, *full)

@@ -18,19 +18,29 @@ __all__ = ["launch"]
 _COMPILED: dict = {}
 
 
+_PLAIN = frozenset((int, bool, str, float))  # constexpr value types compared by value (others by identity)
+
+
 def _spec(x) -> object:
     """The part of an argument that a compiled kernel depends on (raises TypeError for an unknown type)."""
+    t = type(x)  # exact types first: this runs for every argument of every launch
+    if t is int:
+        return ("i", not x & 15, x == 1, -2**31 <= x < 2**31)
+    if t is torch.Tensor:
+        return (x.dtype, not x.data_ptr() & 15)
+    if t is float:
+        return "f"
     if isinstance(x, torch.Tensor):
-        return (x.dtype, x.data_ptr() % 16 == 0)
+        return (x.dtype, not x.data_ptr() & 15)
     if isinstance(x, bool):
         return ("b", x)
     if isinstance(x, int):
-        return ("i", x % 16 == 0, x == 1, -2**31 <= x < 2**31)
+        return ("i", not x & 15, x == 1, -2**31 <= x < 2**31)
     if isinstance(x, float):
         return "f"
     if hasattr(x, "block_shape") and hasattr(x, "base"):  # a host-side tensor descriptor
-        return ("d", x.base.dtype, tuple(x.block_shape), id(x.layout) if hasattr(x, "layout") else None,
-                x.base.data_ptr() % 16 == 0, tuple(s % 16 == 0 for s in x.shape), tuple(s % 16 == 0 for s in x.strides))
+        return ("d", x.base.dtype, tuple(x.block_shape), id(getattr(x, "layout", None)), not x.base.data_ptr() & 15,
+                tuple(not s & 15 for s in x.shape), tuple(not s & 15 for s in x.strides))
     raise TypeError(type(x))
 
 
@@ -62,22 +72,24 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, options: dict | None 
     except TypeError:
         kernel[grid](*args, **consts, **options)
         return
-    ck = _COMPILED.get(key)
-    if ck is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-        _COMPILED[key] = kernel[grid](*args, **consts, **options)
+    hit = _COMPILED.get(key)
+    if hit is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        ck = kernel[grid](*args, **consts, **options)
+        # the constexprs in parameter order after the positional arguments: fixed by the key
+        _COMPILED[key] = (ck, tuple(consts.get(p.name, p.default) for p in kernel.params[len(args):]))
         return
-    _run(ck, kernel, grid, args, consts)
+    _run(hit, grid, args)
 
 
 def _key(kernel, args: tuple, consts: dict, options: dict) -> tuple:
     """What picks the compiled kernel for these arguments (raises TypeError for an unknown argument type)."""
-    return (id(kernel), tuple(_spec(a) for a in args),
-            tuple((k, v if isinstance(v, int | float | bool | str) else id(v)) for k, v in consts.items()),
+    return (id(kernel), tuple(map(_spec, args)),
+            tuple((k, v if type(v) in _PLAIN else id(v)) for k, v in consts.items()),
             tuple(options.items()), torch.cuda.current_device())
 
 
-def _run(ck, kernel, grid: tuple, args: tuple, consts: dict) -> None:
-    """Launch compiled kernel ``ck`` of ``kernel`` through its launcher, constexprs in parameter order."""
-    full = list(args) + [consts.get(p.name, p.default) for p in kernel.params[len(args):]]
+def _run(hit: tuple, grid: tuple, args: tuple) -> None:
+    """Launch a cached ``(compiled kernel, constexpr values)`` through the kernel's launcher."""
+    ck, tail = hit
     ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _stream(), ck.function,
-           ck.packed_metadata, None, None, None, *full)
+           ck.packed_metadata, None, None, None, *args, *tail)

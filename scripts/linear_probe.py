@@ -24,15 +24,18 @@ from kernels import linear_attn as la  # noqa: E402
 from kernels.rope import rope_3d_freqs  # noqa: E402
 
 
-def host_us(fn, n: int = 200) -> float:
+def host_us(fn, n: int = 100, batches: int = 5) -> float:
+    """Host time per call: the least mean over ``batches`` batches of ``n`` calls (the host is noisy)."""
     fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    us = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return us
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return best
 
 
 def device(fn) -> dict:
@@ -78,21 +81,32 @@ def _gluon_launch_pieces(lg, q, k, v, state, cs, sn, nsplit, chunk) -> dict:
         L.launch(lg._out_kernel, grid, args, consts)
     torch.cuda.synchronize()
     print(f"launch cache: {before} -> {len(L._COMPILED)} entries after 3 launches", flush=True)
+    part = torch.empty((12, 11, d * d + d), dtype=torch.float32, device=q.device)
+    kv_args = (lg._rows_desc(k), lg._rows_desc(v), c_desc, s_desc, cs, sn, part, h, n, 3008)
+    kv_consts = dict(D=d, KIND=0, ROPE=True, TABLE_TMA=True, STAGES=3, r_layout=lg._layout((lg.BLOCK, d), lg.gl.bfloat16),
+                     num_warps=8)
+    before = len(L._COMPILED)
+    for _ in range(3):
+        L.launch(lg._state_kernel, (11, b * h), kv_args, kv_consts)
+    torch.cuda.synchronize()
+    print(f"launch cache (K/V pass): {before} -> {len(L._COMPILED)} entries after 3 launches", flush=True)
     key = L._key(lg._out_kernel, args, consts, {})
-    ck = L._COMPILED[key]
-    meta = ck.metadata.tensordesc_meta
+    hit = L._COMPILED[key]
+    meta = hit[0].metadata.tensordesc_meta
     print(f"tensordesc_meta: {meta}", flush=True)
     return {
         "launch._spec(q_desc)": lambda: L._spec(q_desc),
         "launch._spec(tensor)": lambda: L._spec(q),
         "launch._key (out pass)": lambda: L._key(lg._out_kernel, args, consts, {}),
-        "launch._run (out pass)": lambda: L._run(ck, lg._out_kernel, grid, args, consts),
+        "launch._run (out pass)": lambda: L._run(hit, grid, args),
         "launch (out pass)": lambda: L.launch(lg._out_kernel, grid, args, consts),
         "kernel[grid] (out pass)": lambda: lg._out_kernel[grid](*args, **consts),
         "make_tensordesc_arg(q_desc)": lambda: nv.make_tensordesc_arg(q_desc, meta[0] if meta else None),
         "launch._stream()": L._stream,
         "torch.empty_like(q)": lambda: torch.empty_like(q),
         "gluon state_pass_gluon": lambda: lg.state_pass_gluon(k, v, cs, sn, True, 0, 11, 3008, 8, 3),
+        "torch.empty part (12, 11, D*D+D)": lambda: torch.empty((12, 11, d * d + d), dtype=torch.float32, device=q.device),
+        "launch (K/V pass)": lambda: L.launch(lg._state_kernel, (11, b * h), kv_args, kv_consts),
     }
 
 

@@ -641,8 +641,7 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     if not pairs and not OPTIONS.get("state_halves") and (lg := _gluon("state_gluon", cos if rope else None, k, v)):
         cfg = OPTIONS["state_gluon_cfg"]
         nsplit, chunk = _chunks(n, b * h, k.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
-        part = lg.state_pass_gluon(k, v, cos, sin, rope, kind, nsplit, chunk, cfg["num_warps"], cfg["stages"],
-                                   cfg.get("table_tma", True))
+        part = lg.state_pass_gluon(k, v, cos, sin, rope, kind, nsplit, chunk, cfg["num_warps"], cfg["stages"])
         return part, nsplit, chunk
     modes = _modes(k.dtype)
     nsplit, chunk = _chunks(n, b * h, k.device)
@@ -691,7 +690,7 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
         cfg = OPTIONS["out_gluon_cfg"]
         nsplit, chunk = _chunks(n, b * h, q.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         out = lg.out_pass_gluon(q, state, cos, sin, rope, kind, eps, nsplit, chunk, cfg["num_warps"], cfg["stages"],
-                                cfg.get("table_tma", True), cfg.get("pipe", False))
+                                cfg.get("out_tma", False))
         return out, state, pairs
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     if OPTIONS.get("out_programs_per_sm"):  # the Q pass needs no chunk structure of its own

@@ -46,6 +46,7 @@ from kernels.launch import launch
 __all__ = ["gluon_supported", "out_pass_gluon", "state_pass_gluon"]
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK = 64  # tokens per tile (one wgmma M)
@@ -105,12 +106,13 @@ def _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t, start, base_
 
 
 @gluon.jit
-def _out_kernel(q_desc, c_desc, s_desc, COS, SIN, Out, S, stride_ob, stride_oh, stride_on, H, N, CHUNK, eps_n, inv_n,
-                D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, TABLE_TMA: gl.constexpr, STAGES: gl.constexpr,
-                PIPE: gl.constexpr, st_layout: gl.constexpr, r_layout: gl.constexpr, num_warps: gl.constexpr):
+def _out_kernel(q_desc, c_desc, s_desc, o_desc, Out, S, stride_ob, stride_oh, stride_on, H, N, CHUNK, eps_n, inv_n,
+                D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr, OUT_TMA: gl.constexpr,
+                st_layout: gl.constexpr, r_layout: gl.constexpr, num_warps: gl.constexpr):
     """Output rows ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``. Q is read as a
     ``(B*H*N, D)`` matrix: a tile's rows past N belong to the next head (or are zeros past the end) and
-    are never stored."""
+    are never stored. With ``OUT_TMA`` the output leaves through shared memory and a TMA store over the
+    ``(B*H, N, D)`` output (``o_desc``, which clips each head at N); else by masked stores from registers."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     D2: gl.constexpr = D // 2
     WN: gl.constexpr = num_warps // 4  # warpgroups side by side along the output columns
@@ -136,81 +138,69 @@ def _out_kernel(q_desc, c_desc, s_desc, COS, SIN, Out, S, stride_ob, stride_oh, 
     zcols = gl.arange(0, D2, layout=gl.SliceLayout(0, hl))
     z0 = gl.load(sbase + D * D + zcols) * inv_n
     z1 = gl.load(sbase + D * D + D2 + zcols) * inv_n
-    NB: gl.constexpr = 2 if PIPE else 1  # rotated-feature buffers: with two, tile t + 1's are made during tile t's GEMMs
-    r0_smem = gl.allocate_shared_memory(gl.float16, [NB, BM, D2], r_layout)
-    r1_smem = gl.allocate_shared_memory(gl.float16, [NB, BM, D2], r_layout)
+    r0_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
+    r1_smem = gl.allocate_shared_memory(gl.float16, [BM, D2], r_layout)
+    if OUT_TMA:
+        # staged as a (BM, D) tile in Q's layout (the same bytes as o_desc's (1, BM, D) block)
+        o_smem = gl.allocate_shared_memory(o_desc.dtype, [BM, D], q_desc.layout)
+    else:
+        o_smem = r0_smem
 
-    RING_TABLES: gl.constexpr = ROPE and TABLE_TMA
-    q_smem, c_smem, s_smem, bars = _ring(q_desc, c_desc, s_desc, STAGES, RING_TABLES)
+    q_smem, c_smem, s_smem, bars = _ring(q_desc, c_desc, s_desc, STAGES, ROPE)
     for i in gl.static_range(STAGES):
-        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, RING_TABLES)
+        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, ROPE)
 
     zero = gl.zeros([BM, D], gl.float32, acc_l)
     o_base = Out + (bh // H).to(gl.int64) * stride_ob + (bh % H).to(gl.int64) * stride_oh
-    ring = (q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, COS, SIN, start, base_row, ntiles, N)
-    # every program has at least one tile
-    den = _q_tile(0, ring, r0_smem.index(0), r1_smem.index(0), z0, z1, eps_n, KIND, ROPE, RING_TABLES, STAGES, blk, hl)
+    ring = (q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles)
     for t in range(ntiles):
+        den = _q_tile(t, ring, r0_smem, r1_smem, z0, z1, eps_n, KIND, ROPE, STAGES, blk, hl)
         fence_async_shared()
         _cta_barrier()  # tile t's rotated features are in shared memory, from every warp
-        acc = warpgroup_mma(r0_smem.index(t % NB), s0_smem, zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(r1_smem.index(t % NB), s1_smem, acc, is_async=True)
-        nxt = den
-        if PIPE:  # into the other buffers, last read by tile t - 1's GEMMs (waited for)
-            if t + 1 < ntiles:
-                nxt = _q_tile(t + 1, ring, r0_smem.index((t + 1) % NB), r1_smem.index((t + 1) % NB), z0, z1, eps_n,
-                              KIND, ROPE, RING_TABLES, STAGES, blk, hl)
+        acc = warpgroup_mma(r0_smem, s0_smem, zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(r1_smem, s1_smem, acc, is_async=True)
+        # (keeping tile t's GEMMs in flight while tile t - 1 is stored gets them serialised by ptxas: C7514)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        if not PIPE:  # into the same buffers: _q_tile's barrier comes after every warpgroup's wait
-            if t + 1 < ntiles:
-                nxt = _q_tile(t + 1, ring, r0_smem.index(0), r1_smem.index(0), z0, z1, eps_n, KIND, ROPE, RING_TABLES,
-                              STAGES, blk, hl)
-        _q_store(acc, den, o_base, start + t * BM, N, stride_on, blk)
-        den = nxt
+        # one reciprocal per row, then a multiply per element (a division per element was a quarter of the
+        # pass's instructions: ncu, run 13)
+        out = acc * gl.convert_layout(1.0 / den, gl.SliceLayout(1, acc_l))[:, None]
+        if OUT_TMA:
+            tma.store_wait(0)  # (the issuing thread) tile t - 1's rows have left o_smem ...
+            _cta_barrier()  # ... before any warp overwrites them
+            o_smem.store(out.to(o_desc.dtype))
+            fence_async_shared()
+            _cta_barrier()
+            _tma_store(o_desc, [bh, start + t * BM, 0], o_smem._reinterpret(o_desc.dtype, [1, BM, D], o_desc.layout))
+        else:
+            _q_store(out, o_base, start + t * BM, N, stride_on, blk)
+    if OUT_TMA:
+        tma.store_wait(0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
 
 @gluon.jit
-def _q_tile(t, ring, r0_smem, r1_smem, z0, z1, eps_n, KIND: gl.constexpr, ROPE: gl.constexpr, RING_TABLES: gl.constexpr,
-            STAGES: gl.constexpr, blk: gl.constexpr, hl: gl.constexpr):
+def _q_tile(t, ring, r0_smem, r1_smem, z0, z1, eps_n, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
+            blk: gl.constexpr, hl: gl.constexpr):
     """Tile t up to its GEMMs: wait for its ring slot, read it, refill it with tile t + STAGES, and write
-    the rotated feature halves into ``r0_smem, r1_smem``. The tables' rows come from the ring when
-    ``RING_TABLES``, else from global memory. Returns each row's denominator ``f . z + eps``."""
-    q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, COS, SIN, start, base_row, ntiles, N = ring
-    BM: gl.constexpr = q_desc.block_type.shape[0]
-    D2: gl.constexpr = q_desc.block_type.shape[1] // 2
+    the rotated feature halves into ``r0_smem, r1_smem``. Returns each row's denominator ``f . z + eps``."""
+    q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles = ring
     slot = t % STAGES
-    cs, sn = _tables(COS, SIN, start + t * BM, N, BM, D2, ROPE and not RING_TABLES, hl)
     mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
     x = q_smem.index(slot).load(blk).to(gl.float32)
-    if RING_TABLES:
+    if ROPE:
         cs = c_smem.index(slot).load(hl).to(gl.float32)
         sn = s_smem.index(slot).load(hl).to(gl.float32)
-    # every warp has read the slot (and every warpgroup has waited for the GEMMs that last read the
-    # buffers written below): refill it
+    else:
+        cs = z0
+        sn = z0
+    # every warp has read the slot (and waited for the GEMMs that last read the buffers written below): refill it
     _cta_barrier()
-    _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES,
-           RING_TABLES)
+    _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES, ROPE)
     r0, r1, den = _q_features(x, cs, sn, z0, z1, eps_n, KIND, ROPE, hl)
     r0_smem.store(r0.to(gl.float16))
     r1_smem.store(r1.to(gl.float16))
     return den
-
-
-@gluon.jit
-def _tables(COS, SIN, row0, N, BM: gl.constexpr, D2: gl.constexpr, LOAD: gl.constexpr, hl: gl.constexpr):
-    """Rows ``row0 .. row0 + BM`` of both ``(N, D/2)`` tables in fp32 (zeros past N), loaded from global
-    memory into registers when ``LOAD``; a placeholder (never read) otherwise."""
-    if LOAD:
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, hl))
-        offs = rows[:, None] * D2 + gl.arange(0, D2, layout=gl.SliceLayout(0, hl))[None, :]
-        m = rows[:, None] < N
-        return (gl.load(COS + offs, mask=m, other=0.0).to(gl.float32),
-                gl.load(SIN + offs, mask=m, other=0.0).to(gl.float32))
-    else:
-        z = gl.zeros([BM, D2], gl.float32, hl)
-        return z, z
 
 
 @gluon.jit
@@ -229,13 +219,10 @@ def _q_features(x, cs, sn, z0, z1, eps_n, KIND: gl.constexpr, ROPE: gl.constexpr
 
 
 @gluon.jit
-def _q_store(acc, den, o_base, row0, N, stride_on, blk: gl.constexpr):
-    """Rows ``row0 ..`` of the output: ``acc / den``, in a blocked layout, rows past N dropped."""
-    BM: gl.constexpr = acc.type.shape[0]
-    D: gl.constexpr = acc.type.shape[1]
-    # one reciprocal per row, then a multiply per element (a division per element was a quarter of the
-    # pass's instructions: ncu, run 13)
-    out = acc * gl.convert_layout(1.0 / den, gl.SliceLayout(1, acc.type.layout))[:, None]
+def _q_store(out, o_base, row0, N, stride_on, blk: gl.constexpr):
+    """Rows ``row0 ..`` of the output from registers, in a blocked layout, rows past N dropped."""
+    BM: gl.constexpr = out.type.shape[0]
+    D: gl.constexpr = out.type.shape[1]
     out = gl.convert_layout(out.to(o_base.dtype.element_ty), blk)
     offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, blk))
@@ -243,8 +230,8 @@ def _q_store(acc, den, o_base, row0, N, stride_on, blk: gl.constexpr):
 
 
 @gluon.jit
-def _state_kernel(k_desc, v_desc, c_desc, s_desc, COS, SIN, PART, H, N, CHUNK,
-                  D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, TABLE_TMA: gl.constexpr, STAGES: gl.constexpr,
+def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
+                  D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
                   r_layout: gl.constexpr, num_warps: gl.constexpr):
     """Partial state of tokens ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``: ``R f(K)^T V``
     (D x D) and ``sum f(K)``, stored in the half layout (even feature rows, then odd) into ``PART``.
@@ -267,29 +254,28 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, COS, SIN, PART, H, N, CHUNK,
     hl: gl.constexpr = gl.SliceLayout(2, blk3)
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
 
-    RING_TABLES: gl.constexpr = ROPE and TABLE_TMA
     r_smem = gl.allocate_shared_memory(v_desc.dtype, [2, BM, D], r_layout)  # rotated features, double-buffered
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BM, D], v_desc.layout)
-    k_smem, c_smem, s_smem, bars = _ring(k_desc, c_desc, s_desc, STAGES, RING_TABLES)
+    k_smem, c_smem, s_smem, bars = _ring(k_desc, c_desc, s_desc, STAGES, ROPE)
     for i in gl.static_range(STAGES):
         _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row,
-                  i < ntiles, STAGES, RING_TABLES)
+                  i < ntiles, STAGES, ROPE)
     acc = gl.zeros([D, D], gl.float32, acc_l)
     za0 = gl.zeros([BM, D2], gl.float32, hl)
     za1 = gl.zeros([BM, D2], gl.float32, hl)
-    ring = (k_smem, v_smem, c_smem, s_smem, r_smem, bars, COS, SIN, start, stop, N)
+    ring = (k_smem, v_smem, c_smem, s_smem, r_smem, bars, start, stop)
     # every program has at least one tile; tile t + 1's features are computed while tile t's wgmma runs
-    za0, za1 = _kv_tile(0, ring, za0, za1, KIND, ROPE, RING_TABLES, STAGES, blk, hl)
+    za0, za1 = _kv_tile(0, ring, za0, za1, KIND, ROPE, STAGES, blk, hl)
     for t in range(ntiles):
         fence_async_shared()
         _cta_barrier()  # tile t's features are in r_smem[t % 2], from every warp
         acc = warpgroup_mma(r_smem.index(t % 2).permute((1, 0)), v_smem.index(t % STAGES), acc, is_async=True)
         if t + 1 < ntiles:  # into r_smem[(t + 1) % 2], last read by tile t - 1's wgmma (waited for)
-            za0, za1 = _kv_tile(t + 1, ring, za0, za1, KIND, ROPE, RING_TABLES, STAGES, blk, hl)
+            za0, za1 = _kv_tile(t + 1, ring, za0, za1, KIND, ROPE, STAGES, blk, hl)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         _cta_barrier()  # every warpgroup is done with tile t's slot: it takes tile t + STAGES
         _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t + STAGES, start, base_row,
-                  t + STAGES < ntiles, STAGES, RING_TABLES)
+                  t + STAGES < ntiles, STAGES, ROPE)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
     base = PART + (bh.to(gl.int64) * nsplit + pid) * (D * D + D)
@@ -303,18 +289,17 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, COS, SIN, PART, H, N, CHUNK,
 
 
 @gluon.jit
-def _kv_tile(t, ring, za0, za1, KIND: gl.constexpr, ROPE: gl.constexpr, RING_TABLES: gl.constexpr,
-             STAGES: gl.constexpr, blk: gl.constexpr, hl: gl.constexpr):
+def _kv_tile(t, ring, za0, za1, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr, blk: gl.constexpr,
+             hl: gl.constexpr):
     """Tile t of the K/V pass up to its wgmma: its rotated features (zero on rows past the chunk) into
     ``r_smem[t % 2]`` in natural channel order, and the feature sums ``za0, za1`` (even, odd channels)
-    updated. The tables' rows come from the ring when ``RING_TABLES``, else from global memory."""
-    k_smem, v_smem, c_smem, s_smem, r_smem, bars, COS, SIN, start, stop, N = ring
+    updated."""
+    k_smem, v_smem, c_smem, s_smem, r_smem, bars, start, stop = ring
     BM: gl.constexpr = k_smem.type.shape[1]
     D: gl.constexpr = k_smem.type.shape[2]
     D2: gl.constexpr = D // 2
     slot = t % STAGES
     row0 = start + t * BM
-    cs, sn = _tables(COS, SIN, row0, N, BM, D2, ROPE and not RING_TABLES, hl)
     mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
     x = k_smem.index(slot).load(blk).to(gl.float32)
     rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
@@ -322,10 +307,9 @@ def _kv_tile(t, ring, za0, za1, KIND: gl.constexpr, ROPE: gl.constexpr, RING_TAB
     f0, f1 = gl.split(gl.reshape(f, [BM, D2, 2]))
     f0 = gl.convert_layout(f0, hl, assert_trivial=True)
     f1 = gl.convert_layout(f1, hl, assert_trivial=True)
-    if RING_TABLES:
+    if ROPE:
         cs = c_smem.index(slot).load(hl).to(gl.float32)
         sn = s_smem.index(slot).load(hl).to(gl.float32)
-    if ROPE:
         r = gl.convert_layout(gl.reshape(gl.join(f0 * cs - f1 * sn, f0 * sn + f1 * cs), [BM, D]), blk,
                               assert_trivial=True)
     else:
@@ -398,6 +382,13 @@ def _rows_desc(x: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor(x, [b * h * n, d], [d, 1], [BLOCK, d], _layout((BLOCK, d), _GL_DTYPES[x.dtype]))
 
 
+def _heads_desc(x: torch.Tensor) -> TensorDescriptor:
+    """A descriptor over a contiguous ``(B, H, N, D)`` tensor as ``(B*H, N, D)``, blocks of one head's 64
+    rows: a TMA store through it clips each head's rows at N."""
+    b, h, n, d = x.shape
+    return TensorDescriptor(x, [b * h, n, d], [n * d, d, 1], [1, BLOCK, d], _layout((1, BLOCK, d), _GL_DTYPES[x.dtype]))
+
+
 def _table_descs(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
     """Descriptors over the ``(N, D/2)`` tables, keyed by what a descriptor encodes (address, shape,
     dtype): the same for any tensor at that address, so a hit is always right. A few entries at most."""
@@ -414,23 +405,23 @@ def _table_descs(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
 
 
 def state_pass_gluon(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
-                     nsplit: int, chunk: int, num_warps: int = 8, stages: int = 3, table_tma: bool = True) -> torch.Tensor:
+                     nsplit: int, chunk: int, num_warps: int = 8, stages: int = 3) -> torch.Tensor:
     """The forward's K/V pass: the summed state ``(B*H, D*D + D)`` (half layout, sum units) from
     ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`)."""
     b, h, n, d = k.shape
     assert chunk % BLOCK == 0 and num_warps in (4, 8)
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
     k_desc, v_desc = _rows_desc(k), _rows_desc(v)
-    c_desc, s_desc = _table_descs(cos, sin) if rope and table_tma else (k_desc, k_desc)
-    launch(_state_kernel, (nsplit, b * h), (k_desc, v_desc, c_desc, s_desc, cos, sin, part, h, n, chunk),
-           dict(D=d, KIND=kind, ROPE=rope, TABLE_TMA=table_tma, STAGES=stages, r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]),
+    c_desc, s_desc = _table_descs(cos, sin) if rope else (k_desc, k_desc)
+    launch(_state_kernel, (nsplit, b * h), (k_desc, v_desc, c_desc, s_desc, part, h, n, chunk),
+           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]),
                 num_warps=num_warps))
     return part.sum(1)
 
 
 def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
                    eps: float, nsplit: int, chunk: int, num_warps: int = 4, stages: int = 3,
-                   table_tma: bool = True, pipe: bool = False) -> torch.Tensor:
+                   out_tma: bool = False) -> torch.Tensor:
     """The forward's output ``(B, H, N, D)`` from the summed state ``(B*H, D*D + D)`` (half layout, sum
     units) over ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`). ``cos, sin``
     are the ``(N, D/2)`` tables when ``rope`` (any placeholder tensors otherwise)."""
@@ -438,10 +429,11 @@ def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin:
     assert chunk % BLOCK == 0 and num_warps in (4, 8)
     out = torch.empty_like(q)
     q_desc = _rows_desc(q)
-    c_desc, s_desc = _table_descs(cos, sin) if rope and table_tma else (q_desc, q_desc)
+    c_desc, s_desc = _table_descs(cos, sin) if rope else (q_desc, q_desc)
+    o_desc = _heads_desc(out) if out_tma else q_desc
     launch(_out_kernel, (nsplit, b * h),
-           (q_desc, c_desc, s_desc, cos, sin, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk,
+           (q_desc, c_desc, s_desc, o_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk,
             eps / n, 1.0 / n),
-           dict(D=d, KIND=kind, ROPE=rope, TABLE_TMA=table_tma, STAGES=stages, PIPE=pipe, st_layout=_layout((d // 2, d), gl.float16),
+           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, OUT_TMA=out_tma, st_layout=_layout((d // 2, d), gl.float16),
                 r_layout=_layout((BLOCK, d // 2), gl.float16), num_warps=num_warps))
     return out

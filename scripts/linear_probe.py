@@ -70,9 +70,9 @@ def _gluon_launch_pieces(lg, q, k, v, state, cs, sn, nsplit, chunk) -> dict:
     out = torch.empty_like(q)
     q_desc = lg._rows_desc(q)
     c_desc, s_desc = lg._table_descs(cs, sn)
-    args = (q_desc, c_desc, s_desc, cs, sn, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk,
+    args = (q_desc, c_desc, s_desc, q_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk,
             1e-6 / n, 1.0 / n)
-    consts = dict(D=d, KIND=0, ROPE=True, TABLE_TMA=True, STAGES=3, PIPE=False,
+    consts = dict(D=d, KIND=0, ROPE=True, STAGES=3, OUT_TMA=False,
                   st_layout=lg._layout((d // 2, d), lg.gl.float16), r_layout=lg._layout((lg.BLOCK, d // 2), lg.gl.float16),
                   num_warps=8)
     grid = (nsplit, b * h)
@@ -82,8 +82,8 @@ def _gluon_launch_pieces(lg, q, k, v, state, cs, sn, nsplit, chunk) -> dict:
     torch.cuda.synchronize()
     print(f"launch cache: {before} -> {len(L._COMPILED)} entries after 3 launches", flush=True)
     part = torch.empty((12, 11, d * d + d), dtype=torch.float32, device=q.device)
-    kv_args = (lg._rows_desc(k), lg._rows_desc(v), c_desc, s_desc, cs, sn, part, h, n, 3008)
-    kv_consts = dict(D=d, KIND=0, ROPE=True, TABLE_TMA=True, STAGES=3, r_layout=lg._layout((lg.BLOCK, d), lg.gl.bfloat16),
+    kv_args = (lg._rows_desc(k), lg._rows_desc(v), c_desc, s_desc, part, h, n, 3008)
+    kv_consts = dict(D=d, KIND=0, ROPE=True, STAGES=3, r_layout=lg._layout((lg.BLOCK, d), lg.gl.bfloat16),
                      num_warps=8)
     before = len(L._COMPILED)
     for _ in range(3):
@@ -135,17 +135,11 @@ def main() -> None:
             "gluon both no rope": (none, {"out_gluon": True, "state_gluon": True}),
             "gluon both fp16 tables": (fp16, {"out_gluon": True, "state_gluon": True}),
         }
-        # the output pass's table source (TMA ring or registers), tile pipelining and programs per SM
-        for tt, pipe, st, pps, w in ((True, True, 3, 1, 8), (False, False, 3, 1, 8), (False, True, 3, 1, 8),
-                                     (False, True, 2, 2, 8), (False, False, 2, 2, 8), (False, True, 2, 2, 4)):
-            cfg = {"num_warps": w, "stages": st, "programs_per_sm": pps, "table_tma": tt, "pipe": pipe}
-            name = f"out {'ring' if tt else 'regs'}{' pipe' if pipe else ''} w{w} s{st} pps{pps}"
-            variants[name] = (fp32, {"out_gluon_cfg": cfg})
-            if (tt, st) == (False, 2) and w == 8:
-                variants[name + " no rope"] = (none, {"out_gluon_cfg": cfg})
-        for tt in (True, False):  # the K/V pass in Gluon, its table source
-            variants[f"kv {'ring' if tt else 'regs'}"] = (fp32, {"state_gluon": True, "state_gluon_cfg": {**g8, "table_tma": tt}})
-        variants["kv ring out pipe"] = (fp32, {"state_gluon": True, "out_gluon_cfg": {**g8, "pipe": True}})
+        # the output pass's epilogue (a TMA store), and both passes in Gluon
+        variants["out tma"] = (fp32, {"out_gluon_cfg": {**g8, "out_tma": True}})
+        variants["both"] = (fp32, {"state_gluon": True, "out_gluon_cfg": g8})
+        variants["both out tma"] = (fp32, {"state_gluon": True, "out_gluon_cfg": {**g8, "out_tma": True}})
+        variants["both out tma no rope"] = (none, {"state_gluon": True, "out_gluon_cfg": {**g8, "out_tma": True}})
         only = [x for x in args.variants.split(",") if x]
         base = {}
         for name, (tables, opts) in variants.items():
@@ -198,8 +192,7 @@ def main() -> None:
                 "gluon _rows_desc(q)": lambda: lg._rows_desc(q),
                 "gluon _table_descs (cached)": lambda: lg._table_descs(cs, sn),
                 "gluon out_pass_gluon": lambda: lg.out_pass_gluon(q, state, cs, sn, True, 0, 1e-6, nsplit, chunk,
-                                                                  cfg["num_warps"], cfg["stages"], cfg.get("table_tma", True),
-                                                                  cfg.get("pipe", False)),
+                                                                  cfg["num_warps"], cfg["stages"], cfg.get("out_tma", False)),
             }
             pieces |= _gluon_launch_pieces(lg, q, k, v, state, cs, sn, nsplit, chunk)
         except ImportError as exc:

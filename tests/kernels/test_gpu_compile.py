@@ -209,22 +209,22 @@ LINEAR_GLUON_SCRIPT = BUILD + textwrap.dedent(
         rows, table = desc(bm, d, dt, name), desc(bm, d // 2, tdt, tname)
         common = {"c_desc": table if rope else rows, "s_desc": table if rope else rows}
         params = inspect.signature(lg._out_kernel.fn).parameters
-        common |= {"COS": "*" + tname, "SIN": "*" + tname}
-        # the tables through the TMA ring with tiles in sequence, and in registers with tiles pipelined
-        for tt, pipe in ((True, False), (False, True)):
-            types = {p: "i32" for p in params} | common | {"q_desc": rows, "Out": "*" + name, "S": "*fp32",
-                                                           "eps_n": "fp32", "inv_n": "fp32"}
-            const = {"D": d, "KIND": kind, "ROPE": rope, "TABLE_TMA": tt, "STAGES": 3, "PIPE": pipe, "num_warps": warps,
+        heads = f"tensordesc<{name}[1, {bm}, {d}],{gl.NVMMASharedLayout.get_default_for([1, bm, d], dt)}>"
+        # the output through registers and masked stores, and through shared memory and a TMA store
+        for out_tma in (False, True):
+            types = {p: "i32" for p in params} | common | {"q_desc": rows, "o_desc": heads if out_tma else rows,
+                                                           "Out": "*" + name, "S": "*fp32", "eps_n": "fp32", "inv_n": "fp32"}
+            const = {"D": d, "KIND": kind, "ROPE": rope, "STAGES": 3, "OUT_TMA": out_tma, "num_warps": warps,
                      "st_layout": gl.NVMMASharedLayout.get_default_for([d // 2, d], gl.float16),
                      "r_layout": gl.NVMMASharedLayout.get_default_for([bm, d // 2], gl.float16)}
-            failed += try_build(f"gluon linear output pass D={d} {name} rope={rope} tma={tt} pipe={pipe}", lg._out_kernel,
+            failed += try_build(f"gluon linear output pass D={d} {name} rope={rope} out_tma={out_tma}", lg._out_kernel,
                                 types, const, warps, stages=1, source=GluonASTSource)
-            kv_params = inspect.signature(lg._state_kernel.fn).parameters
-            types = {p: "i32" for p in kv_params} | common | {"k_desc": rows, "v_desc": rows, "PART": "*fp32"}
-            const = {"D": d, "KIND": kind, "ROPE": rope, "TABLE_TMA": tt, "STAGES": 3, "num_warps": 8,
-                     "r_layout": gl.NVMMASharedLayout.get_default_for([bm, d], dt)}
-            failed += try_build(f"gluon linear K/V pass D={d} {name} rope={rope} tma={tt}", lg._state_kernel, types,
-                                const, 8, stages=1, source=GluonASTSource)
+        kv_params = inspect.signature(lg._state_kernel.fn).parameters
+        types = {p: "i32" for p in kv_params} | common | {"k_desc": rows, "v_desc": rows, "PART": "*fp32"}
+        const = {"D": d, "KIND": kind, "ROPE": rope, "STAGES": 3, "num_warps": 8,
+                 "r_layout": gl.NVMMASharedLayout.get_default_for([bm, d], dt)}
+        failed += try_build(f"gluon linear K/V pass D={d} {name} rope={rope}", lg._state_kernel, types, const, 8,
+                            stages=1, source=GluonASTSource)
     sys.exit(1 if failed else 0)
     """
 )

@@ -165,12 +165,12 @@ def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
 @pytest.mark.parametrize("d,dtype,rope", [(64, torch.float16, True), (128, torch.bfloat16, True),
                                           (128, torch.float16, False)])
 @pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("table_tma,pipe", [(True, False), (False, True)])
-def test_gluon_passes_gpu(gen, monkeypatch, kind, d, dtype, rope, warps, table_tma, pipe):
+@pytest.mark.parametrize("out_tma", [False, True])
+def test_gluon_passes_gpu(gen, monkeypatch, kind, d, dtype, rope, warps, out_tma):
     """The Gluon K/V and output passes (kernels.linear_gluon) at a ragged N (70 and 4,030 tokens: one and
-    several 64-token tiles per program), the tables through the TMA ring or loaded into registers, the
-    output pass's tiles in sequence or pipelined: the output against the float64 reference, and the
-    gradients (the Triton backward, reading the Gluon state) against the all-Triton path's."""
+    several 64-token tiles per program), the output stored from registers or through a TMA store: the
+    output against the float64 reference, and the gradients (the Triton backward, reading the Gluon
+    state) against the all-Triton path's."""
     from kernels import linear_attn as la
     from tests.kernels._tol import rel_l2
 
@@ -189,7 +189,7 @@ def test_gluon_passes_gpu(gen, monkeypatch, kind, d, dtype, rope, warps, table_t
         with monkeypatch.context() as m:
             m.setitem(la.OPTIONS, "out_gluon", False)
             triton_only = go(q, k, v, cos, sin, dout)
-        cfg = {"num_warps": warps, "stages": 3, "programs_per_sm": 1, "table_tma": table_tma, "pipe": pipe}
+        cfg = {"num_warps": warps, "stages": 3, "programs_per_sm": 1, "out_tma": out_tma}
         with monkeypatch.context() as m:
             for key, val in (("out_gluon", True), ("state_gluon", True), ("out_gluon_cfg", cfg), ("state_gluon_cfg", cfg)):
                 m.setitem(la.OPTIONS, key, val)

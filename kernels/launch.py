@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["launch"]
+__all__ = ["Site", "launch"]
 
 _COMPILED: dict = {}
 
@@ -93,3 +93,28 @@ def _run(hit: tuple, grid: tuple, args: tuple) -> None:
     ck, tail = hit
     ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _stream(), ck.function,
            ck.packed_metadata, None, None, None, *args, *tail)
+
+
+class Site:
+    """One launch site whose caller already keys everything :func:`launch` keys on (dtypes, alignment,
+    the integers' divisibility, constexprs, device), e.g. a pass built per input signature: the first
+    call goes through :func:`launch`, later ones straight to the compiled kernel it kept."""
+
+    __slots__ = ("kernel", "grid", "consts", "hit")
+
+    def __init__(self, kernel, grid: tuple, consts: dict):
+        self.kernel, self.grid, self.consts, self.hit = kernel, grid, consts, None
+
+    def __call__(self, *args) -> None:
+        from triton import knobs
+
+        hit = self.hit
+        if hit is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            launch(self.kernel, self.grid, args, self.consts)
+            if torch.cuda.is_available():
+                try:
+                    self.hit = _COMPILED.get(_key(self.kernel, args, self.consts, {}))
+                except TypeError:  # an argument type launch() does not key: every call takes its normal path
+                    pass
+            return
+        _run(hit, self.grid, args)

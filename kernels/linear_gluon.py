@@ -41,9 +41,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from kernels.launch import launch
+from kernels.launch import Site
 
-__all__ = ["gluon_supported", "out_pass_gluon", "state_pass_gluon"]
+__all__ = ["KVPass", "OutPass", "gluon_supported", "out_pass_gluon", "state_pass_gluon"]
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -404,36 +404,65 @@ def _table_descs(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
     return descs
 
 
+class KVPass:
+    """The forward's K/V pass for one input signature: the launch's constexprs, grid, table descriptors and
+    (after the first call) compiled kernel kept, so a call only allocates, describes k and v, and launches.
+    Returns the summed state ``(B*H, D*D + D)`` (half layout, sum units) from ``nsplit`` chunks of
+    ``chunk`` tokens per head (a multiple of :data:`BLOCK`)."""
+
+    def __init__(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int, nsplit: int,
+                 chunk: int, num_warps: int = 8, stages: int = 3):
+        b, h, n, d = k.shape
+        assert chunk % BLOCK == 0 and num_warps in (4, 8)
+        self.ints = (h, n, chunk)
+        self.part_shape = (b * h, nsplit, d * d + d)
+        self.tables = _table_descs(cos, sin) if rope else None
+        self.site = Site(_state_kernel, (nsplit, b * h),
+                         dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, r_layout=_layout((BLOCK, d), _GL_DTYPES[k.dtype]),
+                              num_warps=num_warps))
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        part = torch.empty(self.part_shape, dtype=torch.float32, device=k.device)
+        k_desc, v_desc = _rows_desc(k), _rows_desc(v)
+        c_desc, s_desc = self.tables or (k_desc, k_desc)
+        self.site(k_desc, v_desc, c_desc, s_desc, part, *self.ints)
+        return part.sum(1)
+
+
+class OutPass:
+    """The forward's output pass for one input signature (see :class:`KVPass`): the output ``(B, H, N, D)``
+    from the summed state ``(B*H, D*D + D)`` (half layout, sum units) over ``nsplit`` chunks of ``chunk``
+    tokens per head (a multiple of :data:`BLOCK`). ``cos, sin`` are the ``(N, D/2)`` tables when ``rope``."""
+
+    def __init__(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int, eps: float,
+                 nsplit: int, chunk: int, num_warps: int = 4, stages: int = 3, out_tma: bool = False):
+        b, h, n, d = q.shape
+        assert chunk % BLOCK == 0 and num_warps in (4, 8)
+        self.ints = (h, n, chunk, eps / n, 1.0 / n)
+        self.out_tma = out_tma
+        self.tables = _table_descs(cos, sin) if rope else None
+        self.site = Site(_out_kernel, (nsplit, b * h),
+                         dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, OUT_TMA=out_tma,
+                              st_layout=_layout((d // 2, d), gl.float16), r_layout=_layout((BLOCK, d // 2), gl.float16),
+                              num_warps=num_warps))
+
+    def __call__(self, q: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        q_desc = _rows_desc(q)
+        c_desc, s_desc = self.tables or (q_desc, q_desc)
+        o_desc = _heads_desc(out) if self.out_tma else q_desc
+        self.site(q_desc, c_desc, s_desc, o_desc, out, state, out.stride(0), out.stride(1), out.stride(2), *self.ints)
+        return out
+
+
 def state_pass_gluon(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
                      nsplit: int, chunk: int, num_warps: int = 8, stages: int = 3) -> torch.Tensor:
-    """The forward's K/V pass: the summed state ``(B*H, D*D + D)`` (half layout, sum units) from
-    ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`)."""
-    b, h, n, d = k.shape
-    assert chunk % BLOCK == 0 and num_warps in (4, 8)
-    part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
-    k_desc, v_desc = _rows_desc(k), _rows_desc(v)
-    c_desc, s_desc = _table_descs(cos, sin) if rope else (k_desc, k_desc)
-    launch(_state_kernel, (nsplit, b * h), (k_desc, v_desc, c_desc, s_desc, part, h, n, chunk),
-           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, r_layout=_layout((BLOCK, d), _GL_DTYPES[v.dtype]),
-                num_warps=num_warps))
-    return part.sum(1)
+    """One call of :class:`KVPass`: the summed state ``(B*H, D*D + D)``."""
+    return KVPass(k, cos, sin, rope, kind, nsplit, chunk, num_warps, stages)(k, v)
 
 
 def out_pass_gluon(q: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: bool, kind: int,
                    eps: float, nsplit: int, chunk: int, num_warps: int = 4, stages: int = 3,
                    out_tma: bool = False) -> torch.Tensor:
-    """The forward's output ``(B, H, N, D)`` from the summed state ``(B*H, D*D + D)`` (half layout, sum
-    units) over ``nsplit`` chunks of ``chunk`` tokens per head (a multiple of :data:`BLOCK`). ``cos, sin``
-    are the ``(N, D/2)`` tables when ``rope`` (any placeholder tensors otherwise)."""
-    b, h, n, d = q.shape
-    assert chunk % BLOCK == 0 and num_warps in (4, 8)
-    out = torch.empty_like(q)
-    q_desc = _rows_desc(q)
-    c_desc, s_desc = _table_descs(cos, sin) if rope else (q_desc, q_desc)
-    o_desc = _heads_desc(out) if out_tma else q_desc
-    launch(_out_kernel, (nsplit, b * h),
-           (q_desc, c_desc, s_desc, o_desc, out, state, out.stride(0), out.stride(1), out.stride(2), h, n, chunk,
-            eps / n, 1.0 / n),
-           dict(D=d, KIND=kind, ROPE=rope, STAGES=stages, OUT_TMA=out_tma, st_layout=_layout((d // 2, d), gl.float16),
-                r_layout=_layout((BLOCK, d // 2), gl.float16), num_warps=num_warps))
-    return out
+    """One call of :class:`OutPass`: the output ``(B, H, N, D)``."""
+    return OutPass(q, cos, sin, rope, kind, eps, nsplit, chunk, num_warps, stages, out_tma)(q, state)

@@ -96,3 +96,19 @@ def test_without_cuda_every_launch_is_a_normal_one(monkeypatch):
     for _ in range(2):
         lm.launch(k, (1,), (torch.zeros(4), 32), {"D": 64})
     assert [c[0] for c in k.calls] == ["slow", "slow"]
+
+
+def test_a_site_launches_through_launch_once_then_directly(fake_cuda, monkeypatch):
+    from triton import knobs
+
+    k, x = _Kernel(), torch.zeros(64)
+    site = lm.Site(k, (3, 2), {"D": 64})
+    site(x, 32)
+    site(x, 32)
+    y = torch.zeros(64)
+    site(y, 16)  # new arguments, same specialisation: the kept kernel with the new arguments
+    assert [c[0] for c in k.calls] == ["slow", "fast", "fast"]
+    assert k.calls[2][1][9:] == (y, 16, 64, 7)
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
+    site(x, 32)  # a profiler hook: the normal path
+    assert k.calls[-1][0] == "slow"

@@ -201,6 +201,49 @@ def test_gluon_passes_gpu(gen, monkeypatch, kind, d, dtype, rope, warps, out_tma
             assert torch.isfinite(a).all() and rel_l2(a, b) < 3e-3, f"{name}: rel L2 {rel_l2(a, b):.2e} to the Triton path"
 
 
+@pytest.mark.gpu
+def test_no_grad_plans_gpu(gen, monkeypatch):
+    """No-grad calls go through a plan per input signature (kernels.linear_attn._plan): the same output as
+    the general path (bitwise), for new tensors of a seen signature (the plan reused), a new shape, tables
+    at a new address and non-contiguous inputs (the general path); OPTIONS changes drop the plans."""
+    from kernels import linear_attn as la
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the plans cover the Gluon passes, which need an sm_90 GPU")
+    monkeypatch.setattr(la, "_PLANS", {})
+
+    def inputs(grid, d=128):
+        n = grid[0] * grid[1] * grid[2]
+        return [torch.randn(1, 3, n, d, generator=gen).to("cuda", torch.bfloat16) for _ in range(3)]
+
+    def general(q, k, v, cos, sin):
+        q, k, v, cos, sin, rope, kind = la._prepare(q, k, v, "relu", cos, sin)
+        return la._forward(q, k, v, kind, cos, sin, rope, 1e-6)[0]
+
+    cos, sin = rope_3d_freqs((5, 13, 62), 128, "cuda")
+    for q, k, v in (inputs((5, 13, 62)), inputs((5, 13, 62))):
+        with torch.no_grad():
+            out = linear_attention_triton(q, k, v, "relu", cos, sin)
+        assert torch.equal(out, general(q, k, v, cos, sin))
+    assert len(la._PLANS) == 1 and all(la._PLANS.values())
+    plan = next(iter(la._PLANS.values()))
+    q, k, v = inputs((2, 5, 7))
+    c2, s2 = rope_3d_freqs((2, 5, 7), 128, "cuda")
+    with torch.no_grad():
+        assert torch.equal(linear_attention_triton(q, k, v, "relu", c2, s2), general(q, k, v, c2, s2))
+        assert torch.equal(linear_attention_triton(q, k, v, "relu", c2.clone(), s2.clone()), general(q, k, v, c2, s2))
+        qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided heads: the general path copies nothing
+        assert torch.equal(linear_attention_triton(qt, k, v, "relu", c2, s2), general(qt, k, v, c2, s2))
+    assert len(la._PLANS) == 4 and next(iter(la._PLANS.values())) is plan
+    monkeypatch.setitem(la.OPTIONS, "out_gluon_cfg", {**la.OPTIONS["out_gluon_cfg"], "out_tma": False})
+    with torch.no_grad():
+        assert torch.equal(linear_attention_triton(q, k, v, "relu", c2, s2), general(q, k, v, c2, s2))
+    assert len(la._PLANS) == 1
+    # with gradients the general path runs, and agrees
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    assert torch.equal(linear_attention_triton(*xs, "relu", c2, s2).detach(), general(q, k, v, c2, s2))
+
+
 def test_launch_retries_smaller_when_shared_memory_overflows():
     import triton
 

@@ -135,6 +135,7 @@ def main() -> None:
             "gluon both no rope": (none, {"out_gluon": True, "state_gluon": True}),
             "gluon both fp16 tables": (fp16, {"out_gluon": True, "state_gluon": True}),
         }
+        variants["all triton"] = (fp32, {"out_gluon": False, "state_gluon": False})
         # the output pass's epilogue (a TMA store), and both passes in Gluon
         variants["out tma"] = (fp32, {"out_gluon_cfg": {**g8, "out_tma": True}})
         variants["both"] = (fp32, {"state_gluon": True, "out_gluon_cfg": g8})

@@ -560,10 +560,11 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # pointer arithmetic. Measured on the H200 (r25, scripts/linear_host.py): its kernels take 167.9 us against
 # 173.9 (171.3 against 175.8 us replayed from a CUDA graph), but its launches cost 269 us of host time per
 # call against 141, so an eager call measures 0.285 against 0.181 ms. Off.
-# ``out_gluon`` (on): the Q pass is :mod:`kernels.linear_gluon`'s on sm_90 cards (bf16/fp16, D 64/128,
-# contiguous inputs), the Triton one elsewhere. H200, run 12 (scripts/linear_probe.py): 78.5 us against
-# 97.5 us, the whole forward 0.159 against 0.179 ms. ``state_gluon`` (off): the K/V pass in Gluon, 66.4
-# against 68.4 us on the card, but its launch costs more host time than the card saves (0.195 ms eager).
+# ``out_gluon`` and ``state_gluon`` (on): both passes are :mod:`kernels.linear_gluon`'s on sm_90 cards
+# (bf16/fp16, D 64/128, contiguous inputs), the Triton ones elsewhere; ``out_gluon_cfg["out_tma"]`` (on):
+# the output pass stores through TMA. H200, run 13 (kernels/NOTES.md): 65.9 + 64.7 us against 68.5 + 96.5
+# for the Triton passes; with no-grad calls through a plan (_plan), the forward measures 0.143 against
+# 0.179 ms in the same headline rounds.
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
                  "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
                  "out_programs_per_sm": None, "tma": False,

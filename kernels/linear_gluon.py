@@ -1,11 +1,12 @@
 """The linear branch's two forward passes for Hopper, written in Gluon.
 
-The output pass (:func:`out_pass_gluon`, the pass over Q) is the default on sm_90
-(``linear_attn.OPTIONS["out_gluon"]``); the K/V pass (:func:`state_pass_gluon`, ``OPTIONS["state_gluon"]``)
-is kept off: 2 us faster on the card, but more host time per call (kernels/NOTES.md, run 12). Both keep a
-ring of TMA slots; the K/V pass stores the rotated features in natural channel order and reads them
-transposed as the wgmma A operand against the V tile, permuting the state's rows into the half layout
-when it stores them.
+Both passes are the default on sm_90 (``linear_attn.OPTIONS["out_gluon"]``, ``["state_gluon"]``):
+:class:`KVPass` (the pass over K and V) and :class:`OutPass` (the pass over Q), each built once per input
+signature and launched through a :class:`kernels.launch.Site` (no-grad calls keep them in a plan,
+``linear_attn._plan``; :func:`state_pass_gluon` and :func:`out_pass_gluon` build one for a single call).
+Both keep a ring of TMA slots. The K/V pass stores the rotated features in natural channel order and reads
+them transposed as the wgmma A operand against the V tile, making tile t+1's features while tile t's
+wgmma runs, and permutes the state's rows into the half layout when it stores them.
 
 The output pass has the same contract as :func:`kernels.linear_attn._fwd_out_kernel`: with the summed state in the half layout
 (``S`` even feature rows, odd feature rows, then ``z``, in sum units), each query row gets
@@ -18,7 +19,10 @@ Triton 3.6 (kernels/NOTES.md, run 12, says why):
   Triton pass re-reads it with ``ldmatrix`` for every 32-token tile);
 * the features are computed in a blocked layout that holds each RoPE pair (channels 2i, 2i+1) in one
   thread, so splitting them into even and odd halves moves no data; the two rotated halves go to shared
-  memory as the A operands of two wgmmas (K = D/2 each) against the state's two halves.
+  memory as the A operands of two wgmmas (K = D/2 each) against the state's two halves;
+* each row is scaled by one reciprocal of its denominator, and the tile leaves through shared memory and
+  a TMA store over the ``(B*H, N, D)`` output, which clips each head at N (``out_tma``; else by masked
+  stores from registers).
 
 One program per (token chunk, head), 4 or 8 warps, 64 tokens per tile. sm_90 only, bf16/fp16 inputs,
 D 64 or 128, contiguous ``(B, H, N, D)`` tensors. Gluon does not run in the CPU interpreter: the CPU tests

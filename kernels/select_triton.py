@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.errors import Unsupported
+from kernels.launch import launch
 from kernels.layout import BlockLayout, cdiv
 from kernels.selection import diagonal_width
 
@@ -196,9 +197,12 @@ def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, m
     # Fixed configuration, measured at Wan 480p on the H200 (kernels/NOTES.md, runs 4 and 5): 2 warps
     # loading 16-token slices pool Q and K in 0.060 ms, against 0.070 ms for one 4-warp load per block
     # and 0.103 ms with 8 warps. An autotuned variant measured slower (0.124 ms for pool + scores).
-    _pool_kernel[(grid0, b * h)](q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                                 k.stride(2), h, n, mq, mk, float(mult_q), 1.0, D=d, BQ=block_q, BK=block_k,
-                                 POOL_K=grid0 > mq, SUB=min(POOL_SUB, block_q, block_k), num_warps=POOL_WARPS)
+    # (through kernels.launch: the selector's eager time is host-bound on the device machine, kernels/NOTES.md run 13)
+    launch(_pool_kernel, (grid0, b * h),
+           (q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), h, n, mq, mk,
+            float(mult_q), 1.0),
+           dict(D=d, BQ=block_q, BK=block_k, POOL_K=grid0 > mq, SUB=min(POOL_SUB, block_q, block_k)),
+           {"num_warps": POOL_WARPS})
     return pq, (pk if grid0 > mq else None)
 
 
@@ -254,11 +258,9 @@ def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0
     cnt = torch.empty((b, h, mq), dtype=torch.int32, device=scores.device)
     rows = b * h * mq
     cols = triton.next_power_of_2(mk)
-    _select_kernel[(cdiv(rows, _SEL_ROWS),)](
-        scores, idx, cnt, fmask, keep, float(mass), rows, n, mq, mk, h, *fs, width,
-        BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols,
-        num_warps=SEL_WARPS or max(1, min(8, cols // 128)),
-    )
+    launch(_select_kernel, (cdiv(rows, _SEL_ROWS),), (scores, idx, cnt, fmask, keep, float(mass), rows, n, mq, mk, h, *fs, width),
+           dict(BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols),
+           {"num_warps": SEL_WARPS or max(1, min(8, cols // 128))})
     return BlockLayout(idx, cnt, block_q, block_k, n)
 
 

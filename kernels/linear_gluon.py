@@ -51,6 +51,16 @@ __all__ = ["KVPass", "OutPass", "gluon_supported", "out_pass_gluon", "state_pass
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6 has only _reinterpret)
+    @gluon.jit
+    def _as_block(smem, desc):
+        """``smem`` viewed as one block of ``desc`` (same bytes, the descriptor's shape and layout)."""
+        return smem.reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+else:
+    @gluon.jit
+    def _as_block(smem, desc):
+        """``smem`` viewed as one block of ``desc`` (same bytes, the descriptor's shape and layout)."""
+        return smem._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK = 64  # tokens per tile (one wgmma M)
@@ -174,7 +184,7 @@ def _out_kernel(q_desc, c_desc, s_desc, o_desc, Out, S, stride_ob, stride_oh, st
             o_smem.store(out.to(o_desc.dtype))
             fence_async_shared()
             _cta_barrier()
-            _tma_store(o_desc, [bh, start + t * BM, 0], o_smem._reinterpret(o_desc.dtype, [1, BM, D], o_desc.layout))
+            _tma_store(o_desc, [bh, start + t * BM, 0], _as_block(o_smem, o_desc))
         else:
             _q_store(out, o_base, start + t * BM, N, stride_on, blk)
     if OUT_TMA:

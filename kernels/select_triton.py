@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.errors import Unsupported
-from kernels.launch import launch
+from kernels.launch import Site
 from kernels.layout import BlockLayout, cdiv
 from kernels.selection import diagonal_width
 
@@ -182,28 +182,36 @@ POOL_WARPS = 2  # warps per pooling program
 POOL_SUB = 16  # tokens per load slice in a pooling program (0: the whole block in one load)
 
 
+class _Pool:
+    """The pooling launch for one input signature: pooled q (times ``mult_q``) and k (None when built
+    without k) in one launch, through a :class:`kernels.launch.Site`."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, mult_q: float = 1.0):
+        b, h, n, d = q.shape
+        mq, mk = cdiv(n, block_q), cdiv(n, block_k)
+        self.with_k = k is not None
+        self.shapes = ((b, h, mq, d), (b, h, mk, d))
+        self.ints = (h, n, mq, mk, float(mult_q), 1.0)
+        # Fixed configuration, measured at Wan 480p on the H200 (kernels/NOTES.md, runs 4 and 5): 2 warps
+        # loading 16-token slices pool Q and K in 0.060 ms, against 0.070 ms for one 4-warp load per block
+        # and 0.103 ms with 8 warps. An autotuned variant measured slower (0.124 ms for pool + scores).
+        self.site = Site(_pool_kernel, (mq + mk if self.with_k else mq, b * h),
+                         dict(D=d, BQ=block_q, BK=block_k, POOL_K=self.with_k, SUB=min(POOL_SUB, block_q, block_k),
+                              num_warps=POOL_WARPS))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor | None):
+        pq = torch.empty(self.shapes[0], dtype=torch.float32, device=q.device)
+        pk = torch.empty(self.shapes[1], dtype=torch.float32, device=q.device) if self.with_k else pq
+        k = k if self.with_k else q
+        self.site(q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *self.ints)
+        return pq, (pk if self.with_k else None)
+
+
 def _pool(q: torch.Tensor, k: torch.Tensor | None, block_q: int, block_k: int, mult_q: float = 1.0):
     """Pooled q (times ``mult_q``) and k (None when ``k`` is None) in one launch."""
     q = _check_qk(q, block_q)
-    b, h, n, d = q.shape
-    mq, mk = cdiv(n, block_q), cdiv(n, block_k)
-    pq = torch.empty((b, h, mq, d), dtype=torch.float32, device=q.device)
-    if k is None:
-        k, pk, grid0 = q, pq, mq
-    else:
-        k = _check_qk(k, block_k)
-        pk = torch.empty((b, h, mk, d), dtype=torch.float32, device=q.device)
-        grid0 = mq + mk
-    # Fixed configuration, measured at Wan 480p on the H200 (kernels/NOTES.md, runs 4 and 5): 2 warps
-    # loading 16-token slices pool Q and K in 0.060 ms, against 0.070 ms for one 4-warp load per block
-    # and 0.103 ms with 8 warps. An autotuned variant measured slower (0.124 ms for pool + scores).
-    # (through kernels.launch: the selector's eager time is host-bound on the device machine, kernels/NOTES.md run 13)
-    launch(_pool_kernel, (grid0, b * h),
-           (q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), h, n, mq, mk,
-            float(mult_q), 1.0),
-           dict(D=d, BQ=block_q, BK=block_k, POOL_K=grid0 > mq, SUB=min(POOL_SUB, block_q, block_k)),
-           {"num_warps": POOL_WARPS})
-    return pq, (pk if grid0 > mq else None)
+    k = None if k is None else _check_qk(k, block_k)
+    return _Pool(q, k, block_q, block_k, mult_q)(q, k)
 
 
 def pool_blocks_triton(x: torch.Tensor, block: int, mult: float = 1.0) -> torch.Tensor:
@@ -242,26 +250,84 @@ _SEL_ROWS = 1  # query-block rows per selection program; > 1 miscompiles on sm_9
 SEL_WARPS = 1
 
 
+def _keep(keep: int, code: int, fmask: torch.Tensor, n: int, block_q: int, block_k: int, mk: int) -> int:
+    """Key blocks kept per query block by top-k: at least the forced ones, at most ``mk``."""
+    if code == 1:
+        keep = max(keep, diagonal_width(n, block_q, block_k))
+    elif code == 2:
+        keep = max(keep, int(fmask.sum(-1).max().item()))
+    return max(1, min(keep, mk))
+
+
+class _Select:
+    """The selection launch for one scores shape and rule (top-k ``keep`` or top-p ``mass``, ``FORCE``
+    code and mask strides ``fs``), through a :class:`kernels.launch.Site`: scores to a BlockLayout."""
+
+    def __init__(self, shape: tuple, n: int, block_q: int, block_k: int, code: int, fs: tuple, keep: int = 0,
+                 mass: float = 0.0, topp: bool = False):
+        b, h, mq, mk = shape
+        width = mk if topp else keep
+        rows, cols = b * h * mq, triton.next_power_of_2(mk)
+        self.shapes = ((b, h, mq, width), (b, h, mq))
+        self.ints = (keep, float(mass), rows, n, mq, mk, h, *fs, width)
+        self.blocks = (block_q, block_k, n)
+        self.site = Site(_select_kernel, (cdiv(rows, _SEL_ROWS),),
+                         dict(BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols,
+                              num_warps=SEL_WARPS or max(1, min(8, cols // 128))))
+
+    def __call__(self, scores: torch.Tensor, fmask: torch.Tensor) -> BlockLayout:
+        idx = torch.empty(self.shapes[0], dtype=torch.int32, device=scores.device)
+        cnt = torch.empty(self.shapes[1], dtype=torch.int32, device=scores.device)
+        self.site(scores, idx, cnt, fmask, *self.ints)
+        return BlockLayout(idx, cnt, *self.blocks)
+
+
 def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0, topp: bool = False):
     _check_device(scores)
     scores = scores.float().contiguous()
     b, h, mq, mk = scores.shape
     code, fmask, fs = _force_args(force, scores, (b, h, mq, mk))
     if not topp:
-        if code == 1:
-            keep = max(keep, diagonal_width(n, block_q, block_k))
-        elif code == 2:
-            keep = max(keep, int(fmask.sum(-1).max().item()))
-        keep = max(1, min(keep, mk))
-    width = mk if topp else keep
-    idx = torch.empty((b, h, mq, width), dtype=torch.int32, device=scores.device)
-    cnt = torch.empty((b, h, mq), dtype=torch.int32, device=scores.device)
-    rows = b * h * mq
-    cols = triton.next_power_of_2(mk)
-    launch(_select_kernel, (cdiv(rows, _SEL_ROWS),), (scores, idx, cnt, fmask, keep, float(mass), rows, n, mq, mk, h, *fs, width),
-           dict(BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols),
-           {"num_warps": SEL_WARPS or max(1, min(8, cols // 128))})
-    return BlockLayout(idx, cnt, block_q, block_k, n)
+        keep = _keep(keep, code, fmask, n, block_q, block_k, mk)
+    return _Select((b, h, mq, mk), n, block_q, block_k, code, fs, keep, mass, topp)(scores, fmask)
+
+
+# select_topk/topp_triton per input signature (the selector's eager time was host-bound on the device
+# machine, kernels/NOTES.md run 13): both launches' Sites, the shapes and the rule built once. The key
+# holds everything the launches depend on, the module's launch settings among them. False: no plan.
+_PLANS: dict = {}
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, keep_diagonal: bool, keep: int = 0,
+          mass: float = 0.0, topp: bool = False):
+    """A callable ``(q, k) -> BlockLayout`` for this signature, or None (the general path then runs)."""
+    if q.device.type != "cuda" or _INTERPRET:
+        return None
+    key = (q.shape, k.shape, q.stride(), k.stride(), q.dtype, k.dtype, q.device, k.device, (q.data_ptr() | k.data_ptr()) & 15,
+           block_q, block_k, keep_diagonal, keep, mass, topp, POOL_WARPS, POOL_SUB, SEL_WARPS, _SEL_ROWS,
+           torch.cuda.current_device())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if _check_qk(q, block_q) is not q or _check_qk(k, block_k) is not k:  # raises on bad input
+            plan = False  # a copy first: the general path
+        else:
+            b, h, n, d = q.shape
+            mq, mk = cdiv(n, block_q), cdiv(n, block_k)
+            code = 1 if keep_diagonal else 0
+            if not topp:
+                keep = _keep(keep, code, q, n, block_q, block_k, mk)
+            pool = _Pool(q, k, block_q, block_k, 1.0 / math.sqrt(d))
+            sel = _Select((b, h, mq, mk), n, block_q, block_k, code, (0, 0, 0, 0), keep, mass, topp)
+
+            def plan(q, k):
+                pq, pk = pool(q, k)
+                scores = torch.matmul(pq, pk.transpose(-1, -2))
+                return sel(scores, scores)
+
+        if len(_PLANS) >= 32:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan or None
 
 
 def topk_layout_triton(
@@ -283,6 +349,8 @@ def topp_layout_triton(
 def select_topk_triton(q: torch.Tensor, k: torch.Tensor, keep: int, block_q: int = 128, block_k: int = 64,
                        keep_diagonal: bool = True) -> BlockLayout:
     """Pool, score and keep the ``keep`` best key blocks per query block (plus the diagonal): three launches."""
+    if (plan := _plan(q, k, block_q, block_k, keep_diagonal, keep=keep)) is not None:
+        return plan(q, k)
     scores = block_scores_triton(q, k, block_q, block_k)
     return _select(scores, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None, keep=keep)
 
@@ -292,5 +360,7 @@ def select_topp_triton(q: torch.Tensor, k: torch.Tensor, mass: float, block_q: i
     """Pool, score and keep the fewest key blocks reaching softmax ``mass`` (plus the diagonal): three launches."""
     if not 0.0 < mass:
         raise ValueError(f"mass must be > 0; got {mass}")
+    if (plan := _plan(q, k, block_q, block_k, keep_diagonal, mass=mass, topp=True)) is not None:
+        return plan(q, k)
     scores = block_scores_triton(q, k, block_q, block_k)
     return _select(scores, q.shape[2], block_q, block_k, "diagonal" if keep_diagonal else None, mass=mass, topp=True)

@@ -133,3 +133,34 @@ def test_selector_replays_from_a_cuda_graph():
     replay()
     torch.cuda.synchronize()
     assert torch.equal(got["layout"].to_dense(), want)
+
+
+@pytest.mark.gpu
+def test_selector_plans_gpu(monkeypatch):
+    """select_topk/topp_triton go through a plan per input signature (select_triton._plan): the same
+    layout as the general path (bitwise), for new tensors of a seen signature (the plan reused), another
+    shape, top-p and no forced diagonal; a strided k takes the general path."""
+    monkeypatch.setattr(st, "_PLANS", {})
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def qk(n, h=2):
+        return [torch.randn(1, h, n, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2)]
+
+    def general(q, k, keep=0, mass=0.0, topp=False, diag=True):
+        scores = st.block_scores_triton(q, k, 128, 64)
+        return st._select(scores, q.shape[2], 128, 64, "diagonal" if diag else None, keep=keep, mass=mass, topp=topp)
+
+    def same(a, b):
+        return torch.equal(a.kv_idx, b.kv_idx) and torch.equal(a.kv_cnt, b.kv_cnt)
+
+    for q, k in (qk(4000), qk(4000)):
+        assert same(st.select_topk_triton(q, k, 8, 128, 64), general(q, k, keep=8))
+    assert len(st._PLANS) == 1 and all(st._PLANS.values())
+    plan = next(iter(st._PLANS.values()))
+    q, k = qk(1000, h=3)
+    assert same(st.select_topk_triton(q, k, 5, 128, 64, keep_diagonal=False), general(q, k, keep=5, diag=False))
+    assert same(st.select_topp_triton(q, k, 0.9, 128, 64), general(q, k, mass=0.9, topp=True))
+    kt = k.transpose(2, 3).contiguous().transpose(2, 3)  # last dim strided: the general path copies it
+    assert same(st.select_topk_triton(q, kt, 5, 128, 64), general(q, kt, keep=5))
+    assert len(st._PLANS) == 4 and next(iter(st._PLANS.values())) is plan
+    assert st._PLANS[next(reversed(st._PLANS))] is False

@@ -565,11 +565,16 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # the output pass stores through TMA. H200, run 13 (kernels/NOTES.md): 65.9 + 64.7 us against 68.5 + 96.5
 # for the Triton passes; with no-grad calls through a plan (_plan), the forward measures 0.143 against
 # 0.179 ms in the same headline rounds.
+# ``bwd_split_state`` (on): for half-precision inputs the backward recomputes the state with the features'
+# lo parts in the dots (one Triton K/V pass more) instead of reading the forward's, whose dots round the
+# features to fp16/bf16. dq subtracts two nearly equal terms built from the state, and for elu features
+# (all positive) that rounding gave dq 2.3x torch's own fp16 error (kernels/NOTES.md, run 13); with it, 1.05x.
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
                  "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
                  "out_programs_per_sm": None, "tma": False,
                  "out_gluon": True, "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1, "out_tma": True},
-                 "state_gluon": True, "state_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}
+                 "state_gluon": True, "state_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1},
+                 "bwd_split_state": True}
 _FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
 
 
@@ -636,11 +641,13 @@ def _rope_args(cos, sin, n, d, device):
     return cos.to(device=device, dtype=dt).contiguous(), sin.to(device=device, dtype=dt).contiguous(), True
 
 
-def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
+def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False, split: bool = False):
     """The K/V pass: the summed state ``(B*H, D*D + D)`` (sum units), in the pairs layout (rows in channel
-    order) or the half layout (even rows, odd rows, then z), and the pass's chunking."""
+    order) or the half layout (even rows, odd rows, then z), and the pass's chunking. ``split``: the Triton
+    pass with the features' lo parts in the dots (as ``OPTIONS["state_split"]``)."""
     b, h, n, d = k.shape
-    if not pairs and not OPTIONS.get("state_halves") and (lg := _gluon("state_gluon", cos if rope else None, k, v)):
+    if (not pairs and not split and not OPTIONS.get("state_halves")
+            and (lg := _gluon("state_gluon", cos if rope else None, k, v))):
         cfg = OPTIONS["state_gluon_cfg"]
         nsplit, chunk = _chunks(n, b * h, k.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         part = lg.state_pass_gluon(k, v, cos, sin, rope, kind, nsplit, chunk, cfg["num_warps"], cfg["stages"])
@@ -650,7 +657,7 @@ def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False):
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
     halves = bool(OPTIONS.get("state_halves")) and not pairs
     consts = dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
-                  STATE_SPLIT=bool(OPTIONS["state_split"]) and modes["NATIVE_MODE"] != 0)
+                  STATE_SPLIT=bool(OPTIONS["state_split"] or split) and modes["NATIVE_MODE"] != 0)
     if pairs or halves:
         state_kernel = _fwd_state_pairs_kernel if pairs else _fwd_state_half_kernel
     else:
@@ -754,7 +761,9 @@ class _LinearAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, cos, sin, state = ctx.saved_tensors
         kind, rope, eps, pairs = ctx.meta
-        if pairs:
+        if OPTIONS.get("bwd_split_state") and q.dtype != torch.float32:
+            state = _state_pass(k, v, kind, cos, sin, rope, split=True)[0]
+        elif pairs:
             state = _pairs_to_halves(state, q.shape[-1])
         dq, dk, dv = _backward(dout, q, k, v, kind, cos, sin, rope, eps, state)
         return dq, dk, dv, None, None, None, None, None

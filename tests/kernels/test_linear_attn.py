@@ -40,8 +40,11 @@ def test_matches_reference_with_rope(gen, kind, dtype):
     _run(gen, kind, dtype, (2, 5, 7), 64, rope=True)  # N = 70: ragged against every tile size
 
 
-def test_without_rope_and_head_dim_128(gen):
-    _run(gen, "relu", torch.float16, (1, 3, 13), 128, rope=False)
+@pytest.mark.parametrize("kind", ["relu", "elu", "softmax"])
+def test_without_rope_and_head_dim_128(gen, kind):
+    """Without RoPE at D=128 in fp16. elu's dq was 2.3x torch's own error before the backward recomputed
+    the state with the features' lo parts (OPTIONS["bwd_split_state"])."""
+    _run(gen, kind, torch.float16, (2, 5, 7), 128, rope=False)
 
 
 @pytest.mark.parametrize("kind,rope", [("relu", True), ("softmax", False)])

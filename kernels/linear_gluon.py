@@ -46,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kernels.launch import Site
+from kernels.linear_attn import _feature  # the Triton feature map: a Gluon kernel calls it on its own layouts
 
 __all__ = ["KVPass", "OutPass", "gluon_supported", "out_pass_gluon", "state_pass_gluon"]
 
@@ -65,19 +66,6 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK = 64  # tokens per tile (one wgmma M)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
-
-
-@gluon.jit
-def _feature(x, KIND: gl.constexpr):
-    """relu, elu + 1, or softmax over the head dim, of an fp32 ``BM x D`` tile."""
-    if KIND == 0:
-        return gl.maximum(x, 0.0)
-    elif KIND == 1:
-        return gl.where(x > 0, x + 1.0, gl.exp(gl.minimum(x, 0.0)))
-    else:
-        m = gl.max(x, 1)
-        e = gl.exp(x - m[:, None])
-        return e / gl.sum(e, 1)[:, None]
 
 
 @gluon.jit

@@ -1,8 +1,11 @@
-"""Command line: parse arguments and hand them to :mod:`harness.cli` (no logic here)."""
+"""Command line: parse arguments and hand them to :mod:`salad_bench.harness.cli` (no logic here).
+
+``salad-bench run`` (the console script) is the same command from any directory.
+"""
 
 import sys
 
-from harness.cli import main
+from salad_bench.harness.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,10 +13,10 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
-from harness.workloads import get_workload, make_qkv  # noqa: E402
-from kernels import keep_count  # noqa: E402
-from kernels import select_triton as st  # noqa: E402
-from kernels.selection import block_scores, diagonal_blocks, pool_blocks, topk_layout, topp_layout  # noqa: E402
+from salad_bench.harness.workloads import get_workload, make_qkv  # noqa: E402
+from salad_bench.kernels import keep_count  # noqa: E402
+from salad_bench.kernels import select_triton as st  # noqa: E402
+from salad_bench.kernels.selection import block_scores, diagonal_blocks, pool_blocks, topk_layout, topp_layout  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,7 +14,7 @@ python3 run_all.py --methods full,salad,topk,salad_sta --sparsity 0.9 --workload
 echo "dit rc=$?"
 python3 run_all.py --methods full,topk,salad --sparsity 0.5,0.9 --workloads wan2.1-1.3b-480p --out "$OUT/recheck" > "$OUT/recheck.log" 2>&1
 echo "recheck rc=$?"
-timeout 150 python3 -m harness.bench_kernels --out "$OUT/kernels" --sections dense,sparse,selection,linear > "$OUT/kernels.log" 2>&1
+timeout 150 python3 -m salad_bench.harness.bench_kernels --out "$OUT/kernels" --sections dense,sparse,selection,linear > "$OUT/kernels.log" 2>&1
 echo "kernel bench rc=$?"
 timeout 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=8 > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -n 14 "$OUT/gpu_tests.log"

@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-runs/kernel-evidence}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-timeout 330 python3 -m harness.bench_kernels --out "$OUT/kernels" --densities 0.1,1.0 --variant-densities 0.1 \
+timeout 330 python3 -m salad_bench.harness.bench_kernels --out "$OUT/kernels" --densities 0.1,1.0 --variant-densities 0.1 \
     --sections dense,sparse,selection,linear,variants,linear_variants,headline --rounds 9 > "$OUT/kernels.log" 2>&1
 echo "kernel bench rc=$?"
 timeout 90 python3 run_all.py --methods full,xattention --workloads wan2.1-1.3b-480p --out "$OUT/xattention" \

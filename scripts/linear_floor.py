@@ -19,7 +19,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from kernels.linear_attn import _chunks  # noqa: E402
+from salad_bench.kernels.linear_attn import _chunks  # noqa: E402
 
 
 @triton.jit

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 import torch  # noqa: E402
 
-from harness.bench_kernels import _updated  # noqa: E402
-from kernels import linear_attn as la  # noqa: E402
-from kernels.rope import rope_3d_freqs  # noqa: E402
+from salad_bench.harness.bench_kernels import _updated  # noqa: E402
+from salad_bench.kernels import linear_attn as la  # noqa: E402
+from salad_bench.kernels.rope import rope_3d_freqs  # noqa: E402
 from scripts.linear_probe import device  # noqa: E402
 
 VARIANTS = {

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from harness.bench_kernels import _updated  # noqa: E402
-from kernels import linear_attn as la  # noqa: E402
-from kernels.rope import rope_3d_freqs  # noqa: E402
+from salad_bench.harness.bench_kernels import _updated  # noqa: E402
+from salad_bench.kernels import linear_attn as la  # noqa: E402
+from salad_bench.kernels.rope import rope_3d_freqs  # noqa: E402
 
 
 def host_us(fn, n: int = 100, batches: int = 5) -> float:
@@ -64,7 +64,7 @@ def _gluon_launch_pieces(lg, q, k, v, state, cs, sn, nsplit, chunk) -> dict:
     """The host-side steps of one Gluon output-pass launch (kernels.launch), each alone."""
     from triton.backends.nvidia import driver as nv
 
-    from kernels import launch as L
+    from salad_bench.kernels import launch as L
 
     b, h, n, d = q.shape
     out = torch.empty_like(q)
@@ -186,7 +186,7 @@ def main() -> None:
             "linear_attention_triton": lambda: la.linear_attention_triton(q, k, v, "relu", cos, sin),
         }
         try:  # the Gluon output pass's host-side pieces (sm_90)
-            from kernels import linear_gluon as lg
+            from salad_bench.kernels import linear_gluon as lg
 
             cfg = la.OPTIONS["out_gluon_cfg"]
             pieces |= {

@@ -16,8 +16,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from harness.bench_kernels import random_layout  # noqa: E402
-from kernels import block_sparse as bs  # noqa: E402
+from salad_bench.harness.bench_kernels import random_layout  # noqa: E402
+from salad_bench.kernels import block_sparse as bs  # noqa: E402
 
 which = sys.argv[1] if len(sys.argv) > 1 else "ours"
 bs.OPTIONS.update(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 import torch  # noqa: E402
 
-from kernels import linear_attn as la  # noqa: E402
-from kernels.rope import rope_3d_freqs  # noqa: E402
+from salad_bench.kernels import linear_attn as la  # noqa: E402
+from salad_bench.kernels.rope import rope_3d_freqs  # noqa: E402
 
 if len(sys.argv) > 1:
     la.OPTIONS.update(json.loads(sys.argv[1]))

@@ -10,11 +10,11 @@
 # One method fine-tunes in about 2-4 minutes alone on an H200 (0.07-0.15 s/step). With PER_GPU > 1 the
 # rows carry no latency (measured under contention it would mislead). Samples are kept (samples.npz,
 # git-ignored) for VBench; per-video PSNR/SSIM/loss in the rows give the paired intervals
-# (python -m harness.quality.stats).
+# (python -m salad_bench.harness.quality.stats).
 set -uo pipefail
 OUT=${OUT:?set OUT to the run directory}
 BUDGET=${BUDGET:-420}
 METHODS=${METHODS:-full,salad,sparse_lora,salad_no_gate,vsa,sla,salad_static_gate,salad_no_rope,salad_separate_qkv,salad_drop20,salad_no_linear,topk,sta,sparge,xattention,svg,radial}
-python3 -m harness.quality.parallel --methods "$METHODS" --out "$OUT" --gpus "${GPUS:-auto}" --per-gpu "${PER_GPU:-1}" -- \
+python3 -m salad_bench.harness.quality.parallel --methods "$METHODS" --out "$OUT" --gpus "${GPUS:-auto}" --per-gpu "${PER_GPU:-1}" -- \
     --checkpoint "${CKPT:-checkpoints/mini-wan}" --sparsity 0.9 --steps "${STEPS:-1600}" --time-budget "$BUDGET" \
     --seed "${SEED:-0}" --save-samples

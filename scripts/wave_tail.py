@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from harness.bench_kernels import random_layout  # noqa: E402
-from kernels import block_sparse as bs  # noqa: E402
-from kernels.layout import BlockLayout  # noqa: E402
+from salad_bench.harness.bench_kernels import random_layout  # noqa: E402
+from salad_bench.kernels import block_sparse as bs  # noqa: E402
+from salad_bench.kernels.layout import BlockLayout  # noqa: E402
 
 
 def main() -> None:

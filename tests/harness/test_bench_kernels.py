@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import bench_kernels as bk
-from harness.bench_kernels import headline_targets
+from salad_bench.harness import bench_kernels as bk
+from salad_bench.harness.bench_kernels import headline_targets
 
 
 def _rows(times):
@@ -45,8 +45,8 @@ def test_report_keeps_every_round_and_takes_ratios_per_round():
     the headline table gives medians and per-round speedups."""
     import pandas as pd
 
-    from harness.report import kernel_headline_tables, kernel_tables
-    from harness.results import latest_per_cell
+    from salad_bench.harness.report import kernel_headline_tables, kernel_tables
+    from salad_bench.harness.results import latest_per_cell
 
     times = [
         {"sdpa_cudnn": 12.0, "triton_block_sparse": 1.2, "flex_block_sparse": 1.8},

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
-from harness.results import read_jsonl
+from salad_bench.harness.cli import main
+from salad_bench.harness.results import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from harness.flops import dense_flops, mfu, peak_tflops, tflops
-from harness.results import ResultsFileError, RowWriter, load_rows, read_jsonl
-from harness.timing import measure
-from harness.workloads import WORKLOADS, get_workload, make_qkv
+from salad_bench.harness.flops import dense_flops, mfu, peak_tflops, tflops
+from salad_bench.harness.results import ResultsFileError, RowWriter, load_rows, read_jsonl
+from salad_bench.harness.timing import measure
+from salad_bench.harness.workloads import WORKLOADS, get_workload, make_qkv
 
 
 def test_wan_480p_layer_is_6_59_tflop():
@@ -63,7 +63,7 @@ def test_measure_cpu_reports_quantiles():
 
 
 def test_provenance_from_the_environment_on_a_copy_without_history(monkeypatch):
-    from harness.results import provenance
+    from salad_bench.harness.results import provenance
 
     monkeypatch.setenv("SALAD_GIT_SHA", "abc1234")
     monkeypatch.delenv("SALAD_GIT_DIRTY", raising=False)
@@ -111,3 +111,27 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
         read_jsonl(p)
     with pytest.raises(ResultsFileError, match="no such results file"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_wan_qkv_kind_comes_from_a_wan_layer():
+    """The third input kind: q, k, v of a random-weight Wan2.1 layer (after qk-norm and RoPE): seeded,
+    the workload's shape, and scores far less spread than the video-like kind's."""
+    import math
+
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from salad_bench.harness.workloads import get_workload, make_qkv
+
+    wl = get_workload("cpu-tiny")
+    q, k, v = make_qkv(wl, kind="wan", seed=3)
+    q2, _, _ = make_qkv(wl, kind="wan", seed=3)
+    assert q.shape == k.shape == v.shape == (1, wl.heads, wl.n, wl.head_dim)
+    assert torch.equal(q, q2) and not torch.equal(q, make_qkv(wl, kind="wan", seed=4)[0])
+
+    def spread(q, k):
+        s = q[0, 0] @ k[0, 0].T / math.sqrt(q.shape[-1])
+        return float((s.max(-1).values - s.min(-1).values).median())
+
+    vq, vk, _ = make_qkv(wl, kind="video", seed=3)
+    assert spread(q, k) < 20 < 100 < spread(vq, vk)

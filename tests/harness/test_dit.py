@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from harness import dit  # noqa: E402
-from harness.dit import DIT_WORKLOADS, get_dit_workload, run_dit_workload  # noqa: E402
-from harness.results import RowWriter, read_jsonl  # noqa: E402
+from salad_bench.harness import dit  # noqa: E402
+from salad_bench.harness.dit import DIT_WORKLOADS, get_dit_workload, run_dit_workload  # noqa: E402
+from salad_bench.harness.results import RowWriter, read_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,7 +104,7 @@ def test_unsupported_is_skipped_and_failures_are_error_rows(tmp_path):
 
 
 def test_a_model_that_does_not_fit_gives_skipped_rows(tmp_path, monkeypatch):
-    import harness.integrations.wan as wan
+    import salad_bench.harness.integrations.wan as wan
 
     def boom(*a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 GiB")
@@ -118,7 +118,7 @@ def test_a_model_that_does_not_fit_gives_skipped_rows(tmp_path, monkeypatch):
 
 
 def test_real_weights_are_loaded_and_named(tmp_path):
-    from harness.integrations.wan import new_transformer
+    from salad_bench.harness.integrations.wan import new_transformer
 
     new_transformer(get_dit_workload("dit:tiny").config, seed=5).save_pretrained(tmp_path / "w" / "transformer")
     writer = RowWriter(tmp_path / "run")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import expected_flops, gate
+from salad_bench.harness import expected_flops, gate
 
 CARD = "NVIDIA H200"
 VERSIONS = {"torch": "2.11.0+cu130", "triton": "3.5.0", "cudnn": 91900}
@@ -80,8 +80,23 @@ def test_per_card_thresholds_and_overrides(baseline: dict) -> None:
 def test_different_card_is_not_gated(baseline: dict) -> None:
     rows = _run(_row("topk", 0.9, 2.0, card="NVIDIA H100 80GB HBM3"))
     res = gate.gate(rows, baseline)
-    assert res.exit_code == 0 and not res.regressions
+    assert not res.regressions and res.gated == 0
+    assert res.exit_code == 2 and res.exit_code_for(allow_empty=True) == 0  # nothing gated is not a pass
+    assert "NOTHING GATED" in res.format()
     assert any("card 'NVIDIA H100 80GB HBM3', baseline is for 'NVIDIA H200'" in s for s in res.not_gated)
+
+
+def test_nothing_comparable_exits_2_from_the_command_line(baseline: dict, tmp_path) -> None:
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = _run(_row("topk", 0.9, 2.0, card="NVIDIA H100 80GB HBM3"))
+    (run / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows.to_dict("records")))
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(baseline))
+    assert gate.main([str(run), "--baseline", str(path)]) == 2
+    assert gate.main([str(run), "--baseline", str(path), "--allow-empty"]) == 0
 
 
 @pytest.mark.parametrize("field,value", [("torch", "2.12.0+cu130"), ("triton", "3.6.0"), ("cudnn", 92000)])
@@ -115,7 +130,7 @@ def test_missing_and_new_cells_reported(baseline: dict) -> None:
 
 def test_nothing_comparable_says_so(baseline: dict) -> None:
     res = gate.gate(_run(_row("topk", 0.9, 7.0, card="other")), baseline)
-    assert "nothing was comparable" in res.format()
+    assert "no cell of the run is comparable" in res.format() and res.exit_code == 2
 
 
 def test_make_baseline_contents(baseline: dict) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.quality.data import (
+from salad_bench.harness.quality.data import (
     CLASS_NAMES,
     NUM_CLASSES,
     VAL_SEED_OFFSET,

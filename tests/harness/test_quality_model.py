@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
-from harness.quality.model import (  # noqa: E402
+from salad_bench.harness.quality.model import (  # noqa: E402
     CheckpointError,
     MiniWan,
     MiniWanConfig,
@@ -99,6 +99,7 @@ def test_shards_that_disagree_name_the_file(saved):
     cfg = json.loads(meta["config"])
     cfg["ffn_dim"] = 256
     save_file(tensors, str(victim), metadata={**meta, "config": json.dumps(cfg)})
+    _rehash(d)
     with pytest.raises(CheckpointError, match=victim.name):
         load_checkpoint(d)
 
@@ -114,8 +115,52 @@ def test_wrong_tensor_shape_names_the_file(saved):
     name = sorted(tensors)[0]
     tensors[name] = torch.zeros(tensors[name].numel() + 1)
     save_file(tensors, str(victim), metadata=meta)
+    _rehash(d)
     with pytest.raises(CheckpointError, match=f"{victim.name}.*{name}"):
         load_checkpoint(d)
+
+
+def _rehash(d):
+    """Record the edited shards' digests in the card, so the checks behind the digest are reached."""
+    from salad_bench.harness.quality.model import shard_digests
+
+    card = json.loads((d / "card.json").read_text())
+    card["shard_sha256"] = shard_digests(sorted(d.glob("model-*.safetensors")))
+    (d / "card.json").write_text(json.dumps(card))
+
+
+def test_a_flipped_byte_in_a_shard_names_the_shard(saved):
+    _, d = saved
+    victim = sorted(d.glob("model-*.safetensors"))[-1]
+    data = bytearray(victim.read_bytes())
+    data[-7] ^= 0x01  # inside the last tensor's data: safetensors itself would load it silently
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{victim.name}: sha256 differs"):
+        load_checkpoint(d)
+
+
+def test_nan_weights_are_refused_naming_the_tensor(saved):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, d = saved
+    victim = sorted(d.glob("model-*.safetensors"))[0]
+    with safe_open(str(victim), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in sorted(tensors) if tensors[k].is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(victim), metadata=meta)
+    _rehash(d)
+    with pytest.raises(CheckpointError, match=f"{victim.name}: tensor {name} holds NaN"):
+        load_checkpoint(d)
+
+
+def test_the_committed_checkpoint_verifies():
+    from pathlib import Path
+
+    card = json.loads((Path(__file__).resolve().parents[2] / "checkpoints/mini-wan/card.json").read_text())
+    assert set(card["shard_sha256"]) == set(card["shards"])
+    load_checkpoint(Path(__file__).resolve().parents[2] / "checkpoints/mini-wan")
 
 
 def test_empty_directory_and_no_directory(tmp_path):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness.quality.parallel import assign, main, plan_workers
+from salad_bench.harness.quality.parallel import assign, main, plan_workers
 
 pytest.importorskip("diffusers")
 pytest.importorskip("torchmetrics")
-pytest.importorskip("harness.integrations.wan")
+pytest.importorskip("salad_bench.harness.integrations.wan")
 
 
 def test_assign_balances_heaviest_first_and_keeps_order():
@@ -40,8 +40,8 @@ def test_launcher_refuses_flags_it_owns(tmp_path):
 
 
 def test_two_workers_share_one_run(tmp_path):
-    from harness.quality.model import MiniWan, MiniWanConfig, save_checkpoint
-    from harness.results import read_jsonl
+    from salad_bench.harness.quality.model import MiniWan, MiniWanConfig, save_checkpoint
+    from salad_bench.harness.results import read_jsonl
 
     tiny = MiniWanConfig(num_layers=2, num_heads=2, head_dim=64, ffn_dim=64, freq_dim=32, frames=4, height=16, width=16)
     torch.manual_seed(0)

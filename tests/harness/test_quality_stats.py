@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from harness.quality.stats import bootstrap, compare, hypotheses, load_study, main, summarize
+from salad_bench.harness.quality.stats import bootstrap, compare, hypotheses, load_study, main, summarize
 
 
 def _rows(rng, shift_nogate=1.0, loss_rel=0.01):

@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from harness.quality.data import ProceduralVideos  # noqa: E402
-from harness.quality.model import MiniWan, MiniWanConfig, load_checkpoint  # noqa: E402
-from harness.quality.train import (  # noqa: E402
+from salad_bench.harness.quality.data import ProceduralVideos  # noqa: E402
+from salad_bench.harness.quality.model import MiniWan, MiniWanConfig, load_checkpoint  # noqa: E402
+from salad_bench.harness.quality.train import (  # noqa: E402
     TrainConfig,
     finetune,
     lr_at,
@@ -52,7 +52,7 @@ def _fresh():
 
 def test_time_budget_does_not_count_the_first_step(monkeypatch):
     """A slow first step (Triton compilation and autotuning on the GPU) must not eat a method's budget."""
-    import harness.quality.train as tr
+    import salad_bench.harness.quality.train as tr
 
     clock = iter([0.0, 50.0, 51.0, 52.0, 53.0, 54.0, 55.0])  # t0, then one reading per step
     monkeypatch.setattr(tr.time, "perf_counter", lambda: next(clock, 99.0))
@@ -114,7 +114,7 @@ def test_fit_to_budget_shrinks_the_run():
 
 
 def test_what_trains_per_train_params():
-    wan = pytest.importorskip("harness.integrations.wan")
+    wan = pytest.importorskip("salad_bench.harness.integrations.wan")
     m = _fresh()
     base = {id(p) for p in m.parameters()}
     methods = wan.install_attention(m.transformer, "salad", sparsity=0.5)
@@ -134,7 +134,7 @@ def test_what_trains_per_train_params():
 
 
 def test_finetune_moves_only_the_method_and_reports_no_grad_methods():
-    wan = pytest.importorskip("harness.integrations.wan")
+    wan = pytest.importorskip("salad_bench.harness.integrations.wan")
     data = ProceduralVideos("train", 8, TINY.spec)
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0, dataset_size=8, bf16=False)
     m = _fresh()
@@ -154,9 +154,9 @@ def test_finetune_moves_only_the_method_and_reports_no_grad_methods():
 
 
 def test_finetuned_checkpoint_round_trip_and_bad_files(tmp_path):
-    from harness.quality.model import CheckpointError, load_finetuned, save_finetuned
+    from salad_bench.harness.quality.model import CheckpointError, load_finetuned, save_finetuned
 
-    wan = pytest.importorskip("harness.integrations.wan")
+    wan = pytest.importorskip("salad_bench.harness.integrations.wan")
     data = ProceduralVideos("train", 8, TINY.spec)
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0, dataset_size=8, bf16=False)
     m = _fresh()
@@ -179,7 +179,7 @@ def test_finetuned_checkpoint_round_trip_and_bad_files(tmp_path):
 
 
 def test_interrupted_finetune_resumes_from_its_state(tmp_path):
-    wan = pytest.importorskip("harness.integrations.wan")
+    wan = pytest.importorskip("salad_bench.harness.integrations.wan")
     data = ProceduralVideos("train", 8, TINY.spec)
     cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=0, dataset_size=8, bf16=False, ckpt_every=1)
     a = _fresh()
@@ -205,7 +205,7 @@ def _run(args, env=None, timeout=120):
 
 def test_train_base_cli_writes_a_loadable_checkpoint_with_a_card(tmp_path):
     out = tmp_path / "ckpt"
-    p = _run([sys.executable, "-m", "harness.quality.train_base", "--out", str(out), "--tiny", "--steps", "3", "--batch", "2",
+    p = _run([sys.executable, "-m", "salad_bench.harness.quality.train_base", "--out", str(out), "--tiny", "--steps", "3", "--batch", "2",
               "--n-val", "2", "--val-every", "3"])  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     model, card = load_checkpoint(out)
@@ -219,7 +219,7 @@ def test_train_base_cli_writes_a_loadable_checkpoint_with_a_card(tmp_path):
 def test_torchrun_two_ranks_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     p = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
-              "-m", "harness.quality.train_base", "--out", str(out), "--tiny", "--steps", "2", "--batch", "4",
+              "-m", "salad_bench.harness.quality.train_base", "--out", str(out), "--tiny", "--steps", "2", "--batch", "4",
               "--n-val", "2", "--device", "cpu"], timeout=180)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     _, card = load_checkpoint(out)

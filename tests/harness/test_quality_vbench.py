@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from harness.quality.metrics import temporal_flickering_videos
-from harness.quality.vbench import (
+from salad_bench.harness.quality.metrics import temporal_flickering_videos
+from salad_bench.harness.quality.vbench import (
     ENV_VAR,
     VBenchUnavailable,
     _parse,
@@ -21,7 +21,7 @@ from harness.quality.vbench import (
 
 
 def _videos() -> torch.Tensor:
-    from harness.quality.data import ProceduralVideos, VideoSpec
+    from salad_bench.harness.quality.data import ProceduralVideos, VideoSpec
 
     return ProceduralVideos("val", 2, VideoSpec(frames=6, height=32, width=32)).batch([0, 1])[0]
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import plots, report
+from salad_bench.harness import plots, report
 
 GOLDEN = Path(__file__).parent / "golden"
 CARD = "NVIDIA H200"
@@ -232,7 +232,7 @@ def test_cli_writes_tables(tmp_path: Path) -> None:
 def test_a_rerun_supersedes_its_cell_unless_keep_all(tmp_path: Path) -> None:
     import json
 
-    from harness.results import latest_per_cell, load_rows
+    from salad_bench.harness.results import latest_per_cell, load_rows
 
     cell = {"kind": "quality", "method": "salad", "config_hash": "h", "workload": "mini", "dtype": "bf16",
             "pass": "fwd", "sparsity_target": 0.9, "card": "NVIDIA H200", "status": "ok"}

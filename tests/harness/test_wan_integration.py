@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from harness.integrations.wan import (  # noqa: E402
+from salad_bench.harness.integrations.wan import (  # noqa: E402
     METHOD_ATTR,
     SparseWanAttnProcessor,
     attention_state,
@@ -22,8 +22,8 @@ from harness.integrations.wan import (  # noqa: E402
     step_callback,
     time_attention,
 )
-from harness.weights import WeightsError, check_safetensors, generate, load_method_state, load_transformer  # noqa: E402
-from methods import AttentionMethod, AttnContext, MethodConfig  # noqa: E402
+from salad_bench.harness.weights import WeightsError, check_safetensors, generate, load_method_state, load_transformer  # noqa: E402
+from salad_bench.methods import AttentionMethod, AttnContext, MethodConfig  # noqa: E402
 
 TINY = dict(
     patch_size=(1, 2, 2),
@@ -206,7 +206,7 @@ def test_salad_parameters_train_save_and_load(tmp_path):
 
 
 def _registered():
-    from methods import METHODS
+    from salad_bench.methods import METHODS
 
     return METHODS.names()
 
@@ -216,7 +216,7 @@ def _registered():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("name", _registered())
 def test_every_registered_method_runs_inside_wan(name):
-    from methods import Unsupported
+    from salad_bench.methods import Unsupported
 
     model = _model()
     try:
@@ -258,7 +258,7 @@ def test_rejects_non_wan_models():
 def test_missing_diffusers_is_a_clear_error(monkeypatch):
     import sys
 
-    from harness.integrations import require_diffusers
+    from salad_bench.harness.integrations import require_diffusers
 
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match="pip install"):

@@ -15,7 +15,7 @@ import torch
 
 # triton's own library and gluon (imported lazily at the first launch) must also be created in
 # interpreter mode, so they are imported inside the same window.
-KERNEL_MODULES = ("triton", "triton.experimental.gluon", "kernels.block_sparse", "kernels.select_triton", "kernels.linear_attn")
+KERNEL_MODULES = ("triton", "triton.experimental.gluon", "salad_bench.kernels.block_sparse", "salad_bench.kernels.select_triton", "salad_bench.kernels.linear_attn")
 INTERPRETED = not torch.cuda.is_available()
 # Set when triton was imported (compiled mode) before this file ran: the interpreter cannot be turned on.
 TRITON_TOO_EARLY = INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1" and "triton" in sys.modules
@@ -25,7 +25,7 @@ if INTERPRETED and not TRITON_TOO_EARLY:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         for _name in KERNEL_MODULES:
-            if _name in sys.modules and _name.startswith("kernels."):
+            if _name in sys.modules and _name.startswith("salad_bench.kernels."):
                 importlib.reload(sys.modules[_name])
             else:
                 importlib.import_module(_name)

@@ -7,10 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import block_sparse as bs
-from kernels.errors import Unsupported
-from kernels.layout import BlockLayout, cdiv
-from kernels.reference import block_sparse_attention_ref
+from salad_bench.kernels import block_sparse as bs
+from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.layout import BlockLayout, cdiv
+from salad_bench.kernels.reference import block_sparse_attention_ref
 from tests.kernels._tol import assert_close_to_torch, rel_l2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -405,7 +405,7 @@ def test_gluon_forward_gpu(gen, n, d, dtype, rows):
     output and log-sum-exp."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward needs an sm_90 GPU")
-    from kernels.block_sparse_gluon import block_sparse_forward_gluon
+    from salad_bench.kernels.block_sparse_gluon import block_sparse_forward_gluon
 
     b, h = 2, 3
     q, k, v = _inputs(gen, b, h, n, d, dtype)
@@ -426,7 +426,7 @@ def test_gluon_forward_gpu(gen, n, d, dtype, rows):
 
 def test_gluon_forward_refuses_what_it_cannot_run(gen):
     """Off sm_90 (the CPU here) or with other tiles, the Gluon forward names the problem."""
-    from kernels.block_sparse_gluon import block_sparse_forward_gluon
+    from salad_bench.kernels.block_sparse_gluon import block_sparse_forward_gluon
 
     q, k, v = _inputs(gen, 1, 1, 128, 64, torch.float32)
     with pytest.raises(Unsupported, match="sm_90|fwd_gluon"):

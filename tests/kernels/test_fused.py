@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import block_sparse as bs
-from kernels.errors import Unsupported
-from kernels.fused import sparse_linear_attention_triton
-from kernels.layout import BlockLayout, cdiv
-from kernels.reference import block_sparse_attention_ref, linear_attention_ref
-from kernels.rope import rope_3d_freqs
+from salad_bench.kernels import block_sparse as bs
+from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.fused import sparse_linear_attention_triton
+from salad_bench.kernels.layout import BlockLayout, cdiv
+from salad_bench.kernels.reference import block_sparse_attention_ref, linear_attention_ref
+from salad_bench.kernels.rope import rope_3d_freqs
 from tests.kernels._tol import assert_close_to_torch
 from tests.kernels.test_block_sparse import _random_layout
 

@@ -49,7 +49,7 @@ BUILD = textwrap.dedent(
 
 SCRIPT = BUILD + textwrap.dedent(
     """
-    from kernels import select_triton as st
+    from salad_bench.kernels import select_triton as st
 
     ptr = {"S": "*fp32", "IDX": "*i32", "CNT": "*i32", "FMASK": "*i8"}
     ints = ["keep", "R", "N", "MQ", "MK", "H", "fs_b", "fs_h", "fs_m", "fs_k", "idx_width"]
@@ -84,7 +84,7 @@ def test_selection_kernels_compile_for_hopper(tmp_path):
 
 KERNELS_SCRIPT = BUILD + textwrap.dedent(
     """
-    from kernels import block_sparse as bs, linear_attn as la
+    from salad_bench.kernels import block_sparse as bs, linear_attn as la
 
     FP32 = {"LSE", "DELTA", "PART", "ML", "S", "DPART", "DS", "COS", "SIN"}
     I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT", "LOCKS"}
@@ -161,7 +161,7 @@ GLUON_SCRIPT = BUILD + textwrap.dedent(
     """
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-    from kernels import block_sparse_gluon as bg
+    from salad_bench.kernels import block_sparse_gluon as bg
 
     params = inspect.signature(bg._fwd_gluon_kernel.fn).parameters
     failed = 0
@@ -197,7 +197,7 @@ LINEAR_GLUON_SCRIPT = BUILD + textwrap.dedent(
     """
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-    from kernels import linear_gluon as lg
+    from salad_bench.kernels import linear_gluon as lg
 
     bm = lg.BLOCK
     failed = 0

@@ -1,4 +1,4 @@
-"""kernels.launch: when the cached launcher is reused, and with which arguments (a fake kernel and driver)."""
+"""salad_bench.kernels.launch: when the cached launcher is reused, and with which arguments (a fake kernel and driver)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from kernels import launch as lm
+from salad_bench.kernels import launch as lm
 
 
 class _Compiled:

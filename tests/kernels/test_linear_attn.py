@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.errors import Unsupported
-from kernels.linear_attn import linear_attention_triton
-from kernels.reference import linear_attention_ref
-from kernels.rope import rope_3d_freqs
+from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.linear_attn import linear_attention_triton
+from salad_bench.kernels.reference import linear_attention_ref
+from salad_bench.kernels.rope import rope_3d_freqs
 from tests.kernels._tol import assert_close_to_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,7 +50,7 @@ def test_without_rope_and_head_dim_128(gen, kind):
 @pytest.mark.parametrize("kind,rope", [("relu", True), ("softmax", False)])
 def test_state_in_halves(gen, monkeypatch, kind, rope):
     """The K/V pass with the state split over two programs per chunk gives the same result and gradients."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     monkeypatch.setitem(la.OPTIONS, "state_halves", True)
     _run(gen, kind, torch.float16, (2, 5, 7), 64, rope=rope)
@@ -60,7 +60,7 @@ def test_state_in_halves(gen, monkeypatch, kind, rope):
 @pytest.mark.parametrize("kind", ["relu", "elu"])
 def test_split_state_pass(gen, monkeypatch, kind):
     """With the lo-part dots in the K/V pass (off by default), forward and gradients stay within the bound."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     monkeypatch.setitem(la.OPTIONS, "state_split", True)
     _run(gen, kind, torch.float16, (2, 5, 7), 64, rope=True)
@@ -73,7 +73,7 @@ def test_forward_layout_options(gen, monkeypatch, option, kind, rope, dtype):
     """Two forward options give the same output and gradients: ``pairs`` (natural channel order, RoPE pairs
     rotated in registers, one D x D state, converted to the half layout for the backward) and ``tma`` (TMA
     descriptors; ragged N: their zero rows and dropped stores)."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     monkeypatch.setitem(la.OPTIONS, option, True)
     if option == "tma":
@@ -85,7 +85,7 @@ def test_forward_layout_options(gen, monkeypatch, option, kind, rope, dtype):
 def test_tma_forward_fp16_tables_and_unaligned_fallback(gen, monkeypatch):
     """Half-precision tables go through their own descriptors; a tensor TMA cannot address (a 2-byte
     offset) takes the pointer loads, with the same result."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     monkeypatch.setitem(la.OPTIONS, "tma", True)
     q, k, v = [torch.randn(1, 2, 70, 64, generator=gen).to(DEVICE, torch.float16) for _ in range(3)]
@@ -102,7 +102,7 @@ def test_tma_forward_fp16_tables_and_unaligned_fallback(gen, monkeypatch):
 
 def test_pairs_state_converts_to_halves(gen):
     """The pairs-layout state, converted, equals the half-layout state of the same inputs."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     q, k, v = [torch.randn(1, 2, 70, 64, generator=gen).to(DEVICE) for _ in range(3)]
     cos, sin = rope_3d_freqs((2, 5, 7), 64, DEVICE)
@@ -156,7 +156,7 @@ def test_wan_shape_gpu(gen, dtype):
                                    "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}])
 def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
     """The K/V-pass options the benchmark times, at Wan 480p in bf16."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     for key, val in opts.items():
         monkeypatch.setitem(la.OPTIONS, key, val)
@@ -174,7 +174,7 @@ def test_gluon_passes_gpu(gen, monkeypatch, kind, d, dtype, rope, warps, out_tma
     several 64-token tiles per program), the output stored from registers or through a TMA store: the
     output against the float64 reference, and the gradients (the Triton backward, reading the Gluon
     state) against the all-Triton path's."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
     from tests.kernels._tol import rel_l2
 
     for grid in ((2, 5, 7), (5, 13, 62)):
@@ -209,7 +209,7 @@ def test_no_grad_plans_gpu(gen, monkeypatch):
     """No-grad calls go through a plan per input signature (kernels.linear_attn._plan): the same output as
     the general path (bitwise), for new tensors of a seen signature (the plan reused), a new shape, tables
     at a new address and non-contiguous inputs (the general path); OPTIONS changes drop the plans."""
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the plans cover the Gluon passes, which need an sm_90 GPU")
@@ -250,7 +250,7 @@ def test_no_grad_plans_gpu(gen, monkeypatch):
 def test_launch_retries_smaller_when_shared_memory_overflows():
     import triton
 
-    from kernels import linear_attn as la
+    from salad_bench.kernels import linear_attn as la
 
     calls = []
 

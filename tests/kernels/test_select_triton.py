@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import select_triton as st
-from kernels import selection as ref
-from kernels.layout import keep_count
+from salad_bench.kernels import select_triton as st
+from salad_bench.kernels import selection as ref
+from salad_bench.kernels.layout import keep_count
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -94,10 +94,10 @@ def test_triton_selector_matches_torch_on_gpu_at_wan_480p(sparsity, path):
     agreed. This full-size check is what the interpreter cannot give: ``from_qk`` runs the whole
     pipeline (pool, score, select), ``scores_given`` selects from torch's scores.
     """
-    from harness.workloads import get_workload, make_qkv
-    from kernels import keep_count
-    from kernels.select_triton import block_scores_triton, select_topk_triton, topk_layout_triton
-    from kernels.selection import block_scores, diagonal_blocks, topk_layout
+    from salad_bench.harness.workloads import get_workload, make_qkv
+    from salad_bench.kernels import keep_count
+    from salad_bench.kernels.select_triton import block_scores_triton, select_topk_triton, topk_layout_triton
+    from salad_bench.kernels.selection import block_scores, diagonal_blocks, topk_layout
 
     wl = get_workload("wan2.1-1.3b-480p")
     q, k, _ = make_qkv(wl, device="cuda", dtype=torch.bfloat16)
@@ -118,7 +118,7 @@ def test_triton_selector_matches_torch_on_gpu_at_wan_480p(sparsity, path):
 def test_selector_replays_from_a_cuda_graph():
     """The kernel benchmark times the selector from a CUDA graph too: capture must work (no host sync)
     and a replay must give the eager layout."""
-    from harness.bench_kernels import cuda_graph
+    from salad_bench.harness.bench_kernels import cuda_graph
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k = (torch.randn(1, 2, 4000, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))

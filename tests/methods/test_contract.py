@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods import METHODS, AttnContext, Unsupported, create_method
+from salad_bench.methods import METHODS, AttnContext, Unsupported, create_method
 
 GRID = (3, 10, 11)  # N = 330: not a multiple of 64 or 128
 HEADS, DIM = 2, 64

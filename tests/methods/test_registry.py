@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from methods import METHODS, AttentionMethod, UnknownNameError, create_method
-from methods.base import MethodConfig
-from methods.registry import Registry
+from salad_bench.methods import METHODS, AttentionMethod, UnknownNameError, create_method
+from salad_bench.methods.base import MethodConfig
+from salad_bench.methods.registry import Registry
 
 
 class _Toy(AttentionMethod):
@@ -77,7 +77,7 @@ def test_bad_knob_value_named():
 
 
 def test_every_entry_has_a_known_family():
-    from methods.base import FAMILIES
+    from salad_bench.methods.base import FAMILIES
 
     for e in METHODS.entries():
         assert (e.family or e.cls.family) in FAMILIES, e.name

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from kernels.reference import block_sparse_attention_ref, linear_attention_ref
-from kernels.rope import apply_rope, rope_3d_freqs
-from methods import AttnContext, create_method
+from salad_bench.kernels.reference import block_sparse_attention_ref, linear_attention_ref
+from salad_bench.kernels.rope import apply_rope, rope_3d_freqs
+from salad_bench.methods import AttnContext, create_method
 
 GRID = (3, 10, 11)
 N = 330
@@ -143,7 +143,7 @@ def test_ablation_variants_change_the_output(gen, variant, attr, value):
 
 
 def test_drop_weakest_linear_branches():
-    from methods.salad import drop_weakest_linear_branches
+    from salad_bench.methods.salad import drop_weakest_linear_branches
 
     mods = [create_method("salad", num_heads=2, head_dim=32) for _ in range(10)]
     for i, m in enumerate(mods):

@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 
-import methods  # noqa: F401  (registers every method)
-from kernels import block_sparse_attention
-from kernels.reference import feature_map
-from methods.base import AttnContext, create_method
-from methods.sla import SLAConfig, classify_blocks, marginal_linear_attention
-from methods.sparse_lora import add_lora_to_linear, lora_targets
-from methods.vsa import cube_partition, fine_token_mask, pool_cubes
+import salad_bench.methods  # noqa: F401  (registers every method)
+from salad_bench.kernels import block_sparse_attention
+from salad_bench.kernels.reference import feature_map
+from salad_bench.methods.base import AttnContext, create_method
+from salad_bench.methods.sla import SLAConfig, classify_blocks, marginal_linear_attention
+from salad_bench.methods.sparse_lora import add_lora_to_linear, lora_targets
+from salad_bench.methods.vsa import cube_partition, fine_token_mask, pool_cubes
 
 H, D = 2, 32
 TRAINED = ("vsa", "sla", "sparse_lora")

@@ -16,13 +16,13 @@ import warnings
 import pytest
 import torch
 
-from kernels.layout import cdiv
-from methods import AttnContext, create_method
-from methods._warmup import effective_density
-from methods.radial import band_rule, radial_tile_map, radial_token_mask
-from methods.sta import axis_window, tile_major_order
-from methods.svg import spatial_major_order
-from methods.xattention import antidiagonal_scores, tile_mass
+from salad_bench.kernels.layout import cdiv
+from salad_bench.methods import AttnContext, create_method
+from salad_bench.methods._warmup import effective_density
+from salad_bench.methods.radial import band_rule, radial_tile_map, radial_token_mask
+from salad_bench.methods.sta import axis_window, tile_major_order
+from salad_bench.methods.svg import spatial_major_order
+from salad_bench.methods.xattention import antidiagonal_scores, tile_mass
 
 PEERS = ["sta", "svg", "radial", "xattention", "sparge"]
 RAGGED = (3, 10, 11)  # N = 330: not a multiple of 64 or 128
@@ -385,7 +385,7 @@ def test_sparge_guard_keeps_non_self_similar_rows_and_columns(gen):
 def test_sparge_cdf_mode_reaches_the_mass(gen):
     q, k, v = _qkv(gen, (4, 16, 18))
     m, _ = _run("sparge", q, k, v, None, cdf_threshold=0.7, sim_threshold=-0.1)
-    from kernels.selection import block_scores
+    from salad_bench.kernels.selection import block_scores
 
     probs = torch.softmax(block_scores(q, k, 128, 64), -1)
     tiles = m.layout.to_dense()
@@ -394,7 +394,7 @@ def test_sparge_cdf_mode_reaches_the_mass(gen):
 
 
 def test_xattention_tf32_switch_is_scoped():
-    from methods.xattention import _matmul_precision
+    from salad_bench.methods.xattention import _matmul_precision
 
     before = torch.backends.cuda.matmul.allow_tf32
     with _matmul_precision(not before):
@@ -405,7 +405,7 @@ def test_xattention_tf32_switch_is_scoped():
 @pytest.mark.gpu
 def test_xattention_tf32_scores_keep_the_fp32_tiles_at_wan_480p():
     """TF32 scoring (the default on CUDA) must select (nearly) the tiles IEEE fp32 scoring selects."""
-    from harness.workloads import get_workload, make_qkv
+    from salad_bench.harness.workloads import get_workload, make_qkv
 
     wl = get_workload("wan2.1-1.3b-480p")
     q, k, _ = make_qkv(wl, device="cuda", dtype=torch.bfloat16)

@@ -1,0 +1,5 @@
+import sys
+
+from salad_bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,557 @@
+"""``dit:`` workloads: one whole Wan2.1 transformer forward per registered method and sparsity.
+
+Each preset is a diffusers ``WanTransformer3DModel`` config plus a latent video shape (REFERENCE.md
+section 1). Weights are random (created on the device in the run dtype) unless ``weights`` points at
+a diffusers-format Wan2.1 directory (:mod:`harness.weights`). One forward = batch 1, the latent
+``(1, 16, F, H, W)``, a timestep, and a 512-token text context of width ``text_dim`` (classifier-free
+guidance would run two such forwards per step).
+
+What a row measures (``kind="dit"``):
+
+* ``ms`` / ``ms_p20`` / ``ms_p80``: the whole forward, :func:`harness.timing.measure` (do_bench on
+  CUDA, perf_counter on the CPU).
+* ``attn_ms``: the self-attention *method calls* inside the forward (selection, sparse kernel and
+  any extra branch such as SALAD's linear attention and projection), each bracketed by CUDA events
+  recorded on the stream around the call and summed over the layers; the median over
+  ``attn_reps`` instrumented forwards. Q/K/V projections, qk-norm, RoPE and the output projection
+  are the same for every method and count in ``rest_ms = ms - attn_ms``.
+  ``attn_share = attn_ms / ms``.
+* Cross-check, once per workload: ``rest_ms_stub`` is the forward with the attention call replaced
+  by a zero-cost stub (returns ``v``); ``attn_ms_stub = ms - rest_ms_stub``. The two splits agree
+  when event overhead and launch gaps are small; a gap between them is a finding, not noise to hide.
+* Baseline: the same model with ``full`` pinned to the fastest dense backend for this shape (chosen
+  once by ``full``'s own ``auto`` on the workload's q/k/v: cuDNN on Hopper when present), timed in
+  the same process on the same card. ``speedup = baseline_ms / ms``; ``attn_speedup =
+  baseline_attn_ms / attn_ms``. The ``full`` row re-uses the baseline measurement (it *is* the
+  baseline, with ``backend`` naming what ``auto`` picked).
+* ``density``: mean over layers of each method's ``report().density``; ``backend``: the backends the
+  layers report. The sampler step is ``step`` of ``num_steps`` (default: the middle of a 50-step
+  run, past any dense warm-up steps) and is recorded.
+
+Dense methods (family ``full``) get one row at ``sparsity_target`` 0.0, like the attention sweep.
+A model that does not fit gives ``skipped`` rows naming the memory it needed; a method that cannot
+run gives a ``skipped`` row (``Unsupported``); an exception or an out-of-memory cell an ``error``
+row. Cells already in the results are skipped on resume.
+
+Run alone: ``python -m salad_bench.harness.dit --workload dit:wan2.1-1.3b-480p --methods full,salad --sparsity 0.9 --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from salad_bench.harness.flops import dense_flops
+from salad_bench.harness.results import RowWriter, config_hash
+from salad_bench.harness.timing import measure, peak_memory_gib
+from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
+from salad_bench.methods.registry import UnknownNameError
+
+__all__ = ["DIT_WORKLOADS", "DiTWorkload", "get_dit_workload", "run_dit_workload", "main"]
+
+WAN_1_3B: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+# Wan2.1-T2V-14B: dim 5120 = 40 heads x 128, ffn 13824, 40 layers (Wan's wan_t2v_14B config and
+# diffusers' convert_wan_to_diffusers.py; also WanTransformer3DModel's defaults).
+WAN_14B: dict[str, Any] = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+TINY: dict[str, Any] = {
+    **WAN_1_3B,
+    "num_attention_heads": 2,
+    "attention_head_dim": 64,  # the smallest head_dim the Triton kernels take, so dit:tiny also runs on a GPU
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 256,
+    "num_layers": 2,
+    "rope_max_seq_len": 64,
+}
+
+
+@dataclass(frozen=True)
+class DiTWorkload:
+    """A transformer config and the latent it runs on: ``latent`` is (frames, height, width) in VAE
+    latent space (pixels / 8, frames (F-1)/4+1), before the 1x2x2 patchify."""
+
+    name: str
+    config: dict[str, Any] = field(hash=False)
+    latent: tuple[int, int, int]
+    text_len: int = 512
+    note: str = ""
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        p = self.config["patch_size"]
+        return (self.latent[0] // p[0], self.latent[1] // p[1], self.latent[2] // p[2])
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def heads(self) -> int:
+        return self.config["num_attention_heads"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.config["attention_head_dim"]
+
+
+DIT_WORKLOADS: dict[str, DiTWorkload] = {
+    w.name: w
+    for w in [
+        DiTWorkload(
+            "dit:wan2.1-1.3b-480p", WAN_1_3B, (21, 60, 104), note="Wan2.1-T2V-1.3B, 81 frames 480x832: 32,760 tokens"
+        ),
+        DiTWorkload(
+            "dit:wan2.1-1.3b-720p", WAN_1_3B, (21, 90, 160), note="Wan2.1-T2V-1.3B, 81 frames 720x1280: 75,600 tokens"
+        ),
+        DiTWorkload(
+            "dit:wan2.1-14b-720p", WAN_14B, (21, 90, 160), note="Wan2.1-T2V-14B, 81 frames 720x1280: 75,600 tokens"
+        ),
+        DiTWorkload(
+            "dit:tiny",
+            TINY,
+            (3, 16, 16),
+            text_len=16,
+            note="CPU-sized: 2 layers, 2 heads x 64, grid 3x8x8 = 192 tokens",
+        ),
+    ]
+}
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def get_dit_workload(name: str) -> DiTWorkload:
+    if name in DIT_WORKLOADS:
+        return DIT_WORKLOADS[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(DIT_WORKLOADS), n=2, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise UnknownNameError(f"unknown DiT workload {name!r}.{hint} Known: {', '.join(DIT_WORKLOADS)}.")
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+
+
+class _ZeroCostAttention(AttentionMethod):
+    """The cross-check stub: returns ``v`` (no attention), so the forward costs everything but it."""
+
+    family = "full"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        self._remember(None, backend="stub")
+        return v
+
+
+def _stub_factory(*, num_heads: int, head_dim: int, sparsity: float = 0.0) -> AttentionMethod:
+    from salad_bench.methods.base import MethodConfig
+
+    return _ZeroCostAttention(MethodConfig(), num_heads=num_heads, head_dim=head_dim, name="zero_cost_stub")
+
+
+def _inputs(wl: DiTWorkload, model_cfg: Any, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    c = model_cfg
+    lat = torch.randn(1, c.in_channels, *wl.latent, generator=g).to(device, dtype)
+    ctx = torch.randn(1, wl.text_len, c.text_dim, generator=g).to(device, dtype)
+    return {
+        "hidden_states": lat,
+        "timestep": torch.tensor([500.0], device=device),
+        "encoder_hidden_states": ctx,
+        "return_dict": False,
+    }
+
+
+def _fastest_dense_backend(wl: DiTWorkload, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+    """What ``full`` with backend ``auto`` picks for this workload's q/k/v (same strides as in the model)."""
+    m = create_method("full", num_heads=heads, head_dim=head_dim)
+    q, k, v = (torch.randn(1, wl.n, heads, head_dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+    with torch.no_grad():
+        m(q, k, v, AttnContext(grid=wl.grid))
+    del q, k, v
+    return m.report().backend
+
+
+def _identity(method: str, cfg: dict, workload: str, dtype: str, sparsity: float) -> dict[str, Any]:
+    return {
+        "kind": "dit",
+        "method": method,
+        "config": json.dumps(cfg, sort_keys=True, default=str),
+        "config_hash": config_hash(cfg),
+        "workload": workload,
+        "dtype": dtype,
+        "pass": "fwd",
+        "sparsity_target": sparsity,
+    }
+
+
+def _forward_stats(
+    model: torch.nn.Module, inputs: dict, device: torch.device, warmup_ms: float, rep_ms: float, attn_reps: int
+) -> dict[str, Any]:
+    """Time the forward, then split out the attention calls; the installed methods stay in place."""
+    from salad_bench.harness.integrations.wan import installed_methods, time_attention
+
+    def fn():
+        return model(**inputs)
+
+    outs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        peak = peak_memory_gib(lambda: outs.append(fn()[0]), device)  # first call: also warms up / compiles
+        if not outs:
+            outs.append(fn()[0])
+        finite = bool(torch.isfinite(outs[0]).all())
+        outs.clear()
+        t = measure(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        sums = []
+        with time_attention(model) as timer:
+            for _ in range(max(1, attn_reps)):
+                fn()
+                sums.append(timer.take_ms())
+        reports = [m.report() for m in installed_methods(model)]
+    attn_ms = statistics.median(sums)
+    backends = sorted({r.backend for r in reports if r.backend})
+    # methods with dense warm-up layers/steps also report the density averaged over a whole run
+    eff = [r.extra.get("effective_density") for r in reports]
+    effective = statistics.fmean(eff) if eff and all(isinstance(e, (int, float)) for e in eff) else None
+    return {
+        **t.as_row(),
+        "attn_ms": attn_ms,
+        "rest_ms": t.median_ms - attn_ms,
+        "attn_share": attn_ms / t.median_ms if t.median_ms > 0 else None,
+        "attn_reps": len(sums),
+        "density": statistics.fmean(r.density for r in reports) if reports else None,
+        "effective_density": effective,
+        "backend": ",".join(backends),
+        "flops_attn_executed": float(sum(r.flops_total for r in reports)),
+        "peak_mem_gib": peak,
+        "output_finite": finite,
+    }
+
+
+def _oom_reason(exc: BaseException, what: str) -> str:
+    first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+    return f"out of memory {what}: {first}"
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Progress:
+    """Adapts ``progress``: a tqdm-like bar (``update``/``set_postfix_str``), a callable(row), or None."""
+
+    def __init__(self, progress: Any) -> None:
+        self.p = progress
+
+    def note(self, text: str) -> None:
+        if hasattr(self.p, "set_postfix_str"):
+            self.p.set_postfix_str(text)
+
+    def done(self, row: dict | None) -> None:
+        if hasattr(self.p, "update"):
+            self.p.update(1)
+        elif callable(self.p) and row is not None:
+            self.p(row)
+
+
+# -- the workload ---------------------------------------------------------------------------------
+
+
+def run_dit_workload(
+    workload: str,
+    methods: list[str],
+    sparsities: list[float],
+    *,
+    writer: RowWriter,
+    device: str,
+    dtype: torch.dtype,
+    weights: str | None = None,
+    progress: Any = None,
+    knobs: dict[str, dict[str, Any]] | None = None,
+    step: int | None = None,
+    num_steps: int = 50,
+    warmup_ms: float | None = None,
+    rep_ms: float | None = None,
+    attn_reps: int = 3,
+    seed: int = 0,
+) -> None:
+    """Time one Wan2.1 transformer forward per (method, sparsity); append one ``kind="dit"`` row each.
+
+    ``methods`` are registry names (globs allowed); ``knobs`` maps a method name to config overrides;
+    ``progress`` is a tqdm-like bar or a callable receiving each row. ``warmup_ms``/``rep_ms`` go to
+    :func:`harness.timing.measure` (defaults: 500/2000 ms on CUDA, 25/100 ms on the CPU).
+    """
+    wl = get_dit_workload(workload)
+    dev = torch.device(device)
+    names = METHODS.select(methods)
+    knobs = knobs or {}
+    prog = _Progress(progress)
+    if dev.type == "cpu" and wl.n > 4096:
+        raise ValueError(
+            f"{wl.name} has N={wl.n:,} tokens per layer: far too large for a CPU run; use dit:tiny or --device cuda"
+        )
+    step = num_steps // 2 if step is None else step
+    if not 0 <= step < num_steps:
+        raise ValueError(f"step={step} is outside [0, num_steps={num_steps})")
+    warmup_ms = (500.0 if dev.type == "cuda" else 25.0) if warmup_ms is None else warmup_ms
+    rep_ms = (2000.0 if dev.type == "cuda" else 100.0) if rep_ms is None else rep_ms
+    dtype_name = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    wl_id = wl.name if weights is None else f"{wl.name}[weights={Path(weights).name}]"
+
+    cells = []
+    for name in names:
+        entry = METHODS.get(name)
+        for s in [0.0] if entry.family == "full" else sparsities:
+            cfg = {**entry.defaults, **knobs.get(name, {}), "sparsity": s}
+            ident = _identity(name, cfg, wl_id, dtype_name, s)
+            if writer.is_done(ident):
+                prog.done(None)
+                continue
+            cells.append((name, entry.family, s, ident))
+    if not cells:
+        return
+
+    common = {
+        "B": 1,
+        "N": wl.n,
+        "grid": list(wl.grid),
+        "device": str(dev),
+        "layers": None,
+        "text_len": wl.text_len,
+        "latent": list(wl.latent),
+        "weights": weights or "random",
+        "step": step,
+        "num_steps": num_steps,
+        "seed": seed,
+        "timer_attn": "cuda-events-around-method-calls"
+        if dev.type == "cuda"
+        else "cpu-perf_counter-around-method-calls",
+    }
+
+    def fail_all(status: str, reason: str) -> None:
+        for _name, family, _s, ident in cells:
+            row = writer.append({**ident, **common, "family": family, "status": status, "reason": reason})
+            prog.done(row)
+
+    from salad_bench.harness.integrations.wan import install_attention, new_transformer, restore_attention
+
+    prog.note(f"{wl.name}: building the model")
+    try:
+        if weights is None:
+            model = new_transformer(wl.config, device=dev, dtype=dtype, seed=seed)
+        else:
+            from salad_bench.harness.weights import load_transformer
+
+            model = load_transformer(weights, device=dev, dtype=dtype)
+        mcfg = model.config
+        inputs = _inputs(wl, mcfg, dev, dtype, seed)
+    except torch.cuda.OutOfMemoryError as exc:
+        _free(dev)
+        gib = _param_gib(wl.config, dtype)
+        fail_all(
+            "skipped",
+            _oom_reason(exc, f"building {wl.name} (weights alone {gib:.1f} GiB in {dtype_name})")
+            + "; use a larger card",
+        )
+        return
+    heads, head_dim = mcfg.num_attention_heads, mcfg.attention_head_dim
+    common.update(
+        {"H": heads, "D": head_dim, "layers": mcfg.num_layers, "params": sum(p.numel() for p in model.parameters())}
+    )
+    flops_dense = mcfg.num_layers * dense_flops(1, heads, wl.n, wl.n, head_dim)
+
+    # Baseline: full, pinned to the fastest dense backend for this shape.
+    try:
+        prog.note(f"{wl.name}: baseline")
+        best = _fastest_dense_backend(wl, heads, head_dim, dev, dtype)
+        pin = {"backend": best} if best in ("cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4") else {}
+        install_attention(model, "full", num_steps=num_steps, **pin)
+        _set(model, step, num_steps)
+        base = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps)
+        install_attention(model, _stub_factory, num_steps=num_steps)
+        stub = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, 1)
+        restore_attention(model)
+    except Exception as exc:  # noqa: BLE001 - without a baseline no cell of this workload can be measured
+        restore_attention(model)
+        del model
+        _free(dev)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            fail_all("skipped", _oom_reason(exc, f"running dense {wl.name}") + "; use a larger card")
+        else:
+            status = "skipped" if isinstance(exc, Unsupported) else "error"
+            fail_all(status, f"dense baseline failed: {type(exc).__name__}: {exc}"[:500])
+        return
+    if not base["output_finite"]:
+        fail_all("error", f"the dense model's output on {wl.name} has NaN or Inf (bad or corrupt weights?); "
+                 "check the weights with python -m salad_bench.harness.weights check DIR")
+        return
+    common.update(
+        {
+            "baseline_method": "full",
+            "baseline_backend": base["backend"],
+            "baseline_ms": base["ms"],
+            "baseline_attn_ms": base["attn_ms"],
+            "rest_ms_stub": stub["ms"],
+            "flops_attn_dense": flops_dense,
+        }
+    )
+
+    for name, family, s, ident in cells:
+        prog.note(f"{wl.name} {name} s={s}")
+        row = {**ident, **common, "family": family}
+        try:
+            if name == "full" and not knobs.get(name):
+                got = dict(base)  # full/auto is the baseline: same model, same backend, same process
+            else:
+                install_attention(model, name, sparsity=s, num_steps=num_steps, **knobs.get(name, {}))
+                _set(model, step, num_steps)
+                got = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps)
+            row.update({"status": "ok", "reason": "", **got})
+            row["sparsity"] = 1.0 - got["density"] if got.get("density") is not None else None
+            row["speedup"] = base["ms"] / got["ms"]
+            row["attn_speedup"] = base["attn_ms"] / got["attn_ms"] if got["attn_ms"] > 0 else None
+            row["attn_ms_stub"] = got["ms"] - stub["ms"]
+            if not got["output_finite"]:
+                row.update({"status": "error", "reason": f"{name} made the model's output NaN or Inf (the dense "
+                            "model's was finite); its timing is kept in the row but it is not a result"})
+        except Unsupported as exc:
+            row.update({"status": "skipped", "reason": str(exc)})
+        except torch.cuda.OutOfMemoryError as exc:
+            row.update(
+                {
+                    "status": "error",
+                    "reason": _oom_reason(exc, f"running {name} on {wl.name}") + "; try a smaller workload",
+                }
+            )
+        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the sweep
+            tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            row.update({"status": "error", "reason": f"{type(exc).__name__}: {exc} [{tb}]"[:500]})
+        finally:
+            restore_attention(model)
+            _free(dev)
+        prog.done(writer.append(row))
+    del model, inputs
+    _free(dev)
+
+
+def _set(model: torch.nn.Module, step: int, num_steps: int) -> None:
+    from salad_bench.harness.integrations.wan import set_step
+
+    set_step(model, step, num_steps)
+
+
+def _param_gib(config: dict[str, Any], dtype: torch.dtype) -> float:
+    """Transformer weights in GiB (counted on the meta device: no memory)."""
+    from salad_bench.harness.integrations.wan import _wan_class
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in _wan_class()(**config).parameters())
+    return n * torch.tensor([], dtype=dtype).element_size() / 2**30
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m salad_bench.harness.dit", description="Time whole Wan2.1 transformer forwards per attention method."
+    )
+    p.add_argument(
+        "--workload", "--workloads", dest="workload", default="dit:wan2.1-1.3b-480p", help="comma list of dit: presets"
+    )
+    p.add_argument("--methods", default="full,salad,topk", help="comma list of registered methods (globs allowed)")
+    p.add_argument("--sparsity", default="0.9", help="comma list of target sparsities")
+    p.add_argument("--out", required=False, default=None, help="run directory (rows.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue a run: skip cells already in --out")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--weights", default=None, help="diffusers-format Wan2.1 directory (default: random weights)")
+    p.add_argument(
+        "--step", type=int, default=None, help="sampler step the forward belongs to (default num_steps // 2)"
+    )
+    p.add_argument("--num-steps", type=int, default=50)
+    p.add_argument("--warmup-ms", type=float, default=None)
+    p.add_argument("--rep-ms", type=float, default=None)
+    p.add_argument("--attn-reps", type=int, default=3)
+    p.add_argument("--knobs", default="{}", help='JSON: {"salad": {"sparse": "sta"}}')
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.list:
+        for w in DIT_WORKLOADS.values():
+            print(f"{w.name:24s} grid {'x'.join(map(str, w.grid)):10s} N={w.n:>6,d}  {w.note}")
+        return 0
+    if not args.out:
+        raise SystemExit("--out DIR is required (where rows.jsonl is written)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
+    writer = RowWriter(args.out, resume=args.resume, device=args.device)
+
+    def show(row: dict) -> None:
+        if row.get("status") != "ok":
+            print(
+                f"{row['workload']:24s} {row['method']:16s} s={row['sparsity_target']:<5} {row['status']}: {row.get('reason', '')}",
+                flush=True,
+            )
+            return
+        print(
+            f"{row['workload']:24s} {row['method']:16s} s={row['sparsity_target']:<5} {row['ms']:9.2f} ms"
+            f" (attn {row['attn_ms']:8.2f} = {100 * row['attn_share']:4.1f}%, stub {row['attn_ms_stub']:8.2f})"
+            f" density {row['density']:.3f}  speedup {row['speedup']:.2f}x vs full[{row['baseline_backend']}]"
+            f"  attn {row['attn_speedup'] or float('nan'):.2f}x  peak {row['peak_mem_gib'] or 0:.1f} GiB  [{row['backend']}]",
+            flush=True,
+        )
+
+    for w in [w.strip() for w in args.workload.split(",") if w.strip()]:
+        run_dit_workload(
+            w,
+            args.methods.split(","),
+            sparsities,
+            writer=writer,
+            device=args.device,
+            dtype=dtype,
+            weights=args.weights,
+            progress=show,
+            knobs=json.loads(args.knobs),
+            step=args.step,
+            num_steps=args.num_steps,
+            warmup_ms=args.warmup_ms,
+            rep_ms=args.rep_ms,
+            attn_reps=args.attn_reps,
+        )
+    print(f"rows: {writer.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

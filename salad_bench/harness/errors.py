@@ -1,0 +1,72 @@
+"""Exit codes and the one place that turns bad input into a message instead of a traceback.
+
+0 done; 1 a speedup regression (the gate) and nothing else; 2 bad input or a refusal (the message names
+the problem and the fix); 130 interrupted (rows already measured are kept); 3 a crash (a bug: the
+traceback is printed).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CRASH", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REGRESSION", "BadInput", "guarded"]
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# optional packages: import name -> what to install
+_EXTRAS = {
+    "diffusers": 'pip install -e ".[dev]" (or pip install diffusers transformers)',
+    "transformers": 'pip install -e ".[dev]" (or pip install transformers)',
+    "safetensors": "pip install safetensors",
+    "torchmetrics": "pip install torchmetrics",
+    "imageio": "pip install imageio imageio-ffmpeg",
+    "triton": "pip install triton (Linux)",
+}
+
+
+class BadInput(ValueError):
+    """Input the program refuses; the message says what is wrong and what to do."""
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from salad_bench.methods import UnknownNameError
+
+    types: list[type[BaseException]] = [BadInput, ValueError, UnknownNameError]
+    try:
+        from salad_bench.harness.quality.model import CheckpointError
+
+        types.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def guarded(fn: Callable[[], int]) -> int:
+    """Run a command body; map its failures onto the exit codes above (messages on stderr)."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print("\ninterrupted: rows already measured are kept; rerun with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        name = (exc.name or "").split(".")[0]
+        if name in _EXTRAS:
+            print(f"error: this needs the optional package {name!r}, which is not installed: {_EXTRAS[name]}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        traceback.print_exc()
+        return EXIT_CRASH
+    except Exception as exc:  # noqa: BLE001 - the exit code tells bad input from a crash
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            print(f"error: out of memory ({str(exc).splitlines()[0][:160]}); use a smaller workload", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(exc, _bad_input_types()):
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"error: {msg}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        traceback.print_exc()
+        print("crash: this is a bug in salad-bench; please report it with the traceback above", file=sys.stderr)
+        return EXIT_CRASH

@@ -1,0 +1,365 @@
+"""Registered attention methods inside diffusers' Wan2.1 transformer (``WanTransformer3DModel``).
+
+:func:`install_attention` swaps the processor of every self-attention module (``blocks[i].attn1``)
+for a :class:`SparseWanAttnProcessor` and registers one method instance per layer as a child module
+``blocks[i].attn1.sparse_method``: SALAD's projection and gate are then ordinary parameters of the
+model (they train, appear in ``state_dict()`` under ``blocks.<i>.attn1.sparse_method.*``, save and
+load). Cross-attention (``attn2``) is never touched. :func:`restore_attention` puts the original
+processors back and removes the added modules.
+
+The processor reproduces diffusers' ``WanAttnProcessor`` (diffusers 0.33-0.42) exactly up to the
+attention call: Q/K/V projections (fused or not), RMS qk-norm across heads (on the ``(B, N, C)``
+tensors, before the head split), the head split, Wan's interleaved 3D RoPE on ``(B, N, H, D)``;
+then hands the method ``q, k, v`` as ``(B, H, N, D)`` views (``transpose(1, 2)``, no copy: the
+same tensors diffusers' native backend gives SDPA) and applies ``to_out`` as diffusers does. With
+method ``full`` on the CPU the model output is bit-identical to the stock processor.
+
+Grid capture: the transformer forward turns ``hidden_states`` ``(B, C, F, H, W)`` into tokens with a
+``patch_size`` conv, so the token grid is ``(F // p_t, H // p_h, W // p_w)``. A forward pre-hook on
+the model (``with_kwargs=True``: pipelines call it with keywords) reads that shape before every
+forward and stores the grid in a state object shared by the layer processors; each method call gets
+``AttnContext(grid=..., layer=i, num_layers=L, step=..., num_steps=..., hidden_states=x)`` where
+``x`` is the self-attention input ``(B, N, C)`` (the normed, modulated block input that Q/K/V are
+projected from).
+
+The sampling step is not visible to the transformer: samplers call :func:`set_step` before each
+step (or pass :func:`step_callback` as a pipeline's ``callback_on_step_end``), so methods that keep
+the first steps dense know where they are.
+
+Timing: inside :func:`time_attention` every method call is bracketed by CUDA events (wall clock on
+the CPU); ``timer.take_ms()`` sums the calls since the last take. It times the method call only
+(selection + sparse kernel + any extra branch), not the projections, qk-norm or RoPE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from salad_bench.harness.integrations import require_diffusers
+from salad_bench.methods import AttentionMethod, AttnContext, create_method
+
+__all__ = [
+    "METHOD_ATTR",
+    "AttentionTimer",
+    "SparseWanAttnProcessor",
+    "WanAttnState",
+    "attention_state",
+    "cast_like_diffusers",
+    "install_attention",
+    "installed_methods",
+    "new_transformer",
+    "restore_attention",
+    "set_step",
+    "step_callback",
+    "time_attention",
+]
+
+METHOD_ATTR = "sparse_method"
+_STATE_ATTR = "_sparse_attn_state"
+
+MethodFactory = Callable[..., AttentionMethod]
+
+
+class AttentionTimer:
+    """Per-call timing of the method calls inside forwards (CUDA events, or perf_counter on the CPU)."""
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[Any, Any]] = []
+
+    def start(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, token: Any, device: torch.device) -> None:
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._calls.append((token, ev))
+        else:
+            self._calls.append((token, time.perf_counter()))
+
+    def take_calls_ms(self) -> list[float]:
+        """Milliseconds of each call since the last take (synchronises the device)."""
+        calls, self._calls = self._calls, []
+        if calls and isinstance(calls[0][0], torch.cuda.Event):
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in calls]
+        return [(b - a) * 1e3 for a, b in calls]
+
+    def take_ms(self) -> float:
+        """Summed milliseconds of the calls since the last take."""
+        return float(sum(self.take_calls_ms()))
+
+
+@dataclass
+class WanAttnState:
+    """Shared by the processors of one model: what the forward knows beyond the tensors."""
+
+    patch_size: tuple[int, int, int]
+    num_layers: int
+    num_steps: int = 1
+    step: int = 0
+    grid: tuple[int, int, int] | None = None
+    timer: AttentionTimer | None = None
+    originals: list[Any] = field(default_factory=list)
+    hook: Any = None
+
+
+def _wan_class():
+    require_diffusers()
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel
+
+
+def _check_wan(model: torch.nn.Module) -> None:
+    cls = _wan_class()
+    if not isinstance(model, cls):
+        raise TypeError(f"expected a diffusers WanTransformer3DModel, got {type(model).__name__}")
+
+
+def attention_state(model: torch.nn.Module) -> WanAttnState | None:
+    """The installed state of ``model``, or None when no method is installed."""
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def _grid_pre_hook(state: WanAttnState):
+    def hook(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if x is None or x.dim() != 5:
+            state.grid = None
+            return None
+        _, _, f, h, w = x.shape
+        p_t, p_h, p_w = state.patch_size
+        state.grid = (f // p_t, h // p_h, w // p_w)
+        return None
+
+    return hook
+
+
+def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # Verbatim from diffusers' WanAttnProcessor (interleaved pairs, x: (B, N, H, D)).
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class SparseWanAttnProcessor:
+    """Wan self-attention with the core attention delegated to ``attn.sparse_method``.
+
+    A plain object (not a module): the method lives on the attention module, so there is exactly
+    one owner of its parameters.
+    """
+
+    def __init__(self, layer: int, state: WanAttnState) -> None:
+        self.layer = layer
+        self.state = state
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("SparseWanAttnProcessor is for self-attention (attn1): no encoder states, no mask")
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+
+        st = self.state
+        grid = st.grid if st.grid is not None and math.prod(st.grid) == query.shape[1] else None
+        ctx = AttnContext(
+            grid=grid,
+            layer=self.layer,
+            num_layers=st.num_layers,
+            step=st.step,
+            num_steps=st.num_steps,
+            hidden_states=hidden_states,
+        )
+        method: AttentionMethod = getattr(attn, METHOD_ATTR)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, N, D) views
+        timer = st.timer
+        token = timer.start(q.device) if timer is not None else None
+        out = method(q, k, v, ctx)
+        if timer is not None:
+            timer.stop(token, q.device)
+
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def install_attention(
+    model: torch.nn.Module,
+    method: str | MethodFactory,
+    *,
+    sparsity: float = 0.0,
+    num_steps: int = 1,
+    method_dtype: torch.dtype | None = None,
+    **knobs: Any,
+) -> list[AttentionMethod]:
+    """Put a registered method into every self-attention layer of a ``WanTransformer3DModel``.
+
+    ``method`` is a registry name (``knobs`` override its config) or a factory
+    ``f(num_heads=, head_dim=, sparsity=, **knobs) -> AttentionMethod`` (tests, stubs). Each layer gets
+    its own instance, registered as ``blocks[i].attn1.sparse_method`` and moved to the layer's device
+    and to ``method_dtype`` (default: the layer's weight dtype). A method already installed is
+    restored first. Returns the instances in layer order.
+    """
+    _check_wan(model)
+    if attention_state(model) is not None:
+        restore_attention(model)
+    blocks = list(model.blocks)
+    state = WanAttnState(patch_size=tuple(model.config.patch_size), num_layers=len(blocks), num_steps=num_steps)
+    build = (lambda **kw: create_method(method, **kw)) if isinstance(method, str) else method
+    instances: list[AttentionMethod] = []
+    try:
+        for i, block in enumerate(blocks):
+            attn = block.attn1
+            heads = attn.heads
+            m = build(num_heads=heads, head_dim=attn.inner_dim // heads, sparsity=sparsity, **knobs)
+            weight = attn.to_q.weight
+            m = m.to(device=weight.device, dtype=method_dtype or weight.dtype)
+            m.train(model.training)
+            attn.add_module(METHOD_ATTR, m)
+            state.originals.append(attn.processor)
+            attn.set_processor(SparseWanAttnProcessor(i, state))
+            instances.append(m)
+    except BaseException:
+        _undo(blocks, state)
+        raise
+    state.hook = model.register_forward_pre_hook(_grid_pre_hook(state), with_kwargs=True)
+    model.__dict__[_STATE_ATTR] = state
+    return instances
+
+
+def _undo(blocks: list[torch.nn.Module], state: WanAttnState) -> None:
+    for block, proc in zip(blocks, state.originals, strict=False):
+        block.attn1.set_processor(proc)
+    for block in blocks:
+        if METHOD_ATTR in block.attn1._modules:
+            del block.attn1._modules[METHOD_ATTR]
+
+
+def restore_attention(model: torch.nn.Module) -> None:
+    """Undo :func:`install_attention`: original processors back, ``sparse_method`` modules removed."""
+    state = attention_state(model)
+    if state is None:
+        return
+    _undo(list(model.blocks), state)
+    if state.hook is not None:
+        state.hook.remove()
+    del model.__dict__[_STATE_ATTR]
+
+
+def installed_methods(model: torch.nn.Module) -> list[AttentionMethod]:
+    """The method instances in layer order (empty when none is installed)."""
+    if attention_state(model) is None:
+        return []
+    return [block.attn1._modules[METHOD_ATTR] for block in model.blocks]
+
+
+def _state_or_raise(model: torch.nn.Module) -> WanAttnState:
+    state = attention_state(model)
+    if state is None:
+        raise RuntimeError("no attention method is installed on this model; call install_attention first")
+    return state
+
+
+def set_step(model: torch.nn.Module, step: int, num_steps: int | None = None) -> None:
+    """Tell the installed methods which sampling step the next forwards belong to."""
+    state = _state_or_raise(model)
+    if num_steps is not None:
+        state.num_steps = num_steps
+    if not 0 <= step < max(state.num_steps, 1):
+        raise ValueError(f"step={step} is outside [0, num_steps={state.num_steps})")
+    state.step = step
+
+
+def step_callback(model: torch.nn.Module) -> Callable[..., dict]:
+    """A diffusers ``callback_on_step_end`` that advances the step after each denoising step.
+
+    Call ``set_step(model, 0, num_steps)`` before the pipeline; the callback sets step ``i + 1``.
+    """
+
+    def callback(pipe, i: int, t, callback_kwargs: dict) -> dict:
+        state = _state_or_raise(model)
+        state.step = min(i + 1, max(state.num_steps - 1, 0))
+        return {}
+
+    return callback
+
+
+@contextlib.contextmanager
+def time_attention(model: torch.nn.Module) -> Iterator[AttentionTimer]:
+    """Time every method call of forwards run inside the block (see :class:`AttentionTimer`)."""
+    state = _state_or_raise(model)
+    timer = AttentionTimer()
+    state.timer = timer
+    try:
+        yield timer
+    finally:
+        state.timer = None
+
+
+# -- building models ------------------------------------------------------------------------------
+
+
+def cast_like_diffusers(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating parameters and buffers to ``dtype`` except the modules diffusers keeps in fp32
+    (``_keep_in_fp32_modules``: rope, time_embedder, scale_shift_table, norm1/2/3), as
+    ``from_pretrained(torch_dtype=...)`` does."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if not p.is_floating_point():
+                continue
+            target = torch.float32 if dtype != torch.float32 and any(k in name for k in keep) else dtype
+            if p.dtype != target:
+                p.data = p.data.to(target)
+    return model
+
+
+def new_transformer(
+    config: dict[str, Any], *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.nn.Module:
+    """A ``WanTransformer3DModel`` with random weights, created directly on ``device`` in ``dtype``
+    (default-dtype and device contexts: no fp32 copy on the host), fp32 modules kept as diffusers does,
+    in eval mode with gradients off."""
+    cls = _wan_class()
+    prev = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(prev)
+    cast_like_diffusers(model, dtype)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,74 @@
+"""A seeded Euler sampler for the flow-matching mini Wan.
+
+Flow matching as Wan trains it: ``x_t = (1 - t) x0 + t * noise`` and the network predicts the velocity
+``noise - x0``. Sampling integrates ``dx/dt = v(x_t, t)`` from ``t = 1`` (pure noise) to ``t = 0`` with
+Euler steps on a uniform grid (no timestep shift, no classifier-free guidance: the mini Wan is trained
+without a null class). Noise comes from a CPU generator, so the same seed gives the same starting
+noise on every device and for every method: that is what makes "the full model's video from the
+same noise and class" a fair reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from salad_bench.harness.quality.data import VideoSpec
+
+__all__ = ["autocast", "euler_sample", "make_noise", "timesteps"]
+
+
+def make_noise(
+    n: int, spec: VideoSpec, seed: int, device: torch.device | str = "cpu", *, offset: int = 0
+) -> torch.Tensor:
+    """``(n, 3, T, H, W)`` standard normal noise; video ``j`` uses generator seed ``seed * 1_000_003 + offset + j``
+    so any subset of videos can be regenerated alone."""
+    out = torch.empty(n, *spec.shape)
+    for j in range(n):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + offset + j)
+        out[j] = torch.randn(*spec.shape, generator=g)
+    return out.to(device)
+
+
+def timesteps(num_steps: int) -> torch.Tensor:
+    """The Euler grid ``1 = t_0 > t_1 > ... > t_n = 0``."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    return torch.linspace(1.0, 0.0, num_steps + 1)
+
+
+def autocast(device: torch.device | str, enabled: bool = True):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs stay in fp32)."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def euler_sample(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_steps: int = 20,
+    on_step: Callable[[int], None] | None = None,
+    bf16: bool = True,
+) -> torch.Tensor:
+    """Integrate from ``noise`` (t=1) to a video (t=0); returns ``(B, 3, T, H, W)`` float32 clamped to [-1, 1].
+
+    ``on_step(i)`` is called before step ``i`` (the Wan integration's ``set_step``), so methods that keep
+    the first steps dense know where they are.
+    """
+    ts = timesteps(num_steps)
+    x = noise.float()
+    for i in range(num_steps):
+        if on_step is not None:
+            on_step(i)
+        t = ts[i].expand(x.shape[0]).to(x.device)
+        with autocast(x.device, bf16):
+            v = model(x, t, labels)
+        x = x + (ts[i + 1] - ts[i]).item() * v.float()
+    return x.clamp(-1, 1)

@@ -1,0 +1,711 @@
+"""Paper-style tables (Markdown and LaTeX/booktabs) from result rows, plus the ``reports/`` writer.
+
+Every table is a pure function of a DataFrame of rows (the schema in :mod:`harness.results`) and
+names its card and its dense baseline in the caption. Tables:
+
+* ``main``: attention rows (``kind`` "attention") per (card, workload, dtype, pass): measured sparsity,
+  density, latency, speedup over the run's dense baseline (``speedup``/``baseline_backend``) and over
+  FA2 (``speedup_vs_fa2``), TFLOP/s, ``rel_l2`` and whatever quality columns the rows carry.
+* ``quality``: rows with ``kind`` "quality" (their own workloads, so not joined into ``main``).
+* ``ablation``: families ``salad`` and ``ablation``, each method at the target sparsity nearest 90%.
+* ``kernel``: rows with ``kind`` "kernel".
+* ``dit``: end-to-end rows (``kind`` "dit", :mod:`harness.dit`): total ``ms`` (or ``total_ms``),
+  self-attention ``attn_ms`` (or ``self_attn_ms``), ``rest_ms`` (or total minus attention),
+  ``attn_share``, ``speedup`` and ``attn_speedup``.
+* ``skipped``: every row whose status is not "ok", with its reason (never dropped silently).
+
+CLI: ``python -m salad_bench.harness.report results/<run> [more runs] [--out reports/]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from salad_bench.harness.results import ResultsFileError, headline_times, latest_per_cell, load_rows, round_ratios
+from salad_bench.methods.base import FAMILIES
+
+__all__ = [
+    "Column",
+    "Table",
+    "ablation_tables",
+    "attention_rows",
+    "build_tables",
+    "dense_backend",
+    "dit_tables",
+    "kernel_tables",
+    "main",
+    "main_tables",
+    "nearest_target",
+    "quality_columns",
+    "quality_tables",
+    "skipped_table",
+    "to_latex",
+    "to_markdown",
+    "write_reports",
+]
+
+QUALITY_FIXED = ("psnr", "ssim", "lpips", "val_loss", "val_loss_rel", "temporal_flickering")
+BACKEND_LABELS = {
+    "cudnn": "cuDNN",
+    "flash": "FA2 (SDPA flash)",
+    "flash_attn2": "FA2",
+    "flash_attn3": "FA3",
+    "fa4": "FA4",
+    "efficient": "SDPA mem-efficient",
+    "math": "SDPA math",
+    "flex": "FlexAttention",
+    "default": "SDPA default",
+}
+ABLATION_TARGET = 0.9
+IDENTITY = ("kind", "method", "family", "workload", "dtype", "pass", "sparsity_target", "card", "status", "reason")
+
+
+# -- the table model ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    fmt: Callable[[Any], str] = str
+    align: Literal["l", "r"] = "r"
+
+
+@dataclass
+class Table:
+    """One rendered table: ``cells`` hold strings, ``None`` for a missing value."""
+
+    title: str
+    caption: str
+    headers: list[str]
+    align: list[str]
+    cells: list[list[str | None]] = field(default_factory=list)
+
+
+def _missing(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _num(spec: str) -> Callable[[Any], str]:
+    return lambda v: format(float(v), spec)
+
+
+def _ms(v: Any) -> str:
+    v = float(v)
+    return f"{v:.1f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def _rate(v: Any) -> str:
+    """TFLOP/s: whole numbers on a GPU, three significant digits for small (CPU) rates."""
+    v = float(v)
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * float(v):.1f}%"
+
+
+def _int(v: Any) -> str:
+    return str(int(v))
+
+
+def _make_table(
+    df: pd.DataFrame, columns: list[Column], title: str, caption: str, *, drop_empty: Iterable[str] = ()
+) -> Table:
+    """Render ``df`` under ``columns``; columns named in ``drop_empty`` vanish when every value is missing."""
+    drop = set(drop_empty)
+    cols = [c for c in columns if c.key not in drop or (c.key in df and df[c.key].notna().any())]
+    cells = [
+        [None if (c.key not in df or _missing(r.get(c.key))) else c.fmt(r.get(c.key)) for c in cols]
+        for r in df.to_dict("records")
+    ]
+    return Table(title, caption, [c.header for c in cols], [c.align for c in cols], cells)
+
+
+# -- row selection helpers -----------------------------------------------------------------------
+def column(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+def dense_backend(method: Any, backend: Any = None) -> str | None:
+    """The dense backend a speedup is over: ``baseline_backend``, else read from ``baseline_method``
+    (``full_cudnn`` -> ``cudnn``)."""
+    if not _missing(backend):
+        return str(backend)
+    if _missing(method):
+        return None
+    return str(method)[5:] if str(method).startswith("full_") else str(method)
+
+
+def with_identity(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every identity column present (as missing values where rows lack it)."""
+    return df.assign(**{c: column(df, c) for c in IDENTITY if c not in df})
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with status ok (a missing status counts as ok), identity columns present, ``baseline_backend``
+    filled in."""
+    df = with_identity(df)
+    ok = df[column(df, "status").fillna("ok") == "ok"]
+    backend = [
+        dense_backend(m, b) for m, b in zip(column(ok, "baseline_method"), column(ok, "baseline_backend"), strict=True)
+    ]
+    return ok.assign(baseline_backend=pd.Series(backend, index=ok.index, dtype=object))
+
+
+def rows_of_kind(df: pd.DataFrame, *kinds: str) -> pd.DataFrame:
+    kind = column(df, "kind").fillna("attention")
+    return df[kind.isin(kinds)]
+
+
+def _sort(df: pd.DataFrame) -> pd.DataFrame:
+    fam = column(df, "family").map(lambda f: FAMILIES.index(f) if f in FAMILIES else len(FAMILIES))
+    key = pd.DataFrame(
+        {
+            "fam": fam,
+            "method": column(df, "method").astype(str),
+            "target": pd.to_numeric(column(df, "sparsity_target"), errors="coerce"),
+            "N": pd.to_numeric(column(df, "N"), errors="coerce"),
+        },
+        index=df.index,
+    )
+    order = key.sort_values(["fam", "method", "target", "N"], kind="stable", na_position="first").index
+    return df.loc[order]
+
+
+def group_rows(df: pd.DataFrame, keys: tuple[str, ...]) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """Split by ``keys`` (missing values kept as their own group), in sorted order of the key values."""
+    if df.empty:
+        return []
+    frame = pd.DataFrame({k: column(df, k).map(lambda v: "" if _missing(v) else str(v)) for k in keys}, index=df.index)
+    out = []
+    for vals, idx in sorted(frame.groupby(list(keys), sort=False).groups.items(), key=lambda kv: kv[0]):
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        out.append((dict(zip(keys, vals, strict=True)), df.loc[idx]))
+    return out
+
+
+def _unique(df: pd.DataFrame, name: str) -> list[Any]:
+    seen: list[Any] = []
+    for v in column(df, name):
+        if not _missing(v) and v not in seen:
+            seen.append(v)
+    return seen
+
+
+def _backend_label(backend: Any) -> str:
+    return BACKEND_LABELS.get(str(backend), str(backend))
+
+
+def nearest_target(targets: Iterable[float], goal: float = ABLATION_TARGET) -> float | None:
+    """The target sparsity closest to ``goal`` (ties go to the higher one); None when there is none."""
+    vals = [float(t) for t in targets if not _missing(t)]
+    return min(vals, key=lambda t: (abs(t - goal), -t)) if vals else None
+
+
+def quality_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric quality columns with at least one value, in a fixed order (``vbench_*`` sorted, last).
+
+    Text columns such as ``vbench_runner`` or ``vbench_reason`` are not metrics and are left out."""
+
+    def numeric(c: str) -> bool:
+        return c in df and pd.to_numeric(df[c], errors="coerce").notna().any()
+
+    fixed = [c for c in QUALITY_FIXED if numeric(c)]
+    return fixed + sorted(c for c in map(str, df.columns) if c.startswith("vbench_") and numeric(c))
+
+
+def _quality_cols(names: list[str]) -> list[Column]:
+    fmts = {"psnr": _num(".2f"), "ssim": _num(".4f"), "lpips": _num(".4f"), "val_loss": _num(".4f")}
+    return [
+        Column(
+            n, n.replace("_", " ") if not n.startswith("vbench_") else n[7:].replace("_", " "), fmts.get(n, _num(".4f"))
+        )
+        for n in names
+    ]
+
+
+# -- captions ------------------------------------------------------------------------------------
+def _shape_text(df: pd.DataFrame) -> str:
+    parts = []
+    dims = [(_unique(df, k) or [None])[0] for k in ("B", "H", "N", "D")]
+    if all(d is not None for d in dims) and all(len(_unique(df, k)) == 1 for k in ("B", "H", "N", "D")):
+        parts.append("B×H×N×D = " + "×".join(str(int(d)) for d in dims))
+    grids = _unique(df.assign(grid=column(df, "grid").map(_grid_text)), "grid")
+    if len(grids) == 1 and grids[0]:
+        parts.append(f"grid {grids[0]}")
+    return ", ".join(parts)
+
+
+def _grid_text(g: Any) -> str | None:
+    if isinstance(g, (list, tuple)):
+        return "×".join(str(x) for x in g)
+    return None if _missing(g) else str(g)
+
+
+def _baseline_text(df: pd.DataFrame, *, fa2: bool = True) -> str:
+    """Which dense baseline the speedups use, with its time when it is one value."""
+    texts = []
+    df = df[column(df, "baseline_method").notna() | column(df, "baseline_backend").notna()]
+    for (method, backend), g in df.groupby(
+        [column(df, "baseline_method").fillna("?"), column(df, "baseline_backend").fillna("?")], sort=True
+    ):
+        ms = _unique(g, "baseline_ms")
+        on_cpu = str(_unique(g, "card")[0] if _unique(g, "card") else "").startswith("cpu")
+        label = (f"{backend}, CPU" if on_cpu else _backend_label(backend)) if backend != "?" else "unknown backend"
+        time = f", {_ms(ms[0])} ms" if len(ms) == 1 else ""
+        texts.append(f"dense {method} ({label}{time})")
+    if not texts:
+        return "Speedup baseline: none recorded in these rows."
+    text = "Speedup over " + "; ".join(texts) + ", measured in the same run on the same card."
+    fa2_ms = _unique(df, "fa2_ms")
+    if fa2 and fa2_ms:
+        text += f" vs FA2: over SDPA flash ({_ms(fa2_ms[0])} ms)." if len(fa2_ms) == 1 else " vs FA2: over SDPA flash."
+    return text
+
+
+def _timing_text(df: pd.DataFrame) -> str:
+    reps, timers = _unique(df, "reps"), _unique(df, "timer")
+    if len(reps) == 1 and len(timers) == 1:
+        return f" Latency: median of {int(reps[0])} ({timers[0]})."
+    return " Latency: median."
+
+
+def _title(group: dict[str, Any]) -> str:
+    return " · ".join(v for v in group.values() if v) or "rows"
+
+
+# -- tables --------------------------------------------------------------------------------------
+def attention_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """ok rows of kind "attention" (rows without a kind count as attention), ``sparsity`` filled from density."""
+    att = rows_of_kind(ok_rows(df), "attention")
+    return att.assign(
+        sparsity=pd.to_numeric(column(att, "sparsity"), errors="coerce").fillna(
+            1 - pd.to_numeric(column(att, "density"), errors="coerce")
+        )
+    )
+
+
+def main_tables(df: pd.DataFrame) -> list[Table]:
+    """The main comparison table(s), one per (card, workload, dtype, pass)."""
+    att = attention_rows(df)
+    tables = []
+    for group, g in group_rows(att, ("card", "workload", "dtype", "pass")):
+        g = _sort(g)
+        backends = _unique(g, "baseline_backend")
+        vs = _backend_label(backends[0]) if len(backends) == 1 else "dense"
+        on_cpu = str(group["card"] or "").startswith("cpu")
+        # FA2 is a GPU kernel; and when FA2 is itself the fastest dense backend its column repeats speedup
+        fa2_col = not on_cpu and set(_unique(g, "baseline_method")) != {"full_flash"}
+        if on_cpu:  # SDPA's "flash" backend on a CPU is a CPU kernel, not FlashAttention-2
+            vs = f"dense ({backends[0]}, CPU)" if len(backends) == 1 else "dense"
+        cols = [
+            Column("method", "method", align="l"),
+            Column("family", "family", align="l"),
+            Column("sparsity_target", "target", _num(".2f")),
+            Column("sparsity", "sparsity", _num(".3f")),
+            Column("density", "density", _num(".3f")),
+            Column("ms", "ms", _ms),
+            Column("speedup", f"× {vs}", _num(".2f")),
+            *([Column("baseline_backend", "baseline", _backend_label, "l")] if len(backends) > 1 else []),
+            *([Column("speedup_vs_fa2", "× FA2", _num(".2f"))] if fa2_col else []),
+            Column("tflops_dense_equiv", "TFLOP/s (dense-eq.)", _rate),
+            Column("tflops_executed", "TFLOP/s (exec.)", _rate),
+            Column("rel_l2", "rel L2", _num(".4f")),
+            *_quality_cols(quality_columns(g)),
+        ]
+        smoke = (
+            "CPU timings are a smoke test of the code path, not a speedup claim: speedups are measured on a GPU. "
+            if on_cpu else ""
+        )
+        caption = (
+            smoke
+            + f"Attention on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
+            f" ({', '.join(p for p in (_shape_text(g), group['dtype'], group['pass']) if p)}). "
+            + _baseline_text(g, fa2=fa2_col)
+            + _timing_text(g)
+            + " Sparsity is measured (1 − kept tile fraction)."
+        )
+        optional = ("speedup_vs_fa2", "tflops_dense_equiv", "tflops_executed", "rel_l2")
+        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=optional))
+    return tables
+
+
+def ablation_tables(df: pd.DataFrame, goal: float = ABLATION_TARGET) -> list[Table]:
+    """SALAD and its ablations, each method at the target sparsity nearest ``goal``."""
+    att = attention_rows(df)
+    att = att[column(att, "family").isin(["salad", "ablation"])]
+    tables = []
+    for group, g in group_rows(att, ("card", "workload", "dtype", "pass")):
+        picked = [
+            m[
+                pd.to_numeric(column(m, "sparsity_target"), errors="coerce")
+                == nearest_target(column(m, "sparsity_target"), goal)
+            ]
+            for _, m in g.groupby("method", sort=True)
+        ]
+        g = _sort(pd.concat(picked))
+        cols = [
+            Column("method", "method", align="l"),
+            Column("family", "family", align="l"),
+            Column("sparsity_target", "target", _num(".2f")),
+            Column("sparsity", "sparsity", _num(".3f")),
+            Column("ms", "ms", _ms),
+            Column("speedup", "speedup", _num(".2f")),
+            Column("rel_l2", "rel L2", _num(".4f")),
+            *_quality_cols(quality_columns(g)),
+        ]
+        caption = (
+            f"Ablations on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
+            f" ({', '.join(p for p in (group['dtype'], group['pass']) if p)}), each method at the target sparsity"
+            f" nearest {goal:.0%}. " + _baseline_text(g, fa2=False)
+        )
+        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("rel_l2", "sparsity")))
+    return tables
+
+
+def quality_tables(df: pd.DataFrame) -> list[Table]:
+    """Quality rows (``kind`` "quality"), one table per (card, workload, dtype); their own workloads
+    (videos, held-out data) are not the attention workloads, so they are not joined into ``main``."""
+    qual = rows_of_kind(ok_rows(df), "quality")
+    tables = []
+    for group, g in group_rows(qual, ("card", "workload", "dtype")):
+        g = _sort(g)
+        cols = [
+            Column("method", "method", align="l"),
+            Column("family", "family", align="l"),
+            Column("sparsity_target", "target", _num(".2f")),
+            Column("sparsity", "sparsity", _num(".3f")),
+            Column("speedup", "speedup", _num(".2f")),
+            Column("rel_l2", "rel L2", _num(".4f")),
+            *_quality_cols(quality_columns(g)),
+        ]
+        caption = (
+            f"Quality on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
+            f"{' (' + group['dtype'] + ')' if group['dtype'] else ''}. "
+            + (_baseline_text(g, fa2=False) if column(g, "speedup").notna().any() else "")
+        ).strip()
+        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("sparsity", "speedup", "rel_l2")))
+    return tables
+
+
+def _is_headline(df: pd.DataFrame) -> pd.Series:
+    return column(df, "variant").astype(str).str.startswith("headline") & column(df, "round").notna()
+
+
+def kernel_tables(df: pd.DataFrame) -> list[Table]:
+    """Kernel micro-benchmarks (``kind`` "kernel"), one table per (card, dtype, pass); the interleaved
+    headline rounds get their own table (:func:`kernel_headline_tables`)."""
+    ker = rows_of_kind(ok_rows(df), "kernel")
+    ker = ker[~_is_headline(ker)]
+    tables = []
+    for group, g in group_rows(ker, ("card", "dtype", "pass")):
+        g = _sort(g)
+        cols = [
+            Column("method", "kernel", align="l"),
+            Column("variant", "variant", align="l"),
+            Column("backend", "backend", align="l"),
+            Column("workload", "workload", align="l"),
+            Column("N", "N", _int),
+            Column("density", "density", _num(".3f")),
+            Column("ms", "ms", _ms),
+            Column("ms_p20", "p20", _ms),
+            Column("ms_p80", "p80", _ms),
+            Column("tflops_executed", "TFLOP/s (exec.)", _rate),
+            Column("tflops_dense_equiv", "TFLOP/s (dense-eq.)", _rate),
+            Column("mfu", "MFU", _pct),
+            Column("speedup", "speedup", _num(".2f")),
+            Column("git_sha", "commit", lambda v: str(v)[:7]),
+        ]
+        caption = (
+            f"Kernels on {group['card'] or 'unknown card'} ({', '.join(p for p in (group['dtype'], group['pass']) if p)}). "
+            + _baseline_text(g, fa2=False)
+        )
+        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=[c.key for c in cols[1:]]))
+    return tables
+
+
+def kernel_headline_tables(df: pd.DataFrame) -> list[Table]:
+    """The kernel benchmark's headline rounds (``round`` set): per run, each measurement's median and range
+    over the rounds, and the speedups as medians of per-round ratios (drift between rounds cancels)."""
+    ker = rows_of_kind(ok_rows(df), "kernel")
+    ker = ker[_is_headline(ker)]
+    tables = []
+    for group, g in group_rows(ker, ("card", "run_id", "git_sha")):
+        times = headline_times(g.to_dict("records"))
+        out = []
+        for name in sorted(times):
+            vals = list(times[name].values())
+            row: dict[str, Any] = {"name": name, "median": statistics.median(vals), "min": min(vals),
+                                   "max": max(vals), "rounds": len(vals)}
+            if name.startswith("triton_block_sparse"):
+                for ref, key in (("sdpa_cudnn", "x_cudnn"), ("flex_block_sparse", "x_flex")):
+                    if ratios := round_ratios(times, ref, name):
+                        row[key] = statistics.median(ratios)
+            out.append(row)
+        frame = pd.DataFrame(out)
+        cols = [
+            Column("name", "measurement", align="l"),
+            Column("median", "median ms", _ms),
+            Column("min", "min", _ms),
+            Column("max", "max", _ms),
+            Column("rounds", "rounds", _int),
+            Column("x_cudnn", "x cuDNN dense (median of rounds)", _num(".2f")),
+            Column("x_flex", "x Flex same mask (median of rounds)", _num(".2f")),
+        ]
+        dirty = " plus uncommitted changes" if column(g, "git_dirty").fillna(False).astype(bool).any() else ""
+        caption = (
+            f"Interleaved rounds on {group['card'] or 'unknown card'} (run {group['run_id']}, commit "
+            f"{str(group['git_sha'])[:12]}{dirty}): each round times every measurement once, back to back; "
+            "speedups are medians of the per-round ratios."
+        )
+        tables.append(_make_table(frame, cols, "headline · " + _title(group), caption,
+                                  drop_empty=("x_cudnn", "x_flex")))
+    return tables
+
+
+def dit_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``kind`` "dit" ok rows with ``total_ms``, ``attn_ms``, ``rest_ms`` and ``attn_share`` filled in."""
+    dit = rows_of_kind(ok_rows(df), "dit").copy()
+    num = lambda name: pd.to_numeric(column(dit, name), errors="coerce")  # noqa: E731
+    total = num("total_ms").fillna(num("ms"))
+    attn = num("attn_ms").fillna(num("self_attn_ms"))
+    dit["total_ms"] = total
+    dit["attn_ms"] = attn
+    dit["rest_ms"] = num("rest_ms").fillna(total - attn)
+    dit["attn_share"] = num("attn_share").fillna(attn / total)
+    return dit
+
+
+def dit_tables(df: pd.DataFrame) -> list[Table]:
+    """End-to-end DiT forward (``kind`` "dit"), one table per (card, workload, dtype)."""
+    dit = dit_frame(df)
+    tables = []
+    for group, g in group_rows(dit, ("card", "workload", "dtype")):
+        g = _sort(g)
+        cols = [
+            Column("method", "method", align="l"),
+            Column("family", "family", align="l"),
+            Column("sparsity_target", "target", _num(".2f")),
+            Column("sparsity", "sparsity", _num(".3f")),
+            Column("total_ms", "total ms", _ms),
+            Column("attn_ms", "self-attn ms", _ms),
+            Column("rest_ms", "rest ms", _ms),
+            Column("attn_share", "attn share", _pct),
+            Column("speedup", "speedup", _num(".2f")),
+            Column("attn_speedup", "attn speedup", _num(".2f")),
+        ]
+        caption = (
+            f"End-to-end DiT forward on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
+            f"{' (' + group['dtype'] + ')' if group['dtype'] else ''}. " + _baseline_text(g, fa2=False)
+        )
+        tables.append(
+            _make_table(
+                g,
+                cols,
+                _title(group),
+                caption,
+                drop_empty=("sparsity", "attn_ms", "rest_ms", "attn_share", "attn_speedup"),
+            )
+        )
+    return tables
+
+
+def skipped_table(df: pd.DataFrame) -> Table:
+    """Every row whose status is not ok, with its reason."""
+    df = with_identity(df)
+    bad = df[column(df, "status").fillna("ok") != "ok"]
+    bad = bad.assign(kind=column(bad, "kind").fillna("attention"), card=column(bad, "card").astype(str))
+    bad = bad.sort_values(["card", "kind"], kind="stable")  # run order within a card and kind
+    cols = [
+        Column("card", "card", align="l"),
+        Column("kind", "kind", align="l"),
+        Column("method", "method", align="l"),
+        Column("workload", "workload", align="l"),
+        Column("sparsity_target", "target", _num(".2f")),
+        Column("pass", "pass", align="l"),
+        Column("status", "status", align="l"),
+        Column("reason", "reason", align="l"),
+    ]
+    summary = ", ".join(f"{n} {s}" for s, n in column(bad, "status").value_counts().sort_index().items()) or "none"
+    return _make_table(bad, cols, "skipped and failed cells", f"Cells that did not produce a measurement ({summary}).")
+
+
+def build_tables(df: pd.DataFrame) -> dict[str, list[Table]]:
+    """All tables by file stem."""
+    return {
+        "main": main_tables(df),
+        "ablation": ablation_tables(df),
+        "quality": quality_tables(df),
+        "kernel": kernel_headline_tables(df) + kernel_tables(df),
+        "dit": dit_tables(df),
+        "skipped": [skipped_table(df)],
+    }
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def _md_cell(s: str | None) -> str:
+    return "–" if s is None else s.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(tables: Table | list[Table]) -> str:
+    """GitHub-flavoured Markdown: a heading, the caption, the table."""
+    tables = [tables] if isinstance(tables, Table) else tables
+    out = []
+    for t in tables:
+        out += [f"### {t.title}", "", t.caption, ""]
+        if not t.cells:
+            out += ["(no rows)", ""]
+            continue
+        out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
+        out.append("|" + "|".join(":---" if a == "l" else "---:" for a in t.align) + "|")
+        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.cells]
+        out.append("")
+    return "\n".join(out)
+
+
+_TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "×": r"$\times$",
+    "−": "$-$",
+    "–": "--",
+    "·": r"$\cdot$",
+}
+
+
+def _tex(s: str | None) -> str:
+    return "--" if s is None else "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
+
+
+def to_latex(tables: Table | list[Table]) -> str:
+    """LaTeX ``table`` environments with booktabs rules (needs ``\\usepackage{booktabs}``)."""
+    tables = [tables] if isinstance(tables, Table) else tables
+    out = []
+    for t in tables:
+        out += [
+            "\\begin{table}[t]",
+            "\\centering",
+            "\\small",
+            f"\\caption{{{_tex(t.caption)}}}",
+            f"\\begin{{tabular}}{{{''.join(t.align)}}}",
+            "\\toprule",
+        ]
+        out.append(" & ".join(_tex(h) for h in t.headers) + " \\\\")
+        out.append("\\midrule")
+        if not t.cells:
+            out.append(f"\\multicolumn{{{len(t.headers)}}}{{c}}{{(no rows)}} \\\\")
+        out += [" & ".join(_tex(c) for c in row) + " \\\\" for row in t.cells]
+        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out)
+
+
+# -- writing -------------------------------------------------------------------------------------
+def write_reports(
+    df: pd.DataFrame, out_dir: str | Path = "reports", *, sources: Iterable[str] = (), figures: bool = True
+) -> list[Path]:
+    """Write every table (``.md``, ``.tex``), every figure (``.png``, ``.pdf``) and ``README.md``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    index = ["# Reports", "", "Generated by `python -m salad_bench.harness.report` from result rows; do not edit by hand.", ""]
+    index += _provenance_lines(df, list(sources))
+    index += ["", "## Tables", ""]
+    for stem, tables in build_tables(df).items():
+        for ext, render in (("md", to_markdown), ("tex", to_latex)):
+            path = out / f"{stem}.{ext}"
+            path.write_text(render(tables))
+            written.append(path)
+        n_rows = sum(len(t.cells) for t in tables)
+        index.append(
+            f"- `{stem}` ({len(tables)} table(s), {n_rows} row(s)): [{stem}.md]({stem}.md), [{stem}.tex]({stem}.tex)"
+        )
+    if figures:
+        from salad_bench.harness.plots import write_figures
+
+        index += ["", "## Figures", ""]
+        for stem, paths in write_figures(df, out).items():
+            if paths:
+                written += paths
+                index.append(
+                    f"- `{stem}`: "
+                    + ", ".join(f"[{p.suffix[1:]}]({p.name})" for p in paths)
+                    + f"\n\n  ![{stem}]({stem}.png)"
+                )
+            else:
+                index.append(f"- `{stem}`: no rows to plot")
+    readme = out / "README.md"
+    readme.write_text("\n".join(index) + "\n")
+    written.append(readme)
+    return written
+
+
+def _provenance_lines(df: pd.DataFrame, sources: list[str]) -> list[str]:
+    lines = []
+    if sources:
+        lines.append("Sources: " + ", ".join(f"`{s}`" for s in sources))
+    for name, label in (
+        ("card", "Cards"),
+        ("git_sha", "Git SHAs"),
+        ("torch", "torch"),
+        ("triton", "triton"),
+        ("cudnn", "cuDNN"),
+    ):
+        vals = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in _unique(df, name)]
+        if vals:
+            lines.append(f"{label}: " + ", ".join(f"`{v[:12] if name == 'git_sha' else v}`" for v in vals))
+    dates = sorted(str(v) for v in _unique(df, "date"))
+    if dates:
+        lines.append(f"Measured: {dates[0]} to {dates[-1]}")
+    status = column(df, "status").fillna("ok").value_counts().sort_index()
+    lines.append("Rows: " + (", ".join(f"{n} {s}" for s, n in status.items()) or "none"))
+    return [line + "  " for line in lines]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m salad_bench.harness.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories (containing rows.jsonl) or .jsonl files")
+    ap.add_argument("--out", default=None,
+                    help="output directory (default: <first run>/report; the committed reports/ only when named)")
+    ap.add_argument("--no-figures", action="store_true", help="tables only")
+    ap.add_argument("--keep-all", action="store_true",
+                    help="keep every row of a cell measured more than once (default: the latest row wins)")
+    args = ap.parse_args(argv)
+    try:
+        df = load_rows(args.runs)
+        if not args.keep_all:
+            df = latest_per_cell(df)
+    except ResultsFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if df.empty:
+        print(f"error: no rows in {', '.join(args.runs)}; run a sweep first (python run_all.py ...)", file=sys.stderr)
+        return 2
+    first = Path(args.runs[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report"
+    paths = write_reports(df, out, sources=args.runs, figures=not args.no_figures)
+    print(f"wrote {len(paths)} files to {out}/ (index: {out / 'README.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

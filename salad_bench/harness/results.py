@@ -1,0 +1,276 @@
+"""Result rows: one flat JSON object per measured cell, appended to ``<run>/rows.jsonl`` at once.
+
+Every row carries its provenance (git SHA and dirty flag, card, torch/triton/cuDNN/CUDA versions,
+date, command line) and the method's full config, so tables, plots and the gate are pure functions of
+rows. A run interrupted mid-way keeps every row already written; ``resume`` skips cells whose key is
+already present.
+
+Row fields written by the runner (others may add more; readers must tolerate missing ones):
+
+identity   run_id, kind ("attention" | "kernel" | "dit" | "quality"), method, family, config (JSON),
+           config_hash, workload, B, H, N, D, grid, dtype, device, card, pass ("fwd" | "fwd+bwd"),
+           sparsity_target
+outcome    status ("ok" | "skipped" | "error"), reason
+measured   density, sparsity (1 - density), ms, ms_p20, ms_p80, reps, timer, select_ms, peak_mem_gib,
+           flops_executed, flops_dense, flops_<part>, tflops_dense_equiv, tflops_executed, mfu,
+           backend, kernel_options (JSON: the Triton kernels' execution options in force), rel_l2,
+           cos_sim, max_abs_err
+baseline   baseline_method, baseline_backend, baseline_ms, speedup, fa2_ms, speedup_vs_fa2
+provenance git_sha, git_dirty, torch, triton, cudnn, cuda, python, date, host, command
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ResultsFileError", "RowWriter", "cell_key", "config_hash", "headline_times", "load_rows", "provenance",
+           "read_jsonl", "round_ratios"]
+
+KEY_FIELDS = ("kind", "method", "config_hash", "workload", "qkv", "dtype", "pass", "sparsity_target", "card")
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be read; the message names the file, the line and what to do."""
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def card_name(device: str = "") -> str:
+    """GPU name from torch, or ``cpu:<processor>`` on a machine without CUDA."""
+    import torch
+
+    if (not device or device.startswith("cuda")) and torch.cuda.is_available():
+        idx = torch.device(device).index if device.startswith("cuda:") else torch.cuda.current_device()
+        return torch.cuda.get_device_name(idx or 0)
+    return f"cpu:{platform.machine()}"
+
+
+def provenance(device: str = "") -> dict[str, Any]:
+    """Where and with what a row was measured."""
+    import torch
+
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    env_sha = os.environ.get("SALAD_GIT_SHA")
+    if env_sha:
+        # A copy of the tree without its own history (a device machine): the sender names the commit and
+        # may say whether the copy had local changes (SALAD_GIT_DIRTY=0/1); a git status here would
+        # describe some other checkout.
+        flag = os.environ.get("SALAD_GIT_DIRTY")
+        sha, dirty = env_sha, (None if flag is None else flag not in ("0", "", "false", "False"))
+    else:
+        sha = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None
+    return {
+        "git_sha": sha or None,
+        "git_dirty": dirty,
+        "card": card_name(device),
+        "torch": torch.__version__,
+        "triton": triton_v,
+        "cudnn": cudnn,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def cell_key(row: dict[str, Any]) -> tuple:
+    """The identity of a measured cell, used by resume. Rows of a repeated measurement (a ``round``
+    field, e.g. the kernel benchmark's interleaved headline rounds) are cells of their own, told apart
+    by variant, round and run (each run's rounds are one interleaved measurement)."""
+    key = tuple(str(row.get(f)) for f in KEY_FIELDS)
+    rnd = row.get("round")
+    if rnd is not None and rnd == rnd:  # NaN: a row without a round, read through pandas
+        key += (str(row.get("variant")), str(int(rnd)), str(row.get("run_id")))
+    return key
+
+
+# the kernel benchmark's interleaved rounds: variant "headline_r<i>", or "headline_<option>_r<i>"
+_HEADLINE_VARIANT = re.compile(r"headline(?:_(?P<option>.+?))?_r(?P<round>\d+)")
+
+
+def headline_times(rows: Iterable[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """ms per round of each measurement in a kernel benchmark's headline rounds (ok rows only), keyed by
+    method, or "method (option)" for an option set timed in the same rounds."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        m = _HEADLINE_VARIANT.fullmatch(str(r.get("variant", "")))
+        if m is None or r.get("status") != "ok":
+            continue
+        name = str(r["method"]) + (f" ({m['option']})" if m["option"] else "")
+        out.setdefault(name, {})[int(m["round"])] = float(r["ms"])
+    return out
+
+
+def round_ratios(times: dict[str, dict[int, float]], num: str, den: str) -> list[float]:
+    """``num / den`` in each round that measured both (the speedup of ``den`` over ``num``)."""
+    a, b = times.get(num, {}), times.get(den, {})
+    return [a[k] / b[k] for k in sorted(a.keys() & b.keys()) if b[k]]
+
+
+def round_diffs(times: dict[str, dict[int, float]], a: str, b: str) -> list[float]:
+    """``a - b`` in each round that measured both (what ``a`` adds on top of ``b``)."""
+    x, y = times.get(a, {}), times.get(b, {})
+    return [x[k] - y[k] for k in sorted(x.keys() & y.keys())]
+
+
+def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str, Any]]:
+    """Rows of one JSONL file.
+
+    A torn last line (no trailing newline: the process died mid-write) is dropped with a warning when
+    ``tolerate_torn_tail``; any other bad line raises :class:`ResultsFileError` naming it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ResultsFileError(f"{path}: no such results file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ResultsFileError(
+            f"{path}:{line}: not text (byte 0x{raw[exc.start]:02x} is not UTF-8): the results file is corrupt; "
+            "remove or fix that line, or write to a new --out directory"
+        ) from None
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            rows.append(row)
+        except ValueError as exc:
+            last = i == len(lines) and not text.endswith("\n")
+            if last and tolerate_torn_tail:
+                print(f"warning: {path}:{i}: dropping a torn last line (interrupted write)", file=sys.stderr)
+                continue
+            raise ResultsFileError(
+                f"{path}:{i}: not a valid result row ({exc}). The file is corrupt: remove or fix that line, "
+                f"or write to a new --out directory."
+            ) from None
+    return rows
+
+
+class RowWriter:
+    """Appends rows to ``<run_dir>/rows.jsonl`` one at a time (flushed and fsynced)."""
+
+    def __init__(self, run_dir: str | Path, *, resume: bool = False, device: str = "") -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "rows.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prov = provenance(device)
+        self.run_id = self.run_dir.name
+        self._done: set[tuple] = set()
+        self._rows: dict[tuple, dict[str, Any]] = {}
+        self.existing: list[dict[str, Any]] = []
+        if self.path.exists() and self.path.stat().st_size:
+            if not resume:
+                raise ResultsFileError(
+                    f"{self.path} already holds results; pass --resume to continue that run or choose another --out"
+                )
+            self.existing = read_jsonl(self.path)
+            self._repair_tail()
+            # ok and skipped cells are done (a skip's reason does not change on a rerun); an error is retried
+            self._rows = {cell_key(r): r for r in self.existing if r.get("status") in ("ok", "skipped")}
+            self._done = set(self._rows)
+
+    def _repair_tail(self) -> None:
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            keep = text[: text.rfind("\n") + 1]
+            self.path.write_text(keep)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self._prov)
+
+    def is_done(self, row_identity: dict[str, Any]) -> bool:
+        probe = {**row_identity, "card": row_identity.get("card", self._prov["card"])}
+        return cell_key(probe) in self._done
+
+    def done_row(self, row_identity: dict[str, Any]) -> dict[str, Any] | None:
+        """The row that made a cell done (from this run's file or appended since)."""
+        probe = {**row_identity, "card": row_identity.get("card", self._prov["card"])}
+        return self._rows.get(cell_key(probe))
+
+    def append(self, row: dict[str, Any]) -> dict[str, Any]:
+        full = {"run_id": self.run_id, **row}
+        for key, val in self._prov.items():
+            full.setdefault(key, val)
+        line = json.dumps(full, default=_json_default, allow_nan=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if full.get("status") in ("ok", "skipped"):
+            self._done.add(cell_key(full))
+            self._rows[cell_key(full)] = full
+        return full
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def latest_per_cell(df):
+    """Keep, for every measured cell (:func:`cell_key`), only its latest row: by ``date``, then by the
+    order the rows were read (a rerun passed after its run supersedes it). Rows without a cell identity
+    are kept as they are."""
+    if df.empty:
+        return df
+    keys = [cell_key(r) for r in df.to_dict("records")]
+    order = df.assign(_k=keys, _i=range(len(df)), _d=df["date"].astype(str) if "date" in df else "")
+    keep = order.sort_values(["_d", "_i"], kind="stable").drop_duplicates("_k", keep="last")["_i"]
+    return df.iloc[sorted(keep)]
+
+
+def load_rows(paths: str | Path | Iterable[str | Path]):
+    """A pandas DataFrame of the rows in one or more run directories or ``.jsonl`` files."""
+    import pandas as pd
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.rglob("rows.jsonl")) if p.is_dir() else [p]
+        if p.is_dir() and not files:
+            raise ResultsFileError(f"{p}: no rows.jsonl under this directory")
+        for f in files:
+            rows.extend(read_jsonl(f))
+    return pd.DataFrame(rows)

@@ -1,0 +1,132 @@
+"""Attention kernels: plain tensors and block layouts in, tensors out. They know no method.
+
+``block_sparse_attention`` is the one entry point methods call to execute a :class:`BlockLayout`;
+``backend`` picks the implementation and an unavailable one raises :class:`Unsupported` (never a
+silent fallback to dense).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.layout import BlockLayout, cdiv, keep_count
+from salad_bench.kernels.reference import (
+    block_sparse_attention_gather,
+    block_sparse_attention_ref,
+    linear_attention_ref,
+)
+
+__all__ = [
+    "BlockLayout",
+    "Unsupported",
+    "block_sparse_attention",
+    "block_sparse_attention_ref",
+    "cdiv",
+    "execution_options",
+    "keep_count",
+    "linear_attention",
+    "linear_attention_ref",
+    "resolve_backend",
+    "triton_available",
+]
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether our Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
+    import os
+
+    return _triton_importable(device.type, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=8)
+def _triton_importable(device_type: str, interpret: bool) -> bool:
+    # Cached: resolve_backend asks on every attention call.
+    if device_type != "cuda" and not interpret:
+        return False
+    try:
+        import triton  # noqa: F401
+
+        from salad_bench.kernels import block_sparse  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def execution_options() -> dict[str, dict]:
+    """The execution options in force in each Triton kernel module loaded so far (``{module: OPTIONS}``),
+    so a result row can say which kernel path ran."""
+    import sys
+
+    out = {}
+    for short in ("block_sparse", "linear_attn", "select_triton"):
+        mod = sys.modules.get(f"{__name__}.{short}")
+        opts = getattr(mod, "OPTIONS", None)
+        if isinstance(opts, dict):
+            out[short] = {k: v for k, v in sorted(opts.items())}
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> our Triton kernel on CUDA (FlexAttention if it is absent), the torch gather path on
+    the CPU; an explicit choice is checked. The choice is recorded in each result row's ``backend``."""
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if triton_available(device) else "flex"
+        return "torch"
+    if backend == "triton" and not triton_available(device):
+        raise Unsupported(
+            f"the Triton block-sparse kernel needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); got {device}"
+        )
+    if backend not in ("triton", "flex", "torch"):
+        raise ValueError(f"backend must be auto, triton, flex or torch; got {backend!r}")
+    return backend
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention over the layout's kept tiles, ``(B, H, N, D)`` in and out."""
+    which = resolve_backend(backend, q.device)
+    if which == "triton":
+        from salad_bench.kernels.block_sparse import block_sparse_attention_triton
+
+        return block_sparse_attention_triton(q, k, v, layout, scale=scale)
+    if which == "flex":
+        from salad_bench.kernels.flex import flex_block_sparse_attention
+
+        return flex_block_sparse_attention(q, k, v, layout, scale=scale)
+    return block_sparse_attention_gather(q, k, v, layout, scale=scale)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str = "relu",
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Non-causal linear attention with optional in-branch RoPE; ``(B, H, N, D)`` in and out.
+
+    ``auto`` uses the Triton kernel on CUDA when it is present, the torch reference otherwise.
+    """
+    use_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
+    if use_triton:
+        try:
+            from salad_bench.kernels.linear_attn import linear_attention_triton
+        except ImportError as exc:
+            if backend == "triton":
+                raise Unsupported("the Triton linear-attention kernel is not available") from exc
+        else:
+            return linear_attention_triton(q, k, v, kind=kind, cos=cos, sin=sin, eps=eps)
+    return linear_attention_ref(q, k, v, kind=kind, cos=cos, sin=sin, eps=eps)

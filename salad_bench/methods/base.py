@@ -1,0 +1,251 @@
+"""The interface every attention method implements, and the registry that names them.
+
+Tensor layout at the boundary: ``q, k, v`` are ``(B, H, N, D)`` (batch, heads, tokens, head_dim);
+tokens are the video latent in t-major order over the grid ``(T, H, W)`` carried by
+:class:`AttnContext`. The output has the same shape and dtype as ``q``.
+
+A method is an ``nn.Module`` (SALAD and the trained peers own parameters). It is built from a frozen
+config dataclass by :func:`create_method`; after a call it can report what it actually did
+(:meth:`AttentionMethod.report`): the density it used, measured from its block layout, and its
+analytic FLOPs split by part. Methods know nothing of timing, files or plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.layout import BlockLayout
+from salad_bench.methods.registry import Registry
+
+__all__ = [
+    "AttentionMethod",
+    "AttnContext",
+    "BlockSparseConfig",
+    "Family",
+    "MethodConfig",
+    "MethodReport",
+    "METHODS",
+    "Unsupported",
+    "check_choice",
+    "check_count",
+    "check_range",
+    "create_method",
+    "dense_flops",
+]
+
+Family = Literal["full", "training_free", "trained", "salad", "ablation"]
+FAMILIES: tuple[str, ...] = ("full", "training_free", "trained", "salad", "ablation")
+
+
+def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise ``ValueError`` naming the knob and its valid range when ``value`` falls outside it."""
+    bad = (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi)
+    if bad or (isinstance(value, float) and math.isnan(value)):
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name}={value!r} is out of range; valid range is {left}{lo}, {hi}{right}")
+
+
+def check_count(name: str, value: Any, lo: int = 0, hi: int | None = None) -> None:
+    """Raise ``ValueError`` naming the knob unless ``value`` is an int in ``[lo, hi]`` (``hi`` None: no cap)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}={value!r} is not valid; it must be an integer {bound}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Knobs shared by every method. ``sparsity`` is the target fraction of tiles skipped."""
+
+    sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+Backend = Literal["auto", "triton", "flex", "torch"]
+
+
+@dataclass(frozen=True)
+class BlockSparseConfig(MethodConfig):
+    """Knobs of a block-sparse method: tile sizes and which kernel executes the layout.
+
+    ``backend``: ``auto`` = our Triton kernel on CUDA, the torch reference on the CPU; ``flex`` =
+    FlexAttention with the same block mask; ``torch`` = the chunked reference (slow, exact).
+    Defaults: 128x64 tiles, the tile shape SLA benchmarks with and the kernel is tuned for.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("block_q", self.block_q, (16, 32, 64, 128))
+        check_choice("block_k", self.block_k, (16, 32, 64, 128))
+        check_choice("backend", self.backend, ("auto", "triton", "flex", "torch"))
+
+
+@dataclass(frozen=True)
+class AttnContext:
+    """What a method may know besides q, k, v.
+
+    ``grid``: latent ``(T, H, W)`` with ``T*H*W == N`` (None when the tokens are not a video).
+    ``hidden_states``: the layer input ``(B, N, C)`` when the caller has it (the DiT integration does);
+    SALAD's gate pools it. ``layer``/``step`` let methods keep early layers or steps dense.
+    """
+
+    grid: tuple[int, int, int] | None = None
+    layer: int = 0
+    num_layers: int = 1
+    step: int = 0
+    num_steps: int = 1
+    hidden_states: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def check(self, n: int) -> None:
+        if self.grid is not None and math.prod(self.grid) != n:
+            raise ValueError(f"grid {self.grid} has {math.prod(self.grid)} tokens but q has N={n}")
+
+
+@dataclass
+class MethodReport:
+    """What the last call did: measured tile density and analytic FLOPs by part."""
+
+    density: float
+    flops: dict[str, float]
+    backend: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flops_total(self) -> float:
+        return float(sum(self.flops.values()))
+
+
+def dense_flops(b: int, h: int, n_q: int, n_k: int, d: int) -> float:
+    """Forward FLOPs of dense softmax attention: ``4 * B * H * Nq * Nk * D`` (two matmuls)."""
+    return 4.0 * b * h * n_q * n_k * d
+
+
+class AttentionMethod(nn.Module):
+    """Base class: subclass, set ``Config`` and ``family``, implement :meth:`attend`.
+
+    Subclasses that pick a block layout override :meth:`select` (so the harness can time selection
+    on its own) and call :meth:`_remember` with the layout they used.
+    """
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    family: ClassVar[str] = "training_free"
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    needs_grid: ClassVar[bool] = False
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig, *, num_heads: int, head_dim: int, name: str | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.name = name or self.registry_name
+        self._layout: BlockLayout | None = None
+        self._shape: tuple[int, int, int, int] | None = None
+        self._extra_flops: dict[str, float] = {}
+        self._backend = ""
+
+    # -- the contract ---------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext | None = None) -> torch.Tensor:
+        ctx = ctx or AttnContext()
+        self.validate(q, k, v, ctx)
+        self._shape = tuple(q.shape)  # type: ignore[assignment]
+        return self.attend(q, k, v, ctx)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:
+        """The block layout this method would use for these inputs; None for methods without one."""
+        return None
+
+    # -- checks ---------------------------------------------------------------------------------
+    def validate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> None:
+        """Shape, dtype and head-count checks; cheap (no device sync)."""
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be (B, H, N, D); got shape {tuple(t.shape)}")
+        if not (q.shape == k.shape and k.shape[:3] == v.shape[:3]):
+            raise ValueError(f"q, k, v shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"q, k, v dtypes disagree: {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.dtype not in self.supported_dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.supported_dtypes)
+            raise Unsupported(f"{self.name} does not support dtype {str(q.dtype).replace('torch.', '')}; use one of {names}")
+        if q.shape[1] != self.num_heads or q.shape[3] != self.head_dim:
+            raise ValueError(
+                f"{self.name} was built for {self.num_heads} heads x head_dim {self.head_dim}; "
+                f"got {q.shape[1]} x {q.shape[3]}"
+            )
+        ctx.check(q.shape[2])
+        if self.needs_grid and ctx.grid is None:
+            raise ValueError(f"{self.name} needs the video grid (T, H, W) in AttnContext.grid")
+
+    # -- reporting ------------------------------------------------------------------------------
+    def _remember(self, layout: BlockLayout | None, backend: str = "", **extra_flops: float) -> None:
+        self._layout = layout
+        self._backend = backend
+        self._extra_flops = dict(extra_flops)
+
+    @property
+    def layout(self) -> BlockLayout | None:
+        return self._layout
+
+    def report(self) -> MethodReport:
+        """Density and FLOPs of the last call (synchronises with the device)."""
+        if self._shape is None:
+            raise RuntimeError(f"{self.name}.report() called before the method ran")
+        b, h, n, d = self._shape
+        if self._layout is None:
+            flops = {"attention": dense_flops(b, h, n, n, d)}
+            density = 1.0
+        else:
+            flops = {"attention": 4.0 * self._layout.kept_token_pairs() * d}
+            density = self._layout.density()
+        flops.update(self._extra_flops)
+        return MethodReport(density=density, flops=flops, backend=self._backend)
+
+    def knobs(self) -> dict[str, Any]:
+        return self.config.as_dict()
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.knobs().items())
+
+
+METHODS: Registry[AttentionMethod] = Registry("method", AttentionMethod)
+
+
+def create_method(name: str, *, num_heads: int, head_dim: int, **knobs: Any) -> AttentionMethod:
+    """Build the registered method ``name``; ``knobs`` override the variant's config defaults.
+
+    Unknown knobs and out-of-range values raise ``ValueError`` naming the knob.
+    """
+    entry = METHODS.get(name)
+    cls = entry.cls
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(knobs) - fields)
+    if unknown:
+        raise ValueError(f"method {name!r} has no knob {', '.join(map(repr, unknown))}; its knobs: {', '.join(sorted(fields))}")
+    cfg = cls.Config(**{**entry.defaults, **knobs})
+    return cls(cfg, num_heads=num_heads, head_dim=head_dim, name=name)

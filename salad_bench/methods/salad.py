@@ -1,0 +1,203 @@
+"""``salad``: sparse attention + a parallel linear-attention branch + an input-dependent gate.
+
+Paper: "SALAD" (arXiv 2601.16515); no public code, so every detail below that the paper leaves open is
+a knob with a documented default (REFERENCE.md section 3).
+
+    O = O_sparse + G(x) * Proj(O_linear)        (then the layer's usual output projection)
+
+* Sparse branch (``sparse``, default ``topk``): any registered block-sparse method; ``sta`` gives the
+  paper's ST-SWA variant. ``sparsity`` is passed through to it.
+* Linear branch: feature map ``feature_map`` (paper: ReLU) on the *shared* Q/K (``shared_qkv``), with
+  3D RoPE applied inside the branch (``rope``; the paper's ablation says it helps). The normaliser uses
+  the un-rotated features (our reading; see :func:`kernels.reference.linear_attention_ref`).
+* ``Proj``: a full-width C x C linear layer (C = heads * head_dim), zero-initialised
+  (``proj_init="zero"``) so the untrained model is exactly the pure-sparse model. One such layer per
+  block is the +4.99% parameters the paper reports for Wan2.1-1.3B.
+* Gate ``G`` (``gate``): ``dynamic`` = sigmoid(Linear(mean over tokens of x)), one scalar per sample
+  (v1; pooling is our choice); ``static`` = one learned scalar per layer; ``static_dynamic`` = a learned
+  per-layer scalar times learned per-head scales times the dynamic gate (our reading of v2's
+  "multi-level static-dynamic scaling"); ``none`` = 1.
+* ``x`` is the layer input from ``AttnContext.hidden_states`` when the caller has it (the DiT path);
+  on bare Q/K/V workloads the gate pools the merged queries instead, and ``shared_qkv=False`` gives the
+  branch its own per-head D x D maps of q, k, v (identity-initialised) rather than C x C maps of x.
+
+Ablations are registered variants at the bottom of this file.
+FLOPs: sparse branch as reported by it; linear branch ``4*B*H*N*D^2`` (+ normaliser and RoPE);
+projection ``2*B*N*C^2``; gate ``2*B*C`` plus pooling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from salad_bench.kernels import linear_attention
+from salad_bench.kernels.layout import BlockLayout
+from salad_bench.kernels.rope import rope_3d_freqs
+from salad_bench.methods.base import (
+    METHODS,
+    AttentionMethod,
+    AttnContext,
+    MethodConfig,
+    MethodReport,
+    check_choice,
+    check_range,
+    create_method,
+)
+
+GateKind = Literal["dynamic", "static", "static_dynamic", "none"]
+
+
+@dataclass(frozen=True)
+class SaladConfig(MethodConfig):
+    sparse: str = "topk"
+    sparse_knobs: tuple[tuple[str, Any], ...] = ()
+    linear: bool = True
+    feature_map: Literal["relu", "elu", "softmax"] = "relu"
+    rope: bool = True
+    gate: GateKind = "dynamic"
+    shared_qkv: bool = True
+    proj_init: Literal["zero", "random"] = "zero"
+    drop_fraction: float = 0.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("feature_map", self.feature_map, ("relu", "elu", "softmax"))
+        check_choice("gate", self.gate, ("dynamic", "static", "static_dynamic", "none"))
+        check_choice("proj_init", self.proj_init, ("zero", "random"))
+        check_range("drop_fraction", self.drop_fraction, 0.0, 1.0, hi_open=True)
+        check_range("eps", self.eps, 0.0, 1.0, lo_open=True)
+        if self.sparse.startswith("salad"):
+            raise ValueError(f"sparse={self.sparse!r}: the sparse branch must be a plain sparse method, not SALAD")
+
+
+@METHODS.register("salad", family="salad")
+class Salad(AttentionMethod):
+    """Sparse branch + gated, projected linear-attention branch (arXiv 2601.16515)."""
+
+    Config = SaladConfig
+    family = "salad"
+    config: SaladConfig
+
+    def __init__(self, config: SaladConfig, **kw) -> None:
+        super().__init__(config, **kw)
+        c, h, d = config, self.num_heads, self.head_dim
+        width = h * d
+        self.sparse = create_method(c.sparse, num_heads=h, head_dim=d, sparsity=c.sparsity, **dict(c.sparse_knobs))
+        self.proj = nn.Linear(width, width)
+        if c.proj_init == "zero":
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        if c.gate in ("dynamic", "static_dynamic"):
+            self.gate_proj = nn.Linear(width, 1)
+            nn.init.zeros_(self.gate_proj.weight)
+            nn.init.zeros_(self.gate_proj.bias)  # sigmoid(0) = 0.5 at the start
+        if c.gate in ("static", "static_dynamic"):
+            self.layer_scale = nn.Parameter(torch.ones(()))
+        if c.gate == "static_dynamic":
+            self.head_scale = nn.Parameter(torch.ones(h))
+        if not c.shared_qkv:
+            eye = torch.eye(d).expand(3, h, d, d).clone()
+            self.qkv_maps = nn.Parameter(eye)  # (3, H, D, D): the branch's own q, k, v maps
+        self.linear_enabled = c.linear
+        self.register_buffer("gate_mean", torch.zeros(()), persistent=True)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:
+        return self.sparse.select(q, k, ctx)
+
+    def _rope(self, grid: tuple[int, int, int] | None, device: torch.device):
+        if not self.config.rope or grid is None:
+            return None, None
+        key = (grid, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_3d_freqs(grid, self.head_dim, device)
+        return self._rope_cache[key]
+
+    def gate_value(self, q: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Gate per (sample, head): shape ``(B, H)`` (float32, float64 for float64 inputs)."""
+        b, h = q.shape[0], q.shape[1]
+        kind = self.config.gate
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        g = torch.ones(b, h, device=q.device, dtype=work)
+        if kind in ("dynamic", "static_dynamic"):
+            x = ctx.hidden_states
+            pooled = x.to(work).mean(dim=1) if x is not None else q.to(work).mean(dim=2).reshape(b, -1)
+            g = g * torch.sigmoid(self.gate_proj(pooled.to(self.gate_proj.weight.dtype)).to(work))
+        if kind in ("static", "static_dynamic"):
+            g = g * self.layer_scale.to(work)
+        if kind == "static_dynamic":
+            g = g * self.head_scale.to(work)[None, :]
+        return g
+
+    def linear_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if not self.config.shared_qkv:
+            m = self.qkv_maps.to(q.dtype)
+            q = torch.einsum("bhnd,hde->bhne", q, m[0])
+            k = torch.einsum("bhnd,hde->bhne", k, m[1])
+            v = torch.einsum("bhnd,hde->bhne", v, m[2])
+        cos, sin = self._rope(ctx.grid, q.device)
+        return linear_attention(q, k, v, kind=self.config.feature_map, cos=cos, sin=sin, eps=self.config.eps)
+
+    # -- forward --------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        out_s = self.sparse(q, k, v, ctx)
+        if not self.linear_enabled:
+            return out_s
+        b, h, n, d = q.shape
+        out_l = self.linear_branch(q, k, v, ctx)
+        g = self.gate_value(q, ctx)  # (B, H)
+        if not self.training:
+            self.gate_mean = g.detach().mean()
+        scaled = out_l * g[:, :, None, None].to(out_l.dtype)
+        merged = scaled.transpose(1, 2).reshape(b, n, h * d)
+        projected = self.proj(merged.to(self.proj.weight.dtype)).to(q.dtype)
+        return out_s + projected.view(b, n, h, d).transpose(1, 2)
+
+    def report(self) -> MethodReport:
+        rep = self.sparse.report()
+        b, h, n, d = self._shape  # type: ignore[misc]
+        flops = dict(rep.flops)
+        if self.linear_enabled:
+            c = h * d
+            flops["linear"] = 4.0 * b * h * n * d * d + 2.0 * b * h * n * d + (12.0 * b * h * n * d if self.config.rope else 0.0)
+            flops["projection"] = 2.0 * b * n * c * c
+            if self.config.gate in ("dynamic", "static_dynamic"):
+                flops["gate"] = 2.0 * b * c + b * n * c
+            if not self.config.shared_qkv:
+                flops["linear_qkv"] = 3 * 2.0 * b * h * n * d * d
+        return MethodReport(density=rep.density, flops=flops, backend=rep.backend, extra={"linear": self.linear_enabled})
+
+    def extra_parameters(self) -> int:
+        """Parameters SALAD adds on top of the sparse branch (the paper's +4.99% on Wan2.1-1.3B)."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("sparse."))
+
+
+def drop_weakest_linear_branches(modules: list[Salad], fraction: float) -> list[int]:
+    """After training, switch off the linear branch of the ``fraction`` of layers with the smallest
+    recorded mean gate (the paper drops ~20%). Returns the indices dropped."""
+    check_range("fraction", fraction, 0.0, 1.0)
+    order = sorted(range(len(modules)), key=lambda i: float(modules[i].gate_mean))
+    dropped = order[: int(round(fraction * len(modules)))]
+    for i in dropped:
+        modules[i].linear_enabled = False
+    return sorted(dropped)
+
+
+METHODS.register_variant("salad_sta", "salad", sparse="sta", description="SALAD on the paper's ST-SWA sliding window")
+METHODS.register_variant("salad_no_gate", "salad", family="ablation", gate="none", description="ablation: gate fixed at 1")
+METHODS.register_variant("salad_no_linear", "salad", family="ablation", linear=False, description="ablation: sparse branch only")
+METHODS.register_variant("salad_no_rope", "salad", family="ablation", rope=False, description="ablation: no RoPE in the linear branch")
+METHODS.register_variant(
+    "salad_separate_qkv", "salad", family="ablation", shared_qkv=False, description="ablation: linear branch has its own Q/K/V maps"
+)
+METHODS.register_variant("salad_static_gate", "salad", family="ablation", gate="static", description="ablation: learned static scale, no input dependence")
+METHODS.register_variant("salad_v2", "salad", gate="static_dynamic", description="v2-style static x dynamic scaling")
+METHODS.register_variant(
+    "salad_drop20", "salad", family="ablation", drop_fraction=0.2, description="after training, drop 20% of linear branches (smallest gates)"
+)

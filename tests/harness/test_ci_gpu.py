@@ -1,0 +1,97 @@
+"""CI's side of the GPU gate, on a throwaway git repository: the newest run of each card is gated, and
+a GPU run older than the last change to the kernels or methods fails unless a pending note names it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from salad_bench.harness import ci_gpu
+from salad_bench.harness.gate import make_baseline
+from salad_bench.harness.results import load_rows
+
+CARD = "NVIDIA H100 80GB HBM3"
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _commit(repo: Path, path: str, text: str) -> str:
+    f = repo / path
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(text)
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", f"change {path}")
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def _rows(sha: str, date: str, topk: float) -> list[dict]:
+    common = {"card": CARD, "git_sha": sha, "date": date, "torch": "2.11", "triton": "3.6", "cudnn": 91900,
+              "workload": "wan2.1-1.3b-480p", "dtype": "bf16", "pass": "fwd", "kind": "attention", "qkv": "video",
+              "status": "ok", "baseline_method": "full_cudnn", "baseline_backend": "cudnn", "baseline_ms": 11.0}
+    return [{**common, "method": "topk", "sparsity_target": 0.9, "ms": 11.0 / topk, "speedup": topk},
+            {**common, "method": "salad", "sparsity_target": 0.9, "ms": 11.0 / 4.0, "speedup": 4.0}]
+
+
+def _write_run(repo: Path, name: str, rows: list[dict]) -> Path:
+    d = repo / "results" / "gpu" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+@pytest.fixture
+def repo(tmp_path):
+    _git(tmp_path, "init", "-q")
+    sha = _commit(tmp_path, "salad_bench/kernels/k.py", "v1")
+    run = _write_run(tmp_path, "2026-12-01-h100", _rows(sha, "2026-12-01T00:00:00", 8.0))
+    base = make_baseline(load_rows(run / "rows.jsonl"), source="x")
+    (tmp_path / "results" / "baselines").mkdir(parents=True)
+    (tmp_path / "results" / "baselines" / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps(base))
+    _commit(tmp_path, "results/README", "runs")
+    return tmp_path
+
+
+def test_current_run_passes(repo, capsys):
+    assert ci_gpu.check_committed(repo) == 0
+    assert "GPU run is current" in capsys.readouterr().out
+
+
+def test_newest_run_of_the_card_is_gated(repo, capsys):
+    sha = _git(repo, "rev-parse", "HEAD")
+    _write_run(repo, "2026-12-02-h100", _rows(sha, "2026-12-02T00:00:00", 5.0))  # topk 8x -> 5x
+    assert ci_gpu.check_committed(repo) == 1
+    assert "2026-12-02-h100" in capsys.readouterr().out
+
+
+def test_stale_run_fails_unless_a_pending_note_names_the_change(repo, capsys):
+    last = _commit(repo, "salad_bench/methods/m.py", "new method code")
+    assert ci_gpu.check_committed(repo) == 1
+    assert "older than" in capsys.readouterr().err
+    (repo / "results" / "gpu_pending.txt").write_text(f"{last[:10]}: no GPU lent this session\n")
+    assert ci_gpu.check_committed(repo) == 0
+    assert "pending" in capsys.readouterr().out
+
+
+def test_a_change_elsewhere_does_not_make_the_run_stale(repo):
+    _commit(repo, "README.md", "docs")
+    assert ci_gpu.check_committed(repo) == 0
+
+
+def test_no_run_at_all_is_refused(tmp_path, capsys):
+    _git(tmp_path, "init", "-q")
+    assert ci_gpu.check_committed(tmp_path) == 2
+    assert "no GPU gate run" in capsys.readouterr().err
+
+
+def test_the_gate_command_refuses_without_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert ci_gpu.main(["--out", str(tmp_path / "r")]) == 2
+    assert "has none" in capsys.readouterr().err

@@ -968,7 +968,8 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # unit), "fma" / "fma4" (every second / fourth column by a cubic on the FMA pipe). Measured on the H200
 # (run 10): 1.463 / 1.413 ms against 1.335 ms for "mufu" in the same rounds.
 EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 2}
-# ``fwd_fixed_max`` (on): no running max; each row's reference is its score against one key of its list
+# ``fwd_fixed_max`` (off since it lost on the video-like workload: nearly every tile there is redone, 2.68
+# against 1.28 ms on an H100): no running max; each row's reference is its score against one key of its list
 # (see the FIXED branch of _fwd_kernel), with an online-softmax redo of any tile whose sums pass
 # _FIX_LIMIT. Measured on the H200 (run 10): 1.275 / 1.278 ms against 1.322 / 1.330 ms for the online
 # softmax at d=0.10 (7 rounds on each of two cards), 11.52 against 12.45 ms at d=1.0.
@@ -976,7 +977,7 @@ EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 2}
 # until after the loop (see _lane_sums): 8 shuffles and 8 adds fewer per block. Measured on the H200 (run 11,
 # r24, 9 rounds on each of two cards): 1.236 / 1.243 ms against 1.319 / 1.326 ms with a row sum per block;
 # 1.42x / 1.42x Flex with the same mask.
-OPTIONS: dict = {"fwd_exp": "mufu", "fwd_fixed_max": True, "fwd_lane_sums": True, "fwd_order": False, "fwd_tma": True,
+OPTIONS: dict = {"fwd_exp": "mufu", "fwd_fixed_max": False, "fwd_lane_sums": True, "fwd_order": False, "fwd_tma": True,
                  "fwd_pair": False, "fwd_pipe": False, "fwd_lazy": False, "fwd_ws": False, "fwd_config": None, "fwd_split": 0, "fwd_gluon": False,
                  "gluon_ws_slots": 4, "gluon_ws_regs": 232, "gluon_ws_pingpong": False, "gluon_ws_group": 1,
                  "bwd_order": True, "bwd_tma": False, "lin_rows": 32}

@@ -154,10 +154,29 @@ class Salad(AttentionMethod):
         g = self.gate_value(q, ctx)  # (B, H)
         if not self.training:
             self.gate_mean = g.detach().mean()
-        scaled = out_l * g[:, :, None, None].to(out_l.dtype)
-        merged = scaled.transpose(1, 2).reshape(b, n, h * d)
-        projected = self.proj(merged.to(self.proj.weight.dtype)).to(q.dtype)
-        return out_s + projected.view(b, n, h, d).transpose(1, 2)
+        w, bias = self.proj.weight, self.proj.bias
+        if w.dtype != q.dtype:  # a method kept in another precision than its inputs (mixed-precision training)
+            scaled = out_l * g[:, :, None, None].to(out_l.dtype)
+            merged = scaled.transpose(1, 2).reshape(b, n, h * d)
+            projected = self.proj(merged.to(w.dtype)).to(q.dtype)
+            return out_s + projected.view(b, n, h, d).transpose(1, 2)
+        # The gate is per (sample, head) on the projection's input, so it folds into the weight's columns;
+        # the sparse output and the bias become the GEMM's accumulator in token-major layout (one pass),
+        # and the result goes back as a (B, H, N, D) view of that (B, N, H, D) buffer: no add, no copy back.
+        c = h * d
+        merged = out_l.transpose(1, 2).reshape(b, n, c)
+        wg = w[None] * g.to(w.dtype).repeat_interleave(d, dim=1)[:, None, :]  # (B, C_out, C_in)
+        if torch.is_grad_enabled():
+            acc = torch.baddbmm(out_s.transpose(1, 2).reshape(b, n, c) + bias, merged, wg.transpose(1, 2))
+        else:
+            acc = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
+            torch.add(out_s.transpose(1, 2), bias.view(h, d), out=acc)
+            acc = acc.view(b, n, c)
+            if b == 1:
+                acc[0].addmm_(merged[0], wg[0].t())
+            else:
+                acc.baddbmm_(merged, wg.transpose(1, 2))
+        return acc.view(b, n, h, d).transpose(1, 2)
 
     def report(self) -> MethodReport:
         rep = self.sparse.report()

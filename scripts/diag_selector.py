@@ -5,7 +5,7 @@ python scripts/diag_selector.py   (prints one line per stage; the first failing 
 ``_dbg_kernel`` is the selector's top-k bisection alone, run with 1 to 16 query-block rows per program:
 on the H200 with Triton 3.6 (2026-11-28) every configuration with more than one row computed the right
 threshold only for the first row(s) of each program at Mk = 512, which is why the selector now runs one
-row per program (kernels/NOTES.md, run 4).
+row per program (docs/lab/kernels-notes.md, run 4).
 """
 import math
 import sys

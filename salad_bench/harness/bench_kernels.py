@@ -454,7 +454,7 @@ def linear_variants_section(bench: Bench, only: list[str] | None = None) -> None
         c = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
         return {"state": dict(c), "out": dict(c)}
 
-    # Run 5 timed the half-layout tile/grid configurations (kernels/NOTES.md); these compare the layouts.
+    # Run 5 timed the half-layout tile/grid configurations (docs/lab/kernels-notes.md); these compare the layouts.
     pairs = {"pairs": True}
     variants = {
         "default": {},
@@ -584,7 +584,7 @@ def _profile_one(name: str, fn: Callable[[], Any], report: dict[str, Any]) -> No
 
 
 def autotune_choices() -> dict[str, str]:
-    """What the autotuners picked, per key (printed; recorded in kernels/NOTES.md by hand)."""
+    """What the autotuners picked, per key (printed; recorded in docs/lab/kernels-notes.md by hand)."""
     out = {}
     try:
         from salad_bench.kernels import block_sparse as bs

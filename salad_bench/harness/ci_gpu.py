@@ -33,7 +33,7 @@ __all__ = ["SWEEP", "check_committed", "main", "run_gate"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP: dict[str, Any] = {
-    "methods": ["full", "topk", "sta", "salad", "salad_sta", "sparse_lora"],
+    "methods": ["full", "full_sage", "topk", "sta", "salad", "salad_sta", "sparse_lora"],
     "workload": "wan2.1-1.3b-480p",
     "sparsities": [0.5, 0.9],
     "qkv": ["video", "random", "wan"],

@@ -47,7 +47,7 @@ __all__ = [
     "write_figures",
 ]
 
-GROUP_KEYS = ("card", "workload", "dtype", "pass")
+GROUP_KEYS = ("card", "workload", "qkv", "dtype", "pass")
 LINEAR_PARTS = ("linear", "projection", "gate", "linear_qkv")
 NOT_PARTS = ("executed", "dense", "selection", "total")
 SEGMENTS = ("select", "sparse", "linear", "rest")

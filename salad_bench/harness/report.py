@@ -301,7 +301,7 @@ def main_tables(df: pd.DataFrame) -> list[Table]:
     """The main comparison table(s), one per (card, workload, dtype, pass)."""
     att = attention_rows(df)
     tables = []
-    for group, g in group_rows(att, ("card", "workload", "dtype", "pass")):
+    for group, g in group_rows(att, ("card", "workload", "qkv", "dtype", "pass")):
         g = _sort(g)
         backends = _unique(g, "baseline_backend")
         vs = _backend_label(backends[0]) if len(backends) == 1 else "dense"
@@ -347,7 +347,7 @@ def ablation_tables(df: pd.DataFrame, goal: float = ABLATION_TARGET) -> list[Tab
     att = attention_rows(df)
     att = att[column(att, "family").isin(["salad", "ablation"])]
     tables = []
-    for group, g in group_rows(att, ("card", "workload", "dtype", "pass")):
+    for group, g in group_rows(att, ("card", "workload", "qkv", "dtype", "pass")):
         picked = [
             m[
                 pd.to_numeric(column(m, "sparsity_target"), errors="coerce")

@@ -674,7 +674,7 @@ _FWD_CONFIGS = [
 # Not offered to the autotuner: 8 warps capped at 128 registers (ptxas fits the 128 x 64 tile without
 # spills; two programs, four warpgroups per SM). Its timing sometimes wins the autotuner's short
 # benchmark, but in interleaved rounds on the H200 it ran 1.37-1.39 ms against 1.32 for 128 x 4 warps x
-# 2 stages (kernels/NOTES.md, run 6). ``OPTIONS["fwd_config"]`` can still select it.
+# 2 stages (docs/lab/kernels-notes.md, run 6). ``OPTIONS["fwd_config"]`` can still select it.
 _DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
     for bm in (128, 64, 32)
@@ -779,7 +779,7 @@ def _split_plan(n_tiles: int, slots: int, max_parts: int = 4) -> tuple[int, int]
     three parts make it two thirds of a wave. That pays only if a partial wave takes a whole wave's time;
     on the H200 it does not (a program alone on an SM runs 1.5x faster than two together, so the tail
     costs 0.5% more than its share; scripts/wave_tail.py), and the split measured the same as none
-    (kernels/NOTES.md, run 9)."""
+    (docs/lab/kernels-notes.md, run 9)."""
     tail = n_tiles % slots if slots > 0 else 0
     if tail == 0:
         return 1, n_tiles
@@ -952,7 +952,7 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # ``fwd_lazy``: rescale the accumulator only when a row's running max grows by more than 2^8 (see _fwd_update).
 # ``fwd_ws``: Triton's automatic warp specialisation on Hopper (a TMA producer warpgroup and two consumer
 # warpgroups; Q also through TMA; the column mask on every tile for a ragged N). Correct, and slower on the
-# H200 (1.41 against 1.33 ms at d=0.10; kernels/NOTES.md, run 8). ``lin_rows``: query rows per step of the
+# H200 (1.41 against 1.33 ms at d=0.10; docs/lab/kernels-notes.md, run 8). ``lin_rows``: query rows per step of the
 # fused linear-branch epilogue (kernels.fused).
 # ``fwd_gluon``: the forward written in Gluon for sm_90 (flash-attention 3's overlap of one block's softmax
 # with the previous block's PV GEMM; kernels/block_sparse_gluon.py); True for 128 query rows per program,

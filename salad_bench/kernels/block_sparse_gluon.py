@@ -3,7 +3,7 @@
 The Triton forward (:mod:`kernels.block_sparse`) leaves the order of work inside a program to Triton 3.6,
 which waits for each block's scores before the softmax and for the softmax before the next GEMM: a
 program's tensor-core and softmax work never overlap, only the two programs on an SM overlap each other
-(kernels/NOTES.md, runs 6 and 8). This kernel writes the order out, as flash-attention 3 does within a
+(docs/lab/kernels-notes.md, runs 6 and 8). This kernel writes the order out, as flash-attention 3 does within a
 warpgroup: while the softmax of key block j runs, the tensor cores compute ``P_{j-1} V_{j-1}``:
 
     S_j = Q K_j^T          (issued async)
@@ -19,7 +19,7 @@ SM); one 128-row warpgroup spills at 255 registers. Only the forward: the backwa
 and is the Triton one.
 
 Measured on the H200 it is slower than the Triton forward: 1.587 (128 rows) and 1.608 ms (64 rows)
-against 1.331 ms at density 0.10 in the same rounds (kernels/NOTES.md, run 9). The overlap is in the
+against 1.331 ms at density 0.10 in the same rounds (docs/lab/kernels-notes.md, run 9). The overlap is in the
 SASS. A second kernel (``rows="ws"``, below) adds flash-attention 3's split into a producer warp and two
 consumer warpgroups: 1.46 ms against 1.33 ms (run 10), also with the consumers' ping-pong (1.58 ms) or two
 key blocks per step (1.67 ms). Kept as ``OPTIONS["fwd_gluon"]``, off.

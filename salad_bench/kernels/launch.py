@@ -2,7 +2,7 @@
 
 ``kernel[grid](...)`` spends its host time binding arguments, building the specialisation key (for a
 tensor descriptor, the string of its shared-memory layout) and looking the kernel up. On the device
-machine's host that is 40-50 us per launch (kernels/NOTES.md, run 12), as long as the linear branch's
+machine's host that is 40-50 us per launch (docs/lab/kernels-notes.md, run 12), as long as the linear branch's
 kernels themselves. :func:`launch` keeps the compiled kernel under a key of everything Triton 3.6
 specialises on (dtypes, 16-byte alignment of pointers, integers divisible by 16 or equal to 1, the
 constexpr values and launch options) and calls its launcher directly on a hit. The first launch for a key,

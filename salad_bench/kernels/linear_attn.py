@@ -544,14 +544,14 @@ def _bwd_kv_kernel(
 # Tiles per pass (the benchmark may override them); ``programs_per_sm`` sets the grid of every pass
 # (programs per head = programs_per_sm * SMs / heads); ``modes`` overrides the dot precision policy.
 # Forward: 32-token tiles, 4 warps, 3 stages measured best on the H200 (0.189 ms vs 0.33-0.50 ms for
-# 64/128-token tiles, kernels/NOTES.md). Backward: 64 x 8 warps x 2 stages (3 stages overflow shared
+# 64/128-token tiles, docs/lab/kernels-notes.md). Backward: 64 x 8 warps x 2 stages (3 stages overflow shared
 # memory); a config that does not fit is retried smaller (see _launch).
 _FWD_CFG = {"BLOCK": 32, "num_warps": 4, "num_stages": 3}
 _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # ``state_split``: the K/V pass also multiplies the lo parts of the fp32 features (two more dots per
 # tile) for half-precision inputs. Off: on the H200 it cost 0.014-0.016 ms of 0.19 in six measurements and
-# left the error at Wan 480p unchanged (1.7e-3, torch's own bf16 error; kernels/NOTES.md). ``state_halves``: the K/V pass splits each chunk's state over two
-# programs (one D/2 x D accumulator each, against 255 registers and spills with both; kernels/NOTES.md).
+# left the error at Wan 480p unchanged (1.7e-3, torch's own bf16 error; docs/lab/kernels-notes.md). ``state_halves``: the K/V pass splits each chunk's state over two
+# programs (one D/2 x D accumulator each, against 255 registers and spills with both; docs/lab/kernels-notes.md).
 # ``pairs``: the forward keeps the natural channel order (RoPE pairs rotated in registers, one D x D state
 # tile) instead of even/odd half tiles; the backward reads the half layout, converted from it.
 # ``out_programs_per_sm``: a grid of its own for the forward's Q pass (None: the K/V pass's).
@@ -562,13 +562,13 @@ _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
 # call against 141, so an eager call measures 0.285 against 0.181 ms. Off.
 # ``out_gluon`` and ``state_gluon`` (on): both passes are :mod:`kernels.linear_gluon`'s on sm_90 cards
 # (bf16/fp16, D 64/128, contiguous inputs), the Triton ones elsewhere; ``out_gluon_cfg["out_tma"]`` (on):
-# the output pass stores through TMA. H200, run 13 (kernels/NOTES.md): 65.9 + 64.7 us against 68.5 + 96.5
+# the output pass stores through TMA. H200, run 13 (docs/lab/kernels-notes.md): 65.9 + 64.7 us against 68.5 + 96.5
 # for the Triton passes; with no-grad calls through a plan (_plan), the forward measures 0.143 against
 # 0.179 ms in the same headline rounds.
 # ``bwd_split_state`` (on): for half-precision inputs the backward recomputes the state with the features'
 # lo parts in the dots (one Triton K/V pass more) instead of reading the forward's, whose dots round the
 # features to fp16/bf16. dq subtracts two nearly equal terms built from the state, and for elu features
-# (all positive) that rounding gave dq 2.3x torch's own fp16 error (kernels/NOTES.md, run 13); with it, 1.05x.
+# (all positive) that rounding gave dq 2.3x torch's own fp16 error (docs/lab/kernels-notes.md, run 13); with it, 1.05x.
 OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
                  "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
                  "out_programs_per_sm": None, "tma": False,
@@ -793,7 +793,7 @@ def linear_attention_triton(
     return _LinearAttention.apply(q, k, v, cos_t, sin_t, kind_id, rope, float(eps))
 
 
-# No-grad forwards through both Gluon passes, per input signature (kernels/NOTES.md, run 13: the host's
+# No-grad forwards through both Gluon passes, per input signature (docs/lab/kernels-notes.md, run 13: the host's
 # time per call, 160-330 us on the device machine, was longer than the card's 136 us). The key holds
 # everything the passes' launches depend on, the tables' addresses among them (their descriptors are
 # built once), and the plans are dropped whenever OPTIONS changes. False: no plan for that signature.

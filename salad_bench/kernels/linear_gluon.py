@@ -11,7 +11,7 @@ wgmma runs, and permutes the state's rows into the half layout when it stores th
 The output pass has the same contract as :func:`kernels.linear_attn._fwd_out_kernel`: with the summed state in the half layout
 (``S`` even feature rows, odd feature rows, then ``z``, in sum units), each query row gets
 ``(R f(q))^T S / (f(q) . z + eps)``. What differs is the order of work, written out instead of left to
-Triton 3.6 (kernels/NOTES.md, run 12, says why):
+Triton 3.6 (docs/lab/kernels-notes.md, run 12, says why):
 
 * Q tiles and the RoPE tables come through TMA into a ring of ``STAGES`` shared-memory slots, issued
   ``STAGES`` tiles ahead, so the loads of later tiles are in flight while a tile is computed;
@@ -366,7 +366,7 @@ def gluon_supported(cos: torch.Tensor | None, *xs: torch.Tensor) -> str | None:
     return None
 
 
-# Host-side launch work, cached: this module's launches are host-bound on a slow host (kernels/NOTES.md,
+# Host-side launch work, cached: this module's launches are host-bound on a slow host (docs/lab/kernels-notes.md,
 # run 12), so shared-memory layouts and the RoPE tables' descriptors (static across calls) are built once.
 _LAYOUTS: dict = {}
 _TABLE_DESCS: dict = {}

@@ -21,7 +21,7 @@ One row per program is deliberate. With several query-block rows per program (a 
 row-wise reductions inside the bisection loop), Triton 3.6 on the H200 computed the right threshold only
 for the first row (or two) of each program once ``Mk`` reached 512, while the interpreter was exact; the
 earlier fused selector (scores by ``tl.dot`` on 16 rows) kept the wrong blocks because of it.
-``scripts/diag_selector.py`` reproduces that on a GPU (kernels/NOTES.md, run 4).
+``scripts/diag_selector.py`` reproduces that on a GPU (docs/lab/kernels-notes.md, run 4).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class _Pool:
         self.with_k = k is not None
         self.shapes = ((b, h, mq, d), (b, h, mk, d))
         self.ints = (h, n, mq, mk, float(mult_q), 1.0)
-        # Fixed configuration, measured at Wan 480p on the H200 (kernels/NOTES.md, runs 4 and 5): 2 warps
+        # Fixed configuration, measured at Wan 480p on the H200 (docs/lab/kernels-notes.md, runs 4 and 5): 2 warps
         # loading 16-token slices pool Q and K in 0.060 ms, against 0.070 ms for one 4-warp load per block
         # and 0.103 ms with 8 warps. An autotuned variant measured slower (0.124 ms for pool + scores).
         self.site = Site(_pool_kernel, (mq + mk if self.with_k else mq, b * h),
@@ -244,7 +244,7 @@ def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
 
 _SEL_ROWS = 1  # query-block rows per selection program; > 1 miscompiles on sm_90 (module docstring)
 # Warps per selection program (0: Mk/128, at most 8). One warp keeps the 32 bisection reductions
-# inside the warp (no shared-memory barrier). At Wan 480p on the H200 (kernels/NOTES.md, run 5), from a
+# inside the warp (no shared-memory barrier). At Wan 480p on the H200 (docs/lab/kernels-notes.md, run 5), from a
 # CUDA graph: 0.113 ms with 4-warp pooling and Mk/128 selection warps, 0.103 ms with one selection warp,
 # 0.094 ms with this pooling too.
 SEL_WARPS = 1
@@ -293,7 +293,7 @@ def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0
 
 
 # select_topk/topp_triton per input signature (the selector's eager time was host-bound on the device
-# machine, kernels/NOTES.md run 13): both launches' Sites, the shapes and the rule built once. The key
+# machine, docs/lab/kernels-notes.md run 13): both launches' Sites, the shapes and the rule built once. The key
 # holds everything the launches depend on, the module's launch settings among them. False: no plan.
 _PLANS: dict = {}
 

@@ -7,6 +7,9 @@ Backends (knob ``backend``):
 * ``flex``: FlexAttention with no mask (compiled on CUDA).
 * ``flash_attn``: the ``flash_attn`` package (FA3 via ``flash_attn_interface`` on Hopper, else FA2).
 * ``fa4``: the ``flash-attn-4`` package (CuTe DSL), when importable.
+* ``sage``: SageAttention (the ``sageattention`` package: INT8 Q/K in Triton). Lossy, so never the
+  speedup baseline and never picked by ``auto``: ``full_sage`` is reported beside the headline with its
+  error against fp32 attention.
 * ``auto``: on CUDA, time every SDPA/package backend that runs these inputs once per shape and use
   the fastest (which one ran is reported); on the CPU, SDPA's default choice.
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from salad_bench.methods.base import METHODS, AttentionMethod, AttnContext, MethodConfig, Unsupported, check_choice
 
-DenseBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4"]
+DenseBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4", "sage"]
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
 _AUTO_CANDIDATES = ("cudnn", "flash_attn", "fa4", "flash", "efficient")
 
@@ -36,7 +39,7 @@ class FullConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("backend", self.backend, ("auto", *SDPA_BACKENDS, "flex", "flash_attn", "fa4"))
+        check_choice("backend", self.backend, ("auto", *SDPA_BACKENDS, "flex", "flash_attn", "fa4", "sage"))
 
 
 def _sdpa_ctx(name: str):
@@ -100,6 +103,14 @@ def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         return flex_dense_attention(q, k, v)
     if q.device.type != "cuda":
         raise Unsupported(f"backend {name!r} needs a CUDA device")
+    if name == "sage":
+        try:
+            from sageattention import sageattn
+        except ImportError as exc:
+            raise Unsupported("SageAttention is not installed (pip install sageattention)") from exc
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise Unsupported(f"SageAttention takes fp16/bf16, not {q.dtype}")
+        return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
     if name == "flash_attn":
         _, fn = _flash_attn_fn()
     elif name == "fa4":
@@ -164,4 +175,7 @@ def fastest_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidate
 
 for _b in ("cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4"):
     METHODS.register_variant(f"full_{_b}", "full", backend=_b, description=f"dense attention, {_b} backend only")
+# lossy: a method beside the headline (with its error), never one of the dense baselines
+METHODS.register_variant("full_sage", "full", backend="sage",
+                         description="SageAttention: INT8 Q/K dense attention (lossy; reported with its error)")
 

@@ -687,6 +687,64 @@ def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
                                 extra={**info, "softmax_mode": mode, "kernel_options": json.dumps(dict(bs.OPTIONS))})
 
 
+def peers_section(bench: Bench, density: float = 0.1) -> None:
+    """The peers' own kernels as reference backends, on the same inputs and mask as ours, outputs compared.
+
+    ``vsa`` (FastVideo's ThunderKittens block-sparse kernel, 64x64 tiles, zero-padded to a multiple of
+    64 with per-block valid lengths) against ours with the same 64x64 layout; ``st_attn`` (sliding tile
+    attention) only takes fixed sequence shapes, which the row says. A wheel that does not load with
+    this torch is a skipped row with the error."""
+    from salad_bench.kernels import block_sparse as bs
+
+    n, blk = bench.n, 64
+    try:
+        from vsa import block_sparse_attn as vsa_attn
+        if vsa_attn is None:
+            raise ImportError("vsa exposes no block_sparse_attn on this card")
+    except Exception as exc:  # noqa: BLE001 - a compiled wheel can fail in many ways
+        bench.skipped("vsa_block_sparse", "vsa", "fwd", f"the vsa wheel does not load here: {type(exc).__name__}: {exc}",
+                      density=density, variant="peers")
+    else:
+        mb = cdiv(n, blk)
+        lay = random_layout(bench.b, bench.h, n, blk, blk, density, bench.device, seed=11)
+        block_map = torch.zeros(bench.b, bench.h, mb, mb, dtype=torch.bool, device=bench.device)
+        cols = torch.arange(lay.kv_idx.shape[-1], device=bench.device)
+        valid = cols[None, None, None, :] < lay.kv_cnt[..., None]
+        idx = torch.where(valid, lay.kv_idx.long(), 0)
+        block_map.scatter_(-1, idx, valid)
+        pad = mb * blk - n
+        qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (bench.q, bench.k, bench.v))
+        sizes = torch.full((mb,), blk, dtype=torch.int32, device=bench.device)
+        sizes[-1] = n - (mb - 1) * blk
+        real, pairs = lay.density(), float(lay.kept_token_pairs())
+        cfg = {"block_q": blk, "block_k": blk, "layout": "random", "peer": "vsa"}
+
+        def theirs():
+            return vsa_attn(qp, kp, vp, block_map, sizes)[0]
+
+        def ours():
+            return bs.block_sparse_attention_triton(bench.q, bench.k, bench.v, lay)
+
+        try:
+            err = rel_l2(theirs()[:, :, :n], ours())
+        except Exception as exc:  # noqa: BLE001
+            bench.skipped("vsa_block_sparse", "vsa", "fwd", f"vsa failed on these inputs: {type(exc).__name__}: {exc}",
+                          density=real, variant="peers", status="error")
+        else:
+            bench.timed("vsa_block_sparse", "vsa", "fwd", theirs, density=real, pairs=pairs, variant="peers",
+                        config=cfg, extra={"rel_l2_vs_ours": err})
+            bench.timed("triton_block_sparse", "triton", "fwd", ours, density=real, pairs=pairs, variant="peers",
+                        config={**cfg, "peer": "ours"})
+    try:
+        import st_attn  # noqa: F401
+
+        reason = ("st-attn's kernel takes only fixed sequence shapes (HunyuanVideo 30x48x80, Wan 18x48x80 = 69,120 "
+                  f"tokens, StepVideo 36x48x48); this workload has {n:,} tokens")
+    except Exception as exc:  # noqa: BLE001
+        reason = f"the st-attn wheel does not load here: {type(exc).__name__}: {exc}"
+    bench.skipped("st_attn", "st_attn", "fwd", reason, density=density, variant="peers")
+
+
 def _gpu_state(device: torch.device) -> dict[str, Any]:
     """SM clock (MHz), temperature (C) and power (W) of the card now, from nvidia-smi (empty if absent)."""
     import subprocess
@@ -1045,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="bf16 on GPUs; fp32/fp16 for a CPU smoke run under TRITON_INTERPRET=1")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--sections", default="dense,sparse,selection,linear,video,variants,headline",
-                   help="comma list of dense,sparse,selection,linear,video,variants,linear_variants,profile,headline,inputs")
+                   help="comma list of dense,sparse,selection,linear,video,variants,linear_variants,profile,headline,inputs,peers")
     p.add_argument("--variant-densities", default="0.1,1.0")
     p.add_argument("--variants", default="", help="comma list of the variants section's variants to run (default all)")
     p.add_argument("--linear-variants", default="",
@@ -1078,6 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
         ("profile", lambda: profile_section(bench)),
         ("headline", lambda: headline_section(bench, rounds=args.rounds, options=json.loads(args.headline_options))),
         ("inputs", lambda: inputs_section(bench, rounds=max(1, min(args.rounds, 3)))),
+        ("peers", lambda: peers_section(bench)),
     ]
     for name, step in steps:
         if name not in sections:

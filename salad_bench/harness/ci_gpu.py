@@ -5,8 +5,9 @@
 * every dense backend and ``full``, and ``topk``, ``sta``, ``salad``, ``salad_sta``, ``sparse_lora`` at
   50% and 90% target sparsity, at Wan2.1-1.3B 480p, on each input kind: ``video`` (the video-like
   workload), ``random`` and ``wan`` (a Wan2.1 layer's Q/K/V; needs diffusers, else skipped rows);
-* the kernel benchmark's ``headline`` rounds and its ``inputs`` section (the forward's softmax modes on
-  random, video-like and Wan inputs with the methods' own layouts, and over a sweep of logit spreads);
+* the kernel benchmark's ``headline`` rounds, its ``inputs`` section (the forward's softmax modes on
+  random, video-like and Wan inputs with the methods' own layouts, and over a sweep of logit spreads)
+  and its ``peers`` section (the peers' own kernels, where their wheels load, on the same inputs);
 
 writes one run directory with provenance (``PROVENANCE.md``), and gates the sweep's speedups against
 ``results/baselines/<card>.json``. ``--make-baseline FILE`` writes that card's baseline from this run
@@ -37,7 +38,7 @@ SWEEP: dict[str, Any] = {
     "workload": "wan2.1-1.3b-480p",
     "sparsities": [0.5, 0.9],
     "qkv": ["video", "random", "wan"],
-    "kernel_sections": "headline,inputs",
+    "kernel_sections": "headline,inputs,peers",
     "kernel_rounds": 3,
 }
 PENDING = "results/gpu_pending.txt"

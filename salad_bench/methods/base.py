@@ -165,6 +165,7 @@ class AttentionMethod(nn.Module):
         self._shape: tuple[int, int, int, int] | None = None
         self._extra_flops: dict[str, float] = {}
         self._backend = ""
+        self._path: dict[str, Any] = {}  # which execution path ran (selector, kernel, ...), for the report
 
     # -- the contract ---------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext | None = None) -> torch.Tensor:
@@ -203,9 +204,13 @@ class AttentionMethod(nn.Module):
             raise ValueError(f"{self.name} needs the video grid (T, H, W) in AttnContext.grid")
 
     # -- reporting ------------------------------------------------------------------------------
-    def _remember(self, layout: BlockLayout | None, backend: str = "", **extra_flops: float) -> None:
+    def _remember(self, layout: BlockLayout | None, backend: str = "", *, path: dict[str, Any] | None = None,
+                  **extra_flops: float) -> None:
+        """Record the last call: its layout, the kernel backend, the execution path taken (e.g. which
+        selector ran) and FLOPs beyond attention on the kept tiles."""
         self._layout = layout
         self._backend = backend
+        self._path = dict(path or {})
         self._extra_flops = dict(extra_flops)
 
     @property
@@ -224,7 +229,7 @@ class AttentionMethod(nn.Module):
             flops = {"attention": 4.0 * self._layout.kept_token_pairs() * d}
             density = self._layout.density()
         flops.update(self._extra_flops)
-        return MethodReport(density=density, flops=flops, backend=self._backend)
+        return MethodReport(density=density, flops=flops, backend=self._backend, extra=dict(self._path))
 
     def knobs(self) -> dict[str, Any]:
         return self.config.as_dict()

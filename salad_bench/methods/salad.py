@@ -127,7 +127,8 @@ class Salad(AttentionMethod):
         g = torch.ones(b, h, device=q.device, dtype=work)
         if kind in ("dynamic", "static_dynamic"):
             x = ctx.hidden_states
-            pooled = x.to(work).mean(dim=1) if x is not None else q.to(work).mean(dim=2).reshape(b, -1)
+            # mean in `work` precision without a converted copy of the (B, N, C) input
+            pooled = x.mean(dim=1, dtype=work) if x is not None else q.mean(dim=2, dtype=work).reshape(b, -1)
             g = g * torch.sigmoid(self.gate_proj(pooled.to(self.gate_proj.weight.dtype)).to(work))
         if kind in ("static", "static_dynamic"):
             g = g * self.layer_scale.to(work)
@@ -190,7 +191,8 @@ class Salad(AttentionMethod):
                 flops["gate"] = 2.0 * b * c + b * n * c
             if not self.config.shared_qkv:
                 flops["linear_qkv"] = 3 * 2.0 * b * h * n * d * d
-        return MethodReport(density=rep.density, flops=flops, backend=rep.backend, extra={"linear": self.linear_enabled})
+        return MethodReport(density=rep.density, flops=flops, backend=rep.backend,
+                            extra={**rep.extra, "linear": self.linear_enabled, "sparse_branch": self.config.sparse})
 
     def extra_parameters(self) -> int:
         """Parameters SALAD adds on top of the sparse branch (the paper's +4.99% on Wan2.1-1.3B)."""

@@ -139,6 +139,7 @@ class _Geometry:
         ntiles = math.prod(self.tgrid)
         tid = token_tile_ids(grid, tile, device)
         self.perm = tile_major_order(grid, tile, device) if order == "tile" else None
+        self.inverse = torch.argsort(self.perm) if self.perm is not None else None
         if self.perm is not None:
             tid = tid[self.perm]
         pos = torch.arange(n, device=device)
@@ -265,9 +266,10 @@ class Sta(WarmupMethod):
     def _execute(self, q, k, v, grid, layout: BlockLayout, backend: str, permute: bool = True) -> torch.Tensor:
         if self.config.token_order == "raster" or not permute:
             return block_sparse_attention(q, k, v, layout, backend=backend)
-        perm = self._geometry(grid, q.shape[2], q.device).perm
-        out = block_sparse_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], layout, backend=backend)
-        return torch.empty_like(out).index_copy_(2, perm, out)
+        geo = self._geometry(grid, q.shape[2], q.device)
+        # gathers along the token dim both ways (the output through the inverse permutation: no scatter)
+        q, k, v = (x.index_select(2, geo.perm) for x in (q, k, v))
+        return block_sparse_attention(q, k, v, layout, backend=backend).index_select(2, geo.inverse)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         dense = self.is_dense_call(ctx)

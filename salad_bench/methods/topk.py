@@ -61,14 +61,17 @@ class TopK(AttentionMethod):
             from salad_bench.kernels.select_triton import select_topk_triton
 
             try:
-                return select_topk_triton(q, k, keep_count(c.sparsity, cdiv(n, c.block_k)), c.block_q, c.block_k,
-                                          keep_diagonal=c.keep_diagonal)
+                layout = select_topk_triton(q, k, keep_count(c.sparsity, cdiv(n, c.block_k)), c.block_q, c.block_k,
+                                            keep_diagonal=c.keep_diagonal)
+                self._selector = "triton"
+                return layout
             except Unsupported:
                 if c.selector == "triton":
                     raise
                 # auto: a shape the Triton selector does not take (non-power-of-two block or D) selects in torch
         scores = block_scores(q, k, c.block_q, c.block_k)
         force = diagonal_blocks(n, c.block_q, c.block_k, q.device) if c.keep_diagonal else None
+        self._selector = "torch"
         return topk_layout(scores, keep_count(c.sparsity, scores.shape[-1]), n, c.block_q, c.block_k, force)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -76,5 +79,6 @@ class TopK(AttentionMethod):
         backend = resolve_backend(self.config.backend, q.device)
         out = block_sparse_attention(q, k, v, layout, backend=backend)
         b, h, n, d = q.shape
-        self._remember(layout, backend, selection=selection_flops(b, h, n, d, layout.num_q_blocks, layout.num_k_blocks))
+        self._remember(layout, backend, path={"selector": getattr(self, "_selector", "")},
+                       selection=selection_flops(b, h, n, d, layout.num_q_blocks, layout.num_k_blocks))
         return out

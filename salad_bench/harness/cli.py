@@ -65,6 +65,9 @@ def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping cells already measured")
     p.add_argument("--weights", default=None, help="diffusers-format Wan2.1 directory for dit: workloads")
+    p.add_argument("--compile", action="store_true",
+                   help="dit: workloads: torch.compile every transformer block (fullgraph), dense and sparse alike; "
+                        "compile time is reported on its own (compile_s), not in the latency")
     p.add_argument("--report", action="store_true", help="also write tables and figures to <out>/report")
     p.add_argument("--gate", type=Path, default=None, help="baseline JSON: fail (exit 1) on a speedup regression")
     p.add_argument("--allow-empty", action="store_true", help="with --gate: pass when no cell is comparable with the baseline")
@@ -143,6 +146,7 @@ def _main(args: argparse.Namespace) -> int:
         knobs=knobs,
         warmup_ms=10 if args.quick else 25,
         rep_ms=30 if args.quick else 100,
+        compile=args.compile,
     )
     try:
         rows_path = run(spec)

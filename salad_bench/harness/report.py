@@ -505,10 +505,16 @@ def dit_tables(df: pd.DataFrame) -> list[Table]:
             Column("attn_share", "attn share", _pct),
             Column("speedup", "speedup", _num(".2f")),
             Column("attn_speedup", "attn speedup", _num(".2f")),
+            Column("compile_s", "compile s", _num(".1f")),
+            Column("sampling_ms_est", "50-step CFG s (est.)", lambda v: "–" if _missing(v) else f"{float(v) / 1000:.1f}"),
         ]
+        compiled = "+compile" in str(group["workload"])
         caption = (
             f"End-to-end DiT forward on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
-            f"{' (' + group['dtype'] + ')' if group['dtype'] else ''}. " + _baseline_text(g, fa2=False)
+            f"{' (' + group['dtype'] + ')' if group['dtype'] else ''}"
+            + (", every transformer block torch.compile'd on both sides (compile time apart)" if compiled else ", eager")
+            + ". " + _baseline_text(g, fa2=False)
+            + " Sampling: 2 forwards (CFG) x 50 steps extrapolated from one forward, dense warm-up steps at the dense time."
         )
         tables.append(
             _make_table(
@@ -516,7 +522,7 @@ def dit_tables(df: pd.DataFrame) -> list[Table]:
                 cols,
                 _title(group),
                 caption,
-                drop_empty=("sparsity", "attn_ms", "rest_ms", "attn_share", "attn_speedup"),
+                drop_empty=("sparsity", "attn_ms", "rest_ms", "attn_share", "attn_speedup", "compile_s", "sampling_ms_est"),
             )
         )
     return tables

@@ -51,6 +51,7 @@ class RunSpec:
     knobs: dict[str, Any] = field(default_factory=dict)
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
+    compile: bool = False  # dit: workloads: every transformer block torch.compile'd (both sides)
 
 
 def check_device(name: str) -> str:
@@ -315,6 +316,7 @@ def run(spec: RunSpec, *, quiet: bool = False) -> Path:
                     weights=spec.weights,
                     progress=bar,
                     knobs=spec.knobs,
+                    compiled=spec.compile,
                 )
                 continue
             sweep.workload(get_workload(w))

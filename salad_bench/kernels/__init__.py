@@ -93,7 +93,19 @@ def block_sparse_attention(
     backend: str = "auto",
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention over the layout's kept tiles, ``(B, H, N, D)`` in and out."""
+    """Softmax attention over the layout's kept tiles, ``(B, H, N, D)`` in and out.
+
+    Under ``torch.compile`` this is the registered operator ``salad_bench::block_sparse_attention``
+    (:mod:`salad_bench.kernels.ops`), so a compiled model traces around the kernel."""
+    which = resolve_backend(backend, q.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.salad_bench.block_sparse_attention(
+            q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, -1.0 if scale is None else float(scale)
+        )
+    return _block_sparse_attention_impl(q, k, v, layout, which, scale)
+
+
+def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, scale: float | None) -> torch.Tensor:
     which = resolve_backend(backend, q.device)
     if which == "triton":
         from salad_bench.kernels.block_sparse import block_sparse_attention_triton
@@ -118,8 +130,15 @@ def linear_attention(
 ) -> torch.Tensor:
     """Non-causal linear attention with optional in-branch RoPE; ``(B, H, N, D)`` in and out.
 
-    ``auto`` uses the Triton kernel on CUDA when it is present, the torch reference otherwise.
+    ``auto`` uses the Triton kernel on CUDA when it is present, the torch reference otherwise. Under
+    ``torch.compile`` this is the operator ``salad_bench::linear_attention``.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.salad_bench.linear_attention(q, k, v, cos, sin, kind, float(eps), backend)
+    return _linear_attention_impl(q, k, v, kind, cos, sin, eps, backend)
+
+
+def _linear_attention_impl(q, k, v, kind: str, cos, sin, eps: float, backend: str) -> torch.Tensor:
     use_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
     if use_triton:
         try:
@@ -130,3 +149,6 @@ def linear_attention(
         else:
             return linear_attention_triton(q, k, v, kind=kind, cos=cos, sin=sin, eps=eps)
     return linear_attention_ref(q, k, v, kind=kind, cos=cos, sin=sin, eps=eps)
+
+
+from salad_bench.kernels import ops as _ops  # noqa: E402,F401  (registers the operators)

@@ -348,7 +348,21 @@ def topp_layout_triton(
 
 def select_topk_triton(q: torch.Tensor, k: torch.Tensor, keep: int, block_q: int = 128, block_k: int = 64,
                        keep_diagonal: bool = True) -> BlockLayout:
-    """Pool, score and keep the ``keep`` best key blocks per query block (plus the diagonal): three launches."""
+    """Pool, score and keep the ``keep`` best key blocks per query block (plus the diagonal): three launches.
+    Under ``torch.compile``: the operator ``salad_bench::select_topk``."""
+    if torch.compiler.is_compiling():
+        idx, cnt = torch.ops.salad_bench.select_topk(q, k, keep, block_q, block_k, keep_diagonal)
+        return BlockLayout(idx, cnt, block_q, block_k, q.shape[2])
+    return _select_topk_impl(q, k, keep, block_q, block_k, keep_diagonal)
+
+
+def kept_width(keep: int, keep_diagonal: bool, n: int, block_q: int, block_k: int, mk: int) -> int:
+    """Width of the index list :func:`select_topk_triton` returns (what its fake implementation needs)."""
+    return _keep(keep, 1 if keep_diagonal else 0, None, n, block_q, block_k, mk)
+
+
+def _select_topk_impl(q: torch.Tensor, k: torch.Tensor, keep: int, block_q: int, block_k: int,
+                      keep_diagonal: bool) -> BlockLayout:
     if (plan := _plan(q, k, block_q, block_k, keep_diagonal, keep=keep)) is not None:
         return plan(q, k)
     scores = block_scores_triton(q, k, block_q, block_k)

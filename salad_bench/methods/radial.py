@@ -199,20 +199,24 @@ class Radial(WarmupMethod):
         if self.is_dense_call(ctx) or (c.decay_factor is None and c.sparsity == 0.0):
             self._report_extra = {}
             return self.full_layout(q)
-        key = (tuple(ctx.grid), b, h, str(q.device))
+        idx, cnt, decay, floor = self._static_layout(tuple(ctx.grid), b, h, n, str(q.device))
+        self._report_extra = {"decay_factor": decay, "min_density": floor}
+        return BlockLayout(idx, cnt, c.block_q, c.block_k, n)
+
+    @torch._dynamo.assume_constant_result  # a static mask: under torch.compile, built once and baked in
+    def _static_layout(self, grid, b: int, h: int, n: int, device: str):
+        c = self.config
+        key = (grid, b, h, device)
         if key not in self._layouts:
-            grid = ctx.grid
-            decay = (
-                c.decay_factor if c.decay_factor is not None else self.decay_for_sparsity(grid, c.sparsity, q.device)
-            )
-            floor = self.density(grid, _FLOOR, q.device)
+            decay = c.decay_factor if c.decay_factor is not None else self.decay_for_sparsity(grid, c.sparsity, device)
+            floor = self.density(grid, _FLOOR, device)
             if c.decay_factor is None:
-                self._check_reach(self.density(grid, decay, q.device), floor, f"grid {tuple(grid)}")
-            tiles = self.tile_map(grid, decay, q.device)
+                self._check_reach(self.density(grid, decay, device), floor, f"grid {tuple(grid)}")
+            tiles = self.tile_map(grid, decay, device)
             layout = BlockLayout.from_dense(tiles[None, None].expand(b, h, -1, -1), c.block_q, c.block_k, n)
             self._layouts[key] = (layout, {"decay_factor": decay, "min_density": floor})
-        layout, self._report_extra = self._layouts[key]
-        return layout
+        layout, info = self._layouts[key]
+        return layout.kv_idx, layout.kv_cnt, info["decay_factor"], info["min_density"]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         layout = self.select(q, k, ctx)

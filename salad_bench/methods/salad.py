@@ -167,8 +167,9 @@ class Salad(AttentionMethod):
         c = h * d
         merged = out_l.transpose(1, 2).reshape(b, n, c)
         wg = w[None] * g.to(w.dtype).repeat_interleave(d, dim=1)[:, None, :]  # (B, C_out, C_in)
-        if torch.is_grad_enabled():
-            acc = torch.baddbmm(out_s.transpose(1, 2).reshape(b, n, c) + bias, merged, wg.transpose(1, 2))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # (a compiler fuses the transpose and the bias add into one kernel by itself)
+            acc = torch.baddbmm((out_s.transpose(1, 2) + bias.view(h, d)).reshape(b, n, c), merged, wg.transpose(1, 2))
         else:
             acc = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
             torch.add(out_s.transpose(1, 2), bias.view(h, d), out=acc)

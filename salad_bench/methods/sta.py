@@ -222,6 +222,7 @@ class Sta(WarmupMethod):
     def window_density(self, grid, n: int, window: Window, device="cpu") -> float:
         return float(self.tile_map(grid, n, window, device).float().mean().item())
 
+    @torch._dynamo.assume_constant_result  # a host-side search on static maps: a constant under compile
     def window_for_sparsity(self, grid, n: int, sparsity: float, device="cpu") -> Window:
         """The near-cube window whose block density is closest to ``1 - sparsity`` (ties: larger).
 
@@ -256,20 +257,31 @@ class Sta(WarmupMethod):
         b, h, n, _ = q.shape
         c = self.config
         windows = self.head_window_list(ctx.grid, n, q.device)
-        key = (tuple(ctx.grid), b, n, str(q.device), tuple(windows), c.block_q, c.block_k, c.tile, c.token_order)
-        if key not in self._layouts:
-            maps = torch.stack([self.tile_map(ctx.grid, n, w, q.device) for w in windows])
-            self._layouts[key] = BlockLayout.from_dense(maps[None].expand(b, -1, -1, -1), c.block_q, c.block_k, n)
         self._report_extra = {"windows": windows, "token_order": c.token_order, "tile": c.tile}
-        return self._layouts[key]
+        idx, cnt = self._static_layout(tuple(ctx.grid), b, n, str(q.device), tuple(tuple(w) for w in windows))
+        return BlockLayout(idx, cnt, c.block_q, c.block_k, n)
+
+    @torch._dynamo.assume_constant_result  # a static mask: under torch.compile, built once and baked in
+    def _static_layout(self, grid, b: int, n: int, device: str, windows: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        key = (grid, b, n, device, windows, c.block_q, c.block_k, c.tile, c.token_order)
+        if key not in self._layouts:
+            maps = torch.stack([self.tile_map(grid, n, w, device) for w in windows])
+            self._layouts[key] = BlockLayout.from_dense(maps[None].expand(b, -1, -1, -1), c.block_q, c.block_k, n)
+        return self._layouts[key].kv_idx, self._layouts[key].kv_cnt
 
     def _execute(self, q, k, v, grid, layout: BlockLayout, backend: str, permute: bool = True) -> torch.Tensor:
         if self.config.token_order == "raster" or not permute:
             return block_sparse_attention(q, k, v, layout, backend=backend)
-        geo = self._geometry(grid, q.shape[2], q.device)
+        perm, inverse = self._permutation(tuple(grid), q.shape[2], str(q.device))
         # gathers along the token dim both ways (the output through the inverse permutation: no scatter)
-        q, k, v = (x.index_select(2, geo.perm) for x in (q, k, v))
-        return block_sparse_attention(q, k, v, layout, backend=backend).index_select(2, geo.inverse)
+        q, k, v = (x.index_select(2, perm) for x in (q, k, v))
+        return block_sparse_attention(q, k, v, layout, backend=backend).index_select(2, inverse)
+
+    @torch._dynamo.assume_constant_result
+    def _permutation(self, grid, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        geo = self._geometry(grid, n, torch.device(device))
+        return geo.perm, geo.inverse
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         dense = self.is_dense_call(ctx)

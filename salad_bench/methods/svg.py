@@ -87,6 +87,47 @@ def spatial_major_order(grid: tuple[int, int, int], device) -> torch.Tensor:
     return torch.arange(t * s, device=device).view(t, s).t().reshape(-1)
 
 
+def classify_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor, grid: list[int],
+                   block_q: int, block_k: int, num_sampled_rows: int, sample_seed: int) -> torch.Tensor:
+    """SVG's online profiling: on ``num_sampled_rows`` seeded query rows, the spatial and the temporal
+    mask's output error against dense attention; True per ``(B, H)`` where temporal is lower."""
+    b, h, n, d = q.shape
+    gen = torch.Generator().manual_seed(sample_seed)
+    rows = torch.randperm(n, generator=gen)[: min(num_sampled_rows, n)].sort().values.to(q.device)
+    perm = spatial_major_order(tuple(grid), q.device)
+    pos = torch.empty_like(perm).index_copy_(0, perm, torch.arange(n, device=q.device))  # raster -> transposed
+    qb, kb = torch.arange(n, device=q.device) // block_q, torch.arange(n, device=q.device) // block_k
+    m_spatial = tiles[qb[rows]][:, kb]  # (R, N) in raster key order
+    m_temporal = tiles[qb[pos[rows]]][:, kb[pos]]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(d)
+    out = torch.zeros(b, h, dtype=torch.bool, device=q.device)
+    step = max(1, (1 << 24) // (len(rows) * n))  # heads per chunk: bound the (R, N) score copies
+    for b0 in range(b):
+        for h0 in range(0, h, step):
+            hs = slice(h0, h0 + step)
+            s = torch.einsum("hrd,hnd->hrn", q[b0, hs][:, rows].to(work), k[b0, hs].to(work)) * scale
+            vv = v[b0, hs].to(work)
+            dense = torch.softmax(s, -1) @ vv
+            errs = []
+            for m in (m_spatial, m_temporal):
+                o = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ vv
+                errs.append(((o - dense) ** 2).mean(dim=(1, 2)))
+            out[b0, hs] = errs[1] < errs[0]
+    return out
+
+
+@torch.library.custom_op("salad_bench::svg_classify_heads", mutates_args=())
+def _classify_heads_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor, grid: list[int],
+                       block_q: int, block_k: int, num_sampled_rows: int, sample_seed: int) -> torch.Tensor:
+    return classify_heads(q, k, v, tiles, grid, block_q, block_k, num_sampled_rows, sample_seed)
+
+
+@_classify_heads_op.register_fake
+def _(q, k, v, tiles, grid, block_q, block_k, num_sampled_rows, sample_seed):
+    return torch.empty(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+
+
 @METHODS.register("svg", family="training_free")
 class Svg(WarmupMethod):
     """Per-head spatial or temporal band mask chosen online from sampled rows (arXiv 2502.01776)."""
@@ -134,34 +175,17 @@ class Svg(WarmupMethod):
     def classify_heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, tiles: torch.Tensor
     ) -> torch.Tensor:
-        """Bool ``(B, H)``: True where the temporal mask's sampled-row error is lower than the spatial one's."""
+        """Bool ``(B, H)``: True where the temporal mask's sampled-row error is lower than the spatial one's.
+        Under ``torch.compile`` it is the operator ``salad_bench::svg_classify_heads`` (host-side sampling
+        and loops stay out of the traced graph)."""
         c = self.config
-        b, h, n, d = q.shape
-        gen = torch.Generator().manual_seed(c.sample_seed)
-        rows = torch.randperm(n, generator=gen)[: min(c.num_sampled_rows, n)].sort().values.to(q.device)
-        perm = spatial_major_order(grid, q.device)
-        pos = torch.empty_like(perm).index_copy_(0, perm, torch.arange(n, device=q.device))  # raster -> transposed
-        qb, kb = torch.arange(n, device=q.device) // c.block_q, torch.arange(n, device=q.device) // c.block_k
-        m_spatial = tiles[qb[rows]][:, kb]  # (R, N) in raster key order
-        m_temporal = tiles[qb[pos[rows]]][:, kb[pos]]
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        scale = 1.0 / math.sqrt(d)
-        out = torch.zeros(b, h, dtype=torch.bool, device=q.device)
-        step = max(1, (1 << 24) // (len(rows) * n))  # heads per chunk: bound the (R, N) score copies
-        for b0 in range(b):
-            for h0 in range(0, h, step):
-                hs = slice(h0, h0 + step)
-                s = torch.einsum("hrd,hnd->hrn", q[b0, hs][:, rows].to(work), k[b0, hs].to(work)) * scale
-                vv = v[b0, hs].to(work)
-                dense = torch.softmax(s, -1) @ vv
-                errs = []
-                for m in (m_spatial, m_temporal):
-                    o = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ vv
-                    errs.append(((o - dense) ** 2).mean(dim=(1, 2)))
-                out[b0, hs] = errs[1] < errs[0]
-        return out
+        args = (q, k, v, tiles, list(grid), c.block_q, c.block_k, c.num_sampled_rows, c.sample_seed)
+        if torch.compiler.is_compiling():
+            return torch.ops.salad_bench.svg_classify_heads(*args)
+        return classify_heads(*args)
 
     # -- the contract ----------------------------------------------------------------------------
+    @torch._dynamo.assume_constant_result  # host-side search on static maps: a constant under compile
     def _band(self, grid, n: int, device) -> tuple[int, torch.Tensor, bool]:
         """(width, tile map, whether it keeps every tile), cached; warns once if out of reach."""
         c = self.config
@@ -188,14 +212,21 @@ class Svg(WarmupMethod):
             self._report_extra = {}
             return self.full_layout(q)
         c = self.config
-        width, tiles, full = self._band(ctx.grid, n, q.device)
+        width, tiles, full = self._band(tuple(ctx.grid), n, str(q.device))
         if not full:
             self._temporal = self.classify_heads(q, k, k if v is None else v, ctx.grid, tiles)
         self._report_extra = {"band_width": width, "band_frames": width / (n // ctx.grid[0]), "profiled": not full}
-        key = (b, h, n, width, c.sink_frames, str(q.device))
+        idx, cnt = self._static_layout(tuple(ctx.grid), b, h, n, str(q.device))
+        return BlockLayout(idx, cnt, c.block_q, c.block_k, n)
+
+    @torch._dynamo.assume_constant_result  # the shared band layout: built once, baked in under compile
+    def _static_layout(self, grid, b: int, h: int, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        width, tiles, _ = self._band(grid, n, device)
+        key = (b, h, n, width, c.sink_frames, device)
         if key not in self._layouts:
             self._layouts[key] = BlockLayout.from_dense(tiles[None, None].expand(b, h, -1, -1), c.block_q, c.block_k, n)
-        return self._layouts[key]
+        return self._layouts[key].kv_idx, self._layouts[key].kv_cnt
 
     def report(self) -> MethodReport:
         rep = super().report()
@@ -209,7 +240,8 @@ class Svg(WarmupMethod):
         backend = resolve_backend(self.config.backend, q.device)
         temporal = self._temporal
         b, h, n, d = q.shape
-        if dense or not bool(temporal.any()):
+        # (compiled: no data-dependent branch; the general path is exact for all-spatial heads too)
+        if dense or (not torch.compiler.is_compiling() and not bool(temporal.any())):
             out = block_sparse_attention(q, k, v, layout, backend=backend)
         else:
             perm = spatial_major_order(ctx.grid, q.device)

@@ -187,12 +187,20 @@ def _inputs(wl: DiTWorkload, model_cfg: Any, device: torch.device, dtype: torch.
 
 def _fastest_dense_backend(wl: DiTWorkload, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
     """What ``full`` with backend ``auto`` picks for this workload's q/k/v (same strides as in the model)."""
-    m = create_method("full", num_heads=heads, head_dim=head_dim)
+    m = create_method(_reference(), num_heads=heads, head_dim=head_dim)
     q, k, v = (torch.randn(1, wl.n, heads, head_dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
     with torch.no_grad():
         m(q, k, v, AttnContext(grid=wl.grid))
     del q, k, v
     return m.report().backend
+
+
+def _reference() -> str:
+    """The registry's ``reference`` dense method: the baseline of a whole-model run."""
+    names = METHODS.with_trait("reference")
+    if len(names) != 1:
+        raise RuntimeError(f"exactly one method must carry the 'reference' trait; found {names}")
+    return names[0]
 
 
 def _identity(method: str, cfg: dict, workload: str, dtype: str, sparsity: float) -> dict[str, Any]:
@@ -365,7 +373,7 @@ def run_dit_workload(
     cells = []
     for name in names:
         entry = METHODS.get(name)
-        for s in [0.0] if entry.family == "full" else sparsities:
+        for s in [0.0] if "dense" in entry.traits else sparsities:
             cfg = {**entry.defaults, **knobs.get(name, {}), "sparsity": s}
             ident = _identity(name, cfg, wl_id, dtype_name, s)
             if writer.is_done(ident):
@@ -429,7 +437,7 @@ def run_dit_workload(
         prog.note(f"{wl.name}: baseline")
         best = _fastest_dense_backend(wl, heads, head_dim, dev, dtype)
         pin = {"backend": best} if best in ("cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4") else {}
-        install_attention(model, "full", num_steps=num_steps, **pin)
+        install_attention(model, _reference(), num_steps=num_steps, **pin)
         _set(model, step, num_steps)
         base = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps, compiled)
         install_attention(model, _stub_factory, num_steps=num_steps)
@@ -453,7 +461,7 @@ def run_dit_workload(
         return
     common.update(
         {
-            "baseline_method": "full",
+            "baseline_method": _reference(),
             "baseline_backend": base["backend"],
             "baseline_ms": base["ms"],
             "baseline_attn_ms": base["attn_ms"],
@@ -466,7 +474,7 @@ def run_dit_workload(
         prog.note(f"{wl.name} {name} s={s}")
         row = {**ident, **common, "family": family}
         try:
-            if name == "full" and not knobs.get(name):
+            if name == _reference() and not knobs.get(name):
                 got = dict(base)  # full/auto is the baseline: same model, same backend, same process
             else:
                 install_attention(model, name, sparsity=s, num_steps=num_steps, **knobs.get(name, {}))

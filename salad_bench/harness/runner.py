@@ -26,11 +26,24 @@ from salad_bench.harness.workloads import Workload, get_workload, make_qkv
 from salad_bench.kernels import execution_options
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
 
-__all__ = ["RunSpec", "run", "DENSE_BASELINES", "check_device", "validate_spec"]
+__all__ = ["RunSpec", "run", "check_device", "dense_baselines", "sweeps_sparsity", "validate_spec"]
 
-# Dense backends timed for every Q/K/V workload; the fastest that runs is the speedup baseline.
-DENSE_BASELINES = ("full_cudnn", "full_flash", "full_efficient", "full_flex", "full_flash_attn", "full_fa4", "full_math")
-FA2 = "full_flash"
+
+
+def dense_baselines() -> list[str]:
+    """Dense backends timed for every Q/K/V workload (registry trait ``dense_baseline``); the fastest
+    that runs is the speedup baseline."""
+    return METHODS.with_trait("dense_baseline")
+
+
+def _fa2() -> str | None:
+    names = METHODS.with_trait("fa2")
+    return names[0] if names else None
+
+
+def sweeps_sparsity(name: str) -> bool:
+    """Dense methods (trait ``dense``) are measured once, not at every target sparsity."""
+    return "dense" not in METHODS.get(name).traits
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -153,7 +166,7 @@ class _Sweep:
         ctx = AttnContext(grid=wl.grid, num_layers=wl.layers)
         base: dict[str, float] = {}
         if spec.baselines:
-            for name in DENSE_BASELINES:
+            for name in dense_baselines():
                 row = self.cell(wl, name, 0.0, q, k, v, ref, ctx, base=None)
                 if row and row.get("status") == "ok" and row.get("pass", "fwd") == "fwd":
                     base[name] = row["ms"]
@@ -162,11 +175,10 @@ class _Sweep:
             "baseline_method": best,
             "baseline_backend": METHODS.get(best).defaults.get("backend") if best else None,
             "baseline_ms": base.get(best) if best else None,
-            "fa2_ms": base.get(FA2),
+            "fa2_ms": base.get(_fa2()),
         }
         for name in spec.methods:
-            family = METHODS.get(name).family
-            for s in [0.0] if family == "full" else spec.sparsities:
+            for s in spec.sparsities if sweeps_sparsity(name) else [0.0]:
                 self.cell(wl, name, s, q, k, v, ref, ctx, base=base_info)
         del q, k, v, ref
 
@@ -284,11 +296,11 @@ class _Sweep:
 def count_cells(spec: RunSpec) -> int:
     per_wl = 0
     for name in spec.methods:
-        per_wl += 1 if METHODS.get(name).family == "full" else len(spec.sparsities)
+        per_wl += len(spec.sparsities) if sweeps_sparsity(name) else 1
     if spec.baselines:
-        per_wl += len(DENSE_BASELINES)
+        per_wl += len(dense_baselines())
     per_wl *= 2 if spec.backward else 1
-    per_dit = sum(1 if METHODS.get(n).family == "full" else len(spec.sparsities) for n in spec.methods)
+    per_dit = sum(len(spec.sparsities) if sweeps_sparsity(n) else 1 for n in spec.methods)
     n_dit = len([w for w in spec.workloads if w.startswith("dit:")])
     return per_wl * (len(spec.workloads) - n_dit) + per_dit * n_dit
 

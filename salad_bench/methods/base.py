@@ -240,6 +240,13 @@ class AttentionMethod(nn.Module):
 
 METHODS: Registry[AttentionMethod] = Registry("method", AttentionMethod)
 
+# Traits a harness may ask of a registry entry (METHODS.with_trait), so it never names a method:
+# "dense": exact dense attention, measured once (no sparsity sweep); "reference": the dense method a
+# whole-model run uses as its baseline (fastest backend on the card); "dense_baseline": a lossless
+# dense backend timed as a candidate speedup baseline; "fa2": the FlashAttention-2 reference
+# (speedup_vs_fa2); "lossy": dense but approximate, never a baseline.
+TRAITS = ("dense", "reference", "dense_baseline", "fa2", "lossy")
+
 
 def create_method(name: str, *, num_heads: int, head_dim: int, **knobs: Any) -> AttentionMethod:
     """Build the registered method ``name``; ``knobs`` override the variant's config defaults.

@@ -121,7 +121,7 @@ def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-@METHODS.register("full", family="full")
+@METHODS.register("full", family="full", traits=("dense", "reference"))
 class Full(AttentionMethod):
     """Dense softmax attention with a selectable backend (the baseline)."""
 
@@ -174,8 +174,9 @@ def fastest_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, candidate
 
 
 for _b in ("cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4"):
-    METHODS.register_variant(f"full_{_b}", "full", backend=_b, description=f"dense attention, {_b} backend only")
+    METHODS.register_variant(f"full_{_b}", "full", backend=_b, description=f"dense attention, {_b} backend only",
+                             traits=("dense", "dense_baseline", *(("fa2",) if _b == "flash" else ())))
 # lossy: a method beside the headline (with its error), never one of the dense baselines
-METHODS.register_variant("full_sage", "full", backend="sage",
+METHODS.register_variant("full_sage", "full", backend="sage", traits=("dense", "lossy"),
                          description="SageAttention: INT8 Q/K dense attention (lossy; reported with its error)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -34,6 +34,7 @@ class Entry(Generic[T]):
     defaults: dict[str, Any] = field(default_factory=dict)
     family: str | None = None
     description: str = ""
+    traits: frozenset[str] = frozenset()
 
 
 class Registry(Generic[T]):
@@ -53,23 +54,33 @@ class Registry(Generic[T]):
             raise TypeError(f"{entry.cls!r} must subclass {self.base.__name__} to be registered as a {self.kind}")
         self._entries[entry.name] = entry
 
-    def register(self, name: str, *, family: str | None = None, description: str = "") -> Callable[[type[T]], type[T]]:
-        """Class decorator: ``@METHODS.register("topk")``."""
+    def register(self, name: str, *, family: str | None = None, description: str = "",
+                 traits: Iterable[str] = ()) -> Callable[[type[T]], type[T]]:
+        """Class decorator: ``@METHODS.register("topk")``. ``traits`` are what a harness may ask of an
+        entry without naming it (see :meth:`with_trait`)."""
 
         def deco(cls: type[T]) -> type[T]:
-            self._add(Entry(name, cls, {}, family, description or (cls.__doc__ or "").strip().split("\n")[0]))
+            self._add(Entry(name, cls, {}, family, description or (cls.__doc__ or "").strip().split("\n")[0],
+                            frozenset(traits)))
             cls.registry_name = name  # type: ignore[attr-defined]
             return cls
 
         return deco
 
     def register_variant(
-        self, name: str, base: str, *, family: str | None = None, description: str = "", **defaults: Any
+        self, name: str, base: str, *, family: str | None = None, description: str = "",
+        traits: Iterable[str] | None = None, **defaults: Any
     ) -> None:
-        """Register ``name`` as ``base`` with different config defaults (an ablation in one line)."""
+        """Register ``name`` as ``base`` with different config defaults (an ablation in one line); it
+        inherits ``base``'s traits unless ``traits`` is given."""
         parent = self.get(base)
         merged = {**parent.defaults, **defaults}
-        self._add(Entry(name, parent.cls, merged, family or parent.family, description))
+        own = parent.traits if traits is None else frozenset(traits)
+        self._add(Entry(name, parent.cls, merged, family or parent.family, description, own))
+
+    def with_trait(self, trait: str) -> list[str]:
+        """Names of the entries that carry ``trait``, sorted."""
+        return [n for n in self.names() if trait in self._entries[n].traits]
 
     def get(self, name: str) -> Entry[T]:
         try:

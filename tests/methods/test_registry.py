@@ -81,3 +81,25 @@ def test_every_entry_has_a_known_family():
 
     for e in METHODS.entries():
         assert (e.family or e.cls.family) in FAMILIES, e.name
+
+
+def test_traits_tell_the_harness_what_it_needs_without_names():
+    from salad_bench.methods import METHODS
+
+    assert METHODS.with_trait("reference") == ["full"]
+    assert METHODS.with_trait("fa2") == ["full_flash"]
+    baselines = METHODS.with_trait("dense_baseline")
+    assert "full_cudnn" in baselines and "full_sage" not in baselines and "full" not in baselines
+    assert "lossy" in METHODS.get("full_sage").traits and "dense" in METHODS.get("full_sage").traits
+    assert not METHODS.get("topk").traits and not METHODS.get("salad_no_gate").traits  # sparse: swept
+
+
+def test_a_variant_inherits_or_replaces_traits():
+    from salad_bench.methods.base import AttentionMethod
+    from salad_bench.methods.registry import Registry
+
+    reg: Registry = Registry("method", AttentionMethod)
+    reg.register("base", traits=("dense",))(type("B", (AttentionMethod,), {}))
+    reg.register_variant("inherits", "base")
+    reg.register_variant("replaces", "base", traits=("lossy",))
+    assert reg.with_trait("dense") == ["base", "inherits"] and reg.with_trait("lossy") == ["replaces"]

@@ -80,11 +80,37 @@ def _num(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(column(df, name), errors="coerce")
 
 
+FAMILY_CMAPS = {"full": "Greys", "training_free": "Blues", "trained": "Greens", "salad": "Oranges", "ablation": "Purples"}
+
+
 def _colors(df: pd.DataFrame) -> dict[str, Any]:
+    """One colour per method, a shade of its family's colour map (dense grey, training-free blue, trained
+    green, SALAD orange, ablations purple), so a reader sees the families before the names."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
-    return {m: cmap(i % 20) for i, m in enumerate(sorted(column(df, "method").dropna().astype(str).unique()))}
+    fam = df.assign(_f=column(df, "family").fillna("").astype(str))[["method", "_f"]].dropna(subset=["method"])
+    out: dict[str, Any] = {}
+    for family, g in fam.drop_duplicates("method").groupby("_f", sort=True):
+        cmap = matplotlib.colormaps[FAMILY_CMAPS.get(family, "Greys")]
+        names = sorted(g["method"].astype(str))
+        for i, m in enumerate(names):
+            out[m] = cmap(0.85 - 0.5 * i / max(len(names) - 1, 1))
+    return out
+
+
+def _by_family(g: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The methods of a panel split in two: the comparison (every family but ablations) and, when
+    there are ablations, SALAD beside its ablations in a panel of their own."""
+    fam = column(g, "family").fillna("").astype(str)
+    main, abl = g[fam != "ablation"], g[fam.isin(["salad", "ablation"])]
+    out = [("", main)] if not main.empty else []
+    if (fam == "ablation").any():
+        out.append(("SALAD ablations", abl))
+    return out
+
+
+def _legend(ax) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def _panels(
@@ -111,35 +137,60 @@ def _baseline_label(g: pd.DataFrame) -> str:
 
 
 def fig_speedup_vs_sparsity(df: pd.DataFrame) -> Figure | None:
-    """Speedup over the dense baseline against measured sparsity, one line per method."""
+    """Speedup over the dense baseline against measured sparsity, one line per method; dense backends
+    are left out (they sit at sparsity 0) and ablations get a panel of their own."""
     att = attention_rows(df)
-    att = att[_num(att, "speedup").notna()]
+    att = att[_num(att, "speedup").notna() & (column(att, "family").astype(str) != "full")]
     colors = _colors(att)
+    panels = [({**gk, "part": part}, sub) for gk, g in group_rows(att, GROUP_KEYS) for part, sub in _by_family(g)]
 
     def draw(ax, g):
         for method, m in g.groupby("method", sort=True):
             m = m.sort_values("sparsity")
             ax.plot(m["sparsity"], _num(m, "speedup"), marker="o", ms=4, label=method, color=colors[method])
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        sp = _num(g, "sparsity")
+        ax.set_xlim(max(0.0, sp.min() - 0.05), min(1.0, sp.max() + 0.05))
         ax.set_xlabel("sparsity (measured)")
-        ax.set_xlim(-0.02, 1.0)
         ax.set_ylabel(_baseline_label(g) + " (×)")
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax.grid(alpha=0.3)
 
-    return _panels(group_rows(att, GROUP_KEYS), "Speedup vs sparsity", draw)
+    return _panels(panels, "Speedup vs sparsity", draw)
+
+
+def quality_speedup_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Quality rows joined with latency rows: each quality row (method, target sparsity) gets the
+    median speedup the attention rows measured for the same method and target, per (card, workload)
+    of the latency rows. Attention rows that carry their own error (rel_l2) are kept as they are."""
+    att = attention_rows(df)
+    att = att[_num(att, "speedup").notna()]
+    qual = rows_of_kind(ok_rows(df), "quality")
+    if qual.empty or att.empty:
+        return att
+    metric = quality_metric(qual)
+    if metric is None:
+        return att
+    speed = (att.assign(_t=_num(att, "sparsity_target").round(4))
+             .groupby(["card", "workload", "method", "_t"], dropna=False)["speedup"].median().reset_index())
+    q = qual.assign(_t=_num(qual, "sparsity_target").round(4))[["method", "family", "_t", metric[0]]]
+    joined = q.merge(speed, on=["method", "_t"], how="inner")
+    joined = joined.assign(sparsity_target=joined["_t"], kind="quality+latency").drop(columns="_t")
+    joined["workload"] = joined["workload"].astype(str) + " (quality: trained model)"
+    return joined
 
 
 def fig_quality_vs_speedup(df: pd.DataFrame) -> Figure | None:
-    """Quality (psnr or rel_l2) against speedup with the Pareto front (bigger speedup, better quality).
-
-    Uses attention rows and quality rows that carry both a speedup and the metric (each workload its panel)."""
-    att = pd.concat([attention_rows(df), rows_of_kind(ok_rows(df), "quality")])
+    """Quality against speedup with the Pareto front (bigger speedup, better quality): PSNR of the
+    quality study joined with the latency rows' speedups, else the attention rows' own rel L2."""
+    att = quality_speedup_frame(df)
     metric = quality_metric(att)
     if metric is None:
         return None
     name, higher = metric
     att = att[_num(att, "speedup").notna() & _num(att, name).notna()]
+    if att.empty:
+        return None
     colors = _colors(att)
 
     def draw(ax, g):
@@ -152,10 +203,11 @@ def fig_quality_vs_speedup(df: pd.DataFrame) -> Figure | None:
         ax.scatter(x[front], y[front], s=70, facecolors="none", edgecolors="black", zorder=4)
         ax.set_xlabel(_baseline_label(g) + " (×)")
         ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)")
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax.grid(alpha=0.3)
 
-    return _panels(group_rows(att, GROUP_KEYS), f"Quality ({name}) vs speedup", draw)
+    keys = ("card", "workload") if "quality+latency" in set(column(att, "kind").astype(str)) else GROUP_KEYS
+    return _panels(group_rows(att, keys), f"Quality ({name}) vs speedup", draw)
 
 
 def breakdown_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -163,6 +215,9 @@ def breakdown_frame(df: pd.DataFrame) -> pd.DataFrame:
     and ``estimated`` (True where the sparse/linear split came from FLOP shares)."""
     att = attention_rows(df)
     att = att[_num(att, "ms").notna()]
+    # dense backends other than the run's baseline would set the scale (math: ~280 ms) and hide the rest
+    dense = column(att, "family").astype(str) == "full"
+    att = att[~dense | (column(att, "method") == column(att, "baseline_method")) | column(att, "baseline_method").isna() & (column(att, "method") == "full")]
     if att.empty:
         return att
     picked = []
@@ -222,7 +277,7 @@ def fig_latency_breakdown(df: pd.DataFrame) -> Figure | None:
         ax.set_ylabel("ms")
         note = " (sparse/linear split by FLOP share)" if kind == "attention" and g["estimated"].any() else ""
         ax.set_xlabel(("attention call" if kind == "attention" else "DiT forward") + note, fontsize=8)
-        ax.legend(fontsize=7, loc="upper right")
+        _legend(ax)
 
     if not groups:
         return None
@@ -234,6 +289,9 @@ def fig_speedup_vs_n(df: pd.DataFrame) -> Figure | None:
     """Speedup against sequence length N, one line per (method, target sparsity)."""
     att = attention_rows(df)
     att = att[_num(att, "speedup").notna() & _num(att, "N").notna()]
+    groups = [(gk, g) for gk, g in group_rows(att, ("card", "qkv", "dtype", "pass")) if _num(g, "N").nunique() > 1]
+    if not groups:  # one N per panel would be a column of dots: no figure
+        return None
     colors = _colors(att)
 
     def draw(ax, g):
@@ -245,10 +303,10 @@ def fig_speedup_vs_n(df: pd.DataFrame) -> Figure | None:
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("sequence length N (tokens)")
         ax.set_ylabel(_baseline_label(g) + " (×)")
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax.grid(alpha=0.3, which="both")
 
-    return _panels(group_rows(att, ("card", "dtype", "pass")), "Speedup vs sequence length", draw)
+    return _panels(groups, "Speedup vs sequence length", draw)
 
 
 FIGURES: dict[str, Callable[[pd.DataFrame], Figure | None]] = {

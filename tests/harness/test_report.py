@@ -187,6 +187,50 @@ def test_figures_written_non_empty(tmp_path: Path) -> None:
         assert all(p.stat().st_size > 1000 for p in paths), stem
 
 
+def _series(fig) -> list[tuple[str, list[str]]]:
+    """(panel title, line/collection labels) of every visible panel."""
+    out = []
+    for ax in fig.axes:
+        if ax.get_visible():
+            labels = [a.get_label() for a in (*ax.lines, *ax.collections) if not a.get_label().startswith("_")]
+            out.append((ax.get_title(), labels))
+    return out
+
+
+def test_speedup_figure_separates_ablations_and_leaves_dense_out() -> None:
+    fig = plots.fig_speedup_vs_sparsity(synthetic_rows())
+    panels = dict(_series(fig))
+    main = next(v for t, v in panels.items() if "wan_480p" in t and "ablations" not in t)
+    ablations = next(v for t, v in panels.items() if "ablations" in t)
+    assert main == ["salad", "topk"]  # no dense backend, no ablation among the peers
+    assert ablations == ["salad", "salad_no_gate", "salad_no_rope"]
+    colors = plots._colors(synthetic_rows())
+    assert colors["salad_no_gate"] != colors["topk"] and colors["salad_no_gate"][2] > colors["salad_no_gate"][1]  # purple
+
+
+def test_speedup_vs_n_only_with_several_n() -> None:
+    rows = synthetic_rows()
+    assert plots.fig_speedup_vs_n(rows[rows["workload"] != "wan_small"]) is None  # one N: no figure
+    fig = plots.fig_speedup_vs_n(rows)
+    assert fig is not None and any("topk@0.90" in labels for _, labels in _series(fig))
+
+
+def test_quality_vs_speedup_joins_quality_and_latency_rows() -> None:
+    joined = plots.quality_speedup_frame(synthetic_rows())
+    rows = {r["workload"]: r for r in joined[joined["kind"] == "quality+latency"].to_dict("records")}
+    assert set(rows) == {"wan_480p (quality: trained model)", "wan_small (quality: trained model)"}
+    assert all(r["method"] == "topk" and r["psnr"] == 24.1 for r in rows.values())
+    assert rows["wan_480p (quality: trained model)"]["speedup"] == pytest.approx(11.54 / 1.62)
+    assert rows["wan_small (quality: trained model)"]["speedup"] == pytest.approx(0.9 / 0.40)
+    fig = plots.fig_quality_vs_speedup(synthetic_rows())
+    assert any("Pareto front" in labels and "topk" in labels for _, labels in _series(fig))
+
+
+def test_breakdown_keeps_only_the_headline_dense_backend() -> None:
+    frame = plots.breakdown_frame(synthetic_rows())
+    assert "full_flash" not in set(frame["method"])
+
+
 def test_figures_on_empty_rows() -> None:
     empty = pd.DataFrame([{"kind": "attention", "method": "x", "status": "skipped", "reason": "no GPU"}])
     assert all(make(empty) is None for make in plots.FIGURES.values())

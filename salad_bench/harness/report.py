@@ -20,6 +20,7 @@ CLI: ``python -m salad_bench.harness.report results/<run> [more runs] [--out rep
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from collections.abc import Callable, Iterable
@@ -75,6 +76,12 @@ class Column:
     header: str
     fmt: Callable[[Any], str] = str
     align: Literal["l", "r"] = "r"
+    best: Literal["max", "min"] | None = None  # bold the best value of the table's non-dense rows
+
+
+# columns whose best value is bolded wherever they appear (direction by metric)
+BEST = {"speedup": "max", "speedup_vs_fa2": "max", "attn_speedup": "max", "rel_l2": "min", "psnr": "max",
+        "ssim": "max", "val_loss": "min", "val_loss_rel": "min"}
 
 
 @dataclass
@@ -86,6 +93,12 @@ class Table:
     headers: list[str]
     align: list[str]
     cells: list[list[str | None]] = field(default_factory=list)
+    bold: set[tuple[int, int]] = field(default_factory=set)  # (row, column) of the best values
+
+    @property
+    def label(self) -> str:
+        """A LaTeX label from the title: ``tab:<slug>``."""
+        return "tab:" + re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
 
 
 def _missing(v: Any) -> bool:
@@ -126,11 +139,19 @@ def _make_table(
     """Render ``df`` under ``columns``; columns named in ``drop_empty`` vanish when every value is missing."""
     drop = set(drop_empty)
     cols = [c for c in columns if c.key not in drop or (c.key in df and df[c.key].notna().any())]
-    cells = [
-        [None if (c.key not in df or _missing(r.get(c.key))) else c.fmt(r.get(c.key)) for c in cols]
-        for r in df.to_dict("records")
-    ]
-    return Table(title, caption, [c.header for c in cols], [c.align for c in cols], cells)
+    records = df.to_dict("records")
+    cells = [[None if (c.key not in df or _missing(r.get(c.key))) else c.fmt(r.get(c.key)) for c in cols] for r in records]
+    bold: set[tuple[int, int]] = set()
+    for j, c in enumerate(cols):
+        way = c.best or BEST.get(c.key)
+        if way is None or c.key not in df:
+            continue
+        vals = pd.to_numeric(df[c.key], errors="coerce").where(column(df, "family").astype(str) != "full")
+        if vals.notna().sum() < 2:
+            continue
+        target = vals.max() if way == "max" else vals.min()
+        bold |= {(i, j) for i, v in enumerate(vals) if v == target}
+    return Table(title, caption, [c.header for c in cols], [c.align for c in cols], cells, bold)
 
 
 # -- row selection helpers -----------------------------------------------------------------------
@@ -576,7 +597,8 @@ def to_markdown(tables: Table | list[Table]) -> str:
             continue
         out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
         out.append("|" + "|".join(":---" if a == "l" else "---:" for a in t.align) + "|")
-        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.cells]
+        out += ["| " + " | ".join(("**%s**" % _md_cell(c)) if (i, j) in t.bold else _md_cell(c)
+                                  for j, c in enumerate(row)) + " |" for i, row in enumerate(t.cells)]
         out.append("")
     return "\n".join(out)
 
@@ -604,24 +626,25 @@ def _tex(s: str | None) -> str:
 
 
 def to_latex(tables: Table | list[Table]) -> str:
-    """LaTeX ``table`` environments with booktabs rules (needs ``\\usepackage{booktabs}``)."""
+    """LaTeX through pandas' Styler: booktabs rules, a caption and a ``tab:`` label per table, the best
+    values in bold, and ``longtable`` past 40 rows (needs ``\\usepackage{booktabs,longtable}``)."""
     tables = [tables] if isinstance(tables, Table) else tables
     out = []
     for t in tables:
-        out += [
-            "\\begin{table}[t]",
-            "\\centering",
-            "\\small",
-            f"\\caption{{{_tex(t.caption)}}}",
-            f"\\begin{{tabular}}{{{''.join(t.align)}}}",
-            "\\toprule",
+        cells = t.cells or [["(no rows)"] + [""] * (len(t.headers) - 1)]
+        body = [
+            [("\\textbf{%s}" % _tex(c) if (i, j) in t.bold else _tex(c)) for j, c in enumerate(row)]
+            for i, row in enumerate(cells)
         ]
-        out.append(" & ".join(_tex(h) for h in t.headers) + " \\\\")
-        out.append("\\midrule")
-        if not t.cells:
-            out.append(f"\\multicolumn{{{len(t.headers)}}}{{c}}{{(no rows)}} \\\\")
-        out += [" & ".join(_tex(c) for c in row) + " \\\\" for row in t.cells]
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+        frame = pd.DataFrame(body, columns=[_tex(h) for h in t.headers])
+        long = len(cells) > 40
+        out.append(
+            frame.style.hide(axis="index").to_latex(
+                hrules=True, caption=_tex(t.caption), label=t.label, column_format="".join(t.align),
+                position=None if long else "t", position_float=None if long else "centering",
+                environment="longtable" if long else None,
+            )
+        )
     return "\n".join(out)
 
 

@@ -30,16 +30,27 @@ from typing import Any
 
 from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION, BadInput, guarded
 
-__all__ = ["SWEEP", "check_committed", "main", "run_gate"]
+__all__ = ["SWEEP", "check_committed", "evaluate_targets", "load_experiment", "main", "run_gate"]
 
 ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = Path(__file__).parent / "experiments" / "gpu_gate.toml"
+
+
+def load_experiment(path: Path = EXPERIMENT) -> dict[str, Any]:
+    """The gate's experiment file: the sweep, the kernel sections and the targets."""
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BadInput(f"{path}: cannot read the GPU gate's experiment ({exc})") from None
+
+
+_EXP = load_experiment()
 SWEEP: dict[str, Any] = {
-    "methods": ["full", "full_sage", "topk", "sta", "salad", "salad_sta", "sparse_lora"],
-    "workload": "wan2.1-1.3b-480p",
-    "sparsities": [0.5, 0.9],
-    "qkv": ["video", "random", "wan"],
-    "kernel_sections": "headline,inputs,peers",
-    "kernel_rounds": 3,
+    **_EXP["sweep"],
+    "kernel_sections": _EXP["kernels"]["sections"],
+    "kernel_rounds": _EXP["kernels"]["rounds"],
 }
 PENDING = "results/gpu_pending.txt"
 WATCHED = ("salad_bench/kernels", "salad_bench/methods")
@@ -79,6 +90,9 @@ def run_gate(out: Path, *, baseline: Path | None, make_baseline: Path | None, qu
     rows = load_rows(out / "rows.jsonl")
     _provenance(out, rows)
     _summary(out, rows)
+    table = targets_markdown(out)
+    (out / "targets.md").write_text(table)
+    print(table)
     pending = ROOT / PENDING
     if pending.exists():
         pending.unlink()
@@ -92,6 +106,55 @@ def run_gate(out: Path, *, baseline: Path | None, make_baseline: Path | None, qu
     res = gate(rows, base, baseline_path=str(base_path))
     print(res.format())
     return res.exit_code
+
+
+def evaluate_targets(run_dir: Path, targets: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Each target of the experiment beside what the run measured: ``[{name, target, measured, met,
+    detail}]`` (``measured`` None where the run has no such rows or the target is for another card)."""
+    import statistics
+
+    from salad_bench.harness.results import read_jsonl
+
+    targets = _EXP.get("targets", []) if targets is None else targets
+    rows = [r for r in read_jsonl(run_dir / "rows.jsonl") if r.get("status") == "ok"]
+    krows_path = run_dir / "kernels" / "rows.jsonl"
+    krows = [r for r in read_jsonl(krows_path) if r.get("status") == "ok"] if krows_path.exists() else []
+    card = str(rows[0].get("card")) if rows else None
+    out = []
+    for t in targets:
+        res = {"name": t["name"], "target": f"<= {t['max_ms']} ms", "measured": None, "met": None, "detail": ""}
+        if "cards" in t and card not in t["cards"]:
+            continue
+        if "method" in t:
+            hits = [r for r in rows if r.get("method") == t["method"] and r.get("sparsity_target") == t["sparsity"]]
+            by = {r.get("qkv"): float(r["ms"]) for r in hits}
+            if by:
+                res["measured"] = max(by.values())
+                res["detail"] = ", ".join(f"{k} {v:.3f}" for k, v in sorted(by.items()))
+        else:
+            hits = [r for r in krows if r.get("method") == t["kernel"] and str(r.get("variant", "")).startswith(t["variant"])
+                    and ("mode" not in t or r.get("softmax_mode") == t["mode"])]
+            groups: dict[str, list[float]] = {}
+            for r in hits:
+                groups.setdefault(str(r.get("input", "")), []).append(float(r["ms"]))
+            medians = {k: statistics.median(v) for k, v in groups.items()}
+            if medians:
+                res["measured"] = max(medians.values())
+                res["detail"] = ", ".join(f"{k} {v:.3f}" for k, v in sorted(medians.items()) if k) or f"{len(hits)} rounds"
+        if res["measured"] is not None:
+            res["met"] = res["measured"] <= t["max_ms"]
+        out.append(res)
+    return out
+
+
+def targets_markdown(run_dir: Path) -> str:
+    rows = evaluate_targets(run_dir)
+    lines = ["| target | goal | measured (worst input, median) | met | per input |", "|---|---|---|---|---|"]
+    for r in rows:
+        m = "–" if r["measured"] is None else f"{r['measured']:.3f} ms"
+        met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['name']} | {r['target']} | {m} | {met} | {r['detail']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _summary(out: Path, rows) -> None:
@@ -186,8 +249,9 @@ def check_committed(repo: Path = ROOT) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="salad-bench ci-gpu", description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", nargs="?", default="run", choices=["run", "check"],
-                    help="run: measure and gate on this GPU (default); check: CI's gate of the committed runs")
+    ap.add_argument("action", nargs="?", default="run", choices=["run", "check", "targets"],
+                    help="run: measure and gate on this GPU (default); check: CI's gate of the committed runs; "
+                         "targets: the experiment's targets beside a run's figures (--out RUN)")
     ap.add_argument("--out", type=Path, help="run directory (default results/gpu/<date>-<card>)")
     ap.add_argument("--baseline", type=Path, help="baseline file (default results/baselines/<card>.json)")
     ap.add_argument("--make-baseline", type=Path, metavar="FILE", help="write this card's baseline from the run instead of gating")
@@ -198,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.action == "check":
             return check_committed()
+        if args.action == "targets":
+            if args.out is None or not (args.out / "rows.jsonl").exists():
+                raise BadInput("salad-bench ci-gpu targets --out RUN: RUN must be a gate run directory with rows.jsonl")
+            print(targets_markdown(args.out))
+            return EXIT_OK
         import datetime as dt
 
         from salad_bench.harness.gate import card_slug

@@ -597,7 +597,7 @@ def to_markdown(tables: Table | list[Table]) -> str:
             continue
         out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
         out.append("|" + "|".join(":---" if a == "l" else "---:" for a in t.align) + "|")
-        out += ["| " + " | ".join(("**%s**" % _md_cell(c)) if (i, j) in t.bold else _md_cell(c)
+        out += ["| " + " | ".join(f"**{_md_cell(c)}**" if (i, j) in t.bold else _md_cell(c)
                                   for j, c in enumerate(row)) + " |" for i, row in enumerate(t.cells)]
         out.append("")
     return "\n".join(out)
@@ -633,7 +633,7 @@ def to_latex(tables: Table | list[Table]) -> str:
     for t in tables:
         cells = t.cells or [["(no rows)"] + [""] * (len(t.headers) - 1)]
         body = [
-            [("\\textbf{%s}" % _tex(c) if (i, j) in t.bold else _tex(c)) for j, c in enumerate(row)]
+            [(rf"\textbf{{{_tex(c)}}}" if (i, j) in t.bold else _tex(c)) for j, c in enumerate(row)]
             for i, row in enumerate(cells)
         ]
         frame = pd.DataFrame(body, columns=[_tex(h) for h in t.headers])

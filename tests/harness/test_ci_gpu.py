@@ -95,3 +95,31 @@ def test_the_gate_command_refuses_without_a_gpu(tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     assert ci_gpu.main(["--out", str(tmp_path / "r")]) == 2
     assert "has none" in capsys.readouterr().err
+
+
+def test_targets_are_read_from_the_experiment_and_reported_beside_the_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "kernels").mkdir(parents=True)
+    rows = [{"status": "ok", "card": CARD, "method": "topk", "sparsity_target": 0.9, "qkv": q, "ms": ms}
+            for q, ms in (("video", 1.2), ("random", 1.4))]
+    (run / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    krows = [{"status": "ok", "method": "linear_triton", "variant": f"headline_r{i}", "ms": ms}
+             for i, ms in enumerate((0.12, 0.125, 0.2))]
+    (run / "kernels" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in krows))
+    targets = [
+        {"name": "topk", "method": "topk", "sparsity": 0.9, "max_ms": 1.3},
+        {"name": "linear", "kernel": "linear_triton", "variant": "headline_r", "max_ms": 0.13, "cards": [CARD]},
+        {"name": "linear elsewhere", "kernel": "linear_triton", "variant": "headline_r", "max_ms": 0.1, "cards": ["X"]},
+        {"name": "absent", "method": "salad", "sparsity": 0.9, "max_ms": 1.6},
+    ]
+    got = {r["name"]: r for r in ci_gpu.evaluate_targets(run, targets)}
+    assert got["topk"]["measured"] == 1.4 and got["topk"]["met"] is False  # the worst input counts
+    assert got["linear"]["measured"] == 0.125 and got["linear"]["met"] is True  # median of the rounds
+    assert "linear elsewhere" not in got  # another card's target
+    assert got["absent"]["measured"] is None and got["absent"]["met"] is None
+
+
+def test_the_committed_experiment_parses_with_a_sweep_and_targets():
+    exp = ci_gpu.load_experiment()
+    assert exp["sweep"]["methods"] and exp["sweep"]["qkv"] == ["video", "random", "wan"]
+    assert all("max_ms" in t and ("method" in t or "kernel" in t) for t in exp["targets"])

@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from salad_bench.harness.report import dense_backend
+from salad_bench.harness.frames import dense_backend
 from salad_bench.harness.results import ResultsFileError, load_rows
 
 __all__ = [

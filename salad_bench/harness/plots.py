@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from salad_bench.harness.report import (
+from salad_bench.harness.frames import (
     attention_rows,
     column,
     dit_frame,

@@ -30,6 +30,20 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from salad_bench.harness.frames import (  # noqa: F401  (re-exported: report's public helpers)
+    ABLATION_TARGET,
+    IDENTITY,
+    _missing,
+    attention_rows,
+    column,
+    dense_backend,
+    dit_frame,
+    group_rows,
+    nearest_target,
+    ok_rows,
+    rows_of_kind,
+    with_identity,
+)
 from salad_bench.harness.results import ResultsFileError, headline_times, latest_per_cell, load_rows, round_ratios
 from salad_bench.methods.base import FAMILIES
 
@@ -65,8 +79,6 @@ BACKEND_LABELS = {
     "flex": "FlexAttention",
     "default": "SDPA default",
 }
-ABLATION_TARGET = 0.9
-IDENTITY = ("kind", "method", "family", "workload", "dtype", "pass", "sparsity_target", "card", "status", "reason")
 
 
 # -- the table model ----------------------------------------------------------------------------
@@ -99,15 +111,6 @@ class Table:
     def label(self) -> str:
         """A LaTeX label from the title: ``tab:<slug>``."""
         return "tab:" + re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
-
-
-def _missing(v: Any) -> bool:
-    if v is None:
-        return True
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def _num(spec: str) -> Callable[[Any], str]:
@@ -155,41 +158,6 @@ def _make_table(
 
 
 # -- row selection helpers -----------------------------------------------------------------------
-def column(df: pd.DataFrame, name: str) -> pd.Series:
-    return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
-
-
-def dense_backend(method: Any, backend: Any = None) -> str | None:
-    """The dense backend a speedup is over: ``baseline_backend``, else read from ``baseline_method``
-    (``full_cudnn`` -> ``cudnn``)."""
-    if not _missing(backend):
-        return str(backend)
-    if _missing(method):
-        return None
-    return str(method)[5:] if str(method).startswith("full_") else str(method)
-
-
-def with_identity(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with every identity column present (as missing values where rows lack it)."""
-    return df.assign(**{c: column(df, c) for c in IDENTITY if c not in df})
-
-
-def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with status ok (a missing status counts as ok), identity columns present, ``baseline_backend``
-    filled in."""
-    df = with_identity(df)
-    ok = df[column(df, "status").fillna("ok") == "ok"]
-    backend = [
-        dense_backend(m, b) for m, b in zip(column(ok, "baseline_method"), column(ok, "baseline_backend"), strict=True)
-    ]
-    return ok.assign(baseline_backend=pd.Series(backend, index=ok.index, dtype=object))
-
-
-def rows_of_kind(df: pd.DataFrame, *kinds: str) -> pd.DataFrame:
-    kind = column(df, "kind").fillna("attention")
-    return df[kind.isin(kinds)]
-
-
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
     fam = column(df, "family").map(lambda f: FAMILIES.index(f) if f in FAMILIES else len(FAMILIES))
     key = pd.DataFrame(
@@ -205,18 +173,6 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[order]
 
 
-def group_rows(df: pd.DataFrame, keys: tuple[str, ...]) -> list[tuple[dict[str, Any], pd.DataFrame]]:
-    """Split by ``keys`` (missing values kept as their own group), in sorted order of the key values."""
-    if df.empty:
-        return []
-    frame = pd.DataFrame({k: column(df, k).map(lambda v: "" if _missing(v) else str(v)) for k in keys}, index=df.index)
-    out = []
-    for vals, idx in sorted(frame.groupby(list(keys), sort=False).groups.items(), key=lambda kv: kv[0]):
-        vals = vals if isinstance(vals, tuple) else (vals,)
-        out.append((dict(zip(keys, vals, strict=True)), df.loc[idx]))
-    return out
-
-
 def _unique(df: pd.DataFrame, name: str) -> list[Any]:
     seen: list[Any] = []
     for v in column(df, name):
@@ -227,12 +183,6 @@ def _unique(df: pd.DataFrame, name: str) -> list[Any]:
 
 def _backend_label(backend: Any) -> str:
     return BACKEND_LABELS.get(str(backend), str(backend))
-
-
-def nearest_target(targets: Iterable[float], goal: float = ABLATION_TARGET) -> float | None:
-    """The target sparsity closest to ``goal`` (ties go to the higher one); None when there is none."""
-    vals = [float(t) for t in targets if not _missing(t)]
-    return min(vals, key=lambda t: (abs(t - goal), -t)) if vals else None
 
 
 def quality_columns(df: pd.DataFrame) -> list[str]:
@@ -308,16 +258,6 @@ def _title(group: dict[str, Any]) -> str:
 
 
 # -- tables --------------------------------------------------------------------------------------
-def attention_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """ok rows of kind "attention" (rows without a kind count as attention), ``sparsity`` filled from density."""
-    att = rows_of_kind(ok_rows(df), "attention")
-    return att.assign(
-        sparsity=pd.to_numeric(column(att, "sparsity"), errors="coerce").fillna(
-            1 - pd.to_numeric(column(att, "density"), errors="coerce")
-        )
-    )
-
-
 def main_tables(df: pd.DataFrame) -> list[Table]:
     """The main comparison table(s), one per (card, workload, dtype, pass)."""
     att = attention_rows(df)
@@ -494,19 +434,6 @@ def kernel_headline_tables(df: pd.DataFrame) -> list[Table]:
         tables.append(_make_table(frame, cols, "headline · " + _title(group), caption,
                                   drop_empty=("x_cudnn", "x_flex")))
     return tables
-
-
-def dit_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """``kind`` "dit" ok rows with ``total_ms``, ``attn_ms``, ``rest_ms`` and ``attn_share`` filled in."""
-    dit = rows_of_kind(ok_rows(df), "dit").copy()
-    num = lambda name: pd.to_numeric(column(dit, name), errors="coerce")  # noqa: E731
-    total = num("total_ms").fillna(num("ms"))
-    attn = num("attn_ms").fillna(num("self_attn_ms"))
-    dit["total_ms"] = total
-    dit["attn_ms"] = attn
-    dit["rest_ms"] = num("rest_ms").fillna(total - attn)
-    dit["attn_share"] = num("attn_share").fillna(attn / total)
-    return dit
 
 
 def dit_tables(df: pd.DataFrame) -> list[Table]:

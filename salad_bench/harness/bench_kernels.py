@@ -76,7 +76,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        from salad_bench.harness.workloads import DTYPES
+
+        self.dtype = DTYPES[args.dtype]
         self.b, self.h, self.n, self.d = 1, args.heads, args.n, 128
         self.writer = RowWriter(args.out, resume=args.resume, device=str(self.device))
         self.rows: list[dict[str, Any]] = []

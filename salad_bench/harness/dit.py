@@ -580,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         raise SystemExit("--out DIR is required (where rows.jsonl is written)")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    from salad_bench.harness.workloads import DTYPES
+
+    dtype = DTYPES[args.dtype]
     sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
     writer = RowWriter(args.out, resume=args.resume, device=args.device)
 

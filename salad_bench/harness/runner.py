@@ -22,7 +22,7 @@ from salad_bench.harness.accuracy import compare, reference_attention
 from salad_bench.harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
 from salad_bench.harness.results import RowWriter, config_hash
 from salad_bench.harness.timing import measure, peak_memory_gib
-from salad_bench.harness.workloads import Workload, get_workload, make_qkv
+from salad_bench.harness.workloads import DTYPES, Workload, get_workload, make_qkv
 from salad_bench.kernels import execution_options
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
 
@@ -44,7 +44,6 @@ def _fa2() -> str | None:
 def sweeps_sparsity(name: str) -> bool:
     """Dense methods (trait ``dense``) are measured once, not at every target sparsity."""
     return "dense" not in METHODS.get(name).traits
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass

@@ -502,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             f"ok: {tdir} - {cfg['num_layers']} layers, {cfg['num_attention_heads']} heads x {cfg['attention_head_dim']}, {n} tensors in {len(files)} file(s)"
         )
         return 0
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    from salad_bench.harness.workloads import DTYPES
+
+    dtype = DTYPES[args.dtype]
     path = generate(
         args.weights, args.prompt, args.seed, args.steps, args.guidance, args.method, args.sparsity, args.out,
         args.frames, args.height, args.width, negative_prompt=args.negative_prompt, device=args.device, dtype=dtype,

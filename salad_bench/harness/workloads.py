@@ -21,6 +21,8 @@ from salad_bench.methods.registry import UnknownNameError
 __all__ = ["Workload", "WORKLOADS", "get_workload", "make_qkv", "default_workload"]
 
 QKVKind = Literal["video", "random", "wan"]
+# the dtype names every command takes (--dtype) and the torch dtypes they stand for
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)

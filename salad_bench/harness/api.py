@@ -10,7 +10,6 @@ It is the same engine as ``python run_all.py`` / ``salad-bench run`` (same check
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,34 +41,12 @@ def sweep(
     the rows are also appended to ``<out>/rows.jsonl`` (default ``runs/<date>-<time>``). Bad input raises
     ``ValueError`` (or :class:`~salad_bench.methods.UnknownNameError`) with the fix in the message.
     """
-    import torch
-
-    from salad_bench.harness.knobs import check_knobs
     from salad_bench.harness.results import load_rows
-    from salad_bench.harness.runner import RunSpec, check_device, run
-    from salad_bench.harness.workloads import default_workload
-    from salad_bench.methods import METHODS
+    from salad_bench.harness.runner import make_spec, run
 
-    dev = check_device(device)
-    names = METHODS.select(methods if isinstance(methods, str) else list(methods))
-    wls = workloads or default_workload(torch.device(dev))
-    wls = [w.strip() for w in (wls.split(",") if isinstance(wls, str) else wls) if w.strip()]
     targets = [float(sparsity)] if isinstance(sparsity, (int, float)) else [float(s) for s in sparsity]
-    spec = RunSpec(
-        methods=names,
-        workloads=wls,
-        sparsities=targets,
-        device=dev,
-        dtype=dtype or ("bf16" if dev.startswith("cuda") else "fp32"),
-        out=Path(out) if out is not None else Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
-        resume=resume,
-        qkv=qkv,
-        seed=seed,
-        backward=backward,
-        baselines=baselines,
-        weights=weights,
-        knobs=check_knobs(knobs or {}, names),
-        warmup_ms=10 if quick else 25,
-        rep_ms=30 if quick else 100,
+    spec = make_spec(
+        methods, sparsities=targets, workloads=workloads, device=device, dtype=dtype, out=out, knobs=knobs,
+        quick=quick, resume=resume, qkv=qkv, seed=seed, backward=backward, baselines=baselines, weights=weights,
     )
     return load_rows(run(spec, quiet=quiet))

@@ -184,11 +184,6 @@ def _provenance(out: Path, rows) -> None:
 
 
 # -- in CI (no GPU) -------------------------------------------------------------------------------
-def _git(repo: Path, *args: str) -> str:
-    res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
-    return res.stdout.strip() if res.returncode == 0 else ""
-
-
 def newest_runs(results: Path) -> dict[str, tuple[Path, str, str]]:
     """``{card: (run dir, newest row date, git sha)}`` of the newest gate run of each card."""
     from salad_bench.harness.results import read_jsonl
@@ -223,12 +218,14 @@ def check_committed(repo: Path = ROOT) -> int:
         res = gate(load_rows(run_dir / "rows.jsonl"), load_baseline(base_path), baseline_path=str(base_path))
         print(res.format())
         code = max(code, res.exit_code)
-    last = _git(repo, "log", "-1", "--format=%H", "--", *WATCHED)
+    from salad_bench.harness.results import git
+
+    last = git("log", "-1", "--format=%H", "--", *WATCHED, cwd=repo)
     newest_sha = max(runs.values(), key=lambda r: r[1])[2]
     fresh = bool(last) and bool(newest_sha) and (
         newest_sha.startswith(last) or last.startswith(newest_sha)
         or subprocess.run(["git", "merge-base", "--is-ancestor", last, newest_sha], cwd=repo,
-                          capture_output=True).returncode == 0
+                          capture_output=True, timeout=30).returncode == 0
     )
     if fresh or not last:
         print(f"GPU run is current: it measured {newest_sha[:10]}, the last change to {' or '.join(WATCHED)} is {last[:10]}")

@@ -8,11 +8,8 @@ continues the same run.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from pathlib import Path
-
-import torch
 
 __all__ = ["main", "build_parser"]
 
@@ -107,47 +104,26 @@ def main(argv: list[str] | None = None, prog: str = "run_all.py") -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from salad_bench.harness.knobs import check_knobs
     from salad_bench.harness.plugins import include_methods
-    from salad_bench.harness.runner import RunSpec, check_device, run
-    from salad_bench.harness.workloads import default_workload
-    from salad_bench.methods import METHODS
+    from salad_bench.harness.runner import make_spec, run
 
     include_methods(args.include)
     if args.list:
         print(_list())
         return 0
-    device = check_device(args.device)
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    out = args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    names = METHODS.select(args.methods)
     raw: dict[str, dict] = {}
     for method, key, value in args.knob:
         raw.setdefault(method, {})[key] = value
-    knobs = check_knobs(raw, names)
+    spec = make_spec(
+        args.methods, sparsities=args.sparsity, workloads=args.workloads, device=args.device, dtype=args.dtype,
+        out=args.out, knobs=raw, quick=args.quick, resume=args.resume, qkv=args.qkv, seed=args.seed,
+        backward=args.backward, baselines=not args.no_baselines, weights=args.weights, compile=args.compile,
+    )
     if args.gate is not None:
         from salad_bench.harness.gate import load_baseline
 
         load_baseline(args.gate)  # a missing or malformed baseline stops the run before anything is measured
-    workloads = [w.strip() for w in (args.workloads or default_workload(torch.device(device))).split(",") if w.strip()]
-    spec = RunSpec(
-        methods=names,
-        workloads=workloads,
-        sparsities=args.sparsity,
-        device=device,
-        dtype=dtype,
-        out=out,
-        resume=args.resume,
-        qkv=args.qkv,
-        seed=args.seed,
-        backward=args.backward,
-        baselines=not args.no_baselines,
-        weights=args.weights,
-        knobs=knobs,
-        warmup_ms=10 if args.quick else 25,
-        rep_ms=30 if args.quick else 100,
-        compile=args.compile,
-    )
+    out = spec.out
     try:
         rows_path = run(spec)
     except KeyboardInterrupt:

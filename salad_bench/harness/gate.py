@@ -37,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION
 from salad_bench.harness.frames import dense_backend
 from salad_bench.harness.results import ResultsFileError, load_rows
 
@@ -57,7 +58,6 @@ SCHEMA = 1
 CELL_FIELDS = ("kind", "method", "workload", "qkv", "dtype", "pass", "sparsity_target")
 VERSION_FIELDS = ("torch", "triton", "cudnn")
 DEFAULT_THRESHOLDS = {"rel": 0.10, "abs": 0.15}
-EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class BaselineError(ValueError):

@@ -73,24 +73,16 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         raise KnobError(f"{where}={value!r} is not a boolean; write true or false (or 1 or 0)")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if tp in (int, float):
+        accepted = (int,) if tp is int else (int, float)
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise KnobError(f"{where}={value!r} is not an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise KnobError(f"{where}={value!r} is not a number")
+        raise KnobError(f"{where}={value!r} is not {'an integer' if tp is int else 'a number'}")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -43,9 +43,10 @@ class ResultsFileError(ValueError):
     """A results file that cannot be read; the message names the file, the line and what to do."""
 
 
-def _git(*args: str) -> str:
+def git(*args: str, cwd: str | Path | None = None) -> str:
+    """``git args`` run in ``cwd`` (default: this package's checkout); its stdout, or "" on any failure."""
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, cwd=cwd or Path(__file__).parent)
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -80,8 +81,8 @@ def provenance(device: str = "") -> dict[str, Any]:
         flag = os.environ.get("SALAD_GIT_DIRTY")
         sha, dirty = env_sha, (None if flag is None else flag not in ("0", "", "false", "False"))
     else:
-        sha = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
     return {
         "git_sha": sha or None,
         "git_dirty": dirty,

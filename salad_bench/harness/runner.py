@@ -9,6 +9,7 @@ exception) and the sweep goes on. ``dit:`` workloads are handed to :mod:`harness
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import traceback
@@ -26,7 +27,7 @@ from salad_bench.harness.workloads import DTYPES, Workload, get_workload, make_q
 from salad_bench.kernels import execution_options
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
 
-__all__ = ["RunSpec", "run", "check_device", "dense_baselines", "sweeps_sparsity", "validate_spec"]
+__all__ = ["RunSpec", "run", "check_device", "make_spec", "dense_baselines", "sweeps_sparsity", "validate_spec"]
 
 
 
@@ -64,6 +65,41 @@ class RunSpec:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     compile: bool = False  # dit: workloads: every transformer block torch.compile'd (both sides)
+
+
+def make_spec(
+    methods: str | list[str],
+    *,
+    sparsities: list[float],
+    workloads: str | list[str] | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    out: str | Path | None = None,
+    knobs: dict[str, dict[str, Any]] | None = None,
+    quick: bool = False,
+    **rest: Any,
+) -> RunSpec:
+    """A checked :class:`RunSpec` from what a user types (names or globs, comma strings or lists, knob
+    values as text or Python values): the one place the CLI and the notebook API build a sweep."""
+    from salad_bench.harness.knobs import check_knobs
+    from salad_bench.harness.workloads import default_workload
+
+    dev = check_device(device)
+    names = METHODS.select(methods)
+    wls = workloads or default_workload(torch.device(dev))
+    wls = [w.strip() for w in (wls.split(",") if isinstance(wls, str) else wls) if w.strip()]
+    return RunSpec(
+        methods=names,
+        workloads=wls,
+        sparsities=list(sparsities),
+        device=dev,
+        dtype=dtype or ("bf16" if dev.startswith("cuda") else "fp32"),
+        out=Path(out) if out is not None else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        knobs=check_knobs(knobs or {}, names),
+        warmup_ms=10 if quick else 25,
+        rep_ms=30 if quick else 100,
+        **rest,
+    )
 
 
 def check_device(name: str) -> str:

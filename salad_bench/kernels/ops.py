@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ def _vjp(fn: Callable[..., Tensor], grad: Tensor, *inputs: Tensor) -> tuple[Tens
 
     def work() -> None:
         try:
-            with torch.enable_grad(), (torch.cuda.stream(stream) if stream is not None else _null()):
+            with torch.enable_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                 leaves = [x.detach().requires_grad_(True) for x in inputs]
                 box["grads"] = torch.autograd.grad(fn(*leaves), leaves, grad)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
@@ -49,13 +50,6 @@ def _vjp(fn: Callable[..., Tensor], grad: Tensor, *inputs: Tensor) -> tuple[Tens
         raise box["error"]
     return tuple(g.contiguous() for g in box["grads"])
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- block-sparse attention -----------------------------------------------------------------------

@@ -968,8 +968,8 @@ def _backward(do, q, k, v, out, lse, layout: BlockLayout, scale: float, *, order
 # unit), "fma" / "fma4" (every second / fourth column by a cubic on the FMA pipe). Measured on the H200
 # (run 10): 1.463 / 1.413 ms against 1.335 ms for "mufu" in the same rounds.
 EXP_MODES = {"mufu": 0, "fma": 1, "fma4": 2}
-# ``fwd_fixed_max`` (off since it lost on the video-like workload: nearly every tile there is redone, 2.68
-# against 1.28 ms on an H100): no running max; each row's reference is its score against one key of its list
+# ``fwd_fixed_max`` (off: where scores are peaked nearly every tile is redone, so it is not faster on every
+# input; docs/lab/2026-12-06-h100.md): no running max; each row's reference is its score against one key of its list
 # (see the FIXED branch of _fwd_kernel), with an online-softmax redo of any tile whose sums pass
 # _FIX_LIMIT. Measured on the H200 (run 10): 1.275 / 1.278 ms against 1.322 / 1.330 ms for the online
 # softmax at d=0.10 (7 rounds on each of two cards), 11.52 against 12.45 ms at d=1.0.

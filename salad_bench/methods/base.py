@@ -32,6 +32,8 @@ __all__ = [
     "MethodConfig",
     "MethodReport",
     "METHODS",
+    "ProjectionLoRA",
+    "PROJECTIONS",
     "Unsupported",
     "check_choice",
     "check_count",
@@ -107,6 +109,10 @@ class AttnContext:
     ``grid``: latent ``(T, H, W)`` with ``T*H*W == N`` (None when the tokens are not a video).
     ``hidden_states``: the layer input ``(B, N, C)`` when the caller has it (the DiT integration does);
     SALAD's gate pools it. ``layer``/``step`` let methods keep early layers or steps dense.
+    ``q_unrotated``/``k_unrotated``: ``(B, H, N, D)`` q and k *before* the model's rotary embedding, given
+    only to a method that asks (:attr:`AttentionMethod.wants_unrotated_qk`) when the caller rotated q and
+    k itself (the Wan integration: references to tensors it already has, no copy). None otherwise: the
+    q, k handed over are then the only ones (bare Q/K/V workloads carry no RoPE).
     """
 
     grid: tuple[int, int, int] | None = None
@@ -115,10 +121,32 @@ class AttnContext:
     step: int = 0
     num_steps: int = 1
     hidden_states: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    q_unrotated: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    k_unrotated: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def check(self, n: int) -> None:
         if self.grid is not None and math.prod(self.grid) != n:
             raise ValueError(f"grid {self.grid} has {math.prod(self.grid)} tokens but q has N={n}")
+
+
+# The attention projections a method may ask LoRA on, by role: a model integration maps each role to
+# its own module (diffusers' Wan: to_q, to_k, to_v, to_out.0).
+PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "out")
+
+
+@dataclass(frozen=True)
+class ProjectionLoRA:
+    """A method's request for LoRA adapters on the attention projections of the model it sits in.
+
+    ``targets``: roles from :data:`PROJECTIONS`; ``alpha``: LoRA's alpha (scale ``alpha / rank``).
+    A model integration that has projections installs the adapters (zero-initialised ``B``, so the
+    model is unchanged until they train) and hands their parameters back through
+    :meth:`AttentionMethod.attach_projection_lora`; on bare Q/K/V nothing is installed.
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = PROJECTIONS
 
 
 @dataclass
@@ -152,6 +180,10 @@ class AttentionMethod(nn.Module):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     needs_grid: ClassVar[bool] = False
     registry_name: ClassVar[str] = ""
+    # Asks a model integration for q, k before the model's RoPE (AttnContext.q_unrotated/k_unrotated).
+    wants_unrotated_qk: ClassVar[bool] = False
+    # Asks a model integration for LoRA on the attention projections (None: no).
+    wants_projection_lora: ClassVar[ProjectionLoRA | None] = None
 
     def __init__(self, config: MethodConfig, *, num_heads: int, head_dim: int, name: str | None = None) -> None:
         super().__init__()
@@ -166,6 +198,8 @@ class AttentionMethod(nn.Module):
         self._extra_flops: dict[str, float] = {}
         self._backend = ""
         self._path: dict[str, Any] = {}  # which execution path ran (selector, kernel, ...), for the report
+        # LoRA an integration installed on the projections for this method: (parameters, (in, out) per layer)
+        self._projection_lora: tuple[list[nn.Parameter], list[tuple[int, int]]] | None = None
 
     # -- the contract ---------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext | None = None) -> torch.Tensor:
@@ -200,6 +234,9 @@ class AttentionMethod(nn.Module):
                 f"got {q.shape[1]} x {q.shape[3]}"
             )
         ctx.check(q.shape[2])
+        for name, t in (("q_unrotated", ctx.q_unrotated), ("k_unrotated", ctx.k_unrotated)):
+            if t is not None and (t.shape != q.shape or t.dtype != q.dtype):
+                raise ValueError(f"AttnContext.{name} is {tuple(t.shape)} {t.dtype}; q is {tuple(q.shape)} {q.dtype}")
         if self.needs_grid and ctx.grid is None:
             raise ValueError(f"{self.name} needs the video grid (T, H, W) in AttnContext.grid")
 
@@ -212,6 +249,12 @@ class AttentionMethod(nn.Module):
         self._backend = backend
         self._path = dict(path or {})
         self._extra_flops = dict(extra_flops)
+
+    def attach_projection_lora(self, params: list[nn.Parameter] | None, features: list[tuple[int, int]] = ()) -> None:
+        """Called by a model integration that honoured :attr:`wants_projection_lora`: the adapters'
+        parameters (they live on the model's projections, not on this module) and each adapted layer's
+        ``(in_features, out_features)``. ``None`` detaches them (the integration removed the adapters)."""
+        self._projection_lora = None if params is None else (list(params), [tuple(f) for f in features])
 
     @property
     def layout(self) -> BlockLayout | None:

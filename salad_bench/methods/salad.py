@@ -6,24 +6,37 @@ a knob with a documented default (REFERENCE.md section 3).
     O = O_sparse + G(x) * Proj(O_linear)        (then the layer's usual output projection)
 
 * Sparse branch (``sparse``, default ``topk``): any registered block-sparse method; ``sta`` gives the
-  paper's ST-SWA variant. ``sparsity`` is passed through to it.
+  paper's ST-SWA variant. ``sparsity`` is passed through to it. It sees the model's q, k (rotated by the
+  model's RoPE in a DiT).
 * Linear branch: feature map ``feature_map`` (paper: ReLU) on the *shared* Q/K (``shared_qkv``), with
-  3D RoPE applied inside the branch (``rope``; the paper's ablation says it helps). The normaliser uses
-  the un-rotated features (our reading; see :func:`kernels.reference.linear_attention_ref`).
+  3D RoPE applied inside the branch (``rope``; the paper's ablation says it helps). RoPE is applied
+  once: in a DiT the branch takes q, k from *before* the model's RoPE (``AttnContext.q_unrotated``,
+  which the Wan integration hands over because this method sets ``wants_unrotated_qk``) and rotates
+  them itself, so ``rope=False`` (``salad_no_rope``) is a branch with no RoPE at all. On bare Q/K/V
+  (no model RoPE) the branch rotates the q, k it is given. The normaliser uses the un-rotated features
+  (our reading; see :func:`kernels.reference.linear_attention_ref`).
 * ``Proj``: a full-width C x C linear layer (C = heads * head_dim), zero-initialised
   (``proj_init="zero"``) so the untrained model is exactly the pure-sparse model. One such layer per
   block is the +4.99% parameters the paper reports for Wan2.1-1.3B.
-* Gate ``G`` (``gate``): ``dynamic`` = sigmoid(Linear(mean over tokens of x)), one scalar per sample
-  (v1; pooling is our choice); ``static`` = one learned scalar per layer; ``static_dynamic`` = a learned
-  per-layer scalar times learned per-head scales times the dynamic gate (our reading of v2's
-  "multi-level static-dynamic scaling"); ``none`` = 1.
+* Gate ``G`` (``gate``) multiplies the projected branch, bias included: ``dynamic`` = sigmoid(Linear(x));
+  ``static`` = one learned scalar per layer; ``static_dynamic`` = a learned per-layer scalar times
+  learned per-head scales times the dynamic gate (our reading of v2's "multi-level static-dynamic
+  scaling"); ``none`` = 1.
+* ``gate_granularity`` (the dynamic gate's shape; REFERENCE.md: "input pooling and granularity
+  unconfirmed"): ``sample`` (default: the paper's "input-dependent scalar" read as one scalar per sample
+  and layer, from the token mean of x: Linear(C, 1)); ``head`` (one per sample and head from the same
+  pooled x: Linear(C, H)); ``token`` (one per token: sigmoid(Linear(C, 1)) of each token's x) and
+  ``token_head`` (one per token and head: Linear(C, H)). ``sample`` and ``head`` gates fold into the
+  projection's rows and bias (one GEMM with the sparse output as its accumulator); token gates do not
+  fold, so the projected branch is scaled after the GEMM (one more pass over (B, N, C)).
 * ``x`` is the layer input from ``AttnContext.hidden_states`` when the caller has it (the DiT path);
-  on bare Q/K/V workloads the gate pools the merged queries instead, and ``shared_qkv=False`` gives the
+  on bare Q/K/V workloads the gate reads the merged queries instead, and ``shared_qkv=False`` gives the
   branch its own per-head D x D maps of q, k, v (identity-initialised) rather than C x C maps of x.
 
 Ablations are registered variants at the bottom of this file.
 FLOPs: sparse branch as reported by it; linear branch ``4*B*H*N*D^2`` (+ normaliser and RoPE);
-projection ``2*B*N*C^2``; gate ``2*B*C`` plus pooling.
+projection ``2*B*N*C^2``; gate: pooling ``B*N*C`` + ``2*B*C*k`` (k = 1 or H) + the fold ``B*C*(C+1)``
+for pooled gates, ``2*B*N*C*k`` + the scaling ``B*N*C`` for token gates.
 """
 
 from __future__ import annotations
@@ -49,6 +62,8 @@ from salad_bench.methods.base import (
 )
 
 GateKind = Literal["dynamic", "static", "static_dynamic", "none"]
+GateGranularity = Literal["sample", "head", "token", "token_head"]
+GATE_GRANULARITIES: tuple[str, ...] = ("sample", "head", "token", "token_head")
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class SaladConfig(MethodConfig):
     feature_map: Literal["relu", "elu", "softmax"] = "relu"
     rope: bool = True
     gate: GateKind = "dynamic"
+    gate_granularity: GateGranularity = "sample"
     shared_qkv: bool = True
     proj_init: Literal["zero", "random"] = "zero"
     drop_fraction: float = 0.0
@@ -68,6 +84,12 @@ class SaladConfig(MethodConfig):
         super().__post_init__()
         check_choice("feature_map", self.feature_map, ("relu", "elu", "softmax"))
         check_choice("gate", self.gate, ("dynamic", "static", "static_dynamic", "none"))
+        check_choice("gate_granularity", self.gate_granularity, GATE_GRANULARITIES)
+        if self.gate_granularity != "sample" and self.gate not in ("dynamic", "static_dynamic"):
+            raise ValueError(
+                f"gate_granularity={self.gate_granularity!r} shapes the dynamic gate, but gate={self.gate!r} has none; "
+                "use gate='dynamic' or 'static_dynamic', or gate_granularity='sample'"
+            )
         check_choice("proj_init", self.proj_init, ("zero", "random"))
         check_range("drop_fraction", self.drop_fraction, 0.0, 1.0, hi_open=True)
         check_range("eps", self.eps, 0.0, 1.0, lo_open=True)
@@ -93,7 +115,8 @@ class Salad(AttentionMethod):
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
         if c.gate in ("dynamic", "static_dynamic"):
-            self.gate_proj = nn.Linear(width, 1)
+            per_head = c.gate_granularity in ("head", "token_head")
+            self.gate_proj = nn.Linear(width, h if per_head else 1)
             nn.init.zeros_(self.gate_proj.weight)
             nn.init.zeros_(self.gate_proj.bias)  # sigmoid(0) = 0.5 at the start
         if c.gate in ("static", "static_dynamic"):
@@ -119,24 +142,39 @@ class Salad(AttentionMethod):
             self._rope_cache[key] = rope_3d_freqs(grid, self.head_dim, device)
         return self._rope_cache[key]
 
+    @property
+    def wants_unrotated_qk(self) -> bool:  # type: ignore[override]
+        """The linear branch applies its own RoPE (or none) to q, k from before the model's RoPE."""
+        return self.linear_enabled
+
     def gate_value(self, q: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        """Gate per (sample, head): shape ``(B, H)`` (float32, float64 for float64 inputs)."""
-        b, h = q.shape[0], q.shape[1]
-        kind = self.config.gate
+        """The gate: ``(B, H)`` per (sample, head) for pooled gates, ``(B, N, H)`` per token for
+        ``gate_granularity`` ``token``/``token_head`` (float32, float64 for float64 inputs)."""
+        b, h, n, _ = q.shape
+        c = self.config
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         g = torch.ones(b, h, device=q.device, dtype=work)
-        if kind in ("dynamic", "static_dynamic"):
+        if c.gate in ("dynamic", "static_dynamic"):
             x = ctx.hidden_states
-            # mean in `work` precision without a converted copy of the (B, N, C) input
-            pooled = x.mean(dim=1, dtype=work) if x is not None else q.mean(dim=2, dtype=work).reshape(b, -1)
-            g = g * torch.sigmoid(self.gate_proj(pooled.to(self.gate_proj.weight.dtype)).to(work))
-        if kind in ("static", "static_dynamic"):
+            wdt = self.gate_proj.weight.dtype
+            if c.gate_granularity in ("token", "token_head"):
+                x = x if x is not None else q.transpose(1, 2).reshape(b, n, -1)
+                g = torch.sigmoid(self.gate_proj(x.to(wdt)).to(work)).expand(b, n, h)  # (B, N, 1 or H)
+            else:
+                # mean in `work` precision without a converted copy of the (B, N, C) input
+                pooled = x.mean(dim=1, dtype=work) if x is not None else q.mean(dim=2, dtype=work).reshape(b, -1)
+                g = torch.sigmoid(self.gate_proj(pooled.to(wdt)).to(work)).expand(b, h)  # (B, 1 or H)
+        if c.gate in ("static", "static_dynamic"):
             g = g * self.layer_scale.to(work)
-        if kind == "static_dynamic":
-            g = g * self.head_scale.to(work)[None, :]
+        if c.gate == "static_dynamic":
+            g = g * self.head_scale.to(work)
         return g
 
     def linear_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """The branch's output ``(B, H, N, D)`` before ``Proj``. RoPE once: on the model's q, k from before
+        its own RoPE when the caller has them, else on the q, k given (bare Q/K/V carry no RoPE)."""
+        q = ctx.q_unrotated if ctx.q_unrotated is not None else q
+        k = ctx.k_unrotated if ctx.k_unrotated is not None else k
         if not self.config.shared_qkv:
             m = self.qkv_maps.to(q.dtype)
             q = torch.einsum("bhnd,hde->bhne", q, m[0])
@@ -150,29 +188,38 @@ class Salad(AttentionMethod):
         out_s = self.sparse(q, k, v, ctx)
         if not self.linear_enabled:
             return out_s
-        b, h, n, d = q.shape
         out_l = self.linear_branch(q, k, v, ctx)
-        g = self.gate_value(q, ctx)  # (B, H)
+        g = self.gate_value(q, ctx)  # (B, H) or (B, N, H)
         if not self.training:
             self.gate_mean = g.detach().mean()
-        w, bias = self.proj.weight, self.proj.bias
-        if w.dtype != q.dtype:  # a method kept in another precision than its inputs (mixed-precision training)
-            scaled = out_l * g[:, :, None, None].to(out_l.dtype)
-            merged = scaled.transpose(1, 2).reshape(b, n, h * d)
-            projected = self.proj(merged.to(w.dtype)).to(q.dtype)
-            return out_s + projected.view(b, n, h, d).transpose(1, 2)
-        # The gate is per (sample, head) on the projection's input, so it folds into the weight's columns;
-        # the sparse output and the bias become the GEMM's accumulator in token-major layout (one pass),
-        # and the result goes back as a (B, H, N, D) view of that (B, N, H, D) buffer: no add, no copy back.
+        return self.merge(out_s, out_l, g)
+
+    def merge(self, out_s: torch.Tensor, out_l: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``out_s + g * Proj(out_l)`` with the gate on each output head, bias included; ``(B, H, N, D)``."""
+        b, h, n, d = out_s.shape
         c = h * d
+        w, bias = self.proj.weight, self.proj.bias
         merged = out_l.transpose(1, 2).reshape(b, n, c)
-        wg = w[None] * g.to(w.dtype).repeat_interleave(d, dim=1)[:, None, :]  # (B, C_out, C_in)
+        if g.dim() == 3 or w.dtype != out_s.dtype:
+            # Token gates do not fold into the weight, and a method kept in another precision than its
+            # inputs (mixed-precision training) projects in its own: scale the projected branch after the GEMM.
+            projected = nn.functional.linear(merged.to(w.dtype), w, bias).view(b, n, h, d)
+            gate = (g[..., None] if g.dim() == 3 else g[:, None, :, None]).to(w.dtype)
+            if w.dtype == out_s.dtype:
+                return torch.addcmul(out_s.transpose(1, 2), projected, gate).transpose(1, 2)
+            return out_s + (projected * gate).to(out_s.dtype).transpose(1, 2)
+        # A per-(sample, head) gate on the projection's output folds into the weight's rows and the bias:
+        # g * (W o + b) = (g W) o + g b. The sparse output plus the gated bias is the GEMM's accumulator in
+        # token-major layout (one pass), returned as a (B, H, N, D) view of that (B, N, H, D) buffer.
+        rows = g.to(w.dtype).repeat_interleave(d, dim=1)  # (B, C_out): each output channel's head gate
+        wg = w[None] * rows[:, :, None]  # (B, C_out, C_in)
+        bg = (bias[None] * rows).view(b, 1, h, d)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # (a compiler fuses the transpose and the bias add into one kernel by itself)
-            acc = torch.baddbmm((out_s.transpose(1, 2) + bias.view(h, d)).reshape(b, n, c), merged, wg.transpose(1, 2))
+            acc = torch.baddbmm((out_s.transpose(1, 2) + bg).reshape(b, n, c), merged, wg.transpose(1, 2))
         else:
-            acc = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype)
-            torch.add(out_s.transpose(1, 2), bias.view(h, d), out=acc)
+            acc = torch.empty(b, n, h, d, device=out_s.device, dtype=out_s.dtype)
+            torch.add(out_s.transpose(1, 2), bg, out=acc)
             acc = acc.view(b, n, c)
             if b == 1:
                 acc[0].addmm_(merged[0], wg[0].t())
@@ -184,16 +231,22 @@ class Salad(AttentionMethod):
         rep = self.sparse.report()
         b, h, n, d = self._shape  # type: ignore[misc]
         flops = dict(rep.flops)
+        cfg = self.config
         if self.linear_enabled:
             c = h * d
-            flops["linear"] = 4.0 * b * h * n * d * d + 2.0 * b * h * n * d + (12.0 * b * h * n * d if self.config.rope else 0.0)
+            flops["linear"] = 4.0 * b * h * n * d * d + 2.0 * b * h * n * d + (12.0 * b * h * n * d if cfg.rope else 0.0)
             flops["projection"] = 2.0 * b * n * c * c
-            if self.config.gate in ("dynamic", "static_dynamic"):
-                flops["gate"] = 2.0 * b * c + b * n * c
-            if not self.config.shared_qkv:
+            if cfg.gate in ("dynamic", "static_dynamic"):
+                k = h if cfg.gate_granularity in ("head", "token_head") else 1
+                if cfg.gate_granularity in ("token", "token_head"):
+                    flops["gate"] = 2.0 * b * n * c * k + b * n * c
+                else:
+                    flops["gate"] = b * n * c + 2.0 * b * c * k + b * c * (c + 1)
+            if not cfg.shared_qkv:
                 flops["linear_qkv"] = 3 * 2.0 * b * h * n * d * d
-        return MethodReport(density=rep.density, flops=flops, backend=rep.backend,
-                            extra={**rep.extra, "linear": self.linear_enabled, "sparse_branch": self.config.sparse})
+        extra = {**rep.extra, "linear": self.linear_enabled, "sparse_branch": cfg.sparse,
+                 "gate_granularity": cfg.gate_granularity}
+        return MethodReport(density=rep.density, flops=flops, backend=rep.backend, extra=extra)
 
     def extra_parameters(self) -> int:
         """Parameters SALAD adds on top of the sparse branch (the paper's +4.99% on Wan2.1-1.3B)."""
@@ -220,6 +273,12 @@ METHODS.register_variant(
 )
 METHODS.register_variant("salad_static_gate", "salad", family="ablation", gate="static", description="ablation: learned static scale, no input dependence")
 METHODS.register_variant("salad_v2", "salad", gate="static_dynamic", description="v2-style static x dynamic scaling")
+METHODS.register_variant(
+    "salad_head_gate", "salad", family="ablation", gate_granularity="head", description="ablation: one gate per sample and head"
+)
+METHODS.register_variant(
+    "salad_token_gate", "salad", family="ablation", gate_granularity="token", description="ablation: one gate per token"
+)
 METHODS.register_variant(
     "salad_drop20", "salad", family="ablation", drop_fraction=0.2, description="after training, drop 20% of linear branches (smallest gates)"
 )

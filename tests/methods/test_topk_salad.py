@@ -67,6 +67,24 @@ def test_salad_is_pure_sparse_untrained(gen):
     assert torch.equal(salad(q, k, v, ctx), topk(q, k, v, ctx))
 
 
+def _linear_by_hand(q, k, v, grid=GRID, rope=True):
+    """The linear branch written out: ReLU features, normaliser on un-rotated features, RoPE in the numerator."""
+    fq, fk = torch.relu(q), torch.relu(k)
+    den = fq @ fk.sum(2, keepdim=True).transpose(-1, -2) + 1e-6  # (B, H, N, 1)
+    if rope:
+        cos, sin = rope_3d_freqs(grid, q.shape[-1])
+        fq, fk = apply_rope(fq, cos, sin), apply_rope(fk, cos, sin)
+    return (fq @ (fk.transpose(-1, -2) @ v)) / den
+
+
+def _expected(m, q, lin, sparse, g):
+    """out_sparse + g * Proj(lin), the gate on each output head of the projection, bias included."""
+    b, h, n, d = q.shape
+    projected = (lin.transpose(1, 2).reshape(b, n, h * d) @ m.proj.weight.T + m.proj.bias).view(b, n, h, d)
+    gate = g[..., None] if g.dim() == 3 else g[:, None, :, None]
+    return sparse + (gate * projected).transpose(1, 2)
+
+
 def test_salad_formula(gen):
     """O = O_sparse + G * Proj(O_linear) with RoPE inside the linear branch, checked by hand."""
     h, d = 2, 64
@@ -74,20 +92,114 @@ def test_salad_formula(gen):
     ctx = AttnContext(grid=GRID)
     m = create_method("salad", num_heads=h, head_dim=d, sparsity=0.6, proj_init="random").double()
     torch.nn.init.normal_(m.gate_proj.weight, std=0.05)
+    torch.nn.init.normal_(m.proj.bias)  # a bias the gate must scale too
     out = m(q, k, v, ctx)
     sparse = block_sparse_attention_ref(q, k, v, m.sparse.layout)
-    # linear branch by hand
+    lin = _linear_by_hand(q, k, v)
     cos, sin = rope_3d_freqs(GRID, d)
-    fq, fk = torch.relu(q), torch.relu(k)
-    den = fq @ fk.sum(2, keepdim=True).transpose(-1, -2) + 1e-6  # (1, H, N, 1)
-    rq, rk = apply_rope(fq, cos, sin), apply_rope(fk, cos, sin)
-    lin = (rq @ (rk.transpose(-1, -2) @ v)) / den
     assert torch.allclose(lin, linear_attention_ref(q, k, v, "relu", cos, sin), atol=1e-10)
     pooled = q.mean(2).reshape(1, -1)
-    g = torch.sigmoid(pooled @ m.gate_proj.weight.T + m.gate_proj.bias)  # (1, 1)
-    merged = (lin * g[:, :, None, None]).transpose(1, 2).reshape(1, N, h * d)
-    expect = sparse + (merged @ m.proj.weight.T + m.proj.bias).view(1, N, h, d).transpose(1, 2)
+    g = torch.sigmoid(pooled @ m.gate_proj.weight.T + m.gate_proj.bias).expand(1, h)  # one scalar per sample
+    assert torch.allclose(out, _expected(m, q, lin, sparse, g), atol=1e-9)
+
+
+@pytest.mark.parametrize("granularity", ["sample", "head", "token", "token_head"])
+@pytest.mark.parametrize("gate", ["dynamic", "static_dynamic"])
+def test_salad_gate_granularity_matches_a_direct_computation(gen, granularity, gate):
+    b, h, d = 2, 2, 32
+    q, k, v = (torch.randn(b, h, N, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    x = torch.randn(b, N, 48, generator=gen, dtype=torch.float64)  # a layer input wider than H*D is fine
+    m = create_method("salad", num_heads=h, head_dim=d, sparsity=0.6, proj_init="random", gate=gate,
+                      gate_granularity=granularity).double()
+    m.gate_proj = torch.nn.Linear(48, m.gate_proj.out_features).double()  # read x (B, N, 48)
+    torch.nn.init.normal_(m.proj.bias)
+    if gate == "static_dynamic":
+        with torch.no_grad():
+            m.layer_scale.fill_(0.7)
+            m.head_scale.copy_(torch.tensor([0.5, 1.5]))
+    ctx = AttnContext(grid=GRID, hidden_states=x)
+    with torch.no_grad():
+        out = m(q, k, v, ctx)
+        wg, bgate = m.gate_proj.weight, m.gate_proj.bias
+        if granularity in ("sample", "head"):
+            g = torch.sigmoid(x.mean(1) @ wg.T + bgate)  # (B, 1 or H)
+            assert g.shape == (b, 1 if granularity == "sample" else h)
+            g = g.expand(b, h)
+        else:
+            g = torch.sigmoid(x @ wg.T + bgate)  # (B, N, 1 or H)
+            assert g.shape == (b, N, 1 if granularity == "token" else h)
+            g = g.expand(b, N, h)
+        if gate == "static_dynamic":
+            g = g * 0.7 * torch.tensor([0.5, 1.5], dtype=torch.float64)
+        assert torch.allclose(m.gate_value(q, ctx), g, atol=1e-12)
+        sparse = block_sparse_attention_ref(q, k, v, m.sparse.layout)
+        expect = _expected(m, q, _linear_by_hand(q, k, v), sparse, g)
     assert torch.allclose(out, expect, atol=1e-9)
+    assert m.report().extra["gate_granularity"] == granularity
+    fresh = create_method("salad", num_heads=h, head_dim=d, gate_granularity=granularity)
+    k_out = h if granularity in ("head", "token_head") else 1
+    assert tuple(fresh.gate_proj.weight.shape) == (k_out, h * d)  # Linear(C, 1) or Linear(C, H)
+
+
+@pytest.mark.parametrize("granularity", ["sample", "head", "token", "token_head"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_salad_gate_zero_gives_exactly_the_sparse_output_despite_the_bias(gen, granularity, dtype):
+    """The gate multiplies Proj's output, bias included: a closed gate leaves the sparse branch alone."""
+    q, k, v = (t.to(dtype) for t in _qkv(gen))
+    ctx = AttnContext(grid=GRID)
+    m = create_method("salad", num_heads=2, head_dim=64, sparsity=0.6, proj_init="random",
+                      gate_granularity=granularity).to(dtype)
+    with torch.no_grad():
+        m.proj.bias.normal_(generator=gen)
+        m.gate_proj.bias.fill_(-1e4)  # sigmoid(-1e4) == 0 exactly
+    sparse = create_method("topk", num_heads=2, head_dim=64, sparsity=0.6)(q, k, v, ctx)
+    for grad in (False, True):  # the no-grad GEMM path and the differentiable one
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(m(q, k, v, ctx), sparse)
+    static = create_method("salad_static_gate", num_heads=2, head_dim=64, sparsity=0.6, proj_init="random").to(dtype)
+    with torch.no_grad():
+        static.proj.bias.normal_(generator=gen)
+        static.layer_scale.zero_()
+        assert torch.equal(static(q, k, v, ctx), sparse)
+        static.layer_scale.fill_(1.0)
+        assert not torch.equal(static(q, k, v, ctx), sparse)  # the bias alone moves an open gate's output
+
+
+def test_salad_linear_branch_rotates_the_unrotated_qk_once(gen):
+    """With AttnContext.q_unrotated/k_unrotated the branch uses them (and rotates them once); the sparse
+    branch keeps the q, k it is given. Without them (bare Q/K/V) it uses the given q, k."""
+    h, d = 2, 64
+    q, k, v = _qkv(gen, h, d)
+    q0, k0 = (torch.randn(1, h, N, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    m = create_method("salad", num_heads=h, head_dim=d, sparsity=0.6, proj_init="random").double()
+    assert m.wants_unrotated_qk
+    ctx = AttnContext(grid=GRID, q_unrotated=q0, k_unrotated=k0)
+    assert torch.allclose(m.linear_branch(q, k, v, ctx), _linear_by_hand(q0, k0, v), atol=1e-10)
+    assert torch.allclose(m.linear_branch(q, k, v, AttnContext(grid=GRID)), _linear_by_hand(q, k, v), atol=1e-10)
+    out = m(q, k, v, ctx)
+    sparse = block_sparse_attention_ref(q, k, v, m.sparse.layout)
+    g = m.gate_value(q, ctx)
+    assert torch.allclose(out, _expected(m, q, _linear_by_hand(q0, k0, v), sparse, g), atol=1e-9)
+    no_rope = create_method("salad_no_rope", num_heads=h, head_dim=d).double()
+    assert torch.allclose(no_rope.linear_branch(q, k, v, ctx), _linear_by_hand(q0, k0, v, rope=False), atol=1e-10)
+    m.linear_enabled = False
+    assert not m.wants_unrotated_qk  # a dropped branch asks for nothing
+    with pytest.raises(ValueError, match="q_unrotated"):
+        m(q, k, v, AttnContext(grid=GRID, q_unrotated=q0[:, :, :10]))
+
+
+@pytest.mark.parametrize(
+    "knobs, match",
+    [
+        ({"gate_granularity": "channel"}, r"gate_granularity='channel'.*sample, head, token, token_head"),
+        ({"gate_granularity": "head", "gate": "none"}, "gate_granularity='head'"),
+        ({"gate_granularity": "token", "gate": "static"}, "gate_granularity='token'"),
+        ({"gate": "sometimes"}, r"gate='sometimes'.*dynamic, static, static_dynamic, none"),
+    ],
+)
+def test_salad_bad_gate_knobs(knobs, match):
+    with pytest.raises(ValueError, match=match):
+        create_method("salad", num_heads=2, head_dim=32, **knobs)
 
 
 def test_salad_gate_uses_hidden_states_when_given(gen):

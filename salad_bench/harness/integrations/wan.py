@@ -20,7 +20,9 @@ the model (``with_kwargs=True``: pipelines call it with keywords) reads that sha
 forward and stores the grid in a state object shared by the layer processors; each method call gets
 ``AttnContext(grid=..., layer=i, num_layers=L, step=..., num_steps=..., hidden_states=x)`` where
 ``x`` is the self-attention input ``(B, N, C)`` (the normed, modulated block input that Q/K/V are
-projected from).
+projected from). A method that sets ``wants_unrotated_qk`` (SALAD's linear branch, which applies its
+own RoPE) also gets ``q_unrotated``/``k_unrotated``: ``(B, H, N, D)`` views of q and k after qk-norm and
+before Wan's RoPE, the tensors the processor already holds (no copy; they stay alive for the call).
 
 The sampling step is not visible to the transformer: samplers call :func:`set_step` before each
 step (or pass :func:`step_callback` as a pipeline's ``callback_on_step_end``), so methods that keep
@@ -188,7 +190,11 @@ class SparseWanAttnProcessor:
         query = query.unflatten(2, (attn.heads, -1))
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
+        method: AttentionMethod = getattr(attn, METHOD_ATTR)
+        unrotated = None
         if rotary_emb is not None:
+            if getattr(method, "wants_unrotated_qk", False):  # references to the tensors before rotation: no copy
+                unrotated = (query.transpose(1, 2), key.transpose(1, 2))
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
@@ -201,8 +207,9 @@ class SparseWanAttnProcessor:
             step=st.step,
             num_steps=st.num_steps,
             hidden_states=hidden_states,
+            q_unrotated=None if unrotated is None else unrotated[0],
+            k_unrotated=None if unrotated is None else unrotated[1],
         )
-        method: AttentionMethod = getattr(attn, METHOD_ATTR)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, N, D) views
         timer = st.timer
         token = timer.start(q.device) if timer is not None else None

@@ -1,0 +1,192 @@
+"""The README's measured tables, generated from the committed runs.
+
+``python -m salad_bench.harness.readme`` rewrites every block of ``README.md`` that sits between
+``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; ``--check`` only compares, and exits 2
+naming the stale blocks (CI runs it through the tests, so a README number never drifts from its run).
+
+Blocks:
+
+* ``headline``: the newest GPU gate run of each card (``results/gpu/``): every method of the gate's
+  sweep at 90%, on each input kind, against SDPA cuDNN in the same process;
+* ``targets``: the same runs against the gate's targets (``experiments/gpu_gate.toml``);
+* ``dit``: the newest whole-model run of each card (``results/dit/``): one Wan2.1 transformer forward,
+  eager and compiled, each against the dense model run the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, guarded
+
+__all__ = ["blocks", "main", "render"]
+
+ROOT = Path(__file__).resolve().parents[2]
+_BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
+_INPUTS = ("video", "random", "wan")
+
+
+def _num(df: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(float("nan"), index=df.index)
+
+
+def _provenance_line(rows: pd.DataFrame, run: Path, root: Path) -> str:
+    r = rows.iloc[0]
+    sha = str(rows["git_sha"].mode().iloc[0])[:7] if "git_sha" in rows else "?"
+    return (f"Run `{run.relative_to(root).as_posix()}` (commit {sha}), one **{r['card']}**, torch {r.get('torch')}, "
+            f"Triton {r.get('triton')}, cuDNN {_cudnn(r.get('cudnn'))}.")
+
+
+def _cudnn(v) -> str:
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f"{n // 10000}.{n % 10000 // 100}" if n >= 10000 else str(n)
+
+
+def headline_block(root: Path = ROOT) -> str:
+    from salad_bench.harness.ci_gpu import newest_runs
+    from salad_bench.harness.results import load_rows
+
+    out = []
+    for card, (run, _date, _sha) in sorted(newest_runs(root / "results").items()):
+        rows = load_rows(run / "rows.jsonl")
+        from salad_bench.methods import METHODS
+
+        lossy = rows["method"].isin(METHODS.with_trait("lossy"))  # dense but approximate: shown beside
+        ok = rows[(rows["status"] == "ok") & ((_num(rows, "sparsity_target") == 0.9) | lossy)]
+        dense = rows[(rows["status"] == "ok") & (rows["method"] == "full_cudnn")]
+        base = {q: float(_num(g, "ms").median()) for q, g in dense.groupby("qkv")}
+        kinds = [q for q in _INPUTS if q in base]
+        out.append(_provenance_line(rows, run, root) + " Wan2.1-1.3B 480p attention (B=1, H=12, N=32,760, "
+                   "D=128, bf16), 90% target sparsity; speedup over SDPA cuDNN in the same process ("
+                   + " / ".join(f"{base[q]:.2f}" for q in kinds) + f" ms on the {' / '.join(kinds)} inputs).")
+        out.append("")
+        head = "| method | density | " + " | ".join(f"{q} ms | × cuDNN" for q in kinds) + " | rel L2 (video) |"
+        out += [head, "|---|---|" + "---|---|" * len(kinds) + "---|"]
+        for method, g in ok.groupby("method", sort=False):
+            by = {q: x.iloc[0] for q, x in g.groupby("qkv")}
+            first = next(iter(by.values()))
+            cells = []
+            for q in kinds:
+                if q in by:
+                    ms = float(by[q]["ms"])
+                    cells.append(f"{ms:.3f} | {base[q] / ms:.2f}x")
+                else:
+                    cells.append("– | –")
+            rel = by.get("video", first).get("rel_l2")
+            out.append(f"| {method} | {float(first['density']):.3f} | " + " | ".join(cells)
+                       + f" | {'–' if pd.isna(rel) else f'{float(rel):.3f}'} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def targets_block(root: Path = ROOT) -> str:
+    from salad_bench.harness.ci_gpu import newest_runs, targets_markdown
+
+    out = []
+    for card, (run, _date, _sha) in sorted(newest_runs(root / "results").items()):
+        measured = [line for line in targets_markdown(run).splitlines() if "| – | – |" not in line]  # unmeasured
+        out += [f"{card}, `{run.relative_to(root).as_posix()}`:", "", *measured, ""]
+    return "\n".join(out)
+
+
+def newest_dit_runs(root: Path = ROOT) -> dict[str, Path]:
+    """``{card: run dir}`` of the newest whole-model run of each card under ``results/dit/``."""
+    from salad_bench.harness.results import read_jsonl
+
+    best: dict[str, tuple[str, Path]] = {}
+    for f in sorted((root / "results" / "dit").glob("*/rows.jsonl")):
+        rows = read_jsonl(f)
+        if rows:
+            card, date = str(rows[0].get("card")), max(str(r.get("date", "")) for r in rows)
+            if card not in best or date > best[card][0]:
+                best[card] = (date, f.parent)
+    return {c: p for c, (_d, p) in best.items()}
+
+
+def dit_block(root: Path = ROOT) -> str:
+    from salad_bench.harness.frames import dit_frame
+    from salad_bench.harness.results import load_rows
+
+    out = []
+    for _card, run in sorted(newest_dit_runs(root).items()):
+        rows = load_rows(run / "rows.jsonl")
+        dit = dit_frame(rows)
+        if dit.empty:
+            continue
+        dit = dit.assign(model=dit["workload"].str.replace("+compile", "", regex=False).str.replace("dit:", "", regex=False),
+                         compiled=dit["workload"].str.endswith("+compile"))
+        out += [_provenance_line(rows, run, root) + " One transformer forward (random bf16 weights); speedup over "
+                "the dense model (SDPA cuDNN) run the same way in the same process; compile time apart; "
+                "sampling = 2 forwards (CFG) x 50 steps, extrapolated from one forward.", "",
+                "| model | method | eager ms | × dense | compiled ms | × dense (compiled) | attention share | "
+                "compile s | 50-step CFG s (compiled) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for (model, method), g in dit.groupby(["model", "method"], sort=False):
+            e, c = g[~g["compiled"]], g[g["compiled"]]
+            cell = lambda x, col, fmt: "–" if x.empty or pd.isna(x.iloc[0].get(col)) else fmt(float(x.iloc[0][col]))  # noqa: E731
+            share = c if not c.empty else e
+            out.append(" | ".join([
+                f"| {model}", method,
+                cell(e, "total_ms", lambda v: f"{v:.1f}"), cell(e, "speedup", lambda v: f"{v:.2f}x"),
+                cell(c, "total_ms", lambda v: f"{v:.1f}"), cell(c, "speedup", lambda v: f"**{v:.2f}x**"),
+                cell(share, "attn_share", lambda v: f"{100 * v:.0f}%"), cell(c, "compile_s", lambda v: f"{v:.0f}"),
+                cell(c, "sampling_ms_est", lambda v: f"{v / 1e3:.1f}"),
+            ]) + " |")
+        out.append("")
+    return "\n".join(out) if out else "No whole-model GPU run is committed yet.\n"
+
+
+RENDERERS = {"headline": headline_block, "targets": targets_block, "dit": dit_block}
+
+
+def blocks(text: str) -> list[str]:
+    return [m.group(2) for m in _BLOCK.finditer(text)]
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    """``text`` with every generated block rewritten from the committed runs under ``root``."""
+    def sub(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise BadInput(f"README block {name!r} has no generator; known: {', '.join(RENDERERS)}")
+        body = RENDERERS[name](root).rstrip("\n") + "\n"
+        return m.group(1) + body + m.group(4)
+
+    return _BLOCK.sub(sub, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return guarded(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m salad_bench.harness.readme", description=__doc__.split("\n")[0])
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--check", action="store_true", help="only compare; exit 2 if a block is stale")
+    args = ap.parse_args(argv)
+    if not args.readme.exists():
+        raise BadInput(f"{args.readme}: no such file")
+    text = args.readme.read_text()
+    new = render(text, args.readme.resolve().parent)
+    if args.check:
+        stale = [n for n, a, b in zip(blocks(text), _BLOCK.findall(text), _BLOCK.findall(new), strict=True) if a != b]
+        if stale:
+            print(f"{args.readme}: generated blocks out of date: {', '.join(stale)}; "
+                  "run `python -m salad_bench.harness.readme` and commit the README")
+            return EXIT_BAD_INPUT
+        print(f"{args.readme}: {len(blocks(text))} generated blocks up to date")
+        return EXIT_OK
+    args.readme.write_text(new)
+    print(f"{args.readme}: rewrote {', '.join(blocks(text)) or 'no blocks'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

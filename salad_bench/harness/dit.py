@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,98 +50,14 @@ import torch
 from salad_bench.harness.flops import dense_flops
 from salad_bench.harness.results import RowWriter, config_hash
 from salad_bench.harness.timing import measure, peak_memory_gib
+from salad_bench.harness.workloads import DIT_WORKLOADS, DTYPES, Workload
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
 from salad_bench.methods.registry import UnknownNameError
 
-__all__ = ["DIT_WORKLOADS", "DiTWorkload", "get_dit_workload", "run_dit_workload", "main"]
-
-WAN_1_3B: dict[str, Any] = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
-# Wan2.1-T2V-14B: dim 5120 = 40 heads x 128, ffn 13824, 40 layers (Wan's wan_t2v_14B config and
-# diffusers' convert_wan_to_diffusers.py; also WanTransformer3DModel's defaults).
-WAN_14B: dict[str, Any] = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-TINY: dict[str, Any] = {
-    **WAN_1_3B,
-    "num_attention_heads": 2,
-    "attention_head_dim": 64,  # the smallest head_dim the Triton kernels take, so dit:tiny also runs on a GPU
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 32,
-    "freq_dim": 32,
-    "ffn_dim": 256,
-    "num_layers": 2,
-    "rope_max_seq_len": 64,
-}
+__all__ = ["DIT_WORKLOADS", "get_dit_workload", "run_dit_workload", "main"]
 
 
-@dataclass(frozen=True)
-class DiTWorkload:
-    """A transformer config and the latent it runs on: ``latent`` is (frames, height, width) in VAE
-    latent space (pixels / 8, frames (F-1)/4+1), before the 1x2x2 patchify."""
-
-    name: str
-    config: dict[str, Any] = field(hash=False)
-    latent: tuple[int, int, int]
-    text_len: int = 512
-    note: str = ""
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        p = self.config["patch_size"]
-        return (self.latent[0] // p[0], self.latent[1] // p[1], self.latent[2] // p[2])
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def heads(self) -> int:
-        return self.config["num_attention_heads"]
-
-    @property
-    def head_dim(self) -> int:
-        return self.config["attention_head_dim"]
-
-
-DIT_WORKLOADS: dict[str, DiTWorkload] = {
-    w.name: w
-    for w in [
-        DiTWorkload(
-            "dit:wan2.1-1.3b-480p", WAN_1_3B, (21, 60, 104), note="Wan2.1-T2V-1.3B, 81 frames 480x832: 32,760 tokens"
-        ),
-        DiTWorkload(
-            "dit:wan2.1-1.3b-720p", WAN_1_3B, (21, 90, 160), note="Wan2.1-T2V-1.3B, 81 frames 720x1280: 75,600 tokens"
-        ),
-        DiTWorkload(
-            "dit:wan2.1-14b-720p", WAN_14B, (21, 90, 160), note="Wan2.1-T2V-14B, 81 frames 720x1280: 75,600 tokens"
-        ),
-        DiTWorkload(
-            "dit:tiny",
-            TINY,
-            (3, 16, 16),
-            text_len=16,
-            note="CPU-sized: 2 layers, 2 heads x 64, grid 3x8x8 = 192 tokens",
-        ),
-    ]
-}
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def get_dit_workload(name: str) -> DiTWorkload:
+def get_dit_workload(name: str) -> Workload:
     if name in DIT_WORKLOADS:
         return DIT_WORKLOADS[name]
     import difflib
@@ -172,7 +86,7 @@ def _stub_factory(*, num_heads: int, head_dim: int, sparsity: float = 0.0) -> At
     return _ZeroCostAttention(MethodConfig(), num_heads=num_heads, head_dim=head_dim, name="zero_cost_stub")
 
 
-def _inputs(wl: DiTWorkload, model_cfg: Any, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+def _inputs(wl: Workload, model_cfg: Any, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     c = model_cfg
     lat = torch.randn(1, c.in_channels, *wl.latent, generator=g).to(device, dtype)
@@ -185,7 +99,7 @@ def _inputs(wl: DiTWorkload, model_cfg: Any, device: torch.device, dtype: torch.
     }
 
 
-def _fastest_dense_backend(wl: DiTWorkload, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+def _fastest_dense_backend(wl: Workload, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
     """What ``full`` with backend ``auto`` picks for this workload's q/k/v (same strides as in the model)."""
     m = create_method(_reference(), num_heads=heads, head_dim=head_dim)
     q, k, v = (torch.randn(1, wl.n, heads, head_dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
@@ -356,15 +270,15 @@ def run_dit_workload(
     prog = _Progress(progress)
     if dev.type == "cpu" and wl.n > 4096:
         raise ValueError(
-            f"{wl.name} has N={wl.n:,} tokens per layer: far too large for a CPU run; use dit:tiny or --device cuda"
+            f"{wl.dit_name} has N={wl.n:,} tokens per layer: far too large for a CPU run; use dit:tiny or --device cuda"
         )
     step = num_steps // 2 if step is None else step
     if not 0 <= step < num_steps:
         raise ValueError(f"step={step} is outside [0, num_steps={num_steps})")
     warmup_ms = (500.0 if dev.type == "cuda" else 25.0) if warmup_ms is None else warmup_ms
     rep_ms = (2000.0 if dev.type == "cuda" else 100.0) if rep_ms is None else rep_ms
-    dtype_name = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-    wl_id = wl.name if weights is None else f"{wl.name}[weights={Path(weights).name}]"
+    dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+    wl_id = wl.dit_name if weights is None else f"{wl.dit_name}[weights={Path(weights).name}]"
     wl_id += "+compile" if compiled else ""  # compiled and eager rows are different cells
 
     def cfg_of(name: str, s: float) -> dict[str, Any]:
@@ -407,10 +321,10 @@ def run_dit_workload(
 
     from salad_bench.harness.integrations.wan import install_attention, new_transformer, restore_attention
 
-    prog.note(f"{wl.name}: building the model")
+    prog.note(f"{wl.dit_name}: building the model")
     try:
         if weights is None:
-            model = new_transformer(wl.config, device=dev, dtype=dtype, seed=seed)
+            model = new_transformer(wl.model, device=dev, dtype=dtype, seed=seed)
         else:
             from salad_bench.harness.weights import load_transformer
 
@@ -419,10 +333,10 @@ def run_dit_workload(
         inputs = _inputs(wl, mcfg, dev, dtype, seed)
     except torch.cuda.OutOfMemoryError as exc:
         _free(dev)
-        gib = _param_gib(wl.config, dtype)
+        gib = _param_gib(wl.model, dtype)
         fail_all(
             "skipped",
-            _oom_reason(exc, f"building {wl.name} (weights alone {gib:.1f} GiB in {dtype_name})")
+            _oom_reason(exc, f"building {wl.dit_name} (weights alone {gib:.1f} GiB in {dtype_name})")
             + "; use a larger card",
         )
         return
@@ -434,7 +348,7 @@ def run_dit_workload(
 
     # Baseline: full, pinned to the fastest dense backend for this shape.
     try:
-        prog.note(f"{wl.name}: baseline")
+        prog.note(f"{wl.dit_name}: baseline")
         best = _fastest_dense_backend(wl, heads, head_dim, dev, dtype)
         pin = {"backend": best} if best in ("cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4") else {}
         install_attention(model, _reference(), num_steps=num_steps, **pin)
@@ -450,13 +364,13 @@ def run_dit_workload(
         del model
         _free(dev)
         if isinstance(exc, torch.cuda.OutOfMemoryError):
-            fail_all("skipped", _oom_reason(exc, f"running dense {wl.name}") + "; use a larger card")
+            fail_all("skipped", _oom_reason(exc, f"running dense {wl.dit_name}") + "; use a larger card")
         else:
             status = "skipped" if isinstance(exc, Unsupported) else "error"
             fail_all(status, f"dense baseline failed: {type(exc).__name__}: {exc}"[:500])
         return
     if not base["output_finite"]:
-        fail_all("error", f"the dense model's output on {wl.name} has NaN or Inf (bad or corrupt weights?); "
+        fail_all("error", f"the dense model's output on {wl.dit_name} has NaN or Inf (bad or corrupt weights?); "
                  "check the weights with python -m salad_bench.harness.weights check DIR")
         return
     common.update(
@@ -471,7 +385,7 @@ def run_dit_workload(
     )
 
     for name, family, s, ident in cells:
-        prog.note(f"{wl.name} {name} s={s}")
+        prog.note(f"{wl.dit_name} {name} s={s}")
         row = {**ident, **common, "family": family}
         try:
             if name == _reference() and not knobs.get(name):
@@ -497,7 +411,7 @@ def run_dit_workload(
             row.update(
                 {
                     "status": "error",
-                    "reason": _oom_reason(exc, f"running {name} on {wl.name}") + "; try a smaller workload",
+                    "reason": _oom_reason(exc, f"running {name} on {wl.dit_name}") + "; try a smaller workload",
                 }
             )
         except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the sweep
@@ -576,12 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.list:
         for w in DIT_WORKLOADS.values():
-            print(f"{w.name:24s} grid {'x'.join(map(str, w.grid)):10s} N={w.n:>6,d}  {w.note}")
+            print(f"{w.dit_name:24s} grid {'x'.join(map(str, w.grid)):10s} N={w.n:>6,d}  {w.note}")
         return 0
     if not args.out:
         raise SystemExit("--out DIR is required (where rows.jsonl is written)")
-    from salad_bench.harness.workloads import DTYPES
-
     dtype = DTYPES[args.dtype]
     sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
     writer = RowWriter(args.out, resume=args.resume, device=args.device)

@@ -54,7 +54,7 @@ def headline_block(root: Path = ROOT) -> str:
     from salad_bench.harness.results import load_rows
 
     out = []
-    for card, (run, _date, _sha) in sorted(newest_runs(root / "results").items()):
+    for _card, (run, _date, _sha) in sorted(newest_runs(root / "results").items()):
         rows = load_rows(run / "rows.jsonl")
         from salad_bench.methods import METHODS
 

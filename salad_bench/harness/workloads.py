@@ -10,24 +10,44 @@ RoPE), so that block selection sees the kind of structure real video DiTs have.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from salad_bench.kernels.rope import apply_rope, rope_3d_freqs
 from salad_bench.methods.registry import UnknownNameError
 
-__all__ = ["Workload", "WORKLOADS", "get_workload", "make_qkv", "default_workload"]
+__all__ = ["Workload", "WORKLOADS", "DIT_WORKLOADS", "WAN_1_3B", "WAN_14B", "WAN_TINY", "dit_workload",
+           "get_workload", "make_qkv", "default_workload"]
 
 QKVKind = Literal["video", "random", "wan"]
 # the dtype names every command takes (--dtype) and the torch dtypes they stand for
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# diffusers ``WanTransformer3DModel`` configs. Wan2.1-T2V-1.3B: dim 1536 = 12 heads x 128, ffn 8960, 30 layers;
+# Wan2.1-T2V-14B: dim 5120 = 40 heads x 128, ffn 13824, 40 layers (Wan's configs and diffusers'
+# convert_wan_to_diffusers.py; also WanTransformer3DModel's defaults).
+WAN_1_3B: dict[str, Any] = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+WAN_14B: dict[str, Any] = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+# CPU-sized; head_dim 64 is the smallest the Triton kernels take, so dit:tiny also runs on a GPU
+WAN_TINY: dict[str, Any] = {**WAN_1_3B, "num_attention_heads": 2, "attention_head_dim": 64, "in_channels": 4,
+                            "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 256, "num_layers": 2,
+                            "rope_max_seq_len": 64}
+
+
 @dataclass(frozen=True)
 class Workload:
-    """One self-attention call: ``(B, heads, T*H*W, head_dim)`` with the grid it came from."""
+    """One self-attention call: ``(B, heads, T*H*W, head_dim)`` with the grid it came from.
+
+    With ``model`` (a ``WanTransformer3DModel`` config) it is also a whole-model workload, ``dit:<name>``:
+    the latent ``(frames, height, width)`` is the grid times the patch size, with a ``text_len``-token
+    text context."""
 
     name: str
     grid: tuple[int, int, int]
@@ -36,26 +56,49 @@ class Workload:
     layers: int
     batch: int = 1
     note: str = ""
+    model: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    text_len: int = 512
 
     @property
     def n(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def dit_name(self) -> str:
+        return f"dit:{self.name}"
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        p = (self.model or {}).get("patch_size", (1, 1, 1))
+        return (self.grid[0] * p[0], self.grid[1] * p[1], self.grid[2] * p[2])
 
     def attention_gib(self, bytes_per_el: int = 2) -> float:
         """Memory of q, k, v and the output (GiB)."""
         return 4 * self.batch * self.heads * self.n * self.head_dim * bytes_per_el / 2**30
 
 
+def dit_workload(name: str, model: dict[str, Any], latent: tuple[int, int, int], *, text_len: int = 512,
+                 note: str = "") -> Workload:
+    """A workload from a model config and its latent video shape (VAE latent space, before patchify)."""
+    p = model["patch_size"]
+    grid = (latent[0] // p[0], latent[1] // p[1], latent[2] // p[2])
+    return Workload(name, grid, model["num_attention_heads"], model["attention_head_dim"], model["num_layers"],
+                    note=note, model=model, text_len=text_len)
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
-        Workload("wan2.1-1.3b-480p", (21, 30, 52), 12, 128, 30, note="Wan2.1-T2V-1.3B, 81 frames, 480x832"),
-        Workload("wan2.1-1.3b-720p", (21, 45, 80), 12, 128, 30, note="Wan2.1-T2V-1.3B, 81 frames, 720x1280"),
-        Workload("wan2.1-14b-720p", (21, 45, 80), 40, 128, 40, note="Wan2.1-T2V-14B, 81 frames, 720x1280"),
+        dit_workload("wan2.1-1.3b-480p", WAN_1_3B, (21, 60, 104), note="Wan2.1-T2V-1.3B, 81 frames, 480x832"),
+        dit_workload("wan2.1-1.3b-720p", WAN_1_3B, (21, 90, 160), note="Wan2.1-T2V-1.3B, 81 frames, 720x1280"),
+        dit_workload("wan2.1-14b-720p", WAN_14B, (21, 90, 160), note="Wan2.1-T2V-14B, 81 frames, 720x1280"),
         Workload("hunyuan-720p", (33, 45, 80), 24, 128, 60, note="HunyuanVideo, 129 frames, 720x1280 (layers unconfirmed)"),
         Workload("cpu-tiny", (5, 16, 30), 4, 64, 2, note="CPU-sized: 2,400 tokens, not a multiple of 64 or 128"),
+        dit_workload("tiny", WAN_TINY, (3, 16, 16), text_len=16, note="CPU-sized Wan: 2 layers, 2 heads x 64, 192 tokens"),
     ]
 }
+# whole-model workloads: every preset that carries a model config, under ``dit:<name>``
+DIT_WORKLOADS: dict[str, Workload] = {w.dit_name: w for w in WORKLOADS.values() if w.model is not None}
 
 
 def get_workload(name: str) -> Workload:

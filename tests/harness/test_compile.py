@@ -9,17 +9,19 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from salad_bench.harness.dit import TINY, DiTWorkload, _inputs  # noqa: E402
+from salad_bench.harness.dit import _inputs  # noqa: E402
 from salad_bench.harness.integrations.wan import install_attention, installed_methods, new_transformer  # noqa: E402
+from salad_bench.harness.workloads import WAN_TINY as TINY  # noqa: E402
+from salad_bench.harness.workloads import dit_workload  # noqa: E402
 from salad_bench.methods import METHODS, Unsupported  # noqa: E402
 
 # grid (4, 16, 16) = 1,024 tokens: 8 x 16 tiles of 128 x 64, so 50% is reachable for every method
-WL = DiTWorkload("t", {**TINY, "num_layers": 1}, (4, 32, 32), text_len=8)
+WL = dit_workload("t", {**TINY, "num_layers": 1}, (4, 32, 32), text_len=8)
 CUDA_ONLY = {"full_cudnn", "full_flash_attn", "full_fa4", "full_flex", "full_sage"}
 
 
 def _model(name: str):
-    m = new_transformer(WL.config, dtype=torch.float32, seed=0)
+    m = new_transformer(WL.model, dtype=torch.float32, seed=0)
     install_attention(m, name, sparsity=0.5)
     return m
 
@@ -108,8 +110,8 @@ def test_compiled_block_on_the_gpu_uses_the_triton_operators(name):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     torch._dynamo.reset()
-    wl = DiTWorkload("g", {**TINY, "num_layers": 1}, (4, 32, 32), text_len=8)
-    mk = lambda: install_attention(m := new_transformer(wl.config, device="cuda", dtype=torch.bfloat16, seed=0),  # noqa: E731
+    wl = dit_workload("g", {**TINY, "num_layers": 1}, (4, 32, 32), text_len=8)
+    mk = lambda: install_attention(m := new_transformer(wl.model, device="cuda", dtype=torch.bfloat16, seed=0),  # noqa: E731
                                    name, sparsity=0.5) and m
     ref_model, model = mk(), mk()
     inputs = _inputs(wl, model.config, torch.device("cuda"), torch.bfloat16, 0)

@@ -35,14 +35,20 @@ def _params(cfg) -> int:
 
 def test_presets_match_the_reference():
     w = get_dit_workload("dit:wan2.1-1.3b-480p")
-    assert w.grid == (21, 30, 52) and w.n == 32_760 and w.text_len == 512 and w.config["text_dim"] == 4096
-    assert _params(w.config) == 1_418_996_800  # REFERENCE.md section 1
+    assert w.grid == (21, 30, 52) and w.n == 32_760 and w.text_len == 512 and w.model["text_dim"] == 4096
+    assert _params(w.model) == 1_418_996_800  # REFERENCE.md section 1
     w = get_dit_workload("dit:wan2.1-1.3b-720p")
     assert w.grid == (21, 45, 80) and w.n == 75_600
     w = get_dit_workload("dit:wan2.1-14b-720p")
-    assert (w.heads, w.head_dim, w.config["num_layers"], w.config["ffn_dim"]) == (40, 128, 40, 13824)
-    assert 14.0e9 < _params(w.config) < 14.5e9
+    assert (w.heads, w.head_dim, w.model["num_layers"], w.model["ffn_dim"]) == (40, 128, 40, 13824)
+    assert 14.0e9 < _params(w.model) < 14.5e9
     assert set(DIT_WORKLOADS) >= {"dit:tiny"}
+    # one registry: each whole-model preset is the attention workload of the same name, plus its model
+    from salad_bench.harness.workloads import get_workload
+
+    for name, w in DIT_WORKLOADS.items():
+        a = get_workload(name.removeprefix("dit:"))
+        assert (a.grid, a.heads, a.head_dim, a.layers) == (w.grid, w.heads, w.head_dim, w.model["num_layers"])
     with pytest.raises(KeyError, match="Did you mean 'dit:wan2.1-1.3b-480p'"):
         get_dit_workload("dit:wan2.1-1.3b-480")
 
@@ -120,7 +126,7 @@ def test_a_model_that_does_not_fit_gives_skipped_rows(tmp_path, monkeypatch):
 def test_real_weights_are_loaded_and_named(tmp_path):
     from salad_bench.harness.integrations.wan import new_transformer
 
-    new_transformer(get_dit_workload("dit:tiny").config, seed=5).save_pretrained(tmp_path / "w" / "transformer")
+    new_transformer(get_dit_workload("dit:tiny").model, seed=5).save_pretrained(tmp_path / "w" / "transformer")
     writer = RowWriter(tmp_path / "run")
     run_dit_workload("dit:tiny", ["full"], [0.5], writer=writer, weights=str(tmp_path / "w"), **FAST)
     (row,) = read_jsonl(writer.path)

@@ -255,9 +255,16 @@ def _copy_in(model: torch.nn.Module, files: list[Path], where: Path) -> None:
         )
 
 
+def _is_method_key(key: str) -> bool:
+    """A tensor an installed method owns: its module's (``.sparse_method.``) or the LoRA it had installed
+    on the self-attention projections (``attn1.to_q.lora_A.default.weight``, sparse_lora)."""
+    return ".sparse_method." in key or (".attn1." in key and ".lora_" in key)
+
+
 def load_method_state(model: torch.nn.Module, path: str | Path) -> None:
     """Load trained method parameters (``blocks.<i>.attn1.sparse_method.*``, e.g. SALAD's projection
-    and gate) from a safetensors or torch file into a model that already has the method installed."""
+    and gate, and LoRA on the projections, ``blocks.<i>.attn1.to_q.lora_A.default.weight``) from a
+    safetensors or torch file into a model that already has the method installed."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"method state {path} does not exist")
@@ -268,8 +275,8 @@ def load_method_state(model: torch.nn.Module, path: str | Path) -> None:
         sd = load_file(str(path))
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k: v for k, v in sd.items() if ".sparse_method." in k}
-    own = {k for k in model.state_dict() if ".sparse_method." in k}
+    sd = {k: v for k, v in sd.items() if _is_method_key(k)}
+    own = {k for k in model.state_dict() if _is_method_key(k)}
     if not own:
         raise WeightsError(f"{path}: the model has no installed method to load into; call install_attention first")
     missing, extra = sorted(own - set(sd)), sorted(set(sd) - own)

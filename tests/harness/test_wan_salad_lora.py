@@ -138,3 +138,148 @@ def test_salad_in_bf16_wan_gate_zero_is_the_sparse_model():
             for m in methods:
                 m.gate_proj.bias.zero_()
         assert not torch.equal(_run(model, inputs), ref)
+
+
+# -- sparse_lora: peft LoRA on to_q, to_k, to_v, to_out.0 at the sparse method's pattern ----------------
+
+peft = pytest.importorskip("peft")
+from peft.tuners.lora import LoraLayer  # noqa: E402
+
+TOPK = {"sparsity": 0.5, "block_q": 16, "block_k": 16}
+LORA = {"sparsity": 0.5, "sparse_knobs": BLOCKS, "rank": 4, "alpha": 8.0}
+PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _perturb(methods, std=0.1):
+    with torch.no_grad():
+        for m in methods:
+            for p in m.trainable_parameters():
+                p.normal_(std=std)
+
+
+def test_sparse_lora_is_peft_lora_on_the_projections_and_untrained_is_the_sparse_model():
+    inputs = _inputs(dtype=torch.float32)
+    model = _model(dtype=torch.float32)
+    keys = list(model.state_dict())
+    install_attention(model, "topk", **TOPK)
+    ref = _run(model, inputs)
+    methods = install_attention(model, "sparse_lora", **LORA)
+    for block in model.blocks:
+        for name in PROJ:
+            layer = block.attn1.get_submodule(name)
+            assert isinstance(layer, LoraLayer) and layer.r["default"] == 4 and layer.scaling["default"] == 2.0
+        assert not any(isinstance(mod, LoraLayer) for mod in block.attn2.modules())  # cross-attention untouched
+        assert not any(isinstance(mod, LoraLayer) for mod in block.ffn.modules())
+    assert torch.equal(_run(model, inputs), ref)  # B = 0: exactly the plain sparse model
+    # the model came frozen: the LoRA factors are the only trainable parameters, and what the methods declare
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.attn1.{t}.lora_{ab}.default.weight" for i in range(2) for t in PROJ for ab in "AB"}
+    declared = [p for m in methods for p in m.trainable_parameters()]
+    assert {id(p) for p in declared} == {id(p) for p in model.parameters() if p.requires_grad}
+    # the report: the sparse method's density, plus the LoRA's FLOPs where it is installed
+    rep, plain = methods[0].report(), installed_methods_report(model, "topk")
+    n, c, r = 192, 32, 4
+    assert rep.density == plain.density
+    assert rep.flops["lora_projections"] == 4 * (2.0 * n * r * (c + c) + 2.0 * n * c)
+    assert "installed" in rep.extra["lora"]
+    # once it trains it moves the output; restoring puts the stock model back, keys and all
+    _perturb(methods)
+    assert not torch.equal(_run(model, inputs), ref)
+    install_attention(model, "topk", **TOPK)  # a second install removes the LoRA first
+    assert torch.equal(_run(model, inputs), ref)
+    from salad_bench.harness.integrations.wan import restore_attention
+
+    restore_attention(model)
+    assert list(model.state_dict()) == keys and not hasattr(model.blocks[0].attn1, "peft_config")
+    assert all(type(b.attn1.to_q) is torch.nn.Linear for b in model.blocks)
+    assert methods[0].trainable_parameters() == []
+
+
+def installed_methods_report(model, name):
+    """The report of ``name`` run on a fresh copy of the model (same weights and inputs)."""
+    from salad_bench.harness.integrations.wan import installed_methods
+
+    other = _model(dtype=torch.float32)
+    install_attention(other, name, **TOPK)
+    _run(other, _inputs(dtype=torch.float32))
+    return installed_methods(other)[0].report()
+
+
+def test_sparse_lora_trains_only_its_factors():
+    model = _model(dtype=torch.float32).train()
+    methods = install_attention(model, "sparse_lora", **LORA)
+    _perturb(methods, std=0.05)  # B != 0 so that A gets a gradient too
+    model(**_inputs(dtype=torch.float32))[0].square().mean().backward()
+    for m in methods:
+        for p in m.trainable_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_sparse_lora_keeps_flags_of_a_trainable_model_and_only_freezes_the_adapted_linears():
+    model = _model(dtype=torch.float32).requires_grad_(True)
+    install_attention(model, "sparse_lora", **{**LORA, "targets": ("q", "v")})
+    attn = model.blocks[0].attn1
+    assert not attn.to_q.base_layer.weight.requires_grad and not attn.to_v.base_layer.weight.requires_grad
+    assert attn.to_k.weight.requires_grad and attn.norm_q.weight.requires_grad  # not adapted: left as they were
+    assert type(attn.to_k) is torch.nn.Linear and isinstance(attn.to_q, LoraLayer)
+    from salad_bench.harness.integrations.wan import restore_attention
+
+    restore_attention(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_sparse_lora_state_saves_and_loads_back(tmp_path):
+    from safetensors.torch import save_file
+
+    from salad_bench.harness.weights import load_method_state
+
+    inputs = _inputs(dtype=torch.float32)
+    model = _model(dtype=torch.float32)
+    _perturb(install_attention(model, "sparse_lora", **LORA))
+    ref = _run(model, inputs)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if ".lora_" in k}, tmp_path / "lora.safetensors")
+    other = _model(dtype=torch.float32)
+    install_attention(other, "sparse_lora", **LORA)
+    assert not torch.equal(_run(other, inputs), ref)
+    load_method_state(other, tmp_path / "lora.safetensors")
+    assert torch.equal(_run(other, inputs), ref)
+
+
+def test_sparse_lora_refuses_fused_projections_and_missing_peft(monkeypatch):
+    import sys
+
+    from salad_bench.methods import Unsupported
+
+    model = _model(dtype=torch.float32)
+    model.fuse_qkv_projections()
+    with pytest.raises(Unsupported, match="to_qkv"):
+        install_attention(model, "sparse_lora", **LORA)
+    assert all(type(b.attn1.to_out[0]) is torch.nn.Linear for b in model.blocks)  # nothing left behind
+    install_attention(model, "sparse_lora", **{**LORA, "targets": ("out",)})  # the output projection is not fused
+    assert isinstance(model.blocks[0].attn1.to_out[0], LoraLayer)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(Unsupported, match="pip install peft"):
+        install_attention(_model(dtype=torch.float32), "sparse_lora", **LORA)
+
+
+def test_sparse_lora_block_compiles_with_inductor_and_trains_through_it():
+    torch._dynamo.reset()
+    inputs = _inputs(dtype=torch.float32)
+
+    def build():
+        torch.manual_seed(0)
+        m = _model(dtype=torch.float32).train()
+        _perturb(install_attention(m, "sparse_lora", **LORA), std=0.05)
+        return m
+
+    model, ref_model = build(), build()
+    for block in model.blocks:
+        block.compile(fullgraph=True)
+    out, ref = model(**inputs)[0], ref_model(**inputs)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (pn, p), (_, r) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
+        if r.grad is not None:
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=pn)

@@ -1,4 +1,4 @@
-"""The trained peers (vsa, sla, sparse_lora) untrained: shapes, exactness at zero init, gradients,
+"""The trained peers (vsa, sla, sparse_lora; sparse_headlora, the per-head ablation) untrained: shapes, exactness at zero init, gradients,
 density, ragged grids, knob validation, and brute-force references for their non-trivial parts.
 
 CPU, tiny shapes, fresh random inputs (the ``gen`` fixture). The shared contract over every method
@@ -17,11 +17,12 @@ from salad_bench.kernels import block_sparse_attention
 from salad_bench.kernels.reference import feature_map
 from salad_bench.methods.base import AttnContext, create_method
 from salad_bench.methods.sla import SLAConfig, classify_blocks, marginal_linear_attention
-from salad_bench.methods.sparse_lora import add_lora_to_linear, lora_targets
 from salad_bench.methods.vsa import cube_partition, fine_token_mask, pool_cubes
 
 H, D = 2, 32
-TRAINED = ("vsa", "sla", "sparse_lora")
+TRAINED = ("vsa", "sla", "sparse_lora", "sparse_headlora")
+# What trains in these lives inside the method (sparse_lora's LoRA lives on a model's projections).
+OWN_PARAMS = ("vsa", "sla", "sparse_headlora")
 GRIDS = [(4, 8, 9), (3, 10, 11)]
 
 
@@ -71,9 +72,10 @@ def test_untrained_sla_is_its_critical_branch(gen):
     torch.testing.assert_close(m(q, k, v), block_sparse_attention(q, k, v, layout, backend="torch"))
 
 
-def test_untrained_sparse_lora_is_the_plain_sparse_method(gen):
+@pytest.mark.parametrize("name", ["sparse_lora", "sparse_headlora"])
+def test_untrained_sparse_lora_is_the_plain_sparse_method(gen, name):
     q, k, v = qkv(gen, 288)
-    lora = create_method("sparse_lora", num_heads=H, head_dim=D, sparsity=0.7)
+    lora = create_method(name, num_heads=H, head_dim=D, sparsity=0.7)
     plain = create_method("topk", num_heads=H, head_dim=D, sparsity=0.7)
     torch.testing.assert_close(lora(q, k, v), plain(q, k, v), atol=0, rtol=0)
     assert lora.report().density == plain.report().density
@@ -82,7 +84,7 @@ def test_untrained_sparse_lora_is_the_plain_sparse_method(gen):
 # -- gradients -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", OWN_PARAMS)
 def test_gradients_reach_trainable_parameters(name, gen):
     grid = (3, 10, 11)
     q, k, v = qkv(gen, math.prod(grid), requires_grad=True)
@@ -268,25 +270,34 @@ def test_sla_negligible_never_eats_critical(gen):
 # -- sparse_lora -----------------------------------------------------------------------------------
 
 
-def test_add_lora_to_linear(gen):
-    base = torch.nn.Linear(24, 40)
-    wrapped = add_lora_to_linear(base, rank=4, alpha=8)
-    x = torch.randn(3, 24, generator=gen)
-    torch.testing.assert_close(wrapped(x), base(x), atol=0, rtol=0)
-    assert not base.weight.requires_grad and not base.bias.requires_grad
-    assert [p.requires_grad for p in wrapped.lora_parameters()] == [True, True]
-    with torch.no_grad():
-        wrapped.lora_b.normal_(generator=gen)
-    wrapped(x).sum().backward()
-    assert wrapped.lora_a.grad.abs().sum() > 0 and wrapped.lora_b.grad.abs().sum() > 0
-    assert base.weight.grad is None
-    assert set(lora_targets()) == {"to_q", "to_k", "to_v", "to_out.0"}
-    with pytest.raises(ValueError, match="rank"):
-        add_lora_to_linear(base, rank=0)
+def test_sparse_lora_on_bare_qkv_is_its_sparse_method_and_asks_for_projection_lora(gen):
+    """No projections on bare Q/K/V: the sparse method alone, nothing to train, and the report says where
+    the LoRA lives; the request a model integration honours names rank, alpha and the roles."""
+    grid = (3, 10, 11)
+    q, k, v = qkv(gen, math.prod(grid))
+    m = create_method("sparse_lora", num_heads=H, head_dim=D, sparsity=0.5, rank=8, alpha=4.0, targets=("q", "out"))
+    plain = create_method("topk", num_heads=H, head_dim=D, sparsity=0.5)
+    assert torch.equal(m(q, k, v, AttnContext(grid=grid)), plain(q, k, v, AttnContext(grid=grid)))
+    assert m.trainable_parameters() == [] and not list(m.parameters())
+    rep = m.report()
+    assert rep.flops == plain.report().flops and "projections" in rep.extra["lora"]
+    want = m.wants_projection_lora
+    assert (want.rank, want.alpha, want.targets) == (8, 4.0, ("q", "out"))
+    assert create_method("sparse_lora", num_heads=H, head_dim=D).wants_projection_lora.alpha == 16.0  # alpha = rank
+    assert create_method("topk", num_heads=H, head_dim=D).wants_projection_lora is None
+    # what an integration hands back is what trains and what the report counts
+    a, b = torch.nn.Parameter(torch.zeros(8, 64)), torch.nn.Parameter(torch.zeros(64, 8))
+    m.attach_projection_lora([a, b], [(64, 64)])
+    assert m.trainable_parameters() == [a, b]
+    n = math.prod(grid)
+    assert m.report().flops["lora_projections"] == 2.0 * n * 8 * (64 + 64) + 2.0 * n * 64
+    assert "installed" in m.report().extra["lora"]
+    m.attach_projection_lora(None)
+    assert m.trainable_parameters() == [] and "lora_projections" not in m.report().flops
 
 
-def test_sparse_lora_targets_knob(gen):
-    m = create_method("sparse_lora", num_heads=H, head_dim=D, targets=("q", "v"), rank=4)
+def test_sparse_headlora_targets_knob(gen):
+    m = create_method("sparse_headlora", num_heads=H, head_dim=D, targets=("q", "v"), rank=4)
     assert sorted(m.lora) == ["q", "v"] and len(m.trainable_parameters()) == 4
     assert sum(p.numel() for p in m.trainable_parameters()) == 2 * 2 * H * D * 4
 
@@ -309,13 +320,16 @@ def test_sparse_lora_targets_knob(gen):
         ("sla", {"proj": "full"}, "proj"),
         ("sla", {"block_q": 48}, "block_q"),
         ("sla", {"eps": 0.0}, "eps"),
-        ("sparse_lora", {"rank": 0}, "rank"),
+        ("sparse_lora", {"rank": 0}, r"rank=0 .*>= 1"),
         ("sparse_lora", {"rank": 2.5}, "rank"),
-        ("sparse_lora", {"rank": 64}, "rank"),  # more than head_dim
+        ("sparse_lora", {"rank": 65}, r"rank=65 .*\[1, 64\]"),  # more than the projections' width H*D
         ("sparse_lora", {"alpha": 0.0}, "alpha"),
-        ("sparse_lora", {"targets": ("q", "o")}, "targets"),
+        ("sparse_lora", {"targets": ("q", "o")}, r"targets=.*\('q', 'k', 'v', 'out'\)"),
         ("sparse_lora", {"targets": ()}, "targets"),
         ("sparse_lora", {"sparse": "sparse_lora"}, "sparse"),
+        ("sparse_lora", {"sparse": "sparse_headlora"}, "sparse"),
+        ("sparse_headlora", {"rank": 64}, r"rank=64 .*\[1, 32\]"),  # more than head_dim
+        ("sparse_headlora", {"sparse": "sparse_lora"}, "sparse"),
     ],
 )
 def test_bad_knobs_raise_naming_the_knob(name, knobs, knob):

@@ -7,6 +7,12 @@ model (they train, appear in ``state_dict()`` under ``blocks.<i>.attn1.sparse_me
 load). Cross-attention (``attn2``) is never touched. :func:`restore_attention` puts the original
 processors back and removes the added modules.
 
+A method that asks for LoRA on the projections (``wants_projection_lora``, e.g. ``sparse_lora``) gets
+peft LoRA layers on ``attn1``'s ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (its roles q, k, v, out;
+:mod:`harness.integrations.lora`), installed per layer beside the method and handed to it
+(``attach_projection_lora``: its trainable parameters and its FLOPs); restoring removes them.
+Fused projections (``to_qkv``) cannot take LoRA on q, k or v: such a request raises ``Unsupported``.
+
 The processor reproduces diffusers' ``WanAttnProcessor`` (diffusers 0.33-0.42) exactly up to the
 attention call: Q/K/V projections (fused or not), RMS qk-norm across heads (on the ``(B, N, C)``
 tensors, before the head split), the head split, Wan's interleaved 3D RoPE on ``(B, N, H, D)``;
@@ -45,7 +51,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.integrations import require_diffusers
-from salad_bench.methods import AttentionMethod, AttnContext, create_method
+from salad_bench.methods import AttentionMethod, AttnContext, Unsupported, create_method
 
 __all__ = [
     "METHOD_ATTR",
@@ -65,6 +71,8 @@ __all__ = [
 
 METHOD_ATTR = "sparse_method"
 _STATE_ATTR = "_sparse_attn_state"
+# The projection of each role a method may ask LoRA on (methods.base.PROJECTIONS), in diffusers' WanAttention.
+PROJECTION_MODULES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 
 MethodFactory = Callable[..., AttentionMethod]
 
@@ -114,6 +122,7 @@ class WanAttnState:
     grid: tuple[int, int, int] | None = None
     timer: AttentionTimer | None = None
     originals: list[Any] = field(default_factory=list)
+    loras: list[Any] = field(default_factory=list)  # InstalledLoRA per layer that asked for it
     hook: Any = None
 
 
@@ -258,6 +267,7 @@ def install_attention(
             state.originals.append(attn.processor)
             attn.set_processor(SparseWanAttnProcessor(i, state))
             instances.append(m)
+            _install_projection_lora(attn, m, state)
     except BaseException:
         _undo(blocks, state)
         raise
@@ -266,7 +276,30 @@ def install_attention(
     return instances
 
 
+def _install_projection_lora(attn: torch.nn.Module, method: AttentionMethod, state: WanAttnState) -> None:
+    spec = getattr(method, "wants_projection_lora", None)
+    if spec is None:
+        return
+    if attn.fused_projections and set(spec.targets) & {"q", "k", "v"}:
+        raise Unsupported(f"{method.name}: LoRA on q, k, v needs separate to_q/to_k/to_v; this model fused them "
+                          "(to_qkv): unfuse with model.unfuse_qkv_projections()")
+    from salad_bench.harness.integrations.lora import install_lora
+
+    installed = install_lora(attn, tuple(PROJECTION_MODULES[t] for t in spec.targets), spec.rank, spec.alpha)
+    state.loras.append(installed)
+    method.attach_projection_lora(installed.parameters, installed.features)
+
+
 def _undo(blocks: list[torch.nn.Module], state: WanAttnState) -> None:
+    if state.loras:
+        from salad_bench.harness.integrations.lora import remove_lora
+
+        for installed in state.loras:
+            remove_lora(installed)
+            method = installed.module._modules.get(METHOD_ATTR)
+            if method is not None:
+                method.attach_projection_lora(None)
+        state.loras.clear()
     for block, proc in zip(blocks, state.originals, strict=False):
         block.attn1.set_processor(proc)
     for block in blocks:

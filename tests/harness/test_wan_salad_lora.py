@@ -283,3 +283,15 @@ def test_sparse_lora_block_compiles_with_inductor_and_trains_through_it():
     for (pn, p), (_, r) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
         if r.grad is not None:
             torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=pn)
+
+
+@pytest.mark.parametrize("name", ["salad", "salad_token_gate", "sparse_lora", "sparse_headlora"])
+def test_untrained_at_density_one_equals_full_in_wan(name):
+    inputs = _inputs(dtype=torch.float32)
+    model = _model(dtype=torch.float32)
+    install_attention(model, "full")
+    ref = _run(model, inputs)
+    methods = install_attention(model, name, sparsity=0.0)
+    out = _run(model, inputs)
+    assert all(m.report().density == 1.0 for m in methods)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Analytic FLOP-speedup gate for CI (CPU only, no timing).
 
-For a fixed list of (method, sparsity) cells, build each method at a small Wan-like shape, run it once
+For every registered method (the dense reference at 0, every sparse method at 50% and 90%), build each method at a small Wan-like shape, run it once
 on seeded random inputs, and compute ``dense_flops / report().flops_total``: the speedup the method
 could reach if time followed FLOPs. A change that makes a method compute more than it did (a lost
 skip, a denser layout, an extra branch) moves this ratio, and the check fails before any GPU run.
@@ -8,8 +8,8 @@ skip, a denser layout, an extra branch) moves this ratio, and the check fails be
     python -m salad_bench.harness.expected_flops --check results/expected/flops.json   # exit 1 on a mismatch
     python -m salad_bench.harness.expected_flops --write results/expected/flops.json   # regenerate
 
-Cells whose method (or a method it builds on, e.g. ``salad_sta`` needs ``sta``) is not registered
-are skipped with a message, so the list can name methods still being written.
+Cells whose method (or a method it builds on) is not registered are skipped with a message; a
+registered cell with no expectation is listed as unchecked (``--strict`` fails on it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from salad_bench.harness.flops import dense_flops
 
-__all__ = ["CASES", "SHAPE", "CheckResult", "check", "compute", "main"]
+__all__ = ["SHAPE", "cases", "CheckResult", "check", "compute", "main"]
 
 # B, H, grid (T, H, W), D: a small Wan-like latent. N = 5*16*17 = 1360 leaves a ragged last block
 # (1360 = 10*128 + 80), as Wan's 32,760 tokens do; (5, 16, 16) would divide evenly.
@@ -31,22 +31,22 @@ SHAPE: dict[str, Any] = {"B": 1, "H": 2, "grid": (5, 16, 17), "D": 64}
 SEED = 0
 TOLERANCE = 0.02  # relative
 
-PEERS = ("sta", "svg", "radial", "xattention", "sparge", "vsa", "sla", "sparse_lora")
-SALADS = ("salad", "salad_v2", "salad_sta")
-ABLATIONS = (
-    "salad_no_gate",
-    "salad_no_linear",
-    "salad_no_rope",
-    "salad_separate_qkv",
-    "salad_static_gate",
-    "salad_drop20",
-)
-CASES: tuple[tuple[str, float], ...] = (
-    ("full", 0.0),
-    *(("topk", s) for s in (0.5, 0.75, 0.9)),
-    *((m, s) for m in (*PEERS, *SALADS) for s in (0.5, 0.9)),
-    *((m, 0.9) for m in ABLATIONS),
-)
+SPARSITIES = (0.5, 0.9)
+
+
+def cases() -> list[tuple[str, float]]:
+    """Every registered method: the registry's ``reference`` dense method at 0, every method that
+    sweeps sparsity at :data:`SPARSITIES` (other dense backends compute the same FLOPs as the reference)."""
+    from salad_bench.methods import METHODS
+
+    out: list[tuple[str, float]] = []
+    for name in METHODS.names():
+        traits = METHODS.get(name).traits
+        if "reference" in traits:
+            out.append((name, 0.0))
+        elif "dense" not in traits and "lossy" not in traits:
+            out += [(name, s) for s in SPARSITIES]
+    return out
 
 
 def _inputs():
@@ -80,14 +80,14 @@ def _measure(name: str, sparsity: float, qkv) -> dict[str, Any]:
     }
 
 
-def compute(cases=CASES, *, log=print) -> tuple[list[dict[str, Any]], list[str]]:
+def compute(cells=None, *, log=print) -> tuple[list[dict[str, Any]], list[str]]:
     """Entries for the cells whose methods are registered, and a message per skipped cell."""
     from salad_bench.methods import METHODS
     from salad_bench.methods.registry import UnknownNameError
 
     qkv = _inputs()
     entries, skipped = [], []
-    for name, sparsity in cases:
+    for name, sparsity in cases() if cells is None else cells:
         if name not in METHODS:
             skipped.append(f"{name}@{sparsity:.2f}: method not registered")
             continue
@@ -146,18 +146,18 @@ def check(path: str | Path, *, only: list[str] | None = None, strict: bool = Fal
         )
     tol = float(data.get("tolerance_rel", TOLERANCE))
     expected = {_key(e): e for e in data["entries"]}
-    cases = [c for c in CASES if only is None or c[0] in only]
+    todo = [c for c in cases() if only is None or c[0] in only]
     res = CheckResult()
     if not strict:  # cells without an expectation are not worth computing
         from salad_bench.methods import METHODS
 
         res.unchecked = [
             f"{m}@{s:.2f}: no expectation in {path} (run --write)"
-            for m, s in cases
+            for m, s in todo
             if m in METHODS and (m, s) not in expected
         ]
-        cases = [c for c in cases if c in expected]
-    entries, res.skipped = compute(cases, log=log)
+        todo = [c for c in todo if c in expected]
+    entries, res.skipped = compute(todo, log=log)
     for e in entries:
         label = f"{e['method']}@{e['sparsity']:.2f}"
         want = expected.get(_key(e))

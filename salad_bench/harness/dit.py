@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -456,6 +457,150 @@ def _param_gib(config: dict[str, Any], dtype: torch.dtype) -> float:
     return n * torch.tensor([], dtype=dtype).element_size() / 2**30
 
 
+# -- a whole WanPipeline, as a user samples ----------------------------------------------------------
+
+
+def video_size(wl: Workload) -> tuple[int, int, int]:
+    """``(num_frames, height, width)`` in pixels of a preset's latent (Wan's VAE: 4x in time, 8x in space)."""
+    t, h, w = wl.latent
+    return (t - 1) * 4 + 1, h * 8, w * 8
+
+
+def _pipeline_seconds(pipe: Any, steps: int, first_step: int, num_steps: int, size: tuple[int, int, int],
+                      guidance: float, device: torch.device) -> float:
+    """Wall time of one ``pipe(...)`` call of ``steps`` denoising steps (text encoding and VAE decode
+    included), the methods told they are at steps ``first_step, first_step + 1, ...`` of ``num_steps``."""
+    import time
+
+    from salad_bench.harness.integrations.wan import set_step
+
+    model = pipe.transformer
+    set_step(model, first_step, num_steps)
+
+    def advance(_pipe, i, _t, _kw):
+        set_step(model, min(first_step + i + 1, num_steps - 1))
+        return {}
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        pipe(prompt="a red ball bounces across a wooden floor", negative_prompt="", num_frames=size[0],
+             height=size[1], width=size[2], num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent",
+             callback_on_step_end=advance, max_sequence_length=64)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def run_pipeline_workload(
+    workload: str,
+    methods: list[str],
+    sparsities: list[float],
+    *,
+    weights: str,
+    writer: RowWriter,
+    device: str,
+    dtype: torch.dtype,
+    progress: Any = None,
+    knobs: dict[str, dict[str, Any]] | None = None,
+    num_steps: int = 50,
+    short: tuple[int, int] = (2, 4),
+    guidance: float = 5.0,
+    compiled: bool = False,
+    reps: int = 3,
+) -> None:
+    """Sample through a real ``WanPipeline`` (``weights``: a full diffusers-format Wan2.1 directory) at
+    the video size of ``workload`` (a ``dit:`` preset), per method and sparsity; one ``kind="pipeline"``
+    row each.
+
+    Each cell runs the pipeline with ``short[0]`` and ``short[1]`` denoising steps (classifier-free
+    guidance: two transformer forwards per step), ``reps`` times each (the fastest call of each length
+    counts), after one untimed call that also compiles. The difference gives the time of one step, ``step_ms``; the rest, ``fixed_ms``, is text encoding, latent
+    set-up and scheduler overhead (``output_type="latent"``: no VAE decode). The ``num_steps`` run is
+    extrapolated from these, saying so: steps the method keeps dense (``dense_first_steps``) at the
+    dense step time, the rest at its own. The methods are told they are in the middle of the run (past
+    any dense warm-up); ``speedup`` compares steps, ``sampling_speedup`` whole runs, against ``full``
+    run the same way (eager or compiled) in the same process.
+    """
+    from salad_bench.harness.integrations.wan import install_attention, restore_attention
+    from salad_bench.harness.weights import load_pipeline
+
+    wl = get_dit_workload(workload if workload.startswith("dit:") else f"dit:{workload}")
+    dev = torch.device(device)
+    prog = _Progress(progress)
+    size = video_size(wl)
+    dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+    wl_id = f"pipeline:{wl.name}[weights={Path(weights).name}]" + ("+compile" if compiled else "")
+    knobs = knobs or {}
+    cells = []
+    ref = _reference()
+    names = METHODS.select(methods)
+    if ref not in names:
+        names = [ref, *names]  # the baseline of every speedup
+    for name in names:
+        entry = METHODS.get(name)
+        for s in [0.0] if "dense" in entry.traits else sparsities:
+            cfg = {**entry.defaults, **knobs.get(name, {}), "sparsity": s}
+            ident = {**_identity(name, cfg, wl_id, dtype_name, s), "kind": "pipeline"}
+            cells.append((name, entry.family, s, cfg, ident))
+    pipe = load_pipeline(weights, device=dev, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    common = {"device": str(dev), "weights": str(weights), "num_frames": size[0], "height": size[1],
+              "width": size[2], "guidance": guidance, "sampling_steps": num_steps, "short_steps": list(short), "short_reps": reps,
+              "compiled": compiled, "scheduler": type(pipe.scheduler).__name__,
+              "sampling_note": f"extrapolated to {num_steps} CFG steps from pipeline calls of {short[0]} and {short[1]} steps"}
+    mid = num_steps // 2
+    base_step = None
+    for name, family, s, cfg, ident in cells:
+        row = {**ident, **common, "family": family}
+        done = writer.done_row(ident)
+        if done is not None and done.get("status") == "ok":
+            if name == ref:
+                base_step = done["step_ms"]
+            prog.done(None)
+            continue
+        prog.note(f"pipeline {name} s={s}")
+        try:
+            install_attention(pipe.transformer, name, sparsity=s, num_steps=num_steps, **knobs.get(name, {}))
+            t0 = time.perf_counter()
+            if compiled:
+                compile_blocks(pipe.transformer)
+            _pipeline_seconds(pipe, 1, mid, num_steps, size, guidance, dev)  # warm-up (and compile)
+            first_s = time.perf_counter() - t0
+            t_a = min(_pipeline_seconds(pipe, short[0], mid, num_steps, size, guidance, dev) for _ in range(reps))
+            t_b = min(_pipeline_seconds(pipe, short[1], mid, num_steps, size, guidance, dev) for _ in range(reps))
+            if t_b <= t_a:
+                raise RuntimeError(f"{short[1]} steps took no longer than {short[0]} ({t_b:.3f} s vs {t_a:.3f} s): "
+                                   "the step time is below the timing noise; use more steps apart")
+            step_ms = (t_b - t_a) / (short[1] - short[0]) * 1e3
+            fixed_ms = max(t_a * 1e3 - short[0] * step_ms, 0.0)
+            if name == ref:
+                base_step = step_ms
+            dense_steps = min(int(cfg.get("dense_first_steps", 0) or 0), num_steps)
+            dense_step = base_step if base_step is not None else step_ms
+            est = fixed_ms + dense_steps * dense_step + (num_steps - dense_steps) * step_ms
+            base_est = fixed_ms + num_steps * dense_step
+            row.update({"status": "ok", "reason": "", "step_ms": step_ms, "ms": step_ms, "fixed_ms": fixed_ms,
+                        "first_call_s": first_s, "compile_s": first_s if compiled else None,
+                        "sampling_dense_steps": dense_steps, "sampling_ms_est": est,
+                        "speedup": dense_step / step_ms if step_ms > 0 else None,
+                        "sampling_speedup": base_est / est if est > 0 else None, "timer": "perf_counter-around-pipe"})
+        except Unsupported as exc:
+            row.update({"status": "skipped", "reason": str(exc)})
+        except torch.cuda.OutOfMemoryError as exc:
+            row.update({"status": "error", "reason": _oom_reason(exc, f"sampling with {name}") + "; try a smaller workload"})
+        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the sweep
+            row.update({"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        finally:
+            restore_attention(pipe.transformer)
+            _free(dev)
+        prog.done(writer.append(row))
+    del pipe
+    _free(dev)
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 
@@ -483,6 +628,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--knobs", default="{}", help='JSON: {"salad": {"sparse": "sta"}}')
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (both sides)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="sample through a real WanPipeline at the preset's video size (needs --weights: a full "
+                        "diffusers-format Wan2.1 directory); rows of kind 'pipeline'")
     return p.parse_args(argv)
 
 
@@ -514,6 +662,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     for w in [w.strip() for w in args.workload.split(",") if w.strip()]:
+        if args.pipeline:
+            if not args.weights:
+                raise SystemExit("--pipeline needs --weights DIR (a full diffusers-format Wan2.1 directory)")
+            run_pipeline_workload(w, args.methods.split(","), sparsities, weights=args.weights, writer=writer,
+                                  device=args.device, dtype=dtype, knobs=json.loads(args.knobs),
+                                  num_steps=args.num_steps, compiled=args.compile,
+                                  progress=lambda r: print(json.dumps({k: r.get(k) for k in (
+                                      "method", "sparsity_target", "status", "step_ms", "fixed_ms", "speedup",
+                                      "sampling_speedup", "reason")}), flush=True))
+            continue
         run_dit_workload(
             w,
             args.methods.split(","),

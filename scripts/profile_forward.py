@@ -3,10 +3,9 @@
 The headline layout (top-k at density 0.10 with the diagonal kept, 128 x 64 tiles, bf16); only the last
 call runs inside cudaProfilerStart/Stop, so ncu sees one launch:
 
-    ncu --profile-from-start off --set full python3 scripts/profile_forward.py [ours|cudnn] [OPTIONS_JSON]
+    ncu --profile-from-start off --set full python3 scripts/profile_forward.py [ours|cudnn]
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from salad_bench.harness.bench_kernels import random_layout  # noqa: E402
 from salad_bench.kernels import block_sparse as bs  # noqa: E402
 
 which = sys.argv[1] if len(sys.argv) > 1 else "ours"
-bs.OPTIONS.update(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
 dev = torch.device("cuda")
 g = torch.Generator(device=dev).manual_seed(0)
 q, k, v = (torch.randn(1, 12, 32760, 128, device=dev, generator=g, dtype=torch.bfloat16) for _ in range(3))

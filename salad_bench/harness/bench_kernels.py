@@ -7,10 +7,12 @@ card, at the Wan2.1-1.3B 480p attention shape (B=1, H=12, N=32,760, D=128, bf16)
 * block-sparse at each density (random layouts with the diagonal always kept, 128 x 64 tiles):
   FlexAttention with the same block mask and our Triton kernel;
 * passes ``fwd``, ``bwd`` (backward alone, graph retained) and ``fwd+bwd``;
-* our kernel's variants (TMA loads, heavy-rows-first order) and a top-k layout from video-like Q/K;
-* block selection (Triton vs torch) and the linear branch (Triton vs torch).
+* our kernel at more densities and with 128 x 128 tiles beside Flex, and a top-k layout from video-like Q/K;
+* block selection (Triton vs torch) and the linear branch (Triton vs torch);
+* interleaved headline rounds, the forward on each input kind and logit spread, and the peers' kernels.
 
-Every cell is one row (kind ``kernel``) appended at once with provenance; a backend that cannot run
+Every cell is one row (kind ``kernel``) appended at once with provenance and ``kernel_path`` (which
+implementation of each of our kernels ran, :func:`kernels.execution_paths`); a backend that cannot run
 gives a ``skipped`` row with the reason, never a silent fallback. Accuracy: ``rel_l2`` of the output
 (and of dQ/dK/dV for ``fwd+bwd``) against an fp32 reference on the first two heads. FLOPs: forward
 ``4 * kept token pairs * D``, backward 2.5x, fwd+bwd 3.5x; dense-equivalent uses ``4 B H N^2 D``.
@@ -34,8 +36,9 @@ from typing import Any
 import torch
 
 from salad_bench.harness.flops import BACKWARD_FACTOR, tflops
-from salad_bench.harness.results import RowWriter, config_hash, headline_times, round_diffs, round_ratios
+from salad_bench.harness.results import RowWriter, config_hash, headline_times, round_ratios
 from salad_bench.harness.timing import measure
+from salad_bench.kernels import execution_paths
 from salad_bench.kernels.errors import Unsupported
 from salad_bench.kernels.layout import BlockLayout, cdiv, keep_count
 
@@ -88,6 +91,7 @@ class Bench:
         self.q, self.k, self.v = (torch.randn(shape, generator=g).to(self.device, self.dtype) for _ in range(3))
         self.dout = torch.randn(shape, generator=g).to(self.device, self.dtype)
         self.rep_ms = 50.0 if args.quick else 100.0
+        self.kernel_path = json.dumps(execution_paths(self.device, self.dtype, self.d), sort_keys=True)
         self._ref_cache: dict[Any, Any] = {}
 
     # -- rows --------------------------------------------------------------------------------------
@@ -95,6 +99,7 @@ class Bench:
         base = {
             "kind": "kernel", "workload": f"attn-B{self.b}H{self.h}N{self.n}D{self.d}", "B": self.b, "H": self.h,
             "N": self.n, "D": self.d, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+            "kernel_path": self.kernel_path,
         }
         cfg = row.pop("config", {})
         full = {**base, **row, "config": json.dumps(cfg, sort_keys=True), "config_hash": config_hash(cfg)}
@@ -322,7 +327,7 @@ def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "
             return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
 
         bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
-                         layout=lay, passes=passes, config={**cfg, "options": dict(bs.OPTIONS)})
+                         layout=lay, passes=passes, config=cfg)
 
         def flex(layout):
             bm = flex_block_mask(layout)
@@ -337,67 +342,10 @@ def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "
         del lay
 
 
-def variants_section(bench: Bench, densities: list[float], only: list[str] | None = None) -> None:
-    """Our kernel's execution options, forward (and backward order), one density at a time; ``only``: the
-    variants to run, by name (all when empty)."""
+def variants_section(bench: Bench, densities: list[float]) -> None:
+    """Our forward at the ``densities`` (128 x 64 tiles) beside FlexAttention on the very same layout, then
+    with 128 x 128 tiles (the tile FlexAttention's default block mask uses), ours and Flex."""
     from salad_bench.kernels import block_sparse as bs
-
-    variants = {
-        "default": {},
-        "ptr": {"fwd_tma": False},
-        "order": {"fwd_order": True},
-        "pair": {"fwd_pair": True},
-        "pair_order": {"fwd_pair": True, "fwd_order": True},
-        "lazy": {"fwd_lazy": True},
-        # fixed launch configs: the autotuner's usual pick, and 8 warps capped at 128 registers
-        "cfg_128w4s2": {"fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}},
-        "cfg_128w8s2_r128": {"fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 128}},
-        "cfg_128w8s3_r128": {"fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "maxnreg": 128}},
-        "cfg_128w8s2": {"fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
-        "pipe": {"fwd_pipe": True},
-        "pipe_cfg_128w8s2_r168": {"fwd_pipe": True,
-                                  "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 168}},
-        # Triton's Hopper warp specialisation (autotuned stages, then fixed 2 / 3 stages)
-        "ws": {"fwd_ws": True},
-        "ws_cfg_128w4s2": {"fwd_ws": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 2}},
-        "ws_cfg_128w4s3": {"fwd_ws": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
-        # the last, partial wave's tiles split over 2-4 programs each, assuming 2 or 3 resident per SM
-        "split2": {"fwd_split": 2},
-        "split3": {"fwd_split": 3},
-        # no running max: each row's reference is one key's score (block_sparse._fwd_kernel, FIXED; the
-        # default since run 10), against the online softmax
-        "fixed": {"fwd_fixed_max": True},
-        "online": {"fwd_fixed_max": False},
-        # the fixed reference's row sums left split over each row's lanes until after the loop (the default
-        # since r23), against a row sum per block
-        "lanes": {"fwd_fixed_max": True, "fwd_lane_sums": True},
-        "rowsums": {"fwd_fixed_max": True, "fwd_lane_sums": False},
-        "fixed_cfg_128w4s3": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
-        "fixed_cfg_128w8s2": {"fwd_fixed_max": True, "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
-        # every second / fourth column's exponential on the FMA pipe (a cubic) instead of the MUFU
-        "fma": {"fwd_exp": "fma"},
-        "fma4": {"fwd_exp": "fma4"},
-        "fma_split3": {"fwd_exp": "fma", "fwd_split": 3},
-        "fma_cfg_128w4s3": {"fwd_exp": "fma", "fwd_config": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3}},
-        "fma_cfg_128w8s2": {"fwd_exp": "fma", "fwd_config": {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}},
-        "gluon": {"fwd_gluon": True},
-        "gluon64": {"fwd_gluon": 64},
-        "gluon_ws": {"fwd_gluon": "ws"},
-        **{f"gluon_ws_s{sl}_r{rg}": {"fwd_gluon": "ws", "gluon_ws_slots": sl, "gluon_ws_regs": rg}
-           for sl in (2, 3, 4) for rg in (208, 232, 240)},
-        **{f"gluon_ws_pp_s{sl}": {"fwd_gluon": "ws", "gluon_ws_slots": sl, "gluon_ws_pingpong": True} for sl in (2, 3, 4)},
-        # two key blocks per step (64 x 128 scores per warpgroup), two slots of two blocks each
-        **{f"gluon_ws_g2{pp}_r{rg}": {"fwd_gluon": "ws", "gluon_ws_group": 2, "gluon_ws_slots": 2,
-                                     "gluon_ws_pingpong": bool(pp), "gluon_ws_regs": rg}
-           for pp in ("", "_pp") for rg in (232, 240)},
-        "bwd_tma": {"bwd_tma": True},
-        "bwd_natural": {"bwd_order": False},
-    }
-    if only:
-        unknown = sorted(set(only) - set(variants))
-        if unknown:
-            raise ValueError(f"unknown variants {unknown}; known: {', '.join(variants)}")
-        variants = {name: opts for name, opts in variants.items() if name in only}
 
     def ours(layout):
         return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
@@ -405,12 +353,8 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, 128, 64, dens, bench.device, seed=int(dens * 1000))
         real, pairs = lay.density(), float(lay.kept_token_pairs())
-        for name, opts in variants.items():
-            passes = ("bwd",) if name.startswith("bwd") else ("fwd",)
-            with _updated(bs.OPTIONS, opts):
-                bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
-                                 variant=name, layout=lay, passes=passes,
-                                 config={"block_q": 128, "block_k": 64, "options": dict(bs.OPTIONS)})
+        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+                         variant="default", layout=lay, passes=("fwd",), config={"block_q": 128, "block_k": 64})
         if dens < 1.0:  # FlexAttention on this very layout, so every variant has its same-mask ratio
             from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
 
@@ -444,93 +388,9 @@ def variants_section(bench: Bench, densities: list[float], only: list[str] | Non
                          variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
 
 
-def linear_variants_section(bench: Bench, only: list[str] | None = None) -> None:
-    """Grid size and tile options of the linear branch, forward only (``only``: these variants)."""
-    from salad_bench.kernels import linear_attn as la
-    from salad_bench.kernels.reference import linear_attention_ref
-    from salad_bench.kernels.rope import rope_3d_freqs
-
-    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
-    cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
-    def tiles(block, warps, stages):
-        c = {"BLOCK": block, "num_warps": warps, "num_stages": stages}
-        return {"state": dict(c), "out": dict(c)}
-
-    # Run 5 timed the half-layout tile/grid configurations (docs/lab/kernels-notes.md); these compare the layouts.
-    pairs = {"pairs": True}
-    variants = {
-        "default": {},
-        "split": {"state_split": True},
-        "rope_fp16": {},
-        "pairs": pairs,
-        "pairs_nosplit": {**pairs, "state_split": False},
-        "pairs_b32w4s4": {**pairs, **tiles(32, 4, 4)},
-        "pairs_state_b64w8s3": {**pairs, "state": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
-        "pairs_nosplit_state_b64w8s3": {**pairs, "state_split": False, "state": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
-        "pairs_out_b64w8s3": {**pairs, "out": {"BLOCK": 64, "num_warps": 8, "num_stages": 3}},
-        "pairs_out_b64w4s3": {**pairs, "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
-        "pairs_out_b32w4s4": {**pairs, "out": {"BLOCK": 32, "num_warps": 4, "num_stages": 4}},
-        "out_pps4": {"out_programs_per_sm": 4},
-        "out_pps8": {"out_programs_per_sm": 8},
-        "out_pps16": {"out_programs_per_sm": 16},
-        "out_pps8_b64w4s3": {"out_programs_per_sm": 8, "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 3}},
-        "out_pps3_s2": {"out_programs_per_sm": 3, "out": {"BLOCK": 32, "num_warps": 4, "num_stages": 2}},
-        "nosplit_out_pps4": {"state_split": False, "out_programs_per_sm": 4},
-        # the Q pass's shared-memory traffic (ncu: L1/TEX 72% busy): bigger tiles read the state once per
-        # more tokens; one stage loads Q and the tables straight to registers; fp16 tables halve theirs
-        "out_b64w4s2": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 2}},
-        "out_b64w4s1": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 1}},
-        "out_b32w4s1": {"out": {"BLOCK": 32, "num_warps": 4, "num_stages": 1}},
-        "out_b64w8s2": {"out": {"BLOCK": 64, "num_warps": 8, "num_stages": 2}},
-        "out_b128w8s1": {"out": {"BLOCK": 128, "num_warps": 8, "num_stages": 1}},
-        "rope_fp16_out_b64w4s2": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 2}},
-        "rope_fp16_out_b32w4s1": {"out": {"BLOCK": 32, "num_warps": 4, "num_stages": 1}},
-        "rope_fp16_out_b64w4s1": {"out": {"BLOCK": 64, "num_warps": 4, "num_stages": 1}},
-        "pairs_norope": pairs,
-        "norope": {},
-        # both passes through TMA descriptors (kernels.linear_attn OPTIONS["tma"])
-        "tma": {"tma": True},
-        "tma_rope_fp16": {"tma": True},
-        "tma_out_b64w4s2": {"tma": True, "out": {"BLOCK": 64, "num_warps": 4, "num_stages": 2}},
-        "tma_b32w4s4": {"tma": True, **tiles(32, 4, 4)},
-        "tma_b32w4s2": {"tma": True, **tiles(32, 4, 2)},
-        "tma_pps3": {"tma": True, "programs_per_sm": 3},
-        "tma_norope": {"tma": True},
-        "default_again": {},
-        "pairs_again": pairs,
-        "tma_again": {"tma": True},
-    }
-    if only:
-        unknown = sorted(set(only) - set(variants))
-        if unknown:
-            raise SystemExit(f"unknown linear variant(s) {unknown}; choose from {sorted(variants)}")
-        variants = {name: variants[name] for name in only}
-    q, k, v = bench.q, bench.k, bench.v
-    hs = min(REF_HEADS, bench.h)
-    ref = linear_attention_ref(*[x[:, :hs].float() for x in (q, k, v)], "relu", cos, sin)
-    for name, opts in variants.items():
-        cs, sn = (None, None) if name.endswith("norope") else (cos, sin)
-        if "rope_fp16" in name:  # half the table traffic; the caller converts once (tables are per shape)
-            cs, sn = cos.to(torch.float16), sin.to(torch.float16)
-        with _updated(la.OPTIONS, opts):
-            extra = {}
-            if not name.endswith("norope"):
-                try:
-                    extra["rel_l2"] = rel_l2(la.linear_attention_triton(q[:, :hs], k[:, :hs], v[:, :hs], "relu", cs, sn),
-                                             ref)
-                except Exception as exc:  # the timing below reports the failure
-                    print(f"  linear {name}: accuracy failed: {exc!r}")
-            bench.timed("linear_triton", "triton", "fwd",
-                        lambda cs=cs, sn=sn: la.linear_attention_triton(q, k, v, "relu", cs, sn),
-                        variant=name, config={"kind": "relu", "rope": cs is not None, "options": json.dumps(la.OPTIONS),
-                                              "tables": str(cs.dtype) if cs is not None else None},
-                        attention=False, extra=extra)
-
-
 def profile_section(bench: Bench) -> None:
     """Per-kernel device times (torch.profiler) of our kernels: launch overhead vs GPU time."""
     from salad_bench.kernels import block_sparse as bs
-    from salad_bench.kernels import linear_attn as la
     from salad_bench.kernels.linear_attn import linear_attention_triton
     from salad_bench.kernels.rope import rope_3d_freqs
     from salad_bench.kernels.select_triton import select_topk_triton
@@ -545,21 +405,18 @@ def profile_section(bench: Bench) -> None:
     def linear_fwd():
         return linear_attention_triton(q, k, v, "relu", cos, sin)
 
-    items = {  # name: (call, linear-branch options it runs with)
-        "select_topk": (lambda: select_topk_triton(q, k, keep, 128, 64), {}),
-        "linear_fwd": (linear_fwd, {}),
-        "linear_fwd_pairs": (linear_fwd, {"pairs": True}),
-        "linear_fwd_tma": (linear_fwd, {"tma": True}),
-        "linear_fwd_bwd": (lambda: torch.autograd.grad(linear_attention_triton(qg, kg, vg, "relu", cos, sin),
-                                                       (qg, kg, vg), dout), {}),
-        "sparse_fwd_bwd_d0.1": (lambda: torch.autograd.grad(bs.block_sparse_attention_triton(qg, kg, vg, lay),
-                                                            (qg, kg, vg), dout), {}),
+    items = {
+        "select_topk": lambda: select_topk_triton(q, k, keep, 128, 64),
+        "linear_fwd": linear_fwd,
+        "linear_fwd_bwd": lambda: torch.autograd.grad(linear_attention_triton(qg, kg, vg, "relu", cos, sin),
+                                                      (qg, kg, vg), dout),
+        "sparse_fwd_bwd_d0.1": lambda: torch.autograd.grad(bs.block_sparse_attention_triton(qg, kg, vg, lay),
+                                                           (qg, kg, vg), dout),
     }
     report = {}
-    for name, (fn, opts) in items.items():
+    for name, fn in items.items():
         try:
-            with _updated(la.OPTIONS, opts):
-                _profile_one(name, fn, report)
+            _profile_one(name, fn, report)
         except Exception as exc:
             print(f"  profile {name} failed: {exc!r}")
     (Path(bench.writer.run_dir) / "profile.json").write_text(json.dumps(report, indent=1))
@@ -634,10 +491,10 @@ def video_topk_section(bench: Bench, sparsity: float = 0.9) -> None:
 
 def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
                    spreads: tuple[float, ...] = (5.0, 20.0, 80.0, 300.0)) -> None:
-    """Does the forward's speed depend on the data? Each softmax mode of our forward (``fwd_fixed_max``
-    on and off) against cuDNN dense, in interleaved rounds, on: random Q/K with a random layout; the
-    video-like workload and a Wan2.1 layer's Q/K (``wan``, needs diffusers) with the layout ``topk``
-    selects from them; and random Q/K scaled so the median row spans each of ``spreads`` nats."""
+    """Does the forward's speed depend on the data? Our forward against cuDNN dense, in interleaved rounds,
+    on: random Q/K with a random layout; the video-like workload and a Wan2.1 layer's Q/K (``wan``, needs
+    diffusers) with the layout ``topk`` selects from them; and random Q/K scaled so the median row spans
+    each of ``spreads`` nats."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -668,7 +525,6 @@ def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
     for target in spreads:
         f = target / base
         cases.append((f"spread{int(target)}", bench.q * f, bench.k, bench.v, rnd))
-    modes = {"online": {"fwd_fixed_max": False}, "fixed_max": {"fwd_fixed_max": True}}
     for r in range(rounds):
         for name, q, k, v, lay in cases:
             real, pairs = lay.density(), float(lay.kept_token_pairs())
@@ -680,13 +536,10 @@ def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
 
             bench.timed("sdpa_cudnn", "cudnn", "fwd", cudnn, variant=f"inputs_{name}_r{r}",
                         config={"inputs": name, "round": r}, extra=info)
-            for mode, opts in modes.items():
-                with _updated(bs.OPTIONS, opts):
-                    bench.timed("triton_block_sparse", "triton", "fwd",
-                                lambda q=q, k=k, v=v, lay=lay: bs.block_sparse_attention_triton(q, k, v, lay),
-                                density=real, pairs=pairs, variant=f"inputs_{name}_{mode}_r{r}",
-                                config={"inputs": name, "mode": mode, "round": r, "block_q": 128, "block_k": 64},
-                                extra={**info, "softmax_mode": mode, "kernel_options": json.dumps(dict(bs.OPTIONS))})
+            bench.timed("triton_block_sparse", "triton", "fwd",
+                        lambda q=q, k=k, v=v, lay=lay: bs.block_sparse_attention_triton(q, k, v, lay),
+                        density=real, pairs=pairs, variant=f"inputs_{name}_r{r}",
+                        config={"inputs": name, "round": r, "block_q": 128, "block_k": 64}, extra=info)
 
 
 def peers_section(bench: Bench, density: float = 0.1) -> None:
@@ -764,8 +617,7 @@ def _gpu_state(device: torch.device) -> dict[str, Any]:
         return {}
 
 
-def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
-                     options: dict[str, dict[str, Any]] | None = None) -> None:
+def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1) -> None:
     """The issue's headline ratios, measured in interleaved rounds on one layout.
 
     One timing of a ~1 ms kernel moves by several per cent with the card's clock and temperature (the
@@ -777,9 +629,7 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from salad_bench.kernels import block_sparse as bs
-    from salad_bench.kernels import linear_attn as la
     from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
-    from salad_bench.kernels.fused import sparse_linear_attention_triton
     from salad_bench.kernels.linear_attn import linear_attention_triton
     from salad_bench.kernels.rope import rope_3d_freqs
     from salad_bench.kernels.select_triton import select_topk_triton
@@ -799,58 +649,39 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1,
     def ours():
         return bs.block_sparse_attention_triton(q, k, v, lay)
 
-    cos_t, sin_t, _ = la._rope_args(cos, sin, bench.n, bench.d, bench.device)
-
-    calls = {  # name: (call, density, kept pairs, attention FLOPs?, block-sparse options it runs with)
-        "sdpa_cudnn": (cudnn, 1.0, None, True, {}),
-        "triton_block_sparse": (ours, real, pairs, True, {}),
-        "flex_block_sparse": (lambda: flex_block_sparse_attention(q, k, v, lay, block_mask=bm), real, pairs, True, {}),
-        "linear_triton": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False, {}),
-        "select_topk_triton": (lambda: select_topk_triton(q, k, keep, 128, 64), density, None, False, {}),
-        # SALAD's two branches: the linear K/V pass alone, and sparse + linear with the linear Q pass fused
-        # into the sparse kernel's epilogue (the linear branch then costs fused - sparse, per round)
-        "linear_state_triton": (lambda: la._state_pass(k, v, 0, cos_t, sin_t, True), 1.0, None, False, {}),
-        "fused_sparse_linear_triton": (lambda: sparse_linear_attention_triton(q, k, v, lay, "relu", cos, sin),
-                                       real, pairs, False, {}),
-        # execution options of our forward under test, timed in the same rounds (variant headline_<name>_r<i>)
-        **{f"triton_block_sparse:{name}": (ours, real, pairs, True, opts) for name, opts in (options or {}).items()
-           if not name.startswith("linear:")},
-        # "linear:<name>" options update kernels.linear_attn's OPTIONS for one more linear-branch timing
-        **{f"linear_triton:{name[7:]}": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False,
-                                         opts) for name, opts in (options or {}).items() if name.startswith("linear:")},
+    calls = {  # name: (call, density, kept pairs, attention FLOPs?)
+        "sdpa_cudnn": (cudnn, 1.0, None, True),
+        "triton_block_sparse": (ours, real, pairs, True),
+        "flex_block_sparse": (lambda: flex_block_sparse_attention(q, k, v, lay, block_mask=bm), real, pairs, True),
+        "linear_triton": (lambda: linear_attention_triton(q, k, v, "relu", cos, sin), 1.0, None, False),
+        "select_topk_triton": (lambda: select_topk_triton(q, k, keep, 128, 64), density, None, False),
     }
     print(f"headline: {rounds} interleaved rounds at density {real:.4f}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
         state = _gpu_state(bench.device)
-        for name, (fn, dens, prs, attention, opts) in calls.items():
-            method, _, opt = name.partition(":")
-            with _updated(la.OPTIONS if method.startswith("linear") else bs.OPTIONS, opts):
-                backend = "cudnn" if method == "sdpa_cudnn" else "flex" if method.startswith("flex") else "triton"
-                row = bench.timed(method, backend, "fwd", fn,
-                                  density=dens, pairs=prs, variant=f"headline_{opt}_r{r}" if opt else f"headline_r{r}",
-                                  attention=attention,
-                                  config={"headline": True, "round": r, "option": opt, "block_q": 128, "block_k": 64,
-                                          "density_target": density},
-                                  extra={"round": r, **state})
+        for name, (fn, dens, prs, attention) in calls.items():
+            backend = "cudnn" if name == "sdpa_cudnn" else "flex" if name.startswith("flex") else "triton"
+            row = bench.timed(name, backend, "fwd", fn, density=dens, pairs=prs, variant=f"headline_r{r}",
+                              attention=attention,
+                              config={"headline": True, "round": r, "block_q": 128, "block_k": 64,
+                                      "density_target": density},
+                              extra={"round": r, **state})
             times[name].append(row["ms"] if row and row.get("status") == "ok" else float("nan"))
     per_round = {name: dict(enumerate(vals)) for name, vals in times.items()}
     ratios = {
         "ours vs cuDNN dense": round_ratios(per_round, "sdpa_cudnn", "triton_block_sparse"),
         "ours vs Flex same mask": round_ratios(per_round, "flex_block_sparse", "triton_block_sparse"),
-        **{f"{name} vs Flex same mask": round_ratios(per_round, "flex_block_sparse", name)
-           for name in times if name.startswith("triton_block_sparse:")},
     }
-    diffs = {"linear fused (fused - sparse)": round_diffs(per_round, "fused_sparse_linear_triton", "triton_block_sparse")}
-    summary = {name: statistics.median(v) for name, v in {**times, **ratios, **diffs}.items() if v}
-    for name, vals in {**times, **ratios, **diffs}.items():
+    summary = {name: statistics.median(v) for name, v in {**times, **ratios}.items() if v}
+    for name, vals in {**times, **ratios}.items():
         if not vals:
             continue
         unit = "x" if name in ratios else "ms"
         print(f"headline {name:<24} median {summary[name]:.3f} {unit}  rounds: "
               + " ".join(f"{x:.3f}" for x in vals), flush=True)
     (Path(bench.writer.run_dir) / "headline.json").write_text(json.dumps(
-        {"rounds": rounds, "density": real, "times_ms": times, "ratios": ratios, "diffs_ms": diffs, "median": summary},
+        {"rounds": rounds, "density": real, "times_ms": times, "ratios": ratios, "median": summary},
         indent=1))
 
 
@@ -890,32 +721,13 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
         for method, fn in (("select_topk_triton", paths[0][1]), ("pool_scores_triton", paths[4][1])):
             bench.timed(method, "triton", "fwd", fn, density=density, variant="tf32_scores",
                         config={**cfg, "tf32": True}, attention=False, extra=extra)
-    # pooling alone (the bandwidth-bound part: Q and K read once): warps and token slices, and torch
+    # pooling alone (the bandwidth-bound part: Q and K read once), ours and torch
     want_pool = sel.pool_blocks(q, bq)
-    for warps, sub in ((4, 0), (8, 0), (4, 32), (8, 32), (4, 16), (2, 16)):
-        with _patched(st, POOL_WARPS=warps, POOL_SUB=sub):
-            err = float((st._pool(q, None, bq, bq)[0] - want_pool).abs().max())
-            bench.timed("pool_triton", "triton", "fwd", lambda: st._pool(q, k, bq, bk), density=density,
-                        variant=f"w{warps}" + (f"s{sub}" if sub else ""), config={**cfg, "num_warps": warps, "sub": sub},
-                        attention=False, extra={"bytes_read": 2 * q.numel() * q.element_size(), "max_abs_err": err})
+    err = float((st._pool(q, None, bq, bq)[0] - want_pool).abs().max())
+    bench.timed("pool_triton", "triton", "fwd", lambda: st._pool(q, k, bq, bk), density=density, config=cfg,
+                attention=False, extra={"bytes_read": 2 * q.numel() * q.element_size(), "max_abs_err": err})
     bench.timed("pool_torch", "torch", "fwd", lambda: (_pool_torch(q, bq), _pool_torch(k, bk)), density=density,
                 config=cfg, attention=False)
-    # whole-pipeline combinations (pool warps/slice, selection warps, TF32 scores), eager and from a CUDA
-    # graph, each with its agreement with the torch rule
-    for pw, ps, sw, on in ((4, 0, 0, False), (2, 16, 0, False), (4, 0, 1, False), (4, 0, 2, False),
-                           (2, 16, 1, False), (1, 16, 1, False), (2, 32, 1, False), (2, 16, 1, True)):
-        name = f"p{pw}s{ps}_sel{sw}" + ("_tf32" if on else "")
-        vcfg = {**cfg, "pool_warps": pw, "pool_sub": ps, "sel_warps": sw, "tf32": on}
-        with _patched(st, POOL_WARPS=pw, POOL_SUB=ps, SEL_WARPS=sw), _patched(tf32, allow_tf32=on):
-            try:
-                extra = {"tile_agreement": agreement()}
-                bench.timed("select_topk_triton", "triton", "fwd", paths[0][1], density=density, variant=name,
-                            config=vcfg, attention=False, extra=extra)
-                bench.timed("select_topk_triton", "triton", "fwd", cuda_graph(paths[0][1]), density=density,
-                            variant=name + "_graph", config={**vcfg, "cuda_graph": True}, attention=False, extra=extra)
-            except Exception as exc:
-                bench.skipped("select_topk_triton", "triton", "fwd", f"{type(exc).__name__}: {str(exc)[:200]}", density,
-                              name, status="error")
     # The Triton paths replayed from a CUDA graph: device time without the host's launch gaps. Timed
     # alone, three short launches (~0.1 ms of work) can be bound by Python launch overhead; inside a
     # model forward the host runs ahead of the GPU and those gaps are hidden.
@@ -935,7 +747,7 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
 
 @contextlib.contextmanager
 def _patched(obj: Any, **attrs: Any):
-    """Set attributes of ``obj`` (module knobs, torch flags) for the block, then put the old values back."""
+    """Set attributes of ``obj`` (torch flags) for the block, then put the old values back."""
     saved = {key: getattr(obj, key) for key in attrs}
     for key, val in attrs.items():
         setattr(obj, key, val)
@@ -944,17 +756,6 @@ def _patched(obj: Any, **attrs: Any):
     finally:
         for key, val in saved.items():
             setattr(obj, key, val)
-
-
-@contextlib.contextmanager
-def _updated(options: dict, update: dict):
-    """``options`` (a kernel module's OPTIONS dict) updated for the block, then the old entries put back."""
-    saved = {key: options[key] for key in update}
-    options.update(update)
-    try:
-        yield
-    finally:
-        options.update(saved)
 
 
 def _pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -1088,8 +889,6 @@ def headline_targets(rows: list[dict[str, Any]]) -> list[str]:
         f"(<= 1.3), x cuDNN {med(round_ratios(times, 'sdpa_cudnn', 'triton_block_sparse'), '.2f')} (>= 8.5), "
         f"x Flex same mask {med(round_ratios(times, 'flex_block_sparse', 'triton_block_sparse'), '.2f')} (>= 1.4)",
         f"headline: linear fwd {med(ms('linear_triton'), '.3f')} ms (<= 0.15), "
-        f"fused into the sparse forward {med(round_diffs(times, 'fused_sparse_linear_triton', 'triton_block_sparse'), '.3f')} ms "
-        f"(K/V pass {med(ms('linear_state_triton'), '.3f')} ms + epilogue), "
         f"selection top-k {med(ms('select_topk_triton'), '.3f')} ms (<= 0.1)",
     ]
 
@@ -1105,15 +904,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bf16 on GPUs; fp32/fp16 for a CPU smoke run under TRITON_INTERPRET=1")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--sections", default="dense,sparse,selection,linear,video,variants,headline",
-                   help="comma list of dense,sparse,selection,linear,video,variants,linear_variants,profile,headline,inputs,peers")
-    p.add_argument("--variant-densities", default="0.1,1.0")
-    p.add_argument("--variants", default="", help="comma list of the variants section's variants to run (default all)")
-    p.add_argument("--linear-variants", default="",
-                   help="comma list of the linear_variants section's variants to run (default all)")
+                   help="comma list of dense,sparse,selection,linear,video,variants,profile,headline,inputs,peers")
+    p.add_argument("--variant-densities", default="0.1,1.0", help="densities of the variants section")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the headline section")
-    p.add_argument("--headline-options", default="{}",
-                   help='JSON {name: block_sparse OPTIONS update} timed in the headline rounds, e.g. \'{"lazy": {"fwd_lazy": true}}\'; '
-                        'a name "linear:<x>" updates the linear branch\'s OPTIONS instead')
     args = p.parse_args(argv)
     try:  # compiled flex backward donates buffers, which forbids timing the backward with retain_graph
         import torch._functorch.config as functorch_config
@@ -1132,11 +925,9 @@ def main(argv: list[str] | None = None) -> int:
         ("selection", lambda: selection_section(bench)),
         ("linear", lambda: linear_section(bench)),
         ("video", lambda: video_topk_section(bench)),
-        ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x],
-                                              [x for x in args.variants.split(",") if x])),
-        ("linear_variants", lambda: linear_variants_section(bench, [x for x in args.linear_variants.split(",") if x])),
+        ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x])),
         ("profile", lambda: profile_section(bench)),
-        ("headline", lambda: headline_section(bench, rounds=args.rounds, options=json.loads(args.headline_options))),
+        ("headline", lambda: headline_section(bench, rounds=args.rounds)),
         ("inputs", lambda: inputs_section(bench, rounds=max(1, min(args.rounds, 3)))),
         ("peers", lambda: peers_section(bench)),
     ]

@@ -5,9 +5,9 @@
 * every dense backend and ``full``, and ``topk``, ``sta``, ``salad``, ``salad_sta``, ``sparse_lora`` at
   50% and 90% target sparsity, at Wan2.1-1.3B 480p, on each input kind: ``video`` (the video-like
   workload), ``random`` and ``wan`` (a Wan2.1 layer's Q/K/V; needs diffusers, else skipped rows);
-* the kernel benchmark's ``headline`` rounds, its ``inputs`` section (the forward's softmax modes on
-  random, video-like and Wan inputs with the methods' own layouts, and over a sweep of logit spreads)
-  and its ``peers`` section (the peers' own kernels, where their wheels load, on the same inputs);
+* the kernel benchmark's ``headline`` rounds, its ``inputs`` section (the forward on random, video-like
+  and Wan inputs with the methods' own layouts, and over a sweep of logit spreads) and its ``peers``
+  section (the peers' own kernels, where their wheels load, on the same inputs);
 
 writes one run directory with provenance (``PROVENANCE.md``), and gates the sweep's speedups against
 ``results/baselines/<card>.json``. ``--make-baseline FILE`` writes that card's baseline from this run
@@ -53,6 +53,9 @@ SWEEP: dict[str, Any] = {
     "kernel_rounds": _EXP["kernels"]["rounds"],
 }
 PENDING = "results/gpu_pending.txt"
+# The inputs section's rows written before 2026-12-06 timed two softmax modes of the forward, each row naming
+# its ``softmax_mode``; since then the forward is the online softmax alone and its rows name no mode.
+ONLINE = "online"
 WATCHED = ("salad_bench/kernels", "salad_bench/methods")
 
 
@@ -133,7 +136,7 @@ def evaluate_targets(run_dir: Path, targets: list[dict[str, Any]] | None = None)
                 res["detail"] = ", ".join(f"{k} {v:.3f}" for k, v in sorted(by.items()))
         else:
             hits = [r for r in krows if r.get("method") == t["kernel"] and str(r.get("variant", "")).startswith(t["variant"])
-                    and ("mode" not in t or r.get("softmax_mode") == t["mode"])]
+                    and ("mode" not in t or r.get("softmax_mode", ONLINE) == t["mode"])]
             groups: dict[str, list[float]] = {}
             for r in hits:
                 groups.setdefault(str(r.get("input", "")), []).append(float(r["ms"]))

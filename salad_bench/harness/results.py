@@ -13,8 +13,9 @@ identity   run_id, kind ("attention" | "kernel" | "dit" | "quality"), method, fa
 outcome    status ("ok" | "skipped" | "error"), reason
 measured   density, sparsity (1 - density), ms, ms_p20, ms_p80, reps, timer, select_ms, peak_mem_gib,
            flops_executed, flops_dense, flops_<part>, tflops_dense_equiv, tflops_executed, mfu,
-           backend, kernel_options (JSON: the Triton kernels' execution options in force), rel_l2,
-           cos_sim, max_abs_err
+           backend, kernel_path (JSON: which implementation of each Triton kernel ran, from
+           kernels.execution_paths; rows before 2026-12-06 have kernel_options, the switches then in force),
+           rel_l2, cos_sim, max_abs_err
 baseline   baseline_method, baseline_backend, baseline_ms, speedup, fa2_ms, speedup_vs_fa2
 provenance git_sha, git_dirty, torch, triton, cudnn, cuda, python, date, host, command
 """

@@ -24,7 +24,7 @@ from salad_bench.harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
 from salad_bench.harness.results import RowWriter, config_hash
 from salad_bench.harness.timing import measure, peak_memory_gib
 from salad_bench.harness.workloads import DTYPES, Workload, get_workload, make_qkv
-from salad_bench.kernels import execution_options
+from salad_bench.kernels import execution_paths
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
 
 __all__ = ["RunSpec", "run", "check_device", "make_spec", "dense_baselines", "sweeps_sparsity", "validate_spec"]
@@ -324,7 +324,7 @@ class _Sweep:
         )
         if rep.extra:
             row["extra"] = json.dumps(rep.extra, default=str)
-        row["kernel_options"] = json.dumps(execution_options(), sort_keys=True, default=str)
+        row["kernel_path"] = json.dumps(execution_paths(q.device, q.dtype, d), sort_keys=True)
         return row
 
 

@@ -25,7 +25,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_ref",
     "cdiv",
-    "execution_options",
+    "execution_paths",
     "keep_count",
     "linear_attention",
     "linear_attention_ref",
@@ -36,9 +36,9 @@ __all__ = [
 
 def triton_available(device: torch.device) -> bool:
     """Whether our Triton kernels can run on ``device`` (CUDA, or the CPU interpreter)."""
-    import os
+    from salad_bench.kernels.launch import interpreting
 
-    return _triton_importable(device.type, os.environ.get("TRITON_INTERPRET") == "1")
+    return _triton_importable(device.type, interpreting())
 
 
 @functools.lru_cache(maxsize=8)
@@ -55,18 +55,43 @@ def _triton_importable(device_type: str, interpret: bool) -> bool:
     return True
 
 
-def execution_options() -> dict[str, dict]:
-    """The execution options in force in each Triton kernel module loaded so far (``{module: OPTIONS}``),
-    so a result row can say which kernel path ran."""
-    import sys
+def execution_paths(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[str, str]:
+    """Which implementation of each Triton kernel runs for inputs of this device, dtype and head dim, so a
+    result row can say what ran (``kernel_path``): ``block_sparse`` (the online-softmax forward, its K/V
+    through TMA descriptors on sm90+, through pointers before), ``linear`` (the Gluon forward passes on
+    sm_90, the Triton ones elsewhere; the backward is Triton's) and ``select`` (the Triton selector, or
+    torch where Triton cannot run). Which backend a method called is the row's ``backend``.
 
-    out = {}
-    for short in ("block_sparse", "linear_attn", "select_triton"):
-        mod = sys.modules.get(f"{__name__}.{short}")
-        opts = getattr(mod, "OPTIONS", None)
-        if isinstance(opts, dict):
-            out[short] = {k: v for k, v in sorted(opts.items())}
-    return out
+    Where a path also depends on a tensor's alignment (TMA wants 16-byte aligned bases and strides, the
+    Gluon passes contiguous inputs), this names the path aligned contiguous inputs take."""
+    device = torch.device(device)
+    if not triton_available(device):
+        return {"block_sparse": f"unavailable on {device.type}", "linear": f"unavailable on {device.type}",
+                "select": "torch"}
+    from salad_bench.kernels.block_sparse import SUPPORTED_HEAD_DIMS as SPARSE_DIMS
+    from salad_bench.kernels.linear_attn import SUPPORTED_HEAD_DIMS as LINEAR_DIMS
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    ok = dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if device.type != "cuda":  # the interpreter: TMA descriptors are emulated, Gluon does not run
+        sparse, linear, select = "triton interpreter, online-softmax, TMA K/V loads", "triton interpreter", "triton interpreter"
+    else:
+        major = torch.cuda.get_device_capability(device)[0]
+        sparse = "triton online-softmax, " + ("TMA K/V loads" if major >= 9 else "pointer K/V loads")
+        linear, select = "triton", "triton"
+        if major == 9 and half and head_dim in (64, 128):
+            try:
+                from salad_bench.kernels.linear_gluon import gluon_unsupported_on
+            except ImportError:  # a Triton without Gluon
+                pass
+            else:
+                if gluon_unsupported_on(device, dtype, head_dim) is None:
+                    linear = "gluon sm90 forward, triton backward"
+    if not ok or head_dim not in SPARSE_DIMS:
+        sparse = f"unsupported ({str(dtype).replace('torch.', '')}, head_dim {head_dim})"
+    if not ok or head_dim not in LINEAR_DIMS:
+        linear = f"unsupported ({str(dtype).replace('torch.', '')}, head_dim {head_dim})"
+    return {"block_sparse": sparse, "linear": linear, "select": select}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -1,19 +1,86 @@
-"""A cheaper relaunch of a compiled Triton/Gluon kernel, for launches whose host time shows in the timing.
+"""Shared launch helpers of the Triton kernels: the interpreter flag, the SM count, and three ways to launch.
 
-``kernel[grid](...)`` spends its host time binding arguments, building the specialisation key (for a
-tensor descriptor, the string of its shared-memory layout) and looking the kernel up. On the device
-machine's host that is 40-50 us per launch (docs/lab/kernels-notes.md, run 12), as long as the linear branch's
-kernels themselves. :func:`launch` keeps the compiled kernel under a key of everything Triton 3.6
-specialises on (dtypes, 16-byte alignment of pointers, integers divisible by 16 or equal to 1, the
-constexpr values and launch options) and calls its launcher directly on a hit. The first launch for a key,
-any argument type it does not know, and launches under a profiler hook go through ``kernel[grid]``.
+* :data:`INTERPRET`: whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), as the
+  kernel modules were created (Triton reads the variable when a ``@triton.jit`` function is made).
+* :func:`sm_count`: streaming multiprocessors of a CUDA device.
+* :func:`autotuned`: an autotuned kernel on a GPU, one fixed config in the interpreter (no timer there).
+* :func:`fitted`: a fixed config, retried with fewer stages or smaller tiles where it overflows shared memory.
+* :func:`launch` / :class:`Site`: a cheaper relaunch of a compiled kernel, for launches whose host time
+  shows in the timing. ``kernel[grid](...)`` spends its host time binding arguments, building the
+  specialisation key (for a tensor descriptor, the string of its shared-memory layout) and looking the
+  kernel up; on the device machine's host that is as long as the linear branch's kernels themselves
+  (docs/lab/kernels-notes.md). :func:`launch` keeps the compiled kernel under a key of everything Triton
+  specialises on (dtypes, 16-byte alignment of pointers, integers divisible by 16 or equal to 1, the
+  constexpr values and launch options) and calls its launcher directly on a hit. The first launch for a
+  key, any argument type it does not know, and launches under a profiler hook go through ``kernel[grid]``.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
-__all__ = ["Site", "launch"]
+__all__ = ["INTERPRET", "Site", "autotuned", "fitted", "interpreting", "launch", "sm_count"]
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set now (Triton's CPU interpreter)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# As the kernel modules see it: read at import, as Triton reads it when it creates their kernels.
+INTERPRET = interpreting()
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (its index, or the current device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:  # asked once per device: a per-call cost otherwise
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def autotuned(tuned, grid, args: tuple, consts: dict, fixed: dict) -> None:
+    """``tuned[grid](*args, **consts)`` for a ``triton.autotune``-d kernel on a GPU. The interpreter has no
+    timer to tune with: there its kernel runs once with ``fixed`` (constexprs such as BLOCK_M, and
+    ``num_warps`` / ``num_stages``). ``grid`` is a tuple or a function of the launch's constexprs."""
+    if not INTERPRET:
+        tuned[grid](*args, **consts)
+        return
+    meta = {**consts, **fixed}
+    tuned.fn[grid(meta) if callable(grid) else grid](*args, **meta)
+
+
+_FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
+
+
+def fitted(kernel, grid: tuple, args: tuple, consts: dict, cfg: dict) -> None:
+    """:func:`launch` with the config ``cfg`` (``BLOCK``, ``num_warps``, ``num_stages``); where it overflows
+    shared memory, retried with fewer stages, then smaller tiles. The config that fitted is remembered."""
+    import triton
+
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(consts.items())),
+           tuple(sorted(cfg.items())))
+    cur = dict(_FITTED.get(key, cfg))
+    while True:
+        c = dict(cur)
+        nw, ns = c.pop("num_warps"), c.pop("num_stages")
+        try:
+            launch(kernel, grid, args, {**consts, **c}, {"num_warps": nw, "num_stages": ns})
+            _FITTED[key] = cur
+            return
+        except triton.runtime.errors.OutOfResources:
+            if cur["num_stages"] > 1:
+                cur["num_stages"] -= 1
+            elif cur["BLOCK"] > 16:
+                cur["BLOCK"] //= 2
+            else:
+                raise
+
 
 _COMPILED: dict = {}
 

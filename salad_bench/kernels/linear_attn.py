@@ -11,39 +11,36 @@ Two passes each way, memory-bound at the video shapes:
   in one flat buffer, summed by one torch op (a few MB); (2) one pass over Q producing O.
 * backward: (1) one pass over Q, dO: dQ plus partial ``dS``/``dz``; (2) one pass over K, V: dK, dV.
 
-On sm_90 the forward's pass over Q is :mod:`kernels.linear_gluon`'s (``OPTIONS["out_gluon"]``, same
-results to 1.4e-5); the K/V pass there is optional (``OPTIONS["state_gluon"]``).
+On sm_90 both forward passes are :mod:`kernels.linear_gluon`'s (bf16/fp16, D 64/128, contiguous aligned
+inputs; the same results to ~1e-5); elsewhere, and in the interpreter, the Triton passes below run.
 
 Numerics: states are kept in "mean" units (``S/N``, ``z/N``; the ratio is unchanged), so every
 operand is O(1) and can go through fp16 tensor cores safely. Products with a native operand (V, dO)
 use the input dtype; the backward splits the fp32 operand into hi + lo parts (exact to ~16 bits), the
-forward's K/V pass rounds the features once (``OPTIONS["state_split"]`` adds the lo part); products of two
-fp32 tiles round both to fp16 (``F32_SPLIT`` adds the lo parts; off by default: the error stays within
-~10% of torch's own output rounding); fp32 inputs use IEEE fp32 dots throughout (the CPU interpreter
-tests use fp32/fp16).
+forward's K/V pass rounds the features once; the backward recomputes the state for half-precision inputs
+with the features' lo parts in the dots (``STATE_SPLIT``), since dq subtracts two nearly equal terms
+built from it. Products of two fp32 tiles round both to fp16 (``F32_SPLIT`` adds the lo parts; off: the
+error stays within ~10% of torch's own output rounding); fp32 inputs use IEEE fp32 dots throughout (the
+CPU interpreter tests use fp32/fp16).
 The even/odd RoPE pairs are kept as two half-width tiles (``x[..., 0::2]``, ``x[..., 1::2]``), so the
 state is stored split as ``(2, D/2, D)`` and no interleaving shuffle is needed.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import launch
+from salad_bench.kernels.features import feature as _feature
+from salad_bench.kernels.features import feature_bwd as _feature_bwd
+from salad_bench.kernels.launch import INTERPRET, fitted, sm_count
 from salad_bench.kernels.layout import cdiv
-from salad_bench.kernels.tma import scratch_allocator, tma_ok
 
 __all__ = ["linear_attention_triton", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _KINDS = {"relu": 0, "elu": 1, "softmax": 2}
 
 
@@ -136,28 +133,6 @@ def _store_state(P, part, s0, s1, z0, z1, D2: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _feature(x, KIND: tl.constexpr):
-    if KIND == 0:
-        return tl.maximum(x, 0.0)
-    elif KIND == 1:
-        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
-    else:
-        m = tl.max(x, 1)
-        e = tl.exp(x - m[:, None])
-        return e / tl.sum(e, 1)[:, None]
-
-
-@triton.jit
-def _feature_bwd(x, a, da, KIND: tl.constexpr):
-    if KIND == 0:
-        return tl.where(x > 0, da, 0.0)
-    elif KIND == 1:
-        return tl.where(x > 0, da, da * a)
-    else:
-        return a * (da - tl.sum(da * a, 1)[:, None])
-
-
-@triton.jit
 def _halves(x, ROWS: tl.constexpr, D2: tl.constexpr):
     """Even and odd channels of a ``ROWS x 2*D2`` tile."""
     return tl.split(tl.reshape(x, (ROWS, D2, 2)))
@@ -204,33 +179,6 @@ def _load_feat(X, COS, SIN, base, offs, N, stride_n, KIND: tl.constexpr, ROPE: t
     return _feat_halves(x, c, s, mask, KIND, ROPE, ROWS, D)
 
 
-@triton.jit
-def _descs(X, COS, SIN, base, N, stride_n, ROPE: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-    """TMA descriptors built in the kernel (no host-side descriptor per launch) over one head's ``(N, D)``
-    rows and the ``(N, D/2)`` RoPE tables: loads past N read zeros, stores past N are dropped."""
-    x_d = tl.make_tensor_descriptor(X + base, shape=[N, D], strides=[stride_n, 1], block_shape=[ROWS, D])
-    if ROPE:
-        c_d = tl.make_tensor_descriptor(COS, shape=[N, D // 2], strides=[D // 2, 1], block_shape=[ROWS, D // 2])
-        s_d = tl.make_tensor_descriptor(SIN, shape=[N, D // 2], strides=[D // 2, 1], block_shape=[ROWS, D // 2])
-    else:
-        c_d = x_d
-        s_d = x_d
-    return x_d, c_d, s_d
-
-
-@triton.jit
-def _load_feat_tma(x_d, c_d, s_d, start, N, KIND: tl.constexpr, ROPE: tl.constexpr, ROWS: tl.constexpr,
-                   D: tl.constexpr):
-    """:func:`_load_feat` through the descriptors of :func:`_descs`: no per-element addresses."""
-    x = x_d.load([start, 0])
-    c = x
-    s = x
-    if ROPE:
-        c = c_d.load([start, 0])
-        s = s_d.load([start, 0])
-    return _feat_halves(x, c, s, start + tl.arange(0, ROWS) < N, KIND, ROPE, ROWS, D)
-
-
 # ----------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------
@@ -249,10 +197,9 @@ def _fwd_state_kernel(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     H, N, CHUNK,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False,
+    BLOCK: tl.constexpr,
 ):
-    """Partial state of one token chunk (half layout). ``USE_TMA``: K, V and the RoPE tables come through
-    TMA descriptors built in the kernel instead of pointer loads."""
+    """Partial state of one token chunk (half layout); ``STATE_SPLIT``: the features' lo parts in the dots."""
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -264,53 +211,16 @@ def _fwd_state_kernel(
     # normaliser partials are kept per row and reduced once after the loop (no cross-warp sync per tile)
     za0 = tl.zeros([BLOCK, D2], dtype=tl.float32)
     za1 = tl.zeros([BLOCK, D2], dtype=tl.float32)
-    if USE_TMA:
-        k_d, c_d, s_d = _descs(K, COS, SIN, k_base, N, stride_kn, ROPE, BLOCK, D)
-        v_d = tl.make_tensor_descriptor(V + v_base, shape=[N, D], strides=[stride_vn, 1], block_shape=[BLOCK, D])
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
-        if USE_TMA:
-            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(k_d, c_d, s_d, s, N, KIND, ROPE, BLOCK, D)
-            v = v_d.load([s, 0])
-        else:
-            offs = s + tl.arange(0, BLOCK)
-            f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE,
-                                         BLOCK, D)
+        offs = s + tl.arange(0, BLOCK)
+        f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE,
+                                     BLOCK, D)
         za0 += f0
         za1 += f1
         acc0 = _mm(tl.trans(r0), v, acc0, NATIVE_MODE, STATE_SPLIT, False)
         acc1 = _mm(tl.trans(r1), v, acc1, NATIVE_MODE, STATE_SPLIT, False)
     _store_state(PART, bh.to(tl.int64) * nsplit + pid, acc0, acc1, tl.sum(za0, 0), tl.sum(za1, 0), D2, D)
-
-
-@triton.jit
-def _fwd_state_half_kernel(
-    K, V, COS, SIN, PART,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    H, N, CHUNK,
-    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """As :func:`_fwd_state_kernel`, with the state split over two programs per chunk: program ``2c + j``
-    accumulates half ``j`` (even or odd feature channels), so each holds one D/2 x D accumulator. The two
-    programs of a chunk are neighbours in the grid and read the same K/V tiles (the second from L2)."""
-    D2: tl.constexpr = D // 2
-    pid = tl.program_id(0) // 2
-    half = tl.program_id(0) % 2
-    bh = tl.program_id(1)
-    nsplit = tl.num_programs(0) // 2
-    k_base = _head_base(bh, H, stride_kb, stride_kh)
-    v_base = _head_base(bh, H, stride_vb, stride_vh)
-    acc = tl.zeros([D2, D], dtype=tl.float32)
-    za = tl.zeros([BLOCK, D2], dtype=tl.float32)
-    start = pid * CHUNK
-    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        f0, f1, r0, r1, v = _kv_tile(K, V, COS, SIN, k_base, v_base, offs, N, stride_kn, stride_vn, KIND, ROPE, BLOCK, D)
-        za += tl.where(half == 0, f0, f1)
-        r = tl.where(half == 0, r0, r1)
-        acc = _mm(tl.trans(r), v, acc, NATIVE_MODE, STATE_SPLIT, False)
-    _store_half(PART, bh.to(tl.int64) * nsplit + pid, half, acc, tl.sum(za, 0), D2, D)
 
 
 @triton.jit
@@ -330,10 +240,9 @@ def _fwd_out_kernel(
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
     H, N, CHUNK, eps_n, inv_n,
     D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False,
+    BLOCK: tl.constexpr,
 ):
-    """Output rows of one token chunk. ``USE_TMA``: Q and the tables are loaded and O is stored through
-    TMA descriptors built in the kernel (stores past N are dropped by the descriptor)."""
+    """Output rows of one token chunk."""
     D2: tl.constexpr = D // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -342,101 +251,13 @@ def _fwd_out_kernel(
     s1h, s1l = _split_b(s1, F32_MODE, F32_SPLIT)
     q_base = _head_base(bh, H, stride_qb, stride_qh)
     o_base = _head_base(bh, H, stride_ob, stride_oh)
-    if USE_TMA:
-        q_d, c_d, s_d = _descs(Q, COS, SIN, q_base, N, stride_qn, ROPE, BLOCK, D)
-        o_d = tl.make_tensor_descriptor(Out + o_base, shape=[N, D], strides=[stride_on, 1], block_shape=[BLOCK, D])
     start = pid * CHUNK
     for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
         offs = s + tl.arange(0, BLOCK)
-        if USE_TMA:
-            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat_tma(q_d, c_d, s_d, s, N, KIND, ROPE, BLOCK, D)
-        else:
-            _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
+        _x, _f, f0, f1, r0, r1, _c, _s = _load_feat(Q, COS, SIN, q_base, offs, N, stride_qn, KIND, ROPE, BLOCK, D)
         out = _out_tile(f0, f1, r0, r1, s0h, s0l, s1h, s1l, z0, z1, eps_n, F32_MODE, F32_SPLIT, BLOCK, D)
-        if USE_TMA:
-            o_d.store([s, 0], out.to(Out.dtype.element_ty))
-        else:
-            tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
-                     mask=offs[:, None] < N)
-
-
-# Forward in the "pairs" layout: features keep their natural channel order, the RoPE pairs (2i, 2i+1) are
-# rotated in registers (a reshape that keeps each pair in one thread), and the state is one D x D tile
-# (rows = rotated feature channels). One dot per tile in each pass instead of two half-width ones.
-@triton.jit
-def _rope_pairs(f, COS, SIN, offs, mask, ROPE: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-    """Rotated features in natural channel order: pair i is channels (2i, 2i+1), angle row ``offs``."""
-    D2: tl.constexpr = D // 2
-    if ROPE:
-        fe, fo = _halves(f, ROWS, D2)
-        cs = offs[:, None] * D2 + tl.arange(0, D2)[None, :]
-        c = tl.load(COS + cs, mask=mask[:, None], other=0.0).to(tl.float32)
-        s = tl.load(SIN + cs, mask=mask[:, None], other=0.0).to(tl.float32)
-        return _interleave(fe * c - fo * s, fe * s + fo * c, ROWS, D2)
-    else:
-        return f
-
-
-@triton.jit
-def _fwd_state_pairs_kernel(
-    K, V, COS, SIN, PART,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    H, N, CHUNK,
-    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, NATIVE_MODE: tl.constexpr, STATE_SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Partial state of one token chunk, pairs layout. The accumulator is S^T (V channels x features):
-    V^T is the smem operand straight from the pipelined load, the features the register-side one."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    nsplit = tl.num_programs(0)
-    k_base = _head_base(bh, H, stride_kb, stride_kh)
-    v_base = _head_base(bh, H, stride_vb, stride_vh)
-    cols = tl.arange(0, D)
-    acc = tl.zeros([D, D], dtype=tl.float32)
-    za = tl.zeros([BLOCK, D], dtype=tl.float32)
-    start = pid * CHUNK
-    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < N
-        x = tl.load(K + k_base + offs[:, None] * stride_kn + cols[None, :], mask=mask[:, None], other=0.0)
-        v = tl.load(V + v_base + offs[:, None] * stride_vn + cols[None, :], mask=mask[:, None], other=0.0)
-        f = tl.where(mask[:, None], _feature(x.to(tl.float32), KIND), 0.0)
-        za += f
-        r = _rope_pairs(f, COS, SIN, offs, mask, ROPE, BLOCK, D)
-        acc = _mm(tl.trans(v), r, acc, NATIVE_MODE, False, STATE_SPLIT)
-    base = PART + (bh.to(tl.int64) * nsplit + pid) * (D * D + D)
-    tl.store(base + cols[None, :] * D + cols[:, None], acc)
-    tl.store(base + D * D + cols, tl.sum(za, 0))
-
-
-@triton.jit
-def _fwd_out_pairs_kernel(
-    Q, Out, COS, SIN, S,
-    stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
-    H, N, CHUNK, eps_n, inv_n,
-    D: tl.constexpr, KIND: tl.constexpr, ROPE: tl.constexpr, F32_MODE: tl.constexpr, F32_SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    cols = tl.arange(0, D)
-    sbase = S + bh.to(tl.int64) * (D * D + D)
-    sh, sl = _split_b(tl.load(sbase + cols[:, None] * D + cols[None, :]) * inv_n, F32_MODE, F32_SPLIT)
-    z = tl.load(sbase + D * D + cols) * inv_n
-    q_base = _head_base(bh, H, stride_qb, stride_qh)
-    o_base = _head_base(bh, H, stride_ob, stride_oh)
-    start = pid * CHUNK
-    for s in range(start, tl.minimum(start + CHUNK, N), BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < N
-        x = tl.load(Q + q_base + offs[:, None] * stride_qn + cols[None, :], mask=mask[:, None], other=0.0)
-        f = _feature(x.to(tl.float32), KIND)
-        den = tl.sum(f * z[None, :], 1) + eps_n
-        r = _rope_pairs(f, COS, SIN, offs, mask, ROPE, BLOCK, D)
-        num = _mm_pre(r, sh, sl, tl.zeros([BLOCK, D], dtype=tl.float32), F32_MODE, F32_SPLIT, F32_SPLIT)
-        tl.store(Out + o_base + offs[:, None] * stride_on + cols[None, :], (num * (1.0 / den)[:, None]).to(Out.dtype.element_ty),
-                 mask=mask[:, None])
+        tl.store(Out + o_base + offs[:, None] * stride_on + tl.arange(0, D)[None, :], out.to(Out.dtype.element_ty),
+                 mask=offs[:, None] < N)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -541,46 +362,20 @@ def _bwd_kv_kernel(
 # ----------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------
-# Tiles per pass (the benchmark may override them); ``programs_per_sm`` sets the grid of every pass
-# (programs per head = programs_per_sm * SMs / heads); ``modes`` overrides the dot precision policy.
-# Forward: 32-token tiles, 4 warps, 3 stages measured best on the H200 (0.189 ms vs 0.33-0.50 ms for
-# 64/128-token tiles, docs/lab/kernels-notes.md). Backward: 64 x 8 warps x 2 stages (3 stages overflow shared
-# memory); a config that does not fit is retried smaller (see _launch).
+# Tiles per Triton pass (docs/lab/kernels-notes.md has the measurements behind them). Forward: 32-token tiles,
+# 4 warps, 3 stages. Backward: 64 x 8 warps x 2 stages (3 stages overflow shared memory); a config that does
+# not fit a card is retried smaller (launch.fitted). Every Triton pass runs _PROGRAMS_PER_SM programs per SM
+# (programs per head = that times SMs / heads).
 _FWD_CFG = {"BLOCK": 32, "num_warps": 4, "num_stages": 3}
 _BWD_CFG = {"BLOCK": 64, "num_warps": 8, "num_stages": 2}
-# ``state_split``: the K/V pass also multiplies the lo parts of the fp32 features (two more dots per
-# tile) for half-precision inputs. Off: on the H200 it cost 0.014-0.016 ms of 0.19 in six measurements and
-# left the error at Wan 480p unchanged (1.7e-3, torch's own bf16 error; docs/lab/kernels-notes.md). ``state_halves``: the K/V pass splits each chunk's state over two
-# programs (one D/2 x D accumulator each, against 255 registers and spills with both; docs/lab/kernels-notes.md).
-# ``pairs``: the forward keeps the natural channel order (RoPE pairs rotated in registers, one D x D state
-# tile) instead of even/odd half tiles; the backward reads the half layout, converted from it.
-# ``out_programs_per_sm``: a grid of its own for the forward's Q pass (None: the K/V pass's).
-# ``tma``: the forward's two passes load K, V, Q and the RoPE tables, and store O, through TMA descriptors
-# built in the kernel (sm90+, 16-byte aligned tensors; pointer loads elsewhere) instead of per-element
-# pointer arithmetic. Measured on the H200 (r25, scripts/linear_host.py): its kernels take 167.9 us against
-# 173.9 (171.3 against 175.8 us replayed from a CUDA graph), but its launches cost 269 us of host time per
-# call against 141, so an eager call measures 0.285 against 0.181 ms. Off.
-# ``out_gluon`` and ``state_gluon`` (on): both passes are :mod:`kernels.linear_gluon`'s on sm_90 cards
-# (bf16/fp16, D 64/128, contiguous inputs), the Triton ones elsewhere; ``out_gluon_cfg["out_tma"]`` (on):
-# the output pass stores through TMA. H200, run 13 (docs/lab/kernels-notes.md): 65.9 + 64.7 us against 68.5 + 96.5
-# for the Triton passes; with no-grad calls through a plan (_plan), the forward measures 0.143 against
-# 0.179 ms in the same headline rounds.
-# ``bwd_split_state`` (on): for half-precision inputs the backward recomputes the state with the features'
-# lo parts in the dots (one Triton K/V pass more) instead of reading the forward's, whose dots round the
-# features to fp16/bf16. dq subtracts two nearly equal terms built from the state, and for elu features
-# (all positive) that rounding gave dq 2.3x torch's own fp16 error (docs/lab/kernels-notes.md, run 13); with it, 1.05x.
-OPTIONS: dict = {"state": dict(_FWD_CFG), "out": dict(_FWD_CFG), "bwd_q": dict(_BWD_CFG), "bwd_kv": dict(_BWD_CFG),
-                 "programs_per_sm": 2, "modes": None, "state_split": False, "state_halves": False, "pairs": False,
-                 "out_programs_per_sm": None, "tma": False,
-                 "out_gluon": True, "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1, "out_tma": True},
-                 "state_gluon": True, "state_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1},
-                 "bwd_split_state": True}
-_FITTED: dict = {}  # (kernel, constexprs, requested config) -> the config that fitted the card
+_PROGRAMS_PER_SM = 2
+# The Gluon passes (sm_90): 8 warps, a ring of 3 TMA slots, one program per SM; the output pass stores its
+# tiles through TMA.
+_GLUON_STATE = {"num_warps": 8, "stages": 3, "programs_per_sm": 1}
+_GLUON_OUT = {"num_warps": 8, "stages": 3, "programs_per_sm": 1, "out_tma": True}
 
 
 def _modes(dtype: torch.dtype) -> dict:
-    if OPTIONS.get("modes"):
-        return dict(OPTIONS["modes"])
     if dtype == torch.float32:
         return {"NATIVE_MODE": 0, "F32_MODE": 0, "F32_SPLIT": False}
     if dtype == torch.float16:
@@ -589,41 +384,14 @@ def _modes(dtype: torch.dtype) -> dict:
     return {"NATIVE_MODE": 2, "F32_MODE": 1, "F32_SPLIT": False}
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _chunks(n: int, bh: int, device: torch.device, block: int = 128, per_sm: float | None = None) -> tuple[int, int]:
+def _chunks(n: int, bh: int, device: torch.device, block: int = 128, per_sm: float = _PROGRAMS_PER_SM) -> tuple[int, int]:
     """(programs per head, tokens per program) for the chunked passes."""
     if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        target = max(1, int((per_sm or OPTIONS["programs_per_sm"]) * sms) // max(bh, 1))
+        target = max(1, int(per_sm * sm_count(device)) // max(bh, 1))
     else:
         target = 2
     chunk = cdiv(cdiv(n, target), block) * block
     return cdiv(n, chunk), chunk
-
-
-def _launch(kernel, grid, args, consts, cfg):
-    """Launch with ``cfg``; on a shared-memory overflow retry with fewer stages, then smaller tiles."""
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(consts.items())),
-           tuple(sorted(cfg.items())))
-    cur = dict(_FITTED.get(key, cfg))
-    while True:
-        c = dict(cur)
-        nw, ns = c.pop("num_warps"), c.pop("num_stages")
-        try:
-            launch(kernel, grid, args, {**consts, **c}, {"num_warps": nw, "num_stages": ns})
-            _FITTED[key] = cur
-            return
-        except triton.runtime.errors.OutOfResources:
-            if cur["num_stages"] > 1:
-                cur["num_stages"] -= 1
-            elif cur["BLOCK"] > 16:
-                cur["BLOCK"] //= 2
-            else:
-                raise
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -636,42 +404,35 @@ def _rope_args(cos, sin, n, d, device):
         return dummy, dummy, False
     if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
         raise ValueError(f"cos/sin must be (N, D/2) = ({n}, {d // 2}); got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    # tables stay in the half dtype they come in (half the traffic: a caller's choice, see OPTIONS)
+    # tables stay in the half dtype they come in (half the traffic: a caller's choice; fp32 by default)
     dt = cos.dtype if cos.dtype in (torch.float16, torch.bfloat16) and sin.dtype == cos.dtype else torch.float32
     return cos.to(device=device, dtype=dt).contiguous(), sin.to(device=device, dtype=dt).contiguous(), True
 
 
-def _state_pass(k, v, kind: int, cos, sin, rope: bool, pairs: bool = False, split: bool = False):
-    """The K/V pass: the summed state ``(B*H, D*D + D)`` (sum units), in the pairs layout (rows in channel
-    order) or the half layout (even rows, odd rows, then z), and the pass's chunking. ``split``: the Triton
-    pass with the features' lo parts in the dots (as ``OPTIONS["state_split"]``)."""
+def _state_pass(k, v, kind: int, cos, sin, rope: bool, split: bool = False):
+    """The K/V pass: the summed state ``(B*H, D*D + D)`` (sum units) in the half layout (even rows, odd
+    rows, then z), and the pass's chunking. The Gluon pass where it can run; ``split``: the Triton pass with
+    the features' lo parts in the dots (the backward's recompute)."""
     b, h, n, d = k.shape
-    if (not pairs and not split and not OPTIONS.get("state_halves")
-            and (lg := _gluon("state_gluon", cos if rope else None, k, v))):
-        cfg = OPTIONS["state_gluon_cfg"]
+    if not split and (lg := _gluon(cos if rope else None, k, v)):
+        cfg = _GLUON_STATE
         nsplit, chunk = _chunks(n, b * h, k.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         part = lg.state_pass_gluon(k, v, cos, sin, rope, kind, nsplit, chunk, cfg["num_warps"], cfg["stages"])
         return part, nsplit, chunk
     modes = _modes(k.dtype)
     nsplit, chunk = _chunks(n, b * h, k.device)
     part = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=k.device)
-    halves = bool(OPTIONS.get("state_halves")) and not pairs
     consts = dict(D=d, KIND=kind, ROPE=rope, NATIVE_MODE=modes["NATIVE_MODE"],
-                  STATE_SPLIT=bool(OPTIONS["state_split"] or split) and modes["NATIVE_MODE"] != 0)
-    if pairs or halves:
-        state_kernel = _fwd_state_pairs_kernel if pairs else _fwd_state_half_kernel
-    else:
-        state_kernel = _fwd_state_kernel
-        consts["USE_TMA"] = _use_tma(k, v, cos, sin)
-    _launch(state_kernel, (nsplit * (2 if halves else 1), b * h),
-            (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk), consts, OPTIONS["state"])
+                  STATE_SPLIT=bool(split) and modes["NATIVE_MODE"] != 0)
+    fitted(_fwd_state_kernel, (nsplit, b * h), (k, v, cos, sin, part, *_strides(k), *_strides(v), h, n, chunk), consts,
+           _FWD_CFG)
     return part.sum(1), nsplit, chunk
 
 
-def _gluon(option: str, cos, *xs: torch.Tensor):
-    """:mod:`kernels.linear_gluon` when ``OPTIONS[option]`` is on and it can run these inputs (an sm_90
-    card, bf16/fp16, D 64/128, contiguous aligned tensors), else None: the Triton pass computes the same."""
-    if not OPTIONS.get(option) or _INTERPRET or xs[0].device.type != "cuda":
+def _gluon(cos, *xs: torch.Tensor):
+    """:mod:`kernels.linear_gluon` where it can run these inputs (an sm_90 card, bf16/fp16, D 64/128,
+    contiguous aligned tensors), else None: the Triton pass computes the same."""
+    if INTERPRET or xs[0].device.type != "cuda":
         return None
     try:
         from salad_bench.kernels import linear_gluon
@@ -680,48 +441,22 @@ def _gluon(option: str, cos, *xs: torch.Tensor):
     return linear_gluon if linear_gluon.gluon_supported(cos, *xs) is None else None
 
 
-def _use_tma(*xs: torch.Tensor) -> bool:
-    """``OPTIONS["tma"]`` where the card and the tensors allow TMA descriptors (the kernels build theirs,
-    in global scratch from ``triton.set_allocator``)."""
-    if not (OPTIONS.get("tma") and tma_ok(*xs)):
-        return False
-    scratch_allocator()
-    return True
-
-
 def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
-    """Output, the summed state (see :func:`_state_pass`) and whether it is in the pairs layout."""
+    """Output and the summed state (see :func:`_state_pass`)."""
     b, h, n, d = q.shape
     modes = _modes(q.dtype)
-    pairs = bool(OPTIONS.get("pairs"))
-    state, nsplit, chunk = _state_pass(k, v, kind, cos, sin, rope, pairs)
-    if not pairs and (lg := _gluon("out_gluon", cos if rope else None, q)):
-        cfg = OPTIONS["out_gluon_cfg"]
+    state, nsplit, chunk = _state_pass(k, v, kind, cos, sin, rope)
+    if lg := _gluon(cos if rope else None, q):
+        cfg = _GLUON_OUT
         nsplit, chunk = _chunks(n, b * h, q.device, block=lg.BLOCK, per_sm=cfg["programs_per_sm"])
         out = lg.out_pass_gluon(q, state, cos, sin, rope, kind, eps, nsplit, chunk, cfg["num_warps"], cfg["stages"],
-                                cfg.get("out_tma", False))
-        return out, state, pairs
+                                cfg["out_tma"])
+        return out, state
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    if OPTIONS.get("out_programs_per_sm"):  # the Q pass needs no chunk structure of its own
-        nsplit, chunk = _chunks(n, b * h, q.device, per_sm=OPTIONS["out_programs_per_sm"])
     consts = dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"])
-    if not pairs:
-        consts["USE_TMA"] = _use_tma(q, out, cos, sin)
-    _launch(
-        _fwd_out_pairs_kernel if pairs else _fwd_out_kernel, (nsplit, b * h),
-        (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n), consts, OPTIONS["out"],
-    )
-    return out, state, pairs
-
-
-def _pairs_to_halves(state: torch.Tensor, d: int) -> torch.Tensor:
-    """A ``(B*H, D*D + D)`` state from the pairs layout (rows in channel order) to the half layout
-    (even channels' rows, then odd ones'; z likewise) that the backward kernels read. A few MB, done in
-    the backward so the forward does not pay for it."""
-    bh = state.shape[0]
-    s = state[:, : d * d].view(bh, d // 2, 2, d).transpose(1, 2).reshape(bh, d * d)
-    z = state[:, d * d:].view(bh, d // 2, 2).transpose(1, 2).reshape(bh, d)
-    return torch.cat([s, z], 1)
+    fitted(_fwd_out_kernel, (nsplit, b * h),
+           (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n), consts, _FWD_CFG)
+    return out, state
 
 
 def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state):
@@ -733,18 +468,18 @@ def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state):
     nsplit, chunk = _chunks(n, b * h, q.device)
     dpart = torch.empty((b * h, nsplit, d * d + d), dtype=torch.float32, device=q.device)
     dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    _launch(
+    fitted(
         _bwd_q_kernel, (nsplit, b * h),
         (q, do, dq, cos, sin, state, dpart, *_strides(q), *_strides(do), *_strides(dq), h, n, chunk, eps / n, 1.0 / n),
-        dict(D=d, KIND=kind, ROPE=rope, **modes), OPTIONS["bwd_q"],
+        dict(D=d, KIND=kind, ROPE=rope, **modes), _BWD_CFG,
     )
     ds = dpart.sum(1)
     dk = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     dv = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    _launch(
+    fitted(
         _bwd_kv_kernel, (nsplit, b * h),
         (k, v, dk, dv, cos, sin, ds, *_strides(k), *_strides(v), *_strides(dk), h, n, chunk, 1.0 / n),
-        dict(D=d, KIND=kind, ROPE=rope, **modes), OPTIONS["bwd_kv"],
+        dict(D=d, KIND=kind, ROPE=rope, **modes), _BWD_CFG,
     )
     return dq, dk, dv
 
@@ -752,19 +487,19 @@ def _backward(do, q, k, v, kind: int, cos, sin, rope: bool, eps: float, state):
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, kind, rope, eps):
-        out, state, pairs = _forward(q, k, v, kind, cos, sin, rope, eps)
+        out, state = _forward(q, k, v, kind, cos, sin, rope, eps)
         ctx.save_for_backward(q, k, v, cos, sin, state)
-        ctx.meta = (kind, rope, eps, pairs)
+        ctx.meta = (kind, rope, eps)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, cos, sin, state = ctx.saved_tensors
-        kind, rope, eps, pairs = ctx.meta
-        if OPTIONS.get("bwd_split_state") and q.dtype != torch.float32:
+        kind, rope, eps = ctx.meta
+        if q.dtype != torch.float32:
+            # the forward's state rounds the features to fp16/bf16 in its dots, and dq subtracts two nearly
+            # equal terms built from it: recomputed with the features' lo parts (docs/lab/kernels-notes.md)
             state = _state_pass(k, v, kind, cos, sin, rope, split=True)[0]
-        elif pairs:
-            state = _pairs_to_halves(state, q.shape[-1])
         dq, dk, dv = _backward(dout, q, k, v, kind, cos, sin, rope, eps, state)
         return dq, dk, dv, None, None, None, None, None
 
@@ -793,21 +528,17 @@ def linear_attention_triton(
     return _LinearAttention.apply(q, k, v, cos_t, sin_t, kind_id, rope, float(eps))
 
 
-# No-grad forwards through both Gluon passes, per input signature (docs/lab/kernels-notes.md, run 13: the host's
-# time per call, 160-330 us on the device machine, was longer than the card's 136 us). The key holds
-# everything the passes' launches depend on, the tables' addresses among them (their descriptors are
-# built once), and the plans are dropped whenever OPTIONS changes. False: no plan for that signature.
+# No-grad forwards through both Gluon passes, per input signature (the host's time per call through the
+# general path was longer than the card's; docs/lab/kernels-notes.md). The key holds everything the passes'
+# launches depend on, the tables' addresses among them (their descriptors are built once). False: no plan
+# for that signature.
 _PLANS: dict = {}
-_PLANS_OPTIONS: list = [None]
 
 
 def _plan(q, k, v, kind: str, cos, sin, eps: float):
     """A callable ``(q, k, v) -> out`` for this signature, or None (the general path then runs)."""
-    if q.device.type != "cuda" or _INTERPRET or not (OPTIONS.get("state_gluon") and OPTIONS.get("out_gluon")):
+    if q.device.type != "cuda" or INTERPRET:
         return None
-    if _PLANS_OPTIONS[0] != OPTIONS:
-        _PLANS.clear()
-        _PLANS_OPTIONS[0] = copy.deepcopy(OPTIONS)
     tables = None if cos is None or sin is None else (
         cos.data_ptr(), sin.data_ptr(), cos.shape, sin.shape, cos.stride(), sin.stride(), cos.dtype, sin.dtype,
         cos.device, sin.device)
@@ -824,22 +555,20 @@ def _plan(q, k, v, kind: str, cos, sin, eps: float):
 
 def _make_plan(q, k, v, kind: str, cos, sin, eps: float):
     """Both Gluon passes built for these inputs, or False where the general path must run: inputs it
-    would copy or convert, a card or layout the Gluon passes do not take, options it does not cover."""
+    would copy or convert, a card or layout the Gluon passes do not take."""
     qp, kp, vp, cos_t, sin_t, rope, kind_id = _prepare(q, k, v, kind, cos, sin)  # raises on bad input
     if qp is not q or kp is not k or vp is not v or (rope and (cos_t is not cos or sin_t is not sin)):
         return False
-    if OPTIONS.get("pairs") or OPTIONS.get("state_halves"):
-        return False
-    if not (_gluon("state_gluon", cos_t if rope else None, k, v) and (lg := _gluon("out_gluon", cos_t if rope else None, q))):
+    if not (_gluon(cos_t if rope else None, k, v) and (lg := _gluon(cos_t if rope else None, q))):
         return False
     b, h, n, _ = q.shape
-    kv_cfg, out_cfg = OPTIONS["state_gluon_cfg"], OPTIONS["out_gluon_cfg"]
+    kv_cfg, out_cfg = _GLUON_STATE, _GLUON_OUT
     kv = lg.KVPass(k, cos_t, sin_t, rope, kind_id, *_chunks(n, b * h, k.device, block=lg.BLOCK,
                                                             per_sm=kv_cfg["programs_per_sm"]),
                    kv_cfg["num_warps"], kv_cfg["stages"])
     out = lg.OutPass(q, cos_t, sin_t, rope, kind_id, float(eps), *_chunks(n, b * h, q.device, block=lg.BLOCK,
                                                                        per_sm=out_cfg["programs_per_sm"]),
-                     out_cfg["num_warps"], out_cfg["stages"], out_cfg.get("out_tma", False))
+                     out_cfg["num_warps"], out_cfg["stages"], out_cfg["out_tma"])
     return lambda q, k, v: out(q, kv(k, v))
 
 
@@ -851,7 +580,7 @@ def _prepare(q, k, v, kind: str, cos, sin):
         raise ValueError(f"q, k, v must share one (B, H, N, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes disagree: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type != "cuda" and not _INTERPRET:
+    if q.device.type != "cuda" and not INTERPRET:
         raise Unsupported(f"the Triton linear-attention kernel needs a CUDA device (or TRITON_INTERPRET=1); got {q.device}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise Unsupported(f"the Triton linear-attention kernel supports float16, bfloat16 and float32, not {q.dtype}")

@@ -1,7 +1,7 @@
 """The linear branch's two forward passes for Hopper, written in Gluon.
 
-Both passes are the default on sm_90 (``linear_attn.OPTIONS["out_gluon"]``, ``["state_gluon"]``):
-:class:`KVPass` (the pass over K and V) and :class:`OutPass` (the pass over Q), each built once per input
+On sm_90 these are the forward passes of :func:`kernels.linear_attn.linear_attention_triton` (the Triton
+passes run elsewhere, and the backward is Triton's everywhere): :class:`KVPass` (the pass over K and V) and :class:`OutPass` (the pass over Q), each built once per input
 signature and launched through a :class:`kernels.launch.Site` (no-grad calls keep them in a plan,
 ``linear_attn._plan``; :func:`state_pass_gluon` and :func:`out_pass_gluon` build one for a single call).
 Both keep a ring of TMA slots. The K/V pass stores the rotated features in natural channel order and reads
@@ -11,7 +11,7 @@ wgmma runs, and permutes the state's rows into the half layout when it stores th
 The output pass has the same contract as :func:`kernels.linear_attn._fwd_out_kernel`: with the summed state in the half layout
 (``S`` even feature rows, odd feature rows, then ``z``, in sum units), each query row gets
 ``(R f(q))^T S / (f(q) . z + eps)``. What differs is the order of work, written out instead of left to
-Triton 3.6 (docs/lab/kernels-notes.md, run 12, says why):
+Triton 3.6 (docs/lab/kernels-notes.md says why):
 
 * Q tiles and the RoPE tables come through TMA into a ring of ``STAGES`` shared-memory slots, issued
   ``STAGES`` tiles ahead, so the loads of later tiles are in flight while a tile is computed;
@@ -45,12 +45,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from salad_bench.kernels.features import feature  # the Triton feature map: a Gluon kernel calls it on its own layouts
 from salad_bench.kernels.launch import Site
-from salad_bench.kernels.linear_attn import (
-    _feature,  # the Triton feature map: a Gluon kernel calls it on its own layouts
-)
 
-__all__ = ["KVPass", "OutPass", "gluon_supported", "out_pass_gluon", "state_pass_gluon"]
+__all__ = ["KVPass", "OutPass", "gluon_supported", "gluon_unsupported_on", "out_pass_gluon", "state_pass_gluon"]
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -166,7 +164,7 @@ def _out_kernel(q_desc, c_desc, s_desc, o_desc, Out, S, stride_ob, stride_oh, st
         # (keeping tile t's GEMMs in flight while tile t - 1 is stored gets them serialised by ptxas: C7514)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         # one reciprocal per row, then a multiply per element (a division per element was a quarter of the
-        # pass's instructions: ncu, run 13)
+        # pass's instructions under ncu)
         out = acc * gl.convert_layout(1.0 / den, gl.SliceLayout(1, acc_l))[:, None]
         if OUT_TMA:
             tma.store_wait(0)  # (the issuing thread) tile t - 1's rows have left o_smem ...
@@ -212,7 +210,7 @@ def _q_features(x, cs, sn, z0, z1, eps_n, KIND: gl.constexpr, ROPE: gl.constexpr
     """Rotated feature halves of a Q tile and each row's denominator ``f . z + eps``."""
     BM: gl.constexpr = x.type.shape[0]
     D2: gl.constexpr = x.type.shape[1] // 2
-    f0, f1 = gl.split(gl.reshape(_feature(x, KIND), [BM, D2, 2]))
+    f0, f1 = gl.split(gl.reshape(feature(x, KIND), [BM, D2, 2]))
     f0 = gl.convert_layout(f0, hl, assert_trivial=True)
     f1 = gl.convert_layout(f1, hl, assert_trivial=True)
     den = gl.sum(f0 * z0[None, :] + f1 * z1[None, :], 1) + eps_n
@@ -307,7 +305,7 @@ def _kv_tile(t, ring, za0, za1, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: 
     mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
     x = k_smem.index(slot).load(blk).to(gl.float32)
     rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
-    f = gl.where((rows < stop)[:, None], _feature(x, KIND), 0.0)
+    f = gl.where((rows < stop)[:, None], feature(x, KIND), 0.0)
     f0, f1 = gl.split(gl.reshape(f, [BM, D2, 2]))
     f0 = gl.convert_layout(f0, hl, assert_trivial=True)
     f1 = gl.convert_layout(f1, hl, assert_trivial=True)
@@ -347,15 +345,22 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def gluon_unsupported_on(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the Gluon passes cannot run on this device, dtype and head dim (None when they can)."""
+    if device.type != "cuda" or _major(device.index if device.index is not None else torch.cuda.current_device()) != 9:
+        return f"the Gluon linear passes use Hopper's wgmma and TMA: they need an sm_90 GPU, not {device}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the Gluon linear passes support bfloat16 and float16, not {dtype}"
+    if head_dim not in (64, 128):
+        return f"the Gluon linear passes support head_dim 64 and 128, not {head_dim}"
+    return None
+
+
 def gluon_supported(cos: torch.Tensor | None, *xs: torch.Tensor) -> str | None:
     """Why the Gluon passes cannot run on these inputs ``xs`` and RoPE table ``cos`` (None when they can)."""
     x = xs[0]
-    if x.device.type != "cuda" or _major(x.device.index if x.device.index is not None else torch.cuda.current_device()) != 9:
-        return f"the Gluon linear passes use Hopper's wgmma and TMA: they need an sm_90 GPU, not {x.device}"
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"the Gluon linear passes support bfloat16 and float16, not {x.dtype}"
-    if x.shape[-1] not in (64, 128):
-        return f"the Gluon linear passes support head_dim 64 and 128, not {x.shape[-1]}"
+    if (why := gluon_unsupported_on(x.device, x.dtype, x.shape[-1])) is not None:
+        return why
     if not all(y.is_contiguous() and y.data_ptr() % 16 == 0 for y in xs):
         return "the Gluon linear passes read q, k, v through TMA as (B*H*N, D) matrices: they must be contiguous and aligned"
     if cos is not None:
@@ -366,8 +371,8 @@ def gluon_supported(cos: torch.Tensor | None, *xs: torch.Tensor) -> str | None:
     return None
 
 
-# Host-side launch work, cached: this module's launches are host-bound on a slow host (docs/lab/kernels-notes.md,
-# run 12), so shared-memory layouts and the RoPE tables' descriptors (static across calls) are built once.
+# Host-side launch work, cached: this module's launches are host-bound on a slow host (docs/lab/kernels-notes.md),
+# so shared-memory layouts and the RoPE tables' descriptors (static across calls) are built once.
 _LAYOUTS: dict = {}
 _TABLE_DESCS: dict = {}
 
@@ -382,7 +387,7 @@ def _layout(shape: tuple, dtype) -> gl.NVMMASharedLayout:
 def _rows_desc(x: torch.Tensor) -> TensorDescriptor:
     """A descriptor over a contiguous ``(B, H, N, D)`` tensor as one ``(B*H*N, D)`` matrix, 64-row blocks."""
     b, h, n, d = x.shape
-    # the descriptor reads only the base's address and dtype: x itself serves (a .view costs ~20 us of host time)
+    # the descriptor reads only the base's address and dtype: x itself serves (a .view costs host time)
     return TensorDescriptor(x, [b * h * n, d], [d, 1], [BLOCK, d], _layout((BLOCK, d), _GL_DTYPES[x.dtype]))
 
 

@@ -21,20 +21,19 @@ One row per program is deliberate. With several query-block rows per program (a 
 row-wise reductions inside the bisection loop), Triton 3.6 on the H200 computed the right threshold only
 for the first row (or two) of each program once ``Mk`` reached 512, while the interpreter was exact; the
 earlier fused selector (scores by ``tl.dot`` on 16 rows) kept the wrong blocks because of it.
-``scripts/diag_selector.py`` reproduces that on a GPU (docs/lab/kernels-notes.md, run 4).
+``scripts/diag_selector.py`` reproduces that on a GPU (docs/lab/kernels-notes.md).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import Site
+from salad_bench.kernels.launch import INTERPRET, Site
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.kernels.selection import diagonal_width
 
@@ -46,8 +45,6 @@ __all__ = [
     "select_topk_triton",
     "select_topp_triton",
 ]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -68,16 +65,16 @@ def _pool_tile(X, OUT, b, h, bh, m, stride_b, stride_h, stride_n, N, M, mult, D:
 @triton.jit
 def _pool_kernel(Q, K, PQ, PK, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, H, N, MQ, MK, mult_q, mult_k,
                  D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, POOL_K: tl.constexpr, SUB: tl.constexpr):
-    """One launch pools Q (programs ``< MQ``) and, with POOL_K, K (the next MK programs); SUB = 0 loads
-    a whole block at once, else in SUB-token slices."""
+    """One launch pools Q (programs ``< MQ``) and, with POOL_K, K (the next MK programs), each block in
+    SUB-token slices."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     if pid < MQ:
-        _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ, BQ if SUB == 0 else SUB)
+        _pool_tile(Q, PQ, b, h, bh, pid, sq_b, sq_h, sq_n, N, MQ, mult_q, D, BQ, SUB)
     elif POOL_K:
-        _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK, BK if SUB == 0 else SUB)
+        _pool_tile(K, PK, b, h, bh, pid - MQ, sk_b, sk_h, sk_n, N, MK, mult_k, D, BK, SUB)
 
 
 @triton.jit
@@ -166,7 +163,7 @@ def _select_kernel(
 # host side
 # ----------------------------------------------------------------------------------------------------
 def _check_device(x: torch.Tensor) -> None:
-    if x.device.type != "cuda" and not _INTERPRET:
+    if x.device.type != "cuda" and not INTERPRET:
         raise Unsupported(f"Triton block selection needs a CUDA device (or TRITON_INTERPRET=1); got {x.device}")
 
 
@@ -178,8 +175,10 @@ def _check_qk(x: torch.Tensor, block: int) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-POOL_WARPS = 2  # warps per pooling program
-POOL_SUB = 16  # tokens per load slice in a pooling program (0: the whole block in one load)
+# Pooling: 2 warps per program, each block loaded in slices of 16 tokens (measured against whole-block
+# loads, other warp counts and an autotuned variant: docs/lab/kernels-notes.md).
+_POOL_WARPS = 2
+_POOL_SUB = 16
 
 
 class _Pool:
@@ -192,12 +191,9 @@ class _Pool:
         self.with_k = k is not None
         self.shapes = ((b, h, mq, d), (b, h, mk, d))
         self.ints = (h, n, mq, mk, float(mult_q), 1.0)
-        # Fixed configuration, measured at Wan 480p on the H200 (docs/lab/kernels-notes.md, runs 4 and 5): 2 warps
-        # loading 16-token slices pool Q and K in 0.060 ms, against 0.070 ms for one 4-warp load per block
-        # and 0.103 ms with 8 warps. An autotuned variant measured slower (0.124 ms for pool + scores).
         self.site = Site(_pool_kernel, (mq + mk if self.with_k else mq, b * h),
-                         dict(D=d, BQ=block_q, BK=block_k, POOL_K=self.with_k, SUB=min(POOL_SUB, block_q, block_k),
-                              num_warps=POOL_WARPS))
+                         dict(D=d, BQ=block_q, BK=block_k, POOL_K=self.with_k, SUB=min(_POOL_SUB, block_q, block_k),
+                              num_warps=_POOL_WARPS))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor | None):
         pq = torch.empty(self.shapes[0], dtype=torch.float32, device=q.device)
@@ -243,11 +239,9 @@ def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
 
 
 _SEL_ROWS = 1  # query-block rows per selection program; > 1 miscompiles on sm_90 (module docstring)
-# Warps per selection program (0: Mk/128, at most 8). One warp keeps the 32 bisection reductions
-# inside the warp (no shared-memory barrier). At Wan 480p on the H200 (docs/lab/kernels-notes.md, run 5), from a
-# CUDA graph: 0.113 ms with 4-warp pooling and Mk/128 selection warps, 0.103 ms with one selection warp,
-# 0.094 ms with this pooling too.
-SEL_WARPS = 1
+# One warp per selection program keeps the 32 bisection reductions inside the warp (no shared-memory
+# barrier); measured against Mk/128 warps in docs/lab/kernels-notes.md.
+_SEL_WARPS = 1
 
 
 def _keep(keep: int, code: int, fmask: torch.Tensor, n: int, block_q: int, block_k: int, mk: int) -> int:
@@ -273,7 +267,7 @@ class _Select:
         self.blocks = (block_q, block_k, n)
         self.site = Site(_select_kernel, (cdiv(rows, _SEL_ROWS),),
                          dict(BQ=block_q, BK=block_k, FORCE=code, TOPP=topp, ROWS=_SEL_ROWS, COLS=cols,
-                              num_warps=SEL_WARPS or max(1, min(8, cols // 128))))
+                              num_warps=_SEL_WARPS))
 
     def __call__(self, scores: torch.Tensor, fmask: torch.Tensor) -> BlockLayout:
         idx = torch.empty(self.shapes[0], dtype=torch.int32, device=scores.device)
@@ -293,19 +287,18 @@ def _select(scores, n, block_q, block_k, force, keep: int = 0, mass: float = 0.0
 
 
 # select_topk/topp_triton per input signature (the selector's eager time was host-bound on the device
-# machine, docs/lab/kernels-notes.md run 13): both launches' Sites, the shapes and the rule built once. The key
-# holds everything the launches depend on, the module's launch settings among them. False: no plan.
+# machine, docs/lab/kernels-notes.md): both launches' Sites, the shapes and the rule built once. The key
+# holds everything the launches depend on. False: no plan.
 _PLANS: dict = {}
 
 
 def _plan(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, keep_diagonal: bool, keep: int = 0,
           mass: float = 0.0, topp: bool = False):
     """A callable ``(q, k) -> BlockLayout`` for this signature, or None (the general path then runs)."""
-    if q.device.type != "cuda" or _INTERPRET:
+    if q.device.type != "cuda" or INTERPRET:
         return None
     key = (q.shape, k.shape, q.stride(), k.stride(), q.dtype, k.dtype, q.device, k.device, (q.data_ptr() | k.data_ptr()) & 15,
-           block_q, block_k, keep_diagonal, keep, mass, topp, POOL_WARPS, POOL_SUB, SEL_WARPS, _SEL_ROWS,
-           torch.cuda.current_device())
+           block_q, block_k, keep_diagonal, keep, mass, topp, torch.cuda.current_device())
     plan = _PLANS.get(key)
     if plan is None:
         if _check_qk(q, block_q) is not q or _check_qk(k, block_k) is not k:  # raises on bad input

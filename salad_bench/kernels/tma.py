@@ -1,4 +1,4 @@
-"""Host-side TMA (tensor memory accelerator) descriptors, shared by the forward kernels.
+"""Host-side TMA (tensor memory accelerator) descriptors, for the block-sparse forward's K/V loads.
 
 A descriptor covers a whole tensor; its block is ``rows`` consecutive rows of the second-to-last dim
 (full last dim, ones elsewhere). Loads past the end of that dim read zeros and stores there are dropped,
@@ -7,11 +7,9 @@ per (batch, head) slice, so ragged lengths need no masks.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-__all__ = ["scratch_allocator", "tma_desc", "tma_ok"]
+__all__ = ["tma_desc", "tma_ok"]
 
 
 def tma_desc(x: torch.Tensor, rows: int):
@@ -30,11 +28,3 @@ def tma_ok(*xs: torch.Tensor) -> bool:
         if x.data_ptr() % 16 or any((s * x.element_size()) % 16 for s in x.stride()[:-1]):
             return False
     return True
-
-
-def scratch_allocator() -> None:
-    """Global scratch for tensor descriptors built inside a kernel (``tl.make_tensor_descriptor``)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        import triton
-
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))

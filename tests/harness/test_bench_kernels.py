@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from salad_bench.harness import bench_kernels as bk
 from salad_bench.harness.bench_kernels import headline_targets
 
@@ -70,14 +68,38 @@ def test_report_keeps_every_round_and_takes_ratios_per_round():
     assert sum(len(t.cells) for t in kernel_tables(df)) == 1
 
 
-def test_variants_filter_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown variants.*nope"):
-        bk.variants_section(None, [0.1], only=["ws", "nope"])
+def test_inputs_and_headline_rows_name_the_kernel_path_and_meet_the_gate_target(tmp_path, monkeypatch):
+    """A CPU run of the inputs and headline sections with the timer faked: one forward row per input kind
+    and round (no softmax modes any more), every row naming ``kernel_path``, and the GPU gate's kernel
+    target matching the new rows."""
+    import json
 
+    from salad_bench.harness import ci_gpu, workloads
+    from salad_bench.harness.results import read_jsonl
+    from salad_bench.harness.timing import Timing
 
-def test_fused_linear_cost_is_the_per_round_difference():
-    rows = _rows([{"triton_block_sparse": 1.3, "fused_sparse_linear_triton": 1.42, "linear_state_triton": 0.09},
-                  {"triton_block_sparse": 1.4, "fused_sparse_linear_triton": 1.53, "linear_state_triton": 0.08}])
-    line = headline_targets(rows)[1]
-    assert "fused into the sparse forward 0.125 [0.120-0.130] ms" in line
-    assert "K/V pass 0.085 [0.080-0.090] ms" in line
+    monkeypatch.setattr(bk, "measure", lambda fn, device, rep_ms=None: Timing(1.0, 0.9, 1.1, 3, "fake"))
+    real_make_qkv = workloads.make_qkv
+
+    def make_qkv(wl, *, kind="video", **kw):
+        if kind == "wan":
+            raise ImportError("no diffusers in this test")
+        return real_make_qkv(wl, kind=kind, **kw)
+
+    monkeypatch.setattr(workloads, "make_qkv", make_qkv)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rows.jsonl").write_text("")
+    assert bk.main(["--out", str(run / "kernels"), "--sections", "inputs,headline", "--n", "256", "--heads", "1",
+                    "--dtype", "fp32", "--rounds", "2", "--quick"]) == 0
+    rows = read_jsonl(run / "kernels" / "rows.jsonl")
+    ours = [r for r in rows if r["method"] == "triton_block_sparse" and r["variant"].startswith("inputs_")]
+    assert sorted(r["variant"] for r in ours if r["variant"].endswith("_r0")) == sorted(
+        f"inputs_{k}_r0" for k in ("random", "video", "spread5", "spread20", "spread80", "spread300"))
+    assert all("softmax_mode" not in r and "kernel_options" not in r for r in rows)
+    paths = {json.loads(r["kernel_path"])["block_sparse"] for r in rows}
+    assert paths == {"triton interpreter, online-softmax, TMA K/V loads"}
+    assert {r["method"] for r in rows if r["variant"] == "headline_r1"} == {
+        "sdpa_cudnn", "triton_block_sparse", "flex_block_sparse", "linear_triton", "select_topk_triton"}
+    (res,) = [t for t in ci_gpu.evaluate_targets(run) if t["name"].startswith("block-sparse forward")]
+    assert res["measured"] == 1.0 and "video 1.000" in res["detail"]

@@ -112,3 +112,50 @@ def test_a_site_launches_through_launch_once_then_directly(fake_cuda, monkeypatc
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
     site(x, 32)  # a profiler hook: the normal path
     assert k.calls[-1][0] == "slow"
+
+
+def test_fitted_retries_smaller_when_shared_memory_overflows(monkeypatch):
+    import triton
+
+    calls = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, BLOCK, num_warps, num_stages, **consts):
+                calls.append((BLOCK, num_stages))
+                if BLOCK * num_stages > 64:
+                    raise triton.runtime.errors.OutOfResources(BLOCK * num_stages * 1024, 65536, "shared memory")
+
+            return run
+
+    monkeypatch.setattr(lm, "_FITTED", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # launch() then calls kernel[grid] directly
+    cfg = {"BLOCK": 64, "num_warps": 8, "num_stages": 3}
+    lm.fitted(FakeKernel(), (1,), (), {"D": 64}, cfg)
+    assert calls == [(64, 3), (64, 2), (64, 1)]
+    calls.clear()
+    lm.fitted(FakeKernel(), (1,), (), {"D": 64}, cfg)  # the fitted config is remembered
+    assert calls == [(64, 1)]
+    assert cfg == {"BLOCK": 64, "num_warps": 8, "num_stages": 3}  # the caller's config is left alone
+
+
+def test_autotuned_runs_one_fixed_config_in_the_interpreter(monkeypatch):
+    calls = []
+
+    class Fn:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append(("fixed", grid, args, meta))
+
+    class Tuned:
+        fn = Fn()
+
+        def __getitem__(self, grid):
+            return lambda *args, **consts: calls.append(("tuned", grid, args, consts))
+
+    monkeypatch.setattr(lm, "INTERPRET", True)
+    lm.autotuned(Tuned(), lambda meta: (meta["BLOCK_M"],), (1,), {"D": 64}, {"BLOCK_M": 32, "num_warps": 4})
+    assert calls == [("fixed", (32,), (1,), {"D": 64, "BLOCK_M": 32, "num_warps": 4})]
+    calls.clear()
+    monkeypatch.setattr(lm, "INTERPRET", False)
+    lm.autotuned(Tuned(), (7,), (1,), {"D": 64}, {"BLOCK_M": 32})
+    assert calls == [("tuned", (7,), (1,), {"D": 64})]

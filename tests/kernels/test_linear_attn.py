@@ -43,81 +43,8 @@ def test_matches_reference_with_rope(gen, kind, dtype):
 @pytest.mark.parametrize("kind", ["relu", "elu", "softmax"])
 def test_without_rope_and_head_dim_128(gen, kind):
     """Without RoPE at D=128 in fp16. elu's dq was 2.3x torch's own error before the backward recomputed
-    the state with the features' lo parts (OPTIONS["bwd_split_state"])."""
+    the state with the features' lo parts (what it does for half-precision inputs)."""
     _run(gen, kind, torch.float16, (2, 5, 7), 128, rope=False)
-
-
-@pytest.mark.parametrize("kind,rope", [("relu", True), ("softmax", False)])
-def test_state_in_halves(gen, monkeypatch, kind, rope):
-    """The K/V pass with the state split over two programs per chunk gives the same result and gradients."""
-    from salad_bench.kernels import linear_attn as la
-
-    monkeypatch.setitem(la.OPTIONS, "state_halves", True)
-    _run(gen, kind, torch.float16, (2, 5, 7), 64, rope=rope)
-    _run(gen, kind, torch.float32, (1, 3, 13), 128, rope=rope)
-
-
-@pytest.mark.parametrize("kind", ["relu", "elu"])
-def test_split_state_pass(gen, monkeypatch, kind):
-    """With the lo-part dots in the K/V pass (off by default), forward and gradients stay within the bound."""
-    from salad_bench.kernels import linear_attn as la
-
-    monkeypatch.setitem(la.OPTIONS, "state_split", True)
-    _run(gen, kind, torch.float16, (2, 5, 7), 64, rope=True)
-
-
-@pytest.mark.parametrize("option", ["pairs", "tma"])
-@pytest.mark.parametrize("kind,rope,dtype", [("relu", True, torch.float16), ("elu", True, torch.float32),
-                                             ("softmax", True, torch.float16), ("relu", False, torch.float32)])
-def test_forward_layout_options(gen, monkeypatch, option, kind, rope, dtype):
-    """Two forward options give the same output and gradients: ``pairs`` (natural channel order, RoPE pairs
-    rotated in registers, one D x D state, converted to the half layout for the backward) and ``tma`` (TMA
-    descriptors; ragged N: their zero rows and dropped stores)."""
-    from salad_bench.kernels import linear_attn as la
-
-    monkeypatch.setitem(la.OPTIONS, option, True)
-    if option == "tma":
-        assert la._use_tma(torch.zeros(8, 8, device=DEVICE))
-    _run(gen, kind, dtype, (2, 5, 7), 64, rope=rope)
-    _run(gen, kind, dtype, (1, 3, 13), 128, rope=rope)
-
-
-def test_tma_forward_fp16_tables_and_unaligned_fallback(gen, monkeypatch):
-    """Half-precision tables go through their own descriptors; a tensor TMA cannot address (a 2-byte
-    offset) takes the pointer loads, with the same result."""
-    from salad_bench.kernels import linear_attn as la
-
-    monkeypatch.setitem(la.OPTIONS, "tma", True)
-    q, k, v = [torch.randn(1, 2, 70, 64, generator=gen).to(DEVICE, torch.float16) for _ in range(3)]
-    cos, sin = rope_3d_freqs((2, 5, 7), 64, DEVICE)
-    ref = linear_attention_ref(q.double(), k.double(), v.double(), "relu", cos, sin)
-    ours = linear_attention_triton(q, k, v, "relu", cos.half(), sin.half())
-    assert_close_to_torch(ours, linear_attention_ref(q, k, v, "relu", cos, sin), ref, what="tma fp16 tables")
-    flat = torch.empty(q.numel() + 1, dtype=torch.float16, device=DEVICE)
-    shifted = flat[1:].view_as(q).copy_(q)
-    assert not la._use_tma(shifted)
-    torch.testing.assert_close(linear_attention_triton(shifted, k, v, "relu", cos, sin),
-                               linear_attention_triton(q, k, v, "relu", cos, sin), rtol=0, atol=0)
-
-
-def test_pairs_state_converts_to_halves(gen):
-    """The pairs-layout state, converted, equals the half-layout state of the same inputs."""
-    from salad_bench.kernels import linear_attn as la
-
-    q, k, v = [torch.randn(1, 2, 70, 64, generator=gen).to(DEVICE) for _ in range(3)]
-    cos, sin = rope_3d_freqs((2, 5, 7), 64, DEVICE)
-    saved = la.OPTIONS["pairs"]
-    try:
-        la.OPTIONS["pairs"] = False
-        _, halves, was_pairs = la._forward(q, k, v, 0, cos, sin, True, 1e-6)
-        assert not was_pairs
-        la.OPTIONS["pairs"] = True
-        _, pairs, was_pairs = la._forward(q, k, v, 0, cos, sin, True, 1e-6)
-        assert was_pairs
-    finally:
-        la.OPTIONS["pairs"] = saved
-    assert not torch.allclose(pairs, halves)  # the layouts differ ...
-    torch.testing.assert_close(la._pairs_to_halves(pairs, 64), halves, rtol=1e-5, atol=1e-4)  # ... by a permutation
 
 
 def test_half_rope_tables_forward(gen):
@@ -150,65 +77,52 @@ def test_wan_shape_gpu(gen, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [{"state_split": True}, {"state_halves": True}, {"pairs": True},
-                                  {"out_programs_per_sm": 4}, {"tma": True}, {"out_gluon": True},
-                                  {"out_gluon": True, "state_gluon": True,
-                                   "out_gluon_cfg": {"num_warps": 8, "stages": 3, "programs_per_sm": 1}}])
-def test_wan_shape_cheap_options_gpu(gen, monkeypatch, opts):
-    """The K/V-pass options the benchmark times, at Wan 480p in bf16."""
-    from salad_bench.kernels import linear_attn as la
-
-    for key, val in opts.items():
-        monkeypatch.setitem(la.OPTIONS, key, val)
-    _run(gen, "relu", torch.bfloat16, (21, 30, 52), 128, rope=True, h=12)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["relu", "elu", "softmax"])
 @pytest.mark.parametrize("d,dtype,rope", [(64, torch.float16, True), (128, torch.bfloat16, True),
                                           (128, torch.float16, False)])
-@pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("out_tma", [False, True])
-def test_gluon_passes_gpu(gen, monkeypatch, kind, d, dtype, rope, warps, out_tma):
-    """The Gluon K/V and output passes (kernels.linear_gluon) at a ragged N (70 and 4,030 tokens: one and
-    several 64-token tiles per program), the output stored from registers or through a TMA store: the
-    output against the float64 reference, and the gradients (the Triton backward, reading the Gluon
-    state) against the all-Triton path's."""
+def test_gluon_passes_gpu(gen, kind, d, dtype, rope):
+    """The Gluon K/V and output passes (kernels.linear_gluon, what runs on sm_90) at a ragged N (70 and 4,030
+    tokens: one and several 64-token tiles per program): the output against the float64 reference, and
+    the gradients (the Triton backward) too; the Gluon passes' other builds (4 warps, the output stored from
+    registers) likewise."""
     from salad_bench.kernels import linear_attn as la
-    from tests.kernels._tol import rel_l2
+    from salad_bench.kernels import linear_gluon as lg
 
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon passes need an sm_90 GPU")
     for grid in ((2, 5, 7), (5, 13, 62)):
         n = grid[0] * grid[1] * grid[2]
         q, k, v = [torch.randn(1, 3, n, d, generator=gen).to("cuda", dtype) for _ in range(3)]
         cos, sin = rope_3d_freqs(grid, d, "cuda") if rope else (None, None)
         dout = torch.randn(1, 3, n, d, generator=gen).to("cuda", dtype)
-
-        def go(q, k, v, cos, sin, dout):
-            xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-            out = linear_attention_triton(*xs, kind=kind, cos=cos, sin=sin)
-            out.backward(dout)
-            return [out.detach()] + [x.grad for x in xs]
-
-        with monkeypatch.context() as m:
-            m.setitem(la.OPTIONS, "out_gluon", False)
-            triton_only = go(q, k, v, cos, sin, dout)
-        cfg = {"num_warps": warps, "stages": 3, "programs_per_sm": 1, "out_tma": out_tma}
-        with monkeypatch.context() as m:
-            for key, val in (("out_gluon", True), ("state_gluon", True), ("out_gluon_cfg", cfg), ("state_gluon_cfg", cfg)):
-                m.setitem(la.OPTIONS, key, val)
-            ours = go(q, k, v, cos, sin, dout)
-        ref = linear_attention_ref(*[x.double() for x in (q, k, v)], kind, cos, sin)
-        same = linear_attention_ref(q, k, v, kind, cos, sin)
-        assert_close_to_torch(ours[0], same, ref, what=f"gluon {kind} {dtype} d={d} rope={rope} n={n} out")
-        for name, a, b in zip(("dq", "dk", "dv"), ours[1:], triton_only[1:], strict=True):
-            assert torch.isfinite(a).all() and rel_l2(a, b) < 3e-3, f"{name}: rel L2 {rel_l2(a, b):.2e} to the Triton path"
+        assert la._gluon(cos, q, k, v) is lg
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = linear_attention_triton(*xs, kind=kind, cos=cos, sin=sin)
+        out.backward(dout)
+        ref_xs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref = linear_attention_ref(*ref_xs, kind, cos, sin)
+        ref.backward(dout.double())
+        same_xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        same = linear_attention_ref(*same_xs, kind, cos, sin)
+        same.backward(dout)
+        what = f"gluon {kind} {dtype} d={d} rope={rope} n={n}"
+        assert_close_to_torch(out.detach(), same.detach(), ref.detach(), what=f"{what} out")
+        for name, a, s, r in zip("qkv", xs, same_xs, ref_xs, strict=True):
+            assert_close_to_torch(a.grad, s.grad, r.grad, factor=3.0, what=f"{what} d{name}")
+        qp, kp, vp, cos_t, sin_t, rope_on, kind_id = la._prepare(q, k, v, kind, cos, sin)
+        for warps in (4, 8):
+            for out_tma in (False, True):
+                chunks = la._chunks(n, 3, q.device, block=lg.BLOCK, per_sm=1)
+                state = lg.state_pass_gluon(kp, vp, cos_t, sin_t, rope_on, kind_id, *chunks, warps, 3)
+                other = lg.out_pass_gluon(qp, state, cos_t, sin_t, rope_on, kind_id, 1e-6, *chunks, warps, 3, out_tma)
+                assert_close_to_torch(other, same.detach(), ref.detach(), what=f"{what} warps={warps} out_tma={out_tma}")
 
 
 @pytest.mark.gpu
 def test_no_grad_plans_gpu(gen, monkeypatch):
     """No-grad calls go through a plan per input signature (kernels.linear_attn._plan): the same output as
     the general path (bitwise), for new tensors of a seen signature (the plan reused), a new shape, tables
-    at a new address and non-contiguous inputs (the general path); OPTIONS changes drop the plans."""
+    at a new address and non-contiguous inputs (the general path)."""
     from salad_bench.kernels import linear_attn as la
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -238,34 +152,6 @@ def test_no_grad_plans_gpu(gen, monkeypatch):
         qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided heads: the general path copies nothing
         assert torch.equal(linear_attention_triton(qt, k, v, "relu", c2, s2), general(qt, k, v, c2, s2))
     assert len(la._PLANS) == 4 and next(iter(la._PLANS.values())) is plan
-    monkeypatch.setitem(la.OPTIONS, "out_gluon_cfg", {**la.OPTIONS["out_gluon_cfg"], "out_tma": False})
-    with torch.no_grad():
-        assert torch.equal(linear_attention_triton(q, k, v, "relu", c2, s2), general(q, k, v, c2, s2))
-    assert len(la._PLANS) == 1
     # with gradients the general path runs, and agrees
     xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     assert torch.equal(linear_attention_triton(*xs, "relu", c2, s2).detach(), general(q, k, v, c2, s2))
-
-
-def test_launch_retries_smaller_when_shared_memory_overflows():
-    import triton
-
-    from salad_bench.kernels import linear_attn as la
-
-    calls = []
-
-    class FakeKernel:
-        def __getitem__(self, grid):
-            def run(*args, BLOCK, num_warps, num_stages, **consts):
-                calls.append((BLOCK, num_stages))
-                if BLOCK * num_stages > 64:
-                    raise triton.runtime.errors.OutOfResources(BLOCK * num_stages * 1024, 65536, "shared memory")
-
-            return run
-
-    cfg = {"BLOCK": 64, "num_warps": 8, "num_stages": 3}
-    la._launch(FakeKernel(), (1,), (), {"D": 64}, cfg)
-    assert calls == [(64, 3), (64, 2), (64, 1)]
-    calls.clear()
-    la._launch(FakeKernel(), (1,), (), {"D": 64}, cfg)  # the fitted config is remembered
-    assert calls == [(64, 1)]

@@ -45,8 +45,8 @@ def wan_layer_qkv(
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, text_len: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q, k, v`` ``(batch, heads, T*H*W, head_dim)`` from block 0 of a random-weight Wan2.1 DiT."""
-    from salad_bench.harness.workloads import WAN_1_3B
     from salad_bench.harness.integrations.wan import install_attention, new_transformer
+    from salad_bench.harness.workloads import WAN_1_3B
 
     config = {**WAN_1_3B, "num_attention_heads": heads, "attention_head_dim": head_dim, "num_layers": 1}
     model = new_transformer(config, device=device, dtype=dtype, seed=seed)

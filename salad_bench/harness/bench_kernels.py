@@ -82,7 +82,14 @@ class Bench:
         from salad_bench.harness.workloads import DTYPES
 
         self.dtype = DTYPES[args.dtype]
-        self.b, self.h, self.n, self.d = 1, args.heads, args.n, 128
+        from salad_bench.harness.workloads import get_workload
+
+        wl = get_workload(args.workload)
+        # --n/--heads shrink the workload for a CPU smoke run (a flat grid of n tokens)
+        self.grid = wl.grid if args.n is None else (1, 1, args.n)
+        self.b, self.h, self.d = 1, wl.heads if args.heads is None else args.heads, wl.head_dim
+        self.n = math.prod(self.grid)
+        self.workload = wl.name if args.n is None and args.heads is None else f"attn-B{self.b}H{self.h}N{self.n}D{self.d}"
         self.writer = RowWriter(args.out, resume=args.resume, device=str(self.device))
         self.rows: list[dict[str, Any]] = []
         self.baselines: dict[tuple[str, str], float] = {}  # (method, pass) -> ms
@@ -97,7 +104,7 @@ class Bench:
     # -- rows --------------------------------------------------------------------------------------
     def emit(self, **row: Any) -> dict[str, Any]:
         base = {
-            "kind": "kernel", "workload": f"attn-B{self.b}H{self.h}N{self.n}D{self.d}", "B": self.b, "H": self.h,
+            "kind": "kernel", "workload": self.workload, "B": self.b, "H": self.h,
             "N": self.n, "D": self.d, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
             "kernel_path": self.kernel_path,
         }
@@ -396,7 +403,7 @@ def profile_section(bench: Bench) -> None:
     from salad_bench.kernels.select_triton import select_topk_triton
 
     q, k, v, dout = bench.q, bench.k, bench.v, bench.dout
-    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    grid = bench.grid
     cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
     lay = random_layout(bench.b, bench.h, bench.n, 128, 64, 0.1, bench.device, seed=100)
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -467,7 +474,7 @@ def video_topk_section(bench: Bench, sparsity: float = 0.9) -> None:
     except ImportError as exc:
         bench.skipped("triton_block_sparse", "triton", "fwd", f"salad_bench.harness.workloads missing: {exc}", variant="video_topk")
         return
-    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    grid = bench.grid
     wl = Workload("bench", grid, bench.h, bench.d, 1)
     q, k, _ = make_qkv(wl, kind="video", device=bench.device, dtype=bench.dtype)
     lay = select_topk_triton(q, k, keep_count(sparsity, cdiv(bench.n, 64)), 128, 64)
@@ -502,7 +509,7 @@ def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
     from salad_bench.kernels import block_sparse as bs
     from salad_bench.kernels.select_triton import select_topk_triton
 
-    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    grid = bench.grid
     wl = Workload("bench", grid, bench.h, bench.d, 1)
     keep = keep_count(1.0 - density, cdiv(bench.n, 64))
 
@@ -638,7 +645,7 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1) -> Non
     lay = random_layout(bench.b, bench.h, bench.n, 128, 64, density, bench.device, seed=int(density * 1000))
     real, pairs = lay.density(), float(lay.kept_token_pairs())
     bm = flex_block_mask(lay)
-    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    grid = bench.grid
     cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
     keep = keep_count(1.0 - density, cdiv(bench.n, 64))
 
@@ -787,7 +794,7 @@ def linear_section(bench: Bench) -> None:
     from salad_bench.kernels.reference import linear_attention_ref
     from salad_bench.kernels.rope import rope_3d_freqs
 
-    grid = (21, 30, 52) if bench.n == 32760 else (1, 1, bench.n)
+    grid = bench.grid
     cos, sin = rope_3d_freqs(grid, bench.d, bench.device)
     q, k, v, dout = bench.q, bench.k, bench.v, bench.dout
     print("linear branch (relu, RoPE)", flush=True)
@@ -897,8 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/kernels/latest", help="run directory for rows.jsonl")
     p.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
-    p.add_argument("--n", type=int, default=32760)
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--workload", default="wan2.1-1.3b-480p", help="attention workload preset (salad-bench list)")
+    p.add_argument("--n", type=int, default=None, help="override: a flat grid of N tokens (CPU smoke runs)")
+    p.add_argument("--heads", type=int, default=None, help="override: the number of heads")
     p.add_argument("--quick", action="store_true", help="shorter timing budget")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="bf16 on GPUs; fp32/fp16 for a CPU smoke run under TRITON_INTERPRET=1")

@@ -3,6 +3,10 @@
 Exit codes: 0 done; 1 the speedup gate found a regression; 2 bad input (the message says what and
 how to fix it). Rows measured before an interruption stay in ``<out>/rows.jsonl``; ``--resume``
 continues the same run.
+
+Under ``torchrun --nproc_per_node=G run_all.py ...`` every rank measures its share of the cells into
+``<out>/rows.rank<R>.jsonl`` (``harness.runner``); rank 0 then writes the summary, the report and the
+gate's verdict over all of them.
 """
 
 from __future__ import annotations
@@ -127,22 +131,27 @@ def _main(args: argparse.Namespace) -> int:
     try:
         rows_path = run(spec)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: rows measured so far are in {out / 'rows.jsonl'}; rerun with --out {out} --resume", file=sys.stderr)
+        print(f"\ninterrupted: rows measured so far are in {out}/rows*.jsonl; rerun with --out {out} --resume", file=sys.stderr)
         return 130
+    from salad_bench.harness.distributed import Dist
+
+    if not Dist.from_env().main:
+        return 0  # rank 0 reports on every rank's rows
     return _finish(rows_path, args)
 
 
 def _finish(rows_path: Path, args) -> int:
     from salad_bench.harness.report import dit_tables, main_tables, skipped_table, to_markdown
-    from salad_bench.harness.results import load_rows
+    from salad_bench.harness.results import load_rows, rows_files
 
-    df = load_rows(rows_path)
+    files = rows_files(rows_path.parent)  # every rank's rows file
+    df = load_rows(files)
     tables = main_tables(df) + dit_tables(df)
     bad = skipped_table(df)
     table = to_markdown(tables + ([bad] if bad.cells else []))
     (rows_path.parent / "summary.md").write_text(table)
     print(table)
-    print(f"rows: {rows_path}")
+    print(f"rows: {', '.join(map(str, files))}")
     if args.report:
         from salad_bench.harness.report import write_reports
 

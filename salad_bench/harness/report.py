@@ -639,7 +639,9 @@ def _provenance_lines(df: pd.DataFrame, sources: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m salad_bench.harness.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run directories (containing rows.jsonl) or .jsonl files")
+    ap.add_argument("runs", nargs="+",
+                    help="run directories (every rows file in them: rows.jsonl, a torchrun run's rows.rank<R>.jsonl) "
+                         "or .jsonl files")
     ap.add_argument("--out", default=None,
                     help="output directory (default: <first run>/report; the committed reports/ only when named)")
     ap.add_argument("--no-figures", action="store_true", help="tables only")

@@ -1,5 +1,9 @@
 """Result rows: one flat JSON object per measured cell, appended to ``<run>/rows.jsonl`` at once.
 
+A run of several ranks (torchrun, :mod:`harness.distributed`) writes one file per rank,
+``<run>/rows.rank<R>.jsonl``; a run's rows are the rows of all its rows files (:func:`rows_files`), which
+:func:`load_rows`, the report and the gate read together, and ``resume`` counts as done.
+
 Every row carries its provenance (git SHA and dirty flag, card, torch/triton/cuDNN/CUDA versions,
 date, command line) and the method's full config, so tables, plots and the gate are pure functions of
 rows. A run interrupted mid-way keeps every row already written; ``resume`` skips cells whose key is
@@ -17,7 +21,8 @@ measured   density, sparsity (1 - density), ms, ms_p20, ms_p80, reps, timer, sel
            kernels.execution_paths; rows before 2026-12-06 have kernel_options, the switches then in force),
            rel_l2, cos_sim, max_abs_err
 baseline   baseline_method, baseline_backend, baseline_ms, speedup, fa2_ms, speedup_vs_fa2
-provenance git_sha, git_dirty, torch, triton, cudnn, cuda, python, date, host, command
+provenance git_sha, git_dirty, torch, triton, cudnn, cuda, python, date, host, command; under torchrun
+           also rank, world_size (not part of a cell's identity: a cell is the same cell on any rank)
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ResultsFileError", "RowWriter", "cell_key", "config_hash", "headline_times", "load_rows", "provenance",
-           "read_jsonl", "round_ratios"]
+           "read_jsonl", "round_ratios", "rows_files"]
+
+# rows.jsonl (one process) or rows.rank<R>.jsonl (rank R of a torchrun run)
+ROWS_FILE = re.compile(r"rows(?:\.rank(\d+))?\.jsonl")
 
 KEY_FIELDS = ("kind", "method", "config_hash", "workload", "qkv", "dtype", "pass", "sparsity_target", "card")
 
@@ -144,11 +152,12 @@ def round_diffs(times: dict[str, dict[int, float]], a: str, b: str) -> list[floa
     return [x[k] - y[k] for k in sorted(x.keys() & y.keys())]
 
 
-def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True, warn: bool = True) -> list[dict[str, Any]]:
     """Rows of one JSONL file.
 
-    A torn last line (no trailing newline: the process died mid-write) is dropped with a warning when
-    ``tolerate_torn_tail``; any other bad line raises :class:`ResultsFileError` naming it.
+    A torn last line (no trailing newline: the process died mid-write, or another rank is writing it now)
+    is dropped, with a warning when ``warn``, when ``tolerate_torn_tail``; any other bad line raises
+    :class:`ResultsFileError` naming it.
     """
     path = Path(path)
     if not path.exists():
@@ -175,7 +184,8 @@ def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str,
         except ValueError as exc:
             last = i == len(lines) and not text.endswith("\n")
             if last and tolerate_torn_tail:
-                print(f"warning: {path}:{i}: dropping a torn last line (interrupted write)", file=sys.stderr)
+                if warn:
+                    print(f"warning: {path}:{i}: dropping a torn last line (interrupted write)", file=sys.stderr)
                 continue
             raise ResultsFileError(
                 f"{path}:{i}: not a valid result row ({exc}). The file is corrupt: remove or fix that line, "
@@ -184,28 +194,46 @@ def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True) -> list[dict[str,
     return rows
 
 
-class RowWriter:
-    """Appends rows to ``<run_dir>/rows.jsonl`` one at a time (flushed and fsynced)."""
+def rows_files(run_dir: str | Path) -> list[Path]:
+    """The rows files of one run directory: ``rows.jsonl`` first, then ``rows.rank<R>.jsonl`` by rank."""
+    found = [(m, p) for p in Path(run_dir).glob("rows*.jsonl") if (m := ROWS_FILE.fullmatch(p.name))]
+    return [p for _, p in sorted(found, key=lambda mp: -1 if mp[0][1] is None else int(mp[0][1]))]
 
-    def __init__(self, run_dir: str | Path, *, resume: bool = False, device: str = "") -> None:
+
+class RowWriter:
+    """Appends rows to ``<run_dir>/rows.jsonl`` one at a time (flushed and fsynced); rank ``R`` of a
+    torchrun run appends to ``rows.rank<R>.jsonl`` instead, and every row carries ``rank`` and
+    ``world_size``. Only this writer's file is written; every rows file of the run is read (``existing``,
+    ``is_done``), so a resumed run skips what any rank, in any earlier run of any size, measured."""
+
+    def __init__(self, run_dir: str | Path, *, resume: bool = False, device: str = "", rank: int | None = None,
+                 world_size: int = 1) -> None:  # fmt: skip
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "rows.jsonl"
+        self.path = self.run_dir / ("rows.jsonl" if rank is None else f"rows.rank{rank}.jsonl")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._prov = provenance(device)
+        if rank is not None:
+            self._prov.update(rank=rank, world_size=world_size)
         self.run_id = self.run_dir.name
         self._done: set[tuple] = set()
         self._rows: dict[tuple, dict[str, Any]] = {}
         self.existing: list[dict[str, Any]] = []
+        held = [f for f in rows_files(self.run_dir) if f.stat().st_size]
+        if held and not resume:
+            raise ResultsFileError(
+                f"{held[0]} already holds results; pass --resume to continue that run or choose another --out"
+            )
+        self.refresh(warn=True)
         if self.path.exists() and self.path.stat().st_size:
-            if not resume:
-                raise ResultsFileError(
-                    f"{self.path} already holds results; pass --resume to continue that run or choose another --out"
-                )
-            self.existing = read_jsonl(self.path)
             self._repair_tail()
-            # ok and skipped cells are done (a skip's reason does not change on a rerun); an error is retried
-            self._rows = {cell_key(r): r for r in self.existing if r.get("status") in ("ok", "skipped")}
-            self._done = set(self._rows)
+
+    def refresh(self, *, warn: bool = False) -> None:
+        """Read every rows file of the run again: rows other ranks appended since count as done (a line
+        another rank is writing at this moment is left for the next read)."""
+        self.existing = [r for f in rows_files(self.run_dir) if f.stat().st_size for r in read_jsonl(f, warn=warn)]
+        # ok and skipped cells are done (a skip's reason does not change on a rerun); an error is retried
+        self._rows = {cell_key(r): r for r in self.existing if r.get("status") in ("ok", "skipped")}
+        self._done = set(self._rows)
 
     def _repair_tail(self) -> None:
         text = self.path.read_text()
@@ -262,7 +290,8 @@ def latest_per_cell(df):
 
 
 def load_rows(paths: str | Path | Iterable[str | Path]):
-    """A pandas DataFrame of the rows in one or more run directories or ``.jsonl`` files."""
+    """A pandas DataFrame of the rows in one or more run directories (every rows file under each, the
+    ranks' ``rows.rank<R>.jsonl`` included) or ``.jsonl`` files."""
     import pandas as pd
 
     if isinstance(paths, (str, Path)):
@@ -270,9 +299,10 @@ def load_rows(paths: str | Path | Iterable[str | Path]):
     rows: list[dict[str, Any]] = []
     for p in paths:
         p = Path(p)
-        files = sorted(p.rglob("rows.jsonl")) if p.is_dir() else [p]
+        dirs = sorted({f.parent for f in p.rglob("rows*.jsonl")}) if p.is_dir() else []
+        files = [f for d in dirs for f in rows_files(d)] if p.is_dir() else [p]
         if p.is_dir() and not files:
-            raise ResultsFileError(f"{p}: no rows.jsonl under this directory")
+            raise ResultsFileError(f"{p}: no rows.jsonl (or rows.rank<R>.jsonl) under this directory")
         for f in files:
             rows.extend(read_jsonl(f))
     return pd.DataFrame(rows)

@@ -5,6 +5,14 @@ variants) so that each method's speedup is over the fastest dense backend *measu
 process on the same card*, and over FA2 (SDPA's flash backend) beside it. A cell that cannot run
 becomes a ``skipped`` row (with the reason) or an ``error`` row (out of memory, NaN output, an
 exception) and the sweep goes on. ``dit:`` workloads are handed to :mod:`harness.dit`.
+
+Under ``torchrun --nproc_per_node=G`` every rank builds the same plan and takes its share
+(:mod:`harness.distributed`): the dense backends of every workload first (dealt out, then a barrier, so
+each rank reads every baseline before it times a method), then the methods' cells (workload x method x
+sparsity, with both passes), each dealt by its expected cost, heaviest first to the least-loaded rank. A
+``dit:`` workload is one unit (its whole-model cells need their dense reference in the same process), so
+it goes to one rank whole. Each rank times on its own GPU and appends to ``rows.rank<R>.jsonl``; the
+speedup baseline is the fastest dense backend measured in this run on the same card.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.accuracy import compare, reference_attention
+from salad_bench.harness.distributed import Dist, barrier, deal, rank_device
 from salad_bench.harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
 from salad_bench.harness.results import RowWriter, config_hash
 from salad_bench.harness.timing import measure, peak_memory_gib
@@ -27,7 +36,8 @@ from salad_bench.harness.workloads import DTYPES, Workload, get_workload, make_q
 from salad_bench.kernels import execution_paths
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
 
-__all__ = ["RunSpec", "run", "check_device", "make_spec", "dense_baselines", "sweeps_sparsity", "validate_spec"]
+__all__ = ["RunSpec", "Unit", "run", "check_device", "make_spec", "dense_baselines", "plan", "sweeps_sparsity",
+           "validate_spec"]
 
 
 
@@ -188,40 +198,52 @@ class _Sweep:
         self.dtype = DTYPES[spec.dtype]
 
     # -- one workload ----------------------------------------------------------------------------
-    def workload(self, wl: Workload) -> None:
+    def workload(self, wl: Workload, units: list[Unit]) -> None:
+        """Measure ``units`` of one Q/K/V workload: its dense baselines first, then its methods' cells
+        against the fastest dense backend this run has measured on this card."""
         spec = self.spec
         try:
             q, k, v = make_qkv(wl, kind=spec.qkv, seed=spec.seed, device=self.device, dtype=self.dtype)
         except torch.cuda.OutOfMemoryError:
-            self._fail_all(wl, "error", f"out of memory creating q/k/v for {wl.name} ({wl.attention_gib():.1f} GiB); use a smaller workload")
+            self._fail_all(wl, units, "error", f"out of memory creating q/k/v for {wl.name} ({wl.attention_gib():.1f} GiB); use a smaller workload")
             return
         if not all(torch.isfinite(t).all() for t in (q, k, v)):
             raise ValueError(f"q/k/v for {wl.name} contain NaN or Inf; check --qkv/--seed")
         ref = reference_attention(q, k, v)
         ctx = AttnContext(grid=wl.grid, num_layers=wl.layers)
+        for u in units:
+            if u.baseline:
+                self.cell(wl, u.method, 0.0, q, k, v, ref, ctx, base=None)
+        base_info = self.baseline_info(wl)
+        for u in units:
+            if not u.baseline:
+                self.cell(wl, u.method, u.sparsity, q, k, v, ref, ctx, base=base_info)
+        del q, k, v, ref
+
+    def baseline_info(self, wl: Workload) -> dict[str, Any]:
+        """The fastest dense backend among this run's forward rows of ``wl`` on this card (measured by
+        this process, another rank, or before an interruption)."""
+        spec = self.spec
         base: dict[str, float] = {}
         if spec.baselines:
             for name in dense_baselines():
-                row = self.cell(wl, name, 0.0, q, k, v, ref, ctx, base=None)
-                if row and row.get("status") == "ok" and row.get("pass", "fwd") == "fwd":
+                cfg = {**METHODS.get(name).defaults, **spec.knobs.get(name, {}), "sparsity": 0.0}
+                row = self.writer.done_row(_identity("attention", name, cfg, wl.name, spec.dtype, "fwd", 0.0, spec.qkv))
+                if row and row.get("status") == "ok":
                     base[name] = row["ms"]
         best = min(base, key=base.get) if base else None
-        base_info = {
+        return {
             "baseline_method": best,
             "baseline_backend": METHODS.get(best).defaults.get("backend") if best else None,
             "baseline_ms": base.get(best) if best else None,
             "fa2_ms": base.get(_fa2()),
         }
-        for name in spec.methods:
-            for s in spec.sparsities if sweeps_sparsity(name) else [0.0]:
-                self.cell(wl, name, s, q, k, v, ref, ctx, base=base_info)
-        del q, k, v, ref
 
-    def _fail_all(self, wl: Workload, status: str, reason: str) -> None:
-        for name in self.spec.methods:
-            ident = _identity("attention", name, {}, wl.name, self.spec.dtype, "fwd", 0.0, self.spec.qkv)
+    def _fail_all(self, wl: Workload, units: list[Unit], status: str, reason: str) -> None:
+        for u in units:
+            ident = _identity("attention", u.method, {}, wl.name, self.spec.dtype, "fwd", 0.0, self.spec.qkv)
             self.writer.append({**ident, "status": status, "reason": reason, "N": wl.n})
-            self.progress.update(1)
+            self.progress.update(u.cells)
 
     # -- one cell --------------------------------------------------------------------------------
     def cell(self, wl, name, sparsity, q, k, v, ref, ctx, base) -> dict | None:
@@ -328,43 +350,120 @@ class _Sweep:
         return row
 
 
-def count_cells(spec: RunSpec) -> int:
-    per_wl = 0
-    for name in spec.methods:
-        per_wl += len(spec.sparsities) if sweeps_sparsity(name) else 1
-    if spec.baselines:
-        per_wl += len(dense_baselines())
-    per_wl *= 2 if spec.backward else 1
+@dataclass(frozen=True)
+class Unit:
+    """What one rank measures in one go: a method's cell of a Q/K/V workload (every pass of it), or a
+    whole ``dit:`` workload (``method`` None). ``cost`` is the expected cost the ranks are balanced on:
+    dense attention FLOPs x passes (a DiT workload: x layers x its cells); ``cells`` the rows it makes."""
+
+    workload: str
+    method: str | None
+    sparsity: float = 0.0
+    baseline: bool = False
+    cost: float = 1.0
+    cells: int = 1
+
+
+def _units(spec: RunSpec, writer: RowWriter | None) -> tuple[list[Unit], list[Unit]]:
+    """The sweep's units in the order a single process measures them: (dense baselines, the rest). With
+    a ``writer`` (``--resume``) units whose every pass is done are left out."""
+    passes = ["fwd", "fwd+bwd"] if spec.backward else ["fwd"]
+    factor = 1.0 + ((1.0 + BACKWARD_FACTOR) if spec.backward else 0.0)
+
+    def todo(w: str, name: str, s: float) -> bool:
+        if writer is None or not spec.resume:
+            return True
+        cfg = {**METHODS.get(name).defaults, **spec.knobs.get(name, {}), "sparsity": s}
+        return not all(writer.is_done(_identity("attention", name, cfg, w, spec.dtype, p, s, spec.qkv)) for p in passes)
+
+    base: list[Unit] = []
+    rest: list[Unit] = []
     per_dit = sum(len(spec.sparsities) if sweeps_sparsity(n) else 1 for n in spec.methods)
-    n_dit = len([w for w in spec.workloads if w.startswith("dit:")])
-    return per_wl * (len(spec.workloads) - n_dit) + per_dit * n_dit
+    for w in spec.workloads:
+        if w.startswith("dit:"):
+            from salad_bench.harness.dit import get_dit_workload
+
+            d = get_dit_workload(w)
+            flops = dense_flops(1, d.heads, d.n, d.n, d.head_dim) * d.layers * (per_dit + 1)
+            rest.append(Unit(w, None, cost=flops, cells=per_dit))
+            continue
+        wl = get_workload(w)
+        cost = dense_flops(wl.batch, wl.heads, wl.n, wl.n, wl.head_dim) * factor
+        if spec.baselines:
+            base += [Unit(w, n, 0.0, True, cost, len(passes)) for n in dense_baselines() if todo(w, n, 0.0)]
+        for name in spec.methods:
+            for s in spec.sparsities if sweeps_sparsity(name) else [0.0]:
+                if todo(w, name, s):
+                    rest.append(Unit(w, name, s, False, cost, len(passes)))
+    return base, rest
+
+
+def plan(spec: RunSpec, rank: int = 0, world: int = 1, writer: RowWriter | None = None) -> tuple[list[Unit], list[Unit]]:
+    """The units rank ``rank`` of ``world`` measures: (its dense baselines, its other units), each list in
+    the single-process order. Baselines and the rest are dealt separately (a barrier lies between them).
+    A pure function of the spec and the run's rows, so every rank computes the same split."""
+    out = []
+    for units in _units(spec, writer):
+        owner = deal([u.cost for u in units], world)
+        out.append([u for u, r in zip(units, owner, strict=True) if r == rank])
+    return out[0], out[1]
 
 
 def run(spec: RunSpec, *, quiet: bool = False) -> Path:
-    """Measure every cell of ``spec``; returns the path of ``rows.jsonl``."""
+    """Measure every cell of ``spec`` (this rank's share under torchrun); returns the path of this
+    process's rows file. Under torchrun it returns once every rank is done, so the run's rows are all
+    on disk."""
+    import dataclasses
+
     from tqdm.auto import tqdm
 
+    dist = Dist.from_env()
+    spec = dataclasses.replace(spec, device=rank_device(spec.device, dist))
     validate_spec(spec)
-    writer = RowWriter(spec.out, resume=spec.resume, device=spec.device)
-    # disable=None: no bar when stderr is not a terminal (CI logs, the device tool)
-    with tqdm(total=count_cells(spec), disable=True if quiet else None, unit="cell", dynamic_ncols=True) as bar:
+    if torch.device(spec.device).index is not None:
+        torch.cuda.set_device(spec.device)  # CUDA events, streams and Triton launches follow the current device
+    writer = RowWriter(spec.out, resume=spec.resume, device=spec.device,
+                       rank=dist.rank if dist.world > 1 else None, world_size=dist.world)  # fmt: skip
+    barrier(dist)  # every rank has read the run's rows before any rank appends: the same plan everywhere
+    base, rest = plan(spec, dist.rank, dist.world, writer)
+    if dist.world > 1 and not quiet:
+        print(f"rank {dist.rank}/{dist.world} on {spec.device}: {len(base)} baseline and {len(rest)} other units",
+              flush=True)  # fmt: skip
+    # disable=None: no bar when stderr is not a terminal (CI logs, the device tool); one bar per host
+    bar_off = True if quiet or dist.local_rank != 0 else None
+    with tqdm(total=sum(u.cells for u in base + rest), disable=bar_off, unit="cell", dynamic_ncols=True) as bar:
         sweep = _Sweep(spec, writer, bar)
-        for w in spec.workloads:
-            if w.startswith("dit:"):
-                from salad_bench.harness.dit import run_dit_workload
-
-                run_dit_workload(
-                    w,
-                    spec.methods,
-                    spec.sparsities,
-                    writer=writer,
-                    device=spec.device,
-                    dtype=DTYPES[spec.dtype],
-                    weights=spec.weights,
-                    progress=bar,
-                    knobs=spec.knobs,
-                    compiled=spec.compile,
-                )
-                continue
-            sweep.workload(get_workload(w))
+        if dist.world == 1:  # each workload's baselines right before its methods
+            _measure_units(sweep, base + rest)
+        else:
+            _measure_units(sweep, base)
+            barrier(dist)
+            writer.refresh()  # the other ranks' baselines
+            _measure_units(sweep, rest)
+    barrier(dist)
     return writer.path
+
+
+def _measure_units(sweep: _Sweep, units: list[Unit]) -> None:
+    spec = sweep.spec
+    for w in spec.workloads:
+        mine = [u for u in units if u.workload == w]
+        if not mine:
+            continue
+        if w.startswith("dit:"):
+            from salad_bench.harness.dit import run_dit_workload
+
+            run_dit_workload(
+                w,
+                spec.methods,
+                spec.sparsities,
+                writer=sweep.writer,
+                device=spec.device,
+                dtype=DTYPES[spec.dtype],
+                weights=spec.weights,
+                progress=sweep.progress,
+                knobs=spec.knobs,
+                compiled=spec.compile,
+            )
+            continue
+        sweep.workload(get_workload(w), mine)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fine-tuning budget (1,600 steps x batch 8, the same for every trainable method) at 90%
-# sparsity on the committed mini-wan. Methods are dealt out to side-by-side workers
-# (harness.quality.parallel: PER_GPU workers on each visible GPU, one shared run directory). Repeat the
+# sparsity on the committed mini-wan. Methods are dealt out to ranks (harness.quality.parallel runs
+# torchrun ... evaluate --split methods: PER_GPU ranks on each visible GPU, one shared run directory). Repeat the
 # same command to continue: methods already measured are skipped, an interrupted fine-tuning continues
 # from its state in $OUT/finetuned/, and no new method starts after BUDGET seconds.
 #

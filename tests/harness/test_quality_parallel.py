@@ -1,4 +1,5 @@
-"""Side-by-side quality workers: methods dealt out by weight, one shared run directory (CPU, tiny model)."""
+"""The quality study over ranks: methods dealt out by weight (evaluate --split methods under torchrun, through
+the parallel launcher), one run directory (CPU, gloo, tiny model)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from salad_bench.harness.quality.parallel import assign, main, plan_workers
+from salad_bench.harness.quality.parallel import assign, command, main, parse_args
 
 pytest.importorskip("diffusers")
 pytest.importorskip("torchmetrics")
@@ -23,25 +24,33 @@ def test_assign_balances_heaviest_first_and_keeps_order():
     for s in shares:
         assert s == [n for n in names if n in s]  # the caller's order within a worker
     assert assign(["a"], {}, 3) == [["a"]]  # idle workers are dropped
-    with pytest.raises(ValueError, match="at least one worker"):
+    with pytest.raises(ValueError, match="at least one rank"):
         assign(names, w, 0)
 
 
-def test_plan_workers():
-    assert plan_workers(["0", "1"], 2) == ["0", "0", "1", "1"]
-    assert plan_workers([], 3) == [None, None, None]
-    with pytest.raises(ValueError, match="per-gpu"):
-        plan_workers(["0"], 0)
+def test_the_launcher_is_one_torchrun_command():
+    a, extra = parse_args(["--methods", "full", "--out", "RUN", "--per-gpu", "3", "--", "--steps", "5"])
+    cmd, env = command(a, extra, ["0", "1"], ["full", "salad"])
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=6" in cmd
+    assert cmd[cmd.index("-m", 2) + 1] == "salad_bench.harness.quality.evaluate"
+    assert cmd[-2:] == ["--steps", "5"] and "--no-latency" in cmd and "--resume" in cmd  # 3 ranks share a GPU
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    a, extra = parse_args(["--methods", "full", "--out", "RUN"])
+    cmd, env = command(a, extra, ["0", "1"], ["full"])
+    assert "--nproc_per_node=2" in cmd and "--no-latency" not in cmd  # one rank per GPU: latency measured
 
 
 def test_launcher_refuses_flags_it_owns(tmp_path):
     with pytest.raises(SystemExit, match="--resume is set by the launcher"):
         main(["--methods", "full", "--out", str(tmp_path), "--", "--resume"])
+    with pytest.raises(SystemExit, match="per-gpu"):
+        main(["--methods", "full", "--out", str(tmp_path), "--per-gpu", "0"])
 
 
-def test_two_workers_share_one_run(tmp_path):
+@pytest.mark.slow
+def test_two_ranks_share_one_run(tmp_path):
     from salad_bench.harness.quality.model import MiniWan, MiniWanConfig, save_checkpoint
-    from salad_bench.harness.results import read_jsonl
+    from salad_bench.harness.results import load_rows, read_jsonl, rows_files
 
     tiny = MiniWanConfig(num_layers=2, num_heads=2, head_dim=64, ffn_dim=64, freq_dim=32, frames=4, height=16, width=16)
     torch.manual_seed(0)
@@ -52,7 +61,11 @@ def test_two_workers_share_one_run(tmp_path):
             "--steps", "2", "--batch", "2", "--train-samples", "4", "--n-val", "2", "--n-eval", "2", "--sample-steps",
             "2", "--eval-batch", "2", "--save-samples"]  # fmt: skip
     assert main(args) == 0
-    rows = read_jsonl(out / "rows.jsonl")
+    files = rows_files(out)
+    assert [f.name for f in files] == ["rows.rank0.jsonl", "rows.rank1.jsonl"]
+    # the two trainable methods (20 training-free ones each) to different ranks, the rest evens the load
+    assert [[r["method"] for r in read_jsonl(f)] for f in files] == [["full", "salad"], ["topk", "sparse_lora"]]
+    rows = load_rows(out).to_dict("records")
     assert sorted(r["method"] for r in rows) == ["full", "salad", "sparse_lora", "topk"]
     assert all(r["status"] == "ok" and "ms" not in r for r in rows)  # a shared device: no latency
     for r in rows:  # per-video values for paired intervals
@@ -61,6 +74,6 @@ def test_two_workers_share_one_run(tmp_path):
     with np.load(out / "samples.npz") as f:  # both workers' videos survive the shared file
         assert {"salad", "sparse_lora", "topk"} <= set(f.files)
     log = (out / "log.txt").read_text()
-    assert "[w0]" in log and "[w1]" in log
+    assert "[rank 0]" in log and "[rank 1]" in log
     assert main(args) == 0  # everything is done: a second call runs nothing
-    assert len(read_jsonl(out / "rows.jsonl")) == 4
+    assert len(load_rows(out)) == 4

@@ -276,6 +276,13 @@ class ShardedSampler:
         block = perm[within * per_step : (within + 1) * per_step]
         return block[self.rank :: self.world].tolist()
 
+    def positions(self) -> list[int]:
+        """Where this rank's samples sit in the global batch (the batch one process would draw at the same
+        step), so per-sample randomness drawn for the global batch is shared out the same way."""
+        if self.size is None:
+            return list(range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size))
+        return list(range(self.rank, self.batch_size * self.world, self.world))
+
     def __iter__(self) -> Iterator[list[int]]:
         step = 0
         while True:

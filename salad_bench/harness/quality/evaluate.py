@@ -25,6 +25,16 @@ run gives a row with ``status`` "skipped" (:class:`~methods.Unsupported`) or "er
 the study goes on. Rows are ``kind="quality"`` and go through :class:`harness.results.RowWriter`
 (``--resume`` skips methods already measured). Curves of every fine-tuning go to
 ``<out>/curves.jsonl``; ``--save-samples`` stores all sampled videos (uint8) in ``<out>/samples.npz``.
+
+Several GPUs, ``torchrun --nproc_per_node=G -m salad_bench.harness.quality.evaluate ...``:
+
+* ``--split methods`` (default): the methods are dealt out over the ranks (a trainable method weighs
+  ``--trainable-weight`` training-free ones; heaviest first to the least-loaded rank); each rank fine-tunes
+  and measures its own on its own GPU into ``<out>/rows.rank<R>.jsonl``. Methods the run already holds
+  as ``ok`` are left out with ``--resume``, so the same command continues a killed study under any rank
+  count. More ranks than GPUs on a host are refused unless ``--no-latency`` (nothing is timed then).
+* ``--split batch``: every method in turn is fine-tuned data-parallel over all ranks (DDP, the global
+  ``--batch`` split over them: the same steps as one process); rank 0 measures and writes the rows.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from salad_bench.harness.distributed import barrier, deal
 from salad_bench.harness.quality.data import CLASS_NAMES, ProceduralVideos
 from salad_bench.harness.quality.metrics import fidelity, temporal_flickering_videos, to_uint8, val_loss
 from salad_bench.harness.quality.model import MiniWan, load_checkpoint, save_finetuned
@@ -351,7 +362,7 @@ class QualityStudy:
 def save_samples(path: Path, samples: dict[str, np.ndarray], labels: np.ndarray) -> None:
     """Merge ``samples`` into ``path`` (an earlier call's methods stay; the same method is replaced) and
     write it atomically, so a killed or resumed study keeps every video sampled so far."""
-    import fcntl  # studies run side by side (harness.quality.parallel) share one samples file
+    import fcntl  # the ranks of a study (--split methods) share one samples file
 
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -467,6 +478,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--resume", action="store_true",
                    help="skip methods already measured; an interrupted fine-tuning continues from its state in --finetuned-dir")
+    p.add_argument("--split", choices=("methods", "batch"), default="methods",
+                   help="under torchrun: deal the methods out over the ranks (default), or fine-tune each method "
+                        "data-parallel over all ranks (DDP; rank 0 measures)")
+    p.add_argument("--trainable-weight", type=float, default=20.0,
+                   help="with --split methods: how many training-free methods one fine-tuned method weighs when "
+                        "dealing them out")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--echo", action="store_true", help="print training curves as they come")
@@ -478,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     from salad_bench.harness.results import RowWriter
     from salad_bench.methods import METHODS
 
-    dist, device = init_distributed(a.device)
+    dist, device = init_distributed(a.device, exclusive=not a.no_latency and not a.check_kernels,
+                                    hint=", or pass --no-latency (nothing is timed then)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the torch reference paths run fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
@@ -489,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.checkpoint or not a.out:
         raise SystemExit("--checkpoint and --out are required (unless --check-kernels)")
     names = METHODS.select(a.methods)
+    split = a.split if dist.world > 1 else "batch"  # one process: nothing to deal out
+    # with --split methods every rank is a study of its own (no DDP), on its own GPU
+    study_dist = Dist() if split == "methods" else dist
+    tag = f"[rank {dist.rank}] " if split == "methods" else ""
     t_start = time.perf_counter()
     base, card = load_checkpoint(a.checkpoint, device)
     cfg = dataclasses.replace(
@@ -500,11 +522,18 @@ def main(argv: list[str] | None = None) -> int:
         save_samples=a.save_samples, vbench_dims=tuple(x for x in a.vbench_dims.split(",") if x), vbench_python=a.vbench_python,
     )  # fmt: skip
     out = Path(a.out)
-    writer = RowWriter(out, resume=a.resume, device=str(device)) if dist.main else None
-    curve = CurveLogger(out / "curves.jsonl", enabled=dist.main, echo=a.echo and dist.main)
+    if split == "methods":
+        writer = RowWriter(out, resume=a.resume, device=str(device), rank=dist.rank, world_size=dist.world)
+    else:
+        writer = RowWriter(out, resume=a.resume, device=str(device)) if dist.main else None
+    barrier(dist)  # every rank has read the run's rows before any rank appends: the same deal everywhere
+    if split == "methods":
+        names = _deal_methods(names, writer, dist.rank, dist.world, a.trainable_weight)
+        print(f"{tag}on {device}: {', '.join(names) or 'nothing'}", flush=True)
+    curve = CurveLogger(out / "curves.jsonl", enabled=study_dist.main, echo=a.echo and study_dist.main)
     study = QualityStudy(
         base, card, device=device, settings=settings, ft_cfg=cfg, train_params=a.train_params, checkpoint=str(a.checkpoint),
-        dist=dist, curve=curve,
+        dist=study_dist, curve=curve,
     )  # fmt: skip
     study.vbench_dir = str(out / "vbench")
     if a.finetuned_dir != "none":
@@ -519,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # the study itself will report this method's failure
                 print(f"probe {n}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         slowest = max(probes.values(), default=0.0)
+        if split == "methods":  # every method the same steps: the slowest method of all ranks
+            slowest = _all_max(slowest, device)
         if slowest > 0:
             fitted = max(1, min(a.steps, int(a.fit_steps_to / slowest)))
             study.ft_cfg = dataclasses.replace(cfg, steps=fitted, warmup_steps=min(cfg.warmup_steps, fitted // 5))
@@ -537,18 +568,33 @@ def main(argv: list[str] | None = None) -> int:
                 writer.append(row)
             continue
         if writer is not None and _already_done(writer, name):
-            print(f"{name}: already in {writer.path}, skipped (--resume)", flush=True)
+            print(f"{name}: already in {out}, skipped (--resume)", flush=True)
             continue
         t0 = time.perf_counter()
         row = study.run_method(name, a.sparsity)
         if writer is not None:
             writer.append(row)
-            print(_summary(row, time.perf_counter() - t0), flush=True)
-        if dist.main and settings.save_samples and study.samples:
+            print(tag + _summary(row, time.perf_counter() - t0), flush=True)
+        if writer is not None and settings.save_samples and study.samples:
             save_samples(out / "samples.npz", study.samples, study.eval_labels.cpu().numpy())
-    if dist.world > 1:
+    if split == "batch" and dist.world > 1:
         torch.distributed.barrier()
     return 0
+
+
+def _deal_methods(names: list[str], writer, rank: int, world: int, trainable_weight: float) -> list[str]:
+    """This rank's share of the methods not yet ``ok`` in the run, in the order given."""
+    todo = [n for n in names if not _already_done(writer, n)]
+    owner = deal([trainable_weight if _family(n) in TRAINABLE_FAMILIES else 1.0 for n in todo], world)
+    return [n for n, r in zip(todo, owner, strict=True) if r == rank]
+
+
+def _all_max(x: float, device: torch.device) -> float:
+    if not torch.distributed.is_initialized():
+        return x
+    t = torch.tensor([x], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t)
 
 
 def _already_done(writer, name: str) -> bool:

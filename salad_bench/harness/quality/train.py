@@ -2,9 +2,11 @@
 
 Objective (Wan's flow matching): ``x_t = (1 - t) x0 + t * noise``, the network predicts the velocity
 ``noise - x0``, loss = MSE. ``t`` is drawn logit-normal (``sigmoid(N(0, 1))``, SD3's and most Wan
-trainers' choice) by default, or uniform (``t_sampling``). Each step's ``t`` and noise come from a CPU
-generator seeded by ``(seed, step, rank)``, and the batch indices from a stateless sampler, so a
-resumed run sees exactly the batches an uninterrupted run would have seen.
+trainers' choice) by default, or uniform (``t_sampling``). Each step's ``t`` and noise are drawn for the
+whole global batch from a CPU generator seeded by ``(seed, step)`` and each rank takes its samples' share,
+and the batch indices come from a stateless sampler, so a resumed run sees exactly the batches an
+uninterrupted run would have seen, and N ranks see exactly what one process with the same global batch
+sees (DDP averages the ranks' gradients of equal shards: the same step).
 
 Optimiser: AdamW (betas 0.9/0.99, weight decay 0.01 on every trained tensor), one schedule for
 everything: linear warm-up for ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr``; gradient
@@ -13,7 +15,9 @@ clipping at ``grad_clip`` (global norm); bf16 autocast on CUDA (fp32 master weig
 Distributed: ``torchrun``-ready. With ``WORLD_SIZE > 1`` :func:`init_distributed` starts the process
 group (NCCL on CUDA, gloo on the CPU), each rank renders its own shard of every global batch
 (:class:`~harness.quality.data.ShardedSampler`), the model is wrapped in DDP, and only rank 0 writes
-curves, states and checkpoints.
+curves, states and checkpoints; a state saved by N ranks resumes under any rank count that divides the
+global batch. A full fine-tune of a real Wan2.1 that does not fit one GPU shards it instead
+(:func:`harness.quality.fsdp.shard_for_finetune`, docs/SCALE_OUT.md).
 
 Curves: one JSON object per logged step appended to a JSONL file (``phase``, ``method``, ``step``,
 ``loss``, ``lr``, ``grad_norm``, ``elapsed_s``, and ``val_loss`` when measured).
@@ -42,6 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from salad_bench.harness.distributed import Dist
 from salad_bench.harness.quality.data import ProceduralVideos, ShardedSampler
 from salad_bench.harness.quality.metrics import flow_matching_mse, val_loss
 from salad_bench.harness.quality.sampler import autocast
@@ -124,31 +129,24 @@ def sample_t(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
 
 
 # -- distributed ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+def init_distributed(device: str = "auto", *, exclusive: bool = False, hint: str = "") -> tuple[Dist, torch.device]:
+    """Start the process group when launched by torchrun (``WORLD_SIZE > 1``: NCCL on CUDA, gloo on the
+    CPU) and pick this rank's device (``cuda:LOCAL_RANK``). ``exclusive``: refuse more ranks on a host than
+    GPUs (anything that times; ``hint`` ends the refusal)."""
+    from salad_bench.harness.distributed import rank_device
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
-    """Start the process group when launched by torchrun (``WORLD_SIZE > 1``); pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dist = Dist.from_env()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dist.world > 1 and device.startswith("cuda"):
+        device = rank_device("cuda", dist, exclusive=exclusive, hint=hint)  # each rank its own GPU, whatever index was named
     dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        dev = torch.device("cuda", dev.index or 0)
         torch.cuda.set_device(dev)
-    if world > 1 and not torch.distributed.is_initialized():
+    if dist.world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local), dev
+    return dist, dev
 
 
 def _all_mean(x: float, dist: Dist, device: torch.device) -> float:
@@ -294,12 +292,15 @@ def train_loop(
         for group in opt.param_groups:
             group["lr"] = lr
         x0, labels = data.batch(sampler.batch_indices(step), device)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * dist.world + dist.rank)
-        t = sample_t(x0.shape[0], cfg.t_sampling, gen)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = t.to(device)
+        # t and noise for the whole global batch, then this rank's samples' share: any rank count draws the
+        # same numbers for the same sample (one rank: the draws of the single-process recipe)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        t_all = sample_t(cfg.batch_size, cfg.t_sampling, gen)
+        noise_all = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=gen)
+        mine = sampler.positions()
+        t, noise = t_all[mine].to(device), noise_all[mine].to(device)
         if on_t is not None:
-            on_t(t)
+            on_t(t_all.to(device))  # step-aware methods: every rank picks the step from the same times
         with autocast(device, cfg.bf16):
             loss = flow_matching_mse(fwd, x0, labels, t, noise).mean()
         opt.zero_grad(set_to_none=True)

@@ -13,13 +13,7 @@ from salad_bench.harness import dit  # noqa: E402
 from salad_bench.harness.dit import DIT_WORKLOADS, get_dit_workload, run_dit_workload  # noqa: E402
 from salad_bench.harness.results import RowWriter, read_jsonl  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = dict(device="cpu", dtype=torch.float32, warmup_ms=1.0, rep_ms=5.0, attn_reps=2)

@@ -24,31 +24,12 @@ from salad_bench.harness.integrations.wan import (  # noqa: E402
 )
 from salad_bench.harness.weights import WeightsError, check_safetensors, generate, load_method_state, load_transformer  # noqa: E402
 from salad_bench.methods import AttentionMethod, AttnContext, MethodConfig  # noqa: E402
+from tests.harness._wan import WAN_TINY_16  # noqa: E402
 
-TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=3,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=64,
-)
+TINY = WAN_TINY_16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core box: OpenMP spinning across threads costs 100x the work.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, dtype=torch.float32):

@@ -11,31 +11,13 @@ pytest.importorskip("diffusers")
 from salad_bench.harness.integrations.wan import install_attention, new_transformer  # noqa: E402
 from salad_bench.kernels.reference import block_sparse_attention_ref, linear_attention_ref  # noqa: E402
 from salad_bench.kernels.rope import apply_rope, rope_3d_freqs  # noqa: E402
+from tests.harness._wan import WAN_TINY_16  # noqa: E402
 
-TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=64,
-)
+TINY = {**WAN_TINY_16, "num_layers": 2}
 BLOCKS = (("block_q", 16), ("block_k", 16))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, dtype=torch.float64):

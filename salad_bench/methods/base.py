@@ -287,8 +287,10 @@ METHODS: Registry[AttentionMethod] = Registry("method", AttentionMethod)
 # "dense": exact dense attention, measured once (no sparsity sweep); "reference": the dense method a
 # whole-model run uses as its baseline (fastest backend on the card); "dense_baseline": a lossless
 # dense backend timed as a candidate speedup baseline; "fa2": the FlashAttention-2 reference
-# (speedup_vs_fa2); "lossy": dense but approximate, never a baseline.
-TRAITS = ("dense", "reference", "dense_baseline", "fa2", "lossy")
+# (speedup_vs_fa2); "lossy": dense but approximate, never a baseline; "trainable": the method is meant
+# to be fine-tuned (the quality study fine-tunes it; without the trait it is evaluated as is);
+# "headline": one of the methods the quality study sweeps over every sparsity.
+TRAITS = ("dense", "reference", "dense_baseline", "fa2", "lossy", "trainable", "headline")
 
 
 def create_method(name: str, *, num_heads: int, head_dim: int, **knobs: Any) -> AttentionMethod:

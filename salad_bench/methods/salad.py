@@ -97,7 +97,7 @@ class SaladConfig(MethodConfig):
             raise ValueError(f"sparse={self.sparse!r}: the sparse branch must be a plain sparse method, not SALAD")
 
 
-@METHODS.register("salad", family="salad")
+@METHODS.register("salad", family="salad", traits=("trainable", "headline"))
 class Salad(AttentionMethod):
     """Sparse branch + gated, projected linear-attention branch (arXiv 2601.16515)."""
 
@@ -265,20 +265,20 @@ def drop_weakest_linear_branches(modules: list[Salad], fraction: float) -> list[
 
 
 METHODS.register_variant("salad_sta", "salad", sparse="sta", description="SALAD on the paper's ST-SWA sliding window")
-METHODS.register_variant("salad_no_gate", "salad", family="ablation", gate="none", description="ablation: gate fixed at 1")
-METHODS.register_variant("salad_no_linear", "salad", family="ablation", linear=False, description="ablation: sparse branch only")
-METHODS.register_variant("salad_no_rope", "salad", family="ablation", rope=False, description="ablation: no RoPE in the linear branch")
+METHODS.register_variant("salad_no_gate", "salad", traits=("trainable",), family="ablation", gate="none", description="ablation: gate fixed at 1")
+METHODS.register_variant("salad_no_linear", "salad", traits=("trainable",), family="ablation", linear=False, description="ablation: sparse branch only")
+METHODS.register_variant("salad_no_rope", "salad", traits=("trainable",), family="ablation", rope=False, description="ablation: no RoPE in the linear branch")
 METHODS.register_variant(
-    "salad_separate_qkv", "salad", family="ablation", shared_qkv=False, description="ablation: linear branch has its own Q/K/V maps"
+    "salad_separate_qkv", "salad", traits=("trainable",), family="ablation", shared_qkv=False, description="ablation: linear branch has its own Q/K/V maps"
 )
-METHODS.register_variant("salad_static_gate", "salad", family="ablation", gate="static", description="ablation: learned static scale, no input dependence")
-METHODS.register_variant("salad_v2", "salad", gate="static_dynamic", description="v2-style static x dynamic scaling")
+METHODS.register_variant("salad_static_gate", "salad", traits=("trainable",), family="ablation", gate="static", description="ablation: learned static scale, no input dependence")
+METHODS.register_variant("salad_v2", "salad", traits=("trainable",), gate="static_dynamic", description="v2-style static x dynamic scaling")
 METHODS.register_variant(
-    "salad_head_gate", "salad", family="ablation", gate_granularity="head", description="ablation: one gate per sample and head"
-)
-METHODS.register_variant(
-    "salad_token_gate", "salad", family="ablation", gate_granularity="token", description="ablation: one gate per token"
+    "salad_head_gate", "salad", traits=("trainable",), family="ablation", gate_granularity="head", description="ablation: one gate per sample and head"
 )
 METHODS.register_variant(
-    "salad_drop20", "salad", family="ablation", drop_fraction=0.2, description="after training, drop 20% of linear branches (smallest gates)"
+    "salad_token_gate", "salad", traits=("trainable",), family="ablation", gate_granularity="token", description="ablation: one gate per token"
+)
+METHODS.register_variant(
+    "salad_drop20", "salad", traits=("trainable",), family="ablation", drop_fraction=0.2, description="after training, drop 20% of linear branches (smallest gates)"
 )

@@ -151,7 +151,7 @@ def marginal_linear_attention(
     return out.to(q.dtype)
 
 
-@METHODS.register("sla", family="trained")
+@METHODS.register("sla", family="trained", traits=("trainable", "headline"))
 class SLA(AttentionMethod):
     """Sparse-linear attention: critical tiles exact, marginal tiles linear, Proj zero-init (arXiv 2509.24006)."""
 
@@ -216,18 +216,18 @@ class SLA(AttentionMethod):
 
 
 METHODS.register_variant(
-    "sla_b128", "sla", block_q=128, block_k=64, description="SLA with 128x64 tiles (the repo's benchmark tile)"
+    "sla_b128", "sla", traits=("trainable",), block_q=128, block_k=64, description="SLA with 128x64 tiles (the repo's benchmark tile)"
 )
 METHODS.register_variant(
     "sla_proj_model",
-    "sla",
+    "sla", traits=("trainable",),
     family="ablation",
     proj="model",
     description="ablation: C x C Proj over merged heads (SALAD's width)",
 )
 METHODS.register_variant(
     "sla_no_negligible",
-    "sla",
+    "sla", traits=("trainable",),
     family="ablation",
     negligible=0.0,
     description="every non-critical block linear (thu-ml/SLA SLA-1 kernel)",

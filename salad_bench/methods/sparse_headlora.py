@@ -49,7 +49,7 @@ class HeadLoRA(nn.Module):
         return x + torch.einsum("bhnr,hdr->bhnd", low, b) * self.scale
 
 
-@METHODS.register("sparse_headlora", family="ablation")
+@METHODS.register("sparse_headlora", family="ablation", traits=("trainable",))
 class SparseHeadLoRA(AttentionMethod):
     """A sparse method with per-head low-rank updates of q, k, v and its output (ablation of sparse_lora)."""
 

@@ -85,7 +85,7 @@ class SparseLoRAConfig(MethodConfig):
         return self.lora_alpha / self.rank
 
 
-@METHODS.register("sparse_lora", family="trained")
+@METHODS.register("sparse_lora", family="trained", traits=("trainable", "headline"))
 class SparseLoRA(AttentionMethod):
     """A sparse method fine-tuned with LoRA on the attention projections (SALAD's LoRA baseline)."""
 

@@ -43,7 +43,7 @@ def selection_flops(b: int, h: int, n: int, d: int, mq: int, mk: int) -> float:
     return 2.0 * b * h * n * d + 2.0 * b * h * mq * mk * d
 
 
-@METHODS.register("topk", family="training_free")
+@METHODS.register("topk", family="training_free", traits=("headline",))
 class TopK(AttentionMethod):
     """Top-k key blocks per query block by mean-pooled scores (diagonal always kept)."""
 

@@ -192,7 +192,7 @@ def fine_token_mask(layout: BlockLayout, part: CubePartition) -> torch.Tensor:
     return mask[:, :, part.inv][:, :, :, part.inv]
 
 
-@METHODS.register("vsa", family="trained")
+@METHODS.register("vsa", family="trained", traits=("trainable", "headline"))
 class VSA(AttentionMethod):
     """Video Sparse Attention: cube-level coarse attention + top-k cube fine attention (arXiv 2505.13389)."""
 

@@ -91,7 +91,11 @@ def test_traits_tell_the_harness_what_it_needs_without_names():
     baselines = METHODS.with_trait("dense_baseline")
     assert "full_cudnn" in baselines and "full_sage" not in baselines and "full" not in baselines
     assert "lossy" in METHODS.get("full_sage").traits and "dense" in METHODS.get("full_sage").traits
-    assert not METHODS.get("topk").traits and not METHODS.get("salad_no_gate").traits  # sparse: swept
+    assert not {"dense", "lossy"} & (METHODS.get("topk").traits | METHODS.get("salad_no_gate").traits)  # sparse: swept
+    # the quality study asks which methods train and which it sweeps over every sparsity, never their names
+    assert "trainable" in METHODS.get("salad_no_gate").traits and "headline" not in METHODS.get("salad_no_gate").traits
+    assert METHODS.with_trait("headline") == ["salad", "salad_sta", "sla", "sparse_lora", "topk", "vsa"]
+    assert not {"trainable"} & METHODS.get("topk").traits and "trainable" not in METHODS.get("full").traits
 
 
 def test_a_variant_inherits_or_replaces_traits():

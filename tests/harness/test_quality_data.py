@@ -90,3 +90,77 @@ def test_stream_sampler_never_repeats():
     s0, s1 = ShardedSampler(None, 3, rank=0, world=2), ShardedSampler(None, 3, rank=1, world=2)
     idx = [i for step in range(5) for i in s0.batch_indices(step) + s1.batch_indices(step)]
     assert len(idx) == len(set(idx))
+
+
+# -- version 2 (issue #25) ---------------------------------------------------------------------------
+from salad_bench.harness.quality.data import SPEC_V2, SPECS, render_scene  # noqa: E402
+
+SMALL_V2 = VideoSpec(frames=8, height=24, width=24, version=2)
+
+
+def test_v2_spec_has_enough_tokens_for_a_meaningful_90_percent_layout():
+    assert SPECS["v1"] == VideoSpec() and SPECS["v2"] == SPEC_V2
+    assert SPEC_V2.grid == (16, 24, 24) and SPEC_V2.tokens == 9216  # 144 key blocks of 64
+    with pytest.raises(ValueError, match="version"):
+        VideoSpec(version=3)
+
+
+def test_v2_is_deterministic_in_range_and_differs_from_v1():
+    a = render_videos([3, 4], [1, 9], SMALL_V2)
+    assert a.shape == (2, 3, 8, 24, 24) and torch.equal(a, render_videos([3, 4], [1, 9], SMALL_V2))
+    assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a[0], a[1])
+    v1 = render_videos([3], [1], VideoSpec(frames=8, height=24, width=24))
+    assert not torch.equal(a[:1], v1)
+    with pytest.raises(ValueError, match="version-2"):
+        render_scene([0], [0], SMALL)
+
+
+def test_v2_background_is_not_one_colour_per_video():
+    """The global-averaging shortcut: no background colour shared by the whole frame."""
+    scene = render_scene(list(range(8)), list(range(8)), SMALL_V2)
+    background = 1 - scene.visible.sum(1) - scene.panel  # (B, T, H, W)
+    frame0 = scene.video[:, :, 0]
+    mask = background[:, 0] > 0.99
+    for b in range(8):  # the left and right halves of the background differ in mean colour
+        left, right = mask[b].clone(), mask[b].clone()
+        left[:, 12:], right[:, :12] = False, False
+        mean = [frame0[b][:, m].mean(1) for m in (left, right)]
+        assert (mean[0] - mean[1]).abs().max() > 0.02
+
+
+def test_v2_an_object_keeps_its_colour_through_an_occlusion():
+    """Objects fully hidden in some middle frame and visible at both ends: the colour seen at frame 0
+    is closer to the same object's colour at the last frame than to any other object's there."""
+    n = 24
+    scene = render_scene(list(range(n)), [i % 16 for i in range(n)], SMALL_V2)
+    vis, area = scene.visible, scene.visible.sum((-1, -2))  # (B, K, T, H, W), (B, K, T)
+
+    def colour(b: int, k: int, t: int) -> torch.Tensor:
+        w = vis[b, k, t]
+        return (scene.video[b, :, t] * w).sum((-1, -2)) / w.sum()
+
+    checked = 0
+    for b in range(n):
+        shown = [k for k in range(vis.shape[1]) if scene.present[b, k] and area[b, k, -1] > 0.3 * area[b, k].max()]
+        for k in shown:
+            a = area[b, k]
+            if not (a[0] > 0.3 * a.max() and (a[1:-1] < 0.5).any()) or len(shown) < 2:
+                continue
+            c0 = colour(b, k, 0)
+            own = (c0 - colour(b, k, -1)).norm()
+            assert all(own < (c0 - colour(b, j, -1)).norm() for j in shown if j != k), (b, k)
+            checked += 1
+    assert checked >= 5  # the seeds above hold several such objects
+
+
+def test_v2_panel_sweeps_in_the_middle_and_leaves_the_ends_clear():
+    scene = render_scene(list(range(16)), list(range(16)), SMALL_V2)
+    cover = scene.panel.amax((-1, -2))  # (B, T)
+    assert (cover[:, 0] == 0).all() and (cover[:, -1] == 0).all()
+    assert (cover[:, 1:-1].amax(1) > 0.99).float().mean() >= 0.5  # most clips have a panel
+
+
+def test_v2_split_and_stream_carry_the_version():
+    ds = ProceduralVideos("val", 4, SMALL_V2)
+    x, y = ds.batch([0, 1])
+    assert torch.equal(x, render_videos([VAL_SEED_OFFSET, VAL_SEED_OFFSET + 1], [0, 1], SMALL_V2))

@@ -78,6 +78,7 @@ class MiniWanConfig:
     height: int = 32
     width: int = 32
     patch: tuple[int, int, int] = (1, 2, 2)
+    data_version: int = 1  # the procedural dataset's version (harness/quality/data.py); 1 in older cards
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch", tuple(self.patch))
@@ -86,7 +87,9 @@ class MiniWanConfig:
 
     @property
     def spec(self) -> VideoSpec:
-        return VideoSpec(frames=self.frames, height=self.height, width=self.width, patch=self.patch)
+        return VideoSpec(
+            frames=self.frames, height=self.height, width=self.width, patch=self.patch, version=self.data_version
+        )
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -151,16 +154,21 @@ def _shard_name(k: int, n: int, stem: str = "model") -> str:
 
 
 def save_checkpoint(
-    model: MiniWan, out_dir: str | Path, card: dict[str, Any] | None = None, *, max_shard_bytes: int = 15 * 10**6
+    model: MiniWan, out_dir: str | Path, card: dict[str, Any] | None = None, *, max_shard_bytes: int = 15 * 10**6,
+    dtype: torch.dtype | None = None,
 ) -> list[Path]:
     """Write ``model`` as safetensors shards (each < ``max_shard_bytes``) plus card.json/README.md.
 
     Only the base model's own tensors are written (an installed attention method's parameters are
-    not part of the mini Wan). Returns the shard paths.
+    not part of the mini Wan). ``dtype`` (e.g. ``torch.bfloat16``) casts the floating tensors on the
+    way out; :func:`load_checkpoint` casts them back into the fp32 model. Returns the shard paths.
     """
     out = Path(out_dir)
     meta = {"format": FORMAT, "config": json.dumps(model.config.as_dict(), sort_keys=True)}
-    paths = _write_shards(base_state_dict(model), out, "model", meta, max_shard_bytes)
+    state = base_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    paths = _write_shards(state, out, "model", meta, max_shard_bytes)
     if card is not None:
         write_card(out, {**card, "model_config": model.config.as_dict(), "shards": [p.name for p in paths],
                          "shard_sha256": shard_digests(paths)})

@@ -155,7 +155,8 @@ def make_qkv(
     if kind == "wan":
         from salad_bench.harness.integrations.wan_qkv import wan_layer_qkv
 
-        return wan_layer_qkv(wl.grid, h, d, batch=b, seed=seed, device=device, dtype=dtype)
+        # a workload without a model of its own (hunyuan-720p, cpu-tiny) takes Wan2.1-1.3B's layer
+        return wan_layer_qkv(wl.model or WAN_1_3B, wl.grid, h, d, batch=b, seed=seed, device=device, dtype=dtype)
     if kind != "video":
         raise ValueError(f"kind must be 'video', 'random' or 'wan'; got {kind!r}")
     pos = _grid_coords(wl.grid, device)  # (N, 3)

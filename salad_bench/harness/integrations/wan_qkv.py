@@ -41,14 +41,14 @@ class _Capture(AttentionMethod):
 
 
 def wan_layer_qkv(
-    grid: tuple[int, int, int], heads: int, head_dim: int, *, batch: int = 1, seed: int = 0,
+    model_config: dict, grid: tuple[int, int, int], heads: int, head_dim: int, *, batch: int = 1, seed: int = 0,
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, text_len: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q, k, v`` ``(batch, heads, T*H*W, head_dim)`` from block 0 of a random-weight Wan2.1 DiT."""
+    """``q, k, v`` ``(batch, heads, T*H*W, head_dim)`` from block 0 of a random-weight Wan2.1 DiT built
+    from ``model_config`` (a ``WanTransformer3DModel`` config) with ``heads`` x ``head_dim`` and one layer."""
     from salad_bench.harness.integrations.wan import install_attention, new_transformer
-    from salad_bench.harness.workloads import WAN_1_3B
 
-    config = {**WAN_1_3B, "num_attention_heads": heads, "attention_head_dim": head_dim, "num_layers": 1}
+    config = {**model_config, "num_attention_heads": heads, "attention_head_dim": head_dim, "num_layers": 1}
     model = new_transformer(config, device=device, dtype=dtype, seed=seed)
     sink: dict = {}
     install_attention(model, lambda **kw: _Capture(sink, num_heads=kw["num_heads"], head_dim=kw["head_dim"]))

@@ -96,3 +96,97 @@ def test_euler_sampler_is_seeded_and_recovers_a_constant_flow():
     assert torch.allclose(out, target, atol=1e-5)
     assert steps == [0, 1, 2, 3]
     assert timesteps(2).tolist() == [1.0, 0.5, 0.0]
+
+
+def test_band_grid_and_band_means_partition_the_overall_mean():
+    from salad_bench.harness.quality.metrics import T_BANDS, band_grid, band_means
+
+    grid = band_grid(T_BANDS, 2)
+    assert grid == (0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875, 0.8125, 0.9375)
+    vals = np.random.default_rng(0).uniform(size=(5, len(grid)))
+    bands = band_means(vals, grid, T_BANDS)
+    assert bands.shape == (5, 4) and np.allclose(bands.mean(1), vals.mean(1))  # equal points per band
+    assert np.allclose(bands[:, 0], vals[:, :2].mean(1))
+    uneven = (0.1, 0.2, 0.3, 0.9)  # 3 points in the first band, none in two bands, 1 in the last (t=1 counts)
+    b = band_means(vals[:, :4], uneven, (0.0, 0.5, 0.75, 1.0))
+    assert np.isnan(b[:, 1]).all() and np.allclose(3 / 4 * b[:, 0] + 1 / 4 * b[:, 2], vals[:, :4].mean(1))
+    with pytest.raises(ValueError):
+        band_grid((0.0, 0.5, 0.5, 1.0))
+
+
+def test_velocity_metrics_agree_with_val_loss_and_are_zero_against_itself():
+    from salad_bench.harness.quality.metrics import velocity_metrics
+
+    spec = VideoSpec(frames=2, height=4, width=4, patch=(1, 1, 1))
+    x0 = torch.randn(3, *spec.shape, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2])
+    m = _Linear()
+    grid = (0.2, 0.6)
+    vm = velocity_metrics(m, x0, labels, teacher=m, t_grid=grid, batch_size=2)
+    assert vm["loss"].shape == (3, 2) and float(vm["loss"].mean()) == pytest.approx(val_loss(m, x0, labels, t_grid=grid))
+    assert np.all(vm["teacher_mse"] == 0)
+    other = _Linear()
+    other.w.data.fill_(0.25)  # velocity differs by 0.25 * x_t
+    vm2 = velocity_metrics(other, x0, labels, teacher=m, t_grid=grid)
+    noise = make_noise(3, spec, 4321)
+    xt = (1 - 0.2) * x0[0] + 0.2 * noise[0]
+    assert vm2["teacher_mse"][0, 0] == pytest.approx(float((0.25 * xt).square().mean()), rel=1e-5)
+    assert "teacher_mse" not in velocity_metrics(m, x0, labels, t_grid=grid)
+
+
+def test_temporal_flickering_on_the_adapters_mp4_matches_its_decoded_frames(tmp_path):
+    """The score VBench computes on the mp4 files it is given: the adapter's files, decoded as it decodes them."""
+    pytest.importorskip("imageio_ffmpeg")
+    from salad_bench.harness.quality.metrics import read_mp4_frames, temporal_flickering_mp4
+    from salad_bench.harness.quality.vbench import write_custom_input
+
+    t = torch.linspace(0, 1, 6).view(1, 1, 6, 1, 1)
+    x = torch.linspace(-1, 1, 16).view(1, 1, 1, 1, 16)
+    videos = torch.cat([(0.8 * torch.sin(3 * x + 2 * t)).expand(1, 3, 6, 16, 16),
+                        (0.5 * torch.cos(5 * x - t)).expand(1, 3, 6, 16, 16)])  # fmt: skip
+    paths = write_custom_input(videos, ["a b", "c d"], tmp_path)
+    res = temporal_flickering_mp4(paths)
+    frames, reader = read_mp4_frames(paths[0])
+    assert frames.shape == (6, 16, 16, 3) and frames.dtype == np.uint8 and reader == res["reader"]
+    assert res["per_video"][0] == pytest.approx(temporal_flickering(frames))
+    assert res["score"] == pytest.approx(np.mean(res["per_video"]))
+    # near-lossless H.264: within a fraction of a grey level of the frames before encoding
+    assert res["per_video"] == pytest.approx([temporal_flickering(v) for v in to_uint8(videos)], abs=2e-3)
+
+
+def test_sample_quality_hook_reports_a_reason_never_a_number(monkeypatch):
+    import sys
+    import types
+
+    from salad_bench.harness.quality.metrics import CLASSIFIER_MODULE, sample_quality
+
+    videos, labels = torch.zeros(2, 3, 2, 4, 4), torch.tensor([0, 1])
+    monkeypatch.setitem(sys.modules, CLASSIFIER_MODULE, None)  # the module is not there
+    out = sample_quality(videos, labels, videos, classifier_dir="clf")
+    assert out["sample_quality"] == "skipped" and out["sample_quality_reason"]
+    assert "classifier_accuracy" not in out and "frechet_distance" not in out
+    monkeypatch.setitem(sys.modules, CLASSIFIER_MODULE, types.ModuleType(CLASSIFIER_MODULE))  # no interface
+    assert "load_classifier" in sample_quality(videos, labels, videos, classifier_dir="clf")["sample_quality_reason"]
+
+    class Clf:  # the interface of harness/quality/classifier.py's VideoClassifier
+        def predict(self, v):
+            return torch.tensor([0, 2])
+
+        def features(self, v):
+            return v.flatten(1)[:, :3].double()
+
+    fake = types.ModuleType(CLASSIFIER_MODULE)
+    fake.load_classifier = lambda d, device="cpu": (Clf(), {})
+    fake.frechet_distance = lambda a, b: 1.5
+    monkeypatch.setitem(sys.modules, CLASSIFIER_MODULE, fake)
+    assert "no classifier checkpoint" in sample_quality(videos, labels, videos)["sample_quality_reason"]
+    ok = sample_quality(videos, labels, videos, classifier_dir="clf")
+    assert ok == {"sample_quality": "ok", "classifier_accuracy": 0.5, "classifier_correct_per_video": [1, 0],
+                  "frechet_distance": 1.5, "classifier": "clf"}  # fmt: skip
+
+    def broken(d, device="cpu"):
+        raise ValueError("videos must be (B, 3, 16, 48, 48)")
+
+    fake.load_classifier = broken
+    why = sample_quality(videos, labels, videos, classifier_dir="clf")
+    assert why["sample_quality"] == "skipped" and "(B, 3, 16, 48, 48)" in why["sample_quality_reason"]

@@ -59,21 +59,22 @@ def test_two_ranks_share_one_run(tmp_path):
     args = ["--methods", "full,topk,salad,sparse_lora", "--out", str(out), "--gpus", "none", "--per-gpu", "2",
             "--threads", "1", "--", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--sparsity", "0.5",
             "--steps", "2", "--batch", "2", "--train-samples", "4", "--n-val", "2", "--n-eval", "2", "--sample-steps",
-            "2", "--eval-batch", "2", "--save-samples"]  # fmt: skip
+            "2", "--eval-batch", "2", "--save-samples", "--no-base-bar"]  # fmt: skip
     assert main(args) == 0
     files = rows_files(out)
     assert [f.name for f in files] == ["rows.rank0.jsonl", "rows.rank1.jsonl"]
-    # the two trainable methods (20 training-free ones each) to different ranks, the rest evens the load
-    assert [[r["method"] for r in read_jsonl(f)] for f in files] == [["full", "salad"], ["topk", "sparse_lora"]]
+    # the three fine-tuned cells (20 evaluated ones each: salad, sparse_lora, the full control) heaviest first,
+    # the rest evens the load
+    assert [[r["label"] for r in read_jsonl(f)] for f in files] == [["salad", "full_ft"], ["full", "topk", "sparse_lora"]]
     rows = load_rows(out).to_dict("records")
-    assert sorted(r["method"] for r in rows) == ["full", "salad", "sparse_lora", "topk"]
+    assert sorted(r["label"] for r in rows) == ["full", "full_ft", "salad", "sparse_lora", "topk"]
     assert all(r["status"] == "ok" and "ms" not in r for r in rows)  # a shared device: no latency
     for r in rows:  # per-video values for paired intervals
         assert len(r["val_loss_per_video"]) == 2 and len(r["ssim_per_video"]) == 2
         assert r["val_loss"] == pytest.approx(np.mean(r["val_loss_per_video"]), rel=1e-6)
     with np.load(out / "samples.npz") as f:  # both workers' videos survive the shared file
-        assert {"salad", "sparse_lora", "topk"} <= set(f.files)
+        assert {r["cell"] for r in rows} <= set(f.files)
     log = (out / "log.txt").read_text()
     assert "[rank 0]" in log and "[rank 1]" in log
     assert main(args) == 0  # everything is done: a second call runs nothing
-    assert len(load_rows(out)) == 4
+    assert len(load_rows(out)) == 5

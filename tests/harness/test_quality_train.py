@@ -124,6 +124,8 @@ def test_what_trains_per_train_params():
     assert all(not p.requires_grad for p in m.parameters() if id(p) in base)
     everything = trainable_parameters(m, methods, "all")
     assert {id(p) for p in everything} == {id(p) for p in m.parameters()}
+    assert {id(p) for p in trainable_parameters(m, methods)} == {id(p) for p in m.parameters()}  # "all" by default
+    assert all(p.requires_grad for p in m.parameters())
 
     m2 = _fresh()
     lora = wan.install_attention(m2.transformer, "sparse_lora", sparsity=0.5)
@@ -140,7 +142,7 @@ def test_finetune_moves_only_the_method_and_reports_no_grad_methods():
     m = _fresh()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     methods = wan.install_attention(m.transformer, "salad", sparsity=0.5)
-    res, trained = finetune(m, methods, data, cfg, device=torch.device("cpu"))
+    res, trained = finetune(m, methods, data, cfg, train_params="method", device=torch.device("cpu"))
     count = sum(p.numel() for p in trained)
     assert res.steps == 2 and count > 0
     after = m.state_dict()
@@ -149,8 +151,86 @@ def test_finetune_moves_only_the_method_and_reports_no_grad_methods():
 
     m2 = _fresh()
     off = wan.install_attention(m2.transformer, "salad_no_linear", sparsity=0.5)
-    res2, _ = finetune(m2, off, data, cfg, device=torch.device("cpu"))
+    res2, _ = finetune(m2, off, data, cfg, train_params="method", device=torch.device("cpu"))
     assert res2.steps == 0 and "gradient" in res2.reason
+
+
+def test_finetune_all_trains_every_parameter():
+    """train_params="all" (the default): the whole DiT and the method's own parameters move together."""
+    wan = pytest.importorskip("salad_bench.harness.integrations.wan")
+    data = ProceduralVideos("train", 8, TINY.spec)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, dataset_size=8, bf16=False)
+    m = _fresh()
+    methods = wan.install_attention(m.transformer, "salad", sparsity=0.5)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    res, trained = finetune(m, methods, data, cfg, device=torch.device("cpu"))
+    assert res.steps == 3 and {id(p) for p in trained} == {id(p) for p in m.parameters()}
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    # every tensor moves but those that get no gradient from a single-layer tiny model and start at zero
+    still = sorted(set(before) - moved)
+    assert all(float(before[n].abs().max()) == 0 for n in still), still
+    assert len(moved) > 0.9 * len(before) and any(n.startswith("prompt") for n in moved)
+    assert any("sparse_method" in n for n in moved) and any("to_q" in n for n in moved)
+    assert not any(p.requires_grad for p in m.parameters())  # frozen again after training
+    # sparse_lora with "all": the whole DiT and the LoRA adapters, not its frozen sub-method's own parameters
+    m2 = _fresh()
+    lora = wan.install_attention(m2.transformer, "sparse_lora", sparsity=0.5)
+    chosen = {id(p) for p in trainable_parameters(m2, lora, "all")}
+    own = {id(p) for mm in lora for p in mm.parameters()} - {id(p) for mm in lora for p in mm.trainable_parameters()}
+    assert chosen == {id(p) for p in m2.parameters()} - own
+    assert {id(p) for mm in lora for p in mm.trainable_parameters()} <= chosen
+
+
+class _Affine(torch.nn.Module):
+    """``velocity = w * x_t``: small enough to differentiate by hand."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(float(w)))
+
+    def forward(self, x, t, labels):
+        return self.w * x
+
+
+def test_distill_loss_is_zero_for_the_teacher_and_its_gradient_matches_a_hand_computation():
+    from salad_bench.harness.quality.metrics import distill_mse
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 2, 2, 2, generator=g), torch.randn(2, 3, 2, 2, 2, generator=g)
+    t, labels = torch.tensor([0.25, 0.75]), torch.zeros(2, dtype=torch.long)
+    teacher = _Affine(0.5).requires_grad_(False)
+    assert float(distill_mse(_Affine(0.5), teacher, x0, labels, t, noise).mean().detach()) == 0.0
+    student = _Affine(2.0)
+    loss = distill_mse(student, teacher, x0, labels, t, noise).mean()
+    loss.backward()
+    # by hand: x_t = (1 - t) x0 + t noise; loss = mean_b mean_i ((w - w0) x_t)^2; d/dw = 2 (w - w0) mean(x_t^2)
+    xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+    assert float(loss.detach()) == pytest.approx(1.5**2 * float(xt.square().mean()), rel=1e-6)
+    assert float(student.w.grad) == pytest.approx(2 * 1.5 * float(xt.square().mean()), rel=1e-6)
+    assert teacher.w.grad is None
+
+
+def test_distill_objective_in_the_training_loop():
+    """With the student equal to its teacher every step's loss is 0; the objective is part of the recipe."""
+    wan = pytest.importorskip("salad_bench.harness.integrations.wan")
+    data = ProceduralVideos("train", 8, TINY.spec)
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, dataset_size=8, bf16=False, log_every=1,
+                      objective="distill")  # fmt: skip
+    teacher = _fresh().requires_grad_(False)
+    m = _fresh()
+    methods = wan.install_attention(m.transformer, "full")  # dense attention: the student computes the teacher
+    res, _ = finetune(m, methods, data, cfg, device=torch.device("cpu"), teacher=teacher)
+    assert res.steps == 2 and all(r["loss"] == pytest.approx(0.0, abs=1e-10) for r in res.curve)
+    with pytest.raises(ValueError, match="teacher"):
+        finetune(_fresh(), [], data, cfg, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(objective="kl")
+    # a sparse student against the dense teacher: a positive loss that training lowers
+    s = _fresh()
+    sparse = wan.install_attention(s.transformer, "salad", sparsity=0.5)
+    long = dataclasses.replace(cfg, steps=6, lr=3e-3)
+    r2, _ = finetune(s, sparse, data, long, device=torch.device("cpu"), teacher=teacher)
+    assert r2.curve[0]["loss"] > 0
 
 
 def test_finetuned_checkpoint_round_trip_and_bad_files(tmp_path):
@@ -161,7 +241,7 @@ def test_finetuned_checkpoint_round_trip_and_bad_files(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=0, dataset_size=8, bf16=False)
     m = _fresh()
     methods = wan.install_attention(m.transformer, "salad", sparsity=0.5)
-    _, trained = finetune(m, methods, data, cfg, device=torch.device("cpu"))
+    _, trained = finetune(m, methods, data, cfg, train_params="method", device=torch.device("cpu"))
     paths = save_finetuned(m, trained, tmp_path / "salad", {"method": "salad", "train_steps": 2}, max_shard_bytes=131_100)
     assert len(paths) >= 2 and all(p.stat().st_size < 131_100 for p in paths)  # sharded under the limit
     m2 = _fresh()

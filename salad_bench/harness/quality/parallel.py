@@ -49,19 +49,15 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def _done(out: Path) -> set[str]:
-    from salad_bench.harness.results import latest_per_cell, load_rows, rows_files
+def _pending(out: Path, names: list[str], extra: list[str]) -> list[str]:
+    """Labels of the cells ``evaluate`` would run with these arguments that ``out`` does not yet hold as ``ok``
+    (evaluate's own parser and cell identities, so the two agree on what is done)."""
+    from salad_bench.harness.quality import evaluate as ev
 
-    files = rows_files(out)
-    if not files:
-        return set()
-    df = latest_per_cell(load_rows(files))
-    if df.empty or "method" not in df:
-        return set()
-    ok = df["status"] == "ok"
-    if "kind" in df:
-        ok &= df["kind"] == "quality"
-    return set(df[ok]["method"])
+    a = ev.parse_args(["--methods", ",".join(names), "--out", str(out), *extra])
+    done = ev.done_hashes(ev.existing_rows(out))
+    budget = ev.budget_config(a)
+    return [c.label for c in ev.cells_from_args(a) if c.config_hash(budget) not in done]
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -111,15 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     names = METHODS.select(a.methods)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    done = _done(out)
-    todo = [n for n in names if n not in done]
-    if done & set(names):
-        print(f"already in {out}: {', '.join(n for n in names if n in done)}", flush=True)
+    todo = _pending(out, names, extra)
     if not todo:
         print("nothing left to run", flush=True)
         return 0
+    print(f"to run: {', '.join(todo)}", flush=True)
     gpus = _visible_gpus() if a.gpus == "auto" else [] if a.gpus == "none" else [g.strip() for g in a.gpus.split(",") if g.strip()]
-    cmd, env = command(a, extra, gpus, todo)
+    cmd, env = command(a, extra, gpus, names)  # evaluate leaves out the cells already done
     shown = " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONUNBUFFERED")
     print(f"running: {shown} {shlex.join(['torchrun', *cmd[3:]])}", flush=True)
     if a.per_gpu > 1 or not gpus:
@@ -135,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # torchrun passes the signal on to its ranks; their rows so far stay
             code = p.wait()
         pump.join()
-    left = [n for n in names if n not in _done(out)]
+    left = _pending(out, names, extra)
     print(f"still to run: {', '.join(left) or 'none'}" + (f"; torchrun exit {code} (see {out / 'log.txt'})" if code else ""),
           flush=True)  # fmt: skip
     return 1 if code else 0

@@ -1,7 +1,9 @@
 """Training: the full-attention base model from scratch, and the fine-tuning of trained methods.
 
 Objective (Wan's flow matching): ``x_t = (1 - t) x0 + t * noise``, the network predicts the velocity
-``noise - x0``, loss = MSE. ``t`` is drawn logit-normal (``sigmoid(N(0, 1))``, SD3's and most Wan
+``noise - x0``, loss = MSE (``objective="flow"``). ``objective="distill"`` matches a frozen teacher's
+velocity at the same ``x_t`` and ``t`` instead (:func:`~harness.quality.metrics.distill_mse`; the study's
+teacher is the base model with full attention), with the same draws of ``t``, noise and batches. ``t`` is drawn logit-normal (``sigmoid(N(0, 1))``, SD3's and most Wan
 trainers' choice) by default, or uniform (``t_sampling``). Each step's ``t`` and noise are drawn for the
 whole global batch from a CPU generator seeded by ``(seed, step)`` and each rank takes its samples' share,
 and the batch indices come from a stateless sampler, so a resumed run sees exactly the batches an
@@ -25,10 +27,10 @@ Resume: ``state_path`` holds model, optimiser and step (torch.save, written atom
 ``ckpt_every`` steps and at the end); a run started with an existing state continues from it.
 
 Fine-tuning (:func:`trainable_parameters`, :func:`finetune`): the method is installed into the model
-first (``harness.integrations.wan.install_attention``); ``train_params`` says what trains:
-``"method"`` (default) = only what the method adds (its ``trainable_parameters()`` when it defines
-one, else all its parameters), the base model frozen; ``"all"`` = every parameter. docs/QUALITY.md
-explains the default.
+first (``harness.integrations.wan.install_attention``); ``train_params`` says what trains: ``"all"``
+(default, as the peers fine-tune: SLA and TurboDiffusion train the whole DiT) = every parameter of the
+model, the method's included; ``"method"`` = only what the method adds (its ``trainable_parameters()``
+when it defines one, else all its parameters), the base model frozen: the adapter-only arm.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from torch import nn
 
 from salad_bench.harness.distributed import Dist
 from salad_bench.harness.quality.data import ProceduralVideos, ShardedSampler
-from salad_bench.harness.quality.metrics import flow_matching_mse, val_loss
+from salad_bench.harness.quality.metrics import distill_mse, flow_matching_mse, val_loss
 from salad_bench.harness.quality.sampler import autocast
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "FINETUNE_DEFAULTS",
     "CurveLogger",
     "Dist",
+    "Objective",
     "TrainConfig",
     "TrainResult",
     "finetune",
@@ -67,6 +70,7 @@ __all__ = [
 ]
 
 TrainParams = Literal["method", "all"]
+Objective = Literal["flow", "distill"]
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,12 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop early (the steps actually done are reported); the clock starts after step 1
     fit_to_budget: bool = False  # after ``fit_after`` steps, shrink ``steps`` (and the schedule) to fit the budget
     fit_after: int = 30
+    objective: Objective = "flow"  # "distill": match a frozen teacher's velocity (train_loop's ``teacher``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
+        if self.objective not in ("flow", "distill"):
+            raise ValueError(f"objective must be flow or distill; got {self.objective!r}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"need steps >= 0 and batch_size >= 1; got {self.steps}, {self.batch_size}")
         if self.t_sampling not in ("logit_normal", "uniform"):
@@ -218,7 +225,8 @@ def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
             f"{path}: cannot read the training state ({type(exc).__name__}: {exc}); delete it to start over"
         ) from None
     keep = ("time_budget_s", "log_every", "val_every", "ckpt_every")  # may change on resume
-    old = {k: v for k, v in state.get("config", {}).items() if k not in keep}
+    saved = {**TrainConfig().as_dict(), **state.get("config", {})}  # a state older than a field has its default
+    old = {k: v for k, v in saved.items() if k not in keep}
     new = {k: v for k, v in cfg.as_dict().items() if k not in keep}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -256,13 +264,17 @@ def train_loop(
     val_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_t: Callable[[torch.Tensor], None] | None = None,
     stop_if_no_grad: bool = False,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
-    """Train ``params`` of ``model`` (called as ``model(x_t, t, labels)``) with flow matching.
+    """Train ``params`` of ``model`` (called as ``model(x_t, t, labels)``) with flow matching, or with
+    ``cfg.objective == "distill"`` against ``teacher`` (frozen, same call signature; required then).
 
     ``on_t(t)`` runs before each forward with the batch's times (step-aware methods). With
     ``stop_if_no_grad`` the run ends after the first step when no parameter received a gradient.
     """
     curve = curve or CurveLogger(None)
+    if cfg.objective == "distill" and teacher is None:
+        raise ValueError("objective 'distill' needs a teacher model")
     if not params:
         return TrainResult(0, None, None, 0.0, reason="no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -302,7 +314,10 @@ def train_loop(
         if on_t is not None:
             on_t(t_all.to(device))  # step-aware methods: every rank picks the step from the same times
         with autocast(device, cfg.bf16):
-            loss = flow_matching_mse(fwd, x0, labels, t, noise).mean()
+            if cfg.objective == "distill":
+                loss = distill_mse(fwd, teacher, x0, labels, t, noise).mean()
+            else:
+                loss = flow_matching_mse(fwd, x0, labels, t, noise).mean()
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
@@ -352,7 +367,7 @@ def train_loop(
 
 
 # -- fine-tuning ----------------------------------------------------------------------------------
-def trainable_parameters(model: nn.Module, methods: list[nn.Module], train_params: TrainParams) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module, methods: list[nn.Module], train_params: TrainParams = "all") -> list[nn.Parameter]:
     """Select and unfreeze what trains; freeze the rest.
 
     ``"method"``: each installed method's ``trainable_parameters()`` if it defines one, else all its
@@ -385,19 +400,21 @@ def finetune(
     data: ProceduralVideos,
     cfg: TrainConfig,
     *,
-    train_params: TrainParams = "method",
+    train_params: TrainParams = "all",
     device: torch.device,
     dist: Dist = Dist(),
     curve: CurveLogger | None = None,
     on_t: Callable[[torch.Tensor], None] | None = None,
     state_path: str | Path | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[TrainResult, list[nn.Parameter]]:
     """Fine-tune a model whose attention methods are installed; returns the result and the parameters
-    that trained. With ``state_path`` the run saves its state there and resumes from it if present."""
+    that trained. With ``state_path`` the run saves its state there and resumes from it if present;
+    ``teacher``: the frozen model ``cfg.objective == "distill"`` matches."""
     params = trainable_parameters(model, methods, train_params)
     result = train_loop(
         model, params, data, cfg, device=device, dist=dist, curve=curve, on_t=on_t, stop_if_no_grad=True,
-        state_path=state_path,
+        state_path=state_path, teacher=teacher,
     )  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)

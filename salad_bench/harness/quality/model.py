@@ -420,3 +420,8 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
             )
     model.load_state_dict(state, strict=True)
     return model.to(device), card
+
+
+# the shard format for other small checkpoints of the study (the video classifier)
+write_shards = _write_shards
+read_shards = _read_shards

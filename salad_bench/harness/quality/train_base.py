@@ -1,38 +1,107 @@
-"""``python -m salad_bench.harness.quality.train_base --out checkpoints/mini-wan``: train the full-attention base model.
+"""``python -m salad_bench.harness.quality.train_base --out DIR``: train the full-attention base model.
 
-A thin CLI over :func:`harness.quality.train.train_base_model`; ``torchrun --nproc_per_node N -m
-harness.quality.train_base ...`` trains data-parallel. Defaults: the model of
-:class:`~harness.quality.model.MiniWanConfig` and the recipe :data:`~harness.quality.train.BASE_DEFAULTS`.
-``--tiny`` selects a CPU-sized model (tests, smoke runs).
+A CLI over :func:`harness.quality.train.train_base_model`; ``torchrun --nproc_per_node N -m
+salad_bench.harness.quality.train_base ...`` trains data-parallel.
+
+Models (``--preset``): ``bar`` (default, issue #25): :data:`BAR`, 8 layers, 4 heads x 64, FFN 1024 (about
+8.5M parameters) on the version-2 videos (16 x 48 x 48 px, 9,216 tokens); ``v1``: the audited model
+(:class:`~harness.quality.model.MiniWanConfig`'s defaults, version-1 videos). ``--tiny``: a CPU-sized
+network on 4 x 16 x 16 videos of the preset's data version (tests, smoke runs).
+
+Two ways to train:
+
+* a fixed schedule (``--steps``, warm-up then cosine; ``--time-budget`` fits it to a budget), as before;
+* ``--until-plateau``: the issue's bar needs a val loss that has plateaued at a constant learning
+  rate, so the rate is held at ``--lr`` after warm-up and the run goes on until the val curve passes
+  :func:`harness.quality.base_bar.plateau_test` (``--plateau-window``, ``--plateau-rel-tol``), or
+  ``--max-steps`` are done, or this call's ``--time-budget`` is spent. It trains in pieces of
+  ``--check-every`` seconds and tests the curve after each. Calling the same command again continues
+  from the saved state (``<out>/resume/state.pt``, exact: the same batches and noise as one
+  uninterrupted run) until it prints ``done``.
+
+``--background`` starts the same command in a new process session (it outlives the shell that
+started it), logging to ``<out>/train.log`` with its pid in ``<out>/train.pid``; ``--status`` prints
+where a run in ``--out`` stands (steps, last val loss, the plateau test, whether it is running).
+
+After every piece the checkpoint in ``--out`` is complete: shards in ``--weights-dtype`` (bf16 by
+default, each < 15 MB), ``card.json``/``README.md`` with the plateau test, and ``curves.jsonl``.
+Do not commit ``resume/``, ``train.log`` or ``train.pid``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from salad_bench.harness.quality.model import MiniWanConfig
-from salad_bench.harness.quality.train import BASE_DEFAULTS, init_distributed, train_base_model
+from salad_bench.harness.quality.train import BASE_DEFAULTS, TrainConfig, init_distributed, train_base_model
+
+__all__ = ["BAR", "TINY", "main", "parse_args", "plateau_status"]
 
 TINY = MiniWanConfig(num_layers=2, num_heads=2, head_dim=64, ffn_dim=128, freq_dim=32, frames=4, height=16, width=16)
+BAR = MiniWanConfig(
+    num_layers=8, num_heads=4, head_dim=64, ffn_dim=1024, frames=16, height=48, width=48, data_version=2
+)
+PRESETS = {"bar": BAR, "v1": MiniWanConfig()}
+# --until-plateau's recipe: a constant rate after warm-up, a val evaluation every 250 steps
+PLATEAU_DEFAULTS = dict(batch=16, lr=3e-4, warmup=500, val_every=250, ckpt_every=250, max_steps=100_000)
+DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = BASE_DEFAULTS
-    p = argparse.ArgumentParser(prog="python -m salad_bench.harness.quality.train_base", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m salad_bench.harness.quality.train_base", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--out", required=True, help="checkpoint directory (shards + card.json + README.md)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup_steps)
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="bar", help="the model and its data (see the docstring)"
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="fixed schedule: total steps")
+    p.add_argument(
+        "--batch", type=int, default=None, help=f"global batch size (default {d.batch_size}; --until-plateau 16)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"peak learning rate (default {d.lr}; --until-plateau 3e-4, constant)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help=f"warm-up steps (default {d.warmup_steps}; --until-plateau 500)"
+    )
     p.add_argument("--t-sampling", choices=("logit_normal", "uniform"), default=d.t_sampling)
-    p.add_argument("--val-every", type=int, default=d.val_every)
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="save the resumable state every N steps")
+    p.add_argument("--val-every", type=int, default=None, help=f"default {d.val_every}; --until-plateau 250")
+    p.add_argument("--ckpt-every", type=int, default=None, help="save the resumable state every N steps")
     p.add_argument("--n-val", type=int, default=32, help="validation videos")
     p.add_argument(
-        "--time-budget", type=float, default=None, help="stop after this many seconds (steps done are recorded)"
+        "--time-budget", type=float, default=None,
+        help="seconds: a fixed schedule is fitted to it; --until-plateau stops this call after it (rerun to go on)",
+    )  # fmt: skip
+    p.add_argument(
+        "--until-plateau", action="store_true", help="constant lr until the val curve plateaus (rerun until done)"
     )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=PLATEAU_DEFAULTS["max_steps"],
+        help="--until-plateau: give up after this many steps",
+    )
+    p.add_argument(
+        "--check-every", type=float, default=300.0, help="--until-plateau: seconds of training between plateau tests"
+    )
+    p.add_argument("--plateau-window", type=int, default=8, help="val evaluations the plateau test looks at")
+    p.add_argument("--plateau-rel-tol", type=float, default=0.01, help="largest relative fall across the window")
+    p.add_argument("--weights-dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved shards")
+    p.add_argument("--background", action="store_true", help="run detached (new session), log to <out>/train.log")
+    p.add_argument("--status", action="store_true", help="print where the run in --out stands and exit")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="a CPU-sized model (2 layers, 4x16x16 videos)")
     p.add_argument("--curves", default=None, help="JSONL file for the training curve (default <out>/curves.jsonl)")
@@ -42,30 +111,183 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    model_cfg = TINY if a.tiny else MiniWanConfig()
+def _model_config(a: argparse.Namespace) -> MiniWanConfig:
+    cfg = PRESETS[a.preset]
+    if a.tiny:
+        cfg = dataclasses.replace(TINY, data_version=cfg.data_version)
     if a.layers is not None:
-        model_cfg = dataclasses.replace(model_cfg, num_layers=a.layers)
-    cfg = dataclasses.replace(
-        BASE_DEFAULTS,
-        steps=a.steps,
-        batch_size=a.batch,
-        lr=a.lr,
-        warmup_steps=min(a.warmup, max(0, a.steps // 5)),
+        cfg = dataclasses.replace(cfg, num_layers=a.layers)
+    return cfg
+
+
+def _train_config(a: argparse.Namespace) -> TrainConfig:
+    d, plateau = BASE_DEFAULTS, a.until_plateau
+
+    def pick(value, fixed, until):
+        return value if value is not None else (until if plateau else fixed)
+
+    steps = a.max_steps if plateau else a.steps
+    warmup = pick(a.warmup, d.warmup_steps, PLATEAU_DEFAULTS["warmup"])
+    val_every = pick(a.val_every, d.val_every, PLATEAU_DEFAULTS["val_every"])
+    return dataclasses.replace(
+        d,
+        steps=steps,
+        batch_size=pick(a.batch, d.batch_size, PLATEAU_DEFAULTS["batch"]),
+        lr=pick(a.lr, d.lr, PLATEAU_DEFAULTS["lr"]),
+        warmup_steps=min(warmup, max(0, steps // 5)),
+        min_lr_ratio=1.0 if plateau else d.min_lr_ratio,  # 1.0: constant after warm-up
         t_sampling=a.t_sampling,
-        val_every=a.val_every,
-        ckpt_every=a.ckpt_every,
-        time_budget_s=a.time_budget,
-        fit_to_budget=a.time_budget is not None,
+        val_every=val_every,
+        log_every=math.gcd(d.log_every, val_every) if val_every else d.log_every,  # val runs on logged steps only
+        ckpt_every=pick(a.ckpt_every, d.ckpt_every, PLATEAU_DEFAULTS["ckpt_every"]),
+        time_budget_s=None if plateau else a.time_budget,
+        fit_to_budget=not plateau and a.time_budget is not None,
         seed=a.seed,
     )
+
+
+def plateau_status(curve_path: str | Path, window: int, rel_tol: float) -> dict[str, Any]:
+    """The plateau test on a curves file (not plateaued when the file does not exist yet)."""
+    from salad_bench.harness.quality.base_bar import plateau_test, read_val_curve
+
+    path = Path(curve_path)
+    if not path.exists():
+        return {"plateaued": False, "evaluations": 0, "reason": f"{path} does not exist yet"}
+    return plateau_test(read_val_curve(path), window=window, rel_tol=rel_tol)
+
+
+def _finish_checkpoint(out: Path, plateau: dict[str, Any], dtype_name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the checkpoint train_base_model saved: shards in the chosen dtype, the plateau test and
+    the run's totals in the card."""
+    from salad_bench.harness.quality.model import load_checkpoint, save_checkpoint
+
+    model, card = load_checkpoint(out)
+    for key in ("shards", "shard_sha256", "model_config"):  # save_checkpoint writes these afresh
+        card.pop(key, None)
+    card.update(extra, plateau=plateau, weights_dtype=dtype_name, data_version=model.config.data_version)
+    save_checkpoint(model, out, card, dtype=DTYPES[dtype_name])
+    return card
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _last_card(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / "card.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _train_fixed(a: argparse.Namespace) -> int:
+    model_cfg, cfg = _model_config(a), _train_config(a)
     dist, device = init_distributed(a.device)
-    curves = a.curves or f"{a.out}/curves.jsonl"
-    train_base_model(
-        a.out, model_cfg, cfg, device=device, dist=dist, n_val=a.n_val, curve_path=curves, state_path=a.state, echo=True
-    )
+    out = Path(a.out)
+    curves = a.curves or out / "curves.jsonl"
+    card = train_base_model(out, model_cfg, cfg, device=device, dist=dist, n_val=a.n_val, curve_path=curves,
+                            state_path=a.state, echo=True)  # fmt: skip
+    if dist.main:
+        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
+        _finish_checkpoint(out, plateau, a.weights_dtype, {"train_seconds_total": card["train_seconds"]})
+    _barrier(dist.world)
     return 0
+
+
+def _train_until_plateau(a: argparse.Namespace) -> int:
+    model_cfg, cfg = _model_config(a), _train_config(a)
+    dist, device = init_distributed(a.device)
+    out = Path(a.out)
+    curves = Path(a.curves or out / "curves.jsonl")
+    start = time.monotonic()
+    while True:
+        _barrier(dist.world)  # rank 0 has written the curve and the checkpoint: every rank reads the same file
+        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
+        done_steps = int(_last_card(out).get("steps_done", 0))
+        left = None if a.time_budget is None else a.time_budget - (time.monotonic() - start)
+        if plateau["plateaued"] or done_steps >= cfg.steps or (left is not None and left < 1.0):
+            break
+        piece = a.check_every if left is None else min(a.check_every, left)
+        prev = _last_card(out)
+        card = train_base_model(out, model_cfg, dataclasses.replace(cfg, time_budget_s=piece), device=device, dist=dist,
+                                n_val=a.n_val, curve_path=curves, state_path=a.state, echo=True)  # fmt: skip
+        if dist.main:
+            total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
+            _finish_checkpoint(out, plateau_status(curves, a.plateau_window, a.plateau_rel_tol), a.weights_dtype,
+                               {"train_seconds_total": round(total, 1), "schedule": "constant lr after warm-up (--until-plateau)"})  # fmt: skip
+        if card["steps_done"] == done_steps:  # nothing moved (e.g. max steps reached inside the state)
+            break
+    if dist.main:
+        card = _last_card(out)
+        if plateau["plateaued"]:
+            word = "done: the val loss has plateaued"
+        elif done_steps >= cfg.steps:
+            word = f"done: --max-steps {cfg.steps} reached without a plateau"
+        else:
+            word = "not done: run the same command again to continue"
+        print(
+            f"{word} (step {card.get('steps_done')}, val_loss {card.get('val_loss')}): {plateau['reason']}", flush=True
+        )
+    return 0
+
+
+def _pid_alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _background(a: argparse.Namespace, argv: list[str]) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pidfile = out / "train.pid"
+    running = _pid_alive(pidfile)
+    if running is not None:
+        print(
+            f"error: a run is already training in {out} (pid {running}); wait for it or stop it first", file=sys.stderr
+        )
+        return 2
+    args = [x for x in argv if x != "--background"]
+    with open(out / "train.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "salad_bench.harness.quality.train_base", *args], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    pidfile.write_text(f"{proc.pid}\n")
+    print(f"training in the background: pid {proc.pid}, log {out / 'train.log'}; "
+          f"progress: python -m salad_bench.harness.quality.train_base --out {out} --status", flush=True)  # fmt: skip
+    return 0
+
+
+def _status(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    card = _last_card(out)
+    plateau = plateau_status(a.curves or out / "curves.jsonl", a.plateau_window, a.plateau_rel_tol)
+    pid = _pid_alive(out / "train.pid")
+    print(json.dumps({
+        "running": pid is not None, "pid": pid, "steps_done": card.get("steps_done"), "val_loss": card.get("val_loss"),
+        "train_seconds_total": card.get("train_seconds_total"), "plateaued": plateau["plateaued"], "plateau": plateau["reason"],
+        "rel_fall": plateau.get("rel_fall"),
+    }, indent=1), flush=True)  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    if a.status:
+        return _status(a)
+    if a.background:
+        return _background(a, argv)
+    try:
+        return _train_until_plateau(a) if a.until_plateau else _train_fixed(a)
+    finally:
+        pidfile = Path(a.out) / "train.pid"
+        if pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
 
 
 if __name__ == "__main__":

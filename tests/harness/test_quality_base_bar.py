@@ -1,0 +1,233 @@
+"""Issue #25's bar: the plateau test, the attention mass kept by topk, the card a study can require, and
+train_base's --until-plateau pieces."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("safetensors")
+
+from salad_bench.harness.quality import base_bar  # noqa: E402
+from salad_bench.harness.quality.base_bar import (  # noqa: E402
+    BaseBarError,
+    attention_masses,
+    block_mass,
+    kept_mass,
+    layer_attention_mass,
+    oracle_mass,
+    plateau_test,
+    read_val_curve,
+    require_base_bar,
+)
+from salad_bench.harness.quality.classifier import ClassifierConfig, VideoClassifier, save_classifier  # noqa: E402
+from salad_bench.harness.quality.model import MiniWan, load_checkpoint, save_checkpoint  # noqa: E402
+from salad_bench.harness.quality.train_base import TINY  # noqa: E402
+from salad_bench.kernels.layout import BlockLayout  # noqa: E402
+from salad_bench.methods.base import AttnContext  # noqa: E402
+
+TINY_V2 = dataclasses.replace(TINY, data_version=2)
+FAST = ["--per-class", "1", "--sample-steps", "2", "--real-per-class", "1", "--mass-videos", "2", "--mass-t", "0.5",
+        "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+# -- the plateau -------------------------------------------------------------------------------------
+def _curve(losses, lrs=None, every=250):
+    return [(every * (i + 1), float(v), float(lrs[i] if lrs else 3e-4)) for i, v in enumerate(losses)]
+
+
+def test_a_falling_curve_has_not_plateaued():
+    res = plateau_test(_curve([0.2 * math.exp(-i / 10) + 0.05 for i in range(12)]))
+    assert not res["plateaued"] and res["rel_fall"] > 0.01 and "still falls" in res["reason"]
+    assert res["slope_ci95_per_1k"][1] < 0 and not res["ci_holds_zero"]
+
+
+def test_a_flat_noisy_curve_at_a_constant_lr_has_plateaued():
+    g = torch.Generator().manual_seed(0)
+    flat = (0.1 + 0.0005 * torch.randn(12, generator=g)).tolist()
+    res = plateau_test(_curve(flat))
+    assert res["plateaued"] and abs(res["rel_fall"]) < 0.01 and res["lr_constant"], res
+    lo, hi = res["slope_ci95_per_1k"]
+    assert lo < res["slope_per_1k"] < hi
+
+
+def test_a_flat_curve_under_a_decaying_lr_is_not_a_constant_lr_plateau():
+    lrs = [3e-4 * 0.5 * (1 + math.cos(math.pi * i / 12)) for i in range(12)]
+    res = plateau_test(_curve([0.1] * 12, lrs))
+    assert not res["plateaued"] and "learning rate changes" in res["reason"]
+
+
+def test_too_few_evaluations_and_the_t_quantile():
+    assert not plateau_test(_curve([0.1] * 5), window=8)["plateaued"]
+    assert base_bar._t975(4) == pytest.approx(2.776, abs=1e-3) and base_bar._t975(30) == pytest.approx(2.042, abs=1e-3)
+    with pytest.raises(ValueError, match="window"):
+        plateau_test(_curve([0.1] * 5), window=2)
+
+
+def test_read_val_curve_keeps_the_last_row_per_step_and_skips_junk(tmp_path):
+    rows = [{"phase": "base", "step": 10, "loss": 1.0}, {"phase": "base", "step": 250, "val_loss": 0.3, "lr": 1e-3},
+            {"phase": "base", "step": 250, "val_loss": 0.2, "lr": 1e-3},  # logged again after a resume
+            {"phase": "finetune", "step": 500, "val_loss": 9.0}, {"phase": "base", "step": 500, "val_loss": 0.1, "lr": 1e-3}]  # fmt: skip
+    path = tmp_path / "curves.jsonl"
+    path.write_text("\n".join(map(json.dumps, rows)) + '\n{"step": 7')  # a line cut short
+    assert read_val_curve(path) == [(250, 0.2, 1e-3), (500, 0.1, 1e-3)]
+
+
+# -- attention mass ------------------------------------------------------------------------------------
+def test_mass_is_one_when_topk_keeps_everything():
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 300, 64, generator=g) for _ in range(2))
+    m = attention_masses(q, k, AttnContext(), sparsity=0.0)
+    assert torch.allclose(m["topk"], torch.ones(1, 2), atol=1e-5) and torch.allclose(m["density"], torch.ones(1, 2))
+    assert torch.allclose(m["oracle"], torch.ones(1, 2), atol=1e-5)
+
+
+def test_mass_equals_a_hand_computation_on_a_crafted_case():
+    """N=6, blocks of 2 (ragged nothing), D=1, scale 1: the softmax of each row by hand."""
+    q = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5, 0.0]).view(1, 1, 6, 1)
+    k = torch.tensor([0.0, 1.0, 1.0, 0.0, -2.0, 3.0]).view(1, 1, 6, 1)
+    tiles = torch.tensor([[True, False, False], [False, True, True], [True, False, True]]).view(1, 1, 3, 3)
+    want = 0.0
+    for i in range(6):
+        e = [math.exp(float(q[0, 0, i, 0] * k[0, 0, j, 0])) for j in range(6)]
+        kept = [j for j in range(6) if tiles[0, 0, i // 2, j // 2]]
+        want += sum(e[j] for j in kept) / sum(e)
+    bm = block_mass(q, k, 2, 2, rows_per_chunk=2)
+    assert bm.sum().item() == pytest.approx(6.0, rel=1e-6)
+    assert kept_mass(bm, tiles).item() == pytest.approx(want / 6, rel=1e-6)
+    # the oracle with the same counts (1, 2, 2) keeps at least as much, and everything with 3 per row
+    assert oracle_mass(bm, tiles.sum(-1)).item() >= want / 6 - 1e-7
+    assert oracle_mass(bm, torch.full((1, 1, 3), 3)).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_block_mass_handles_ragged_blocks_and_chunks():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 1, 203, 16, generator=g), torch.randn(2, 1, 203, 16, generator=g)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1)  # dense reference
+    layout = BlockLayout.from_dense(torch.rand(2, 1, 2, 4, generator=g) < 0.5, 128, 64, 203)
+    tiles = layout.to_dense()
+    mask = tiles.repeat_interleave(128, 2)[:, :, :203].repeat_interleave(64, 3)[..., :203]
+    want = (p * mask).sum(-1).mean(-1)
+    for rows in (128, 1024):
+        assert torch.allclose(kept_mass(block_mass(q, k, 128, 64, rows_per_chunk=rows), tiles), want, atol=1e-5)
+
+
+def test_layer_attention_mass_on_a_tiny_model():
+    torch.manual_seed(0)
+    model = MiniWan(TINY_V2).eval()
+    videos = torch.zeros(2, *TINY_V2.spec.shape)
+    labels = torch.tensor([0, 5])
+    rows = layer_attention_mass(model, videos, labels, (0.5,), sparsity=0.9, batch=1)
+    assert [r["layer"] for r in rows] == [0, 1]
+    for r in rows:
+        assert 0 < r["topk_mass"] <= r["oracle_mass"] + 1e-6 <= 1 + 1e-5 and r["density"] < 1
+    full = layer_attention_mass(model, videos, labels, (0.5,), sparsity=0.0, batch=2)
+    assert all(r["topk_mass"] == pytest.approx(1.0, abs=1e-5) for r in full)
+
+
+# -- the bar end to end --------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_inputs(tmp_path):
+    torch.manual_seed(0)
+    ckpt, clf = tmp_path / "base", tmp_path / "clf"
+    save_checkpoint(MiniWan(TINY_V2), ckpt, {"steps_done": 0})
+    flat = [{"phase": "base", "step": 10 * (i + 1), "val_loss": 1.0, "lr": 3e-4} for i in range(8)]
+    (ckpt / "curves.jsonl").write_text("\n".join(map(json.dumps, flat)) + "\n")
+    save_classifier(VideoClassifier(ClassifierConfig.for_spec(TINY_V2.spec, widths=(8, 16), feature_dim=16)), clf, {})
+    return ckpt, clf
+
+
+def test_bar_on_an_untrained_model_writes_a_card_that_fails_honestly(tiny_inputs, capsys):
+    ckpt, clf = tiny_inputs
+    assert base_bar.main(["--checkpoint", str(ckpt), "--classifier", str(clf), *FAST]) == 0
+    bar = json.loads((ckpt / "bar.json").read_text())
+    crit = {c["name"]: c for c in bar["criteria"]}
+    assert bar["verdict"] == "fail" and set(crit) == {
+        "val_loss_plateau",
+        "sample_accuracy",
+        "real_accuracy",
+        "topk_mass_every_layer",
+    }
+    assert crit["val_loss_plateau"]["pass"]  # the flat curve written above: this one criterion holds
+    assert not crit["real_accuracy"]["pass"] and crit["real_accuracy"]["threshold"] == 0.95
+    assert not crit["topk_mass_every_layer"]["pass"] and len(bar["attention"]) == TINY_V2.num_layers
+    assert bar["frechet_distance"]["samples_vs_real"] >= 0 and bar["frechet_distance"]["real_vs_real"] >= 0
+    md = (ckpt / "BAR.md").read_text()
+    assert "**FAIL**" in md and "| sample_accuracy |" in md and "oracle mass" in md
+    out = capsys.readouterr().out
+    assert "verdict: FAIL" in out and "FAIL real_accuracy" in out and "PASS val_loss_plateau" in out
+    with pytest.raises(BaseBarError, match="fails the bar"):
+        require_base_bar(ckpt)
+
+
+def test_require_base_bar_wants_a_passing_card_for_these_weights(tiny_inputs):
+    ckpt, _ = tiny_inputs
+    with pytest.raises(BaseBarError, match="no bar card.*base_bar"):
+        require_base_bar(ckpt)
+    digests = json.loads((ckpt / "card.json").read_text())["shard_sha256"]
+    card = {"format": base_bar.BAR_FORMAT, "verdict": "pass", "checkpoint_shard_sha256": digests, "criteria": []}
+    (ckpt / "bar.json").write_text(json.dumps(card))
+    assert require_base_bar(ckpt)["verdict"] == "pass"
+    torch.manual_seed(1)
+    save_checkpoint(MiniWan(TINY_V2), ckpt, {"steps_done": 1})  # other weights, the old card left behind
+    with pytest.raises(BaseBarError, match="other weights"):
+        require_base_bar(ckpt)
+
+
+def test_bad_inputs_exit_2_with_the_fix(tiny_inputs, tmp_path, capsys):
+    ckpt, clf = tiny_inputs
+    assert base_bar.main(["--checkpoint", str(tmp_path / "nope"), "--classifier", str(clf), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint directory" in err and "fix:" in err and "train_base" in err
+    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert base_bar.main(["--checkpoint", str(ckpt), "--classifier", str(clf), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "git checkout" in err
+    assert not (ckpt / "bar.json").exists()
+
+
+def test_a_classifier_for_another_spec_is_bad_input(tiny_inputs, tmp_path, capsys):
+    ckpt, _ = tiny_inputs
+    other = tmp_path / "clf-v1"
+    save_classifier(VideoClassifier(ClassifierConfig.for_spec(TINY.spec, widths=(8, 16), feature_dim=16)), other, {})
+    assert base_bar.main(["--checkpoint", str(ckpt), "--classifier", str(other), *FAST]) == 2
+    assert "data version 1" in capsys.readouterr().err
+
+
+# -- train_base --until-plateau ---------------------------------------------------------------------------
+def test_until_plateau_in_pieces_equals_one_call_and_a_rerun_is_done(tmp_path, capsys):
+    from salad_bench.harness.quality.train_base import main as train_base
+
+    common = ["--tiny", "--until-plateau", "--max-steps", "6", "--batch", "2", "--val-every", "2", "--n-val", "2",
+              "--plateau-window", "3", "--device", "cpu"]  # fmt: skip
+    assert train_base(["--out", str(tmp_path / "one"), *common]) == 0
+    # pieces of 0 s: the clock starts after a piece's first step, so each piece is two steps
+    assert train_base(["--out", str(tmp_path / "pieces"), *common, "--check-every", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("base model: ") == 4 and "done: --max-steps 6" in out  # 1 piece, then 3 of 2 steps
+    one, card = load_checkpoint(tmp_path / "one")
+    pieces, _ = load_checkpoint(tmp_path / "pieces")
+    for (name, a), b in zip(one.state_dict().items(), pieces.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-2 * a.abs().max().item() + 1e-6), name  # bf16 rounding apart
+    assert card["steps_done"] == 6 and card["weights_dtype"] == "bf16" and card["data_version"] == 2
+    assert card["train_config"]["min_lr_ratio"] == 1.0 and "still falls" in card["plateau"]["reason"]
+    assert [p[0] for p in read_val_curve(tmp_path / "one" / "curves.jsonl")] == [2, 4, 6]
+    assert train_base(["--out", str(tmp_path / "one"), *common]) == 0  # nothing left to do
+    assert "done: --max-steps 6" in capsys.readouterr().out
+    assert train_base(["--out", str(tmp_path / "one"), "--status", "--plateau-window", "3"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["steps_done"] == 6 and status["running"] is False and status["plateaued"] is False

@@ -214,8 +214,9 @@ def attention_masses(q: torch.Tensor, k: torch.Tensor, ctx: Any, sparsity: float
     from salad_bench.methods import create_method
 
     method = create_method("topk", num_heads=q.shape[1], head_dim=q.shape[3], sparsity=sparsity)
-    layout = method.select(q, k, ctx)
-    bm = block_mass(q, k, layout.block_q, layout.block_k)
+    layout = method.select(q, k, ctx)  # as the study runs it (under the sampler's autocast)
+    with torch.autocast(q.device.type, enabled=False):  # the mass itself in fp32, not autocast's bf16
+        bm = block_mass(q, k, layout.block_q, layout.block_k)
     tiles = layout.to_dense()
     return {
         "topk": kept_mass(bm, tiles),

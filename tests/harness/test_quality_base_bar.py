@@ -165,6 +165,9 @@ def test_bar_on_an_untrained_model_writes_a_card_that_fails_honestly(tiny_inputs
     assert not crit["real_accuracy"]["pass"] and crit["real_accuracy"]["threshold"] == 0.95
     assert not crit["topk_mass_every_layer"]["pass"] and len(bar["attention"]) == TINY_V2.num_layers
     assert bar["frechet_distance"]["samples_vs_real"] >= 0 and bar["frechet_distance"]["real_vs_real"] >= 0
+    png = (ckpt / "samples.png").read_bytes()  # one row per class, 8 frames across
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (8 * 16).to_bytes(4, "big") + (16 * 16).to_bytes(4, "big")
+    assert "_grid" not in bar
     md = (ckpt / "BAR.md").read_text()
     assert "**FAIL**" in md and "| sample_accuracy |" in md and "oracle mass" in md
     out = capsys.readouterr().out

@@ -287,6 +287,32 @@ def layer_attention_mass(
     return out
 
 
+# -- a picture of the samples ------------------------------------------------------------------------
+def _write_png(path: Path, rgb: torch.Tensor) -> None:
+    """A minimal PNG writer (8-bit RGB, no filter) so the card needs no imaging package."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].contiguous().numpy().tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    path.write_bytes(png + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def sample_grid(samples: torch.Tensor, real: torch.Tensor, columns: int = 4) -> torch.Tensor:
+    """``(rows * H, 2 * columns * W, 3)`` uint8: per row (a class), ``columns`` evenly spaced frames of a
+    sample, then of a real video of the same class; ``samples``, ``real``: ``(rows, 3, T, H, W)``."""
+    t = samples.shape[2]
+    idx = [round(i * (t - 1) / max(1, columns - 1)) for i in range(columns)]
+    both = torch.cat([samples[:, :, idx], real[:, :, idx]], dim=2).float().cpu()  # (rows, 3, 2c, H, W)
+    img = ((both.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return img.permute(0, 3, 2, 4, 1).flatten(0, 1).flatten(1, 2)  # rows*H, 2c*W, 3
+
+
 # -- the whole bar ----------------------------------------------------------------------------------
 def _criterion(name: str, measured: float | None, threshold: float, passed: bool, **detail: Any) -> dict[str, Any]:
     return {"name": name, "measured": measured, "threshold": threshold, "pass": bool(passed), **detail}
@@ -388,6 +414,7 @@ def run_bar(
 
     from salad_bench.harness.results import provenance
 
+    grid = sample_grid(samples[:nc], real[:nc])  # labels cycle, so the first nc videos are one per class
     prov = provenance(str(device))
     verdict = "pass" if all(c["pass"] for c in criteria) else "fail"
     return {
@@ -408,6 +435,7 @@ def run_bar(
         "thresholds": dataclasses.asdict(th),
         "seconds": round(time.perf_counter() - t0, 1),
         **{k: prov[k] for k in ("git_sha", "git_dirty", "card", "torch", "date")},
+        "_grid": grid,  # samples.png; not written into bar.json
     }
 
 
@@ -435,14 +463,20 @@ def render_markdown(bar: dict[str, Any]) -> str:
               "| layer | topk kept mass | oracle mass | topk density |", "|---|---|---|---|"]  # fmt: skip
     for r in bar["attention"]:
         lines.append(f"| {r['layer']} | {r['topk_mass']:.4f} | {r['oracle_mass']:.4f} | {r['density']:.4f} |")
+    lines += ["", "`samples.png`: one row per class (in class order); four frames of the first sample, then four "
+              "of a real validation video of the same class."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def write_bar(bar: dict[str, Any], out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    grid = bar.get("_grid")
+    bar = {k: v for k, v in bar.items() if k != "_grid"}
     (out / "bar.json").write_text(json.dumps(bar, indent=2, sort_keys=True, default=str) + "\n")
     (out / "BAR.md").write_text(render_markdown(bar))
+    if grid is not None:
+        _write_png(out / "samples.png", grid)
 
 
 def require_base_bar(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -6,8 +6,11 @@ names its card and its dense baseline in the caption. Tables:
 * ``main``: attention rows (``kind`` "attention") per (card, workload, dtype, pass): measured sparsity,
   density, latency, speedup over the run's dense baseline (``speedup``/``baseline_backend``) and over
   FA2 (``speedup_vs_fa2``), TFLOP/s, ``rel_l2`` and whatever quality columns the rows carry.
-* ``quality``: rows with ``kind`` "quality" (their own workloads, so not joined into ``main``).
-* ``ablation``: families ``salad`` and ``ablation``, each method at the target sparsity nearest 90%.
+* ``quality``: rows with ``kind`` "quality" (their own workloads, so not joined into ``main``); a quality
+  study's cells (rows with a ``study``) through its summary and hypothesis rows, with their intervals
+  (:func:`harness.quality.stats.study_tables`).
+* ``ablation``: families ``salad`` and ``ablation``, each method at the target sparsity nearest 90%; a
+  quality study's too.
 * ``kernel``: rows with ``kind`` "kernel".
 * ``dit``: end-to-end rows (``kind`` "dit", :mod:`harness.dit`): total ``ms`` (or ``total_ms``),
   self-attention ``attn_ms`` (or ``self_attn_ms``), ``rest_ms`` (or total minus attention),
@@ -333,13 +336,16 @@ def ablation_tables(df: pd.DataFrame, goal: float = ABLATION_TARGET) -> list[Tab
             f" nearest {goal:.0%}. " + _baseline_text(g, fa2=False)
         )
         tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("rel_l2", "sparsity")))
-    return tables
+    from salad_bench.harness.quality.stats import study_tables
+
+    return tables + study_tables(df, "ablation")
 
 
 def quality_tables(df: pd.DataFrame) -> list[Table]:
     """Quality rows (``kind`` "quality"), one table per (card, workload, dtype); their own workloads
     (videos, held-out data) are not the attention workloads, so they are not joined into ``main``."""
     qual = rows_of_kind(ok_rows(df), "quality")
+    qual = qual[column(qual, "study").isna()]  # a study's cells: summarised with intervals below
     tables = []
     for group, g in group_rows(qual, ("card", "workload", "dtype")):
         g = _sort(g)
@@ -358,7 +364,9 @@ def quality_tables(df: pd.DataFrame) -> list[Table]:
             + (_baseline_text(g, fa2=False) if column(g, "speedup").notna().any() else "")
         ).strip()
         tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("sparsity", "speedup", "rel_l2")))
-    return tables
+    from salad_bench.harness.quality.stats import study_tables
+
+    return tables + study_tables(df, "quality")
 
 
 def _is_headline(df: pd.DataFrame) -> pd.Series:

@@ -625,13 +625,14 @@ def deal_cells(cells: list[Cell], rank: int, world: int, trainable_weight: float
 
 def run_cells(
     study: QualityStudy, cells: list[Cell], writer, *, out: Path, time_budget: float | None = None,
-    t_start: float | None = None, tag: str = "", extra: dict[str, Any] | None = None,
+    t_start: float | None = None, tag: str = "", extras: dict[Cell, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``cells`` in order, appending each row at once (``extra`` fields added); cells already ``ok`` in the
-    run are left out, and after ``time_budget`` seconds (from ``t_start``) the rest get ``skipped`` rows."""
+    """Run ``cells`` in order, appending each row at once (with its ``extras`` fields); cells already ``ok`` in
+    the run are left out, and after ``time_budget`` seconds (from ``t_start``) the rest get ``skipped`` rows."""
     t_start = time.perf_counter() if t_start is None else t_start
     rows = []
     for cell in cells:
+        extra = (extras or {}).get(cell)
         if writer is not None and cell.config_hash(study.ft_cfg) in done_hashes(writer.existing):
             print(f"{tag}{cell.tag}: already in {out}, skipped (resume)", flush=True)
             continue

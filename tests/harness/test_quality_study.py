@@ -109,6 +109,12 @@ def test_the_plan_sweeps_each_pair_then_seeds_the_pick(tiny):
     assert set(missing) == {("salad_no_linear", "ft"), ("full", "ft")}
     control = [c for c in p.sweep if c.method == "full"]
     assert {c.label for c in control} == {"full_ft"} and {c.sparsity for c in control} == {0.0}
+    # the hypotheses first: the cells they compare, the same cells (a later full run skips them)
+    cfg2 = root / "two.toml"
+    cfg2.write_text(cfg.read_text().replace('"salad", "salad_no_linear", "topk"', '"salad", "salad_no_linear", "salad_no_rope", "topk"'))
+    full, core = plan(load_config(cfg2)), plan(load_config(cfg2), only_hypotheses=True)
+    assert ("salad_no_rope", "ft") in full.pairs and ("salad_no_rope", "ft") not in core.pairs
+    assert set(core.sweep) < set(full.sweep) and set(core.as_is) <= set(full.as_is)
 
 
 def test_the_study_runs_end_to_end_resumes_and_skips_done_cells(tiny, capsys):

@@ -11,9 +11,13 @@
 * :mod:`~harness.quality.metrics`: validation loss, PSNR/SSIM/LPIPS against the full model's videos,
   VBench's temporal flickering.
 * :mod:`~harness.quality.vbench`: the adapter to VBench in its own environment.
-* :mod:`~harness.quality.evaluate`: ``python -m salad_bench.harness.quality.evaluate``, the whole study, rows of
-  kind ``"quality"``; under torchrun its methods are dealt out over the ranks
-  (:mod:`~harness.quality.parallel` is the shorthand launcher).
+* :mod:`~harness.quality.evaluate`: ``python -m salad_bench.harness.quality.evaluate``, cells (a method at a
+  sparsity with a fine-tuning recipe) measured into rows of kind ``"quality"``; under torchrun its cells
+  are dealt out over the ranks (:mod:`~harness.quality.parallel` is the shorthand launcher).
+* :mod:`~harness.quality.study`: ``python -m salad_bench.harness.quality.study``, issue #25's study from
+  its experiment config (:mod:`~harness.quality.study_config`, ``harness/experiments/quality_study.toml``):
+  learning-rate sweep, seeds, the fine-tuned full control, resumable.
+* :mod:`~harness.quality.stats`: hierarchical bootstrap intervals and the config's hypotheses.
 
 Modules import diffusers and torchmetrics lazily where they can; see docs/QUALITY.md.
 """

@@ -97,20 +97,34 @@ class Plan:
         return cell
 
 
-def plan(config: StudyConfig) -> Plan:
-    """Expand the config into its (method, arm) pairs, untrained cells and sweep cells."""
+def _needed(config: StudyConfig) -> set[tuple[str, str, float]]:
+    """(method, arm, target) of every cell some hypothesis compares (training-free methods under any arm)."""
+    out = set()
+    for h in config.hypotheses:
+        for s in h.sparsities:
+            out.add((h.method, h.arm, s))
+            if not h.versus.startswith("@"):
+                out.add((h.versus, h.versus_arm, s))
+    return out
+
+
+def plan(config: StudyConfig, *, only_hypotheses: bool = False) -> Plan:
+    """Expand the config into its (method, arm) pairs, untrained cells and sweep cells. ``only_hypotheses``:
+    only the cells the hypotheses compare, and the control (the same cells, so a later full run skips them)."""
     from salad_bench.harness.quality.evaluate import make_cell, reference_method
 
+    needed = _needed(config) if only_hypotheses else None
     pairs: dict[tuple[str, str], tuple[float, ...]] = {}
     as_is: list[Any] = []
     for g in config.groups:
         for m in g.methods:
-            if "trainable" in _traits(m):
-                for arm in g.arms:
-                    old = pairs.get((m, arm), ())
-                    pairs[(m, arm)] = tuple(sorted(set(old) | set(g.sparsities)))
-            else:
-                for s in g.sparsities:
+            trainable = "trainable" in _traits(m)
+            for s in g.sparsities:
+                if trainable:
+                    for arm in g.arms:
+                        if needed is None or (m, arm, s) in needed:
+                            pairs[(m, arm)] = tuple(sorted({*pairs.get((m, arm), ()), s}))
+                elif needed is None or any(n[0] == m and n[2] == s for n in needed):
                     cell = make_cell(m, s, None)
                     if cell not in as_is:
                         as_is.append(cell)
@@ -185,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--commit", action="store_true", help="git-commit the run's rows, config, intervals and the reports")
     p.add_argument("--report-only", action="store_true", help="run nothing: intervals, verdicts and reports from the rows")
     p.add_argument("--dry-run", action="store_true", help="print the plan (sweep, untrained and final cell counts) and exit")
+    p.add_argument("--only-hypotheses", action="store_true",
+                   help="only the cells the hypotheses compare, and the control: the same cells (a later full run skips them)")
     p.add_argument("--no-base-bar", action="store_true", help="do not ask the base-model bar; the rows say so")
     p.add_argument("--echo", action="store_true", help="print training curves as they come")
     return p.parse_args(argv)
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except StudyConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    p = plan(config)
+    p = plan(config, only_hypotheses=a.only_hypotheses)
     if a.dry_run:
         finals = sum(len(s) * len(config.seeds) for s in p.pairs.values())
         print(f"study {config.name}: {len(p.pairs)} (method, arm) pairs, {len(p.sweep)} sweep cells, {len(p.as_is)} "

@@ -115,7 +115,7 @@ class Hypothesis:
 class StudyConfig:
     name: str
     path: str = ""
-    checkpoint: str = "checkpoints/mini-wan"
+    checkpoint: str = "checkpoints/mini-wan-v2"
     classifier: str | None = None
     require_base_bar: bool = True
     default_arm: str = "ft"

@@ -257,3 +257,33 @@ def test_commit_run_commits_only_its_paths(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}-nogit"
     outside.mkdir()
     assert commit_run([], "x", cwd=outside).startswith("not committed")
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_study(tiny):
+    """torchrun, 2 ranks on the CPU (gloo barriers only): cells dealt out, one run, the same rows as one process would
+    hold; a second call runs nothing."""
+    import os
+    import sys
+    from pathlib import Path
+
+    root, cfg = tiny
+    two = root / "two-ranks.toml"
+    two.write_text(cfg.read_text().replace('"salad", "salad_no_linear", "topk"', '"salad", "topk"'))
+    out = root / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "salad_bench.harness.quality.study", "--config", str(two), "--out", str(out), "--device", "cpu",
+           "--reports", "none"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[2]
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    per_rank = {f.name: [r for r in read_jsonl(f) if r["kind"] == "quality"] for f in sorted(out.glob("rows.rank*.jsonl"))}
+    assert set(per_rank) == {"rows.rank0.jsonl", "rows.rank1.jsonl"} and all(per_rank.values())
+    cells = [r for rows in per_rank.values() for r in rows]
+    assert len(cells) == 2 + 4 + 4 and all(r["status"] == "ok" and r["world_size"] == 2 for r in cells)
+    assert len({r["cell"] for r in cells}) == len(cells)  # every cell once
+    summary = [r for r in read_jsonl(out / "rows.jsonl") if r["kind"] == "hypothesis"]  # rank 0's verdicts
+    assert {r["hypothesis"] for r in summary} == {"parity", "linear", "free"}
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and "0 of 6 cells to run" in p.stdout and "0 of 4 cells to run" in p.stdout, p.stdout[-2000:]

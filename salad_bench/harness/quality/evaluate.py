@@ -818,8 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from salad_bench.harness.results import RowWriter
 
-    dist, device = init_distributed(a.device, exclusive=not a.no_latency and not a.check_kernels,
-                                    hint=", or pass --no-latency (nothing is timed then)")
+    dist, device = rank_and_device(a.device, ddp=a.split == "batch", exclusive=not a.no_latency and not a.check_kernels,
+                                   hint=", or pass --no-latency (nothing is timed then)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the torch reference paths run fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
@@ -898,10 +898,30 @@ def _fit_steps(study: QualityStudy, cells: list[Cell], a: argparse.Namespace, sp
               f"fine-tuning steps: {study.steps_cap or a.steps}", flush=True)  # fmt: skip
 
 
+def rank_and_device(device: str, *, ddp: bool, exclusive: bool, hint: str = "") -> tuple[Dist, torch.device]:
+    """This rank's place and device. With ``ddp`` (cells trained data-parallel over the ranks) the process
+    group is NCCL on CUDA (:func:`~harness.quality.train.init_distributed`); otherwise every rank studies on
+    its own and the ranks only meet at barriers, over gloo (:func:`harness.distributed.barrier`): NCCL
+    refuses two ranks on one GPU, which ranks that share GPUs are."""
+    from salad_bench.harness.distributed import rank_device
+
+    dist = Dist.from_env()
+    if ddp and dist.world > 1:
+        return init_distributed(device, exclusive=exclusive, hint=hint)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(rank_device(device, dist, exclusive=exclusive, hint=hint))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", dev.index or 0)
+        torch.cuda.set_device(dev)
+    return dist, dev
+
+
 def _all_max(x: float, device: torch.device) -> float:
     if not torch.distributed.is_initialized():
         return x
-    t = torch.tensor([x], device=device, dtype=torch.float64)
+    gloo = torch.distributed.get_backend() == "gloo"
+    t = torch.tensor([x], device="cpu" if gloo else device, dtype=torch.float64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t)
 

@@ -249,10 +249,12 @@ def _run(config: StudyConfig, p: Plan, out: Path, checkpoint: str, bar: str, a: 
     from salad_bench.harness.quality import evaluate as ev
     from salad_bench.harness.quality.model import load_checkpoint
     from salad_bench.harness.quality.stats import Cells
-    from salad_bench.harness.quality.train import FINETUNE_DEFAULTS, CurveLogger, Dist, init_distributed
+    from salad_bench.harness.quality.train import FINETUNE_DEFAULTS, CurveLogger, Dist
     from salad_bench.harness.results import RowWriter
 
-    dist, device = init_distributed(a.device, exclusive=config.latency, hint=" ([eval] latency = false shares GPUs)")
+    # every rank its own study (no DDP); ranks meet only at gloo barriers, so several may share a GPU
+    dist, device = ev.rank_and_device(a.device, ddp=False, exclusive=config.latency,
+                                      hint=" ([eval] latency = false lets ranks share GPUs)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -5,7 +5,7 @@
     salad-bench report RUN [RUN ...] [--out DIR]  # tables and figures
     salad-bench gate RUN --baseline FILE          # exit 1 on a speedup regression
     salad-bench kernels --out DIR                 # kernel benchmark
-    salad-bench quality {train-base,evaluate,stats,parallel,vbench} ...
+    salad-bench quality {train-base,evaluate,study,stats,parallel,vbench} ...
     salad-bench weights check DIR                 # real Wan2.1 weights
     salad-bench flops --check FILE                # analytic FLOP speedups
     salad-bench ci-gpu [--out DIR]                # on a GPU: the fixed sweep + kernels, gated for this card
@@ -56,6 +56,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 QUALITY: dict[str, str] = {
     "train-base": "salad_bench.harness.quality.train_base",
     "evaluate": "salad_bench.harness.quality.evaluate",
+    "study": "salad_bench.harness.quality.study",
     "stats": "salad_bench.harness.quality.stats",
     "parallel": "salad_bench.harness.quality.parallel",
     "vbench": "salad_bench.harness.quality.vbench",

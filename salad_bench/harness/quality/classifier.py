@@ -10,7 +10,7 @@ A stem (3x3x3 conv, stride 1x2x2), then one stage per entry of ``widths`` (a str
 halving H and W, and T while it is > 1, then a residual 3x3x3 conv; GroupNorm and GELU after each),
 global average pooling, a ``feature_dim`` projection with GELU (:meth:`VideoClassifier.features`, the
 vector the Frechet distance uses) and a linear head. GroupNorm, not BatchNorm: the network is the
-same function in training and evaluation, whatever the batch holds. Default: about 1.1M parameters.
+same function in training and evaluation, whatever the batch holds. Default: 2.0M parameters.
 
 Training (:func:`fit`): cross-entropy on an endless stream of fresh videos (seeds from
 :data:`SEED_OFFSET`, away from the DiT's training stream at 0 and the validation split), AdamW, linear

@@ -4,7 +4,7 @@ A CLI over :func:`harness.quality.train.train_base_model`; ``torchrun --nproc_pe
 salad_bench.harness.quality.train_base ...`` trains data-parallel.
 
 Models (``--preset``): ``bar`` (default, issue #25): :data:`BAR`, 8 layers, 4 heads x 64, FFN 1024 (about
-8.5M parameters) on the version-2 videos (16 x 48 x 48 px, 9,216 tokens); ``v1``: the audited model
+9.1M parameters) on the version-2 videos (16 x 48 x 48 px, 9,216 tokens); ``v1``: the audited model
 (:class:`~harness.quality.model.MiniWanConfig`'s defaults, version-1 videos). ``--tiny``: a CPU-sized
 network on 4 x 16 x 16 videos of the preset's data version (tests, smoke runs).
 

@@ -234,3 +234,26 @@ def test_until_plateau_in_pieces_equals_one_call_and_a_rerun_is_done(tmp_path, c
     assert train_base(["--out", str(tmp_path / "one"), "--status", "--plateau-window", "3"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["steps_done"] == 6 and status["running"] is False and status["plateaued"] is False
+
+
+def test_until_plateau_on_a_new_machine_refuses_or_goes_on_from_the_checkpoint(tmp_path, capsys):
+    """The resume state did not travel (another machine): a rerun must not start afresh over the checkpoint;
+    --from-checkpoint goes on from its weights with fresh optimiser moments, and the card says where."""
+    from salad_bench.harness.quality.train_base import main as train_base
+
+    common = ["--tiny", "--until-plateau", "--max-steps", "6", "--batch", "2", "--val-every", "2", "--n-val", "2",
+              "--plateau-window", "3", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert train_base(common) == 0
+    (tmp_path / "resume" / "state.pt").unlink()
+    assert train_base(common) == 0  # finished: nothing to refuse
+    card = json.loads((tmp_path / "card.json").read_text())
+    card["steps_done"] = 4  # as if the last piece had not run
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    capsys.readouterr()
+    assert train_base(common) == 2
+    assert "--from-checkpoint" in capsys.readouterr().err
+    assert train_base([*common, "--from-checkpoint"]) == 0
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["steps_done"] == 6 and card["optimizer_resets_at"] == [4]
+    assert "fresh optimiser moments" in capsys.readouterr().out
+    assert train_base([*common, "--from-checkpoint", "--lr", "1e-3"]) == 0  # done already: the recipe is not read

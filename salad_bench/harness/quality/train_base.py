@@ -17,7 +17,10 @@ Two ways to train:
   ``--max-steps`` are done, or this call's ``--time-budget`` is spent. It trains in pieces of
   ``--check-every`` seconds and tests the curve after each. Calling the same command again continues
   from the saved state (``<out>/resume/state.pt``, exact: the same batches and noise as one
-  uninterrupted run) until it prints ``done``.
+  uninterrupted run) until it prints ``done``. Without that state (a new machine: it is too large to
+  carry) a rerun refuses to start over the checkpoint; ``--from-checkpoint`` goes on from the
+  checkpoint's weights with fresh AdamW moments (inexact; the curve and ``optimizer_resets_at`` in
+  the card say where).
 
 ``--background`` starts the same command in a new process session (it outlives the shell that
 started it), logging to ``<out>/train.log`` with its pid in ``<out>/train.pid``; ``--status`` prints
@@ -99,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--plateau-window", type=int, default=8, help="val evaluations the plateau test looks at")
     p.add_argument("--plateau-rel-tol", type=float, default=0.01, help="largest relative fall across the window")
+    p.add_argument(
+        "--from-checkpoint", action="store_true",
+        help="--until-plateau without the resume state (a new machine): go on from the checkpoint's weights with "
+        "fresh optimiser moments (not exact; the curve and the card say where)",
+    )  # fmt: skip
     p.add_argument("--weights-dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved shards")
     p.add_argument("--background", action="store_true", help="run detached (new session), log to <out>/train.log")
     p.add_argument("--status", action="store_true", help="print where the run in --out stands and exit")
@@ -195,11 +203,73 @@ def _train_fixed(a: argparse.Namespace) -> int:
     return 0
 
 
+_RECIPE_FREE = ("time_budget_s", "log_every", "val_every", "ckpt_every")  # what train_loop lets change on resume
+
+
+class _Refused(Exception):
+    pass
+
+
+def _state_from_checkpoint(a: argparse.Namespace, out: Path, state: Path, model_cfg: MiniWanConfig, cfg: TrainConfig,
+                           curves: Path, main: bool) -> None:  # fmt: skip
+    """A run whose checkpoint exists but whose resume state does not (another machine): refuse, since a
+    fresh start would overwrite the checkpoint, or with ``--from-checkpoint`` write a resume state from the
+    checkpoint's weights at its step with fresh AdamW moments (the data, t and noise still follow the step)."""
+    card = _last_card(out)
+    if state.exists() or not card.get("steps_done"):
+        return
+    if int(card["steps_done"]) >= cfg.steps or plateau_status(curves, a.plateau_window, a.plateau_rel_tol)["plateaued"]:
+        return  # nothing left to train: the loop says done
+    if not a.from_checkpoint:
+        raise _Refused(
+            f"{out} holds a checkpoint at step {card['steps_done']} but no resume state ({state}); a fresh start would "
+            "overwrite it. Pass --from-checkpoint to go on from its weights (fresh optimiser moments), or another --out"
+        )
+    from salad_bench.harness.quality.model import load_checkpoint
+
+    model, card = load_checkpoint(out)
+    if model.config != model_cfg:
+        raise _Refused(f"{out}: the checkpoint's model is not this preset's ({model.config} vs {model_cfg})")
+    old = {
+        k: v for k, v in {**TrainConfig().as_dict(), **card.get("train_config", {})}.items() if k not in _RECIPE_FREE
+    }
+    new = {k: v for k, v in cfg.as_dict().items() if k not in _RECIPE_FREE}
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise _Refused(f"{out}/card.json: trained with another recipe ({', '.join(diff)}); use the same settings")
+    if not main:
+        return
+    opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    step = int(card["steps_done"])
+    torch.save(
+        {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg.as_dict()}, state
+    )
+    with open(curves, "a") as f:
+        f.write(json.dumps({"phase": "base", "method": "full", "step": step, "event": "optimizer_reset",
+                            "note": f"continued from the {card.get('weights_dtype', 'saved')} checkpoint without its "
+                            "resume state: fresh AdamW moments"}) + "\n")  # fmt: skip
+    print(f"no resume state: going on from the checkpoint at step {step} with fresh optimiser moments", flush=True)
+
+
+def _optimizer_resets(curves: Path) -> list[int]:
+    if not curves.exists():
+        return []
+    rows = [json.loads(x) for x in curves.read_text().splitlines() if '"optimizer_reset"' in x]
+    return [int(r["step"]) for r in rows]
+
+
 def _train_until_plateau(a: argparse.Namespace) -> int:
     model_cfg, cfg = _model_config(a), _train_config(a)
     dist, device = init_distributed(a.device)
     out = Path(a.out)
     curves = Path(a.curves or out / "curves.jsonl")
+    state = Path(a.state) if a.state else out / "resume" / "state.pt"
+    try:
+        _state_from_checkpoint(a, out, state, model_cfg, cfg, curves, dist.main)
+    except _Refused as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     start = time.monotonic()
     while True:
         _barrier(dist.world)  # rank 0 has written the curve and the checkpoint: every rank reads the same file
@@ -211,11 +281,12 @@ def _train_until_plateau(a: argparse.Namespace) -> int:
         piece = a.check_every if left is None else min(a.check_every, left)
         prev = _last_card(out)
         card = train_base_model(out, model_cfg, dataclasses.replace(cfg, time_budget_s=piece), device=device, dist=dist,
-                                n_val=a.n_val, curve_path=curves, state_path=a.state, echo=True)  # fmt: skip
+                                n_val=a.n_val, curve_path=curves, state_path=state, echo=True)  # fmt: skip
         if dist.main:
             total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
-            _finish_checkpoint(out, plateau_status(curves, a.plateau_window, a.plateau_rel_tol), a.weights_dtype,
-                               {"train_seconds_total": round(total, 1), "schedule": "constant lr after warm-up (--until-plateau)"})  # fmt: skip
+            extra = {"train_seconds_total": round(total, 1), "schedule": "constant lr after warm-up (--until-plateau)",
+                     "optimizer_resets_at": _optimizer_resets(curves)}  # fmt: skip
+            _finish_checkpoint(out, plateau_status(curves, a.plateau_window, a.plateau_rel_tol), a.weights_dtype, extra)
         if card["steps_done"] == done_steps:  # nothing moved (e.g. max steps reached inside the state)
             break
     if dist.main:

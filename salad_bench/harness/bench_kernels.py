@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.flops import BACKWARD_FACTOR, tflops
-from salad_bench.harness.results import RowWriter, config_hash, headline_times, round_ratios
+from salad_bench.harness.results import RowWriter, cell_identity, headline_times, round_ratios
 from salad_bench.harness.timing import measure
 from salad_bench.kernels import execution_paths
 from salad_bench.kernels.errors import Unsupported
@@ -82,6 +82,7 @@ class Bench:
         from salad_bench.harness.workloads import DTYPES
 
         self.dtype = DTYPES[args.dtype]
+        self.dtype_name = args.dtype
         from salad_bench.harness.workloads import get_workload
 
         wl = get_workload(args.workload)
@@ -103,13 +104,10 @@ class Bench:
 
     # -- rows --------------------------------------------------------------------------------------
     def emit(self, **row: Any) -> dict[str, Any]:
-        base = {
-            "kind": "kernel", "workload": self.workload, "B": self.b, "H": self.h,
-            "N": self.n, "D": self.d, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
-            "kernel_path": self.kernel_path,
-        }
-        cfg = row.pop("config", {})
-        full = {**base, **row, "config": json.dumps(cfg, sort_keys=True), "config_hash": config_hash(cfg)}
+        ident = cell_identity("kernel", row.pop("method"), row.pop("config", {}), self.workload, self.dtype_name,
+                              row.pop("pass", ""), row.pop("sparsity_target", None))
+        full = {**ident, "B": self.b, "H": self.h, "N": self.n, "D": self.d, "device": str(self.device),
+                "kernel_path": self.kernel_path, **row}
         full = self.writer.append(full)
         self.rows.append(full)
         status = full.get("status")

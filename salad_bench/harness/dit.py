@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.flops import dense_flops
-from salad_bench.harness.results import RowWriter, config_hash
+from salad_bench.harness.results import RowWriter, cell_identity
 from salad_bench.harness.timing import measure, peak_memory_gib
 from salad_bench.harness.workloads import DIT_WORKLOADS, DTYPES, Workload
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
@@ -119,16 +119,7 @@ def _reference() -> str:
 
 
 def _identity(method: str, cfg: dict, workload: str, dtype: str, sparsity: float) -> dict[str, Any]:
-    return {
-        "kind": "dit",
-        "method": method,
-        "config": json.dumps(cfg, sort_keys=True, default=str),
-        "config_hash": config_hash(cfg),
-        "workload": workload,
-        "dtype": dtype,
-        "pass": "fwd",
-        "sparsity_target": sparsity,
-    }
+    return cell_identity("dit", method, cfg, workload, dtype, "fwd", sparsity)
 
 
 def compile_blocks(model: torch.nn.Module) -> None:

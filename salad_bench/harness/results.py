@@ -112,6 +112,23 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def cell_identity(kind: str, method: str, config: dict[str, Any], workload: str, dtype: str, pass_: str,
+                  sparsity_target: float | None, qkv: str | None = None) -> dict[str, Any]:
+    """The fields that make a row one cell (:data:`KEY_FIELDS`, less ``card``, which provenance adds):
+    every subject (an attention method, a whole DiT, a kernel) names its cells through this."""
+    return {
+        "kind": kind,
+        "method": method,
+        "config": json.dumps(config, sort_keys=True, default=str),
+        "config_hash": config_hash(config),
+        "workload": workload,
+        "qkv": qkv,
+        "dtype": dtype,
+        "pass": pass_,
+        "sparsity_target": sparsity_target,
+    }
+
+
 def cell_key(row: dict[str, Any]) -> tuple:
     """The identity of a measured cell, used by resume. Rows of a repeated measurement (a ``round``
     field, e.g. the kernel benchmark's interleaved headline rounds) are cells of their own, told apart

@@ -30,7 +30,7 @@ import torch
 from salad_bench.harness.accuracy import compare, reference_attention
 from salad_bench.harness.distributed import Dist, barrier, deal, rank_device
 from salad_bench.harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
-from salad_bench.harness.results import RowWriter, config_hash
+from salad_bench.harness.results import RowWriter, cell_identity
 from salad_bench.harness.timing import measure, peak_memory_gib
 from salad_bench.harness.workloads import DTYPES, Workload, get_workload, make_qkv
 from salad_bench.kernels import execution_paths
@@ -176,17 +176,7 @@ def validate_spec(spec: RunSpec) -> None:
 
 def _identity(kind: str, method: str, cfg: dict, workload: str, dtype: str, pass_: str, sparsity: float,
               qkv: str | None = None) -> dict:
-    return {
-        "qkv": qkv,
-        "kind": kind,
-        "method": method,
-        "config": json.dumps(cfg, sort_keys=True, default=str),
-        "config_hash": config_hash(cfg),
-        "workload": workload,
-        "dtype": dtype,
-        "pass": pass_,
-        "sparsity_target": sparsity,
-    }
+    return cell_identity(kind, method, cfg, workload, dtype, pass_, sparsity, qkv)
 
 
 class _Sweep:

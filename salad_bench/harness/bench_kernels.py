@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from salad_bench.harness.accuracy import rel_l2
 from salad_bench.harness.flops import BACKWARD_FACTOR, tflops
 from salad_bench.harness.results import RowWriter, cell_identity, headline_times, round_ratios
 from salad_bench.harness.timing import measure
@@ -65,11 +66,6 @@ def random_layout(b: int, h: int, n: int, bq: int, bk: int, density: float, devi
 def head_slice(layout: BlockLayout, heads: int) -> BlockLayout:
     return BlockLayout(layout.kv_idx[:, :heads].contiguous(), layout.kv_cnt[:, :heads].contiguous(),
                        layout.block_q, layout.block_k, layout.seq_len)
-
-
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.float(), ref.float()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -94,9 +94,6 @@ class Column:
     best: Literal["max", "min"] | None = None  # bold the best value of the table's non-dense rows
 
 
-# columns whose best value is bolded wherever they appear (direction by metric)
-BEST = {"speedup": "max", "speedup_vs_fa2": "max", "attn_speedup": "max", "rel_l2": "min", "psnr": "max",
-        "ssim": "max", "val_loss": "min", "val_loss_rel": "min"}
 
 
 @dataclass
@@ -139,6 +136,46 @@ def _int(v: Any) -> str:
     return str(int(v))
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A row field every table shows the same way: its header, its format and which way is better."""
+
+    header: str
+    fmt: Callable[[Any], str]
+    best: Literal["max", "min"] | None = None
+
+
+METRICS: dict[str, Metric] = {
+    "sparsity_target": Metric("target", _num(".2f")),
+    "sparsity": Metric("sparsity", _num(".3f")),
+    "density": Metric("density", _num(".3f")),
+    "ms": Metric("ms", _ms),
+    "total_ms": Metric("total ms", _ms),
+    "attn_ms": Metric("self-attn ms", _ms),
+    "rest_ms": Metric("rest ms", _ms),
+    "attn_share": Metric("attn share", _pct),
+    "speedup": Metric("speedup", _num(".2f"), "max"),
+    "speedup_vs_fa2": Metric("× FA2", _num(".2f"), "max"),
+    "attn_speedup": Metric("attn speedup", _num(".2f"), "max"),
+    "tflops_dense_equiv": Metric("TFLOP/s (dense-eq.)", _rate),
+    "tflops_executed": Metric("TFLOP/s (exec.)", _rate),
+    "mfu": Metric("MFU", _pct),
+    "rel_l2": Metric("rel L2", _num(".4f"), "min"),
+    "psnr": Metric("psnr", _num(".2f"), "max"),
+    "ssim": Metric("ssim", _num(".4f"), "max"),
+    "lpips": Metric("lpips", _num(".4f"), "min"),
+    "val_loss": Metric("val loss", _num(".4f"), "min"),
+    "val_loss_rel": Metric("val loss rel", _num(".4f"), "min"),
+    "compile_s": Metric("compile s", _num(".1f")),
+}
+
+
+def col(key: str, header: str | None = None) -> Column:
+    """The column of a registered metric (``header`` overrides its header in one table)."""
+    m = METRICS[key]
+    return Column(key, m.header if header is None else header, m.fmt, best=m.best)
+
+
 def _make_table(
     df: pd.DataFrame, columns: list[Column], title: str, caption: str, *, drop_empty: Iterable[str] = ()
 ) -> Table:
@@ -149,7 +186,7 @@ def _make_table(
     cells = [[None if (c.key not in df or _missing(r.get(c.key))) else c.fmt(r.get(c.key)) for c in cols] for r in records]
     bold: set[tuple[int, int]] = set()
     for j, c in enumerate(cols):
-        way = c.best or BEST.get(c.key)
+        way = c.best or (METRICS[c.key].best if c.key in METRICS else None)
         if way is None or c.key not in df:
             continue
         vals = pd.to_numeric(df[c.key], errors="coerce").where(column(df, "family").astype(str) != "full")
@@ -201,13 +238,8 @@ def quality_columns(df: pd.DataFrame) -> list[str]:
 
 
 def _quality_cols(names: list[str]) -> list[Column]:
-    fmts = {"psnr": _num(".2f"), "ssim": _num(".4f"), "lpips": _num(".4f"), "val_loss": _num(".4f")}
-    return [
-        Column(
-            n, n.replace("_", " ") if not n.startswith("vbench_") else n[7:].replace("_", " "), fmts.get(n, _num(".4f"))
-        )
-        for n in names
-    ]
+    return [col(n, n.replace("_", " ")) if n in METRICS
+            else Column(n, (n[7:] if n.startswith("vbench_") else n).replace("_", " "), _num(".4f")) for n in names]
 
 
 # -- captions ------------------------------------------------------------------------------------
@@ -277,16 +309,16 @@ def main_tables(df: pd.DataFrame) -> list[Table]:
         cols = [
             Column("method", "method", align="l"),
             Column("family", "family", align="l"),
-            Column("sparsity_target", "target", _num(".2f")),
-            Column("sparsity", "sparsity", _num(".3f")),
-            Column("density", "density", _num(".3f")),
-            Column("ms", "ms", _ms),
-            Column("speedup", f"× {vs}", _num(".2f")),
+            col("sparsity_target"),
+            col("sparsity"),
+            col("density"),
+            col("ms"),
+            col("speedup", f"× {vs}"),
             *([Column("baseline_backend", "baseline", _backend_label, "l")] if len(backends) > 1 else []),
-            *([Column("speedup_vs_fa2", "× FA2", _num(".2f"))] if fa2_col else []),
-            Column("tflops_dense_equiv", "TFLOP/s (dense-eq.)", _rate),
-            Column("tflops_executed", "TFLOP/s (exec.)", _rate),
-            Column("rel_l2", "rel L2", _num(".4f")),
+            *([col("speedup_vs_fa2")] if fa2_col else []),
+            col("tflops_dense_equiv"),
+            col("tflops_executed"),
+            col("rel_l2"),
             *_quality_cols(quality_columns(g)),
         ]
         smoke = (
@@ -323,11 +355,11 @@ def ablation_tables(df: pd.DataFrame, goal: float = ABLATION_TARGET) -> list[Tab
         cols = [
             Column("method", "method", align="l"),
             Column("family", "family", align="l"),
-            Column("sparsity_target", "target", _num(".2f")),
-            Column("sparsity", "sparsity", _num(".3f")),
-            Column("ms", "ms", _ms),
-            Column("speedup", "speedup", _num(".2f")),
-            Column("rel_l2", "rel L2", _num(".4f")),
+            col("sparsity_target"),
+            col("sparsity"),
+            col("ms"),
+            col("speedup"),
+            col("rel_l2"),
             *_quality_cols(quality_columns(g)),
         ]
         caption = (
@@ -352,10 +384,10 @@ def quality_tables(df: pd.DataFrame) -> list[Table]:
         cols = [
             Column("method", "method", align="l"),
             Column("family", "family", align="l"),
-            Column("sparsity_target", "target", _num(".2f")),
-            Column("sparsity", "sparsity", _num(".3f")),
-            Column("speedup", "speedup", _num(".2f")),
-            Column("rel_l2", "rel L2", _num(".4f")),
+            col("sparsity_target"),
+            col("sparsity"),
+            col("speedup"),
+            col("rel_l2"),
             *_quality_cols(quality_columns(g)),
         ]
         caption = (
@@ -387,14 +419,14 @@ def kernel_tables(df: pd.DataFrame) -> list[Table]:
             Column("backend", "backend", align="l"),
             Column("workload", "workload", align="l"),
             Column("N", "N", _int),
-            Column("density", "density", _num(".3f")),
-            Column("ms", "ms", _ms),
+            col("density"),
+            col("ms"),
             Column("ms_p20", "p20", _ms),
             Column("ms_p80", "p80", _ms),
-            Column("tflops_executed", "TFLOP/s (exec.)", _rate),
-            Column("tflops_dense_equiv", "TFLOP/s (dense-eq.)", _rate),
-            Column("mfu", "MFU", _pct),
-            Column("speedup", "speedup", _num(".2f")),
+            col("tflops_executed"),
+            col("tflops_dense_equiv"),
+            col("mfu"),
+            col("speedup"),
             Column("git_sha", "commit", lambda v: str(v)[:7]),
         ]
         caption = (
@@ -453,15 +485,15 @@ def dit_tables(df: pd.DataFrame) -> list[Table]:
         cols = [
             Column("method", "method", align="l"),
             Column("family", "family", align="l"),
-            Column("sparsity_target", "target", _num(".2f")),
-            Column("sparsity", "sparsity", _num(".3f")),
-            Column("total_ms", "total ms", _ms),
-            Column("attn_ms", "self-attn ms", _ms),
-            Column("rest_ms", "rest ms", _ms),
-            Column("attn_share", "attn share", _pct),
-            Column("speedup", "speedup", _num(".2f")),
-            Column("attn_speedup", "attn speedup", _num(".2f")),
-            Column("compile_s", "compile s", _num(".1f")),
+            col("sparsity_target"),
+            col("sparsity"),
+            col("total_ms"),
+            col("attn_ms"),
+            col("rest_ms"),
+            col("attn_share"),
+            col("speedup"),
+            col("attn_speedup"),
+            col("compile_s"),
             Column("sampling_ms_est", "50-step CFG s (est.)", lambda v: "–" if _missing(v) else f"{float(v) / 1000:.1f}"),
         ]
         compiled = "+compile" in str(group["workload"])
@@ -495,7 +527,7 @@ def skipped_table(df: pd.DataFrame) -> Table:
         Column("kind", "kind", align="l"),
         Column("method", "method", align="l"),
         Column("workload", "workload", align="l"),
-        Column("sparsity_target", "target", _num(".2f")),
+        col("sparsity_target"),
         Column("pass", "pass", align="l"),
         Column("status", "status", align="l"),
         Column("reason", "reason", align="l"),

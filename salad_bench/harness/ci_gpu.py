@@ -2,7 +2,7 @@
 
 ``salad-bench ci-gpu --out results/gpu/<date>-<card>`` (on a GPU) runs a fixed sweep, :data:`SWEEP`:
 
-* every dense backend and ``full``, and ``topk``, ``sta``, ``salad``, ``salad_sta``, ``sparse_lora`` at
+* every dense backend and ``full``, and ``topk``, ``sta``, ``salad``, ``salad_sta``, ``sparse_lora``, ``sparse_headlora`` at
   50% and 90% target sparsity, at Wan2.1-1.3B 480p, on each input kind: ``video`` (the video-like
   workload), ``random`` and ``wan`` (a Wan2.1 layer's Q/K/V; needs diffusers, else skipped rows);
 * the kernel benchmark's ``headline`` rounds, its ``inputs`` section (the forward on random, video-like

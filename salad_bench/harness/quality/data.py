@@ -176,6 +176,23 @@ def _video_params(seed: int, label: int, spec: VideoSpec) -> dict[str, torch.Ten
 
 
 # -- rendering (vectorised, any device) -----------------------------------------------------------
+def _trajectories(p: dict, t: torch.Tensor, cam: torch.Tensor, h_: float, w_: float, t_: int):
+    """Object centres ``px, py`` and angles ``theta``, each ``(B, K, T)``: straight lines bouncing inside
+    the frame plus an orbit; objects of the pan class are fixed in the world, so they move against the
+    camera (relative to its position at the middle frame)."""
+    margin = p["radius"][..., None]  # keep centres inside the frame
+    lin = p["pos0"][:, :, None, :] + p["vel"][:, :, None, :] * t[None, None, :, None]
+    px = _bounce(lin[..., 0] - margin, 0.0, w_ - 2 * margin) + margin
+    py = _bounce(lin[..., 1] - margin, 0.0, h_ - 2 * margin) + margin
+    phase = p["orbit_phase"][..., None] + p["orbit_w"][..., None] * t
+    px = px + p["orbit_r"][..., None] * torch.cos(phase)
+    py = py + p["orbit_r"][..., None] * torch.sin(phase)
+    locked = p["world_locked"][:, :, None]
+    px = px - locked * (cam[:, None, :, 0] - cam[:, None, t_ // 2, 0, None])
+    py = py - locked * (cam[:, None, :, 1] - cam[:, None, t_ // 2, 1, None])
+    return px, py, p["angle0"][..., None] + p["omega"][..., None] * t
+
+
 def _bounce(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Reflect ``x`` into ``[lo, hi]`` (a triangle wave): straight-line motion bouncing off walls."""
     span = hi - lo
@@ -226,18 +243,7 @@ def _render_v1(
     mix = 0.5 + 0.5 * torch.where(check > 0.5, torch.sign(a * b) * 0.8, a)  # (B, T, H, W)
     img = p["bg_c1"][:, :, None, None, None] * mix[:, None] + p["bg_c2"][:, :, None, None, None] * (1 - mix[:, None])
 
-    # object trajectories (B, K, T, 2) and angles (B, K, T)
-    margin = p["radius"][..., None]  # keep centres inside the frame
-    lin = p["pos0"][:, :, None, :] + p["vel"][:, :, None, :] * t[None, None, :, None]
-    px = _bounce(lin[..., 0] - margin, 0.0, w_ - 2 * margin) + margin
-    py = _bounce(lin[..., 1] - margin, 0.0, h_ - 2 * margin) + margin
-    phase = p["orbit_phase"][..., None] + p["orbit_w"][..., None] * t
-    px = px + p["orbit_r"][..., None] * torch.cos(phase)
-    py = py + p["orbit_r"][..., None] * torch.sin(phase)
-    locked = p["world_locked"][:, :, None]  # pan class: objects move against the camera
-    px = px - locked * (cam[:, None, :, 0] - cam[:, None, t_ // 2, 0, None])
-    py = py - locked * (cam[:, None, :, 1] - cam[:, None, t_ // 2, 1, None])
-    theta = p["angle0"][..., None] + p["omega"][..., None] * t
+    px, py, theta = _trajectories(p, t, cam, h_, w_, t_)
 
     for k in range(spec.max_objects):  # painter's order: later objects occlude earlier ones
         r = p["radius"][:, k, None, None, None]
@@ -375,18 +381,7 @@ def render_scene(
     b = torch.sin(kt * (-wx * torch.sin(ang) + wy * torch.cos(ang)))
     img = img + (per_video(p["bg_tex_amp"][:, 0]) * _texture(per_video(p["bg_check"][:, 0]), a, b))[:, None]
 
-    # objects: trajectories (B, K, T, 2) and angles (B, K, T), as version 1
-    margin = p["radius"][..., None]
-    lin = p["pos0"][:, :, None, :] + p["vel"][:, :, None, :] * t[None, None, :, None]
-    px = _bounce(lin[..., 0] - margin, 0.0, w_ - 2 * margin) + margin
-    py = _bounce(lin[..., 1] - margin, 0.0, h_ - 2 * margin) + margin
-    phase = p["orbit_phase"][..., None] + p["orbit_w"][..., None] * t
-    px = px + p["orbit_r"][..., None] * torch.cos(phase)
-    py = py + p["orbit_r"][..., None] * torch.sin(phase)
-    locked = p["world_locked"][:, :, None]
-    px = px - locked * (cam[:, None, :, 0] - cam[:, None, t_ // 2, 0, None])
-    py = py - locked * (cam[:, None, :, 1] - cam[:, None, t_ // 2, 1, None])
-    theta = p["angle0"][..., None] + p["omega"][..., None] * t
+    px, py, theta = _trajectories(p, t, cam, h_, w_, t_)  # as version 1
 
     alphas = []
     for k in range(spec.max_objects):  # painter's order: later objects occlude earlier ones

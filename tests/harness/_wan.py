@@ -9,3 +9,25 @@ WAN_TINY_16: dict = dict(
     text_dim=32, freq_dim=32, ffn_dim=64, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6, rope_max_seq_len=64,
 )
+
+
+def wan_inputs(frames: int = 3, h: int = 16, w: int = 16, seed: int = 1, dtype=None) -> dict:
+    """Seeded forward inputs for a WAN_TINY_16 model (latent 4 x frames x h x w, 8 text tokens)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+    return {
+        "hidden_states": torch.randn(1, 4, frames, h, w, generator=g).to(dtype),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g).to(dtype),
+        "return_dict": False,
+    }
+
+
+def run_model(model, inputs: dict):
+    """The model's output tensor, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(**inputs)[0]

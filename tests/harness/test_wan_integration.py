@@ -24,7 +24,7 @@ from salad_bench.harness.integrations.wan import (  # noqa: E402
 )
 from salad_bench.harness.weights import WeightsError, check_safetensors, generate, load_method_state, load_transformer  # noqa: E402
 from salad_bench.methods import AttentionMethod, AttnContext, MethodConfig  # noqa: E402
-from tests.harness._wan import WAN_TINY_16  # noqa: E402
+from tests.harness._wan import WAN_TINY_16, run_model, wan_inputs  # noqa: E402
 
 TINY = WAN_TINY_16
 
@@ -37,18 +37,10 @@ def _model(seed: int = 0, dtype=torch.float32):
 
 
 def _inputs(frames=3, h=16, w=16, seed=1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(1, 4, frames, h, w, generator=g).to(dtype),
-        "timestep": torch.tensor([700.0]),
-        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g).to(dtype),
-        "return_dict": False,
-    }
+    return wan_inputs(frames, h, w, seed, dtype)
 
 
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)[0]
+_run = run_model
 
 
 class _Probe(AttentionMethod):

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 from salad_bench.harness.integrations.wan import install_attention, new_transformer  # noqa: E402
 from salad_bench.kernels.reference import block_sparse_attention_ref, linear_attention_ref  # noqa: E402
 from salad_bench.kernels.rope import apply_rope, rope_3d_freqs  # noqa: E402
-from tests.harness._wan import WAN_TINY_16  # noqa: E402
+from tests.harness._wan import WAN_TINY_16, run_model, wan_inputs  # noqa: E402
 
 TINY = {**WAN_TINY_16, "num_layers": 2}
 BLOCKS = (("block_q", 16), ("block_k", 16))
@@ -25,18 +25,10 @@ def _model(seed: int = 0, dtype=torch.float64):
 
 
 def _inputs(seed=1, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": torch.randn(1, 4, 3, 16, 16, generator=g).to(dtype),
-        "timestep": torch.tensor([700.0]),
-        "encoder_hidden_states": torch.randn(1, 8, 32, generator=g).to(dtype),
-        "return_dict": False,
-    }
+    return wan_inputs(seed=seed, dtype=dtype)
 
 
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)[0]
+_run = run_model
 
 
 def _capture(method):

@@ -36,12 +36,7 @@ FAST = ["--per-class", "1", "--sample-steps", "2", "--real-per-class", "1", "--m
         "--device", "cpu"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the plateau -------------------------------------------------------------------------------------

@@ -27,12 +27,7 @@ SPEC = VideoSpec(frames=4, height=16, width=16, version=2)
 TINY = ClassifierConfig.for_spec(SPEC, widths=(8, 16), feature_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_learns_the_tiny_data_above_chance():

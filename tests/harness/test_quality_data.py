@@ -18,12 +18,7 @@ from salad_bench.harness.quality.data import (
 SMALL = VideoSpec(frames=4, height=16, width=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_default_spec_has_at_least_4096_tokens():

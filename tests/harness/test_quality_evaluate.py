@@ -25,12 +25,7 @@ FIELDS = (
 LABELS = {"full", "full_ft", "topk", "salad", "salad_no_linear", "salad_drop20", "sparse_lora"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

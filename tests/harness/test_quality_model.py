@@ -21,12 +21,7 @@ from salad_bench.harness.quality.model import (  # noqa: E402
 TINY = MiniWanConfig(num_layers=2, num_heads=2, head_dim=64, ffn_dim=128, freq_dim=32, frames=4, height=16, width=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -28,12 +28,7 @@ TINY = MiniWanConfig(num_layers=1, num_heads=2, head_dim=64, ffn_dim=64, freq_di
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import INTERPRET, autotuned
+from salad_bench.kernels.launch import autotuned, check_qkv
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.kernels.tma import tma_desc as _tma_desc
 from salad_bench.kernels.tma import tma_ok as _tma_ok
@@ -383,17 +383,7 @@ def _interpreter_config(bq: int) -> dict:
 # host side
 # ----------------------------------------------------------------------------------------------------
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one (B, H, N, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes disagree: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise Unsupported(f"the Triton block-sparse kernel needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); got {q.device}")
-    ok_dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    if q.dtype not in ok_dtypes:
-        raise Unsupported(f"the Triton block-sparse kernel supports float16, bfloat16 and float32, not {q.dtype}")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise Unsupported(f"the Triton block-sparse kernel supports head_dim {SUPPORTED_HEAD_DIMS}, not {q.shape[-1]}")
+    check_qkv(q, k, v, "block-sparse", SUPPORTED_HEAD_DIMS)
     if layout.block_q not in SUPPORTED_BLOCKS or layout.block_k not in SUPPORTED_BLOCKS:
         raise Unsupported(
             f"the Triton block-sparse kernel supports block sizes {SUPPORTED_BLOCKS}; got {layout.block_q}x{layout.block_k}"

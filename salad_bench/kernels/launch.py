@@ -34,6 +34,24 @@ def interpreting() -> bool:
 INTERPRET = interpreting()
 
 
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str, head_dims: tuple[int, ...]) -> None:
+    """The checks every Triton attention kernel makes of its inputs: one ``(B, H, N, D)`` shape and dtype,
+    a CUDA device (or the interpreter), fp16/bf16/fp32 and a head dim in ``head_dims``. ``kernel`` names
+    the kernel in the messages (``ValueError`` for bad input, ``Unsupported`` for what it cannot run)."""
+    from salad_bench.kernels.errors import Unsupported
+
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, H, N, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes disagree: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise Unsupported(f"the Triton {kernel} kernel needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); got {q.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise Unsupported(f"the Triton {kernel} kernel supports float16, bfloat16 and float32, not {q.dtype}")
+    if q.shape[-1] not in head_dims:
+        raise Unsupported(f"the Triton {kernel} kernel supports head_dim {head_dims}, not {q.shape[-1]}")
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (its index, or the current device)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -32,10 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from salad_bench.kernels.errors import Unsupported
 from salad_bench.kernels.features import feature as _feature
 from salad_bench.kernels.features import feature_bwd as _feature_bwd
-from salad_bench.kernels.launch import INTERPRET, fitted, sm_count
+from salad_bench.kernels.launch import INTERPRET, check_qkv, fitted, sm_count
 from salad_bench.kernels.layout import cdiv
 
 __all__ = ["linear_attention_triton", "SUPPORTED_HEAD_DIMS"]
@@ -576,17 +575,8 @@ def _prepare(q, k, v, kind: str, cos, sin):
     """Checked inputs (last dim contiguous), the RoPE tables as the kernels take them, and the kind's id."""
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of relu, elu, softmax; got {kind!r}")
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one (B, H, N, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes disagree: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise Unsupported(f"the Triton linear-attention kernel needs a CUDA device (or TRITON_INTERPRET=1); got {q.device}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise Unsupported(f"the Triton linear-attention kernel supports float16, bfloat16 and float32, not {q.dtype}")
+    check_qkv(q, k, v, "linear-attention", SUPPORTED_HEAD_DIMS)
     d = q.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise Unsupported(f"the Triton linear-attention kernel supports head_dim {SUPPORTED_HEAD_DIMS}, not {d}")
     if (cos is None) != (sin is None):
         raise ValueError("pass both cos and sin, or neither")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))

@@ -9,8 +9,8 @@
 #
 # One method fine-tunes in about 2-4 minutes alone on an H200 (0.07-0.15 s/step). With PER_GPU > 1 the
 # rows carry no latency (measured under contention it would mislead). Samples are kept (samples.npz,
-# git-ignored) for VBench; per-video PSNR/SSIM/loss in the rows give the paired intervals
-# (python -m salad_bench.harness.quality.stats).
+# git-ignored) for VBench; per-video PSNR/SSIM/loss in the rows feed the bootstrap intervals
+# (python -m salad_bench.harness.quality.stats). The study with seeds and the full_ft control: salad-bench quality study.
 set -uo pipefail
 OUT=${OUT:?set OUT to the run directory}
 BUDGET=${BUDGET:-420}

@@ -253,18 +253,19 @@ def reference_chunked(q, k, v, layout: BlockLayout, dout=None, rows: int = 2048)
     return out, ([dq, dk, dv] if dout is not None else [])
 
 
-class LayoutAttn:
-    """A callable ``(q, k, v) -> out`` bound to a layout, re-bindable for the accuracy check."""
+def _ours(layout: BlockLayout) -> Callable:
+    """Our Triton block-sparse attention ``(q, k, v) -> out`` on ``layout``."""
+    from salad_bench.kernels import block_sparse as bs
 
-    def __init__(self, make: Callable[[BlockLayout], Callable], layout: BlockLayout) -> None:
-        self.make, self.layout = make, layout
-        self.fn = make(layout)
+    return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
 
-    def __call__(self, q, k, v):
-        return self.fn(q, k, v)
 
-    def with_layout(self, layout: BlockLayout) -> Callable:
-        return self.make(layout)
+def _flex(layout: BlockLayout) -> Callable:
+    """FlexAttention ``(q, k, v) -> out`` on ``layout``, its block mask built once."""
+    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
+
+    bm = flex_block_mask(layout)
+    return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,9 +308,6 @@ def dense_section(bench: Bench) -> None:
 
 
 def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "fwd+bwd")) -> None:
-    from salad_bench.kernels import block_sparse as bs
-    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
-
     bq, bk = 128, 64
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, bq, bk, dens, bench.device, seed=int(dens * 1000))
@@ -317,19 +315,10 @@ def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "
         pairs = float(lay.kept_token_pairs())
         print(f"block-sparse density {dens} (measured {real:.4f})", flush=True)
         cfg = {"block_q": bq, "block_k": bk, "layout": "random+diagonal", "density_target": dens}
-
-        def ours(layout):
-            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
-        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+        bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                          layout=lay, passes=passes, config=cfg)
-
-        def flex(layout):
-            bm = flex_block_mask(layout)
-            return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
         try:
-            bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+            bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                              layout=lay, passes=passes, config=cfg)
         except Exception as exc:  # mask construction failing
             for p in passes:
@@ -340,46 +329,25 @@ def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "
 def variants_section(bench: Bench, densities: list[float]) -> None:
     """Our forward at the ``densities`` (128 x 64 tiles) beside FlexAttention on the very same layout, then
     with 128 x 128 tiles (the tile FlexAttention's default block mask uses), ours and Flex."""
-    from salad_bench.kernels import block_sparse as bs
-
-    def ours(layout):
-        return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, 128, 64, dens, bench.device, seed=int(dens * 1000))
         real, pairs = lay.density(), float(lay.kept_token_pairs())
-        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+        bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                          variant="default", layout=lay, passes=("fwd",), config={"block_q": 128, "block_k": 64})
         if dens < 1.0:  # FlexAttention on this very layout, so every variant has its same-mask ratio
-            from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
-
-            def flex(layout):
-                bm = flex_block_mask(layout)
-                return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
-            bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+            bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                              variant="variants_layout", layout=lay, passes=("fwd",),
                              config={"block_q": 128, "block_k": 64})
     # 128 x 128 tiles (the tile FlexAttention's default block mask uses), forward, ours and Flex
-    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
-
     for dens in densities:
         if dens >= 1.0:
             continue
         lay = random_layout(bench.b, bench.h, bench.n, 128, 128, dens, bench.device, seed=7)
         real, pairs = lay.density(), float(lay.kept_token_pairs())
-
-        def ours128(layout):
-            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
-        def flex128(layout):
-            bm = flex_block_mask(layout)
-            return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
         cfg = {"block_q": 128, "block_k": 128}
-        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours128, lay), density=real, pairs=pairs,
+        bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                          variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
-        bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex128, lay), density=real, pairs=pairs,
+        bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                          variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
 
 
@@ -453,8 +421,6 @@ def autotune_choices() -> dict[str, str]:
 
 def video_topk_section(bench: Bench, sparsity: float = 0.9) -> None:
     """A top-k layout selected from video-like Q/K (structured, as in a real DiT)."""
-    from salad_bench.kernels import block_sparse as bs
-    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
     from salad_bench.kernels.select_triton import select_topk_triton
 
     try:
@@ -469,18 +435,10 @@ def video_topk_section(bench: Bench, sparsity: float = 0.9) -> None:
     del q, k
     real, pairs = lay.density(), float(lay.kept_token_pairs())
     print(f"video top-k layout (measured density {real:.4f})", flush=True)
-
-    def ours(layout):
-        return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
-    def flex(layout):
-        bm = flex_block_mask(layout)
-        return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
     cfg = {"block_q": 128, "block_k": 64, "layout": "video_topk"}
-    bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+    bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                      variant="video_topk", layout=lay, passes=("fwd", "bwd"), config=cfg)
-    bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+    bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                      variant="video_topk", layout=lay, passes=("fwd", "bwd"), config=cfg)
 
 

@@ -86,21 +86,18 @@ class Engine:
         ms = row.get("ms")
         if isinstance(ms, (int, float)) and ms > 0:
             row.update({key: base / ms if base else None for key, base in cell.base.items()})
-        return self._append(row)
+        row = self.writer.append(row)
+        self._advance(row)
+        return row
 
     def fail(self, cells: Iterable[Cell], status: str, reason: str) -> list[dict[str, Any]]:
-        """Rows for cells that cannot be measured at all (their shared setup failed)."""
-        return [self._append({**c.ident, **c.fields, "status": status, "reason": reason}) for c in cells]
+        """Rows for cells that cannot be measured at all (their shared setup failed); done cells as in :meth:`run`."""
+        return self.run(cells, lambda _: {"status": status, "reason": reason})
 
     def note(self, text: str) -> None:
         """Show ``text`` beside the progress bar (a callable ``progress`` is given rows only)."""
         if hasattr(self.progress, "set_postfix_str"):
             self.progress.set_postfix_str(text)
-
-    def _append(self, row: dict[str, Any]) -> dict[str, Any]:
-        row = self.writer.append(row)
-        self._advance(row)
-        return row
 
     def _advance(self, row: dict[str, Any] | None) -> None:
         if hasattr(self.progress, "update"):

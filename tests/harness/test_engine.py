@@ -138,3 +138,11 @@ def test_progress_shows_the_cell_and_counts_every_cell(tmp_path):
     bar = Bar()
     Engine(RowWriter(tmp_path / "run"), bar).run([_cell("a", label="w a"), _cell("b", label="w b")], _timed()[0])
     assert bar.notes == ["w a", "w b"] and bar.n == 2
+
+
+def test_fail_hands_back_done_cells_on_resume(tmp_path):
+    Engine(RowWriter(tmp_path / "run")).fail([_cell("a")], "skipped", "needs a CUDA device")
+    again = Engine(RowWriter(tmp_path / "run", resume=True))
+    rows = again.fail([_cell("a"), _cell("b")], "skipped", "needs a CUDA device")
+    assert [r["method"] for r in rows] == ["a", "b"]
+    assert [r["method"] for r in read_jsonl(tmp_path / "run" / "rows.jsonl")] == ["a", "b"]

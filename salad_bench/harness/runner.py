@@ -232,18 +232,17 @@ class _Sweep:
         }
 
     def cells(self, wl: Workload, units: list[Unit], base: dict[str, Any] | None) -> list[Cell]:
-        """Every pass of each unit's cell; with ``base`` (the methods' cells) its forward gets speedups."""
+        """Every pass of each unit's cell; with ``base`` (the methods' cells) each row names the baseline
+        and a forward row gets its speedups over it."""
         passes = ["fwd", "fwd+bwd"] if self.spec.backward else ["fwd"]
         shape = {"B": wl.batch, "H": wl.heads, "N": wl.n, "D": wl.head_dim, "grid": list(wl.grid),
                  "device": str(self.device), "seed": self.spec.seed}
-        out = []
-        for u in units:
-            for pass_ in passes:
-                speedups = {"speedup": base["baseline_ms"], "speedup_vs_fa2": base["fa2_ms"]} if base and pass_ == "fwd" else {}
-                out.append(Cell(_identity(u.method, self.spec, wl.name, pass_, u.sparsity),
-                                {"family": METHODS.get(u.method).family, **shape, **(base or {})},
-                                {key: ms for key, ms in speedups.items() if ms}, f"{wl.name} {u.method} s={u.sparsity}"))
-        return out
+        speedups = {"speedup": base["baseline_ms"], "speedup_vs_fa2": base["fa2_ms"]} if base else {}
+        speedups = {key: ms for key, ms in speedups.items() if ms}
+        return [Cell(_identity(u.method, self.spec, wl.name, p, u.sparsity),
+                     {"family": METHODS.get(u.method).family, **shape, **(base or {})},
+                     speedups if p == "fwd" else {}, f"{wl.name} {u.method} s={u.sparsity}")
+                for u in units for p in passes]
 
     # -- one cell --------------------------------------------------------------------------------
     def measure_cell(self, cell: Cell, q, k, v, ref, ctx, wl: Workload) -> dict:

@@ -146,3 +146,21 @@ def test_fail_hands_back_done_cells_on_resume(tmp_path):
     rows = again.fail([_cell("a"), _cell("b")], "skipped", "needs a CUDA device")
     assert [r["method"] for r in rows] == ["a", "b"]
     assert [r["method"] for r in read_jsonl(tmp_path / "run" / "rows.jsonl")] == ["a", "b"]
+
+
+def test_an_attention_workload_without_memory_for_qkv_gives_each_cell_an_error_row(tmp_path, monkeypatch):
+    import json
+
+    from salad_bench.harness import runner
+
+    def no_memory(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(runner, "make_qkv", no_memory)
+    spec = runner.make_spec("topk", sparsities=[0.9], workloads="cpu-tiny", device="cpu", out=tmp_path / "r",
+                            quick=True, baselines=False, backward=True)
+    runner.run(spec, quiet=True)
+    rows = read_jsonl(tmp_path / "r" / "rows.jsonl")
+    assert [(r["method"], r["pass"], r["status"]) for r in rows] == [("topk", "fwd", "error"), ("topk", "fwd+bwd", "error")]
+    assert all("out of memory creating q/k/v for cpu-tiny" in r["reason"] for r in rows)
+    assert json.loads(rows[0]["config"])["sparsity"] == 0.9 and rows[0]["N"] > 0

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.accuracy import rel_l2
+from salad_bench.harness.engine import Cell, Engine, failure
 from salad_bench.harness.flops import BACKWARD_FACTOR, tflops
 from salad_bench.harness.results import RowWriter, cell_identity, headline_times, round_ratios
 from salad_bench.harness.timing import measure
@@ -71,7 +72,17 @@ def head_slice(layout: BlockLayout, heads: int) -> BlockLayout:
 # ----------------------------------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------------------------------
+def _echo(row: dict[str, Any]) -> None:
+    ms = row.get("ms")
+    msg = f"{ms:8.3f} ms" if isinstance(ms, float) else f"{row.get('status')}: {row.get('reason', '')}"
+    print(f"  {row['method']:<24} {row.get('variant', ''):<14} d={row.get('density', '')!s:<6} "
+          f"{row.get('pass', ''):<8} {msg}", flush=True)
+
+
 class Bench:
+    """The kernel subject of the :class:`~harness.engine.Engine`: each timed call is one cell, at one shape
+    on this card."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +99,7 @@ class Bench:
         self.n = math.prod(self.grid)
         self.workload = wl.name if args.n is None and args.heads is None else f"attn-B{self.b}H{self.h}N{self.n}D{self.d}"
         self.writer = RowWriter(args.out, resume=args.resume, device=str(self.device))
+        self.engine = Engine(self.writer, _echo, resume=args.resume)
         self.rows: list[dict[str, Any]] = []
         self.baselines: dict[tuple[str, str], float] = {}  # (method, pass) -> ms
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -99,58 +111,50 @@ class Bench:
         self._ref_cache: dict[Any, Any] = {}
 
     # -- rows --------------------------------------------------------------------------------------
-    def emit(self, **row: Any) -> dict[str, Any]:
-        ident = cell_identity("kernel", row.pop("method"), row.pop("config", {}), self.workload, self.dtype_name,
-                              row.pop("pass", ""), row.pop("sparsity_target", None))
-        full = {**ident, "B": self.b, "H": self.h, "N": self.n, "D": self.d, "device": str(self.device),
-                "kernel_path": self.kernel_path, **row}
-        full = self.writer.append(full)
-        self.rows.append(full)
-        status = full.get("status")
-        ms = full.get("ms")
-        msg = f"{ms:8.3f} ms" if isinstance(ms, float) else f"{status}: {full.get('reason', '')}"
-        print(f"  {full['method']:<24} {full.get('variant', ''):<14} d={full.get('density', '')!s:<6} "
-              f"{full.get('pass', ''):<8} {msg}", flush=True)
-        return full
+    def cell(self, method: str, backend: str, pass_: str, *, density: float = 1.0, variant: str = "",
+             config: dict | None = None, extra: dict | None = None) -> Cell:
+        """One kernel cell at this benchmark's shape; ``config`` defaults to the backend and variant."""
+        ident = cell_identity("kernel", method, config or {"backend": backend, "variant": variant}, self.workload,
+                              self.dtype_name, pass_, round(1.0 - density, 4))
+        return Cell(ident, {"B": self.b, "H": self.h, "N": self.n, "D": self.d, "device": str(self.device),
+                            "kernel_path": self.kernel_path, "backend": backend, "variant": variant,
+                            "density": density, "sparsity": 1.0 - density, **(extra or {})})
 
     def timed(self, method: str, backend: str, pass_: str, fn: Callable[[], Any], *, density: float = 1.0,
               pairs: float | None = None, variant: str = "", extra: dict | None = None,
-              config: dict | None = None, attention: bool = True) -> dict[str, Any] | None:
-        dense_pairs = float(self.b * self.h * self.n * self.n)
-        pairs = dense_pairs if pairs is None else pairs
-        ident = dict(method=method, backend=backend, variant=variant, density=density, sparsity=1.0 - density,
-                     sparsity_target=round(1.0 - density, 4), config=config or {"backend": backend, "variant": variant})
-        ident["pass"] = pass_
-        try:
+              config: dict | None = None, attention: bool = True) -> dict[str, Any]:
+        """The row of ``fn`` timed (with attention FLOPs and speedups over cuDNN and FA2 when ``attention``)."""
+        cell = self.cell(method, backend, pass_, density=density, variant=variant, config=config, extra=extra)
+        cudnn, fa2 = self.baselines.get(("sdpa_cudnn", pass_)), self.baselines.get(("sdpa_flash", pass_))
+        if attention:
+            cell.base = {"speedup_vs_cudnn": cudnn, "speedup_vs_fa2": fa2, "speedup": cudnn}
+
+        def clock(_: Cell) -> dict[str, Any]:
             t = measure(fn, self.device, rep_ms=self.rep_ms)
-        except Unsupported as exc:
-            return self.emit(**ident, status="skipped", reason=str(exc), **(extra or {}))
-        except Exception as exc:  # a backend that fails here is reported, the sweep goes on
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            print(traceback.format_exc(limit=3), file=sys.stderr)
-            return self.emit(**ident, status="error", reason=reason, **(extra or {}))
-        if not attention:
-            return self.emit(**ident, status="ok", reason="", **t.as_row(), **(extra or {}))
-        fac = PASS_FACTOR[pass_]
-        flops_exec = 4.0 * pairs * self.d * fac
-        flops_dense = 4.0 * dense_pairs * self.d * fac
-        row = dict(ident, status="ok", reason="", **t.as_row(), flops_executed=flops_exec, flops_dense=flops_dense,
-                   tflops_executed=tflops(flops_exec, t.median_ms), tflops_dense_equiv=tflops(flops_dense, t.median_ms))
-        for name, key in (("cudnn", "sdpa_cudnn"), ("fa2", "sdpa_flash")):
-            base = self.baselines.get((key, pass_))
-            row[f"{name}_ms"] = base
-            row[f"speedup_vs_{name}"] = base / t.median_ms if base else None
-        row["baseline_method"], row["baseline_ms"] = "sdpa_cudnn", row["cudnn_ms"]
-        row["speedup"] = row["speedup_vs_cudnn"]
-        row.update(extra or {})
-        return self.emit(**row)
+            if not attention:
+                return {"status": "ok", "reason": "", **t.as_row()}
+            dense_pairs = float(self.b * self.h * self.n * self.n)
+            flops_exec = 4.0 * (dense_pairs if pairs is None else pairs) * self.d * PASS_FACTOR[pass_]
+            flops_dense = 4.0 * dense_pairs * self.d * PASS_FACTOR[pass_]
+            return {"status": "ok", "reason": "", **t.as_row(), "flops_executed": flops_exec,
+                    "flops_dense": flops_dense, "tflops_executed": tflops(flops_exec, t.median_ms),
+                    "tflops_dense_equiv": tflops(flops_dense, t.median_ms), "cudnn_ms": cudnn, "fa2_ms": fa2,
+                    "baseline_method": "sdpa_cudnn", "baseline_ms": cudnn}
+
+        row = self.engine.cell(cell, clock)
+        self.rows.append(row)
+        return row
 
     def skipped(self, method: str, backend: str, pass_: str, reason: str, density: float = 1.0, variant: str = "",
-                status: str = "skipped", config: dict | None = None):
+                status: str = "skipped", config: dict | None = None) -> dict[str, Any]:
         """A row that was not measured (``status`` skipped, or error), with its reason."""
-        return self.emit(method=method, backend=backend, variant=variant, density=density, sparsity=1.0 - density,
-                         sparsity_target=round(1.0 - density, 4), config=config or {"backend": backend, "variant": variant},
-                         status=status, reason=reason, **{"pass": pass_})
+        return self.fail([self.cell(method, backend, pass_, density=density, variant=variant, config=config)],
+                         status, reason)[0]
+
+    def fail(self, cells: list[Cell], status: str, reason: str) -> list[dict[str, Any]]:
+        rows = self.engine.fail(cells, status, reason)
+        self.rows.extend(rows)
+        return rows
 
     # -- attention callables ---------------------------------------------------------------------
     def run_passes(self, method: str, backend: str, attn: Callable, *, density: float = 1.0, pairs=None,
@@ -158,19 +162,11 @@ class Bench:
                    config: dict | None = None) -> dict[str, float]:
         """Time ``attn(q, k, v)`` forward, backward alone and both; check accuracy once."""
         q, k, v, dout = self.q, self.k, self.v, self.dout
-        acc: dict[str, Any] = {}
         try:
             acc = self.accuracy(attn, layout, grads=False)
-        except Unsupported as exc:
-            for p in passes:
-                self.skipped(method, backend, p, str(exc), density, variant)
-            return {}
-        except Exception as exc:
-            print(traceback.format_exc(limit=4), file=sys.stderr)
-            for p in passes:
-                self.emit(method=method, backend=backend, variant=variant, density=density, status="error",
-                          reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                          config={"backend": backend, "variant": variant}, **{"pass": p})
+        except Exception as exc:  # noqa: BLE001 - every pass of a method that cannot run becomes its row
+            self.fail([self.cell(method, backend, p, density=density, variant=variant, config=config) for p in passes],
+                      **failure(exc))
             return {}
         if "fwd+bwd" in passes:
             try:  # a backward that cannot compile must not hide the forward rows
@@ -181,22 +177,20 @@ class Bench:
         if "fwd" in passes:
             r = self.timed(method, backend, "fwd", lambda: attn(q, k, v), density=density, pairs=pairs,
                            variant=variant, extra={"rel_l2": acc.get("out")}, config=config)
-            out_ms["fwd"] = r.get("ms") if r else None
+            out_ms["fwd"] = r.get("ms")
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
         if "bwd" in passes:
             try:
                 out = attn(qg, kg, vg)
-            except Exception as exc:  # e.g. a backward graph that does not compile
-                print(traceback.format_exc(limit=3), file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - e.g. a backward graph that does not compile
                 out = None
-                self.emit(method=method, backend=backend, variant=variant, density=density, status="error",
-                          reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                          config=config or {"backend": backend, "variant": variant}, **{"pass": "bwd"})
+                self.fail([self.cell(method, backend, "bwd", density=density, variant=variant, config=config)],
+                          **failure(exc))
             if out is not None:
                 r = self.timed(method, backend, "bwd",
                                lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True),
                                density=density, pairs=pairs, variant=variant, config=config)
-                out_ms["bwd"] = r.get("ms") if r else None
+                out_ms["bwd"] = r.get("ms")
             del out
         if "fwd+bwd" in passes:
             r = self.timed(method, backend, "fwd+bwd",
@@ -204,7 +198,7 @@ class Bench:
                            density=density, pairs=pairs, variant=variant, config=config,
                            extra={"rel_l2": acc.get("out"), "rel_l2_dq": acc.get("dq"), "rel_l2_dk": acc.get("dk"),
                                   "rel_l2_dv": acc.get("dv")})
-            out_ms["fwd+bwd"] = r.get("ms") if r else None
+            out_ms["fwd+bwd"] = r.get("ms")
         return out_ms
 
     def accuracy(self, attn: Callable, layout: BlockLayout | None, grads: bool) -> dict[str, float]:
@@ -259,18 +253,19 @@ def reference_chunked(q, k, v, layout: BlockLayout, dout=None, rows: int = 2048)
     return out, ([dq, dk, dv] if dout is not None else [])
 
 
-class LayoutAttn:
-    """A callable ``(q, k, v) -> out`` bound to a layout, re-bindable for the accuracy check."""
+def _ours(layout: BlockLayout) -> Callable:
+    """Our Triton block-sparse attention ``(q, k, v) -> out`` on ``layout``."""
+    from salad_bench.kernels import block_sparse as bs
 
-    def __init__(self, make: Callable[[BlockLayout], Callable], layout: BlockLayout) -> None:
-        self.make, self.layout = make, layout
-        self.fn = make(layout)
+    return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
 
-    def __call__(self, q, k, v):
-        return self.fn(q, k, v)
 
-    def with_layout(self, layout: BlockLayout) -> Callable:
-        return self.make(layout)
+def _flex(layout: BlockLayout) -> Callable:
+    """FlexAttention ``(q, k, v) -> out`` on ``layout``, its block mask built once."""
+    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
+
+    bm = flex_block_mask(layout)
+    return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,9 +308,6 @@ def dense_section(bench: Bench) -> None:
 
 
 def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "fwd+bwd")) -> None:
-    from salad_bench.kernels import block_sparse as bs
-    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
-
     bq, bk = 128, 64
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, bq, bk, dens, bench.device, seed=int(dens * 1000))
@@ -323,19 +315,10 @@ def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "
         pairs = float(lay.kept_token_pairs())
         print(f"block-sparse density {dens} (measured {real:.4f})", flush=True)
         cfg = {"block_q": bq, "block_k": bk, "layout": "random+diagonal", "density_target": dens}
-
-        def ours(layout):
-            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
-        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+        bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                          layout=lay, passes=passes, config=cfg)
-
-        def flex(layout):
-            bm = flex_block_mask(layout)
-            return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
         try:
-            bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+            bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                              layout=lay, passes=passes, config=cfg)
         except Exception as exc:  # mask construction failing
             for p in passes:
@@ -346,46 +329,25 @@ def sparse_section(bench: Bench, densities: list[float], passes=("fwd", "bwd", "
 def variants_section(bench: Bench, densities: list[float]) -> None:
     """Our forward at the ``densities`` (128 x 64 tiles) beside FlexAttention on the very same layout, then
     with 128 x 128 tiles (the tile FlexAttention's default block mask uses), ours and Flex."""
-    from salad_bench.kernels import block_sparse as bs
-
-    def ours(layout):
-        return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
     for dens in densities:
         lay = random_layout(bench.b, bench.h, bench.n, 128, 64, dens, bench.device, seed=int(dens * 1000))
         real, pairs = lay.density(), float(lay.kept_token_pairs())
-        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+        bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                          variant="default", layout=lay, passes=("fwd",), config={"block_q": 128, "block_k": 64})
         if dens < 1.0:  # FlexAttention on this very layout, so every variant has its same-mask ratio
-            from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
-
-            def flex(layout):
-                bm = flex_block_mask(layout)
-                return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
-            bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+            bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                              variant="variants_layout", layout=lay, passes=("fwd",),
                              config={"block_q": 128, "block_k": 64})
     # 128 x 128 tiles (the tile FlexAttention's default block mask uses), forward, ours and Flex
-    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
-
     for dens in densities:
         if dens >= 1.0:
             continue
         lay = random_layout(bench.b, bench.h, bench.n, 128, 128, dens, bench.device, seed=7)
         real, pairs = lay.density(), float(lay.kept_token_pairs())
-
-        def ours128(layout):
-            return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
-        def flex128(layout):
-            bm = flex_block_mask(layout)
-            return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
         cfg = {"block_q": 128, "block_k": 128}
-        bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours128, lay), density=real, pairs=pairs,
+        bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                          variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
-        bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex128, lay), density=real, pairs=pairs,
+        bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                          variant="tiles128x128", layout=lay, passes=("fwd",), config=cfg)
 
 
@@ -459,8 +421,6 @@ def autotune_choices() -> dict[str, str]:
 
 def video_topk_section(bench: Bench, sparsity: float = 0.9) -> None:
     """A top-k layout selected from video-like Q/K (structured, as in a real DiT)."""
-    from salad_bench.kernels import block_sparse as bs
-    from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
     from salad_bench.kernels.select_triton import select_topk_triton
 
     try:
@@ -475,18 +435,10 @@ def video_topk_section(bench: Bench, sparsity: float = 0.9) -> None:
     del q, k
     real, pairs = lay.density(), float(lay.kept_token_pairs())
     print(f"video top-k layout (measured density {real:.4f})", flush=True)
-
-    def ours(layout):
-        return lambda q, k, v: bs.block_sparse_attention_triton(q, k, v, layout)
-
-    def flex(layout):
-        bm = flex_block_mask(layout)
-        return lambda q, k, v: flex_block_sparse_attention(q, k, v, layout, block_mask=bm)
-
     cfg = {"block_q": 128, "block_k": 64, "layout": "video_topk"}
-    bench.run_passes("triton_block_sparse", "triton", LayoutAttn(ours, lay), density=real, pairs=pairs,
+    bench.run_passes("triton_block_sparse", "triton", _ours(lay), density=real, pairs=pairs,
                      variant="video_topk", layout=lay, passes=("fwd", "bwd"), config=cfg)
-    bench.run_passes("flex_block_sparse", "flex", LayoutAttn(flex, lay), density=real, pairs=pairs,
+    bench.run_passes("flex_block_sparse", "flex", _flex(lay), density=real, pairs=pairs,
                      variant="video_topk", layout=lay, passes=("fwd", "bwd"), config=cfg)
 
 
@@ -940,9 +892,7 @@ def main(argv: list[str] | None = None) -> int:
             step()
         except Exception as exc:  # the section becomes an error row; the sweep goes on
             print(f"section {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            bench.emit(method=f"section:{name}", backend="", variant="", status="error",
-                       reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                       **{"pass": ""})
+            bench.skipped(f"section:{name}", "", "", **failure(exc))
     print()
     print(f"card: {bench.writer.provenance['card']}, torch {torch.__version__}, rows in {bench.writer.path}")
     for key, cfg in autotune_choices().items():

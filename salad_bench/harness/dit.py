@@ -39,16 +39,18 @@ Run alone: ``python -m salad_bench.harness.dit --workload dit:wan2.1-1.3b-480p -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from salad_bench.harness.engine import Cell, Engine
 from salad_bench.harness.flops import dense_flops
+from salad_bench.harness.knobs import method_config
 from salad_bench.harness.results import RowWriter, cell_identity
 from salad_bench.harness.timing import measure, peak_memory_gib
 from salad_bench.harness.workloads import DIT_WORKLOADS, DTYPES, Workload
@@ -210,23 +212,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class _Progress:
-    """Adapts ``progress``: a tqdm-like bar (``update``/``set_postfix_str``), a callable(row), or None."""
-
-    def __init__(self, progress: Any) -> None:
-        self.p = progress
-
-    def note(self, text: str) -> None:
-        if hasattr(self.p, "set_postfix_str"):
-            self.p.set_postfix_str(text)
-
-    def done(self, row: dict | None) -> None:
-        if hasattr(self.p, "update"):
-            self.p.update(1)
-        elif callable(self.p) and row is not None:
-            self.p(row)
-
-
 # -- the workload ---------------------------------------------------------------------------------
 
 
@@ -259,7 +244,6 @@ def run_dit_workload(
     dev = torch.device(device)
     names = METHODS.select(methods)
     knobs = knobs or {}
-    prog = _Progress(progress)
     if dev.type == "cpu" and wl.n > 4096:
         raise ValueError(
             f"{wl.dit_name} has N={wl.n:,} tokens per layer: far too large for a CPU run; use dit:tiny or --device cuda"
@@ -273,19 +257,12 @@ def run_dit_workload(
     wl_id = wl.dit_name if weights is None else f"{wl.dit_name}[weights={Path(weights).name}]"
     wl_id += "+compile" if compiled else ""  # compiled and eager rows are different cells
 
-    def cfg_of(name: str, s: float) -> dict[str, Any]:
-        return {**METHODS.get(name).defaults, **knobs.get(name, {}), "sparsity": s}
-
-    cells = []
-    for name in names:
-        entry = METHODS.get(name)
-        for s in [0.0] if "dense" in entry.traits else sparsities:
-            cfg = {**entry.defaults, **knobs.get(name, {}), "sparsity": s}
-            ident = _identity(name, cfg, wl_id, dtype_name, s)
-            if writer.is_done(ident):
-                prog.done(None)
-                continue
-            cells.append((name, entry.family, s, ident))
+    engine = Engine(writer, progress)
+    cells = engine.pending(
+        Cell(_identity(name, method_config(name, knobs, s), wl_id, dtype_name, s), label=f"{wl.dit_name} {name} s={s}")
+        for name in names
+        for s in ([0.0] if "dense" in METHODS.get(name).traits else sparsities)
+    )
     if not cells:
         return
 
@@ -306,14 +283,16 @@ def run_dit_workload(
         else "cpu-perf_counter-around-method-calls",
     }
 
+    def stamped(**base: float) -> list[Cell]:
+        return [dataclasses.replace(c, fields={**common, "family": METHODS.get(c.ident["method"]).family}, base=base)
+                for c in cells]
+
     def fail_all(status: str, reason: str) -> None:
-        for _name, family, _s, ident in cells:
-            row = writer.append({**ident, **common, "family": family, "status": status, "reason": reason})
-            prog.done(row)
+        engine.fail(stamped(), status, reason)
 
     from salad_bench.harness.integrations.wan import install_attention, new_transformer, restore_attention
 
-    prog.note(f"{wl.dit_name}: building the model")
+    engine.note(f"{wl.dit_name}: building the model")
     try:
         if weights is None:
             model = new_transformer(wl.model, device=dev, dtype=dtype, seed=seed)
@@ -340,7 +319,7 @@ def run_dit_workload(
 
     # Baseline: full, pinned to the fastest dense backend for this shape.
     try:
-        prog.note(f"{wl.dit_name}: baseline")
+        engine.note(f"{wl.dit_name}: baseline")
         best = _fastest_dense_backend(wl, heads, head_dim, dev, dtype)
         pin = {"backend": best} if best in ("cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4") else {}
         install_attention(model, _reference(), num_steps=num_steps, **pin)
@@ -353,7 +332,7 @@ def run_dit_workload(
         restore_attention(model)
     except Exception as exc:  # noqa: BLE001 - without a baseline no cell of this workload can be measured
         restore_attention(model)
-        del model
+        model = None  # freed before the cache is emptied
         _free(dev)
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             fail_all("skipped", _oom_reason(exc, f"running dense {wl.dit_name}") + "; use a larger card")
@@ -376,9 +355,8 @@ def run_dit_workload(
         }
     )
 
-    for name, family, s, ident in cells:
-        prog.note(f"{wl.dit_name} {name} s={s}")
-        row = {**ident, **common, "family": family}
+    def measure_cell(cell: Cell) -> dict[str, Any]:
+        name, s = cell.ident["method"], cell.ident["sparsity_target"]
         try:
             if name == _reference() and not knobs.get(name):
                 got = dict(base)  # full/auto is the baseline: same model, same backend, same process
@@ -388,32 +366,21 @@ def run_dit_workload(
                 got = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps, compiled)
                 if compiled:
                     got = _with_stub_split(got, stub)
-            row.update({"status": "ok", "reason": "", **got})
-            row["sparsity"] = 1.0 - got["density"] if got.get("density") is not None else None
-            row["speedup"] = base["ms"] / got["ms"]
-            row["attn_speedup"] = base["attn_ms"] / got["attn_ms"] if got["attn_ms"] and got["attn_ms"] > 0 else None
-            row["attn_ms_stub"] = got["ms"] - stub["ms"]
-            row.update(_sampling_estimate(got["ms"], base["ms"], cfg_of(name, s), num_steps))
-            if not got["output_finite"]:
-                row.update({"status": "error", "reason": f"{name} made the model's output NaN or Inf (the dense "
-                            "model's was finite); its timing is kept in the row but it is not a result"})
-        except Unsupported as exc:
-            row.update({"status": "skipped", "reason": str(exc)})
-        except torch.cuda.OutOfMemoryError as exc:
-            row.update(
-                {
-                    "status": "error",
-                    "reason": _oom_reason(exc, f"running {name} on {wl.dit_name}") + "; try a smaller workload",
-                }
-            )
-        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the sweep
-            tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
-            row.update({"status": "error", "reason": f"{type(exc).__name__}: {exc} [{tb}]"[:500]})
         finally:
             restore_attention(model)
             _free(dev)
-        prog.done(writer.append(row))
-    del model, inputs
+        row = {"status": "ok", "reason": "", **got}
+        row["sparsity"] = 1.0 - got["density"] if got.get("density") is not None else None
+        row["attn_speedup"] = base["attn_ms"] / got["attn_ms"] if got["attn_ms"] and got["attn_ms"] > 0 else None
+        row["attn_ms_stub"] = got["ms"] - stub["ms"]
+        row.update(_sampling_estimate(got["ms"], base["ms"], method_config(name, knobs, s), num_steps))
+        if not got["output_finite"]:
+            row.update({"status": "error", "reason": f"{name} made the model's output NaN or Inf (the dense "
+                        "model's was finite); its timing is kept in the row but it is not a result"})
+        return row
+
+    engine.run(stamped(speedup=base["ms"]), measure_cell)
+    model = inputs = None  # freed before the cache is emptied
     _free(dev)
 
 
@@ -520,22 +487,14 @@ def run_pipeline_workload(
 
     wl = get_dit_workload(workload if workload.startswith("dit:") else f"dit:{workload}")
     dev = torch.device(device)
-    prog = _Progress(progress)
     size = video_size(wl)
     dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
     wl_id = f"pipeline:{wl.name}[weights={Path(weights).name}]" + ("+compile" if compiled else "")
     knobs = knobs or {}
-    cells = []
     ref = _reference()
     names = METHODS.select(methods)
     if ref not in names:
         names = [ref, *names]  # the baseline of every speedup
-    for name in names:
-        entry = METHODS.get(name)
-        for s in [0.0] if "dense" in entry.traits else sparsities:
-            cfg = {**entry.defaults, **knobs.get(name, {}), "sparsity": s}
-            ident = {**_identity(name, cfg, wl_id, dtype_name, s), "kind": "pipeline"}
-            cells.append((name, entry.family, s, cfg, ident))
     pipe = load_pipeline(weights, device=dev, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     common = {"device": str(dev), "weights": str(weights), "num_frames": size[0], "height": size[1],
@@ -544,15 +503,9 @@ def run_pipeline_workload(
               "sampling_note": f"extrapolated to {num_steps} CFG steps from pipeline calls of {short[0]} and {short[1]} steps"}
     mid = num_steps // 2
     base_step = None
-    for name, family, s, cfg, ident in cells:
-        row = {**ident, **common, "family": family}
-        done = writer.done_row(ident)
-        if done is not None and done.get("status") == "ok":
-            if name == ref:
-                base_step = done["step_ms"]
-            prog.done(None)
-            continue
-        prog.note(f"pipeline {name} s={s}")
+
+    def sample(cell: Cell) -> dict[str, Any]:
+        name, s = cell.ident["method"], cell.ident["sparsity_target"]
         try:
             install_attention(pipe.transformer, name, sparsity=s, num_steps=num_steps, **knobs.get(name, {}))
             t0 = time.perf_counter()
@@ -562,33 +515,33 @@ def run_pipeline_workload(
             first_s = time.perf_counter() - t0
             t_a = min(_pipeline_seconds(pipe, short[0], mid, num_steps, size, guidance, dev) for _ in range(reps))
             t_b = min(_pipeline_seconds(pipe, short[1], mid, num_steps, size, guidance, dev) for _ in range(reps))
-            if t_b <= t_a:
-                raise RuntimeError(f"{short[1]} steps took no longer than {short[0]} ({t_b:.3f} s vs {t_a:.3f} s): "
-                                   "the step time is below the timing noise; use more steps apart")
-            step_ms = (t_b - t_a) / (short[1] - short[0]) * 1e3
-            fixed_ms = max(t_a * 1e3 - short[0] * step_ms, 0.0)
-            if name == ref:
-                base_step = step_ms
-            dense_steps = min(int(cfg.get("dense_first_steps", 0) or 0), num_steps)
-            dense_step = base_step if base_step is not None else step_ms
-            est = fixed_ms + dense_steps * dense_step + (num_steps - dense_steps) * step_ms
-            base_est = fixed_ms + num_steps * dense_step
-            row.update({"status": "ok", "reason": "", "step_ms": step_ms, "ms": step_ms, "fixed_ms": fixed_ms,
-                        "first_call_s": first_s, "compile_s": first_s if compiled else None,
-                        "sampling_dense_steps": dense_steps, "sampling_ms_est": est,
-                        "speedup": dense_step / step_ms if step_ms > 0 else None,
-                        "sampling_speedup": base_est / est if est > 0 else None, "timer": "perf_counter-around-pipe"})
-        except Unsupported as exc:
-            row.update({"status": "skipped", "reason": str(exc)})
-        except torch.cuda.OutOfMemoryError as exc:
-            row.update({"status": "error", "reason": _oom_reason(exc, f"sampling with {name}") + "; try a smaller workload"})
-        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the sweep
-            row.update({"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]})
         finally:
             restore_attention(pipe.transformer)
             _free(dev)
-        prog.done(writer.append(row))
-    del pipe
+        if t_b <= t_a:
+            raise RuntimeError(f"{short[1]} steps took no longer than {short[0]} ({t_b:.3f} s vs {t_a:.3f} s): "
+                               "the step time is below the timing noise; use more steps apart")
+        step_ms = (t_b - t_a) / (short[1] - short[0]) * 1e3
+        fixed_ms = max(t_a * 1e3 - short[0] * step_ms, 0.0)
+        dense_steps = min(int(method_config(name, knobs, s).get("dense_first_steps", 0) or 0), num_steps)
+        dense_step = base_step if base_step is not None and name != ref else step_ms
+        est = fixed_ms + dense_steps * dense_step + (num_steps - dense_steps) * step_ms
+        base_est = fixed_ms + num_steps * dense_step
+        return {"status": "ok", "reason": "", "step_ms": step_ms, "ms": step_ms, "fixed_ms": fixed_ms,
+                "first_call_s": first_s, "compile_s": first_s if compiled else None,
+                "sampling_dense_steps": dense_steps, "sampling_ms_est": est,
+                "speedup": dense_step / step_ms if step_ms > 0 else None,
+                "sampling_speedup": base_est / est if est > 0 else None, "timer": "perf_counter-around-pipe"}
+
+    engine = Engine(writer, progress)
+    for name in names:
+        family = METHODS.get(name).family
+        for s in [0.0] if "dense" in METHODS.get(name).traits else sparsities:
+            ident = {**_identity(name, method_config(name, knobs, s), wl_id, dtype_name, s), "kind": "pipeline"}
+            row = engine.cell(Cell(ident, {**common, "family": family}, label=f"pipeline {name} s={s}"), sample)
+            if name == ref and row["status"] == "ok":
+                base_step = row["step_ms"]
+    pipe = None  # freed before the cache is emptied
     _free(dev)
 
 

@@ -17,10 +17,15 @@ from typing import Any, Literal
 
 from salad_bench.methods import METHODS
 
-__all__ = ["KnobError", "check_knobs", "parse_knob"]
+__all__ = ["KnobError", "check_knobs", "method_config", "parse_knob"]
 
 _TRUE = {"true", "1"}
 _FALSE = {"false", "0"}
+
+
+def method_config(name: str, knobs: dict[str, dict[str, Any]], sparsity: float) -> dict[str, Any]:
+    """A method's full config in a run (the ``config`` of its rows): its defaults, its knobs, the sparsity."""
+    return {**METHODS.get(name).defaults, **knobs.get(name, {}), "sparsity": sparsity}
 
 
 class KnobError(ValueError):

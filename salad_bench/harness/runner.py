@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,14 @@ import torch
 
 from salad_bench.harness.accuracy import compare, reference_attention
 from salad_bench.harness.distributed import Dist, barrier, deal, rank_device
+from salad_bench.harness.engine import Cell, Engine
 from salad_bench.harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
+from salad_bench.harness.knobs import method_config
 from salad_bench.harness.results import RowWriter, cell_identity
 from salad_bench.harness.timing import measure, peak_memory_gib
 from salad_bench.harness.workloads import DTYPES, Workload, get_workload, make_qkv
 from salad_bench.kernels import execution_paths
-from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
+from salad_bench.methods import METHODS, AttentionMethod, AttnContext, create_method
 
 __all__ = ["RunSpec", "Unit", "run", "check_device", "make_spec", "dense_baselines", "plan", "sweeps_sparsity",
            "validate_spec"]
@@ -174,16 +175,19 @@ def validate_spec(spec: RunSpec) -> None:
             )
 
 
-def _identity(kind: str, method: str, cfg: dict, workload: str, dtype: str, pass_: str, sparsity: float,
-              qkv: str | None = None) -> dict:
-    return cell_identity(kind, method, cfg, workload, dtype, pass_, sparsity, qkv)
+def _identity(name: str, spec: RunSpec, workload: str, pass_: str, sparsity: float) -> dict:
+    cfg = method_config(name, spec.knobs, sparsity)
+    return cell_identity("attention", name, cfg, workload, spec.dtype, pass_, sparsity, spec.qkv)
 
 
 class _Sweep:
+    """The attention subject of the :class:`~harness.engine.Engine`: one cell per method, sparsity and pass
+    of a Q/K/V workload."""
+
     def __init__(self, spec: RunSpec, writer: RowWriter, progress) -> None:
         self.spec = spec
         self.writer = writer
-        self.progress = progress
+        self.engine = Engine(writer, progress, resume=spec.resume)
         self.device = torch.device(spec.device)
         self.dtype = DTYPES[spec.dtype]
 
@@ -195,20 +199,19 @@ class _Sweep:
         try:
             q, k, v = make_qkv(wl, kind=spec.qkv, seed=spec.seed, device=self.device, dtype=self.dtype)
         except torch.cuda.OutOfMemoryError:
-            self._fail_all(wl, units, "error", f"out of memory creating q/k/v for {wl.name} ({wl.attention_gib():.1f} GiB); use a smaller workload")
+            self.engine.fail(self.cells(wl, units, None), "error", f"out of memory creating q/k/v for {wl.name} ({wl.attention_gib():.1f} GiB); use a smaller workload")
             return
         if not all(torch.isfinite(t).all() for t in (q, k, v)):
             raise ValueError(f"q/k/v for {wl.name} contain NaN or Inf; check --qkv/--seed")
         ref = reference_attention(q, k, v)
         ctx = AttnContext(grid=wl.grid, num_layers=wl.layers)
-        for u in units:
-            if u.baseline:
-                self.cell(wl, u.method, 0.0, q, k, v, ref, ctx, base=None)
-        base_info = self.baseline_info(wl)
-        for u in units:
-            if not u.baseline:
-                self.cell(wl, u.method, u.sparsity, q, k, v, ref, ctx, base=base_info)
-        del q, k, v, ref
+
+        def measure(cell: Cell) -> dict:
+            return self.measure_cell(cell, q, k, v, ref, ctx, wl)
+
+        self.engine.run(self.cells(wl, [u for u in units if u.baseline], None), measure)
+        base = self.baseline_info(wl)
+        self.engine.run(self.cells(wl, [u for u in units if not u.baseline], base), measure)
 
     def baseline_info(self, wl: Workload) -> dict[str, Any]:
         """The fastest dense backend among this run's forward rows of ``wl`` on this card (measured by
@@ -217,8 +220,7 @@ class _Sweep:
         base: dict[str, float] = {}
         if spec.baselines:
             for name in dense_baselines():
-                cfg = {**METHODS.get(name).defaults, **spec.knobs.get(name, {}), "sparsity": 0.0}
-                row = self.writer.done_row(_identity("attention", name, cfg, wl.name, spec.dtype, "fwd", 0.0, spec.qkv))
+                row = self.writer.done_row(_identity(name, spec, wl.name, "fwd", 0.0))
                 if row and row.get("status") == "ok":
                     base[name] = row["ms"]
         best = min(base, key=base.get) if base else None
@@ -229,63 +231,25 @@ class _Sweep:
             "fa2_ms": base.get(_fa2()),
         }
 
-    def _fail_all(self, wl: Workload, units: list[Unit], status: str, reason: str) -> None:
-        for u in units:
-            ident = _identity("attention", u.method, {}, wl.name, self.spec.dtype, "fwd", 0.0, self.spec.qkv)
-            self.writer.append({**ident, "status": status, "reason": reason, "N": wl.n})
-            self.progress.update(u.cells)
+    def cells(self, wl: Workload, units: list[Unit], base: dict[str, Any] | None) -> list[Cell]:
+        """Every pass of each unit's cell; with ``base`` (the methods' cells) each row names the baseline
+        and a forward row gets its speedups over it."""
+        passes = ["fwd", "fwd+bwd"] if self.spec.backward else ["fwd"]
+        shape = {"B": wl.batch, "H": wl.heads, "N": wl.n, "D": wl.head_dim, "grid": list(wl.grid),
+                 "device": str(self.device), "seed": self.spec.seed}
+        speedups = {"speedup": base["baseline_ms"], "speedup_vs_fa2": base["fa2_ms"]} if base else {}
+        speedups = {key: ms for key, ms in speedups.items() if ms}
+        return [Cell(_identity(u.method, self.spec, wl.name, p, u.sparsity),
+                     {"family": METHODS.get(u.method).family, **shape, **(base or {})},
+                     speedups if p == "fwd" else {}, f"{wl.name} {u.method} s={u.sparsity}")
+                for u in units for p in passes]
 
     # -- one cell --------------------------------------------------------------------------------
-    def cell(self, wl, name, sparsity, q, k, v, ref, ctx, base) -> dict | None:
-        spec = self.spec
-        passes = ["fwd", "fwd+bwd"] if spec.backward else ["fwd"]
-        knobs = dict(spec.knobs.get(name, {}))
-        last = None
-        for pass_ in passes:
-            entry = METHODS.get(name)
-            cfg = {**entry.defaults, **knobs, "sparsity": sparsity}
-            ident = _identity("attention", name, cfg, wl.name, spec.dtype, pass_, sparsity, spec.qkv)
-            common = {
-                **ident,
-                "family": entry.family,
-                "B": wl.batch,
-                "H": wl.heads,
-                "N": wl.n,
-                "D": wl.head_dim,
-                "grid": list(wl.grid),
-                "device": str(self.device),
-                "seed": spec.seed,
-            }
-            if base is not None:
-                common.update(base)
-            if spec.resume and self.writer.is_done(ident):
-                # measured before the interruption: hand back its row, so a dense backend timed then is
-                # still this run's baseline for the cells measured now
-                last = self.writer.done_row(ident) if pass_ == "fwd" else last
-                self.progress.update(1)
-                continue
-            self.progress.set_postfix_str(f"{wl.name} {name} s={sparsity}")
-            try:
-                row = self._measure(name, sparsity, knobs, pass_, q, k, v, ref, ctx, wl)
-                row = {**common, **row}
-            except Unsupported as exc:
-                row = {**common, "status": "skipped", "reason": str(exc)}
-            except torch.cuda.OutOfMemoryError as exc:
-                torch.cuda.empty_cache()
-                row = {**common, "status": "error", "reason": f"out of memory: {str(exc).splitlines()[0][:200]}; try a smaller workload or batch"}
-            except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the sweep
-                tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
-                row = {**common, "status": "error", "reason": f"{type(exc).__name__}: {exc} [{tb}]"[:500]}
-            if row.get("status") == "ok" and base is not None and base.get("baseline_ms") and pass_ == "fwd":
-                row["speedup"] = base["baseline_ms"] / row["ms"]
-                if base.get("fa2_ms"):
-                    row["speedup_vs_fa2"] = base["fa2_ms"] / row["ms"]
-            last = self.writer.append(row)
-            self.progress.update(1)
-        return last
-
-    def _measure(self, name, sparsity, knobs, pass_, q, k, v, ref, ctx, wl) -> dict:
-        m: AttentionMethod = create_method(name, num_heads=wl.heads, head_dim=wl.head_dim, sparsity=sparsity, **knobs)
+    def measure_cell(self, cell: Cell, q, k, v, ref, ctx, wl: Workload) -> dict:
+        """The measured fields of one attention cell: accuracy, time, memory, FLOPs."""
+        name, pass_, sparsity = cell.ident["method"], cell.ident["pass"], cell.ident["sparsity_target"]
+        m: AttentionMethod = create_method(name, num_heads=wl.heads, head_dim=wl.head_dim, sparsity=sparsity,
+                                           **self.spec.knobs.get(name, {}))
         m = m.to(self.device)
         if any(p.is_floating_point() for p in m.parameters()):
             m = m.to(self.dtype)
@@ -363,8 +327,7 @@ def _units(spec: RunSpec, writer: RowWriter | None) -> tuple[list[Unit], list[Un
     def todo(w: str, name: str, s: float) -> bool:
         if writer is None or not spec.resume:
             return True
-        cfg = {**METHODS.get(name).defaults, **spec.knobs.get(name, {}), "sparsity": s}
-        return not all(writer.is_done(_identity("attention", name, cfg, w, spec.dtype, p, s, spec.qkv)) for p in passes)
+        return not all(writer.is_done(_identity(name, spec, w, p, s)) for p in passes)
 
     base: list[Unit] = []
     rest: list[Unit] = []
@@ -451,7 +414,7 @@ def _measure_units(sweep: _Sweep, units: list[Unit]) -> None:
                 device=spec.device,
                 dtype=DTYPES[spec.dtype],
                 weights=spec.weights,
-                progress=sweep.progress,
+                progress=sweep.engine.progress,
                 knobs=spec.knobs,
                 compiled=spec.compile,
             )

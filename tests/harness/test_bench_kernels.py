@@ -103,3 +103,32 @@ def test_inputs_and_headline_rows_name_the_kernel_path_and_meet_the_gate_target(
         "sdpa_cudnn", "triton_block_sparse", "flex_block_sparse", "linear_triton", "select_topk_triton"}
     (res,) = [t for t in ci_gpu.evaluate_targets(run) if t["name"].startswith("block-sparse forward")]
     assert res["measured"] == 1.0 and "video 1.000" in res["detail"]
+
+
+def test_resume_hands_back_done_kernel_cells_and_retries_errors(tmp_path, monkeypatch, capsys):
+    """A resumed kernel benchmark measures again only the cells that failed; its table still holds every
+    cell, the done ones read back."""
+    from salad_bench.harness.results import read_jsonl
+    from salad_bench.harness.timing import Timing
+
+    timed = []
+
+    def fake(fn, device, rep_ms=None):
+        timed.append(fn)
+        return Timing(1.0, 0.9, 1.1, 3, "fake")
+
+    monkeypatch.setattr(bk, "measure", fake)
+    args = ["--out", str(tmp_path / "k"), "--sections", "dense", "--n", "128", "--heads", "1", "--dtype", "fp32",
+            "--quick"]
+    assert bk.main(args) == 0
+    first = read_jsonl(tmp_path / "k" / "rows.jsonl")
+    assert {r["status"] for r in first} == {"ok", "skipped", "error"}
+    n_timed = len(timed)
+    capsys.readouterr()
+    assert bk.main([*args, "--resume"]) == 0
+    rows = read_jsonl(tmp_path / "k" / "rows.jsonl")
+    again = rows[len(first):]
+    assert again and [r["method"] for r in again] == [r["method"] for r in first if r["status"] == "error"]
+    assert {r["status"] for r in again} == {"error"} and len(timed) == n_timed  # nothing ok timed twice
+    table = capsys.readouterr().out.split("| method |", 1)[1]
+    assert table.count("\n| ") == len(first)

@@ -59,12 +59,12 @@ def test_plan_splits_every_unit_to_exactly_one_rank(micro):
 
 def test_plan_leaves_out_what_any_rows_file_holds(tmp_path, micro):
     spec = RunSpec(methods=["full", "topk"], workloads=["micro"], sparsities=[0.5], out=tmp_path, resume=True)
-    from salad_bench.harness.runner import _identity
+    from salad_bench.harness.results import cell_identity
     from salad_bench.methods import METHODS
 
     w = RowWriter(tmp_path, rank=1, world_size=2)
     cfg = {**METHODS.get("topk").defaults, "sparsity": 0.5}
-    w.append({**_identity("attention", "topk", cfg, "micro", "bf16", "fwd", 0.5, "video"), "status": "ok"})
+    w.append({**cell_identity("attention", "topk", cfg, "micro", "bf16", "fwd", 0.5, "video"), "status": "ok"})
     fresh = RowWriter(tmp_path, resume=True)  # one process resuming a run of two ranks
     base, rest = plan(spec, writer=fresh)
     assert [u.method for u in rest] == ["full"]

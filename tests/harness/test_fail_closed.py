@@ -105,7 +105,7 @@ def test_interrupt_exits_130_and_keeps_rows(tmp_path, monkeypatch, capsys):
     import salad_bench.harness.runner as runner
 
     out = tmp_path / "r"
-    real_cell = runner._Sweep.cell
+    real_cell = runner._Sweep.measure_cell
     calls = {"n": 0}
 
     def cell(self, *a, **kw):
@@ -114,7 +114,7 @@ def test_interrupt_exits_130_and_keeps_rows(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real_cell(self, *a, **kw)
 
-    monkeypatch.setattr(runner._Sweep, "cell", cell)
+    monkeypatch.setattr(runner._Sweep, "measure_cell", cell)
     assert main(["--methods", "topk,full", "--out", str(out), *QUICK]) == 130
     assert "--resume" in capsys.readouterr().err
     assert [r["method"] for r in _rows(out)] == ["topk"]

@@ -139,8 +139,25 @@ def dit_block(root: Path = ROOT) -> str:
                 cell(share, "attn_share", lambda v: f"{100 * v:.0f}%"), cell(c, "compile_s", lambda v: f"{v:.0f}"),
                 cell(c, "sampling_ms_est", lambda v: f"{v / 1e3:.1f}"),
             ]) + " |")
-        out.append("")
+        out += ["", *_ceilings(dit), ""]
     return "\n".join(out) if out else "No whole-model GPU run is committed yet.\n"
+
+
+def _ceilings(dit: pd.DataFrame) -> list[str]:
+    """Per model, the Amdahl ceiling: the dense model's time over its time without attention (the
+    speedup if attention cost nothing), eager and compiled."""
+    from salad_bench.methods import METHODS
+
+    dense = dit[dit["method"].isin(METHODS.with_trait("reference"))]
+    lines = []
+    for model, g in dense.groupby("model", sort=False):
+        parts = [f"{'compiled' if comp else 'eager'} {r.total_ms / r.rest_ms:.2f}x (attention {100 * r.attn_share:.0f}%)"
+                 for comp, r in ((c, g[g["compiled"] == c].iloc[0]) for c in (False, True) if (g["compiled"] == c).any())
+                 if r.rest_ms and r.rest_ms > 0]
+        if parts:
+            lines.append(f"Ceiling for {model} if attention cost nothing (dense time / dense time without attention): "
+                         + ", ".join(parts) + ".")
+    return lines
 
 
 RENDERERS = {"headline": headline_block, "targets": targets_block, "dit": dit_block}

@@ -30,7 +30,7 @@ def test_stale_block_is_refused_and_a_rewrite_fixes_it(tmp_path, capsys):
     shutil.copytree(ROOT / "results" / "gpu", root / "results" / "gpu")
     run = root / "results" / "dit" / "2026-12-06-h100"
     run.mkdir(parents=True)
-    rows = [_dit_row("full", True, 500.0, 1.0), _dit_row("salad", True, 250.0, 2.0),
+    rows = [_dit_row("full", True, 500.0, 1.0, attn_ms=250.0), _dit_row("salad", True, 250.0, 2.0),
             _dit_row("full", False, 640.0, 1.0), _dit_row("salad", False, 360.0, 1.78)]
     (run / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = "intro\n<!-- generated:dit -->\nold numbers\n<!-- /generated:dit -->\nend\n"
@@ -42,6 +42,8 @@ def test_stale_block_is_refused_and_a_rewrite_fixes_it(tmp_path, capsys):
     assert new.startswith("intro\n") and new.endswith("end\n") and "old numbers" not in new
     salad = next(line for line in new.splitlines() if line.startswith("| wan2.1-1.3b-480p | salad"))
     assert "360.0 | 1.78x | 250.0 | **2.00x**" in salad and "| 40 |" in salad
+    # the Amdahl ceiling from the dense model's own attention share, eager and compiled
+    assert "Ceiling for wan2.1-1.3b-480p" in new and "eager 1.67x (attention 40%), compiled 2.00x (attention 50%)" in new
     assert readme.main(["--readme", str(root / "README.md"), "--check"]) == 0
 
 

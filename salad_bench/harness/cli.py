@@ -73,6 +73,9 @@ def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
     p.add_argument("--gate", type=Path, default=None, help="baseline JSON: fail (exit 1) on a speedup regression")
     p.add_argument("--allow-empty", action="store_true", help="with --gate: pass when no cell is comparable with the baseline")
     p.add_argument("--quick", action="store_true", help="shorter timing budgets (smoke runs)")
+    p.add_argument("--dit-blocks", type=int, default=None, metavar="K",
+                   help="dit: workloads: time a model of K transformer blocks and scale to the full depth "
+                        "(the forward without blocks + K blocks x L/K; rows say so); for models too slow to time whole")
     p.add_argument("--list", action="store_true", help="list methods (family, knobs) and workloads, then exit")
     return p
 
@@ -121,7 +124,7 @@ def _main(args: argparse.Namespace) -> int:
     spec = make_spec(
         args.methods, sparsities=args.sparsity, workloads=args.workloads, device=args.device, dtype=args.dtype,
         out=args.out, knobs=raw, quick=args.quick, resume=args.resume, qkv=args.qkv, seed=args.seed,
-        backward=args.backward, baselines=not args.no_baselines, weights=args.weights, compile=args.compile,
+        backward=args.backward, baselines=not args.no_baselines, weights=args.weights, compile=args.compile, dit_blocks=args.dit_blocks,
     )
     if args.gate is not None:
         from salad_bench.harness.gate import load_baseline

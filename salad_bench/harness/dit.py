@@ -233,8 +233,14 @@ def run_dit_workload(
     attn_reps: int = 3,
     seed: int = 0,
     compiled: bool = False,
+    blocks: int | None = None,
 ) -> None:
     """Time one Wan2.1 transformer forward per (method, sparsity); append one ``kind="dit"`` row each.
+
+    ``blocks``: build the model with this many transformer blocks (all of the same shape) and give the
+    whole model's times from them: the forward without blocks plus the blocks' time scaled to the full
+    depth, methods told their blocks are the model's last layers and dense warm-up layers counted at the
+    dense block's time (:func:`scale_blocks`). Rows name it in the workload (``[blocks=K/L]``).
 
     ``methods`` are registry names (globs allowed); ``knobs`` maps a method name to config overrides;
     ``progress`` is a tqdm-like bar or a callable receiving each row. ``warmup_ms``/``rep_ms`` go to
@@ -254,7 +260,15 @@ def run_dit_workload(
     warmup_ms = (500.0 if dev.type == "cuda" else 25.0) if warmup_ms is None else warmup_ms
     rep_ms = (2000.0 if dev.type == "cuda" else 100.0) if rep_ms is None else rep_ms
     dtype_name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+    depth = int(wl.model["num_layers"])
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= depth):
+        raise ValueError(f"blocks={blocks!r}: give a whole number of transformer blocks in [1, {depth}] for {wl.dit_name}")
+    if blocks == depth:
+        blocks = None
+    if blocks is not None and weights is not None:
+        raise ValueError("--dit-blocks times a random-weight model of fewer blocks; drop it with --weights")
     wl_id = wl.dit_name if weights is None else f"{wl.dit_name}[weights={Path(weights).name}]"
+    wl_id += f"[blocks={blocks}/{depth}]" if blocks else ""
     wl_id += "+compile" if compiled else ""  # compiled and eager rows are different cells
 
     engine = Engine(writer, progress)
@@ -295,7 +309,8 @@ def run_dit_workload(
     engine.note(f"{wl.dit_name}: building the model")
     try:
         if weights is None:
-            model = new_transformer(wl.model, device=dev, dtype=dtype, seed=seed)
+            config = wl.model if blocks is None else {**wl.model, "num_layers": blocks}
+            model = new_transformer(config, device=dev, dtype=dtype, seed=seed)
         else:
             from salad_bench.harness.weights import load_transformer
 
@@ -313,20 +328,33 @@ def run_dit_workload(
         return
     heads, head_dim = mcfg.num_attention_heads, mcfg.attention_head_dim
     common.update(
-        {"H": heads, "D": head_dim, "layers": mcfg.num_layers, "params": sum(p.numel() for p in model.parameters())}
+        {"H": heads, "D": head_dim, "layers": depth, "params": sum(p.numel() for p in model.parameters())}
     )
-    flops_dense = mcfg.num_layers * dense_flops(1, heads, wl.n, wl.n, head_dim)
+    flops_dense = depth * dense_flops(1, heads, wl.n, wl.n, head_dim)
+    where = {} if blocks is None else {"layer_offset": depth - blocks, "num_layers": depth}
+    if blocks is not None:
+        engine.note(f"{wl.dit_name}: the forward without blocks")
+        no_blocks_ms = _no_blocks_ms(model, inputs, dev, warmup_ms, rep_ms)
+        common.update({"blocks_measured": blocks, "no_blocks_ms": no_blocks_ms, "params": None,
+                       "extrapolated": f"{blocks} of {depth} blocks timed (as layers {depth - blocks}..{depth - 1}); "
+                                       f"the forward without blocks + the blocks' time x {depth}/{blocks}"})
+
+    def whole(got: dict[str, Any], dense_layers: int = 0) -> dict[str, Any]:
+        if blocks is None:
+            return got
+        return scale_blocks(got, no_blocks_ms, blocks, depth, dense=base if dense_layers else None,
+                            dense_layers=dense_layers)
 
     # Baseline: full, pinned to the fastest dense backend for this shape.
     try:
         engine.note(f"{wl.dit_name}: baseline")
         best = _fastest_dense_backend(wl, heads, head_dim, dev, dtype)
         pin = {"backend": best} if best in ("cudnn", "flash", "efficient", "math", "flex", "flash_attn", "fa4") else {}
-        install_attention(model, _reference(), num_steps=num_steps, **pin)
+        install_attention(model, _reference(), num_steps=num_steps, **where, **pin)
         _set(model, step, num_steps)
-        base = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps, compiled)
-        install_attention(model, _stub_factory, num_steps=num_steps)
-        stub = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, 1, compiled)
+        base = whole(_forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps, compiled))
+        install_attention(model, _stub_factory, num_steps=num_steps, **where)
+        stub = whole(_forward_stats(model, inputs, dev, warmup_ms, rep_ms, 1, compiled))
         if compiled:  # attention = forward - the same compiled forward with zero-cost attention
             base = _with_stub_split(base, stub)
         restore_attention(model)
@@ -361,9 +389,14 @@ def run_dit_workload(
             if name == _reference() and not knobs.get(name):
                 got = dict(base)  # full/auto is the baseline: same model, same backend, same process
             else:
-                install_attention(model, name, sparsity=s, num_steps=num_steps, **knobs.get(name, {}))
+                install_attention(model, name, sparsity=s, num_steps=num_steps, **where, **knobs.get(name, {}))
                 _set(model, step, num_steps)
-                got = _forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps, compiled)
+                warm = int(method_config(name, knobs, s).get("dense_first_layers", 0) or 0)
+                if blocks is not None and warm > depth - blocks:
+                    raise ValueError(f"{name} keeps its first {warm} of {depth} layers dense, more than the "
+                                     f"{depth - blocks} layers beside the {blocks} timed blocks; give --dit-blocks at "
+                                     f"most {depth - warm}, or time the whole model")
+                got = whole(_forward_stats(model, inputs, dev, warmup_ms, rep_ms, attn_reps, compiled), warm)
                 if compiled:
                     got = _with_stub_split(got, stub)
         finally:
@@ -382,6 +415,39 @@ def run_dit_workload(
     engine.run(stamped(speedup=base["ms"]), measure_cell)
     model = inputs = None  # freed before the cache is emptied
     _free(dev)
+
+
+def _no_blocks_ms(model: torch.nn.Module, inputs: dict, device: torch.device, warmup_ms: float, rep_ms: float) -> float:
+    """The forward's time without its transformer blocks (embeddings, the output head)."""
+    kept = model.blocks
+    model.blocks = torch.nn.ModuleList()
+    try:
+        with torch.inference_mode():
+            return measure(lambda: model(**inputs), device, warmup_ms=warmup_ms, rep_ms=rep_ms).median_ms
+    finally:
+        model.blocks = kept
+
+
+def scale_blocks(got: dict[str, Any], no_blocks_ms: float, k: int, depth: int, *, dense: dict[str, Any] | None = None,
+                 dense_layers: int = 0) -> dict[str, Any]:
+    """``got`` (the stats of a forward with ``k`` blocks) as a ``depth``-block forward's: each time ``t``
+    becomes ``no_blocks_ms + (depth - dense_layers) / k * (t - no_blocks_ms)`` plus, for ``dense_layers``
+    warm-up layers, that many of ``dense``'s blocks (``dense``: the dense model's stats, already scaled).
+    Attention time and FLOPs scale with the blocks; the measured time stays as ``ms_measured``."""
+    f = (depth - dense_layers) / k
+    dense_block = (dense["ms"] - no_blocks_ms) / depth if dense_layers else 0.0
+    out = {**got, "ms_measured": got["ms"], "peak_mem_gib": None, "peak_mem_gib_measured": got.get("peak_mem_gib")}
+    for key in ("ms", "ms_p20", "ms_p80"):
+        if got.get(key) is not None:
+            out[key] = no_blocks_ms + f * (got[key] - no_blocks_ms) + dense_layers * dense_block
+    if got.get("attn_ms") is not None:
+        out["attn_ms"] = f * got["attn_ms"] + (dense_layers * dense["attn_ms"] / depth if dense_layers else 0.0)
+        out["rest_ms"] = out["ms"] - out["attn_ms"]
+        out["attn_share"] = out["attn_ms"] / out["ms"] if out["ms"] > 0 else None
+    if got.get("flops_attn_executed") is not None:
+        dense_flops_block = dense["flops_attn_executed"] / depth if dense_layers else 0.0
+        out["flops_attn_executed"] = f * got["flops_attn_executed"] + dense_layers * dense_flops_block
+    return out
 
 
 def _sampling_estimate(ms: float, dense_ms: float, cfg: dict[str, Any], num_steps: int) -> dict[str, Any]:
@@ -572,6 +638,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--knobs", default="{}", help='JSON: {"salad": {"sparse": "sta"}}')
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (both sides)")
+    p.add_argument("--dit-blocks", type=int, default=None, metavar="K",
+                   help="time a model of K blocks and scale to the full depth (large models within a time budget)")
     p.add_argument("--pipeline", action="store_true",
                    help="sample through a real WanPipeline at the preset's video size (needs --weights: a full "
                         "diffusers-format Wan2.1 directory); rows of kind 'pipeline'")
@@ -631,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_ms=args.warmup_ms,
             rep_ms=args.rep_ms,
             attn_reps=args.attn_reps,
+            blocks=args.dit_blocks,
             compiled=args.compile,
         )
     print(f"rows: {writer.path}")

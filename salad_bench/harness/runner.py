@@ -76,6 +76,7 @@ class RunSpec:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     compile: bool = False  # dit: workloads: every transformer block torch.compile'd (both sides)
+    dit_blocks: int | None = None  # dit: workloads: time this many blocks, scaled to the full depth
 
 
 def make_spec(
@@ -151,6 +152,8 @@ def validate_spec(spec: RunSpec) -> None:
     if spec.dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {spec.dtype!r}; use one of {', '.join(DTYPES)}")
     dev = torch.device(check_device(spec.device))
+    if spec.dit_blocks is not None and not any(w.startswith("dit:") for w in spec.workloads):
+        raise ValueError("--dit-blocks applies to whole-model workloads; add --workloads dit:<preset> or drop it")
     for name in spec.methods:
         for s in spec.sparsities[:1] or [0.0]:
             create_method(name, num_heads=2, head_dim=64, sparsity=s, **spec.knobs.get(name, {}))  # knob check
@@ -165,7 +168,10 @@ def validate_spec(spec: RunSpec) -> None:
                 )
             from salad_bench.harness.dit import get_dit_workload
 
-            get_dit_workload(w)
+            d = get_dit_workload(w)
+            if spec.dit_blocks is not None and not 1 <= spec.dit_blocks <= d.layers:
+                raise ValueError(f"--dit-blocks {spec.dit_blocks}: {w} has {d.layers} transformer blocks; "
+                                 f"give a number in [1, {d.layers}]")
             continue
         wl = get_workload(w)
         if dev.type == "cpu" and wl.n > 16384:
@@ -417,6 +423,7 @@ def _measure_units(sweep: _Sweep, units: list[Unit]) -> None:
                 progress=sweep.engine.progress,
                 knobs=spec.knobs,
                 compiled=spec.compile,
+                blocks=spec.dit_blocks,
             )
             continue
         sweep.workload(get_workload(w), mine)

@@ -63,6 +63,9 @@ def test_speedup_is_over_fastest_measured_dense(tmp_path):
         (["--methods", "topk", "--workloads", "wan2.1-1.3b-480p", "--device", "cpu"], "too large for a CPU"),
         (["--methods", "topk", "--knob", "topk.block_q=48"], "block_q=48"),
         (["--methods", "topk", "--workloads", "nope"], "unknown workload"),
+        (["--methods", "topk", "--dit-blocks", "2"], "--dit-blocks applies to whole-model workloads"),
+        (["--methods", "topk", "--workloads", "dit:tiny", "--dit-blocks", "3"], "has 2 transformer blocks"),
+        (["--methods", "topk", "--workloads", "dit:tiny", "--dit-blocks", "two"], "invalid int value"),
     ],
 )
 def test_bad_input_exits_2_with_message(args, needle, tmp_path, capsys):

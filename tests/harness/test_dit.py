@@ -151,3 +151,48 @@ def test_tiny_on_cuda_bf16(tmp_path):
     assert all(
         r["timer_attn"].startswith("cuda-events") and r["peak_mem_gib"] > 0 and 0 < r["attn_ms"] < r["ms"] for r in ok
     )
+
+
+def test_scale_blocks_arithmetic():
+    got = {"ms": 10.0, "ms_p20": 9.0, "ms_p80": 11.0, "attn_ms": 4.0, "flops_attn_executed": 6.0, "peak_mem_gib": 1.5}
+    out = dit.scale_blocks(got, 2.0, k=2, depth=8)
+    assert out["ms"] == 2.0 + 4 * 8.0 and out["ms_p20"] == 2.0 + 4 * 7.0 and out["ms_measured"] == 10.0
+    assert out["attn_ms"] == 16.0 and out["rest_ms"] == out["ms"] - 16.0 and out["flops_attn_executed"] == 24.0
+    assert out["peak_mem_gib"] is None and out["peak_mem_gib_measured"] == 1.5  # a K-block model's memory is not L's
+    dense = {"ms": 42.0, "attn_ms": 8.0, "flops_attn_executed": 80.0}  # already whole-model: 5 ms a block
+    warm = dit.scale_blocks(got, 2.0, k=2, depth=8, dense=dense, dense_layers=2)
+    assert warm["ms"] == pytest.approx(2.0 + 3 * 8.0 + 2 * 5.0)  # 6 sparse layers at 4 ms, 2 dense at 5 ms
+    assert warm["attn_ms"] == pytest.approx(3 * 4.0 + 2 * 1.0) and warm["flops_attn_executed"] == pytest.approx(18 + 20)
+
+
+def test_a_model_of_fewer_blocks_stands_for_the_whole(tmp_path):
+    writer = RowWriter(tmp_path / "run")
+    run_dit_workload("dit:tiny", ["full", "topk", "svg"], [0.5], writer=writer, blocks=1,
+                     knobs={"topk": TOPK_SMALL, "svg": {"dense_first_layers": 1}}, **FAST)
+    full, topk, svg = read_jsonl(writer.path)
+    for r in (full, topk, svg):
+        assert r["status"] == "ok", r["reason"]
+        assert r["workload"] == "dit:tiny[blocks=1/2]" and r["layers"] == 2 and r["blocks_measured"] == 1
+        assert "1 of 2 blocks timed" in r["extrapolated"] and r["peak_mem_gib"] is None
+        assert r["speedup"] == pytest.approx(full["ms"] / r["ms"])
+    nb = full["no_blocks_ms"]
+    assert 0 < nb < full["ms_measured"]
+    for r in (full, topk):  # no warm-up layers: the one block counts twice
+        assert r["ms"] == pytest.approx(nb + 2 * (r["ms_measured"] - nb))
+    # svg keeps layer 0 dense: its one timed block is layer 1 (sparse), layer 0 is the dense block's time
+    assert svg["density"] < 1.0
+    assert svg["ms"] == pytest.approx(nb + (svg["ms_measured"] - nb) + (full["ms"] - nb) / 2)
+
+
+def test_bad_block_counts_are_refused(tmp_path):
+    for bad in (0, 3, 1.5, True):
+        with pytest.raises(ValueError, match="whole number of transformer blocks"):
+            run_dit_workload("dit:tiny", ["full"], [0.5], writer=RowWriter(tmp_path / "r"), blocks=bad, **FAST)
+    # every block timed is the whole model: no extrapolation, the plain workload name
+    run_dit_workload("dit:tiny", ["full"], [0.5], writer=(w := RowWriter(tmp_path / "w")), blocks=2, **FAST)
+    assert [(r["workload"], r.get("blocks_measured")) for r in read_jsonl(w.path)] == [("dit:tiny", None)]
+    # more warm-up layers than the timed blocks can stand beside: that cell is an error row saying so
+    run_dit_workload("dit:tiny", ["svg"], [0.5], writer=(x := RowWriter(tmp_path / "x")), blocks=1,
+                     knobs={"svg": {"dense_first_layers": 2}}, **FAST)
+    (row,) = read_jsonl(x.path)
+    assert row["status"] == "error" and "keeps its first 2 of 2 layers dense" in row["reason"] and "--dit-blocks" in row["reason"]

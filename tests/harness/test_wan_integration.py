@@ -124,6 +124,12 @@ def test_context_grid_layer_step_and_hidden_states():
     assert probes[0].seen[-1].grid == (2, 4, 6)
     with pytest.raises(ValueError, match="outside"):
         set_step(model, 10)
+    # the three blocks standing for layers 5..7 of an 8-layer model (a model built with fewer blocks)
+    install_attention(model, _probe, layer_offset=5, num_layers=8)
+    _run(model, _inputs(frames=3, h=16, w=16))
+    assert [(p.seen[-1].layer, p.seen[-1].num_layers) for p in installed_methods(model)] == [(5, 8), (6, 8), (7, 8)]
+    with pytest.raises(ValueError, match="does not fit a model of 7 layers"):
+        install_attention(model, _probe, layer_offset=5, num_layers=7)
 
 
 def test_step_callback_advances_the_step():

@@ -238,6 +238,8 @@ def install_attention(
     sparsity: float = 0.0,
     num_steps: int = 1,
     method_dtype: torch.dtype | None = None,
+    layer_offset: int = 0,
+    num_layers: int | None = None,
     **knobs: Any,
 ) -> list[AttentionMethod]:
     """Put a registered method into every self-attention layer of a ``WanTransformer3DModel``.
@@ -247,12 +249,19 @@ def install_attention(
     its own instance, registered as ``blocks[i].attn1.sparse_method`` and moved to the layer's device
     and to ``method_dtype`` (default: the layer's weight dtype). A method already installed is
     restored first. Returns the instances in layer order.
+
+    ``layer_offset`` / ``num_layers``: the blocks are layers ``layer_offset ...`` of a model of
+    ``num_layers`` (default: the model's own blocks, from 0), for a model built with fewer blocks than the
+    one it stands for; methods see those layer indices (dense warm-up layers follow them).
     """
     _check_wan(model)
+    blocks = list(model.blocks)
+    depth = len(blocks) if num_layers is None else num_layers
+    if layer_offset < 0 or layer_offset + len(blocks) > depth:
+        raise ValueError(f"layer_offset={layer_offset} with {len(blocks)} blocks does not fit a model of {depth} layers")
     if attention_state(model) is not None:
         restore_attention(model)
-    blocks = list(model.blocks)
-    state = WanAttnState(patch_size=tuple(model.config.patch_size), num_layers=len(blocks), num_steps=num_steps)
+    state = WanAttnState(patch_size=tuple(model.config.patch_size), num_layers=depth, num_steps=num_steps)
     build = (lambda **kw: create_method(method, **kw)) if isinstance(method, str) else method
     instances: list[AttentionMethod] = []
     try:
@@ -265,7 +274,7 @@ def install_attention(
             m.train(model.training)
             attn.add_module(METHOD_ATTR, m)
             state.originals.append(attn.processor)
-            attn.set_processor(SparseWanAttnProcessor(i, state))
+            attn.set_processor(SparseWanAttnProcessor(layer_offset + i, state))
             instances.append(m)
             _install_projection_lora(attn, m, state)
     except BaseException:

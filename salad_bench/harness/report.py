@@ -8,7 +8,7 @@ names its card and its dense baseline in the caption. Tables:
   FA2 (``speedup_vs_fa2``), TFLOP/s, ``rel_l2`` and whatever quality columns the rows carry.
 * ``quality``: rows with ``kind`` "quality" (their own workloads, so not joined into ``main``); a quality
   study's cells (rows with a ``study``) through its summary and hypothesis rows, with their intervals
-  (:func:`harness.quality.stats.study_tables`).
+  (:func:`harness.study_tables.study_tables`).
 * ``ablation``: families ``salad`` and ``ablation``, each method at the target sparsity nearest 90%; a
   quality study's too.
 * ``kernel``: rows with ``kind`` "kernel".
@@ -23,11 +23,10 @@ CLI: ``python -m salad_bench.harness.report results/<run> [more runs] [--out rep
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +47,8 @@ from salad_bench.harness.frames import (  # noqa: F401  (re-exported: report's p
     with_identity,
 )
 from salad_bench.harness.results import ResultsFileError, headline_times, latest_per_cell, load_rows, round_ratios
+from salad_bench.harness.study_tables import study_tables
+from salad_bench.harness.tables import Column, Table, to_latex, to_markdown
 from salad_bench.methods.base import FAMILIES
 
 __all__ = [
@@ -82,35 +83,6 @@ BACKEND_LABELS = {
     "flex": "FlexAttention",
     "default": "SDPA default",
 }
-
-
-# -- the table model ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Column:
-    key: str
-    header: str
-    fmt: Callable[[Any], str] = str
-    align: Literal["l", "r"] = "r"
-    best: Literal["max", "min"] | None = None  # bold the best value of the table's non-dense rows
-
-
-
-
-@dataclass
-class Table:
-    """One rendered table: ``cells`` hold strings, ``None`` for a missing value."""
-
-    title: str
-    caption: str
-    headers: list[str]
-    align: list[str]
-    cells: list[list[str | None]] = field(default_factory=list)
-    bold: set[tuple[int, int]] = field(default_factory=set)  # (row, column) of the best values
-
-    @property
-    def label(self) -> str:
-        """A LaTeX label from the title: ``tab:<slug>``."""
-        return "tab:" + re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
 
 
 def _num(spec: str) -> Callable[[Any], str]:
@@ -368,8 +340,6 @@ def ablation_tables(df: pd.DataFrame, goal: float = ABLATION_TARGET) -> list[Tab
             f" nearest {goal:.0%}. " + _baseline_text(g, fa2=False)
         )
         tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("rel_l2", "sparsity")))
-    from salad_bench.harness.quality.stats import study_tables
-
     return tables + study_tables(df, "ablation")
 
 
@@ -396,8 +366,6 @@ def quality_tables(df: pd.DataFrame) -> list[Table]:
             + (_baseline_text(g, fa2=False) if column(g, "speedup").notna().any() else "")
         ).strip()
         tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("sparsity", "speedup", "rel_l2")))
-    from salad_bench.harness.quality.stats import study_tables
-
     return tables + study_tables(df, "quality")
 
 
@@ -546,73 +514,6 @@ def build_tables(df: pd.DataFrame) -> dict[str, list[Table]]:
         "dit": dit_tables(df),
         "skipped": [skipped_table(df)],
     }
-
-
-# -- rendering -----------------------------------------------------------------------------------
-def _md_cell(s: str | None) -> str:
-    return "–" if s is None else s.replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(tables: Table | list[Table]) -> str:
-    """GitHub-flavoured Markdown: a heading, the caption, the table."""
-    tables = [tables] if isinstance(tables, Table) else tables
-    out = []
-    for t in tables:
-        out += [f"### {t.title}", "", t.caption, ""]
-        if not t.cells:
-            out += ["(no rows)", ""]
-            continue
-        out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
-        out.append("|" + "|".join(":---" if a == "l" else "---:" for a in t.align) + "|")
-        out += ["| " + " | ".join(f"**{_md_cell(c)}**" if (i, j) in t.bold else _md_cell(c)
-                                  for j, c in enumerate(row)) + " |" for i, row in enumerate(t.cells)]
-        out.append("")
-    return "\n".join(out)
-
-
-_TEX_ESCAPES = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-    "×": r"$\times$",
-    "−": "$-$",
-    "–": "--",
-    "·": r"$\cdot$",
-}
-
-
-def _tex(s: str | None) -> str:
-    return "--" if s is None else "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
-
-
-def to_latex(tables: Table | list[Table]) -> str:
-    """LaTeX through pandas' Styler: booktabs rules, a caption and a ``tab:`` label per table, the best
-    values in bold, and ``longtable`` past 40 rows (needs ``\\usepackage{booktabs,longtable}``)."""
-    tables = [tables] if isinstance(tables, Table) else tables
-    out = []
-    for t in tables:
-        cells = t.cells or [["(no rows)"] + [""] * (len(t.headers) - 1)]
-        body = [
-            [(rf"\textbf{{{_tex(c)}}}" if (i, j) in t.bold else _tex(c)) for j, c in enumerate(row)]
-            for i, row in enumerate(cells)
-        ]
-        frame = pd.DataFrame(body, columns=[_tex(h) for h in t.headers])
-        long = len(cells) > 40
-        out.append(
-            frame.style.hide(axis="index").to_latex(
-                hrules=True, caption=_tex(t.caption), label=t.label, column_format="".join(t.align),
-                position=None if long else "t", position_float=None if long else "centering",
-                environment="longtable" if long else None,
-            )
-        )
-    return "\n".join(out)
 
 
 # -- writing -------------------------------------------------------------------------------------

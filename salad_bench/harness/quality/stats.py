@@ -19,8 +19,9 @@ sweep) count as they are, each run's ``--seed`` a seed.
 Outputs: :func:`summary_rows` (kind ``quality_summary``: per cell group the mean and interval of each
 metric, and the val loss's excess over the fine-tuned full control overall and per timestep band) and
 :func:`hypothesis_rows` (kind ``hypothesis``: the config's hypotheses, each ``held`` / ``not held`` /
-``unresolved`` / ``not tested`` with its intervals); :func:`study_tables` turns those rows into the
-report's tables (``harness.report`` calls it). The study runner appends both kinds to its run.
+``unresolved`` / ``not tested`` with its intervals); :func:`harness.study_tables.study_tables` turns those
+rows into the report's tables and :func:`markdown` into ``intervals.md``. The study runner appends both kinds
+to its run.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from salad_bench.harness.quality.study_config import CONTROL, Hypothesis, StudyConfig, StudyConfigError, metric
+from salad_bench.harness.study_tables import study_tables
+from salad_bench.harness.tables import to_markdown
 
 __all__ = [
     "Cells",
@@ -397,87 +400,9 @@ def _evidence(h: Hypothesis, parts: list[dict[str, Any]]) -> str:
     return f"{what} {vs} (threshold {h.threshold:+g}): " + "; ".join(bits)
 
 
-# -- tables ----------------------------------------------------------------------------------------
-def _ci(rec: dict[str, Any], key: str, spec: str) -> str | None:
-    v = rec.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    lo, hi = rec.get(f"{key}_lo"), rec.get(f"{key}_hi")
-    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
-        return format(v, spec)
-    return f"{format(v, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
-
-
-_COLUMNS = (  # key, header, format
-    ("val_loss", "val loss", ".4f"), ("val_loss_excess", "vs control", "+.1%"), ("velocity_mse", "velocity MSE", ".4g"),
-    ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".3f"), ("classifier_accuracy", "classifier acc.", ".2f"),
-    ("frechet_distance", "Frechet", ".3g"), ("temporal_flickering", "flicker", ".4f"),
-)  # fmt: skip
-
-
-def study_tables(df, part: str = "quality") -> list:
-    """The report's tables of a study's ``quality_summary`` and ``hypothesis`` rows (``df``: any rows).
-    ``part`` "quality": per study and card the cells with intervals, the per-band excess over the control
-    and the hypotheses; "ablation": the salad and ablation families at the target nearest 90% with the
-    control."""
-    import pandas as pd
-
-    from salad_bench.harness.frames import column, nearest_target, ok_rows, rows_of_kind
-    from salad_bench.harness.report import Table
-
-    summ = rows_of_kind(ok_rows(df), "quality_summary")
-    hyp = rows_of_kind(ok_rows(df), "hypothesis")
-    tables = []
-    def text(name: str, frame):
-        return column(frame, name).map(lambda v: "?" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-
-    for (study, card), g in summ.groupby([text("study", summ), text("card", summ)], sort=True):
-        recs = g.to_dict("records")
-        if part == "ablation":
-            fam = {r["method"]: r.get("family") for r in recs}
-            goal = nearest_target([r["sparsity_target"] for r in recs if fam.get(r["method"]) in ("salad", "ablation")])
-            recs = [r for r in recs if (r.get("family") in ("salad", "ablation") and r["sparsity_target"] == goal)
-                    or r.get("family") == "full" and r.get("arm") != "as_is"]  # fmt: skip
-            if goal is None or not recs:
-                continue
-        recs.sort(key=lambda r: (r["sparsity_target"], str(r.get("family")), r["label"]))
-        conf = recs[0].get("confidence") or 0.95
-        headers = ["method", "arm", "target", "lr", "seeds", "density"] + [h for k, h, _ in _COLUMNS]
-        cells = [[r["label"], r.get("arm"), f"{r['sparsity_target']:.2f}", None if pd.isna(r.get("train_lr")) else f"{r['train_lr']:g}",
-                  str(int(r["n_seeds"])), None if pd.isna(r.get("density")) else f"{r['density']:.3f}"]
-                 + [_ci(r, k, spec) for k, _, spec in _COLUMNS] for r in recs]  # fmt: skip
-        keep = [j for j in range(len(headers)) if j < 6 or any(c[j] is not None for c in cells)]
-        title = f"quality study {study} · {card}" + (" · ablations" if part == "ablation" else "")
-        caption = (f"Means with {conf:.0%} intervals (hierarchical bootstrap: seeds, then videos within each seed). "
-                   "'vs control': val loss over the full-attention control fine-tuned with the same recipe, minus 1. "
-                   "Each row: the learning rate its sweep picked, every seed.")  # fmt: skip
-        tables.append(Table(title, caption, [headers[j] for j in keep], ["l", "l"] + ["r"] * (len(keep) - 2),
-                            [[c[j] for j in keep] for c in cells]))  # fmt: skip
-        if part == "quality":
-            bands = sorted({int(m.group(1)) for k in g.columns if (m := re.fullmatch(r"val_loss_band(\d+)_excess", k))})
-            brecs = [r for r in recs if any(not pd.isna(r.get(f"val_loss_band{j}_excess")) for j in bands)]
-            if bands and brecs:
-                tables.append(Table(
-                    f"quality study {study} · {card} · val loss by t band", "Val loss over the fine-tuned control's, minus 1, "
-                    f"per timestep band (band j of the rows' t_bands), {conf:.0%} intervals.",
-                    ["method", "arm", "target"] + [f"band {j}" for j in bands], ["l", "l", "r"] + ["r"] * len(bands),
-                    [[r["label"], r.get("arm"), f"{r['sparsity_target']:.2f}"] + [_ci(r, f"val_loss_band{j}_excess", "+.1%")
-                                                                               for j in bands] for r in brecs],
-                ))  # fmt: skip
-    if part == "quality":
-        for study, g in hyp.groupby(text("study", hyp), sort=True):
-            cells = [[r["hypothesis"], r["claim"], r["verdict"], r["evidence"]] for r in g.to_dict("records")]
-            tables.append(Table(f"quality study {study} · hypotheses", "Held: the whole interval on the claim's side; "
-                                "not held: the whole interval on the other side; unresolved: otherwise.",
-                                ["id", "claim", "verdict", "evidence"], ["l", "l", "l", "l"], cells))  # fmt: skip
-    return tables
-
-
 def markdown(summary: list[dict[str, Any]], hypotheses: list[dict[str, Any]]) -> str:
     """The study's tables as Markdown (``intervals.md`` beside the rows)."""
     import pandas as pd
-
-    from salad_bench.harness.report import to_markdown
 
     df = pd.DataFrame(summary + hypotheses)
     return to_markdown(study_tables(df, "quality")) if not df.empty else "(no rows)\n"

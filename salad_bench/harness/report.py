@@ -1,7 +1,10 @@
 """Paper-style tables (Markdown and LaTeX/booktabs) from result rows, plus the ``reports/`` writer.
 
 Every table is a pure function of a DataFrame of rows (the schema in :mod:`harness.results`) and
-names its card and its dense baseline in the caption. Tables:
+names its card and its dense baseline in the caption. Which tables each file holds, and each table's rows
+(kind, families, goal sparsity), grouping and columns, are the experiment config
+``harness/experiments/paper_tables.toml`` (:func:`load_tables`, ``--tables FILE`` for another); captions and
+the columns that depend on the rows are code here. Tables:
 
 * ``main``: attention rows (``kind`` "attention") per (card, workload, dtype, pass): measured sparsity,
   density, latency, speedup over the run's dense baseline (``speedup``/``baseline_backend``) and over
@@ -9,29 +12,32 @@ names its card and its dense baseline in the caption. Tables:
 * ``quality``: rows with ``kind`` "quality" (their own workloads, so not joined into ``main``); a quality
   study's cells (rows with a ``study``) through its summary and hypothesis rows, with their intervals
   (:func:`harness.study_tables.study_tables`).
-* ``ablation``: families ``salad`` and ``ablation``, each method at the target sparsity nearest 90%; a
-  quality study's too.
+* ``ablation``: families ``salad`` and ``ablation``, each method at the target sparsity nearest the goal
+  (90%); a quality study's too.
 * ``kernel``: rows with ``kind`` "kernel".
 * ``dit``: end-to-end rows (``kind`` "dit", :mod:`harness.dit`): total ``ms`` (or ``total_ms``),
   self-attention ``attn_ms`` (or ``self_attn_ms``), ``rest_ms`` (or total minus attention),
   ``attn_share``, ``speedup`` and ``attn_speedup``.
 * ``skipped``: every row whose status is not "ok", with its reason (never dropped silently).
 
-CLI: ``python -m salad_bench.harness.report results/<run> [more runs] [--out reports/]``.
+CLI: ``python -m salad_bench.harness.report results/<run> [more runs] [--out reports/] [--tables FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import statistics
 import sys
+import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 
+from salad_bench.harness.errors import BadInput
 from salad_bench.harness.frames import (  # noqa: F401  (re-exported: report's public helpers)
     ABLATION_TARGET,
     IDENTITY,
@@ -108,44 +114,59 @@ def _int(v: Any) -> str:
     return str(int(v))
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A row field every table shows the same way: its header, its format and which way is better."""
-
-    header: str
-    fmt: Callable[[Any], str]
-    best: Literal["max", "min"] | None = None
+def _backend_label(backend: Any) -> str:
+    return BACKEND_LABELS.get(str(backend), str(backend))
 
 
-METRICS: dict[str, Metric] = {
-    "sparsity_target": Metric("target", _num(".2f")),
-    "sparsity": Metric("sparsity", _num(".3f")),
-    "density": Metric("density", _num(".3f")),
-    "ms": Metric("ms", _ms),
-    "total_ms": Metric("total ms", _ms),
-    "attn_ms": Metric("self-attn ms", _ms),
-    "rest_ms": Metric("rest ms", _ms),
-    "attn_share": Metric("attn share", _pct),
-    "speedup": Metric("speedup", _num(".2f"), "max"),
-    "speedup_vs_fa2": Metric("× FA2", _num(".2f"), "max"),
-    "attn_speedup": Metric("attn speedup", _num(".2f"), "max"),
-    "tflops_dense_equiv": Metric("TFLOP/s (dense-eq.)", _rate),
-    "tflops_executed": Metric("TFLOP/s (exec.)", _rate),
-    "mfu": Metric("MFU", _pct),
-    "rel_l2": Metric("rel L2", _num(".4f"), "min"),
-    "psnr": Metric("psnr", _num(".2f"), "max"),
-    "ssim": Metric("ssim", _num(".4f"), "max"),
-    "lpips": Metric("lpips", _num(".4f"), "min"),
-    "val_loss": Metric("val loss", _num(".4f"), "min"),
-    "val_loss_rel": Metric("val loss rel", _num(".4f"), "min"),
-    "compile_s": Metric("compile s", _num(".1f")),
-}
+def _text(key: str, header: str | None = None, fmt: Callable[[Any], str] = str) -> Column:
+    return Column(key, key if header is None else header, fmt, "l")
+
+
+# Every column a table can name (experiments/paper_tables.toml): a row field shown the same way in every table.
+COLUMNS: dict[str, Column] = {c.key: c for c in (
+    *map(_text, ("method", "family", "variant", "backend", "workload", "card", "kind", "pass", "status", "reason")),
+    _text("baseline_backend", "baseline", _backend_label),
+    Column("N", "N", _int),
+    Column("git_sha", "commit", lambda v: str(v)[:7]),
+    Column("sparsity_target", "target", _num(".2f")),
+    Column("sparsity", "sparsity", _num(".3f")),
+    Column("density", "density", _num(".3f")),
+    Column("ms", "ms", _ms),
+    Column("ms_p20", "p20", _ms),
+    Column("ms_p80", "p80", _ms),
+    Column("total_ms", "total ms", _ms),
+    Column("attn_ms", "self-attn ms", _ms),
+    Column("rest_ms", "rest ms", _ms),
+    Column("attn_share", "attn share", _pct),
+    Column("speedup", "speedup", _num(".2f"), best="max"),
+    Column("speedup_vs_fa2", "× FA2", _num(".2f"), best="max"),
+    Column("attn_speedup", "attn speedup", _num(".2f"), best="max"),
+    Column("tflops_dense_equiv", "TFLOP/s (dense-eq.)", _rate),
+    Column("tflops_executed", "TFLOP/s (exec.)", _rate),
+    Column("mfu", "MFU", _pct),
+    Column("rel_l2", "rel L2", _num(".4f"), best="min"),
+    Column("psnr", "psnr", _num(".2f"), best="max"),
+    Column("ssim", "ssim", _num(".4f"), best="max"),
+    Column("lpips", "lpips", _num(".4f"), best="min"),
+    Column("val_loss", "val loss", _num(".4f"), best="min"),
+    Column("val_loss_rel", "val loss rel", _num(".4f"), best="min"),
+    Column("compile_s", "compile s", _num(".1f")),
+    Column("sampling_ms_est", "50-step CFG s (est.)", lambda v: f"{float(v) / 1000:.1f}"),
+    # the kernel headline's summary of each measurement over the rounds
+    _text("name", "measurement"),
+    Column("median", "median ms", _ms),
+    Column("min", "min", _ms),
+    Column("max", "max", _ms),
+    Column("rounds", "rounds", _int),
+    Column("x_cudnn", "x cuDNN dense (median of rounds)", _num(".2f")),
+    Column("x_flex", "x Flex same mask (median of rounds)", _num(".2f")),
+)}  # fmt: skip
+QUALITY_METRICS = "quality_metrics"  # in a column list: the quality metrics the rows carry (quality_columns)
 
 
 def col(key: str, header: str | None = None) -> Column:
-    """The column of a registered metric (``header`` overrides its header in one table)."""
-    m = METRICS[key]
-    return Column(key, m.header if header is None else header, m.fmt, best=m.best)
+    """A registered column (``header`` overrides its header in one table)."""
+    return COLUMNS[key] if header is None else replace(COLUMNS[key], header=header)
 
 
 def _make_table(
@@ -158,13 +179,12 @@ def _make_table(
     cells = [[None if (c.key not in df or _missing(r.get(c.key))) else c.fmt(r.get(c.key)) for c in cols] for r in records]
     bold: set[tuple[int, int]] = set()
     for j, c in enumerate(cols):
-        way = c.best or (METRICS[c.key].best if c.key in METRICS else None)
-        if way is None or c.key not in df:
+        if c.best is None or c.key not in df:
             continue
         vals = pd.to_numeric(df[c.key], errors="coerce").where(column(df, "family").astype(str) != "full")
         if vals.notna().sum() < 2:
             continue
-        target = vals.max() if way == "max" else vals.min()
+        target = vals.max() if c.best == "max" else vals.min()
         bold |= {(i, j) for i, v in enumerate(vals) if v == target}
     return Table(title, caption, [c.header for c in cols], [c.align for c in cols], cells, bold)
 
@@ -193,10 +213,6 @@ def _unique(df: pd.DataFrame, name: str) -> list[Any]:
     return seen
 
 
-def _backend_label(backend: Any) -> str:
-    return BACKEND_LABELS.get(str(backend), str(backend))
-
-
 def quality_columns(df: pd.DataFrame) -> list[str]:
     """Numeric quality columns with at least one value, in a fixed order (``vbench_*`` sorted, last).
 
@@ -210,7 +226,7 @@ def quality_columns(df: pd.DataFrame) -> list[str]:
 
 
 def _quality_cols(names: list[str]) -> list[Column]:
-    return [col(n, n.replace("_", " ")) if n in METRICS
+    return [col(n, n.replace("_", " ")) if n in COLUMNS
             else Column(n, (n[7:] if n.startswith("vbench_") else n).replace("_", " "), _num(".4f")) for n in names]
 
 
@@ -264,12 +280,118 @@ def _title(group: dict[str, Any]) -> str:
     return " · ".join(v for v in group.values() if v) or "rows"
 
 
+# -- the paper's tables (experiments/paper_tables.toml) ------------------------------------------
+PAPER_TABLES = Path(__file__).parent / "experiments" / "paper_tables.toml"
+KINDS = ("attention", "quality", "kernel", "dit")
+_FRAMES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {"attention": attention_rows, "dit": dit_frame}
+
+
+class _Group(dict):
+    """A group's key values; a field the table does not group by reads as missing ("")."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One ``[tables.<name>]`` of the paper's tables: which rows, grouped how, under which columns."""
+
+    name: str
+    group_by: tuple[str, ...]
+    columns: tuple[str, ...]
+    kind: str | None = None
+    families: tuple[str, ...] = ()
+    goal: float = ABLATION_TARGET
+    optional: tuple[str, ...] = ()
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def rows(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The ok rows of this table's kind (every row when it names none), of its families."""
+        if self.kind is None:
+            rows = with_identity(df)
+        else:
+            rows = _FRAMES.get(self.kind, lambda d: rows_of_kind(ok_rows(d), self.kind))(df)
+        return rows[column(rows, "family").isin(self.families)] if self.families else rows
+
+    def groups(self, rows: pd.DataFrame) -> list[tuple[_Group, pd.DataFrame]]:
+        return [(_Group(key), g) for key, g in group_rows(rows, self.group_by)]
+
+    def table(self, g: pd.DataFrame, title: str, caption: str, *, skip: Iterable[str] = (),
+              headers: dict[str, str] | None = None) -> Table:  # fmt: skip
+        """``g`` under this table's columns, less ``skip``, with ``headers`` over the configured ones."""
+        names = {**self.headers, **(headers or {})}
+        cols: list[Column] = []
+        for key in (k for k in self.columns if k not in set(skip)):
+            cols += _quality_cols(quality_columns(g)) if key == QUALITY_METRICS else [col(key, names.get(key))]
+        return _make_table(g, cols, title, caption, drop_empty=self.optional)
+
+
+@dataclass(frozen=True)
+class PaperTables:
+    """The report's files (stem -> its tables in order) and every table's spec."""
+
+    files: dict[str, tuple[str, ...]]
+    tables: dict[str, TableSpec]
+
+
+def load_tables(path: str | Path = PAPER_TABLES) -> PaperTables:
+    """Read and check the paper's tables; a bad file is :class:`BadInput` naming the key and the fix."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BadInput(f"{path}: cannot read the paper's tables ({exc})") from None
+
+    def bad(where: str, what: str) -> BadInput:
+        return BadInput(f"{path}: {where}: {what} (see {PAPER_TABLES.name}'s header for the keys)")
+
+    def names(where: str, value: Any, known: Iterable[str] | None = None) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(where, f"must be a list of strings, not {value!r}")
+        for v in value if known is not None else ():
+            if v not in known:
+                hint = difflib.get_close_matches(v, list(known), n=1)
+                raise bad(where, f"unknown name {v!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; known: {', '.join(known)}")  # fmt: skip
+        return tuple(value)
+
+    if set(raw) != {"files", "tables"} or not all(isinstance(raw[k], dict) for k in raw):
+        raise bad("top level", f"must hold [files] and [tables.<name>] and nothing else, not {', '.join(raw) or 'nothing'}")
+    tables: dict[str, TableSpec] = {}
+    for name, t in raw["tables"].items():
+        where = f"[tables.{name}]"
+        names("tables", [name], BUILDERS)
+        if not isinstance(t, dict):
+            raise bad(where, "must be a table of keys")
+        names(where, list(t), TableSpec.__dataclass_fields__.keys() - {"name"})
+        columns = names(f"{where} columns", t.get("columns"), [*COLUMNS, QUALITY_METRICS])
+        headers = t.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise bad(f"{where} headers", 'must be a table of column = "header"')
+        names(f"{where} headers", list(headers), columns)
+        goal = t.get("goal", ABLATION_TARGET)
+        if isinstance(goal, bool) or not isinstance(goal, int | float) or not 0 <= goal <= 1:
+            raise bad(f"{where} goal", f"must be a sparsity in [0, 1], not {goal!r}")
+        kind = t.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise bad(f"{where} kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
+        tables[name] = TableSpec(
+            name, names(f"{where} group_by", t.get("group_by")), columns, kind,
+            names(f"{where} families", t.get("families", []), FAMILIES), float(goal),
+            names(f"{where} optional", t.get("optional", []), columns), headers,
+        )  # fmt: skip
+    files = {stem: names(f"[files] {stem}", v, tables) for stem, v in raw["files"].items()}
+    if unused := tables.keys() - {n for v in files.values() for n in v}:
+        raise bad("[files]", f"no file shows {', '.join(sorted(unused))}; add it to a file or remove its section")
+    return PaperTables(files, tables)
+
+
 # -- tables --------------------------------------------------------------------------------------
-def main_tables(df: pd.DataFrame) -> list[Table]:
-    """The main comparison table(s), one per (card, workload, dtype, pass)."""
-    att = attention_rows(df)
+def main_tables(df: pd.DataFrame, spec: TableSpec | None = None) -> list[Table]:
+    """The main comparison table(s), one per (card, workload, input, dtype, pass)."""
+    spec = spec or TABLES.tables["main"]
     tables = []
-    for group, g in group_rows(att, ("card", "workload", "qkv", "dtype", "pass")):
+    for group, g in spec.groups(spec.rows(df)):
         g = _sort(g)
         backends = _unique(g, "baseline_backend")
         vs = _backend_label(backends[0]) if len(backends) == 1 else "dense"
@@ -278,21 +400,7 @@ def main_tables(df: pd.DataFrame) -> list[Table]:
         fa2_col = not on_cpu and set(_unique(g, "baseline_method")) != {"full_flash"}
         if on_cpu:  # SDPA's "flash" backend on a CPU is a CPU kernel, not FlashAttention-2
             vs = f"dense ({backends[0]}, CPU)" if len(backends) == 1 else "dense"
-        cols = [
-            Column("method", "method", align="l"),
-            Column("family", "family", align="l"),
-            col("sparsity_target"),
-            col("sparsity"),
-            col("density"),
-            col("ms"),
-            col("speedup", f"× {vs}"),
-            *([Column("baseline_backend", "baseline", _backend_label, "l")] if len(backends) > 1 else []),
-            *([col("speedup_vs_fa2")] if fa2_col else []),
-            col("tflops_dense_equiv"),
-            col("tflops_executed"),
-            col("rel_l2"),
-            *_quality_cols(quality_columns(g)),
-        ]
+        skip = ([] if len(backends) > 1 else ["baseline_backend"]) + ([] if fa2_col else ["speedup_vs_fa2"])
         smoke = (
             "CPU timings are a smoke test of the code path, not a speedup claim: speedups are measured on a GPU. "
             if on_cpu else ""
@@ -305,67 +413,48 @@ def main_tables(df: pd.DataFrame) -> list[Table]:
             + _timing_text(g)
             + " Sparsity is measured (1 − kept tile fraction)."
         )
-        optional = ("speedup_vs_fa2", "tflops_dense_equiv", "tflops_executed", "rel_l2")
-        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=optional))
+        tables.append(spec.table(g, _title(group), caption, skip=skip, headers={"speedup": f"× {vs}"}))
     return tables
 
 
-def ablation_tables(df: pd.DataFrame, goal: float = ABLATION_TARGET) -> list[Table]:
-    """SALAD and its ablations, each method at the target sparsity nearest ``goal``."""
-    att = attention_rows(df)
-    att = att[column(att, "family").isin(["salad", "ablation"])]
+def ablation_tables(df: pd.DataFrame, spec: TableSpec | None = None) -> list[Table]:
+    """SALAD and its ablations (the spec's families), each method at the target sparsity nearest the spec's
+    goal; then a quality study's."""
+    spec = spec or TABLES.tables["ablation"]
     tables = []
-    for group, g in group_rows(att, ("card", "workload", "qkv", "dtype", "pass")):
+    for group, g in spec.groups(spec.rows(df)):
         picked = [
             m[
                 pd.to_numeric(column(m, "sparsity_target"), errors="coerce")
-                == nearest_target(column(m, "sparsity_target"), goal)
+                == nearest_target(column(m, "sparsity_target"), spec.goal)
             ]
             for _, m in g.groupby("method", sort=True)
         ]
         g = _sort(pd.concat(picked))
-        cols = [
-            Column("method", "method", align="l"),
-            Column("family", "family", align="l"),
-            col("sparsity_target"),
-            col("sparsity"),
-            col("ms"),
-            col("speedup"),
-            col("rel_l2"),
-            *_quality_cols(quality_columns(g)),
-        ]
         caption = (
             f"Ablations on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
             f" ({', '.join(p for p in (group['dtype'], group['pass']) if p)}), each method at the target sparsity"
-            f" nearest {goal:.0%}. " + _baseline_text(g, fa2=False)
+            f" nearest {spec.goal:.0%}. " + _baseline_text(g, fa2=False)
         )
-        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("rel_l2", "sparsity")))
-    return tables + study_tables(df, "ablation")
+        tables.append(spec.table(g, _title(group), caption))
+    return tables + study_tables(df, "ablation", families=spec.families, goal=spec.goal)
 
 
-def quality_tables(df: pd.DataFrame) -> list[Table]:
+def quality_tables(df: pd.DataFrame, spec: TableSpec | None = None) -> list[Table]:
     """Quality rows (``kind`` "quality"), one table per (card, workload, dtype); their own workloads
     (videos, held-out data) are not the attention workloads, so they are not joined into ``main``."""
-    qual = rows_of_kind(ok_rows(df), "quality")
+    spec = spec or TABLES.tables["quality"]
+    qual = spec.rows(df)
     qual = qual[column(qual, "study").isna()]  # a study's cells: summarised with intervals below
     tables = []
-    for group, g in group_rows(qual, ("card", "workload", "dtype")):
+    for group, g in spec.groups(qual):
         g = _sort(g)
-        cols = [
-            Column("method", "method", align="l"),
-            Column("family", "family", align="l"),
-            col("sparsity_target"),
-            col("sparsity"),
-            col("speedup"),
-            col("rel_l2"),
-            *_quality_cols(quality_columns(g)),
-        ]
         caption = (
             f"Quality on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
             f"{' (' + group['dtype'] + ')' if group['dtype'] else ''}. "
             + (_baseline_text(g, fa2=False) if column(g, "speedup").notna().any() else "")
         ).strip()
-        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=("sparsity", "speedup", "rel_l2")))
+        tables.append(spec.table(g, _title(group), caption))
     return tables + study_tables(df, "quality")
 
 
@@ -373,45 +462,29 @@ def _is_headline(df: pd.DataFrame) -> pd.Series:
     return column(df, "variant").astype(str).str.startswith("headline") & column(df, "round").notna()
 
 
-def kernel_tables(df: pd.DataFrame) -> list[Table]:
+def kernel_tables(df: pd.DataFrame, spec: TableSpec | None = None) -> list[Table]:
     """Kernel micro-benchmarks (``kind`` "kernel"), one table per (card, dtype, pass); the interleaved
     headline rounds get their own table (:func:`kernel_headline_tables`)."""
-    ker = rows_of_kind(ok_rows(df), "kernel")
-    ker = ker[~_is_headline(ker)]
+    spec = spec or TABLES.tables["kernel"]
+    ker = spec.rows(df)
     tables = []
-    for group, g in group_rows(ker, ("card", "dtype", "pass")):
+    for group, g in spec.groups(ker[~_is_headline(ker)]):
         g = _sort(g)
-        cols = [
-            Column("method", "kernel", align="l"),
-            Column("variant", "variant", align="l"),
-            Column("backend", "backend", align="l"),
-            Column("workload", "workload", align="l"),
-            Column("N", "N", _int),
-            col("density"),
-            col("ms"),
-            Column("ms_p20", "p20", _ms),
-            Column("ms_p80", "p80", _ms),
-            col("tflops_executed"),
-            col("tflops_dense_equiv"),
-            col("mfu"),
-            col("speedup"),
-            Column("git_sha", "commit", lambda v: str(v)[:7]),
-        ]
         caption = (
             f"Kernels on {group['card'] or 'unknown card'} ({', '.join(p for p in (group['dtype'], group['pass']) if p)}). "
             + _baseline_text(g, fa2=False)
         )
-        tables.append(_make_table(g, cols, _title(group), caption, drop_empty=[c.key for c in cols[1:]]))
+        tables.append(spec.table(g, _title(group), caption))
     return tables
 
 
-def kernel_headline_tables(df: pd.DataFrame) -> list[Table]:
+def kernel_headline_tables(df: pd.DataFrame, spec: TableSpec | None = None) -> list[Table]:
     """The kernel benchmark's headline rounds (``round`` set): per run, each measurement's median and range
     over the rounds, and the speedups as medians of per-round ratios (drift between rounds cancels)."""
-    ker = rows_of_kind(ok_rows(df), "kernel")
-    ker = ker[_is_headline(ker)]
+    spec = spec or TABLES.tables["kernel_headline"]
+    ker = spec.rows(df)
     tables = []
-    for group, g in group_rows(ker, ("card", "run_id", "git_sha")):
+    for group, g in spec.groups(ker[_is_headline(ker)]):
         times = headline_times(g.to_dict("records"))
         out = []
         for name in sorted(times):
@@ -423,47 +496,22 @@ def kernel_headline_tables(df: pd.DataFrame) -> list[Table]:
                     if ratios := round_ratios(times, ref, name):
                         row[key] = statistics.median(ratios)
             out.append(row)
-        frame = pd.DataFrame(out)
-        cols = [
-            Column("name", "measurement", align="l"),
-            Column("median", "median ms", _ms),
-            Column("min", "min", _ms),
-            Column("max", "max", _ms),
-            Column("rounds", "rounds", _int),
-            Column("x_cudnn", "x cuDNN dense (median of rounds)", _num(".2f")),
-            Column("x_flex", "x Flex same mask (median of rounds)", _num(".2f")),
-        ]
         dirty = " plus uncommitted changes" if column(g, "git_dirty").fillna(False).astype(bool).any() else ""
         caption = (
             f"Interleaved rounds on {group['card'] or 'unknown card'} (run {group['run_id']}, commit "
             f"{str(group['git_sha'])[:12]}{dirty}): each round times every measurement once, back to back; "
             "speedups are medians of the per-round ratios."
         )
-        tables.append(_make_table(frame, cols, "headline · " + _title(group), caption,
-                                  drop_empty=("x_cudnn", "x_flex")))
+        tables.append(spec.table(pd.DataFrame(out), "headline · " + _title(group), caption))
     return tables
 
 
-def dit_tables(df: pd.DataFrame) -> list[Table]:
+def dit_tables(df: pd.DataFrame, spec: TableSpec | None = None) -> list[Table]:
     """End-to-end DiT forward (``kind`` "dit"), one table per (card, workload, dtype)."""
-    dit = dit_frame(df)
+    spec = spec or TABLES.tables["dit"]
     tables = []
-    for group, g in group_rows(dit, ("card", "workload", "dtype")):
+    for group, g in spec.groups(spec.rows(df)):
         g = _sort(g)
-        cols = [
-            Column("method", "method", align="l"),
-            Column("family", "family", align="l"),
-            col("sparsity_target"),
-            col("sparsity"),
-            col("total_ms"),
-            col("attn_ms"),
-            col("rest_ms"),
-            col("attn_share"),
-            col("speedup"),
-            col("attn_speedup"),
-            col("compile_s"),
-            Column("sampling_ms_est", "50-step CFG s (est.)", lambda v: "–" if _missing(v) else f"{float(v) / 1000:.1f}"),
-        ]
         compiled = "+compile" in str(group["workload"])
         caption = (
             f"End-to-end DiT forward on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
@@ -472,62 +520,53 @@ def dit_tables(df: pd.DataFrame) -> list[Table]:
             + ". " + _baseline_text(g, fa2=False)
             + " Sampling: 2 forwards (CFG) x 50 steps extrapolated from one forward, dense warm-up steps at the dense time."
         )
-        tables.append(
-            _make_table(
-                g,
-                cols,
-                _title(group),
-                caption,
-                drop_empty=("sparsity", "attn_ms", "rest_ms", "attn_share", "attn_speedup", "compile_s", "sampling_ms_est"),
-            )
-        )
+        tables.append(spec.table(g, _title(group), caption))
     return tables
 
 
-def skipped_table(df: pd.DataFrame) -> Table:
-    """Every row whose status is not ok, with its reason."""
-    df = with_identity(df)
-    bad = df[column(df, "status").fillna("ok") != "ok"]
+def skipped_table(df: pd.DataFrame, spec: TableSpec | None = None) -> Table:
+    """Every row whose status is not ok, with its reason, in the spec's order (run order within)."""
+    spec = spec or TABLES.tables["skipped"]
+    rows = spec.rows(df)
+    bad = rows[column(rows, "status").fillna("ok") != "ok"]
     bad = bad.assign(kind=column(bad, "kind").fillna("attention"), card=column(bad, "card").astype(str))
-    bad = bad.sort_values(["card", "kind"], kind="stable")  # run order within a card and kind
-    cols = [
-        Column("card", "card", align="l"),
-        Column("kind", "kind", align="l"),
-        Column("method", "method", align="l"),
-        Column("workload", "workload", align="l"),
-        col("sparsity_target"),
-        Column("pass", "pass", align="l"),
-        Column("status", "status", align="l"),
-        Column("reason", "reason", align="l"),
-    ]
+    bad = bad.sort_values([k for k in spec.group_by if k in bad], kind="stable")
     summary = ", ".join(f"{n} {s}" for s, n in column(bad, "status").value_counts().sort_index().items()) or "none"
-    return _make_table(bad, cols, "skipped and failed cells", f"Cells that did not produce a measurement ({summary}).")
+    return spec.table(bad, "skipped and failed cells", f"Cells that did not produce a measurement ({summary}).")
 
 
-def build_tables(df: pd.DataFrame) -> dict[str, list[Table]]:
-    """All tables by file stem."""
-    return {
-        "main": main_tables(df),
-        "ablation": ablation_tables(df),
-        "quality": quality_tables(df),
-        "kernel": kernel_headline_tables(df) + kernel_tables(df),
-        "dit": dit_tables(df),
-        "skipped": [skipped_table(df)],
-    }
+BUILDERS: dict[str, Callable[[pd.DataFrame, TableSpec], list[Table]]] = {
+    "main": main_tables,
+    "ablation": ablation_tables,
+    "quality": quality_tables,
+    "kernel_headline": kernel_headline_tables,
+    "kernel": kernel_tables,
+    "dit": dit_tables,
+    "skipped": lambda df, spec: [skipped_table(df, spec)],
+}
+TABLES = load_tables()
+
+
+def build_tables(df: pd.DataFrame, paper: PaperTables | None = None) -> dict[str, list[Table]]:
+    """All tables by file stem, as ``paper`` (default: :data:`PAPER_TABLES`) lays them out."""
+    paper = paper or TABLES
+    return {stem: [t for name in names for t in BUILDERS[name](df, paper.tables[name])] for stem, names in paper.files.items()}
 
 
 # -- writing -------------------------------------------------------------------------------------
 def write_reports(
-    df: pd.DataFrame, out_dir: str | Path = "reports", *, sources: Iterable[str] = (), figures: bool = True
+    df: pd.DataFrame, out_dir: str | Path = "reports", *, sources: Iterable[str] = (), figures: bool = True,
+    paper: PaperTables | None = None,
 ) -> list[Path]:
-    """Write every table (``.md``, ``.tex``), every figure (``.png``, ``.pdf``) and ``README.md``."""
+    """Write every table (``.md``, ``.tex``; laid out as ``paper``, default :data:`PAPER_TABLES`), every
+    figure (``.png``, ``.pdf``) and ``README.md``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     index = ["# Reports", "", "Generated by `python -m salad_bench.harness.report` from result rows; do not edit by hand.", ""]
     index += _provenance_lines(df, list(sources))
     index += ["", "## Tables", ""]
-    for stem, tables in build_tables(df).items():
+    for stem, tables in build_tables(df, paper).items():
         for ext, render in (("md", to_markdown), ("tex", to_latex)):
             path = out / f"{stem}.{ext}"
             path.write_text(render(tables))
@@ -588,12 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-figures", action="store_true", help="tables only")
     ap.add_argument("--keep-all", action="store_true",
                     help="keep every row of a cell measured more than once (default: the latest row wins)")
+    ap.add_argument("--tables", default=None,
+                    help=f"the paper's tables: which tables, their rows and columns (default: experiments/{PAPER_TABLES.name})")
     args = ap.parse_args(argv)
     try:
+        paper = load_tables(args.tables) if args.tables else TABLES
         df = load_rows(args.runs)
         if not args.keep_all:
             df = latest_per_cell(df)
-    except ResultsFileError as exc:
+    except (ResultsFileError, BadInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if df.empty:
@@ -601,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     first = Path(args.runs[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report"
-    paths = write_reports(df, out, sources=args.runs, figures=not args.no_figures)
+    paths = write_reports(df, out, sources=args.runs, figures=not args.no_figures, paper=paper)
     print(f"wrote {len(paths)} files to {out}/ (index: {out / 'README.md'})")
     return 0
 

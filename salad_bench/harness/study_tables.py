@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from typing import Any
 
 import pandas as pd
 
-from salad_bench.harness.frames import column, nearest_target, ok_rows, rows_of_kind
+from salad_bench.harness.frames import ABLATION_TARGET, column, nearest_target, ok_rows, rows_of_kind
 from salad_bench.harness.tables import Table
 
 __all__ = ["study_tables"]
@@ -36,11 +37,13 @@ _COLUMNS = (  # key, header, format
 )  # fmt: skip
 
 
-def study_tables(df: pd.DataFrame, part: str = "quality") -> list[Table]:
+def study_tables(
+    df: pd.DataFrame, part: str = "quality", *, families: Collection[str] = (), goal: float = ABLATION_TARGET
+) -> list[Table]:
     """The report's tables of a study's ``quality_summary`` and ``hypothesis`` rows (``df``: any rows).
     ``part`` "quality": per study and card the cells with intervals, the per-band excess over the control
-    and the hypotheses; "ablation": the salad and ablation families at the target nearest 90% with the
-    control."""
+    and the hypotheses; "ablation": the methods of ``families`` at the target nearest ``goal``, with the
+    fine-tuned control."""
     summ = rows_of_kind(ok_rows(df), "quality_summary")
     hyp = rows_of_kind(ok_rows(df), "hypothesis")
     tables = []
@@ -51,10 +54,10 @@ def study_tables(df: pd.DataFrame, part: str = "quality") -> list[Table]:
         recs = g.to_dict("records")
         if part == "ablation":
             fam = {r["method"]: r.get("family") for r in recs}
-            goal = nearest_target([r["sparsity_target"] for r in recs if fam.get(r["method"]) in ("salad", "ablation")])
-            recs = [r for r in recs if (r.get("family") in ("salad", "ablation") and r["sparsity_target"] == goal)
+            picked = nearest_target([r["sparsity_target"] for r in recs if fam.get(r["method"]) in families], goal)
+            recs = [r for r in recs if (r.get("family") in families and r["sparsity_target"] == picked)
                     or r.get("family") == "full" and r.get("arm") != "as_is"]  # fmt: skip
-            if goal is None or not recs:
+            if picked is None or not recs:
                 continue
         recs.sort(key=lambda r: (r["sparsity_target"], str(r.get("family")), r["label"]))
         conf = recs[0].get("confidence") or 0.95

@@ -271,6 +271,17 @@ def _flex(layout: BlockLayout) -> Callable:
 # ----------------------------------------------------------------------------------------------------
 # sections
 # ----------------------------------------------------------------------------------------------------
+def sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA pinned to its cuDNN backend (the dense headline on Hopper); Unsupported off CUDA."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if q.device.type != "cuda":
+        raise Unsupported("SDPA's cuDNN backend needs a CUDA device")
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def dense_section(bench: Bench) -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -448,8 +459,6 @@ def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
     on: random Q/K with a random layout; the video-like workload and a Wan2.1 layer's Q/K (``wan``, needs
     diffusers) with the layout ``topk`` selects from them; and random Q/K scaled so the median row spans
     each of ``spreads`` nats."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from salad_bench.harness.workloads import Workload, make_qkv
     from salad_bench.kernels import block_sparse as bs
@@ -483,11 +492,7 @@ def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
             real, pairs = lay.density(), float(lay.kept_token_pairs())
             info = {"round": r, "input": name, "logit_spread": round(spread_of(q, k), 2)}
 
-            def cudnn(q=q, k=k, v=v):
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    return F.scaled_dot_product_attention(q, k, v)
-
-            bench.timed("sdpa_cudnn", "cudnn", "fwd", cudnn, variant=f"inputs_{name}_r{r}",
+            bench.timed("sdpa_cudnn", "cudnn", "fwd", lambda q=q, k=k, v=v: sdpa_cudnn(q, k, v), variant=f"inputs_{name}_r{r}",
                         config={"inputs": name, "round": r}, extra=info)
             bench.timed("triton_block_sparse", "triton", "fwd",
                         lambda q=q, k=k, v=v, lay=lay: bs.block_sparse_attention_triton(q, k, v, lay),
@@ -578,8 +583,6 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1) -> Non
     leave. So each round times cuDNN dense, ours and FlexAttention on the same mask (and the linear
     branch and the selector), back to back, and the ratios are taken per round: drift between rounds
     cancels, and the spread over rounds is reported with the median."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from salad_bench.kernels import block_sparse as bs
     from salad_bench.kernels.flex import flex_block_mask, flex_block_sparse_attention
@@ -596,8 +599,7 @@ def headline_section(bench: Bench, rounds: int = 5, density: float = 0.1) -> Non
     keep = keep_count(1.0 - density, cdiv(bench.n, 64))
 
     def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v)
+        return sdpa_cudnn(q, k, v)
 
     def ours():
         return bs.block_sparse_attention_triton(q, k, v, lay)
@@ -690,6 +692,9 @@ def selection_section(bench: Bench, density: float = 0.1) -> None:
             continue
         try:
             replay = cuda_graph(fn)
+        except Unsupported as exc:
+            bench.skipped(method, "triton", "fwd", str(exc), density, "cuda_graph", config=gcfg)
+            continue
         except Exception as exc:  # capture can fail (a host sync inside fn): say so, go on
             bench.skipped(method, "triton", "fwd", f"CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]}",
                           density, "cuda_graph", status="error", config=gcfg)
@@ -723,6 +728,8 @@ def _pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` captured once in a CUDA graph (after three warm-up calls on a side stream); returns replay."""
+    if not torch.cuda.is_available():
+        raise Unsupported("CUDA graphs need a CUDA device")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from salad_bench.harness import bench_kernels as bk
 from salad_bench.harness.bench_kernels import headline_targets
 
@@ -132,3 +135,20 @@ def test_resume_hands_back_done_kernel_cells_and_retries_errors(tmp_path, monkey
     assert {r["status"] for r in again} == {"error"} and len(timed) == n_timed  # nothing ok timed twice
     table = capsys.readouterr().out.split("| method |", 1)[1]
     assert table.count("\n| ") == len(first)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA reports")
+def test_cuda_only_baselines_are_skipped_rows_without_cuda(tmp_path):
+    """The cuDNN baseline and the CUDA-graph replays become ``skipped`` rows saying why, not errors."""
+    from salad_bench.harness.results import read_jsonl
+    from salad_bench.kernels.errors import Unsupported
+
+    x = torch.randn(1, 1, 64, 64)
+    with pytest.raises(Unsupported, match="cuDNN backend needs a CUDA device"):
+        bk.sdpa_cudnn(x, x, x)
+    with pytest.raises(Unsupported, match="CUDA graphs need a CUDA device"):
+        bk.cuda_graph(lambda: None)
+    assert bk.main(["--out", str(tmp_path / "k"), "--sections", "selection", "--n", "256", "--heads", "1",
+                    "--dtype", "fp32", "--quick"]) == 0
+    graphs = [r for r in read_jsonl(tmp_path / "k" / "rows.jsonl") if r.get("variant") == "cuda_graph"]
+    assert graphs and all(r["status"] == "skipped" and "need a CUDA device" in r["reason"] for r in graphs)

@@ -385,13 +385,14 @@ def run_dit_workload(
 
     def measure_cell(cell: Cell) -> dict[str, Any]:
         name, s = cell.ident["method"], cell.ident["sparsity_target"]
+        cfg = method_config(name, knobs, s)
         try:
             if name == _reference() and not knobs.get(name):
                 got = dict(base)  # full/auto is the baseline: same model, same backend, same process
             else:
                 install_attention(model, name, sparsity=s, num_steps=num_steps, **where, **knobs.get(name, {}))
                 _set(model, step, num_steps)
-                warm = int(method_config(name, knobs, s).get("dense_first_layers", 0) or 0)
+                warm = int(cfg.get("dense_first_layers", 0) or 0)
                 if blocks is not None and warm > depth - blocks:
                     raise ValueError(f"{name} keeps its first {warm} of {depth} layers dense, more than the "
                                      f"{depth - blocks} layers beside the {blocks} timed blocks; give --dit-blocks at "
@@ -406,7 +407,7 @@ def run_dit_workload(
         row["sparsity"] = 1.0 - got["density"] if got.get("density") is not None else None
         row["attn_speedup"] = base["attn_ms"] / got["attn_ms"] if got["attn_ms"] and got["attn_ms"] > 0 else None
         row["attn_ms_stub"] = got["ms"] - stub["ms"]
-        row.update(_sampling_estimate(got["ms"], base["ms"], method_config(name, knobs, s), num_steps))
+        row.update(_sampling_estimate(got["ms"], base["ms"], cfg, num_steps))
         if not got["output_finite"]:
             row.update({"status": "error", "reason": f"{name} made the model's output NaN or Inf (the dense "
                         "model's was finite); its timing is kept in the row but it is not a result"})

@@ -14,6 +14,7 @@ from salad_bench.harness.integrations.wan import install_attention, installed_me
 from salad_bench.harness.workloads import WAN_TINY as TINY  # noqa: E402
 from salad_bench.harness.workloads import dit_workload  # noqa: E402
 from salad_bench.methods import METHODS, Unsupported  # noqa: E402
+from tests.harness._wan import assert_compiled_trains_like_eager  # noqa: E402
 
 # grid (4, 16, 16) = 1,024 tokens: 8 x 16 tiles of 128 x 64, so 50% is reachable for every method
 WL = dit_workload("t", {**TINY, "num_layers": 1}, (4, 32, 32), text_len=8)
@@ -58,17 +59,7 @@ def test_inductor_compiles_a_block_and_trains_through_it(name):
     torch._dynamo.reset()
     model = _model(name).train().requires_grad_(True)
     inputs = _inputs_for(model)
-    ref_model = _model(name).train().requires_grad_(True)
-    for block in model.blocks:
-        block.compile(fullgraph=True)
-    out = model(**inputs)[0]
-    ref = ref_model(**inputs)[0]
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    out.square().mean().backward()
-    ref.square().mean().backward()
-    for (pn, p), (_, r) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
-        if r.grad is not None:
-            torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=pn)
+    assert_compiled_trains_like_eager(model, _model(name).train().requires_grad_(True), inputs)
 
 
 def test_operator_fakes_match_the_real_outputs():

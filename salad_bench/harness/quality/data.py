@@ -200,6 +200,27 @@ def _bounce(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return lo + span - (u - span).abs()
 
 
+def _world(p: dict, t: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor):
+    """The camera offset ``(B, T, 2)`` and each pixel's world coordinates ``(B, T, H, W)``."""
+    cam = p["cam_v"][:, None, :] * t[None, :, None]
+    return cam, xx[None, None] + cam[..., 0, None, None], yy[None, None] + cam[..., 1, None, None]
+
+
+def _rotated_sines(k: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ang: torch.Tensor):
+    """``sin`` of ``k`` times the coordinates rotated by ``ang``: along the direction and across it."""
+    return (torch.sin(k * (x * torch.cos(ang) + y * torch.sin(ang))),
+            torch.sin(k * (-x * torch.sin(ang) + y * torch.cos(ang))))
+
+
+def _object_frame(p: dict, k: int, px, py, theta, xx: torch.Tensor, yy: torch.Tensor):
+    """Object ``k``'s radius and each pixel's coordinates in its frame, in radii: ``(r, u, v)``."""
+    r = p["radius"][:, k, None, None, None]
+    dx = xx[None, None] - px[:, k, :, None, None]
+    dy = yy[None, None] - py[:, k, :, None, None]
+    c, s = torch.cos(theta[:, k, :, None, None]), torch.sin(theta[:, k, :, None, None])
+    return r, (c * dx + s * dy) / r, (-s * dx + c * dy) / r
+
+
 def _sdf(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Signed distance (in radii) to each shape kind in its local frame; picked per video by ``shape``."""
     disc = torch.sqrt(u * u + v * v) - 1.0
@@ -233,12 +254,8 @@ def _render_v1(
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W)
 
     # background: stripes or checks in world coordinates, shifted by the camera
-    cam = p["cam_v"][:, None, :] * t[None, :, None]  # (B, T, 2)
-    wx = xx[None, None] + cam[..., 0, None, None]
-    wy = yy[None, None] + cam[..., 1, None, None]
-    ang, fr = p["bg_angle"][:, :, None, None], p["bg_freq"][:, :, None, None]
-    a = torch.sin(fr * (wx * torch.cos(ang) + wy * torch.sin(ang)))
-    b = torch.sin(fr * (-wx * torch.sin(ang) + wy * torch.cos(ang)))
+    cam, wx, wy = _world(p, t, xx, yy)
+    a, b = _rotated_sines(p["bg_freq"][:, :, None, None], wx, wy, p["bg_angle"][:, :, None, None])
     check = p["bg_check"][:, :, None, None]
     mix = 0.5 + 0.5 * torch.where(check > 0.5, torch.sign(a * b) * 0.8, a)  # (B, T, H, W)
     img = p["bg_c1"][:, :, None, None, None] * mix[:, None] + p["bg_c2"][:, :, None, None, None] * (1 - mix[:, None])
@@ -246,11 +263,7 @@ def _render_v1(
     px, py, theta = _trajectories(p, t, cam, h_, w_, t_)
 
     for k in range(spec.max_objects):  # painter's order: later objects occlude earlier ones
-        r = p["radius"][:, k, None, None, None]
-        dx = xx[None, None] - px[:, k, :, None, None]
-        dy = yy[None, None] - py[:, k, :, None, None]
-        c, s = torch.cos(theta[:, k, :, None, None]), torch.sin(theta[:, k, :, None, None])
-        u, v = (c * dx + s * dy) / r, (-s * dx + c * dy) / r
+        r, u, v = _object_frame(p, k, px, py, theta, xx, yy)
         dist = _sdf(p["shape"][:, 0], u, v)
         alpha = (0.5 - dist * r).clamp(0, 1) * p["present"][:, k, None, None, None]  # 1-pixel antialiasing
         stripe = 0.5 + 0.5 * torch.sin(p["tex_freq"][:, k, None, None, None] * u * r)
@@ -365,9 +378,7 @@ def render_scene(
         return x.view(-1, 1, 1, 1)
 
     # background in world coordinates: colour waves (B, 3, T, H, W) plus a fine texture
-    cam = p["cam_v"][:, None, :] * t[None, :, None]  # (B, T, 2)
-    wx = xx[None, None] + cam[..., 0, None, None]
-    wy = yy[None, None] + cam[..., 1, None, None]
+    cam, wx, wy = _world(p, t, xx, yy)
     img = p["bg_base"][:, :, None, None, None].expand(-1, -1, t_, h_, w_)
     for j in range(2):
         d, k = p["bg_wave_dir"][:, j], p["bg_wave_k"][:, j]
@@ -377,19 +388,14 @@ def render_scene(
         )
         img = img + p["bg_wave_amp"][:, j, :, None, None, None] * wave[:, None]
     ang, kt = per_video(p["bg_tex_angle"][:, 0]), per_video(p["bg_tex_k"][:, 0])
-    a = torch.sin(kt * (wx * torch.cos(ang) + wy * torch.sin(ang)))
-    b = torch.sin(kt * (-wx * torch.sin(ang) + wy * torch.cos(ang)))
+    a, b = _rotated_sines(kt, wx, wy, ang)
     img = img + (per_video(p["bg_tex_amp"][:, 0]) * _texture(per_video(p["bg_check"][:, 0]), a, b))[:, None]
 
     px, py, theta = _trajectories(p, t, cam, h_, w_, t_)  # as version 1
 
     alphas = []
     for k in range(spec.max_objects):  # painter's order: later objects occlude earlier ones
-        r = p["radius"][:, k, None, None, None]
-        dx = xx[None, None] - px[:, k, :, None, None]
-        dy = yy[None, None] - py[:, k, :, None, None]
-        c, s = torch.cos(theta[:, k, :, None, None]), torch.sin(theta[:, k, :, None, None])
-        u, v = (c * dx + s * dy) / r, (-s * dx + c * dy) / r
+        r, u, v = _object_frame(p, k, px, py, theta, xx, yy)
         alpha = (0.5 - _sdf(p["shape"][:, 0], u, v) * r).clamp(0, 1) * p["present"][:, k, None, None, None]
         kk = p["tex_k"][:, k, None, None, None]
         pattern = 0.5 + 0.5 * _texture(p["tex_check"][:, k, None, None, None], torch.sin(kk * u), torch.sin(kk * v))

@@ -72,6 +72,12 @@ def head_slice(layout: BlockLayout, heads: int) -> BlockLayout:
 # ----------------------------------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------------------------------
+def model_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, N, D)`` as a Wan layer hands it to a method: a view of a token-major ``(B, N, H, D)``
+    buffer (the projection's output, unflattened and transposed), not a contiguous tensor."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _echo(row: dict[str, Any]) -> None:
     ms = row.get("ms")
     msg = f"{ms:8.3f} ms" if isinstance(ms, float) else f"{row.get('status')}: {row.get('reason', '')}"
@@ -482,7 +488,9 @@ def inputs_section(bench: Bench, rounds: int = 3, density: float = 0.1,
         except ImportError as exc:
             bench.skipped("triton_block_sparse", "triton", "fwd", f"--qkv {kind}: {exc}", variant=f"inputs_{kind}")
             continue
-        cases.append((kind, q, k, v, select_topk_triton(q, k, keep, 128, 64)))
+        cases.append((kind, q, k, v, lay := select_topk_triton(q, k, keep, 128, 64)))
+        if kind == "video":  # the same, in the layout a Wan layer hands a method
+            cases.append(("video_model_layout", *(model_layout(x) for x in (q, k, v)), lay))
     base = spread_of(bench.q, bench.k)
     for target in spreads:
         f = target / base
@@ -776,6 +784,10 @@ def linear_section(bench: Bench) -> None:
             ("fwd+bwd", lambda fn=fn: torch.autograd.grad(fn(qg, kg, vg, "relu", cos, sin), (qg, kg, vg), dout)),
         ):
             bench.timed(method, method.split("_")[1], p, call, config=cfg, extra=extra, attention=False)
+    # the same inputs in the layout a Wan layer hands a method: (B, H, N, D) views of token-major buffers
+    qm, km, vm = (model_layout(x) for x in (q, k, v))
+    bench.timed("linear_triton", "triton", "fwd", lambda: linear_attention_triton(qm, km, vm, "relu", cos, sin),
+                variant="model_layout", config={**cfg, "layout": "model"}, attention=False)
 
 
 # ----------------------------------------------------------------------------------------------------

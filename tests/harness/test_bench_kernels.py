@@ -98,7 +98,10 @@ def test_inputs_and_headline_rows_name_the_kernel_path_and_meet_the_gate_target(
     rows = read_jsonl(run / "kernels" / "rows.jsonl")
     ours = [r for r in rows if r["method"] == "triton_block_sparse" and r["variant"].startswith("inputs_")]
     assert sorted(r["variant"] for r in ours if r["variant"].endswith("_r0")) == sorted(
-        f"inputs_{k}_r0" for k in ("random", "video", "spread5", "spread20", "spread80", "spread300"))
+        f"inputs_{k}_r0" for k in ("random", "video", "video_model_layout", "spread5", "spread20", "spread80", "spread300"))
+    (tm,) = [r for r in ours if r["variant"] == "inputs_video_model_layout_r0"]
+    (cm,) = [r for r in ours if r["variant"] == "inputs_video_r0"]
+    assert tm["density"] == cm["density"] and tm["logit_spread"] == cm["logit_spread"]
     assert all("softmax_mode" not in r and "kernel_options" not in r for r in rows)
     paths = {json.loads(r["kernel_path"])["block_sparse"] for r in rows}
     assert paths == {"triton interpreter, online-softmax, TMA K/V loads"}
@@ -106,6 +109,12 @@ def test_inputs_and_headline_rows_name_the_kernel_path_and_meet_the_gate_target(
         "sdpa_cudnn", "triton_block_sparse", "flex_block_sparse", "linear_triton", "select_topk_triton"}
     (res,) = [t for t in ci_gpu.evaluate_targets(run) if t["name"].startswith("block-sparse forward")]
     assert res["measured"] == 1.0 and "video 1.000" in res["detail"]
+
+
+def test_model_layout_is_a_token_major_view_of_the_same_values():
+    x = torch.randn(2, 3, 5, 4)
+    y = bk.model_layout(x)
+    assert torch.equal(x, y) and not y.is_contiguous() and y.transpose(1, 2).is_contiguous()
 
 
 def test_resume_hands_back_done_kernel_cells_and_retries_errors(tmp_path, monkeypatch, capsys):

@@ -77,9 +77,18 @@ class WarmupMethod(AttentionMethod):
         self._report_extra: dict[str, Any] = {}
 
     # -- the warm-up rule ------------------------------------------------------------------------
-    def is_dense_call(self, ctx: AttnContext) -> bool:
+    def dense_at(self, layer: int, step: int) -> bool:
         c = self.config
-        return ctx.layer < getattr(c, "dense_first_layers", 0) or ctx.step < getattr(c, "dense_first_steps", 0)
+        return layer < getattr(c, "dense_first_layers", 0) or step < getattr(c, "dense_first_steps", 0)
+
+    def is_dense_call(self, ctx: AttnContext) -> bool:
+        """This call's warm-up phase: the caller's ``ctx.dense`` when it decided it, else :meth:`dense_at`."""
+        if ctx.dense is not None:
+            return ctx.dense
+        if ctx.layer is None or ctx.step is None:
+            raise ValueError(f"{self.name}: the context gives neither dense nor layer and step; the warm-up "
+                             "rule needs one (AttnContext(dense=method.dense_at(layer, step)) or layer= and step=)")
+        return self.dense_at(ctx.layer, ctx.step)
 
     def full_layout(self, q) -> BlockLayout:
         b, h, n, _ = q.shape

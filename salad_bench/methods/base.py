@@ -109,6 +109,9 @@ class AttnContext:
     ``grid``: latent ``(T, H, W)`` with ``T*H*W == N`` (None when the tokens are not a video).
     ``hidden_states``: the layer input ``(B, N, C)`` when the caller has it (the DiT integration does);
     SALAD's gate pools it. ``layer``/``step`` let methods keep early layers or steps dense.
+    ``dense``: the caller's answer of :meth:`AttentionMethod.dense_at` for this call, when it decided it
+    beforehand. A model integration does so for compiled models, where it passes ``layer``/``step`` as
+    None: an integer read inside a compiled region would give every layer and step its own graph.
     ``q_unrotated``/``k_unrotated``: ``(B, H, N, D)`` q and k *before* the model's rotary embedding, given
     only to a method that asks (:attr:`AttentionMethod.wants_unrotated_qk`) when the caller rotated q and
     k itself (the Wan integration: references to tensors it already has, no copy). None otherwise: the
@@ -116,10 +119,11 @@ class AttnContext:
     """
 
     grid: tuple[int, int, int] | None = None
-    layer: int = 0
+    layer: int | None = 0
     num_layers: int = 1
-    step: int = 0
+    step: int | None = 0
     num_steps: int = 1
+    dense: bool | None = None
     hidden_states: torch.Tensor | None = field(default=None, compare=False, repr=False)
     q_unrotated: torch.Tensor | None = field(default=None, compare=False, repr=False)
     k_unrotated: torch.Tensor | None = field(default=None, compare=False, repr=False)
@@ -210,6 +214,13 @@ class AttentionMethod(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def dense_at(self, layer: int, step: int) -> bool:
+        """Whether this method runs full attention at ``layer`` and sampling ``step`` (a dense warm-up).
+        None of its own here; a method built on others (SALAD's sparse branch) is dense where any of them is.
+        A model integration asks this outside any compiled region and hands the answer over as
+        ``AttnContext.dense``."""
+        return any(m.dense_at(layer, step) for m in self.children() if isinstance(m, AttentionMethod))
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:
         """The block layout this method would use for these inputs; None for methods without one."""

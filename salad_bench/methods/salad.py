@@ -137,6 +137,8 @@ class Salad(AttentionMethod):
     def _rope(self, grid: tuple[int, int, int] | None, device: torch.device):
         if not self.config.rope or grid is None:
             return None, None
+        if torch.compiler.is_compiling():  # in the graph: a cache lookup there would be a guard, and a recompile
+            return rope_3d_freqs(grid, self.head_dim, device)
         key = (grid, device)
         if key not in self._rope_cache:
             self._rope_cache[key] = rope_3d_freqs(grid, self.head_dim, device)
@@ -190,8 +192,8 @@ class Salad(AttentionMethod):
             return out_s
         out_l = self.linear_branch(q, k, v, ctx)
         g = self.gate_value(q, ctx)  # (B, H) or (B, N, H)
-        if not self.training:
-            self.gate_mean = g.detach().mean()
+        if not self.training:  # in place: a new tensor would change the buffer a compiled graph guards on
+            self.gate_mean.copy_(g.detach().mean())
         return self.merge(out_s, out_l, g)
 
     def merge(self, out_s: torch.Tensor, out_l: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

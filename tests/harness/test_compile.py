@@ -62,6 +62,54 @@ def test_inductor_compiles_a_block_and_trains_through_it(name):
     assert_compiled_trains_like_eager(model, _model(name).train().requires_grad_(True), inputs)
 
 
+WARMUP_CASES = [("salad", {}), ("sta", {"dense_first_layers": 1, "dense_first_steps": 1}),
+                ("salad_sta", {"sparse_knobs": (("dense_first_layers", 1),)})]
+
+
+def _one_graph_per_phase(name, knobs, device, dtype, backend, tol):
+    """Regional compilation as users deploy it: every block of a several-layer model compiled, two sampling
+    steps, inference mode. The layers and steps share one graph per warm-up phase (dense or sparse), so a
+    limit of two graphs holds (fullgraph makes a third a hard error), and each step equals eager."""
+    from salad_bench.harness.integrations.wan import set_step
+
+    wl = dit_workload("t3", {**TINY, "num_layers": 3}, (4, 32, 32), text_len=8)
+
+    def model():
+        m = new_transformer(wl.model, device=device, dtype=dtype, seed=0)
+        install_attention(m, name, sparsity=0.5, num_steps=2, **knobs)
+        return m
+
+    def phases(m):
+        return [m.report().extra.get("dense_call", m.report().density == 1.0) for m in installed_methods(m)]
+
+    torch._dynamo.reset()
+    ref_model, compiled = model(), model()
+    for block in compiled.blocks:
+        block.compile(fullgraph=True, backend=backend)
+    inputs = _inputs(wl, compiled.config, torch.device(device), dtype, 0)
+    for step in (0, 1):
+        for m in (ref_model, compiled):
+            set_step(m, step)
+        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=2):
+            ref, out = ref_model(**inputs)[0], compiled(**inputs)[0]
+        torch.testing.assert_close(out.float(), ref.float(), **tol)
+        assert phases(compiled) == phases(ref_model)
+
+
+@pytest.mark.parametrize("name,knobs", WARMUP_CASES)
+def test_compiled_blocks_share_one_graph_per_warmup_phase_across_layers_and_steps(name, knobs):
+    _one_graph_per_phase(name, knobs, "cpu", torch.float32, "aot_eager", dict(rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,knobs", WARMUP_CASES + [("topk", {})])
+def test_compiled_blocks_share_one_graph_per_warmup_phase_on_the_gpu(name, knobs):
+    """The same with inductor and the Triton operators (their host-side caches must not become guards)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _one_graph_per_phase(name, knobs, "cuda", torch.bfloat16, "inductor", dict(rtol=2e-2, atol=2e-2))
+
+
 def test_operator_fakes_match_the_real_outputs():
     from salad_bench.kernels.layout import BlockLayout
     from salad_bench.kernels.selection import diagonal_blocks, topk_layout

@@ -23,9 +23,12 @@ method ``full`` on the CPU the model output is bit-identical to the stock proces
 Grid capture: the transformer forward turns ``hidden_states`` ``(B, C, F, H, W)`` into tokens with a
 ``patch_size`` conv, so the token grid is ``(F // p_t, H // p_h, W // p_w)``. A forward pre-hook on
 the model (``with_kwargs=True``: pipelines call it with keywords) reads that shape before every
-forward and stores the grid in a state object shared by the layer processors; each method call gets
-``AttnContext(grid=..., layer=i, num_layers=L, step=..., num_steps=..., hidden_states=x)`` where
-``x`` is the self-attention input ``(B, N, C)`` (the normed, modulated block input that Q/K/V are
+forward and stores the grid in a state object shared by the layer processors; the same hook asks each
+layer's method whether it runs dense at this layer and step (:meth:`AttentionMethod.dense_at`, its
+warm-up). Each method call gets ``AttnContext(grid=..., layer=i, num_layers=L, step=..., num_steps=...,
+dense=..., hidden_states=x)``; inside a compiled block ``layer`` and ``step`` are None (an integer read
+there would compile one graph per layer and per step: every block shares one graph, two with a dense
+warm-up). Here ``x`` is the self-attention input ``(B, N, C)`` (the normed, modulated block input that Q/K/V are
 projected from). A method that sets ``wants_unrotated_qk`` (SALAD's linear branch, which applies its
 own RoPE) also gets ``q_unrotated``/``k_unrotated``: ``(B, H, N, D)`` views of q and k after qk-norm and
 before Wan's RoPE, the tensors the processor already holds (no copy; they stay alive for the call).
@@ -123,6 +126,7 @@ class WanAttnState:
     timer: AttentionTimer | None = None
     originals: list[Any] = field(default_factory=list)
     loras: list[Any] = field(default_factory=list)  # InstalledLoRA per layer that asked for it
+    processors: list[Any] = field(default_factory=list)  # (SparseWanAttnProcessor, its method) per layer
     hook: Any = None
 
 
@@ -153,6 +157,8 @@ def _grid_pre_hook(state: WanAttnState):
         _, _, f, h, w = x.shape
         p_t, p_h, p_w = state.patch_size
         state.grid = (f // p_t, h // p_h, w // p_w)
+        for proc, method in state.processors:
+            proc.dense = method.dense_at(proc.layer, state.step)
         return None
 
     return hook
@@ -179,6 +185,7 @@ class SparseWanAttnProcessor:
     def __init__(self, layer: int, state: WanAttnState) -> None:
         self.layer = layer
         self.state = state
+        self.dense = False  # the method's dense_at(layer, step), set before each forward (_grid_pre_hook)
 
     def __call__(
         self,
@@ -209,12 +216,16 @@ class SparseWanAttnProcessor:
 
         st = self.state
         grid = st.grid if st.grid is not None and math.prod(st.grid) == query.shape[1] else None
+        # Compiled, the layer and step stay out of the graph (one graph for every layer and step, or two
+        # with a dense warm-up): the warm-up phase decided before the forward is all the method gets.
+        compiling = torch.compiler.is_compiling()
         ctx = AttnContext(
             grid=grid,
-            layer=self.layer,
+            layer=None if compiling else self.layer,
             num_layers=st.num_layers,
-            step=st.step,
+            step=None if compiling else st.step,
             num_steps=st.num_steps,
+            dense=self.dense,
             hidden_states=hidden_states,
             q_unrotated=None if unrotated is None else unrotated[0],
             k_unrotated=None if unrotated is None else unrotated[1],
@@ -274,7 +285,10 @@ def install_attention(
             m.train(model.training)
             attn.add_module(METHOD_ATTR, m)
             state.originals.append(attn.processor)
-            attn.set_processor(SparseWanAttnProcessor(layer_offset + i, state))
+            proc = SparseWanAttnProcessor(layer_offset + i, state)
+            proc.dense = m.dense_at(proc.layer, state.step)
+            attn.set_processor(proc)
+            state.processors.append((proc, m))
             instances.append(m)
             _install_projection_lora(attn, m, state)
     except BaseException:

@@ -149,15 +149,16 @@ def _ceilings(dit: pd.DataFrame) -> list[str]:
     from salad_bench.methods import METHODS
 
     dense = dit[dit["method"].isin(METHODS.with_trait("reference"))]
-    lines = []
+    models = []
     for model, g in dense.groupby("model", sort=False):
         parts = [f"{'compiled' if comp else 'eager'} {r.total_ms / r.rest_ms:.2f}x (attention {100 * r.attn_share:.0f}%)"
                  for comp, r in ((c, g[g["compiled"] == c].iloc[0]) for c in (False, True) if (g["compiled"] == c).any())
                  if r.rest_ms and r.rest_ms > 0]
         if parts:
-            lines.append(f"Ceiling for {model} if attention cost nothing (dense time / dense time without attention): "
-                         + ", ".join(parts) + ".")
-    return lines
+            models.append(f"{model} " + ", ".join(parts))
+    if not models:
+        return []
+    return ["Ceiling if attention cost nothing (dense time / dense time without attention): " + "; ".join(models) + "."]
 
 
 RENDERERS = {"headline": headline_block, "targets": targets_block, "dit": dit_block}

@@ -6,9 +6,10 @@ model's samples with their prompt's class at >= 80% (:mod:`harness.quality.base_
 Frechet distance between its features of samples and of real videos is reported beside them.
 
 Network (:class:`VideoClassifier`): a 3D-conv net, ``(B, 3, T, H, W)`` in ``[-1, 1]`` in, logits out.
-A stem (3x3x3 conv, stride 1x2x2), then one stage per entry of ``widths`` (a strided 3x3x3 conv
+A 1x3x3 conv of ``frame_width`` channels at full resolution, frame by frame (small shapes are told apart
+by their edges), a stem (3x3x3 conv, stride 1x2x2), then one stage per entry of ``widths`` (a strided 3x3x3 conv
 halving H and W, and T while it is > 1, then a residual 3x3x3 conv; GroupNorm and GELU after each),
-global average pooling, a ``feature_dim`` projection with GELU (:meth:`VideoClassifier.features`, the
+mean and max pooling over space and time, a ``feature_dim`` projection with GELU (:meth:`VideoClassifier.features`, the
 vector the Frechet distance uses) and a linear head. GroupNorm, not BatchNorm: the network is the
 same function in training and evaluation, whatever the batch holds. Default: 2.0M parameters.
 
@@ -73,6 +74,7 @@ class ClassifierConfig:
 
     widths: tuple[int, ...] = (48, 96, 192)
     feature_dim: int = 128
+    frame_width: int = 16
     num_classes: int = NUM_CLASSES
     frames: int = 16
     height: int = 48
@@ -83,6 +85,8 @@ class ClassifierConfig:
         object.__setattr__(self, "widths", tuple(self.widths))
         if not self.widths or min(self.widths) < 4:
             raise ValueError(f"widths must be a non-empty tuple of ints >= 4; got {self.widths}")
+        if not isinstance(self.frame_width, int) or self.frame_width < 0:
+            raise ValueError(f"frame_width must be an int >= 0 (0: no full-resolution frame stage); got {self.frame_width!r}")
         if not 2 <= self.num_classes <= NUM_CLASSES:
             raise ValueError(f"num_classes must be in [2, {NUM_CLASSES}]; got {self.num_classes}")
         self.spec  # noqa: B018 (checks frames, height, width, version)
@@ -118,8 +122,10 @@ class VideoClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
-        w0 = config.widths[0]
-        self.stem = nn.Sequential(nn.Conv3d(3, w0, 3, stride=(1, 2, 2), padding=1), _norm(w0), nn.GELU())
+        w0, f = config.widths[0], config.frame_width
+        # full resolution, frame by frame (shapes a few pixels across are told apart by their edges here)
+        self.frame = nn.Sequential(nn.Conv3d(3, f, (1, 3, 3), padding=(0, 1, 1)), _norm(f), nn.GELU()) if f else nn.Identity()
+        self.stem = nn.Sequential(nn.Conv3d(f or 3, w0, 3, stride=(1, 2, 2), padding=1), _norm(w0), nn.GELU())
         self.down, self.mix = nn.ModuleList(), nn.ModuleList()
         frames, c_in = config.frames, w0
         for c in config.widths:
@@ -128,15 +134,16 @@ class VideoClassifier(nn.Module):
             self.down.append(nn.Sequential(nn.Conv3d(c_in, c, 3, stride=(st, 2, 2), padding=1), _norm(c), nn.GELU()))
             self.mix.append(nn.Sequential(nn.Conv3d(c, c, 3, padding=1), _norm(c), nn.GELU()))
             c_in = c
-        self.project = nn.Sequential(nn.Linear(c_in, config.feature_dim), nn.GELU())
+        self.project = nn.Sequential(nn.Linear(2 * c_in, config.feature_dim), nn.GELU())
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 
     def embed(self, videos: torch.Tensor) -> torch.Tensor:
-        x = self.stem(videos)
+        x = self.stem(self.frame(videos))
         for down, mix in zip(self.down, self.mix, strict=True):
             x = down(x)
             x = x + mix(x)
-        return self.project(x.mean(dim=(2, 3, 4)))
+        # mean and max over space and time: a small object's evidence is not averaged away
+        return self.project(torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1))
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(videos))
@@ -326,7 +333,7 @@ def load_classifier(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
-TINY = dict(widths=(8, 16), feature_dim=16)
+TINY = dict(widths=(8, 16), feature_dim=16, frame_width=4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,7 +15,9 @@ What a row measures (``kind="dit"``):
   recorded on the stream around the call and summed over the layers; the median over
   ``attn_reps`` instrumented forwards. Q/K/V projections, qk-norm, RoPE and the output projection
   are the same for every method and count in ``rest_ms = ms - attn_ms``.
-  ``attn_share = attn_ms / ms``.
+  ``attn_share = attn_ms / ms``. ``attn_extra_ms``: for a method built on another (SALAD on its sparse
+  branch), its own work beyond that method's calls (timed apart the same way): SALAD's linear branch,
+  projection, gate and merge; None for the others and in compiled rows.
 * Cross-check, once per workload: ``rest_ms_stub`` is the forward with the attention call replaced
   by a zero-cost stub (returns ``v``); ``attn_ms_stub = ms - rest_ms_stub``. The two splits agree
   when event overhead and launch gaps are small; a gap between them is a finding, not noise to hide.
@@ -170,14 +172,17 @@ def _forward_stats(
         finite = bool(torch.isfinite(outs[0]).all())
         outs.clear()
         t = measure(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-        sums = []
+        sums, inner = [], []
         if not compiled:
             with time_attention(model) as timer:
                 for _ in range(max(1, attn_reps)):
                     fn()
                     sums.append(timer.take_ms())
+                    inner.append(timer.take_ms(inner=True))
         reports = [m.report() for m in installed_methods(model)]
     attn_ms = statistics.median(sums) if sums else None
+    # a method built on another (SALAD on its sparse branch): its own work, per forward, beyond that method's
+    extra = [a - b for a, b in zip(sums, inner, strict=True)] if any(inner) else []
     backends = sorted({r.backend for r in reports if r.backend})
     # methods with dense warm-up layers/steps also report the density averaged over a whole run
     eff = [r.extra.get("effective_density") for r in reports]
@@ -190,6 +195,7 @@ def _forward_stats(
         "compiled": compiled,
         "compile_s": compile_s,
         "attn_reps": len(sums),
+        "attn_extra_ms": statistics.median(extra) if extra else None,
         "density": statistics.fmean(r.density for r in reports) if reports else None,
         "effective_density": effective,
         "backend": ",".join(backends),
@@ -441,6 +447,8 @@ def scale_blocks(got: dict[str, Any], no_blocks_ms: float, k: int, depth: int, *
     for key in ("ms", "ms_p20", "ms_p80"):
         if got.get(key) is not None:
             out[key] = no_blocks_ms + f * (got[key] - no_blocks_ms) + dense_layers * dense_block
+    if got.get("attn_extra_ms") is not None:  # warm-up layers are counted at the dense model's time (below)
+        out["attn_extra_ms"] = f * got["attn_extra_ms"]
     if got.get("attn_ms") is not None:
         out["attn_ms"] = f * got["attn_ms"] + (dense_layers * dense["attn_ms"] / depth if dense_layers else 0.0)
         out["rest_ms"] = out["ms"] - out["attn_ms"]

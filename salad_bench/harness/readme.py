@@ -139,7 +139,7 @@ def dit_block(root: Path = ROOT) -> str:
                 cell(share, "attn_share", lambda v: f"{100 * v:.0f}%"), cell(c, "compile_s", lambda v: f"{v:.0f}"),
                 cell(c, "sampling_ms_est", lambda v: f"{v / 1e3:.1f}"),
             ]) + " |")
-        out += ["", *_ceilings(dit), ""]
+        out += ["", *_ceilings(dit), *_extras(dit), ""]
     return "\n".join(out) if out else "No whole-model GPU run is committed yet.\n"
 
 
@@ -159,6 +159,18 @@ def _ceilings(dit: pd.DataFrame) -> list[str]:
     if not models:
         return []
     return ["Ceiling if attention cost nothing (dense time / dense time without attention): " + "; ".join(models) + "."]
+
+
+def _extras(dit: pd.DataFrame) -> list[str]:
+    """The eager rows' own work of methods built on another (SALAD beyond its sparse branch)."""
+    if "attn_extra_ms" not in dit:
+        return []
+    got = dit[dit["attn_extra_ms"].notna() & ~dit["compiled"]]
+    parts = [f"{r.method} on {r.model} {r.attn_extra_ms:.1f} ms of {r.total_ms:.1f} ms" for r in got.itertuples()]
+    if not parts:
+        return []
+    return ["Own work beyond the sparse method it is built on (SALAD: linear branch, projection, gate, merge), "
+            "eager, per forward: " + "; ".join(parts) + "."]
 
 
 RENDERERS = {"headline": headline_block, "targets": targets_block, "dit": dit_block}

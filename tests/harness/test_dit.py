@@ -83,6 +83,8 @@ def test_rows_for_dense_and_sparse_methods(tmp_path):
     assert full["sparsity_target"] == 0.0 and full["density"] == 1.0 and full["speedup"] == 1.0
     assert topk["sparsity_target"] == 0.5 and topk["density"] < 1.0 and topk["backend"] == "torch"
     assert salad["density"] < 1.0 and salad["family"] == "salad"
+    # SALAD's own work (linear branch, projection, gate, merge) apart from its sparse branch's calls
+    assert 0 < salad["attn_extra_ms"] < salad["attn_ms"] and topk["attn_extra_ms"] is None
     assert topk["flops_attn_executed"] < topk["flops_attn_dense"]
 
 

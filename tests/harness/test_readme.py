@@ -31,7 +31,7 @@ def test_stale_block_is_refused_and_a_rewrite_fixes_it(tmp_path, capsys):
     run = root / "results" / "dit" / "2026-12-06-h100"
     run.mkdir(parents=True)
     rows = [_dit_row("full", True, 500.0, 1.0, attn_ms=250.0), _dit_row("salad", True, 250.0, 2.0),
-            _dit_row("full", False, 640.0, 1.0), _dit_row("salad", False, 360.0, 1.78)]
+            _dit_row("full", False, 640.0, 1.0), _dit_row("salad", False, 360.0, 1.78, attn_extra_ms=24.5)]
     (run / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = "intro\n<!-- generated:dit -->\nold numbers\n<!-- /generated:dit -->\nend\n"
     (root / "README.md").write_text(text)
@@ -44,6 +44,7 @@ def test_stale_block_is_refused_and_a_rewrite_fixes_it(tmp_path, capsys):
     assert "360.0 | 1.78x | 250.0 | **2.00x**" in salad and "| 40 |" in salad
     # the Amdahl ceiling from the dense model's own attention share, eager and compiled
     assert "Ceiling if attention cost nothing" in new and "wan2.1-1.3b-480p eager 1.67x (attention 40%), compiled 2.00x (attention 50%)" in new
+    assert "SALAD: linear branch, projection, gate, merge), eager, per forward: salad on wan2.1-1.3b-480p 24.5 ms of 360.0 ms" in new
     assert readme.main(["--readme", str(root / "README.md"), "--check"]) == 0
 
 

@@ -218,6 +218,18 @@ def test_time_attention_times_every_layer():
     assert attention_state(model).timer is None
 
 
+def test_time_attention_times_the_method_a_method_is_built_on_apart():
+    model = _model()
+    install_attention(model, "salad", sparsity=0.5)
+    with time_attention(model) as timer:
+        _run(model, _inputs())
+        outer, inner = timer.take_calls_ms(), timer.take_calls_ms(inner=True)
+    assert len(outer) == len(inner) == TINY["num_layers"]
+    assert all(0 < i < o for i, o in zip(inner, outer, strict=True))
+    # the hooks go with the timer
+    assert not any(m.sparse._forward_hooks or m.sparse._forward_pre_hooks for m in installed_methods(model))
+
+
 def test_methods_follow_model_dtype_and_bf16_keeps_fp32_modules():
     model = _model(dtype=torch.bfloat16)
     assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16

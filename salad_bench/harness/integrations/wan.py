@@ -81,10 +81,12 @@ MethodFactory = Callable[..., AttentionMethod]
 
 
 class AttentionTimer:
-    """Per-call timing of the method calls inside forwards (CUDA events, or perf_counter on the CPU)."""
+    """Per-call timing of the method calls inside forwards (CUDA events, or perf_counter on the CPU), and
+    of the calls of the methods they are built on (``inner``: SALAD's sparse branch), kept apart."""
 
     def __init__(self) -> None:
-        self._calls: list[tuple[Any, Any]] = []
+        self._calls: dict[bool, list[tuple[Any, Any]]] = {False: [], True: []}
+        self._open: list[Any] = []  # started inner calls (hooks carry no token)
 
     def start(self, device: torch.device) -> Any:
         if device.type == "cuda":
@@ -93,25 +95,32 @@ class AttentionTimer:
             return ev
         return time.perf_counter()
 
-    def stop(self, token: Any, device: torch.device) -> None:
+    def stop(self, token: Any, device: torch.device, inner: bool = False) -> None:
         if device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            self._calls.append((token, ev))
+            self._calls[inner].append((token, ev))
         else:
-            self._calls.append((token, time.perf_counter()))
+            self._calls[inner].append((token, time.perf_counter()))
 
-    def take_calls_ms(self) -> list[float]:
-        """Milliseconds of each call since the last take (synchronises the device)."""
-        calls, self._calls = self._calls, []
+    def push(self, device: torch.device) -> None:
+        self._open.append(self.start(device))
+
+    def pop(self, device: torch.device) -> None:
+        self.stop(self._open.pop(), device, inner=True)
+
+    def take_calls_ms(self, inner: bool = False) -> list[float]:
+        """Milliseconds of each call since the last take (synchronises the device); ``inner``: of the calls
+        of the methods the installed ones are built on."""
+        calls, self._calls[inner] = self._calls[inner], []
         if calls and isinstance(calls[0][0], torch.cuda.Event):
             torch.cuda.synchronize()
             return [a.elapsed_time(b) for a, b in calls]
         return [(b - a) * 1e3 for a, b in calls]
 
-    def take_ms(self) -> float:
+    def take_ms(self, inner: bool = False) -> float:
         """Summed milliseconds of the calls since the last take."""
-        return float(sum(self.take_calls_ms()))
+        return float(sum(self.take_calls_ms(inner)))
 
 
 @dataclass
@@ -381,14 +390,24 @@ def step_callback(model: torch.nn.Module) -> Callable[..., dict]:
 
 @contextlib.contextmanager
 def time_attention(model: torch.nn.Module) -> Iterator[AttentionTimer]:
-    """Time every method call of forwards run inside the block (see :class:`AttentionTimer`)."""
+    """Time every method call of forwards run inside the block, and apart the calls of the methods they
+    are built on (see :class:`AttentionTimer`)."""
     state = _state_or_raise(model)
     timer = AttentionTimer()
     state.timer = timer
+    # the methods an installed method is built on (SALAD's sparse branch) are timed too, as inner calls
+    handles = []
+    for _proc, method in state.processors:
+        for child in method.children():
+            if isinstance(child, AttentionMethod):
+                handles.append(child.register_forward_pre_hook(lambda _m, args: timer.push(args[0].device)))
+                handles.append(child.register_forward_hook(lambda _m, args, _out: timer.pop(args[0].device)))
     try:
         yield timer
     finally:
         state.timer = None
+        for h in handles:
+            h.remove()
 
 
 # -- building models ------------------------------------------------------------------------------

@@ -196,6 +196,7 @@ class _Sweep:
         self.engine = Engine(writer, progress, resume=spec.resume)
         self.device = torch.device(spec.device)
         self.dtype = DTYPES[spec.dtype]
+        self.layout: str | None = None  # the memory layout of the workload's q, k, v (set per workload)
 
     # -- one workload ----------------------------------------------------------------------------
     def workload(self, wl: Workload, units: list[Unit]) -> None:
@@ -211,6 +212,8 @@ class _Sweep:
             raise ValueError(f"q/k/v for {wl.name} contain NaN or Inf; check --qkv/--seed")
         ref = reference_attention(q, k, v)
         ctx = AttnContext(grid=wl.grid, num_layers=wl.layers)
+        # "tokens": (B, H, N, D) views of token-major buffers, as a Wan layer hands them (the wan kind)
+        self.layout = "heads" if q.is_contiguous() else "tokens" if q.transpose(1, 2).is_contiguous() else "strided"
 
         def measure(cell: Cell) -> dict:
             return self.measure_cell(cell, q, k, v, ref, ctx, wl)
@@ -242,7 +245,7 @@ class _Sweep:
         and a forward row gets its speedups over it."""
         passes = ["fwd", "fwd+bwd"] if self.spec.backward else ["fwd"]
         shape = {"B": wl.batch, "H": wl.heads, "N": wl.n, "D": wl.head_dim, "grid": list(wl.grid),
-                 "device": str(self.device), "seed": self.spec.seed}
+                 "device": str(self.device), "seed": self.spec.seed, "qkv_layout": self.layout}
         speedups = {"speedup": base["baseline_ms"], "speedup_vs_fa2": base["fa2_ms"]} if base else {}
         speedups = {key: ms for key, ms in speedups.items() if ms}
         return [Cell(_identity(u.method, self.spec, wl.name, p, u.sparsity),

@@ -142,8 +142,9 @@ def make_qkv(
     field, q and k are the same projection of it (so ``q_i . k_j`` is a kernel of the distance between
     tokens i and j, sharpened by ``sharpness``) plus ``noise``; v is another smooth field; q and k
     are then rotated by Wan's 3D RoPE as in the model. ``random``: standard normal. ``wan``: what the
-    first self-attention layer of a random-weight Wan2.1 DiT of this shape computes (needs diffusers;
-    :mod:`salad_bench.harness.integrations.wan_qkv`).
+    first self-attention layer of a random-weight Wan2.1 DiT of this shape computes, in the layout the
+    model hands a method ((B, H, N, D) views of token-major buffers; needs diffusers;
+    :mod:`salad_bench.harness.integrations.wan_qkv`). ``video`` and ``random`` are contiguous.
     """
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)

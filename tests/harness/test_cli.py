@@ -26,6 +26,19 @@ def test_run_writes_rows_and_table(tmp_path, capsys):
     assert (out / "summary.md").exists()
 
 
+def test_rows_name_the_memory_layout_of_their_inputs(tmp_path):
+    """The wan kind hands methods q, k, v as the model does (views of token-major buffers); the others are
+    contiguous. Every method row says which it got, and methods agree with full on both."""
+    pytest.importorskip("diffusers")
+    for kind, layout in (("video", "heads"), ("wan", "tokens")):
+        out = tmp_path / kind
+        assert main(["--methods", "topk,salad,full", "--sparsity", "0.5", "--qkv", kind, "--out", str(out), "--quick",
+                     "--no-baselines"]) == 0
+        rows = read_jsonl(out / "rows.jsonl")
+        assert {r["qkv_layout"] for r in rows} == {layout} and all(r["status"] == "ok" for r in rows)
+        assert all(r["rel_l2"] < 0.5 for r in rows)
+
+
 def test_missing_backend_is_a_skipped_row_with_reason(tmp_path):
     out = tmp_path / "run"
     assert main(["--methods", "full_cudnn", "--out", str(out), "--quick", "--no-baselines"]) == 0

@@ -128,6 +128,8 @@ def test_wan_qkv_kind_comes_from_a_wan_layer():
     q2, _, _ = make_qkv(wl, kind="wan", seed=3)
     assert q.shape == k.shape == v.shape == (1, wl.heads, wl.n, wl.head_dim)
     assert torch.equal(q, q2) and not torch.equal(q, make_qkv(wl, kind="wan", seed=4)[0])
+    # in the layout the model hands a method: views of token-major buffers
+    assert all(not x.is_contiguous() and x.transpose(1, 2).is_contiguous() for x in (q, k, v))
 
     def spread(q, k):
         s = q[0, 0] @ k[0, 0].T / math.sqrt(q.shape[-1])

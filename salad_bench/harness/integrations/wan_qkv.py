@@ -4,7 +4,10 @@ A diffusers ``WanTransformer3DModel`` with the workload's heads and head_dim and
 runs on a seeded random latent of the workload's grid (1x2x2 patchify), a random text embedding and
 t=500; the first block's self-attention hands its q, k, v to a capturing method, i.e. exactly what an
 installed attention method sees: after the projections, the RMS qk-norm across heads and Wan's 3D
-RoPE, in ``(B, H, N, D)``. Only block 0 runs (the forward stops there).
+RoPE, in ``(B, H, N, D)`` and in the memory layout the model hands them over: views of token-major
+``(B, N, H, D)`` buffers, not contiguous tensors (the other kinds are contiguous), so a method or kernel
+timed on this kind pays what it pays inside the model for its layout. Only block 0 runs (the forward
+stops there).
 
 Why a third kind: kernel speed can depend on the score statistics. ``random`` gives a few nats of
 logit spread per row; ``video`` (its default ``sharpness``) gives rows that span hundreds of nats,
@@ -36,7 +39,8 @@ class _Capture(AttentionMethod):
         self._sink = sink
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        self._sink["qkv"] = (q.detach().contiguous(), k.detach().contiguous(), v.detach().contiguous())
+        # copies in the layout the model hands a method: (B, H, N, D) views of token-major buffers
+        self._sink["qkv"] = tuple(x.detach().clone(memory_format=torch.preserve_format) for x in (q, k, v))
         raise _Captured
 
 

@@ -79,8 +79,8 @@ def _one_graph_per_phase(name, knobs, device, dtype, backend, tol):
         install_attention(m, name, sparsity=0.5, num_steps=2, **knobs)
         return m
 
-    def phases(m):
-        return [m.report().extra.get("dense_call", m.report().density == 1.0) for m in installed_methods(m)]
+    def phases(model_):
+        return [m.report().extra.get("dense_call", m.report().density == 1.0) for m in installed_methods(model_)]
 
     torch._dynamo.reset()
     ref_model, compiled = model(), model()

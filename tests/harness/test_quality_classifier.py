@@ -17,6 +17,7 @@ from salad_bench.harness.quality.classifier import (  # noqa: E402
     fit,
     frechet_distance,
     load_classifier,
+    _lr,
     main,
     save_classifier,
 )
@@ -39,6 +40,17 @@ def test_learns_the_tiny_data_above_chance():
     )
     assert info["steps_done"] == 150 and info["val_accuracy"] >= 0.33, info["val_accuracy"]
     assert info["curve"][-1]["loss"] < info["curve"][0]["loss"]
+
+
+def test_the_cosine_ends_at_the_steps_or_the_time_budget_whichever_first():
+    cfg = FitConfig(steps=1000, lr=1.0, warmup_steps=100)
+    assert _lr(0, cfg) == pytest.approx(0.01) and _lr(100, cfg) == pytest.approx(1.0)
+    assert _lr(550, cfg) == pytest.approx(0.5) and _lr(1000, cfg) == pytest.approx(0.0)
+    timed = FitConfig(steps=1000, lr=1.0, warmup_steps=100, time_budget_s=60.0)
+    assert _lr(550, timed, elapsed_s=0.0) == pytest.approx(0.5)  # the steps are ahead of the clock
+    assert _lr(200, timed, elapsed_s=30.0) == pytest.approx(0.5)  # the clock is ahead of the steps
+    assert _lr(200, timed, elapsed_s=61.0) == pytest.approx(0.0)
+    assert _lr(50, timed, elapsed_s=59.0) == pytest.approx(0.51)  # the warm-up is never cut short
 
 
 def test_predict_and_features_shapes_and_a_wrong_shape():

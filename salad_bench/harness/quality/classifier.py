@@ -194,11 +194,15 @@ class FitConfig:
     time_budget_s: float | None = None
 
 
-def _lr(step: int, cfg: FitConfig) -> float:
+def _lr(step: int, cfg: FitConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then a cosine that reaches zero at ``cfg.steps`` or, with a time budget, when the
+    budget is spent, whichever comes first (a run cut by its budget still ends annealed)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.time_budget_s:
+        frac = max(frac, elapsed_s / cfg.time_budget_s)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def accuracy(model: VideoClassifier, videos: torch.Tensor, labels: torch.Tensor, batch_size: int = 32) -> float:
@@ -221,24 +225,25 @@ def fit(
     model = VideoClassifier(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = ShardedSampler(None, cfg.batch_size, seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # noise drawn where the videos are
     t0, step, curve = time.perf_counter(), 0, []
     model.train()
     while step < cfg.steps:
         idx = sampler.batch_indices(step)
         labels = torch.tensor([i % config.num_classes for i in idx])
         x = render_videos([SEED_OFFSET + i for i in idx], labels.tolist(), config.spec, device)
-        sigma = torch.rand(len(idx), generator=gen) * cfg.noise_aug
-        x = x + (sigma.view(-1, 1, 1, 1, 1) * torch.randn(x.shape, generator=gen)).to(device)
+        sigma = torch.rand(len(idx), generator=gen, device=device) * cfg.noise_aug
+        x = x + sigma.view(-1, 1, 1, 1, 1) * torch.randn(x.shape, generator=gen, device=device)
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
+            group["lr"] = _lr(step, cfg, time.perf_counter() - t0)
         loss = F.cross_entropy(model(x), labels.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            row = {"step": step, "loss": float(loss.detach()), "elapsed_s": round(time.perf_counter() - t0, 2)}
+            row = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+                   "elapsed_s": round(time.perf_counter() - t0, 2)}
             curve.append(row)
             if echo:
                 print(
@@ -348,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--n-val", type=int, default=d.n_val)
-    p.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds (the cosine then ends there)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

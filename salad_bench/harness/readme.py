@@ -9,8 +9,9 @@ Blocks:
 * ``headline``: the newest GPU gate run of each card (``results/gpu/``): every method of the gate's
   sweep at 90%, on each input kind, against SDPA cuDNN in the same process;
 * ``targets``: the same runs against the gate's targets (``experiments/gpu_gate.toml``);
-* ``dit``: the newest whole-model run of each card (``results/dit/``): one Wan2.1 transformer forward,
-  eager and compiled, each against the dense model run the same way.
+* ``dit``: the whole-model runs of each card (``results/dit/``): one Wan2.1 transformer forward,
+  eager and compiled, each against the dense model run the same way; per model and way, the rows of one
+  run (a whole-model measurement before a block-scaled one, then the newest).
 """
 
 from __future__ import annotations
@@ -96,33 +97,45 @@ def targets_block(root: Path = ROOT) -> str:
     return "\n".join(out)
 
 
-def newest_dit_runs(root: Path = ROOT) -> dict[str, Path]:
-    """``{card: run dir}`` of the newest whole-model run of each card under ``results/dit/``."""
-    from salad_bench.harness.results import read_jsonl
-
-    best: dict[str, tuple[str, Path]] = {}
-    for f in sorted((root / "results" / "dit").glob("*/rows.jsonl")):
-        rows = read_jsonl(f)
-        if rows:
-            card, date = str(rows[0].get("card")), max(str(r.get("date", "")) for r in rows)
-            if card not in best or date > best[card][0]:
-                best[card] = (date, f.parent)
-    return {c: p for c, (_d, p) in best.items()}
-
-
-def dit_block(root: Path = ROOT) -> str:
+def dit_rows(root: Path = ROOT) -> dict[str, pd.DataFrame]:
+    """``{card: rows}``: for each model and way of running it (eager or compiled), the rows of one run:
+    a whole-model measurement before a block-scaled one (``[blocks=K/L]``), then the newest. All methods
+    of a (model, way) come from one run, so each speedup is over a dense model timed in the same process."""
     from salad_bench.harness.frames import dit_frame
     from salad_bench.harness.results import load_rows
 
-    out = []
-    for _card, run in sorted(newest_dit_runs(root).items()):
-        rows = load_rows(run / "rows.jsonl")
-        dit = dit_frame(rows)
+    by_card: dict[str, list[pd.DataFrame]] = {}
+    for f in sorted((root / "results" / "dit").glob("*/rows.jsonl")):
+        dit = dit_frame(load_rows(f))
         if dit.empty:
             continue
-        dit = dit.assign(model=dit["workload"].str.replace("+compile", "", regex=False).str.replace("dit:", "", regex=False),
-                         compiled=dit["workload"].str.endswith("+compile"))
-        out += [_provenance_line(rows, run, root) + " One transformer forward (random bf16 weights); speedup over "
+        wl = dit["workload"].astype(str).str.replace("dit:", "", regex=False)
+        dit = dit.assign(run=f.parent.relative_to(root).as_posix(), compiled=wl.str.endswith("+compile"),
+                         model=wl.str.replace("+compile", "", regex=False),
+                         base=wl.str.replace("+compile", "", regex=False).str.replace(r"\[blocks=[^\]]*\]", "", regex=True),
+                         scaled=wl.str.contains("[blocks=", regex=False), run_date=dit["date"].astype(str).max())
+        by_card.setdefault(str(dit["card"].iloc[0]), []).append(dit)
+    out = {}
+    for card, frames in by_card.items():
+        allr = pd.concat(frames, ignore_index=True)
+        picks = (allr[["base", "compiled", "run", "model", "scaled", "run_date"]].drop_duplicates()
+                 .sort_values(["scaled", "run_date"], ascending=[True, False])
+                 .drop_duplicates(["base", "compiled"]))
+        keep = allr.merge(picks[["run", "model", "compiled"]], on=["run", "model", "compiled"])
+        out[card] = keep.sort_values(["base", "compiled"], kind="stable").reset_index(drop=True)
+    return out
+
+
+def dit_block(root: Path = ROOT) -> str:
+    out = []
+    for _card, dit in sorted(dit_rows(root).items()):
+        runs = list(dict.fromkeys(dit["run"]))
+        prov = _provenance_line(dit, root / runs[0], root)
+        if len(runs) > 1:
+            sha = lambda run: str(dit.loc[dit["run"] == run, "git_sha"].mode().iloc[0])[:7]  # noqa: E731
+            prov = prov.replace(f"Run `{runs[0]}` (commit {sha(runs[0])})",
+                                "Runs " + ", ".join(f"`{r}` (commit {sha(r)})" for r in runs))
+        out += [prov + " One transformer forward (random bf16 weights); speedup over "
                 "the dense model (SDPA cuDNN) run the same way in the same process; compile time apart; "
                 "sampling = 2 forwards (CFG) x 50 steps, extrapolated from one forward.", "",
                 "| model | method | eager ms | × dense | compiled ms | × dense (compiled) | attention share | "

@@ -16,8 +16,8 @@ def test_committed_readme_blocks_match_the_committed_runs(capsys):
     assert set(readme.blocks((ROOT / "README.md").read_text())) == {"headline", "targets", "dit"}
 
 
-def _dit_row(method, compiled, ms, speedup, **kw):
-    wl = "dit:wan2.1-1.3b-480p" + ("+compile" if compiled else "")
+def _dit_row(method, compiled, ms, speedup, model="wan2.1-1.3b-480p", **kw):
+    wl = f"dit:{model}" + ("+compile" if compiled else "")
     return {"kind": "dit", "status": "ok", "method": method, "workload": wl, "ms": ms, "attn_ms": ms * 0.4,
             "speedup": speedup, "card": "NVIDIA H100 80GB HBM3", "date": "2026-12-06T00:00:00", "git_sha": "abc1234",
             "torch": "2.11", "triton": "3.6", "cudnn": 91900, "compile_s": 40.0 if compiled else None,
@@ -46,6 +46,30 @@ def test_stale_block_is_refused_and_a_rewrite_fixes_it(tmp_path, capsys):
     assert "Ceiling if attention cost nothing" in new and "wan2.1-1.3b-480p eager 1.67x (attention 40%), compiled 2.00x (attention 50%)" in new
     assert "SALAD: linear branch, projection, gate, merge), eager, per forward: salad on wan2.1-1.3b-480p 24.5 ms of 360.0 ms" in new
     assert readme.main(["--readme", str(root / "README.md"), "--check"]) == 0
+
+
+def test_whole_model_rows_replace_block_scaled_ones_and_each_group_comes_from_one_run(tmp_path):
+    root = tmp_path / "repo"
+    old, new = root / "results" / "dit" / "2026-12-06-h100-aaaaaaa", root / "results" / "dit" / "2026-12-07-h100-bbbbbbb"
+    for d in (old, new):
+        d.mkdir(parents=True)
+    scaled = "wan2.1-1.3b-720p[blocks=4/30]"
+    old_rows = [_dit_row("full", True, 500.0, 1.0), _dit_row("salad", True, 250.0, 2.0),  # 480p compiled: kept
+                _dit_row("full", True, 2000.0, 1.0, model=scaled), _dit_row("salad", True, 600.0, 3.33, model=scaled),
+                _dit_row("full", False, 640.0, 1.0), _dit_row("topk", False, 330.0, 1.94)]
+    new_rows = [_dit_row("full", True, 2100.0, 1.0, model="wan2.1-1.3b-720p", date="2026-12-07T00:00:00", git_sha="bbbbbbb"),
+                _dit_row("salad", True, 700.0, 3.0, model="wan2.1-1.3b-720p", date="2026-12-07T00:00:00", git_sha="bbbbbbb"),
+                _dit_row("full", False, 650.0, 1.0, date="2026-12-07T00:00:00", git_sha="bbbbbbb"),
+                _dit_row("salad", False, 360.0, 1.81, date="2026-12-07T00:00:00", git_sha="bbbbbbb")]
+    old_rows = [dict(r, git_sha="aaaaaaa") for r in old_rows]
+    (old / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    (new / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new_rows))
+    text = readme.dit_block(root)
+    assert "[blocks=" not in text and "| wan2.1-1.3b-720p | salad | – | – | 700.0 | **3.00x**" in text
+    assert "| wan2.1-1.3b-480p | salad | 360.0 | 1.81x | 250.0 | **2.00x**" in text  # eager from new, compiled from old
+    assert "| wan2.1-1.3b-480p | topk |" not in text  # the eager group is the newer run's, which has no topk
+    assert "`results/dit/2026-12-06-h100-aaaaaaa` (commit aaaaaaa)" in text
+    assert "`results/dit/2026-12-07-h100-bbbbbbb` (commit bbbbbbb)" in text
 
 
 def test_unknown_block_and_missing_file_exit_2(tmp_path, capsys):

@@ -89,7 +89,7 @@ def _ring(x_desc, c_desc, s_desc, STAGES: gl.constexpr, ROPE: gl.constexpr):
 
 
 @gluon.jit
-def _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t, start, base_row, ntiles,
+def _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t, start, base_row, col, ntiles,
            STAGES: gl.constexpr, ROPE: gl.constexpr):
     """TMA copies of tile ``t`` (its Q rows and, with RoPE, its rows of both tables) into ring slot
     ``t % STAGES``, completing on that slot's barrier; nothing past the program's last tile."""
@@ -104,17 +104,19 @@ def _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t, start, base_
         _tma_load(s_desc, [tok, 0], bar, s_smem.index(slot), pred=pred)
     else:
         mbarrier.expect(bar, q_desc.block_type.nbytes, pred=pred)
-    _tma_load(q_desc, [base_row + tok, 0], bar, q_smem.index(slot), pred=pred)
+    _tma_load(q_desc, [base_row + tok, col], bar, q_smem.index(slot), pred=pred)
 
 
 @gluon.jit
 def _out_kernel(q_desc, c_desc, s_desc, o_desc, Out, S, stride_ob, stride_oh, stride_on, H, N, CHUNK, eps_n, inv_n,
-                D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr, OUT_TMA: gl.constexpr,
+                RB, RH, CH, ODIV, OCH, D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr, OUT_TMA: gl.constexpr,
                 st_layout: gl.constexpr, r_layout: gl.constexpr, num_warps: gl.constexpr):
-    """Output rows ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``. Q is read as a
-    ``(B*H*N, D)`` matrix: a tile's rows past N belong to the next head (or are zeros past the end) and
-    are never stored. With ``OUT_TMA`` the output leaves through shared memory and a TMA store over the
-    ``(B*H, N, D)`` output (``o_desc``, which clips each head at N); else by masked stores from registers."""
+    """Output rows ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``. Q is read as a matrix
+    whose rows are tokens (see :func:`_geometry`): head ``bh``'s start at row ``(bh // H) * RB + (bh % H) * RH``,
+    column ``(bh % H) * CH``; a tile's rows past N belong to the next head or batch (or are zeros past the
+    end) and are never stored. With ``OUT_TMA`` the output leaves through shared memory and a TMA store over
+    the output's heads (``o_desc``, which clips each head at N; head ``bh``'s block at
+    ``[bh // ODIV, row, (bh % H) * OCH]``); else by masked stores from registers."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     D2: gl.constexpr = D // 2
     WN: gl.constexpr = num_warps // 4  # warpgroups side by side along the output columns
@@ -122,7 +124,8 @@ def _out_kernel(q_desc, c_desc, s_desc, o_desc, Out, S, stride_ob, stride_oh, st
     bh = gl.program_id(1)
     start = pid * CHUNK
     ntiles = gl.cdiv(gl.minimum(start + CHUNK, N) - start, BM)
-    base_row = bh * N
+    base_row = (bh // H) * RB + (bh % H) * RH
+    col = (bh % H) * CH
 
     # each thread holds 8 consecutive channels (4 RoPE pairs) of a row: the even/odd split is in registers
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -150,11 +153,11 @@ def _out_kernel(q_desc, c_desc, s_desc, o_desc, Out, S, stride_ob, stride_oh, st
 
     q_smem, c_smem, s_smem, bars = _ring(q_desc, c_desc, s_desc, STAGES, ROPE)
     for i in gl.static_range(STAGES):
-        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, ntiles, STAGES, ROPE)
+        _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, i, start, base_row, col, ntiles, STAGES, ROPE)
 
     zero = gl.zeros([BM, D], gl.float32, acc_l)
     o_base = Out + (bh // H).to(gl.int64) * stride_ob + (bh % H).to(gl.int64) * stride_oh
-    ring = (q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles)
+    ring = (q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, col, ntiles)
     for t in range(ntiles):
         den = _q_tile(t, ring, r0_smem, r1_smem, z0, z1, eps_n, KIND, ROPE, STAGES, blk, hl)
         fence_async_shared()
@@ -172,7 +175,7 @@ def _out_kernel(q_desc, c_desc, s_desc, o_desc, Out, S, stride_ob, stride_oh, st
             o_smem.store(out.to(o_desc.dtype))
             fence_async_shared()
             _cta_barrier()
-            _tma_store(o_desc, [bh, start + t * BM, 0], _as_block(o_smem, o_desc))
+            _tma_store(o_desc, [bh // ODIV, start + t * BM, (bh % H) * OCH], _as_block(o_smem, o_desc))
         else:
             _q_store(out, o_base, start + t * BM, N, stride_on, blk)
     if OUT_TMA:
@@ -186,7 +189,7 @@ def _q_tile(t, ring, r0_smem, r1_smem, z0, z1, eps_n, KIND: gl.constexpr, ROPE: 
             blk: gl.constexpr, hl: gl.constexpr):
     """Tile t up to its GEMMs: wait for its ring slot, read it, refill it with tile t + STAGES, and write
     the rotated feature halves into ``r0_smem, r1_smem``. Returns each row's denominator ``f . z + eps``."""
-    q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, ntiles = ring
+    q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, start, base_row, col, ntiles = ring
     slot = t % STAGES
     mbarrier.wait(bars.index(slot), (t // STAGES) & 1)
     x = q_smem.index(slot).load(blk).to(gl.float32)
@@ -198,7 +201,7 @@ def _q_tile(t, ring, r0_smem, r1_smem, z0, z1, eps_n, KIND: gl.constexpr, ROPE: 
         sn = z0
     # every warp has read the slot (and waited for the GEMMs that last read the buffers written below): refill it
     _cta_barrier()
-    _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, ntiles, STAGES, ROPE)
+    _issue(q_desc, c_desc, s_desc, q_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, col, ntiles, STAGES, ROPE)
     r0, r1, den = _q_features(x, cs, sn, z0, z1, eps_n, KIND, ROPE, hl)
     r0_smem.store(r0.to(gl.float16))
     r1_smem.store(r1.to(gl.float16))
@@ -232,13 +235,13 @@ def _q_store(out, o_base, row0, N, stride_on, blk: gl.constexpr):
 
 
 @gluon.jit
-def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
+def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK, RB, RH, CH,
                   D: gl.constexpr, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: gl.constexpr,
                   r_layout: gl.constexpr, num_warps: gl.constexpr):
     """Partial state of tokens ``[pid * CHUNK, (pid + 1) * CHUNK)`` of head ``program_id(1)``: ``R f(K)^T V``
     (D x D) and ``sum f(K)``, stored in the half layout (even feature rows, then odd) into ``PART``.
-    K and V are read as ``(B*H*N, D)`` matrices; rows past N (the next head's, or zeros) get zero
-    features, so they add nothing. The rotated features keep their natural channel order in shared memory
+    K and V are read as matrices whose rows are tokens, placed as Q's in :func:`_out_kernel` (``RB, RH,
+    CH``); rows past N (the next head's or batch's, or zeros) get zero features, so they add nothing. The rotated features keep their natural channel order in shared memory
     (a ``BM x D`` tile, read transposed as the wgmma A operand); the accumulator's rows are permuted into
     the half layout when stored. Tile t's wgmma runs while tile t + 1's features are computed."""
     BM: gl.constexpr = k_desc.block_type.shape[0]
@@ -249,7 +252,8 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
     start = pid * CHUNK
     stop = gl.minimum(start + CHUNK, N)
     ntiles = gl.cdiv(stop - start, BM)
-    base_row = bh * N
+    base_row = (bh // H) * RB + (bh % H) * RH
+    col = (bh % H) * CH
 
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     blk3: gl.constexpr = gl.BlockedLayout([1, 4, 2], [4, 8, 1], [num_warps, 1, 1], [2, 1, 0])
@@ -260,7 +264,7 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BM, D], v_desc.layout)
     k_smem, c_smem, s_smem, bars = _ring(k_desc, c_desc, s_desc, STAGES, ROPE)
     for i in gl.static_range(STAGES):
-        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row,
+        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, i, start, base_row, col,
                   i < ntiles, STAGES, ROPE)
     acc = gl.zeros([D, D], gl.float32, acc_l)
     za0 = gl.zeros([BM, D2], gl.float32, hl)
@@ -276,7 +280,7 @@ def _state_kernel(k_desc, v_desc, c_desc, s_desc, PART, H, N, CHUNK,
             za0, za1 = _kv_tile(t + 1, ring, za0, za1, KIND, ROPE, STAGES, blk, hl)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         _cta_barrier()  # every warpgroup is done with tile t's slot: it takes tile t + STAGES
-        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t + STAGES, start, base_row,
+        _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t + STAGES, start, base_row, col,
                   t + STAGES < ntiles, STAGES, ROPE)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
@@ -321,7 +325,7 @@ def _kv_tile(t, ring, za0, za1, KIND: gl.constexpr, ROPE: gl.constexpr, STAGES: 
 
 
 @gluon.jit
-def _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t, start, base_row, pred,
+def _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, bars, t, start, base_row, col, pred,
               STAGES: gl.constexpr, ROPE: gl.constexpr):
     """TMA copies of K/V tile ``t`` (and its rows of the RoPE tables) into ring slot ``t % STAGES`` when
     ``pred``."""
@@ -335,8 +339,8 @@ def _issue_kv(k_desc, v_desc, c_desc, s_desc, k_smem, v_smem, c_smem, s_smem, ba
         _tma_load(s_desc, [tok, 0], bar, s_smem.index(slot), pred=pred)
     else:
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=pred)
-    _tma_load(k_desc, [base_row + tok, 0], bar, k_smem.index(slot), pred=pred)
-    _tma_load(v_desc, [base_row + tok, 0], bar, v_smem.index(slot), pred=pred)
+    _tma_load(k_desc, [base_row + tok, col], bar, k_smem.index(slot), pred=pred)
+    _tma_load(v_desc, [base_row + tok, col], bar, v_smem.index(slot), pred=pred)
 
 
 @functools.cache
@@ -361,8 +365,12 @@ def gluon_supported(cos: torch.Tensor | None, *xs: torch.Tensor) -> str | None:
     x = xs[0]
     if (why := gluon_unsupported_on(x.device, x.dtype, x.shape[-1])) is not None:
         return why
-    if not all(y.is_contiguous() and y.data_ptr() % 16 == 0 for y in xs):
-        return "the Gluon linear passes read q, k, v through TMA as (B*H*N, D) matrices: they must be contiguous and aligned"
+    geometry = {_geometry(y) for y in xs}
+    if None in geometry or any(y.data_ptr() % 16 for y in xs):
+        return ("the Gluon linear passes read q, k, v through TMA as matrices of token rows: each must be contiguous "
+                "(B, H, N, D) or a (B, H, N, D) view of token-major (B, N, >=H*D) rows, 16-byte aligned")
+    if len(geometry) > 1:
+        return "the Gluon K/V pass reads k and v with one geometry: give both the same layout"
     if cos is not None:
         if cos.dtype not in _GL_DTYPES:
             return f"the Gluon linear passes take RoPE tables in float32, float16 or bfloat16, not {cos.dtype}"
@@ -384,18 +392,42 @@ def _layout(shape: tuple, dtype) -> gl.NVMMASharedLayout:
     return _LAYOUTS[key]
 
 
+def _geometry(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """Where head ``bh``'s token rows start in the matrix :func:`_rows_desc` describes: row ``(bh // H) * RB +
+    (bh % H) * RH``, column ``(bh % H) * CH``, as ``(RB, RH, CH)``. A contiguous ``(B, H, N, D)`` tensor is
+    a ``(B*H*N, D)`` matrix; a view of token-major rows (a Wan layer's q, k, v: the projection's ``(B, N, C)``
+    output, or a slice of a fused one, unflattened and transposed) is a ``(B*N, H*D)`` matrix whose rows are
+    ``stride(2)`` apart. None for any other layout (or strides TMA cannot take)."""
+    b, h, n, d = x.shape
+    if x.is_contiguous():
+        return (h * n, n, 0)
+    row = x.stride(2)
+    if (x.stride(3) == 1 and x.stride(1) == d and (b == 1 or x.stride(0) == n * row) and row >= h * d
+            and (row * x.element_size()) % 16 == 0):
+        return (n, 0, d)
+    return None
+
+
 def _rows_desc(x: torch.Tensor) -> TensorDescriptor:
-    """A descriptor over a contiguous ``(B, H, N, D)`` tensor as one ``(B*H*N, D)`` matrix, 64-row blocks."""
+    """A descriptor over ``x``'s token rows (see :func:`_geometry`), blocks of 64 rows of one head's D columns."""
     b, h, n, d = x.shape
+    lay = _layout((BLOCK, d), _GL_DTYPES[x.dtype])
     # the descriptor reads only the base's address and dtype: x itself serves (a .view costs host time)
-    return TensorDescriptor(x, [b * h * n, d], [d, 1], [BLOCK, d], _layout((BLOCK, d), _GL_DTYPES[x.dtype]))
+    if x.is_contiguous():
+        return TensorDescriptor(x, [b * h * n, d], [d, 1], [BLOCK, d], lay)
+    return TensorDescriptor(x, [b * n, h * d], [x.stride(2), 1], [BLOCK, d], lay)
 
 
-def _heads_desc(x: torch.Tensor) -> TensorDescriptor:
-    """A descriptor over a contiguous ``(B, H, N, D)`` tensor as ``(B*H, N, D)``, blocks of one head's 64
-    rows: a TMA store through it clips each head's rows at N."""
+def _heads_desc(x: torch.Tensor) -> tuple[TensorDescriptor, int, int]:
+    """A descriptor over a dense ``(B, H, N, D)`` output, blocks of one head's 64 rows: a TMA store through it
+    clips each head at N. Head ``bh``'s block is ``[bh // ODIV, row, (bh % H) * OCH]``; returns the descriptor,
+    ``ODIV`` and ``OCH``. Contiguous: ``(B*H, N, D)``; token-major (``empty_like`` of a token-major q):
+    ``(B, N, H*D)``."""
     b, h, n, d = x.shape
-    return TensorDescriptor(x, [b * h, n, d], [n * d, d, 1], [1, BLOCK, d], _layout((1, BLOCK, d), _GL_DTYPES[x.dtype]))
+    lay = _layout((1, BLOCK, d), _GL_DTYPES[x.dtype])
+    if x.is_contiguous():
+        return TensorDescriptor(x, [b * h, n, d], [n * d, d, 1], [1, BLOCK, d], lay), 1, 0
+    return TensorDescriptor(x, [b, n, h * d], [n * h * d, h * d, 1], [1, BLOCK, d], lay), h, d
 
 
 def _table_descs(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
@@ -423,7 +455,7 @@ class KVPass:
                  chunk: int, num_warps: int = 8, stages: int = 3):
         b, h, n, d = k.shape
         assert chunk % BLOCK == 0 and num_warps in (4, 8)
-        self.ints = (h, n, chunk)
+        self.ints = (h, n, chunk, *_geometry(k))
         self.part_shape = (b * h, nsplit, d * d + d)
         self.tables = _table_descs(cos, sin) if rope else None
         self.site = Site(_state_kernel, (nsplit, b * h),
@@ -447,7 +479,7 @@ class OutPass:
                  nsplit: int, chunk: int, num_warps: int = 4, stages: int = 3, out_tma: bool = False):
         b, h, n, d = q.shape
         assert chunk % BLOCK == 0 and num_warps in (4, 8)
-        self.ints = (h, n, chunk, eps / n, 1.0 / n)
+        self.ints = (h, n, chunk, eps / n, 1.0 / n, *_geometry(q))
         self.out_tma = out_tma
         self.tables = _table_descs(cos, sin) if rope else None
         self.site = Site(_out_kernel, (nsplit, b * h),
@@ -459,8 +491,9 @@ class OutPass:
         out = torch.empty_like(q)
         q_desc = _rows_desc(q)
         c_desc, s_desc = self.tables or (q_desc, q_desc)
-        o_desc = _heads_desc(out) if self.out_tma else q_desc
-        self.site(q_desc, c_desc, s_desc, o_desc, out, state, out.stride(0), out.stride(1), out.stride(2), *self.ints)
+        o_desc, odiv, och = _heads_desc(out) if self.out_tma else (q_desc, 1, 0)
+        self.site(q_desc, c_desc, s_desc, o_desc, out, state, out.stride(0), out.stride(1), out.stride(2), *self.ints,
+                  odiv, och)
         return out
 
 

@@ -119,6 +119,41 @@ def test_gluon_passes_gpu(gen, kind, d, dtype, rope):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gluon_passes_take_the_model_layout_gpu(gen, fused):
+    """The layout a Wan layer hands a method: (B, H, N, D) views of token-major (B, N, H*D) projections (or
+    slices of a fused (B, N, 3*H*D) one), two batches, ragged N. The Gluon passes read them in place (no
+    copy, no Triton fallback) and match the float64 reference; the output is token-major like q."""
+    from salad_bench.kernels import linear_attn as la
+    from salad_bench.kernels import linear_gluon as lg
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon passes need an sm_90 GPU")
+    b, h, d, grid = 2, 3, 128, (5, 13, 62)
+    n = grid[0] * grid[1] * grid[2]
+    cos, sin = rope_3d_freqs(grid, d, "cuda")
+    if fused:
+        qkv = torch.randn(b, n, 3 * h * d, generator=gen).to("cuda", torch.bfloat16)
+        q, k, v = (t.unflatten(2, (h, d)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    else:
+        q, k, v = (torch.randn(b, n, h, d, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous() and la._gluon(cos, q, k, v) is lg
+    ref = linear_attention_ref(*(x.double() for x in (q, k, v)), "relu", cos, sin)
+    same = linear_attention_ref(q, k, v, "relu", cos, sin)
+    for grad in (False, True):  # the no-grad plan, and the general path under autograd
+        xs = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+        out = linear_attention_triton(*xs, "relu", cos, sin).detach()
+        assert out.transpose(1, 2).is_contiguous()
+        assert_close_to_torch(out, same, ref, what=f"model layout fused={fused} grad={grad}")
+    qp, kp, vp, cos_t, sin_t, rope_on, kind_id = la._prepare(q, k, v, "relu", cos, sin)
+    chunks = la._chunks(n, b * h, q.device, block=lg.BLOCK, per_sm=1)
+    state = lg.state_pass_gluon(kp, vp, cos_t, sin_t, rope_on, kind_id, *chunks, 8, 3)
+    for out_tma in (False, True):
+        other = lg.out_pass_gluon(qp, state, cos_t, sin_t, rope_on, kind_id, 1e-6, *chunks, 8, 3, out_tma)
+        assert_close_to_torch(other, same, ref, what=f"model layout fused={fused} out_tma={out_tma}")
+
+
+@pytest.mark.gpu
 def test_no_grad_plans_gpu(gen, monkeypatch):
     """No-grad calls go through a plan per input signature (kernels.linear_attn._plan): the same output as
     the general path (bitwise), for new tensors of a seen signature (the plan reused), a new shape, tables

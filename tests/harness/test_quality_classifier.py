@@ -123,3 +123,18 @@ def test_frechet_distance_with_singular_covariances():
     assert fd > 0 and fd == fd  # finite, positive
     with pytest.raises(ValueError, match="same d"):
         frechet_distance(a, b[:, :4])
+
+
+def test_the_committed_judge_loads_and_labels_fresh_validation_videos():
+    """checkpoints/video-classifier: its shard matches its card, and it labels validation videos it was
+    not scored on (64 of them, past the card's 512) at the bar's 95% or near it (>= 58 of 64)."""
+    from pathlib import Path
+
+    from salad_bench.harness.quality.data import ProceduralVideos
+
+    ckpt = Path(__file__).resolve().parents[2] / "checkpoints" / "video-classifier"
+    model, card = load_classifier(ckpt)
+    assert card["val_accuracy"] >= 0.95 and card["weights_dtype"] == "bfloat16"
+    videos = ProceduralVideos("val", 1024, model.config.spec, model.config.num_classes)
+    x, y = videos.batch(list(range(640, 704)), "cpu")
+    assert int((model.predict(x) == y).sum()) >= 58

@@ -183,7 +183,8 @@ def _extras(dit: pd.DataFrame) -> list[str]:
     if not parts:
         return []
     return ["Own work beyond the sparse method it is built on (SALAD: linear branch, projection, gate, merge), "
-            "eager, per forward: " + "; ".join(parts) + "."]
+            "eager, per forward, timed by hooks around the calls (an upper bound: it also holds the GPU's waits on "
+            "the host around them): " + "; ".join(parts) + "."]
 
 
 RENDERERS = {"headline": headline_block, "targets": targets_block, "dit": dit_block}

@@ -35,10 +35,13 @@ def _num(df: pd.DataFrame, col: str) -> pd.Series:
     return pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(float("nan"), index=df.index)
 
 
-def _provenance_line(rows: pd.DataFrame, run: Path, root: Path) -> str:
+def _provenance_line(rows: pd.DataFrame, runs: pd.Series | str) -> str:
+    """The runs behind ``rows`` (``runs``: each row's run, or one run for all), each with its commit."""
+    runs = pd.Series(runs, index=rows.index) if isinstance(runs, str) else runs
+    sha = lambda g: str(g["git_sha"].mode().iloc[0])[:7] if "git_sha" in g else "?"  # noqa: E731
+    named = [f"`{run}` (commit {sha(rows[runs == run])})" for run in dict.fromkeys(runs)]
     r = rows.iloc[0]
-    sha = str(rows["git_sha"].mode().iloc[0])[:7] if "git_sha" in rows else "?"
-    return (f"Run `{run.relative_to(root).as_posix()}` (commit {sha}), one **{r['card']}**, torch {r.get('torch')}, "
+    return (f"{'Run' if len(named) == 1 else 'Runs'} {', '.join(named)}, one **{r['card']}**, torch {r.get('torch')}, "
             f"Triton {r.get('triton')}, cuDNN {_cudnn(r.get('cudnn'))}.")
 
 
@@ -64,7 +67,7 @@ def headline_block(root: Path = ROOT) -> str:
         dense = rows[(rows["status"] == "ok") & (rows["method"] == "full_cudnn")]
         base = {q: float(_num(g, "ms").median()) for q, g in dense.groupby("qkv")}
         kinds = [q for q in _INPUTS if q in base]
-        out.append(_provenance_line(rows, run, root) + " Wan2.1-1.3B 480p attention (B=1, H=12, N=32,760, "
+        out.append(_provenance_line(rows, run.relative_to(root).as_posix()) + " Wan2.1-1.3B 480p attention (B=1, H=12, N=32,760, "
                    "D=128, bf16), 90% target sparsity; speedup over SDPA cuDNN in the same process ("
                    + " / ".join(f"{base[q]:.2f}" for q in kinds) + f" ms on the {' / '.join(kinds)} inputs).")
         out.append("")
@@ -110,10 +113,10 @@ def dit_rows(root: Path = ROOT) -> dict[str, pd.DataFrame]:
         if dit.empty:
             continue
         wl = dit["workload"].astype(str).str.replace("dit:", "", regex=False)
-        dit = dit.assign(run=f.parent.relative_to(root).as_posix(), compiled=wl.str.endswith("+compile"),
-                         model=wl.str.replace("+compile", "", regex=False),
-                         base=wl.str.replace("+compile", "", regex=False).str.replace(r"\[blocks=[^\]]*\]", "", regex=True),
-                         scaled=wl.str.contains("[blocks=", regex=False), run_date=dit["date"].astype(str).max())
+        model = wl.str.replace("+compile", "", regex=False)
+        dit = dit.assign(run=f.parent.relative_to(root).as_posix(), compiled=wl.str.endswith("+compile"), model=model,
+                         base=model.str.replace(r"\[blocks=[^\]]*\]", "", regex=True),
+                         scaled=model.str.contains("[blocks=", regex=False), run_date=dit["date"].astype(str).max())
         by_card.setdefault(str(dit["card"].iloc[0]), []).append(dit)
     out = {}
     for card, frames in by_card.items():
@@ -129,13 +132,7 @@ def dit_rows(root: Path = ROOT) -> dict[str, pd.DataFrame]:
 def dit_block(root: Path = ROOT) -> str:
     out = []
     for _card, dit in sorted(dit_rows(root).items()):
-        runs = list(dict.fromkeys(dit["run"]))
-        prov = _provenance_line(dit, root / runs[0], root)
-        if len(runs) > 1:
-            sha = lambda run: str(dit.loc[dit["run"] == run, "git_sha"].mode().iloc[0])[:7]  # noqa: E731
-            prov = prov.replace(f"Run `{runs[0]}` (commit {sha(runs[0])})",
-                                "Runs " + ", ".join(f"`{r}` (commit {sha(r)})" for r in runs))
-        out += [prov + " One transformer forward (random bf16 weights); speedup over "
+        out += [_provenance_line(dit, dit["run"]) + " One transformer forward (random bf16 weights); speedup over "
                 "the dense model (SDPA cuDNN) run the same way in the same process; compile time apart; "
                 "sampling = 2 forwards (CFG) x 50 steps, extrapolated from one forward.", "",
                 "| model | method | eager ms | × dense | compiled ms | × dense (compiled) | attention share | "

@@ -117,30 +117,50 @@ def block_sparse_attention(
     layout: BlockLayout,
     backend: str = "auto",
     scale: float | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over the layout's kept tiles, ``(B, H, N, D)`` in and out.
 
+    ``residual`` (inference only): a ``(B, H, N, D)`` tensor of any strides added to the output; the
+    result then has the residual's memory layout. The Triton kernel adds it in its epilogue (no extra
+    pass over the output); the other backends add it after.
+
     Under ``torch.compile`` this is the registered operator ``salad_bench::block_sparse_attention``
-    (:mod:`salad_bench.kernels.ops`), so a compiled model traces around the kernel."""
+    (``..._residual`` with a residual; :mod:`salad_bench.kernels.ops`), so a compiled model traces
+    around the kernel."""
     which = resolve_backend(backend, q.device)
+    if residual is not None:
+        from salad_bench.kernels.launch import check_residual
+
+        check_residual(q, residual)
+    s = -1.0 if scale is None else float(scale)
     if torch.compiler.is_compiling():
+        if residual is not None:
+            return torch.ops.salad_bench.block_sparse_attention_residual(
+                q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, s, residual
+            )
         return torch.ops.salad_bench.block_sparse_attention(
-            q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, -1.0 if scale is None else float(scale)
+            q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, s
         )
-    return _block_sparse_attention_impl(q, k, v, layout, which, scale)
+    return _block_sparse_attention_impl(q, k, v, layout, which, scale, residual)
 
 
-def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, scale: float | None) -> torch.Tensor:
+def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, scale: float | None,
+                                 residual: torch.Tensor | None = None) -> torch.Tensor:
     which = resolve_backend(backend, q.device)
     if which == "triton":
         from salad_bench.kernels.block_sparse import block_sparse_attention_triton
 
-        return block_sparse_attention_triton(q, k, v, layout, scale=scale)
+        return block_sparse_attention_triton(q, k, v, layout, scale=scale, residual=residual)
     if which == "flex":
         from salad_bench.kernels.flex import flex_block_sparse_attention
 
-        return flex_block_sparse_attention(q, k, v, layout, scale=scale)
-    return block_sparse_attention_gather(q, k, v, layout, scale=scale)
+        out = flex_block_sparse_attention(q, k, v, layout, scale=scale)
+    else:
+        out = block_sparse_attention_gather(q, k, v, layout, scale=scale)
+    if residual is None:
+        return out
+    return torch.add(residual, out, out=torch.empty_like(residual))
 
 
 def linear_attention(

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import autotuned, check_qkv
+from salad_bench.kernels.launch import autotuned, check_qkv, check_residual
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.kernels.tma import tma_desc as _tma_desc
 from salad_bench.kernels.tma import tma_ok as _tma_ok
@@ -127,12 +127,18 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N
 
 
 @triton.jit
-def _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, D: tl.constexpr):
-    """Normalise and store output rows ``offs_m`` and their natural-log log-sum-exp (``m_i`` in log2 units);
-    rows with no key (``l_i == 0``) get zeros and ``-inf``."""
+def _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, r_base, stride_rn, D: tl.constexpr,
+                HAS_RES: tl.constexpr):
+    """Normalise and store output rows ``offs_m`` (plus the residual's rows where ``HAS_RES``, added in
+    fp32) and their natural-log log-sum-exp (``m_i`` in log2 units); rows with no key (``l_i == 0``) get
+    zeros (the residual alone) and ``-inf``."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     offs_d = tl.arange(0, D)
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l_safe[:, None]).to(o_base.dtype.element_ty),
+    o = acc / l_safe[:, None]
+    if HAS_RES:
+        r = tl.load(r_base + offs_m[:, None] * stride_rn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+        o += r.to(tl.float32)
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], o.to(o_base.dtype.element_ty),
              mask=offs_m[:, None] < N)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(lse_base + offs_m, lse, mask=offs_m < N)
@@ -140,15 +146,16 @@ def _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, D: tl.con
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, KV_IDX, KV_CNT, k_desc, v_desc,
+    Q, K, V, Out, LSE, KV_IDX, KV_CNT, k_desc, v_desc, Res,
     qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_rb, stride_rh, stride_rn,
     H, N, MQ, MK, KMAX,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-    EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
+    EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr, HAS_RES: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     pid = tl.program_id(0)
@@ -185,7 +192,8 @@ def _fwd_kernel(
 
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     lse_base = LSE + bh.to(tl.int64) * N
-    _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, D)
+    r_base = Res + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
+    _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, r_base, stride_rn, D, HAS_RES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,7 +372,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "BQ", "BK", "EVEN_N", "USE_TMA"],
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "BQ", "BK", "EVEN_N", "USE_TMA", "HAS_RES"],
                              prune_configs_by={"early_config_prune": _prune_block_m})(_fwd_kernel)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["D", "BQ", "BK"], prune_configs_by={"early_config_prune": _prune_block_m})(
     _bwd_dkdv_kernel
@@ -424,31 +432,38 @@ def transpose_layout(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, cnt.contiguous()
 
 
-def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True):
+def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True, residual=None):
     """``(out, lse)``. K/V come through TMA descriptors where ``use_tma`` and the card and tensors allow
-    them (:func:`kernels.tma.tma_ok`), from plain pointers otherwise (``use_tma=False`` forces those)."""
+    them (:func:`kernels.tma.tma_ok`), from plain pointers otherwise (``use_tma=False`` forces those).
+    With ``residual`` (checked by the caller) ``out`` is attention + residual, in the residual's memory layout."""
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
     kv_idx = layout.kv_idx.to(torch.int32).contiguous()
     kv_cnt = layout.kv_cnt.to(torch.int32).contiguous()
     kmax = kv_idx.shape[-1]
-    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    if residual is None:
+        out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+        res, res_strides = out, (0, 0, 0)  # never read (HAS_RES is off)
+    else:
+        out = torch.empty_like(residual, dtype=q.dtype)  # keeps the residual's strides (e.g. token-major)
+        res, res_strides = residual, residual.stride()[:3]
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     use_tma = bool(use_tma) and _tma_ok(k, v)
     k_desc = _tma_desc(k, bk) if use_tma else k
     v_desc = _tma_desc(v, bk) if use_tma else v
     args = (
-        q, k, v, out, lse, kv_idx, kv_cnt, k_desc, v_desc,
+        q, k, v, out, lse, kv_idx, kv_cnt, k_desc, v_desc, res,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        *res_strides,
         h, n, mq, mk, kmax,
     )
     consts = dict(D=d, BQ=bq, BK=bk, EVEN_N=(n % bk == 0), KMAX_P2=triton.next_power_of_2(max(kmax, 2)),
-                  USE_TMA=use_tma, PREC=_prec(q.dtype))
+                  USE_TMA=use_tma, PREC=_prec(q.dtype), HAS_RES=residual is not None)
     autotuned(_fwd_tuned, lambda meta: (mq * (bq // meta["BLOCK_M"]), b * h), args, consts, _interpreter_config(bq))
     return out, lse
 
@@ -527,6 +542,7 @@ def block_sparse_attention_triton(
     layout: BlockLayout,
     scale: float | None = None,
     return_lse: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the layout's kept tiles (differentiable in q, k, v).
 
@@ -534,10 +550,18 @@ def block_sparse_attention_triton(
     otherwise). Returns ``out`` ``(B, H, N, D)`` in q's dtype and, with ``return_lse``, the natural-log
     log-sum-exp ``(B, H, N)`` float32 (``-inf`` on query blocks that keep no key block, whose output
     is 0). Raises :class:`Unsupported` for a device, dtype, head_dim or block size it cannot run.
+
+    ``residual`` (inference only, :func:`check_residual`): a ``(B, H, N, D)`` tensor of any strides added
+    to the output in the kernel's epilogue (one rounding); ``out`` then has the residual's memory layout,
+    e.g. a token-major ``(B, N, H, D)`` buffer seen as ``(B, H, N, D)``.
     """
     _check(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
+    if residual is not None:
+        check_residual(q, residual)
+        out, lse = _forward(q, k, v, layout, scale, residual=residual)
+        return (out, lse) if return_lse else out
     out, lse = _BlockSparseAttention.apply(
         q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, scale
     )

@@ -52,6 +52,22 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str, he
         raise Unsupported(f"the Triton {kernel} kernel supports head_dim {head_dims}, not {q.shape[-1]}")
 
 
+def check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
+    """A residual the forward can add in its epilogue: q's shape, dtype and device; inference only."""
+    if residual.shape != q.shape or residual.dtype != q.dtype or residual.device != q.device:
+        raise ValueError(
+            f"residual must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got shape "
+            f"{tuple(residual.shape)}, {residual.dtype} on {residual.device}"
+        )
+    if residual.stride(-1) != 1:
+        raise ValueError(f"residual's last dim must be contiguous (strides {residual.stride()}); pass residual.contiguous()")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, residual)):
+        raise ValueError(
+            "residual= is added in the forward's epilogue and has no backward; under autograd add the residual "
+            "to the attention output outside (or run under torch.no_grad())"
+        )
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (its index, or the current device)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -6,6 +6,8 @@ keys); it can trace a call to an operator whose output it knows from a fake impl
 these operators; eager calls go straight to the implementations (no dispatcher cost on the host).
 
 * ``salad_bench::block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale)``
+* ``salad_bench::block_sparse_attention_residual(..., residual)``: the same plus ``residual`` in the
+  residual's memory layout (inference: no backward)
 * ``salad_bench::linear_attention(q, k, v, cos?, sin?, kind, eps, backend)``
 * ``salad_bench::select_topk(q, k, keep, block_q, block_k, keep_diagonal) -> (kv_idx, kv_cnt)``
 
@@ -25,7 +27,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-__all__ = ["block_sparse_attention_op", "linear_attention_op", "select_topk_op"]
+__all__ = ["block_sparse_attention_op", "block_sparse_attention_residual_op", "linear_attention_op", "select_topk_op"]
 
 _NO_SCALE = -1.0  # the operator schema takes a float; "None" (1/sqrt(D)) travels as this
 
@@ -53,12 +55,13 @@ def _vjp(fn: Callable[..., Tensor], grad: Tensor, *inputs: Tensor) -> tuple[Tens
 
 
 # -- block-sparse attention -----------------------------------------------------------------------
-def _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, backend: str, scale: float) -> Tensor:
+def _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, backend: str, scale: float,
+              residual: Tensor | None = None) -> Tensor:
     from salad_bench.kernels import _block_sparse_attention_impl
     from salad_bench.kernels.layout import BlockLayout
 
     layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
-    return _block_sparse_attention_impl(q, k, v, layout, backend, None if scale == _NO_SCALE else scale)
+    return _block_sparse_attention_impl(q, k, v, layout, backend, None if scale == _NO_SCALE else scale, residual)
 
 
 @torch.library.custom_op("salad_bench::block_sparse_attention", mutates_args=())
@@ -70,6 +73,17 @@ def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, k
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("salad_bench::block_sparse_attention_residual", mutates_args=())
+def block_sparse_attention_residual_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, kv_cnt: Tensor, block_q: int,
+                                       block_k: int, backend: str, scale: float, residual: Tensor) -> Tensor:
+    return _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale, residual)
+
+
+@block_sparse_attention_residual_op.register_fake
+def _(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale, residual):
+    return torch.empty_like(residual)  # the implementations allocate it so: the residual's strides
 
 
 @torch.library.custom_op("salad_bench::block_sparse_attention_backward", mutates_args=())

@@ -188,6 +188,8 @@ class AttentionMethod(nn.Module):
     wants_unrotated_qk: ClassVar[bool] = False
     # Asks a model integration for LoRA on the attention projections (None: no).
     wants_projection_lora: ClassVar[ProjectionLoRA | None] = None
+    # attend() takes residual= and its kernel adds it to the output in place of a separate pass (inference)
+    fuses_residual: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, *, num_heads: int, head_dim: int, name: str | None = None) -> None:
         super().__init__()
@@ -206,11 +208,22 @@ class AttentionMethod(nn.Module):
         self._projection_lora: tuple[list[nn.Parameter], list[tuple[int, int]]] | None = None
 
     # -- the contract ---------------------------------------------------------------------------
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext | None = None, *,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention ``(B, H, N, D)``; with ``residual`` (q's shape and dtype, any strides), attention plus
+        the residual. A method with :attr:`fuses_residual` adds it inside its kernel when nothing needs a
+        gradient (the result then has the residual's memory layout); otherwise it is added after."""
         ctx = ctx or AttnContext()
         self.validate(q, k, v, ctx)
         self._shape = tuple(q.shape)  # type: ignore[assignment]
-        return self.attend(q, k, v, ctx)
+        if residual is None:
+            return self.attend(q, k, v, ctx)
+        if residual.shape != q.shape or residual.dtype != q.dtype:
+            raise ValueError(f"residual is {tuple(residual.shape)} {residual.dtype}; q is {tuple(q.shape)} {q.dtype}")
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, residual))
+        if self.fuses_residual and not grads and residual.stride(-1) == 1:
+            return self.attend(q, k, v, ctx, residual=residual)  # type: ignore[call-arg]
+        return residual + self.attend(q, k, v, ctx)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         raise NotImplementedError

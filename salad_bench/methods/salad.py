@@ -187,47 +187,39 @@ class Salad(AttentionMethod):
 
     # -- forward --------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        out_s = self.sparse(q, k, v, ctx)
         if not self.linear_enabled:
-            return out_s
+            return self.sparse(q, k, v, ctx)
         out_l = self.linear_branch(q, k, v, ctx)
         g = self.gate_value(q, ctx)  # (B, H) or (B, N, H)
         if not self.training:  # in place: a new tensor would change the buffer a compiled graph guards on
             self.gate_mean.copy_(g.detach().mean())
-        return self.merge(out_s, out_l, g)
+        # out_s + g * Proj(out_l): the sparse branch adds the gated projection in its kernel's epilogue where
+        # it can (inference), after otherwise
+        return self.sparse(q, k, v, ctx, residual=self.project(out_l, g))
 
-    def merge(self, out_s: torch.Tensor, out_l: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``out_s + g * Proj(out_l)`` with the gate on each output head, bias included; ``(B, H, N, D)``."""
-        b, h, n, d = out_s.shape
+    def project(self, out_l: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``g * Proj(out_l)``, the gate on each output head, bias included: ``(B, H, N, D)``, a view of a
+        token-major ``(B, N, H, D)`` buffer (the layout the model's output projection reads)."""
+        b, h, n, d = out_l.shape
         c = h * d
         w, bias = self.proj.weight, self.proj.bias
         merged = out_l.transpose(1, 2).reshape(b, n, c)
-        if g.dim() == 3 or w.dtype != out_s.dtype:
+        if g.dim() == 3 or w.dtype != out_l.dtype:
             # Token gates do not fold into the weight, and a method kept in another precision than its
             # inputs (mixed-precision training) projects in its own: scale the projected branch after the GEMM.
             projected = nn.functional.linear(merged.to(w.dtype), w, bias).view(b, n, h, d)
             gate = (g[..., None] if g.dim() == 3 else g[:, None, :, None]).to(w.dtype)
-            if w.dtype == out_s.dtype:
-                return torch.addcmul(out_s.transpose(1, 2), projected, gate).transpose(1, 2)
-            return out_s + (projected * gate).to(out_s.dtype).transpose(1, 2)
+            return (projected * gate).to(out_l.dtype).transpose(1, 2)
         # A per-(sample, head) gate on the projection's output folds into the weight's rows and the bias:
-        # g * (W o + b) = (g W) o + g b. The sparse output plus the gated bias is the GEMM's accumulator in
-        # token-major layout (one pass), returned as a (B, H, N, D) view of that (B, N, H, D) buffer.
+        # g * (W o + b) = (g W) o + g b, one GEMM with the gated bias as its epilogue.
         rows = g.to(w.dtype).repeat_interleave(d, dim=1)  # (B, C_out): each output channel's head gate
         wg = w[None] * rows[:, :, None]  # (B, C_out, C_in)
-        bg = (bias[None] * rows).view(b, 1, h, d)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            # (a compiler fuses the transpose and the bias add into one kernel by itself)
-            acc = torch.baddbmm((out_s.transpose(1, 2) + bg).reshape(b, n, c), merged, wg.transpose(1, 2))
+        bg = bias[None] * rows  # (B, C_out)
+        if b == 1:
+            projected = torch.addmm(bg, merged[0], wg[0].t())[None]
         else:
-            acc = torch.empty(b, n, h, d, device=out_s.device, dtype=out_s.dtype)
-            torch.add(out_s.transpose(1, 2), bg, out=acc)
-            acc = acc.view(b, n, c)
-            if b == 1:
-                acc[0].addmm_(merged[0], wg[0].t())
-            else:
-                acc.baddbmm_(merged, wg.transpose(1, 2))
-        return acc.view(b, n, h, d).transpose(1, 2)
+            projected = torch.baddbmm(bg[:, None, :], merged, wg.transpose(1, 2))
+        return projected.view(b, n, h, d).transpose(1, 2)
 
     def report(self) -> MethodReport:
         rep = self.sparse.report()

@@ -50,6 +50,7 @@ class TopK(AttentionMethod):
     Config = TopKConfig
     family = "training_free"
     config: TopKConfig
+    fuses_residual = True  # the block-sparse kernel adds a residual in its epilogue
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout:
         c = self.config
@@ -74,10 +75,11 @@ class TopK(AttentionMethod):
         self._selector = "torch"
         return topk_layout(scores, keep_count(c.sparsity, scores.shape[-1]), n, c.block_q, c.block_k, force)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
         layout = self.select(q, k, ctx)
         backend = resolve_backend(self.config.backend, q.device)
-        out = block_sparse_attention(q, k, v, layout, backend=backend)
+        out = block_sparse_attention(q, k, v, layout, backend=backend, residual=residual)
         b, h, n, d = q.shape
         self._remember(layout, backend, path={"selector": getattr(self, "_selector", "")},
                        selection=selection_flops(b, h, n, d, layout.num_q_blocks, layout.num_k_blocks))

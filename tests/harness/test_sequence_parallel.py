@@ -83,11 +83,11 @@ def test_salad_branches_are_per_head_and_its_merge_needs_every_head(qkv):
     out_l = torch.cat([branch.linear_branch(q[:, sl], k[:, sl], v[:, sl], ctx) for sl in HALVES], dim=1)
     torch.testing.assert_close(out_s, salad.sparse(q, k, v, ctx), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_l, salad.linear_branch(q, k, v, ctx), rtol=1e-5, atol=1e-6)
-    # the merge takes every head's branch output (Proj is C x C) and the gate pools all C channels
-    torch.testing.assert_close(salad.merge(out_s, out_l, salad.gate_value(q, ctx)), want, rtol=1e-5, atol=1e-5)
+    # the projection takes every head's branch output (Proj is C x C) and the gate pools all C channels
+    torch.testing.assert_close(out_s + salad.project(out_l, salad.gate_value(q, ctx)), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="built for 4 heads"):
         salad(q[:, :2], k[:, :2], v[:, :2], ctx)  # one rank's heads alone cannot run the whole method
-    # and the merge is per token: a sequence shard with all channels gives its tokens' rows of the output
+    # and the projection is per token: a sequence shard with all channels gives its tokens' rows of the output
     g = salad.gate_value(q, ctx)
-    part = salad.merge(out_s[:, :, :128], out_l[:, :, :128], g)
+    part = out_s[:, :, :128] + salad.project(out_l[:, :, :128], g)
     torch.testing.assert_close(part, want[:, :, :128], rtol=1e-5, atol=1e-5)

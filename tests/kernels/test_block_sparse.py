@@ -241,3 +241,61 @@ def test_full_size_gpu(gen, dtype):
     assert_close_to_torch(out, same, ref, what="out")
     for x, r in zip(xs, rs, strict=True):
         assert rel_l2(x.grad, r.grad) < 2e-2
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` copied into a token-major ``(B, N, H, D)`` buffer, seen as ``(B, H, N, D)``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("n,dtype,token_major", [(200, torch.float32, True), (136, torch.float16, True),
+                                                 (256, torch.float32, False)])
+def test_residual_is_added_in_the_epilogue_in_its_layout(gen, n, dtype, token_major):
+    """``residual=``: attention plus the residual, rows of an empty query block equal to the residual
+    alone, the output in the residual's memory layout (token-major or not), ragged and even N."""
+    d = 64
+    q, k, v = _inputs(gen, 2, 2, n, d, dtype)
+    lay = _random_layout(gen, 2, 2, n, 64, 64)  # row (0, 0, 0) empty
+    res = torch.randn(2, 2, n, d, generator=gen).to(DEVICE, dtype)
+    res = _token_major(res) if token_major else res
+    out = bs.block_sparse_attention_triton(q, k, v, lay, residual=res)
+    assert out.stride() == res.stride() and out.dtype == dtype
+    ref = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay) + res.double()
+    assert rel_l2(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    torch.testing.assert_close(out[0, 0, :64], res[0, 0, :64], rtol=0, atol=0)  # the empty query block
+
+
+def test_residual_refuses_a_mismatch_and_autograd(gen):
+    q, k, v = _inputs(gen, 1, 2, 128, 64, torch.float32)
+    lay = BlockLayout.full(1, 2, 128, 64, 64, DEVICE)
+    with pytest.raises(ValueError, match="residual must match q"):
+        bs.block_sparse_attention_triton(q, k, v, lay, residual=q[:, :1])
+    with pytest.raises(ValueError, match="last dim must be contiguous"):
+        bs.block_sparse_attention_triton(q, k, v, lay, residual=q.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match="no backward"):
+        bs.block_sparse_attention_triton(q.requires_grad_(), k, v, lay, residual=torch.zeros_like(q))
+
+
+def test_salad_adds_its_projection_in_the_sparse_kernel_and_matches_the_unfused_sum(gen):
+    """SALAD on the Triton sparse branch: at inference the gated projection is the kernel's residual
+    (token-major output); under autograd it is added after. Both give the same output."""
+    from salad_bench.methods import AttnContext, create_method
+
+    b, h, n, d = 1, 2, 330, 64
+    q, k, v = _inputs(gen, b, h, n, d, torch.float32)
+    m = create_method("salad", num_heads=h, head_dim=d, sparsity=0.6, proj_init="random",
+                      sparse_knobs=(("backend", "triton"),)).to(DEVICE)
+    torch.nn.init.normal_(m.gate_proj.weight, std=0.05)
+    torch.nn.init.normal_(m.proj.bias)
+    m.eval()
+    ctx = AttnContext(grid=(3, 10, 11))
+    with torch.no_grad():
+        fused = m(q, k, v, ctx)
+    assert fused.transpose(1, 2).is_contiguous()  # the residual's token-major buffer, written by the kernel
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    unfused = m(*xs, ctx)
+    assert m.sparse.report().backend == "triton"
+    torch.testing.assert_close(fused, unfused.detach(), rtol=1e-5, atol=1e-5)
+    want = block_sparse_attention_ref(q.double(), k.double(), v.double(), m.sparse.layout).float()
+    want = want + m.project(m.linear_branch(q, k, v, ctx), m.gate_value(q, ctx)).detach()
+    torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-4)

@@ -173,7 +173,8 @@ def linear_attention(
     eps: float = 1e-6,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Non-causal linear attention with optional in-branch RoPE; ``(B, H, N, D)`` in and out.
+    """Non-causal linear attention with optional in-branch RoPE; ``(B, H, N, D)`` in and out (the
+    Triton and Gluon kernels and the compiled operator write a view of a token-major buffer).
 
     ``auto`` uses the Triton kernel on CUDA when it is present, the torch reference otherwise. Under
     ``torch.compile`` this is the operator ``salad_bench::linear_attention``.

@@ -68,6 +68,16 @@ def check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
         )
 
 
+def token_major(b: int, h: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``(B, H, N, D)`` view of a token-major ``(B, N, H, D)`` buffer: the layout a model's
+    projections read and write, so ``x.transpose(1, 2).reshape(B, N, H * D)`` is a view, not a copy."""
+    return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def is_token_major(x: torch.Tensor) -> bool:
+    return x.transpose(1, 2).is_contiguous()
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (its index, or the current device)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from salad_bench.kernels.features import feature as _feature
 from salad_bench.kernels.features import feature_bwd as _feature_bwd
-from salad_bench.kernels.launch import INTERPRET, check_qkv, fitted, sm_count
+from salad_bench.kernels.launch import INTERPRET, check_qkv, fitted, sm_count, token_major
 from salad_bench.kernels.layout import cdiv
 
 __all__ = ["linear_attention_triton", "SUPPORTED_HEAD_DIMS"]
@@ -451,7 +451,7 @@ def _forward(q, k, v, kind: int, cos, sin, rope: bool, eps: float):
         out = lg.out_pass_gluon(q, state, cos, sin, rope, kind, eps, nsplit, chunk, cfg["num_warps"], cfg["stages"],
                                 cfg["out_tma"])
         return out, state
-    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    out = token_major(b, h, n, d, q.dtype, q.device)
     consts = dict(D=d, KIND=kind, ROPE=rope, F32_MODE=modes["F32_MODE"], F32_SPLIT=modes["F32_SPLIT"])
     fitted(_fwd_out_kernel, (nsplit, b * h),
            (q, out, cos, sin, state, *_strides(q), *_strides(out), h, n, chunk, eps / n, 1.0 / n), consts, _FWD_CFG)
@@ -513,6 +513,7 @@ def linear_attention_triton(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Linear attention ``(B, H, N, D)`` in and out (q's dtype); differentiable in q, k, v (not cos/sin).
+    The output is a view of a token-major ``(B, N, H, D)`` buffer, whatever the inputs' layout.
 
     ``kind``: ``relu`` | ``elu`` (elu + 1) | ``softmax``; ``cos, sin``: ``(N, D/2)`` RoPE tables or None.
     Raises :class:`Unsupported` for a device, dtype or head_dim it cannot run.

@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from salad_bench.kernels.features import feature  # the Triton feature map: a Gluon kernel calls it on its own layouts
-from salad_bench.kernels.launch import Site
+from salad_bench.kernels.launch import Site, token_major
 
 __all__ = ["KVPass", "OutPass", "gluon_supported", "gluon_unsupported_on", "out_pass_gluon", "state_pass_gluon"]
 
@@ -421,7 +421,7 @@ def _rows_desc(x: torch.Tensor) -> TensorDescriptor:
 def _heads_desc(x: torch.Tensor) -> tuple[TensorDescriptor, int, int]:
     """A descriptor over a dense ``(B, H, N, D)`` output, blocks of one head's 64 rows: a TMA store through it
     clips each head at N. Head ``bh``'s block is ``[bh // ODIV, row, (bh % H) * OCH]``; returns the descriptor,
-    ``ODIV`` and ``OCH``. Contiguous: ``(B*H, N, D)``; token-major (``empty_like`` of a token-major q):
+    ``ODIV`` and ``OCH``. Contiguous: ``(B*H, N, D)``; token-major (:func:`~salad_bench.kernels.launch.token_major`):
     ``(B, N, H*D)``."""
     b, h, n, d = x.shape
     lay = _layout((1, BLOCK, d), _GL_DTYPES[x.dtype])
@@ -472,6 +472,7 @@ class KVPass:
 
 class OutPass:
     """The forward's output pass for one input signature (see :class:`KVPass`): the output ``(B, H, N, D)``
+    (a view of a token-major buffer)
     from the summed state ``(B*H, D*D + D)`` (half layout, sum units) over ``nsplit`` chunks of ``chunk``
     tokens per head (a multiple of :data:`BLOCK`). ``cos, sin`` are the ``(N, D/2)`` tables when ``rope``."""
 
@@ -488,7 +489,7 @@ class OutPass:
                               num_warps=num_warps))
 
     def __call__(self, q: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
+        out = token_major(*q.shape, q.dtype, q.device)
         q_desc = _rows_desc(q)
         c_desc, s_desc = self.tables or (q_desc, q_desc)
         o_desc, odiv, och = _heads_desc(out) if self.out_tma else (q_desc, 1, 0)

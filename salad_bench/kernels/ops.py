@@ -8,7 +8,7 @@ these operators; eager calls go straight to the implementations (no dispatcher c
 * ``salad_bench::block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale)``
 * ``salad_bench::block_sparse_attention_residual(..., residual)``: the same plus ``residual`` in the
   residual's memory layout (inference: no backward)
-* ``salad_bench::linear_attention(q, k, v, cos?, sin?, kind, eps, backend)``
+* ``salad_bench::linear_attention(q, k, v, cos?, sin?, kind, eps, backend)``: token-major output
 * ``salad_bench::select_topk(q, k, keep, block_q, block_k, keep_diagonal) -> (kv_idx, kv_cnt)``
 
 The two attention operators are differentiable: their backward operators recompute the forward with
@@ -122,12 +122,18 @@ def _lin_eager(q, k, v, cos, sin, kind: str, eps: float, backend: str) -> Tensor
 @torch.library.custom_op("salad_bench::linear_attention", mutates_args=())
 def linear_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None, kind: str,
                         eps: float, backend: str) -> Tensor:
-    return _lin_eager(q, k, v, cos, sin, kind, eps, backend).contiguous()
+    from salad_bench.kernels.launch import is_token_major
+
+    out = _lin_eager(q, k, v, cos, sin, kind, eps, backend)
+    # token-major, as the Triton and Gluon kernels write it (the reference's output is copied so)
+    return out if is_token_major(out) else out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @linear_attention_op.register_fake
 def _(q, k, v, cos, sin, kind, eps, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    from salad_bench.kernels.launch import token_major
+
+    return token_major(*q.shape, q.dtype, q.device)
 
 
 @torch.library.custom_op("salad_bench::linear_attention_backward", mutates_args=())

@@ -126,6 +126,8 @@ def test_operator_fakes_match_the_real_outputs():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.salad_bench.linear_attention.default, (q, k, v, None, None, "relu", 1e-6, "torch"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out = torch.ops.salad_bench.linear_attention(q, k, v, None, None, "relu", 1e-6, "torch")
+    assert out.transpose(1, 2).is_contiguous()  # token-major on every backend, as the fake says
 
 
 def test_dit_workload_compiled_rows_say_so(tmp_path):

@@ -47,6 +47,18 @@ def test_without_rope_and_head_dim_128(gen, kind):
     _run(gen, kind, torch.float16, (2, 5, 7), 128, rope=False)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_output_is_token_major_for_heads_major_inputs(gen, grad):
+    """Contiguous (B, H, N, D) inputs still give a view of a token-major buffer: the layout the branch's
+    projection reads (its (B, N, H*D) reshape is then free), with and without autograd."""
+    q, k, v = [torch.randn(2, 3, 70, 64, generator=gen).to(DEVICE, torch.float32).requires_grad_(grad)
+               for _ in range(3)]
+    out = linear_attention_triton(q, k, v, "relu")
+    assert q.is_contiguous() and out.transpose(1, 2).is_contiguous()
+    ref = linear_attention_ref(*(x.detach().double() for x in (q, k, v)), "relu")
+    torch.testing.assert_close(out.detach().double(), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_half_rope_tables_forward(gen):
     """fp16 RoPE tables are accepted as they are; the forward stays within 2x torch's error (the
     gradients need not: through dq they measured 2.2x torch's at this size, so tables stay fp32 by default)."""
@@ -150,6 +162,7 @@ def test_gluon_passes_take_the_model_layout_gpu(gen, fused):
     state = lg.state_pass_gluon(kp, vp, cos_t, sin_t, rope_on, kind_id, *chunks, 8, 3)
     for out_tma in (False, True):
         other = lg.out_pass_gluon(qp, state, cos_t, sin_t, rope_on, kind_id, 1e-6, *chunks, 8, 3, out_tma)
+        assert other.transpose(1, 2).is_contiguous()
         assert_close_to_torch(other, same, ref, what=f"model layout fused={fused} out_tma={out_tma}")
 
 

@@ -14,10 +14,10 @@ from salad_bench.harness.quality.classifier import (  # noqa: E402
     ClassifierConfig,
     FitConfig,
     VideoClassifier,
+    _lr,
     fit,
     frechet_distance,
     load_classifier,
-    _lr,
     main,
     save_classifier,
 )

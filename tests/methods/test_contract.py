@@ -58,6 +58,21 @@ def test_equals_full_when_dense(name, gen):
     assert err < 1e-5, f"{name} differs from full at density 1: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_a_residual_is_added_to_the_output(name, gen):
+    """``m(q, k, v, ctx, residual=R)`` is ``m(q, k, v, ctx) + R`` for every method (a token-major R, as a
+    method built on others hands it over); a residual of the wrong shape is refused."""
+    q, k, v = _qkv(gen)
+    kn = {} if METHODS.get(name).family == "full" else {"sparsity": 0.5}
+    m, out = _run(name, q, k, v, **kn)
+    res = torch.randn(1, q.shape[2], HEADS, DIM, generator=gen).transpose(1, 2)
+    with torch.no_grad():
+        got = m(q, k, v, AttnContext(grid=GRID), residual=res)
+    torch.testing.assert_close(got, out + res, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        m(q, k, v, AttnContext(grid=GRID), residual=res[:, :1])
+
+
 # Radial attention's static mask only thins out with temporal distance: on 4 frames it cannot drop
 # below density 1, so its 90% check runs on a long, small-frame grid where its floor is ~0.15.
 GRID_AT_90 = {"radial": (32, 8, 8)}

@@ -17,7 +17,8 @@ What a row measures (``kind="dit"``):
   are the same for every method and count in ``rest_ms = ms - attn_ms``.
   ``attn_share = attn_ms / ms``. ``attn_extra_ms``: for a method built on another (SALAD on its sparse
   branch), its own work beyond that method's calls (timed apart the same way): SALAD's linear branch,
-  projection, gate and merge; None for the others and in compiled rows.
+  projection and gate, and the merge where the sparse branch does not add the projection in its own
+  kernel (``fuses_residual``); None for the others and in compiled rows.
 * Cross-check, once per workload: ``rest_ms_stub`` is the forward with the attention call replaced
   by a zero-cost stub (returns ``v``); ``attn_ms_stub = ms - rest_ms_stub``. The two splits agree
   when event overhead and launch gaps are small; a gap between them is a finding, not noise to hide.

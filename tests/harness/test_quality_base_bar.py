@@ -252,3 +252,37 @@ def test_until_plateau_on_a_new_machine_refuses_or_goes_on_from_the_checkpoint(t
     assert card["steps_done"] == 6 and card["optimizer_resets_at"] == [4]
     assert "fresh optimiser moments" in capsys.readouterr().out
     assert train_base([*common, "--from-checkpoint", "--lr", "1e-3"]) == 0  # done already: the recipe is not read
+
+
+def test_until_plateau_compiled_continues_the_eager_run_alike(tmp_path, capsys):
+    """--compile (the blocks compiled in place, fullgraph): a compiled piece resumes an eager run's state
+    (compile is not part of the recipe) and trains like the eager run to rounding."""
+    from salad_bench.harness.quality.train_base import main as train_base
+
+    common = ["--tiny", "--until-plateau", "--max-steps", "4", "--batch", "2", "--val-every", "2", "--n-val", "2",
+              "--plateau-window", "3", "--check-every", "0", "--device", "cpu"]  # fmt: skip
+    assert train_base(["--out", str(tmp_path / "eager"), *common]) == 0  # pieces of two steps
+    # the first piece eager (a budget of 0 s stops the call after it), the second compiled
+    assert train_base(["--out", str(tmp_path / "mixed"), *common, "--time-budget", "0"]) == 0
+    assert "not done" in capsys.readouterr().out
+    assert train_base(["--out", str(tmp_path / "mixed"), *common, "--compile"]) == 0
+    eager, mixed = (read_val_curve(tmp_path / name / "curves.jsonl") for name in ("eager", "mixed"))
+    assert [p[0] for p in eager] == [p[0] for p in mixed] == [2, 4]
+    for (_, a, *_), (_, b, *_) in zip(eager, mixed, strict=True):
+        assert b == pytest.approx(a, rel=1e-3)
+    card = json.loads((tmp_path / "mixed" / "card.json").read_text())
+    assert card["train_config"]["compile"] is True and card["steps_done"] == 4
+
+
+def test_compile_blocks_compiles_every_transformer_block_and_refuses_a_model_without():
+    from salad_bench.harness.quality.model import MiniWan
+    from salad_bench.harness.quality.train import compile_blocks
+    from salad_bench.harness.quality.train_base import TINY
+
+    model = MiniWan(TINY)
+    keys = list(model.state_dict())
+    compile_blocks(model)
+    assert all(b._compiled_call_impl is not None for b in model.transformer.blocks)
+    assert list(model.state_dict()) == keys  # compiled in place: checkpoints and resume states unchanged
+    with pytest.raises(ValueError, match="no diffusers model with repeated blocks"):
+        compile_blocks(torch.nn.Linear(2, 2))

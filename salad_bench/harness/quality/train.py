@@ -61,6 +61,7 @@ __all__ = [
     "Objective",
     "TrainConfig",
     "TrainResult",
+    "compile_blocks",
     "finetune",
     "init_distributed",
     "lr_at",
@@ -96,6 +97,7 @@ class TrainConfig:
     fit_to_budget: bool = False  # after ``fit_after`` steps, shrink ``steps`` (and the schedule) to fit the budget
     fit_after: int = 30
     objective: Objective = "flow"  # "distill": match a frozen teacher's velocity (train_loop's ``teacher``)
+    compile: bool = False  # torch.compile the model's repeated blocks (regional compilation) before training
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -210,6 +212,17 @@ class TrainResult:
     curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` the repeated transformer blocks of every diffusers model inside ``model``, in place
+    (diffusers' regional compilation, as a DiT is deployed): parameters and state dict stay the eager
+    model's, and an installed attention method's kernels run as registered operators inside the graphs."""
+    found = [m for m in model.modules() if getattr(m, "_repeated_blocks", None) and hasattr(m, "compile_repeated_blocks")]
+    if not found:
+        raise ValueError("compile: the model holds no diffusers model with repeated blocks to compile; train it eager")
+    for m in found:
+        m.compile_repeated_blocks(fullgraph=True)
+
+
 def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -224,7 +237,7 @@ def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
         raise ValueError(
             f"{path}: cannot read the training state ({type(exc).__name__}: {exc}); delete it to start over"
         ) from None
-    keep = ("time_budget_s", "log_every", "val_every", "ckpt_every")  # may change on resume
+    keep = ("time_budget_s", "log_every", "val_every", "ckpt_every", "compile")  # may change on resume
     saved = {**TrainConfig().as_dict(), **state.get("config", {})}  # a state older than a field has its default
     old = {k: v for k, v in saved.items() if k not in keep}
     new = {k: v for k, v in cfg.as_dict().items() if k not in keep}
@@ -291,6 +304,8 @@ def train_loop(
     sampler = ShardedSampler(
         cfg.dataset_size, cfg.batch_size // dist.world, rank=dist.rank, world=dist.world, seed=cfg.seed
     )
+    if cfg.compile:
+        compile_blocks(model)
     model.train()
     t0 = time.perf_counter()
     loss_val: float | None = None

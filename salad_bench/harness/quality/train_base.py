@@ -114,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a CPU-sized model (2 layers, 4x16x16 videos)")
     p.add_argument("--curves", default=None, help="JSONL file for the training curve (default <out>/curves.jsonl)")
     p.add_argument("--state", default=None, help="resumable training state (default <out>/resume/state.pt)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the transformer blocks (regional, fullgraph) before training; resumable either way",
+    )  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -151,6 +155,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         time_budget_s=None if plateau else a.time_budget,
         fit_to_budget=not plateau and a.time_budget is not None,
         seed=a.seed,
+        compile=a.compile,
     )
 
 

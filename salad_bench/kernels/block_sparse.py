@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import autotuned, check_qkv, check_residual
+from salad_bench.kernels.launch import autotuned, check_qkv, check_residual, token_major
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.kernels.tma import tma_desc as _tma_desc
 from salad_bench.kernels.tma import tma_ok as _tma_ok
@@ -435,7 +435,8 @@ def transpose_layout(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True, residual=None):
     """``(out, lse)``. K/V come through TMA descriptors where ``use_tma`` and the card and tensors allow
     them (:func:`kernels.tma.tma_ok`), from plain pointers otherwise (``use_tma=False`` forces those).
-    With ``residual`` (checked by the caller) ``out`` is attention + residual, in the residual's memory layout."""
+    ``out`` is token-major (:func:`kernels.launch.token_major`) whatever q's layout; with ``residual``
+    (checked by the caller) it is attention + residual, in the residual's memory layout."""
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -443,7 +444,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True
     kv_cnt = layout.kv_cnt.to(torch.int32).contiguous()
     kmax = kv_idx.shape[-1]
     if residual is None:
-        out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+        out = token_major(b, h, n, d, q.dtype, q.device)  # what the model's output projection reads as a view
         res, res_strides = out, (0, 0, 0)  # never read (HAS_RES is off)
     else:
         out = torch.empty_like(residual, dtype=q.dtype)  # keeps the residual's strides (e.g. token-major)
@@ -547,7 +548,8 @@ def block_sparse_attention_triton(
     """Softmax attention over the layout's kept tiles (differentiable in q, k, v).
 
     ``q, k, v``: ``(B, H, N, D)`` fp16/bf16 on CUDA (fp32 also accepted), last dim contiguous (copied
-    otherwise). Returns ``out`` ``(B, H, N, D)`` in q's dtype and, with ``return_lse``, the natural-log
+    otherwise). Returns ``out`` ``(B, H, N, D)`` in q's dtype, token-major (a view of a ``(B, N, H, D)``
+    buffer, so ``out.transpose(1, 2).flatten(2)`` is a view) and, with ``return_lse``, the natural-log
     log-sum-exp ``(B, H, N)`` float32 (``-inf`` on query blocks that keep no key block, whose output
     is 0). Raises :class:`Unsupported` for a device, dtype, head_dim or block size it cannot run.
 

@@ -53,6 +53,12 @@ def _vjp(fn: Callable[..., Tensor], grad: Tensor, *inputs: Tensor) -> tuple[Tens
     return tuple(g.contiguous() for g in box["grads"])
 
 
+def _as_token_major(out: Tensor) -> Tensor:
+    """``out`` as the fakes declare every attention output: a token-major ``(B, H, N, D)`` view."""
+    from salad_bench.kernels.launch import is_token_major
+
+    return out if is_token_major(out) else out.transpose(1, 2).contiguous().transpose(1, 2)
+
 
 # -- block-sparse attention -----------------------------------------------------------------------
 def _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, backend: str, scale: float,
@@ -67,12 +73,15 @@ def _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, backend: str
 @torch.library.custom_op("salad_bench::block_sparse_attention", mutates_args=())
 def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, kv_cnt: Tensor, block_q: int,
                               block_k: int, backend: str, scale: float) -> Tensor:
-    return _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale).contiguous()
+    # token-major, as the Triton kernel writes it (the flex and gather backends' outputs are copied so)
+    return _as_token_major(_bsa_eager(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale))
 
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    from salad_bench.kernels.launch import token_major
+
+    return token_major(*q.shape, q.dtype, q.device)
 
 
 @torch.library.custom_op("salad_bench::block_sparse_attention_residual", mutates_args=())
@@ -122,11 +131,8 @@ def _lin_eager(q, k, v, cos, sin, kind: str, eps: float, backend: str) -> Tensor
 @torch.library.custom_op("salad_bench::linear_attention", mutates_args=())
 def linear_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None, kind: str,
                         eps: float, backend: str) -> Tensor:
-    from salad_bench.kernels.launch import is_token_major
-
-    out = _lin_eager(q, k, v, cos, sin, kind, eps, backend)
     # token-major, as the Triton and Gluon kernels write it (the reference's output is copied so)
-    return out if is_token_major(out) else out.transpose(1, 2).contiguous().transpose(1, 2)
+    return _as_token_major(_lin_eager(q, k, v, cos, sin, kind, eps, backend))
 
 
 @linear_attention_op.register_fake

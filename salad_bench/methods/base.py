@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.launch import is_token_major
 from salad_bench.kernels.layout import BlockLayout
 from salad_bench.methods.registry import Registry
 
@@ -40,6 +41,7 @@ __all__ = [
     "check_range",
     "create_method",
     "dense_flops",
+    "gather_tokens",
 ]
 
 Family = Literal["full", "training_free", "trained", "salad", "ablation"]
@@ -170,6 +172,17 @@ class MethodReport:
 def dense_flops(b: int, h: int, n_q: int, n_k: int, d: int) -> float:
     """Forward FLOPs of dense softmax attention: ``4 * B * H * Nq * Nk * D`` (two matmuls)."""
     return 4.0 * b * h * n_q * n_k * d
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, index]`` of a ``(B, H, N, D)`` tensor, the cheap way for its layout. A token-major ``x``
+    (the model's q, k, v; every block-sparse and linear-attention output) is gathered as whole ``H * D``
+    rows and stays token-major; any other layout goes through ``index_select`` on the token dim."""
+    if not is_token_major(x):
+        return x.index_select(2, index)
+    b, h, n, d = x.shape
+    rows = x.transpose(1, 2).reshape(b, n, h * d).index_select(1, index)
+    return rows.view(b, index.numel(), h, d).transpose(1, 2)
 
 
 class AttentionMethod(nn.Module):

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from salad_bench.kernels import block_sparse_attention, resolve_backend
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.methods._warmup import WarmupConfig, WarmupMethod, check_count
-from salad_bench.methods.base import METHODS, AttnContext, check_choice, check_range
+from salad_bench.methods.base import METHODS, AttnContext, check_choice, check_range, gather_tokens
 
 Window = tuple[int, int, int]
 
@@ -275,8 +275,8 @@ class Sta(WarmupMethod):
             return block_sparse_attention(q, k, v, layout, backend=backend)
         perm, inverse = self._permutation(tuple(grid), q.shape[2], str(q.device))
         # gathers along the token dim both ways (the output through the inverse permutation: no scatter)
-        q, k, v = (x.index_select(2, perm) for x in (q, k, v))
-        return block_sparse_attention(q, k, v, layout, backend=backend).index_select(2, inverse)
+        q, k, v = (gather_tokens(x, perm) for x in (q, k, v))
+        return gather_tokens(block_sparse_attention(q, k, v, layout, backend=backend), inverse)
 
     @torch._dynamo.assume_constant_result
     def _permutation(self, grid, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ import torch
 from salad_bench.kernels import block_sparse_attention, resolve_backend
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.methods._warmup import WarmupConfig, WarmupMethod
-from salad_bench.methods.base import METHODS, AttnContext, MethodReport, check_count, check_range
+from salad_bench.methods.base import METHODS, AttnContext, MethodReport, check_count, check_range, gather_tokens
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ class Svg(WarmupMethod):
         else:
             perm = spatial_major_order(ctx.grid, q.device)
             sel = temporal[:, :, None, None]
-            q2, k2, v2 = (torch.where(sel, x[:, :, perm], x) for x in (q, k, v))
+            q2, k2, v2 = (torch.where(sel, gather_tokens(x, perm), x) for x in (q, k, v))
             out2 = block_sparse_attention(q2, k2, v2, layout, backend=backend)
             out = torch.where(sel, torch.empty_like(out2).index_copy_(2, perm, out2), out2)
         profiled = self._report_extra.get("profiled", False)

@@ -64,7 +64,15 @@ from torch import nn
 
 from salad_bench.kernels import block_sparse_attention, keep_count, resolve_backend
 from salad_bench.kernels.layout import BlockLayout, cdiv
-from salad_bench.methods.base import METHODS, AttentionMethod, AttnContext, MethodConfig, check_choice, check_range
+from salad_bench.methods.base import (
+    METHODS,
+    AttentionMethod,
+    AttnContext,
+    MethodConfig,
+    check_choice,
+    check_range,
+    gather_tokens,
+)
 
 __all__ = ["CubePartition", "VSA", "VSAConfig", "cube_partition", "fine_token_mask"]
 
@@ -248,8 +256,8 @@ class VSA(AttentionMethod):
         # fine stage on the cube-major permutation
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
         backend = resolve_backend(self.config.backend, q.device)
-        qp, kp, vp = (t[:, :, part.perm] for t in (q, k, v))
-        out_f = block_sparse_attention(qp, kp, vp, layout, backend=backend)[:, :, part.inv]
+        qp, kp, vp = (gather_tokens(t, part.perm) for t in (q, k, v))
+        out_f = gather_tokens(block_sparse_attention(qp, kp, vp, layout, backend=backend), part.inv)
         if self.config.gate == "linear":
             out = out_f + (self.gate_value(q, ctx) * out_c).to(q.dtype)
         else:

@@ -121,6 +121,7 @@ def test_operator_fakes_match_the_real_outputs():
     args = (q, k, v, lay.kv_idx, lay.kv_cnt, 128, 64, "torch", -1.0)
     torch.library.opcheck(torch.ops.salad_bench.block_sparse_attention.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    assert torch.ops.salad_bench.block_sparse_attention(*args).transpose(1, 2).is_contiguous()  # as Triton writes it
     res = torch.randn(1, 300, 2, 64).transpose(1, 2)  # token-major: the output takes its strides
     torch.library.opcheck(torch.ops.salad_bench.block_sparse_attention_residual.default, (*args, res),
                           test_utils=("test_schema", "test_faketensor"))

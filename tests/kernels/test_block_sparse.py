@@ -265,6 +265,26 @@ def test_residual_is_added_in_the_epilogue_in_its_layout(gen, n, dtype, token_ma
     torch.testing.assert_close(out[0, 0, :64], res[0, 0, :64], rtol=0, atol=0)  # the empty query block
 
 
+@pytest.mark.parametrize("q_token_major", [False, True])
+def test_output_is_token_major_whatever_the_input_layout(gen, q_token_major):
+    """The forward writes a view of a token-major buffer for heads-major and token-major inputs alike (the
+    model's ``out.transpose(1, 2).flatten(2)`` is then free), equal to the reference; its gradients too."""
+    n, d = 136, 64
+    xs = _inputs(gen, 2, 2, n, d, torch.float32)
+    xs = [(_token_major(x) if q_token_major else x).requires_grad_() for x in xs]
+    lay = _random_layout(gen, 2, 2, n, 64, 64)
+    out = bs.block_sparse_attention_triton(*xs, lay)
+    assert out.transpose(1, 2).is_contiguous()
+    rs = [x.detach().double().requires_grad_() for x in xs]
+    ref = block_sparse_attention_ref(*rs, lay)
+    assert rel_l2(out, ref) < 1e-5
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for x, r in zip(xs, rs, strict=True):
+        assert rel_l2(x.grad, r.grad) < 1e-4
+
+
 def test_residual_refuses_a_mismatch_and_autograd(gen):
     q, k, v = _inputs(gen, 1, 2, 128, 64, torch.float32)
     lay = BlockLayout.full(1, 2, 128, 64, 64, DEVICE)

@@ -414,3 +414,21 @@ def test_xattention_tf32_scores_keep_the_fp32_tiles_at_wan_480p():
             for p in ("tf32", "fp32")}
     a, b = lays["tf32"].to_dense(), lays["fp32"].to_dense()
     assert (a ^ b).float().mean().item() < 0.01 * a.float().mean().item()  # < 1% of the kept tiles differ
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+def test_gather_tokens_is_advanced_indexing_in_the_input_layout(gen, token_major):
+    """STA's, VSA's and SVG's permutations: ``x[:, :, index]``, token-major in for token-major out (the
+    gather then moves whole H*D rows), with the gradient of the indexing."""
+    from salad_bench.methods.base import gather_tokens
+
+    x = torch.randn(2, 3, 70, 16, generator=gen)
+    x = (x.transpose(1, 2).contiguous().transpose(1, 2) if token_major else x).requires_grad_()
+    index = torch.randperm(70, generator=gen)[:50]
+    got = gather_tokens(x, index)
+    assert torch.equal(got, x[:, :, index])
+    assert got.transpose(1, 2).is_contiguous() == token_major
+    w = torch.randn(got.shape, generator=gen)
+    (grad,) = torch.autograd.grad((got * w).sum(), x)
+    (want,) = torch.autograd.grad((x[:, :, index] * w).sum(), x)
+    assert torch.equal(grad, want)

@@ -16,5 +16,5 @@ OUT=${OUT:?set OUT to the run directory}
 BUDGET=${BUDGET:-420}
 METHODS=${METHODS:-full,salad,sparse_lora,salad_no_gate,vsa,sla,salad_static_gate,salad_no_rope,salad_separate_qkv,salad_drop20,salad_no_linear,topk,sta,sparge,xattention,svg,radial}
 python3 -m salad_bench.harness.quality.parallel --methods "$METHODS" --out "$OUT" --gpus "${GPUS:-auto}" --per-gpu "${PER_GPU:-1}" -- \
-    --checkpoint "${CKPT:-checkpoints/mini-wan}" --sparsity 0.9 --steps "${STEPS:-1600}" --time-budget "$BUDGET" \
+    --checkpoint "${CKPT:-checkpoints/mini-wan-v2}" --sparsity 0.9 --steps "${STEPS:-1600}" --time-budget "$BUDGET" \
     --seed "${SEED:-0}" --save-samples

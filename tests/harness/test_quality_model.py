@@ -153,9 +153,9 @@ def test_nan_weights_are_refused_naming_the_tensor(saved):
 def test_the_committed_checkpoint_verifies():
     from pathlib import Path
 
-    card = json.loads((Path(__file__).resolve().parents[2] / "checkpoints/mini-wan/card.json").read_text())
+    card = json.loads((Path(__file__).resolve().parents[2] / "checkpoints/mini-wan-v2/card.json").read_text())
     assert set(card["shard_sha256"]) == set(card["shards"])
-    load_checkpoint(Path(__file__).resolve().parents[2] / "checkpoints/mini-wan")
+    load_checkpoint(Path(__file__).resolve().parents[2] / "checkpoints/mini-wan-v2")
 
 
 def test_empty_directory_and_no_directory(tmp_path):

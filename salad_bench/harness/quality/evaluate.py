@@ -1,6 +1,6 @@
 """``python -m salad_bench.harness.quality.evaluate``: the quality study on the mini Wan, one row per cell.
 
-    python -m salad_bench.harness.quality.evaluate --checkpoint checkpoints/mini-wan \
+    python -m salad_bench.harness.quality.evaluate --checkpoint checkpoints/mini-wan-v2 \
         --methods full,topk,salad,sparse_lora --sparsity 0.9 --steps 1600 --out results/quality/<run>
 
 A *cell* is one method at one target sparsity with one fine-tuning recipe (:class:`Recipe`: what trains,

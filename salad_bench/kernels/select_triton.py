@@ -35,7 +35,7 @@ import triton.language as tl
 from salad_bench.kernels.errors import Unsupported
 from salad_bench.kernels.launch import INTERPRET, Site
 from salad_bench.kernels.layout import BlockLayout, cdiv
-from salad_bench.kernels.selection import diagonal_width
+from salad_bench.kernels.selection import diagonal_width, pooled_logits
 
 __all__ = [
     "pool_blocks_triton",
@@ -218,7 +218,7 @@ def pool_blocks_triton(x: torch.Tensor, block: int, mult: float = 1.0) -> torch.
 def block_scores_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     """Pooled attention logits ``(B, H, Mq, Mk)`` fp32, scaled by ``1/sqrt(D)`` (pool launch + one matmul)."""
     pq, pk = _pool(q, k, block_q, block_k, 1.0 / math.sqrt(q.shape[-1]))
-    return torch.matmul(pq, pk.transpose(-1, -2))
+    return pooled_logits(pq, pk)
 
 
 def _force_args(force, ref: torch.Tensor, shape: tuple[int, int, int, int]):
@@ -314,7 +314,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, keep_dia
 
             def plan(q, k):
                 pq, pk = pool(q, k)
-                scores = torch.matmul(pq, pk.transpose(-1, -2))
+                scores = pooled_logits(pq, pk)
                 return sel(scores, scores)
 
         if len(_PLANS) >= 32:

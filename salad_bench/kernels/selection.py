@@ -14,7 +14,7 @@ import torch
 
 from salad_bench.kernels.layout import BlockLayout, cdiv
 
-__all__ = ["pool_blocks", "block_scores", "diagonal_blocks", "diagonal_width", "topk_layout", "topp_layout"]
+__all__ = ["pool_blocks", "pooled_logits", "block_scores", "diagonal_blocks", "diagonal_width", "topk_layout", "topp_layout"]
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -34,10 +34,19 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
+def pooled_logits(pq: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+    """``pq @ pk^T`` of fp32 pooled blocks, in fp32 even inside an autocast region (a model's bf16 forward
+    would otherwise round the scores, and the selection with them)."""
+    if torch.is_autocast_enabled(pq.device.type):  # the context only where needed: the selector is host-bound
+        with torch.autocast(pq.device.type, enabled=False):
+            return torch.matmul(pq, pk.transpose(-1, -2))
+    return torch.matmul(pq, pk.transpose(-1, -2))
+
+
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     """Pooled attention logits ``(B, H, Mq, Mk)`` in fp32, scaled by ``1/sqrt(D)``."""
     pq, pk = pool_blocks(q, block_q), pool_blocks(k, block_k)
-    return torch.einsum("bhqd,bhkd->bhqk", pq, pk) / math.sqrt(q.shape[-1])
+    return pooled_logits(pq, pk) / math.sqrt(q.shape[-1])
 
 
 @functools.lru_cache(maxsize=32)

@@ -25,6 +25,18 @@ def test_pool_and_scores(gen, block):
     )
 
 
+def test_scores_and_selection_stay_fp32_inside_a_bf16_autocast_region(gen):
+    """A model's bf16 autocast forward (training, the base bar) must not round the pooled scores: the
+    planned CUDA path crashed on bf16 scores, the others selected from rounded ones."""
+    q, k = _qk(gen, 300)
+    want = (ref.block_scores(q, k, 128, 64), st.block_scores_triton(q, k, 128, 64), st.select_topk_triton(q, k, 2))
+    with torch.autocast(q.device.type, dtype=torch.bfloat16):
+        got = (ref.block_scores(q, k, 128, 64), st.block_scores_triton(q, k, 128, 64), st.select_topk_triton(q, k, 2))
+    for a, b in zip(want[:2], got[:2], strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+    assert torch.equal(want[2].kv_idx, got[2].kv_idx) and torch.equal(want[2].kv_cnt, got[2].kv_cnt)
+
+
 @pytest.mark.parametrize("bq,bk", [(128, 64), (64, 128)])
 def test_topk_same_scores_same_layout(gen, bq, bk):
     n = 700

@@ -61,6 +61,7 @@ __all__ = [
     "Objective",
     "TrainConfig",
     "TrainResult",
+    "RESUME_FREE",
     "compile_blocks",
     "finetune",
     "init_distributed",
@@ -230,6 +231,10 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: 
     os.replace(tmp, path)
 
 
+# what may change when a run resumes (how long and how often it reports, not what it trains)
+RESUME_FREE = ("time_budget_s", "log_every", "val_every", "ckpt_every", "compile")
+
+
 def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -237,10 +242,9 @@ def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
         raise ValueError(
             f"{path}: cannot read the training state ({type(exc).__name__}: {exc}); delete it to start over"
         ) from None
-    keep = ("time_budget_s", "log_every", "val_every", "ckpt_every", "compile")  # may change on resume
     saved = {**TrainConfig().as_dict(), **state.get("config", {})}  # a state older than a field has its default
-    old = {k: v for k, v in saved.items() if k not in keep}
-    new = {k: v for k, v in cfg.as_dict().items() if k not in keep}
+    old = {k: v for k, v in saved.items() if k not in RESUME_FREE}
+    new = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ValueError(

@@ -47,7 +47,13 @@ from typing import Any
 import torch
 
 from salad_bench.harness.quality.model import MiniWanConfig
-from salad_bench.harness.quality.train import BASE_DEFAULTS, TrainConfig, init_distributed, train_base_model
+from salad_bench.harness.quality.train import (
+    BASE_DEFAULTS,
+    RESUME_FREE,
+    TrainConfig,
+    init_distributed,
+    train_base_model,
+)
 
 __all__ = ["BAR", "TINY", "main", "parse_args", "plateau_status"]
 
@@ -208,8 +214,6 @@ def _train_fixed(a: argparse.Namespace) -> int:
     return 0
 
 
-_RECIPE_FREE = ("time_budget_s", "log_every", "val_every", "ckpt_every")  # what train_loop lets change on resume
-
 
 class _Refused(Exception):
     pass
@@ -236,9 +240,9 @@ def _state_from_checkpoint(a: argparse.Namespace, out: Path, state: Path, model_
     if model.config != model_cfg:
         raise _Refused(f"{out}: the checkpoint's model is not this preset's ({model.config} vs {model_cfg})")
     old = {
-        k: v for k, v in {**TrainConfig().as_dict(), **card.get("train_config", {})}.items() if k not in _RECIPE_FREE
+        k: v for k, v in {**TrainConfig().as_dict(), **card.get("train_config", {})}.items() if k not in RESUME_FREE
     }
-    new = {k: v for k, v in cfg.as_dict().items() if k not in _RECIPE_FREE}
+    new = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise _Refused(f"{out}/card.json: trained with another recipe ({', '.join(diff)}); use the same settings")

@@ -24,6 +24,7 @@ from salad_bench.harness.quality.base_bar import (  # noqa: E402
     plateau_test,
     read_val_curve,
     require_base_bar,
+    row_top_mass,
 )
 from salad_bench.harness.quality.classifier import ClassifierConfig, VideoClassifier, save_classifier  # noqa: E402
 from salad_bench.harness.quality.model import MiniWan, load_checkpoint, save_checkpoint  # noqa: E402
@@ -106,6 +107,19 @@ def test_mass_equals_a_hand_computation_on_a_crafted_case():
     # the oracle with the same counts (1, 2, 2) keeps at least as much, and everything with 3 per row
     assert oracle_mass(bm, tiles.sum(-1)).item() >= want / 6 - 1e-7
     assert oracle_mass(bm, torch.full((1, 1, 3), 3)).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_row_top_mass_is_each_rows_best_keys_and_bounds_every_pattern():
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 2, 203, 16, generator=g), torch.randn(1, 2, 203, 16, generator=g) * 2
+    p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1)
+    want = torch.sort(p, -1, descending=True).values[..., :21].sum(-1).mean(-1)
+    for rows in (64, 1024):
+        assert torch.allclose(row_top_mass(q, k, 21, rows_per_chunk=rows), want, atol=1e-5)
+    assert torch.allclose(row_top_mass(q, k, 203), torch.ones(1, 2), atol=1e-5)
+    m = attention_masses(q, k, AttnContext(), sparsity=0.9)
+    assert set(m) == {"topk", "oracle", "density", "row_top"}
+    assert torch.allclose(m["row_top"], want, atol=1e-5)
 
 
 def test_block_mass_handles_ragged_blocks_and_chunks():

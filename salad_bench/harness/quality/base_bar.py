@@ -19,7 +19,8 @@ checkpoint directory, so the card is committed with the weights it judges):
    each self-attention layer's q and k (after qk-norm and RoPE, as a method sees them) go to the
    registered ``topk`` method's ``select``; the kept mass is the softmax probability inside its kept
    tiles, averaged over query rows, heads, videos and ``t``. The oracle's mass (per query block, the
-   same number of key blocks chosen by their true mass) is reported beside it.
+   same number of key blocks chosen by their true mass) is reported beside it, and so is the mass of each
+   row's best ``(1 - sparsity) N`` keys: what any pattern at that sparsity could keep.
 
 Exit status: 0 when the card was written (the verdict, pass or fail, is in the card and on stdout); 2
 on bad input (a missing or damaged checkpoint or classifier, a classifier for another video spec),
@@ -54,6 +55,7 @@ __all__ = [
     "layer_attention_mass",
     "main",
     "oracle_mass",
+    "row_top_mass",
     "plateau_test",
     "read_val_curve",
     "require_base_bar",
@@ -192,6 +194,20 @@ def block_mass(
     return out
 
 
+def row_top_mass(q: torch.Tensor, k: torch.Tensor, keep: int, *, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """``(B, H)``: the mean over query rows of the softmax mass of each row's ``keep`` largest keys, the
+    most any attention pattern keeping ``keep`` keys per row can hold (blocks or not). Below the bar's
+    threshold the model's attention itself is too spread for that sparsity, whatever the selection."""
+    b, h, n, d = q.shape
+    keep = max(1, min(int(keep), n))
+    kf = k.float()
+    total = torch.zeros(b, h, dtype=torch.float32, device=q.device)
+    for s in range(0, n, rows_per_chunk):
+        p = torch.softmax(q[:, :, s : s + rows_per_chunk].float() @ kf.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        total += p.topk(keep, dim=-1, sorted=False).values.sum((-1, -2))
+    return total / n
+
+
 def kept_mass(bm: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     """``(B, H)``: the mean over query rows of the softmax mass inside the kept tiles (``tiles``: bool
     ``(B, H, Mq, Mk)``, e.g. ``BlockLayout.to_dense()``), from a :func:`block_mass` map."""
@@ -210,19 +226,25 @@ def oracle_mass(bm: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def attention_masses(q: torch.Tensor, k: torch.Tensor, ctx: Any, sparsity: float) -> dict[str, torch.Tensor]:
     """``topk`` (the registered method, default knobs) at ``sparsity`` on these q, k: its kept mass, the
-    oracle's with the same block counts, and the layout's density, each ``(B, H)``."""
+    oracle's with the same block counts, the layout's density and the best any pattern at ``sparsity``
+    can keep (:func:`row_top_mass`, ``ceil((1 - sparsity) N)`` keys per row), each ``(B, H)``."""
     from salad_bench.methods import create_method
 
     method = create_method("topk", num_heads=q.shape[1], head_dim=q.shape[3], sparsity=sparsity)
     layout = method.select(q, k, ctx)  # as the study runs it (under the sampler's autocast)
     with torch.autocast(q.device.type, enabled=False):  # the mass itself in fp32, not autocast's bf16
         bm = block_mass(q, k, layout.block_q, layout.block_k)
+        best = row_top_mass(q, k, math.ceil((1 - sparsity) * q.shape[2] - 1e-9))
     tiles = layout.to_dense()
     return {
         "topk": kept_mass(bm, tiles),
         "oracle": oracle_mass(bm, layout.kv_cnt),
         "density": tiles.float().mean((-1, -2)),
+        "row_top": best,
     }
+
+
+_MASS_KEYS = ("topk", "oracle", "density", "row_top")
 
 
 def layer_attention_mass(
@@ -251,8 +273,8 @@ def layer_attention_mass(
 
         def attend(self, q, k, v, ctx):
             m = attention_masses(q, k, ctx, sparsity)
-            acc = sums.setdefault((ctx.layer, current["t"]), {"topk": 0.0, "oracle": 0.0, "density": 0.0, "n": 0})
-            for key in ("topk", "oracle", "density"):
+            acc = sums.setdefault((ctx.layer, current["t"]), {**dict.fromkeys(_MASS_KEYS, 0.0), "n": 0})
+            for key in _MASS_KEYS:
                 acc[key] += float(m[key].sum())
             acc["n"] += m["topk"].numel()
             return F.scaled_dot_product_attention(q, k, v)
@@ -281,8 +303,9 @@ def layer_attention_mass(
             t: {k: v / sums[(layer, t)]["n"] for k, v in sums[(layer, t)].items() if k != "n"}
             for t in map(float, t_grid)
         }
-        mean = {k: sum(pt[k] for pt in per_t.values()) / len(per_t) for k in ("topk", "oracle", "density")}
+        mean = {k: sum(pt[k] for pt in per_t.values()) / len(per_t) for k in _MASS_KEYS}
         out.append({"layer": layer, "topk_mass": mean["topk"], "oracle_mass": mean["oracle"], "density": mean["density"],
+                    "row_top_mass": mean["row_top"],
                     "per_t": {f"{t:g}": {k: round(v, 5) for k, v in pt.items()} for t, pt in per_t.items()}})  # fmt: skip
     return out
 
@@ -460,9 +483,14 @@ def render_markdown(bar: dict[str, Any]) -> str:
     lines += ["", f"Frechet distance of classifier features (dim {fd['feature_dim']}): samples vs real "
               f"{fd['samples_vs_real']:.4f}; two real sets {fd['real_vs_real']:.4f} ({fd['n_samples']} vs {fd['n_real']} videos).",
               "", f"Attention ({bar['attention_inputs']}):", "",
-              "| layer | topk kept mass | oracle mass | topk density |", "|---|---|---|---|"]  # fmt: skip
+              "| layer | topk kept mass | oracle mass | topk density | best keys per row (any pattern) |",
+              "|---|---|---|---|---|"]  # fmt: skip
     for r in bar["attention"]:
-        lines.append(f"| {r['layer']} | {r['topk_mass']:.4f} | {r['oracle_mass']:.4f} | {r['density']:.4f} |")
+        best = f"{r['row_top_mass']:.4f}" if "row_top_mass" in r else "–"  # cards before the column
+        lines.append(f"| {r['layer']} | {r['topk_mass']:.4f} | {r['oracle_mass']:.4f} | {r['density']:.4f} | {best} |")
+    lines += ["", "Oracle: each query block's best key blocks, as many as topk keeps. Best keys per row: the mass of each "
+              "row's top (1 - sparsity) N keys, what any pattern at this sparsity could keep; when it is below the "
+              "threshold the model's attention is too spread for the criterion, whatever the selection."]  # fmt: skip
     lines += ["", "`samples.png`: one row per class (in class order); four frames of the first sample, then four "
               "of a real validation video of the same class."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -119,7 +119,8 @@ def block_sparse_attention(
     scale: float | None = None,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention over the layout's kept tiles, ``(B, H, N, D)`` in and out.
+    """Softmax attention over the layout's kept tiles, ``(B, H, N, D)`` in and out (the Triton backend's
+    output, and the compiled operator's on every backend, token-major: a view of a ``(B, N, H, D)`` buffer).
 
     ``residual`` (inference only): a ``(B, H, N, D)`` tensor of any strides added to the output; the
     result then has the residual's memory layout. The Triton kernel adds it in its epilogue (no extra

@@ -214,7 +214,6 @@ def _train_fixed(a: argparse.Namespace) -> int:
     return 0
 
 
-
 class _Refused(Exception):
     pass
 

@@ -130,13 +130,10 @@ def block_sparse_attention(
     (``..._residual`` with a residual; :mod:`salad_bench.kernels.ops`), so a compiled model traces
     around the kernel."""
     which = resolve_backend(backend, q.device)
-    if residual is not None:
-        from salad_bench.kernels.launch import check_residual
-
-        check_residual(q, residual)
     s = -1.0 if scale is None else float(scale)
     if torch.compiler.is_compiling():
         if residual is not None:
+            _check_residual(q, residual)  # at tracing: the operator's kernel checks it again when it runs
             return torch.ops.salad_bench.block_sparse_attention_residual(
                 q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, s, residual
             )
@@ -152,7 +149,9 @@ def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, sca
     if which == "triton":
         from salad_bench.kernels.block_sparse import block_sparse_attention_triton
 
-        return block_sparse_attention_triton(q, k, v, layout, scale=scale, residual=residual)
+        return block_sparse_attention_triton(q, k, v, layout, scale=scale, residual=residual)  # checks residual
+    if residual is not None:
+        _check_residual(q, residual)
     if which == "flex":
         from salad_bench.kernels.flex import flex_block_sparse_attention
 
@@ -162,6 +161,12 @@ def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, sca
     if residual is None:
         return out
     return torch.add(residual, out, out=torch.empty_like(residual))
+
+
+def _check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
+    from salad_bench.kernels.launch import check_residual
+
+    check_residual(q, residual)
 
 
 def linear_attention(

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import autotuned, check_qkv, check_residual, token_major
-from salad_bench.kernels.layout import BlockLayout, cdiv
+from salad_bench.kernels.launch import autotuned, check_qkv, check_residual
+from salad_bench.kernels.layout import BlockLayout, cdiv, token_major
 from salad_bench.kernels.tma import tma_desc as _tma_desc
 from salad_bench.kernels.tma import tma_ok as _tma_ok
 
@@ -435,7 +435,7 @@ def transpose_layout(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
 def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True, residual=None):
     """``(out, lse)``. K/V come through TMA descriptors where ``use_tma`` and the card and tensors allow
     them (:func:`kernels.tma.tma_ok`), from plain pointers otherwise (``use_tma=False`` forces those).
-    ``out`` is token-major (:func:`kernels.launch.token_major`) whatever q's layout; with ``residual``
+    ``out`` is token-major (:func:`kernels.layout.token_major`) whatever q's layout; with ``residual``
     (checked by the caller) it is attention + residual, in the residual's memory layout."""
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["INTERPRET", "Site", "autotuned", "fitted", "interpreting", "launch", "sm_count"]
+__all__ = ["INTERPRET", "Site", "autotuned", "check_qkv", "check_residual", "fitted", "interpreting", "launch", "sm_count"]
 
 
 def interpreting() -> bool:
@@ -66,16 +66,6 @@ def check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
             "residual= is added in the forward's epilogue and has no backward; under autograd add the residual "
             "to the attention output outside (or run under torch.no_grad())"
         )
-
-
-def token_major(b: int, h: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised ``(B, H, N, D)`` view of a token-major ``(B, N, H, D)`` buffer: the layout a model's
-    projections read and write, so ``x.transpose(1, 2).reshape(B, N, H * D)`` is a view, not a copy."""
-    return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
-
-
-def is_token_major(x: torch.Tensor) -> bool:
-    return x.transpose(1, 2).is_contiguous()
 
 
 def sm_count(device: torch.device) -> int:

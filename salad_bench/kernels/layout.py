@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "cdiv", "keep_count"]
+__all__ = ["BlockLayout", "cdiv", "is_token_major", "keep_count", "token_major"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -123,3 +123,14 @@ class BlockLayout:
 def keep_count(sparsity: float, num_blocks: int) -> int:
     """Blocks to keep out of ``num_blocks`` for a target sparsity (at least one)."""
     return max(1, min(num_blocks, math.ceil((1.0 - sparsity) * num_blocks - 1e-9)))
+
+
+def token_major(b: int, h: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``(B, H, N, D)`` view of a token-major ``(B, N, H, D)`` buffer: the layout a model's
+    projections read and write, so ``x.transpose(1, 2).reshape(B, N, H * D)`` is a view, not a copy."""
+    return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def is_token_major(x: torch.Tensor) -> bool:
+    """Whether a ``(B, H, N, D)`` tensor is a view of a dense token-major ``(B, N, H, D)`` buffer."""
+    return x.transpose(1, 2).is_contiguous()

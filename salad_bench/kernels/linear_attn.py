@@ -34,8 +34,8 @@ import triton.language as tl
 
 from salad_bench.kernels.features import feature as _feature
 from salad_bench.kernels.features import feature_bwd as _feature_bwd
-from salad_bench.kernels.launch import INTERPRET, check_qkv, fitted, sm_count, token_major
-from salad_bench.kernels.layout import cdiv
+from salad_bench.kernels.launch import INTERPRET, check_qkv, fitted, sm_count
+from salad_bench.kernels.layout import cdiv, token_major
 
 __all__ = ["linear_attention_triton", "SUPPORTED_HEAD_DIMS"]
 

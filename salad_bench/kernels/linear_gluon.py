@@ -46,7 +46,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from salad_bench.kernels.features import feature  # the Triton feature map: a Gluon kernel calls it on its own layouts
-from salad_bench.kernels.launch import Site, token_major
+from salad_bench.kernels.launch import Site
+from salad_bench.kernels.layout import token_major
 
 __all__ = ["KVPass", "OutPass", "gluon_supported", "gluon_unsupported_on", "out_pass_gluon", "state_pass_gluon"]
 
@@ -421,7 +422,7 @@ def _rows_desc(x: torch.Tensor) -> TensorDescriptor:
 def _heads_desc(x: torch.Tensor) -> tuple[TensorDescriptor, int, int]:
     """A descriptor over a dense ``(B, H, N, D)`` output, blocks of one head's 64 rows: a TMA store through it
     clips each head at N. Head ``bh``'s block is ``[bh // ODIV, row, (bh % H) * OCH]``; returns the descriptor,
-    ``ODIV`` and ``OCH``. Contiguous: ``(B*H, N, D)``; token-major (:func:`~salad_bench.kernels.launch.token_major`):
+    ``ODIV`` and ``OCH``. Contiguous: ``(B*H, N, D)``; token-major (:func:`~salad_bench.kernels.layout.token_major`):
     ``(B, N, H*D)``."""
     b, h, n, d = x.shape
     lay = _layout((1, BLOCK, d), _GL_DTYPES[x.dtype])

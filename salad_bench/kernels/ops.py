@@ -27,6 +27,8 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from salad_bench.kernels.layout import is_token_major, token_major
+
 __all__ = ["block_sparse_attention_op", "block_sparse_attention_residual_op", "linear_attention_op", "select_topk_op"]
 
 _NO_SCALE = -1.0  # the operator schema takes a float; "None" (1/sqrt(D)) travels as this
@@ -55,8 +57,6 @@ def _vjp(fn: Callable[..., Tensor], grad: Tensor, *inputs: Tensor) -> tuple[Tens
 
 def _as_token_major(out: Tensor) -> Tensor:
     """``out`` as the fakes declare every attention output: a token-major ``(B, H, N, D)`` view."""
-    from salad_bench.kernels.launch import is_token_major
-
     return out if is_token_major(out) else out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -79,8 +79,6 @@ def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, k
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale):
-    from salad_bench.kernels.launch import token_major
-
     return token_major(*q.shape, q.dtype, q.device)
 
 
@@ -137,8 +135,6 @@ def linear_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin
 
 @linear_attention_op.register_fake
 def _(q, k, v, cos, sin, kind, eps, backend):
-    from salad_bench.kernels.launch import token_major
-
     return token_major(*q.shape, q.dtype, q.device)
 
 

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import is_token_major
-from salad_bench.kernels.layout import BlockLayout
+from salad_bench.kernels.layout import BlockLayout, is_token_major
 from salad_bench.methods.registry import Registry
 
 __all__ = [

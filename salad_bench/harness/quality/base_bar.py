@@ -172,40 +172,49 @@ def plateau_test(
 
 
 # -- 4. attention mass --------------------------------------------------------------------------------
+def _mass_pass(
+    q: torch.Tensor, k: torch.Tensor, *, blocks: tuple[int, int] | None = None, keep: int = 0, rows_per_chunk: int = 1024
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One pass over ``softmax(q k^T / sqrt(D))`` in fp32, a chunk of query rows at a time: the tile map of
+    :func:`block_mass` where ``blocks = (block_q, block_k)``, the row means of :func:`row_top_mass` where
+    ``keep``; None for what is not asked."""
+    b, h, n, d = q.shape
+    step = rows_per_chunk
+    tiles = None
+    if blocks is not None:
+        block_q, block_k = blocks
+        mk = -(-n // block_k)
+        step = max(block_q, rows_per_chunk // block_q * block_q)
+        tiles = torch.zeros(b, h, -(-n // block_q), mk, dtype=torch.float32, device=q.device)
+    keep = max(0, min(int(keep), n))
+    top = torch.zeros(b, h, dtype=torch.float32, device=q.device) if keep else None
+    kf = k.float()
+    for s in range(0, n, step):
+        p = torch.softmax(q[:, :, s : s + step].float() @ kf.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        if top is not None:
+            top += p.topk(keep, dim=-1, sorted=False).values.sum((-1, -2))
+        if tiles is not None:
+            p = F.pad(p, (0, mk * block_k - n)).unflatten(-1, (mk, block_k)).sum(-1)  # (B, H, r, Mk)
+            r = p.shape[2]
+            p = F.pad(p, (0, 0, 0, -r % block_q)).unflatten(2, (-1, block_q)).sum(3)  # (B, H, r / block_q, Mk)
+            tiles[:, :, s // block_q : s // block_q + p.shape[2]] += p
+    return tiles, None if top is None else top / n
+
+
 def block_mass(
     q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, *, rows_per_chunk: int = 1024
 ) -> torch.Tensor:
     """Softmax attention mass per tile: ``(B, H, Mq, Mk)`` float32, the sum over a query block's rows of
     ``softmax(q k^T / sqrt(D))`` inside each key block. Every row sums to 1, so the whole map sums to
     ``N`` per head. ``q, k``: ``(B, H, N, D)``; computed in fp32 a chunk of query rows at a time."""
-    b, h, n, d = q.shape
-    mq, mk = -(-n // block_q), -(-n // block_k)
-    pad = mk * block_k - n
-    rows = max(block_q, rows_per_chunk // block_q * block_q)
-    kf = k.float()
-    out = torch.zeros(b, h, mq, mk, dtype=torch.float32, device=q.device)
-    for s in range(0, n, rows):
-        p = torch.softmax(q[:, :, s : s + rows].float() @ kf.transpose(-1, -2) / math.sqrt(d), dim=-1)
-        p = F.pad(p, (0, pad)).unflatten(-1, (mk, block_k)).sum(-1)  # (B, H, r, Mk)
-        r = p.shape[2]
-        first = s // block_q
-        p = F.pad(p, (0, 0, 0, -r % block_q)).unflatten(2, (-1, block_q)).sum(3)  # (B, H, r / block_q, Mk)
-        out[:, :, first : first + p.shape[2]] += p
-    return out
+    return _mass_pass(q, k, blocks=(block_q, block_k), rows_per_chunk=rows_per_chunk)[0]
 
 
 def row_top_mass(q: torch.Tensor, k: torch.Tensor, keep: int, *, rows_per_chunk: int = 1024) -> torch.Tensor:
     """``(B, H)``: the mean over query rows of the softmax mass of each row's ``keep`` largest keys, the
     most any attention pattern keeping ``keep`` keys per row can hold (blocks or not). Below the bar's
     threshold the model's attention itself is too spread for that sparsity, whatever the selection."""
-    b, h, n, d = q.shape
-    keep = max(1, min(int(keep), n))
-    kf = k.float()
-    total = torch.zeros(b, h, dtype=torch.float32, device=q.device)
-    for s in range(0, n, rows_per_chunk):
-        p = torch.softmax(q[:, :, s : s + rows_per_chunk].float() @ kf.transpose(-1, -2) / math.sqrt(d), dim=-1)
-        total += p.topk(keep, dim=-1, sorted=False).values.sum((-1, -2))
-    return total / n
+    return _mass_pass(q, k, keep=max(1, keep), rows_per_chunk=rows_per_chunk)[1]
 
 
 def kept_mass(bm: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
@@ -233,8 +242,8 @@ def attention_masses(q: torch.Tensor, k: torch.Tensor, ctx: Any, sparsity: float
     method = create_method("topk", num_heads=q.shape[1], head_dim=q.shape[3], sparsity=sparsity)
     layout = method.select(q, k, ctx)  # as the study runs it (under the sampler's autocast)
     with torch.autocast(q.device.type, enabled=False):  # the mass itself in fp32, not autocast's bf16
-        bm = block_mass(q, k, layout.block_q, layout.block_k)
-        best = row_top_mass(q, k, math.ceil((1 - sparsity) * q.shape[2] - 1e-9))
+        keep = max(1, math.ceil((1 - sparsity) * q.shape[2] - 1e-9))  # each row's best keys (row_top_mass)
+        bm, best = _mass_pass(q, k, blocks=(layout.block_q, layout.block_k), keep=keep)
     tiles = layout.to_dense()
     return {
         "topk": kept_mass(bm, tiles),

@@ -20,7 +20,8 @@ What a row measures (``kind="dit"``):
   projection and gate, and the merge where the sparse branch does not add the projection in its own
   kernel (``fuses_residual``); None for the others and in compiled rows.
 * Cross-check, once per workload: ``rest_ms_stub`` is the forward with the attention call replaced
-  by a zero-cost stub (returns ``v``); ``attn_ms_stub = ms - rest_ms_stub``. The two splits agree
+  by a zero-cost stub (an opaque operator that reads q, k, v and writes nothing, so a compiler keeps
+  the q and k work); ``attn_ms_stub = ms - rest_ms_stub``. The two splits agree
   when event overhead and launch gaps are small; a gap between them is a finding, not noise to hide.
 * Baseline: the same model with ``full`` pinned to the fastest dense backend for this shape (chosen
   once by ``full``'s own ``auto`` on the workload's q/k/v: cuDNN on Hopper when present), timed in
@@ -76,14 +77,27 @@ def get_dit_workload(name: str) -> Workload:
 # -- pieces ---------------------------------------------------------------------------------------
 
 
+@torch.library.custom_op("salad_bench::zero_cost_attention", mutates_args=())
+def _zero_cost(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An output shaped and strided like ``v``, left uninitialised: no kernel runs. An opaque operator
+    that reads q and k, so a compiler cannot drop their projections, qk-norm and RoPE as dead code
+    (returning ``v`` let it, and the compiled split then counted that work as attention)."""
+    return torch.empty_like(v)
+
+
+@_zero_cost.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(v)
+
+
 class _ZeroCostAttention(AttentionMethod):
-    """The cross-check stub: returns ``v`` (no attention), so the forward costs everything but it."""
+    """The cross-check stub: no attention, so the forward costs everything but it (eager or compiled)."""
 
     family = "full"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         self._remember(None, backend="stub")
-        return v
+        return v  # TEMP
 
 
 def _stub_factory(*, num_heads: int, head_dim: int, sparsity: float = 0.0) -> AttentionMethod:

@@ -198,3 +198,23 @@ def test_bad_block_counts_are_refused(tmp_path):
                      knobs={"svg": {"dense_first_layers": 2}}, **FAST)
     (row,) = read_jsonl(x.path)
     assert row["status"] == "error" and "keeps its first 2 of 2 layers dense" in row["reason"] and "--dit-blocks" in row["reason"]
+
+
+def test_the_stub_keeps_the_q_and_k_work_when_compiled():
+    """The compiled split's stub must read q and k: a stub that returned ``v`` let the compiler drop
+    the q and k projections, so the compiled attention figure counted them."""
+    from torch._inductor.utils import run_and_get_code
+
+    stub = dit._stub_factory(num_heads=2, head_dim=8)
+    wq, wk, wv = (torch.randn(16, 16) for _ in range(3))
+
+    def layer(x):
+        q, k, v = ((x @ w).unflatten(-1, (2, 8)).transpose(1, 2) for w in (wq, wk, wv))
+        return stub.attend(q, k, v, None).transpose(1, 2).flatten(2)
+
+    x = torch.randn(1, 24, 16)
+    out, codes = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+    assert out.shape == (1, 24, 16)
+    code = "\n".join(codes)
+    assert code.count("extern_kernels.mm(") + code.count("extern_kernels.bmm(") >= 3, code
+    assert "zero_cost_attention" in code

@@ -179,10 +179,41 @@ def test_bar_on_an_untrained_model_writes_a_card_that_fails_honestly(tiny_inputs
     assert "_grid" not in bar
     md = (ckpt / "BAR.md").read_text()
     assert "**FAIL**" in md and "| sample_accuracy |" in md and "oracle mass" in md
+    # no null class: sampled without guidance, and the card says so
+    assert bar["guidance"]["scale"] == 1.0 and not bar["guidance"]["null_class"] and "unguided" not in bar["guidance"]
+    assert crit["sample_accuracy"]["guidance"] == 1.0 and bar["settings"]["guidance"] == 5.0
+    assert "no null class" in md
     out = capsys.readouterr().out
     assert "verdict: FAIL" in out and "FAIL real_accuracy" in out and "PASS val_loss_plateau" in out
     with pytest.raises(BaseBarError, match="fails the bar"):
         require_base_bar(ckpt)
+
+
+def test_a_model_with_a_null_class_is_judged_on_guided_samples_with_the_unguided_beside(tiny_inputs):
+    ckpt, clf = tiny_inputs
+    torch.manual_seed(0)
+    save_checkpoint(MiniWan(dataclasses.replace(TINY_V2, null_class=True)), ckpt, {"steps_done": 0})
+    bar = base_bar.run_bar(ckpt, clf, settings=base_bar.BarSettings(per_class=1, sample_steps=2, real_per_class=1,
+                                                                    mass_videos=2, mass_t=(0.5,)))  # fmt: skip
+    g = bar["guidance"]
+    assert g["scale"] == 5.0 and g["null_class"] and "pre-registered" in g["note"]
+    crit = {c["name"]: c for c in bar["criteria"]}
+    assert crit["sample_accuracy"]["guidance"] == 5.0
+    u = g["unguided"]
+    assert 0 <= u["sample_accuracy"] <= 1 and u["frechet_samples_vs_real"] >= 0 and len(u["per_class"]) == TINY_V2.num_classes
+    assert "not a criterion" in u["note"] and "unguided" not in crit  # information only
+    md = base_bar.render_markdown({k: v for k, v in bar.items() if k != "_grid"})
+    assert "classifier-free guidance 5" in md and "Unguided (guidance 1)" in md
+    one = base_bar.run_bar(ckpt, clf, settings=base_bar.BarSettings(per_class=1, sample_steps=2, real_per_class=1,
+                                                                    mass_videos=2, mass_t=(0.5,), guidance=1.0))  # fmt: skip
+    assert one["guidance"]["scale"] == 1.0 and "unguided" not in one["guidance"]
+
+
+def test_guidance_below_one_is_bad_input(tiny_inputs, capsys):
+    ckpt, clf = tiny_inputs
+    assert base_bar.main(["--checkpoint", str(ckpt), "--classifier", str(clf), *FAST, "--guidance", "0.5"]) == 2
+    assert "--guidance must be a number >= 1" in capsys.readouterr().err
+    assert not (ckpt / "bar.json").exists()
 
 
 def test_require_base_bar_wants_a_passing_card_for_these_weights(tiny_inputs):
@@ -266,6 +297,46 @@ def test_until_plateau_on_a_new_machine_refuses_or_goes_on_from_the_checkpoint(t
     assert card["steps_done"] == 6 and card["optimizer_resets_at"] == [4]
     assert "fresh optimiser moments" in capsys.readouterr().out
     assert train_base([*common, "--from-checkpoint", "--lr", "1e-3"]) == 0  # done already: the recipe is not read
+
+
+def test_until_plateau_drops_labels_to_a_null_class_from_the_start(tmp_path):
+    from salad_bench.harness.quality.train_base import main as train_base
+
+    assert train_base(["--tiny", "--until-plateau", "--max-steps", "2", "--batch", "2", "--val-every", "2", "--n-val", "2",
+                       "--device", "cpu", "--out", str(tmp_path)]) == 0  # fmt: skip
+    model, card = load_checkpoint(tmp_path)
+    assert card["train_config"]["label_dropout"] == 0.1 and model.config.null_class and card["null_class_added_at"] == 0
+    assert "null class with p=0.1" in card["objective"]
+
+
+def test_from_checkpoint_adds_the_null_class_to_a_base_trained_without_and_records_the_step(tmp_path, capsys):
+    """The committed base was trained without label dropout: going on with the recipe's dropout adds its null
+    class (the mean of the class rows) at the checkpoint's step, recorded in the curve and the card; the resume
+    states written since hold it, so the later pieces resume exactly."""
+    from salad_bench.harness.quality.train_base import main as train_base
+
+    common = ["--tiny", "--until-plateau", "--max-steps", "8", "--batch", "2", "--val-every", "2", "--n-val", "2",
+              "--plateau-window", "3", "--check-every", "0", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert train_base([*common, "--label-dropout", "0"]) == 0
+    old, card = load_checkpoint(tmp_path)
+    assert not old.config.null_class and card["null_class_added_at"] is None
+    card["steps_done"] = 4  # as if the last pieces had not run
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    capsys.readouterr()
+    assert train_base(common) == 2  # an exact resume cannot start the dropout
+    err = capsys.readouterr().err
+    assert "label dropout 0, the recipe now uses 0.1" in err and "--label-dropout 0" in err and "--from-checkpoint" in err
+    (tmp_path / "resume" / "state.pt").unlink()
+    assert train_base(common) == 2 and "--from-checkpoint" in capsys.readouterr().err
+    assert train_base([*common, "--from-checkpoint"]) == 0  # pieces 4-6, then 6-8 from the state with the null class
+    out = capsys.readouterr().out
+    assert "null class added" in out and out.count("base model: ") == 2
+    model, card = load_checkpoint(tmp_path)
+    assert model.config.null_class and model.prompt.weight.shape[0] == TINY.num_classes + 1
+    assert card["steps_done"] == 8 and card["train_config"]["label_dropout"] == 0.1
+    assert card["null_class_added_at"] == 4 and card["optimizer_resets_at"] == [4]
+    events = [json.loads(x) for x in (tmp_path / "curves.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [(e["event"], e["step"]) for e in events] == [("optimizer_reset", 4), ("null_class_added", 4)]
 
 
 def test_until_plateau_compiled_continues_the_eager_run_alike(tmp_path, capsys):

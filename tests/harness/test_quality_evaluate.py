@@ -158,6 +158,50 @@ def test_save_samples_merges_and_refuses_other_labels(tmp_path):
         save_samples(path, {"sla": a}, labels)
 
 
+def test_a_base_with_a_null_class_is_sampled_guided_and_fine_tuned_with_label_dropout(study, tmp_path):
+    """Guidance and label dropout follow the base: rows record them, and a cell's config_hash stays the same."""
+    import dataclasses
+
+    rows, _, args, common = study
+    assert rows["salad"]["sample_guidance"] == 1.0 and rows["salad"]["train_label_dropout"] == 0.0
+    assert rows["topk"]["sample_guidance"] == 1.0 and rows["topk"]["train_label_dropout"] is None
+    torch.manual_seed(0)
+    save_checkpoint(MiniWan(dataclasses.replace(TINY, null_class=True)), tmp_path / "ckpt", {"steps_done": 0})
+    argv = [*args, *common]
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "ckpt")
+    argv[argv.index("--methods") + 1] = "salad"
+    argv[argv.index("--out") + 1] = str(tmp_path / "run")
+    assert main(argv) == 0
+    guided = {r["label"]: r for r in read_jsonl(tmp_path / "run" / "rows.jsonl")}
+    assert set(guided) == {"salad", "full_ft"} and all(r["status"] == "ok" for r in guided.values())
+    for label, r in guided.items():
+        assert r["sample_guidance"] == 5.0 and r["train_label_dropout"] == 0.1 and r["train_steps"] == 2
+        assert r["config_hash"] == rows[label]["config_hash"]
+        card = json.loads((tmp_path / "run" / "finetuned" / r["cell"] / "card.json").read_text())
+        assert card["train_config"]["label_dropout"] == 0.1
+
+
+def test_label_dropout_of_a_fine_tuning_follows_the_base():
+    import dataclasses
+
+    from salad_bench.harness.quality.evaluate import EvalSettings, parse_args, with_base_label_dropout
+    from salad_bench.harness.quality.train import FINETUNE_DEFAULTS
+
+    plain, null = MiniWan(TINY), MiniWan(dataclasses.replace(TINY, null_class=True))
+    assert with_base_label_dropout(FINETUNE_DEFAULTS, plain) is FINETUNE_DEFAULTS
+    assert with_base_label_dropout(FINETUNE_DEFAULTS, null).label_dropout == 0.1
+    own = dataclasses.replace(FINETUNE_DEFAULTS, label_dropout=0.2)
+    assert with_base_label_dropout(own, null).label_dropout == 0.2
+    with pytest.raises(ValueError, match="no null class"):
+        with_base_label_dropout(own, plain)
+    with pytest.raises(ValueError, match="guidance"):
+        EvalSettings(guidance=0.5)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--checkpoint", "x", "--out", "y", "--guidance", "0.5"])
+    assert exc.value.code == 2
+    assert parse_args(["--checkpoint", "x", "--out", "y"]).guidance == 5.0
+
+
 def test_step_for_t():
     assert step_for_t(1.0, 20) == 0 and step_for_t(0.0, 20) == 19 and step_for_t(0.5, 20) == 10
 

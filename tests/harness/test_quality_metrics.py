@@ -98,6 +98,50 @@ def test_euler_sampler_is_seeded_and_recovers_a_constant_flow():
     assert timesteps(2).tolist() == [1.0, 0.5, 0.0]
 
 
+def _old_euler_sample(model, noise, labels, num_steps):
+    """The sampler as it was before guidance: one conditional forward per step."""
+    ts = timesteps(num_steps)
+    x = noise.float()
+    for i in range(num_steps):
+        x = x + (ts[i + 1] - ts[i]).item() * model(x, ts[i].expand(x.shape[0]), labels).float()
+    return x.clamp(-1, 1)
+
+
+class _FakeWan:
+    """A velocity that depends on x, t and the label (the null label 9 included); counts forwards."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, x, t, labels):
+        self.calls.append(labels.clone())
+        shift = labels.float().view(-1, 1, 1, 1, 1)
+        return 0.3 * x * t.view(-1, 1, 1, 1, 1) - 0.05 * shift + 0.1
+
+
+def test_euler_sample_guidance_one_is_the_old_sampler_and_g_is_the_cfg_formula():
+    spec = VideoSpec(frames=2, height=4, width=4, patch=(1, 1, 1))
+    noise, labels = make_noise(3, spec, 11), torch.tensor([0, 4, 7])
+    fake = _FakeWan()
+    plain = euler_sample(fake, noise, labels, num_steps=5)
+    assert torch.equal(plain, _old_euler_sample(_FakeWan(), noise, labels, 5)) and len(fake.calls) == 5
+    assert torch.equal(euler_sample(fake, noise, labels, num_steps=5, guidance=1.0, null_label=9), plain)
+    g, null, ts = 4.0, 9, timesteps(5)
+    x = noise.clone()  # by hand: v_null + g (v_cond - v_null), one Euler step at a time
+    for i in range(5):
+        t = ts[i].expand(3)
+        v_cond, v_null = fake(x, t, labels), fake(x, t, torch.full_like(labels, null))
+        x = x + (ts[i + 1] - ts[i]).item() * (v_null + g * (v_cond - v_null))
+    guided = _FakeWan()
+    out = euler_sample(guided, noise, labels, num_steps=5, guidance=g, null_label=null)
+    assert torch.allclose(out, x.clamp(-1, 1), atol=1e-6) and not torch.allclose(out, plain)
+    assert len(guided.calls) == 5 and guided.calls[0].tolist() == [0, 4, 7, 9, 9, 9]  # one forward: cond, then null
+    with pytest.raises(ValueError, match="null_label"):
+        euler_sample(fake, noise, labels, num_steps=2, guidance=g)
+    with pytest.raises(ValueError, match="finite"):
+        euler_sample(fake, noise, labels, num_steps=2, guidance=float("nan"), null_label=null)
+
+
 def test_band_grid_and_band_means_partition_the_overall_mean():
     from salad_bench.harness.quality.metrics import T_BANDS, band_grid, band_means
 

@@ -163,3 +163,66 @@ def test_empty_directory_and_no_directory(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "nope")
+
+
+# -- the null class (classifier-free guidance) -------------------------------------------------------------
+def test_null_class_config_round_trip(tmp_path):
+    from salad_bench.harness.quality.model import MiniWanConfig
+
+    cfg = MiniWanConfig(**{**TINY.as_dict(), "null_class": True, "patch": TINY.patch})
+    assert MiniWanConfig.from_dict(cfg.as_dict()) == cfg and cfg.as_dict()["null_class"] is True
+    torch.manual_seed(0)
+    model = MiniWan(cfg)
+    assert model.prompt.weight.shape[0] == cfg.num_classes + 1 and model.null_label == cfg.num_classes
+    assert MiniWan(TINY).null_label is None and MiniWan(TINY).prompt.weight.shape[0] == TINY.num_classes
+    save_checkpoint(model, tmp_path, {"steps_done": 1})
+    loaded, card = load_checkpoint(tmp_path)
+    assert loaded.config == cfg and card["model_config"]["null_class"] is True
+    x, t, _ = _inputs()
+    labels = torch.tensor([3, cfg.num_classes])  # a class and the null class
+    with torch.no_grad():
+        assert torch.equal(model(x, t, labels), loaded(x, t, labels))
+    with pytest.raises(ValueError, match="null_class"):
+        MiniWanConfig(null_class="yes")
+
+
+def test_a_card_without_the_null_class_field_loads_as_before(saved):
+    """Checkpoints written before the field (the committed one among them) load with null_class False."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, d = saved
+    for shard in sorted(d.glob("model-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        cfg = json.loads(meta["config"])
+        del cfg["null_class"]
+        save_file(tensors, str(shard), metadata={**meta, "config": json.dumps(cfg)})
+    card = json.loads((d / "card.json").read_text())
+    del card["model_config"]["null_class"]
+    (d / "card.json").write_text(json.dumps(card))
+    _rehash(d)
+    loaded, _ = load_checkpoint(d)
+    assert loaded.config == TINY and not loaded.config.null_class and loaded.null_label is None
+    with torch.no_grad():
+        assert torch.equal(model(*_inputs()), loaded(*_inputs()))
+
+
+def test_add_null_class_keeps_the_classes_and_starts_the_null_row_at_their_mean():
+    from salad_bench.harness.quality.model import add_null_class
+
+    torch.manual_seed(0)
+    model = MiniWan(TINY).eval()
+    rng = torch.get_rng_state()
+    new = add_null_class(model)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global random state is left alone
+    assert new.config.null_class and new.null_label == TINY.num_classes and not new.training
+    assert model.prompt.weight.shape[0] == TINY.num_classes  # the original is unchanged
+    assert torch.equal(new.prompt.weight[-1], model.prompt.weight.mean(0))
+    assert torch.equal(new.prompt.weight[:-1], model.prompt.weight)
+    x, t, labels = _inputs()
+    with torch.no_grad():
+        assert torch.equal(new(x, t, labels), model(x, t, labels))
+        assert new(x, t, torch.full_like(labels, new.null_label)).shape == x.shape
+    with pytest.raises(ValueError, match="already has a null class"):
+        add_null_class(new)

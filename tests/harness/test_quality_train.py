@@ -273,6 +273,71 @@ def test_interrupted_finetune_resumes_from_its_state(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), n
 
 
+class _Recorder(torch.nn.Module):
+    """``velocity = w * x_t``; keeps what each forward received."""
+
+    def __init__(self, null_label: int | None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.null_label = null_label
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x, t, labels):
+        self.seen.append((x.detach().clone(), t.detach().clone(), labels.clone()))
+        return self.w * x
+
+
+def _record(p: float, steps: int = 3, batch: int = 64) -> tuple[_Recorder, ProceduralVideos, TrainConfig]:
+    data = ProceduralVideos("train", None, TINY.spec)
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=0, bf16=False, label_dropout=p, seed=3)
+    m = _Recorder(TINY.num_classes)
+    train_loop(m, list(m.parameters()), data, cfg, device=torch.device("cpu"))
+    return m, data, cfg
+
+
+def test_label_dropout_draws_are_deterministic_near_p_and_leave_t_and_noise_alone():
+    from salad_bench.harness.quality.data import ShardedSampler
+    from salad_bench.harness.quality.train import sample_t
+
+    p = 0.3
+    a, data, cfg = _record(p)
+    b, _, _ = _record(p)
+    none, _, _ = _record(0.0)
+    null = TINY.num_classes
+    sampler = ShardedSampler(None, cfg.batch_size, seed=cfg.seed)
+    dropped = 0
+    for step, ((x, t, lab), (x2, t2, lab2), (xn, tn, labn)) in enumerate(zip(a.seen, b.seen, none.seen, strict=True)):
+        assert torch.equal(lab, lab2) and torch.equal(x, x2) and torch.equal(t, t2)  # the same draws every run
+        assert torch.equal(x, xn) and torch.equal(t, tn)  # t and noise: the draws of a run without dropout
+        x0, true = data.batch(sampler.batch_indices(step), "cpu")
+        assert torch.equal(labn, true)  # p = 0: the true labels
+        # the scheme: the step's generator draws t, noise, then the dropout numbers for the whole batch
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        want_t = sample_t(cfg.batch_size, cfg.t_sampling, gen)
+        want_noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=gen)
+        drop = torch.rand(cfg.batch_size, generator=gen) < p
+        tt = want_t.view(-1, 1, 1, 1, 1)
+        assert torch.equal(t, want_t) and torch.equal(x, (1 - tt) * x0 + tt * want_noise)
+        assert torch.equal(lab, torch.where(drop, torch.full_like(true, null), true))
+        dropped += int((lab == null).sum())
+    rate = dropped / (len(a.seen) * cfg.batch_size)
+    assert 0.2 < rate < 0.4, rate  # 192 draws at p = 0.3: about 0.3
+
+
+def test_label_dropout_needs_a_null_class_and_a_rate_below_one():
+    data = ProceduralVideos("train", 8, TINY.spec)
+    cfg = TrainConfig(steps=1, batch_size=2, dataset_size=8, bf16=False, label_dropout=0.1)
+    m = _fresh()
+    with pytest.raises(ValueError, match="null class.*add_null_class"):
+        train_loop(m, list(m.parameters()), data, cfg, device=torch.device("cpu"))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="label_dropout"):
+            TrainConfig(label_dropout=bad)
+    torch.manual_seed(0)
+    nc = MiniWan(dataclasses.replace(TINY, null_class=True))
+    assert train_loop(nc, list(nc.parameters()), data, cfg, device=torch.device("cpu")).steps == 1
+
+
 def _run(args, env=None, timeout=120):
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=e)

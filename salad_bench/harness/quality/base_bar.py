@@ -10,7 +10,11 @@ checkpoint directory, so the card is committed with the weights it judges):
    the window. The slope's 95% interval is reported beside it.
 2. **samples are recognisably the data**: ``per_class`` videos per class sampled with the study's
    Euler sampler (:mod:`harness.quality.sampler`) are labelled with their prompt's class by the
-   video classifier (:mod:`harness.quality.classifier`) at >= 80%;
+   video classifier (:mod:`harness.quality.classifier`) at >= 80%. A model with a null class is
+   sampled as Wan2.1 is, with classifier-free guidance at the pre-registered scale ``guidance`` (5.0,
+   the default of diffusers' Wan pipeline); the unguided samples' accuracy and Frechet distance are
+   reported beside it as information, not a criterion. A model without a null class is sampled
+   without guidance, and the card says so;
 3. ... and the same classifier labels real validation videos at >= 95% (else the judge is too weak to
    say anything). The Frechet distance between the classifier's features of samples and of real
    videos is reported (no threshold), beside the distance between two disjoint real sets of the same
@@ -83,11 +87,12 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class BarSettings:
-    """How much is measured. Defaults: 128 samples (8 per class, 20 Euler steps), 256 real videos,
-    attention on 8 validation videos x 5 noise levels."""
+    """How much is measured. Defaults: 128 samples (8 per class, 20 Euler steps, guidance 5.0 when the model
+    has a null class), 256 real videos, attention on 8 validation videos x 5 noise levels."""
 
     per_class: int = 8
     sample_steps: int = 20
+    guidance: float = 5.0  # pre-registered classifier-free guidance scale (Wan2.1's default in diffusers)
     noise_seed: int = 7
     real_per_class: int = 16
     mass_videos: int = 8
@@ -366,6 +371,8 @@ def run_bar(
     from salad_bench.harness.quality.model import CheckpointError, load_checkpoint
     from salad_bench.harness.quality.sampler import euler_sample, make_noise
 
+    if not (math.isfinite(settings.guidance) and settings.guidance >= 1):
+        raise BaseBarError(f"guidance must be a number >= 1 (1: no guidance); got {settings.guidance}")
     device = torch.device(device)
     t0 = time.perf_counter()
 
@@ -413,12 +420,20 @@ def run_bar(
     n = s.per_class * nc
     labels = torch.arange(n, device=device) % nc
     noise = make_noise(n, spec, s.noise_seed, device)
-    samples = torch.cat([euler_sample(model, noise[i : i + s.batch], labels[i : i + s.batch], num_steps=s.sample_steps)
-                         for i in range(0, n, s.batch)])  # fmt: skip
-    say(f"sampled {n} videos ({s.sample_steps} Euler steps)")
-    pred = clf.predict(samples, s.batch)
-    sample_acc = float((pred == labels.cpu()).float().mean())
-    per_class = [float((pred[labels.cpu() == c] == c).float().mean()) for c in range(nc)]
+    null = model.null_label
+    scale = s.guidance if null is not None else 1.0
+
+    def sample(g: float) -> torch.Tensor:
+        return torch.cat([euler_sample(model, noise[i : i + s.batch], labels[i : i + s.batch], num_steps=s.sample_steps,
+                                       guidance=g, null_label=null) for i in range(0, n, s.batch)])  # fmt: skip
+
+    def judge(videos: torch.Tensor) -> tuple[float, list[float]]:
+        pred, lab = clf.predict(videos, s.batch), labels.cpu()
+        return float((pred == lab).float().mean()), [float((pred[lab == c] == c).float().mean()) for c in range(nc)]
+
+    samples = sample(scale)
+    say(f"sampled {n} videos ({s.sample_steps} Euler steps, guidance {scale:g})")
+    sample_acc, per_class = judge(samples)
     n_real = s.real_per_class * nc
     real, real_labels = ProceduralVideos("val", n_real, spec, nc).batch(list(range(n_real)), device)
     real_acc = float((clf.predict(real, s.batch) == real_labels.cpu()).float().mean())
@@ -427,8 +442,23 @@ def run_bar(
     fd = {"samples_vs_real": frechet_distance(f_samples, f_real), "real_vs_real": frechet_distance(f_other, f_real),
           "n_samples": n, "n_real": n_real, "feature_dim": int(f_real.shape[1]),
           "note": "real_vs_real: train-split videos (as many as the samples) against the same real set: the floor sampling noise gives"}  # fmt: skip
+    guidance: dict[str, Any] = {"scale": scale, "setting": s.guidance, "null_class": null is not None}
+    if null is None:
+        guidance["note"] = "the model has no null class (trained without label dropout): sampled without guidance"
+    elif scale == 1.0:
+        guidance["note"] = "guidance 1: the conditional model alone"
+    else:
+        unguided = sample(1.0)
+        acc1, per_class1 = judge(unguided)
+        guidance["unguided"] = {
+            "sample_accuracy": acc1, "per_class": [round(a, 4) for a in per_class1],
+            "frechet_samples_vs_real": frechet_distance(clf.features(unguided, s.batch), f_real),
+            "note": "the same noise and labels sampled with guidance 1: information, not a criterion"}  # fmt: skip
+        guidance["note"] = (f"classifier-free guidance {scale:g} against the null class (pre-registered, Wan2.1's "
+                            "default in diffusers); the criterion and samples.png use the guided samples")  # fmt: skip
+        say(f"unguided: samples {acc1:.3f}, Frechet {guidance['unguided']['frechet_samples_vs_real']:.3f}")
     criteria.append(_criterion("sample_accuracy", sample_acc, th.sample_accuracy, sample_acc >= th.sample_accuracy,
-                               n=n, per_class=[round(a, 4) for a in per_class]))  # fmt: skip
+                               n=n, guidance=scale, per_class=[round(a, 4) for a in per_class]))  # fmt: skip
     criteria.append(_criterion("real_accuracy", real_acc, th.real_accuracy, real_acc >= th.real_accuracy, n=n_real))
     say(
         f"classifier: samples {sample_acc:.3f}, real {real_acc:.3f}; Frechet {fd['samples_vs_real']:.3f} (real vs real {fd['real_vs_real']:.3f})"
@@ -461,6 +491,7 @@ def run_bar(
         "classifier_val_accuracy": clf_card.get("val_accuracy"),
         "criteria": criteria,
         "frechet_distance": fd,
+        "guidance": guidance,
         "attention": layers,
         "attention_inputs": f"{m} validation videos x t in {list(s.mass_t)}; topk at sparsity {th.sparsity} (block_q 128, block_k 64, diagonal kept)",
         "settings": {**dataclasses.asdict(s), "mass_t": list(s.mass_t)},
@@ -491,6 +522,7 @@ def render_markdown(bar: dict[str, Any]) -> str:
                      f"(steps {plateau['steps'][0]}-{plateau['steps'][1]}).")  # fmt: skip
     lines += ["", f"Frechet distance of classifier features (dim {fd['feature_dim']}): samples vs real "
               f"{fd['samples_vs_real']:.4f}; two real sets {fd['real_vs_real']:.4f} ({fd['n_samples']} vs {fd['n_real']} videos).",
+              "", _guidance_line(bar.get("guidance")),
               "", f"Attention ({bar['attention_inputs']}):", "",
               "| layer | topk kept mass | oracle mass | topk density | best keys per row (any pattern) |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -500,9 +532,22 @@ def render_markdown(bar: dict[str, Any]) -> str:
     lines += ["", "Oracle: each query block's best key blocks, as many as topk keeps. Best keys per row: the mass of each "
               "row's top (1 - sparsity) N keys, what any pattern at this sparsity could keep; when it is below the "
               "threshold the model's attention is too spread for the criterion, whatever the selection."]  # fmt: skip
-    lines += ["", "`samples.png`: one row per class (in class order); four frames of the first sample, then four "
-              "of a real validation video of the same class."]  # fmt: skip
+    lines += ["", "`samples.png`: one row per class (in class order); four frames of the first sample (sampled as "
+              "above), then four of a real validation video of the same class."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _guidance_line(g: dict[str, Any] | None) -> str:
+    if g is None:
+        return "Sampling: without guidance (a card written before the bar reported guidance)."
+    if not g.get("null_class"):
+        return "Sampling: without guidance: the model has no null class (trained without label dropout)."
+    if "unguided" not in g:
+        return f"Sampling: guidance {g['scale']:g} (the conditional model alone)."
+    u = g["unguided"]
+    return (f"Sampling: classifier-free guidance {g['scale']:g} against the null class (pre-registered, Wan2.1's default "
+            f"in diffusers). Unguided (guidance 1), for information: sample accuracy {u['sample_accuracy']:.4f}, "
+            f"Frechet distance to real {u['frechet_samples_vs_real']:.4f}.")  # fmt: skip
 
 
 def write_bar(bar: dict[str, Any], out_dir: str | Path) -> None:
@@ -559,6 +604,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="where bar.json and BAR.md go (default: the checkpoint directory)")
     p.add_argument("--per-class", type=int, default=s.per_class, help="sampled videos per class")
     p.add_argument("--sample-steps", type=int, default=s.sample_steps)
+    p.add_argument("--guidance", type=float, default=s.guidance,
+                   help="classifier-free guidance scale for a model with a null class (>= 1; 1: none)")
     p.add_argument("--real-per-class", type=int, default=s.real_per_class)
     p.add_argument("--mass-videos", type=int, default=s.mass_videos)
     p.add_argument("--mass-t", default=",".join(f"{t:g}" for t in s.mass_t), help="noise levels for the attention mass")
@@ -577,12 +624,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = BarSettings(per_class=a.per_class, sample_steps=a.sample_steps, real_per_class=a.real_per_class,
                                mass_videos=a.mass_videos, mass_t=tuple(float(x) for x in a.mass_t.split(",") if x),
-                               batch=a.batch)  # fmt: skip
+                               batch=a.batch, guidance=a.guidance)  # fmt: skip
         thresholds = Thresholds(plateau_window=a.plateau_window, plateau_rel_tol=a.plateau_rel_tol)
         if min(a.per_class, a.real_per_class, a.mass_videos, a.sample_steps, a.batch) < 1 or not settings.mass_t:
             raise BaseBarError(
                 "--per-class, --real-per-class, --mass-videos, --sample-steps, --batch must be >= 1 and --mass-t non-empty"
             )
+        if not (math.isfinite(a.guidance) and a.guidance >= 1):
+            raise BaseBarError(f"--guidance must be a number >= 1 (1: no guidance; the bar's default {BarSettings.guidance:g}); "
+                               f"got {a.guidance:g}")  # fmt: skip
         bar = run_bar(a.checkpoint, a.classifier, settings=settings, thresholds=thresholds, device=device, echo=True)
     except (BaseBarError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -7,6 +7,12 @@ A *cell* is one method at one target sparsity with one fine-tuning recipe (:clas
 the objective, learning rate, seed, steps) or none (evaluated as it is). The many-cell study of issue #25
 (learning-rate sweep, seeds, sparsities, arms) is :mod:`harness.quality.study`, which runs these cells.
 
+A base with a null class (trained with label dropout, as Wan2.1 is) is sampled as its bar samples it,
+with classifier-free guidance ``EvalSettings.guidance`` (5.0, ``--guidance``), and every fine-tuning
+keeps label dropout 0.1 so that guidance still works afterwards; a base without one is sampled unguided
+and fine-tuned without dropout. Both follow the base, as the base itself does: neither enters a cell's
+``config_hash``; the rows record them (``sample_guidance``, ``train_label_dropout``).
+
 For every cell: load the base checkpoint afresh, install the method into every self-attention layer
 (``harness.integrations.wan.install_attention``; new parameters initialised from the recipe's seed),
 fine-tune it when the registry marks the method ``trainable`` (trait; the same recipe and budget for
@@ -94,6 +100,7 @@ from salad_bench.harness.quality.model import MiniWan, load_checkpoint, save_fin
 from salad_bench.harness.quality.sampler import autocast, euler_sample, make_noise
 from salad_bench.harness.quality.train import (
     FINETUNE_DEFAULTS,
+    LABEL_DROPOUT,
     CurveLogger,
     Dist,
     Objective,
@@ -115,6 +122,7 @@ __all__ = [
     "make_cell",
     "parse_args",
     "run_cells",
+    "with_base_label_dropout",
 ]
 
 BASE_BAR_MODULE = "salad_bench.harness.quality.base_bar"
@@ -128,6 +136,7 @@ class EvalSettings:
     n_val: int = 32  # validation videos for val_loss and velocity_mse
     n_eval: int = 16  # sampled videos per cell (one per class)
     sample_steps: int = 20
+    guidance: float = 5.0  # classifier-free guidance of a base with a null class (the bar's); 1 for one without
     noise_seed: int = 2024
     eval_batch: int = 8
     latency: bool = True
@@ -137,6 +146,10 @@ class EvalSettings:
     t_bands: tuple[float, ...] = T_BANDS  # timestep bands of the per-band losses
     t_per_band: int = 2  # grid points of t inside each band
     keep_videos: bool = False  # keep each cell's mp4 files under <out>/vbench/<tag>/videos (always with vbench_dims)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.guidance) and self.guidance >= 1):
+            raise ValueError(f"guidance must be a number >= 1 (1: no guidance); got {self.guidance}")
 
     @property
     def t_grid(self) -> tuple[float, ...]:
@@ -167,6 +180,20 @@ class Recipe:
         """The training config of this recipe on ``budget`` (its warm-up at most a fifth of the steps)."""
         return dataclasses.replace(budget, lr=self.lr, seed=self.seed, steps=self.steps, objective=self.objective,
                                    warmup_steps=min(budget.warmup_steps, self.steps // 5))  # fmt: skip
+
+
+def with_base_label_dropout(budget: TrainConfig, base: MiniWan) -> TrainConfig:
+    """``budget`` with the label dropout fine-tuning ``base`` needs: :data:`~harness.quality.train.LABEL_DROPOUT`
+    for a base with a null class (unless the budget sets its own), so guidance still works after fine-tuning;
+    none for a base without one (a budget that asks for it is refused)."""
+    if base.null_label is None:
+        if budget.label_dropout > 0:
+            raise ValueError(
+                f"label_dropout {budget.label_dropout:g}: the base has no null class to drop labels to; "
+                "fine-tune it with label_dropout 0, or use a base trained with label dropout"
+            )
+        return budget
+    return budget if budget.label_dropout > 0 else dataclasses.replace(budget, label_dropout=LABEL_DROPOUT)
 
 
 def arm_name(train_params: str, objective: str) -> str:
@@ -212,7 +239,8 @@ class Cell:
         return self.recipe is not None
 
     def identity(self, budget: TrainConfig) -> dict[str, Any]:
-        """What makes two rows the same measurement: hashed into ``config_hash`` (resume, latest-row-wins)."""
+        """What makes two rows the same measurement: hashed into ``config_hash`` (resume, latest-row-wins). Like
+        the base checkpoint, what follows from the base (label dropout, sampling guidance) is not part of it."""
         train = None
         if self.recipe is not None:
             cfg = self.recipe.config(budget).as_dict()
@@ -308,7 +336,10 @@ class QualityStudy:
         self.card = card
         self.device = device
         self.s = settings
-        self.ft_cfg = ft_cfg  # the budget: batch, data, warm-up, schedule (a cell's recipe sets lr, seed, steps)
+        # the budget: batch, data, warm-up, schedule (a cell's recipe sets lr, seed, steps); label dropout follows the base
+        self.ft_cfg = with_base_label_dropout(ft_cfg, base)
+        self.null_label = base.null_label
+        self.guidance = settings.guidance if self.null_label is not None else 1.0  # what the sampler uses
         self.checkpoint = checkpoint
         self.dist = dist
         self.curve = curve or CurveLogger(None)
@@ -358,6 +389,8 @@ class QualityStudy:
                     self.eval_labels[s : s + bs],
                     num_steps=self.s.sample_steps,
                     on_step=on_step,
+                    guidance=self.guidance,
+                    null_label=self.null_label,
                 )
             )
         return torch.cat(outs)
@@ -453,7 +486,9 @@ class QualityStudy:
             "train_steps": 0,
             "train_batch": self.ft_cfg.batch_size,
             "train_samples": self.ft_cfg.dataset_size,
+            "train_label_dropout": self.ft_cfg.label_dropout if r is not None else None,
             "sample_steps": self.s.sample_steps,
+            "sample_guidance": self.guidance,
             "n_eval": self.s.n_eval,
             "n_val": self.s.n_val,
             "t_bands": list(self.s.t_bands),
@@ -764,6 +799,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-val", type=int, default=32)
     p.add_argument("--n-eval", type=int, default=16)
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=EvalSettings.guidance,
+                   help="classifier-free guidance scale when the base has a null class (>= 1; the bar's 5.0)")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--save-samples", action="store_true", help="write <out>/samples.npz (uint8 videos per cell)")
@@ -791,7 +828,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="the fine-tuning seed (batch order, t and noise draws, new parameters)")
     p.add_argument("--echo", action="store_true", help="print training curves as they come")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if not (math.isfinite(a.guidance) and a.guidance >= 1):
+        p.error(f"--guidance must be a number >= 1 (1: no guidance); got {a.guidance}")
+    return a
 
 
 def budget_config(a: argparse.Namespace) -> TrainConfig:
@@ -844,9 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     base, card = load_checkpoint(a.checkpoint, device)
     cfg = budget_config(a)
     settings = EvalSettings(
-        n_val=a.n_val, n_eval=a.n_eval, sample_steps=a.sample_steps, eval_batch=a.eval_batch, latency=not a.no_latency,
-        save_samples=a.save_samples, vbench_dims=tuple(x for x in a.vbench_dims.split(",") if x), vbench_python=a.vbench_python,
-        keep_videos=a.keep_videos,
+        n_val=a.n_val, n_eval=a.n_eval, sample_steps=a.sample_steps, guidance=a.guidance, eval_batch=a.eval_batch,
+        latency=not a.no_latency, save_samples=a.save_samples, vbench_dims=tuple(x for x in a.vbench_dims.split(",") if x),
+        vbench_python=a.vbench_python, keep_videos=a.keep_videos,
     )  # fmt: skip
     out = Path(a.out)
     if split == "methods":

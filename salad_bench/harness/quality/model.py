@@ -8,7 +8,10 @@ D in {64, 128} applies), FFN 1024, working in pixel space (``in_channels = 3``, 
 
 Text conditioning: the "prompt" is a class id (:mod:`harness.quality.data`). :class:`MiniWan` maps it
 to a learned sequence of ``text_len`` embeddings of width ``text_dim``, which Wan's own text projection
-and cross-attention then consume exactly as they would T5 features.
+and cross-attention then consume exactly as they would T5 features. With ``null_class`` the table has one
+more row, the null class (Wan's empty prompt): training replaces labels by it with the recipe's
+``label_dropout`` and the sampler's classifier-free guidance contrasts it with the class.
+:func:`add_null_class` gives a model trained without one its null row (the mean of the class rows).
 
 Checkpoint format (a directory):
 
@@ -42,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "MiniWan",
     "MiniWanConfig",
+    "add_null_class",
     "base_state_dict",
     "count_parameters",
     "load_checkpoint",
@@ -79,11 +83,14 @@ class MiniWanConfig:
     width: int = 32
     patch: tuple[int, int, int] = (1, 2, 2)
     data_version: int = 1  # the procedural dataset's version (harness/quality/data.py); 1 in older cards
+    null_class: bool = False  # one more prompt row, the null class (classifier-free guidance); False in older cards
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch", tuple(self.patch))
         if self.num_classes > NUM_CLASSES:
             raise ValueError(f"num_classes={self.num_classes} exceeds the dataset's {NUM_CLASSES} classes")
+        if not isinstance(self.null_class, bool):
+            raise ValueError(f"null_class must be true or false; got {self.null_class!r}")
 
     @property
     def spec(self) -> VideoSpec:
@@ -110,7 +117,10 @@ class MiniWanConfig:
 
 
 class MiniWan(nn.Module):
-    """Class-conditioned Wan DiT: ``forward(x (B,3,T,H,W), t (B,) in [0,1], labels (B,)) -> velocity``."""
+    """Class-conditioned Wan DiT: ``forward(x (B,3,T,H,W), t (B,) in [0,1], labels (B,)) -> velocity``.
+
+    ``labels`` are class ids, or :attr:`null_label` (the empty prompt) when the config has ``null_class``.
+    """
 
     def __init__(self, config: MiniWanConfig) -> None:
         super().__init__()
@@ -131,8 +141,14 @@ class MiniWan(nn.Module):
             qk_norm=config.qk_norm,
             eps=config.eps,
         )
-        self.prompt = nn.Embedding(config.num_classes, config.text_len * config.text_dim)
+        rows = config.num_classes + int(config.null_class)
+        self.prompt = nn.Embedding(rows, config.text_len * config.text_dim)
         nn.init.normal_(self.prompt.weight, std=1.0)
+
+    @property
+    def null_label(self) -> int | None:
+        """The null class's id (the last prompt row), or None for a model without one."""
+        return self.config.num_classes if self.config.null_class else None
 
     def text(self, labels: torch.Tensor) -> torch.Tensor:
         """The class's "text embedding" sequence ``(B, text_len, text_dim)``."""
@@ -146,6 +162,22 @@ class MiniWan(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def add_null_class(model: MiniWan) -> MiniWan:
+    """A copy of ``model`` (trained without a null class) with one: the same weights, and the null row
+    of the prompt table set to the mean of the class rows (the empty prompt starts at the classes' centre,
+    not at a random point, so guidance starts close to the conditional model). Outputs for class labels are
+    unchanged. ``model`` is left as it is; the global random state is not touched."""
+    if model.config.null_class:
+        raise ValueError("add_null_class: the model already has a null class; use it as it is")
+    state = base_state_dict(model)
+    weight = state["prompt.weight"]
+    state["prompt.weight"] = torch.cat([weight, weight.mean(0, keepdim=True)])
+    with torch.random.fork_rng(devices=[]):
+        out = MiniWan(dataclasses.replace(model.config, null_class=True))
+    out.load_state_dict(state, strict=True)
+    return out.to(weight.device).train(model.training)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

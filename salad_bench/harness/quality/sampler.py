@@ -2,8 +2,10 @@
 
 Flow matching as Wan trains it: ``x_t = (1 - t) x0 + t * noise`` and the network predicts the velocity
 ``noise - x0``. Sampling integrates ``dx/dt = v(x_t, t)`` from ``t = 1`` (pure noise) to ``t = 0`` with
-Euler steps on a uniform grid (no timestep shift, no classifier-free guidance: the mini Wan is trained
-without a null class). Noise comes from a CPU generator, so the same seed gives the same starting
+Euler steps on a uniform grid (no timestep shift). Classifier-free guidance as Wan2.1 samples: with
+``guidance`` g != 1 each step runs one forward on the batch twice over (the class labels, then the null
+class of a model trained with label dropout) and uses ``v_null + g * (v_cond - v_null)``; g = 1 is one
+plain conditional forward. Noise comes from a CPU generator, so the same seed gives the same starting
 noise on every device and for every method: that is what makes "the full model's video from the
 same noise and class" a fair reference.
 """
@@ -11,6 +13,7 @@ same noise and class" a fair reference.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,19 +59,39 @@ def euler_sample(
     num_steps: int = 20,
     on_step: Callable[[int], None] | None = None,
     bf16: bool = True,
+    guidance: float = 1.0,
+    null_label: int | None = None,
 ) -> torch.Tensor:
     """Integrate from ``noise`` (t=1) to a video (t=0); returns ``(B, 3, T, H, W)`` float32 clamped to [-1, 1].
 
     ``on_step(i)`` is called before step ``i`` (the Wan integration's ``set_step``), so methods that keep
-    the first steps dense know where they are.
+    the first steps dense know where they are. ``guidance`` != 1: classifier-free guidance against the
+    class ``null_label`` (:attr:`~harness.quality.model.MiniWan.null_label`), one forward of ``2 B`` videos
+    per step (the conditional half first); the guided velocity is combined in fp32.
     """
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number; got {guidance}")
+    guided = guidance != 1.0
+    if guided and null_label is None:
+        raise ValueError(
+            f"guidance {guidance:g} needs null_label (the model's null class, MiniWan.null_label); "
+            "a model trained without one samples with guidance 1"
+        )
     ts = timesteps(num_steps)
     x = noise.float()
+    both = torch.cat([labels, torch.full_like(labels, int(null_label))]) if guided else labels
     for i in range(num_steps):
         if on_step is not None:
             on_step(i)
-        t = ts[i].expand(x.shape[0]).to(x.device)
-        with autocast(x.device, bf16):
-            v = model(x, t, labels)
+        if guided:
+            t = ts[i].expand(2 * x.shape[0]).to(x.device)
+            with autocast(x.device, bf16):
+                out = model(torch.cat([x, x]), t, both)
+            v_cond, v_null = out.float().chunk(2)
+            v = v_null + guidance * (v_cond - v_null)
+        else:
+            t = ts[i].expand(x.shape[0]).to(x.device)
+            with autocast(x.device, bf16):
+                v = model(x, t, labels)
         x = x + (ts[i + 1] - ts[i]).item() * v.float()
     return x.clamp(-1, 1)

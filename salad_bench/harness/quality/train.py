@@ -10,6 +10,11 @@ and the batch indices come from a stateless sampler, so a resumed run sees exact
 uninterrupted run would have seen, and N ranks see exactly what one process with the same global batch
 sees (DDP averages the ranks' gradients of equal shards: the same step).
 
+Label dropout (``label_dropout`` p > 0, Wan2.1's prompt dropout for classifier-free guidance): each
+sample's label is replaced by the model's null class (:attr:`~harness.quality.model.MiniWan.null_label`)
+with probability p, drawn from the same generator after ``t`` and noise (so those draws are the same
+whatever p, and p = 0 draws nothing). The val loss stays conditional (true labels).
+
 Optimiser: AdamW (betas 0.9/0.99, weight decay 0.01 on every trained tensor), one schedule for
 everything: linear warm-up for ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr``; gradient
 clipping at ``grad_clip`` (global norm); bf16 autocast on CUDA (fp32 master weights), fp32 on the CPU.
@@ -56,6 +61,7 @@ from salad_bench.harness.quality.sampler import autocast
 __all__ = [
     "BASE_DEFAULTS",
     "FINETUNE_DEFAULTS",
+    "LABEL_DROPOUT",
     "CurveLogger",
     "Dist",
     "Objective",
@@ -63,6 +69,7 @@ __all__ = [
     "TrainResult",
     "RESUME_FREE",
     "compile_blocks",
+    "drop_labels",
     "finetune",
     "init_distributed",
     "lr_at",
@@ -99,6 +106,7 @@ class TrainConfig:
     fit_after: int = 30
     objective: Objective = "flow"  # "distill": match a frozen teacher's velocity (train_loop's ``teacher``)
     compile: bool = False  # torch.compile the model's repeated blocks (regional compilation) before training
+    label_dropout: float = 0.0  # each label replaced by the model's null class with this probability (CFG training)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -110,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"t_sampling must be logit_normal or uniform; got {self.t_sampling!r}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -120,6 +130,8 @@ class TrainConfig:
 # Base model: ~3 minutes on one H100 at the default size; the issue's recipe for fine-tuning.
 BASE_DEFAULTS = TrainConfig(steps=3000, batch_size=8, lr=5e-4, warmup_steps=200, val_every=500, ckpt_every=500)
 FINETUNE_DEFAULTS = TrainConfig(steps=1600, batch_size=8, lr=1e-3, warmup_steps=50, dataset_size=2000, log_every=10, ckpt_every=200)
+# Wan2.1's prompt dropout: the base recipe's, and every fine-tuning's of a base with a null class
+LABEL_DROPOUT = 0.1
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -129,6 +141,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     frac = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def drop_labels(labels: torch.Tensor, drop: torch.Tensor, null_label: int) -> torch.Tensor:
+    """``labels`` with the entries where ``drop`` (bool, same shape) is true replaced by ``null_label``."""
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)
 
 
 def sample_t(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -292,6 +309,12 @@ def train_loop(
     curve = curve or CurveLogger(None)
     if cfg.objective == "distill" and teacher is None:
         raise ValueError("objective 'distill' needs a teacher model")
+    null_label = getattr(model, "null_label", None)
+    if cfg.label_dropout > 0 and null_label is None:
+        raise ValueError(
+            f"label_dropout {cfg.label_dropout:g} needs a model with a null class (MiniWanConfig(null_class=True), "
+            "or harness.quality.model.add_null_class for a trained one); or train with label_dropout 0"
+        )
     if not params:
         return TrainResult(0, None, None, 0.0, reason="no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -330,6 +353,9 @@ def train_loop(
         noise_all = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=gen)
         mine = sampler.positions()
         t, noise = t_all[mine].to(device), noise_all[mine].to(device)
+        if cfg.label_dropout > 0:  # drawn after t and noise: those stay the draws of a run without dropout
+            drop_all = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+            labels = drop_labels(labels, drop_all[mine], null_label)
         if on_t is not None:
             on_t(t_all.to(device))  # step-aware methods: every rank picks the step from the same times
         with autocast(device, cfg.bf16):
@@ -487,7 +513,8 @@ def train_base_model(
         "parameters": count_parameters(model),
         "tokens_per_video": model_cfg.spec.tokens,
         "latent_grid": list(model_cfg.grid),
-        "objective": f"flow matching: x_t=(1-t)x0+t*noise, target noise-x0, t~{cfg.t_sampling}",
+        "objective": f"flow matching: x_t=(1-t)x0+t*noise, target noise-x0, t~{cfg.t_sampling}"
+        + (f"; labels replaced by the null class with p={cfg.label_dropout:g} (CFG training)" if cfg.label_dropout else ""),
         "dataset": f"procedural videos (harness/quality/data.py), {len(CLASS_NAMES)} classes, train seeds "
         + ("0.. (endless stream)" if cfg.dataset_size is None else f"0..{cfg.dataset_size - 1}"),
         "train_config": cfg.as_dict(),

@@ -22,6 +22,14 @@ Two ways to train:
   checkpoint's weights with fresh AdamW moments (inexact; the curve and ``optimizer_resets_at`` in
   the card say where).
 
+Label dropout (``--label-dropout``; 0.1 with ``--until-plateau``, as Wan2.1 drops its prompts, else 0):
+each training label is replaced by the null class with that probability, so the sampler can guide
+(classifier-free guidance); a new model then has a null class (``MiniWanConfig.null_class``). A
+checkpoint trained without dropout goes on with it only through ``--from-checkpoint``: its null class
+is added (:func:`~harness.quality.model.add_null_class`, the row the mean of the class rows) and the
+card's ``null_class_added_at`` names the step (0: from the start). A resume state saved with another
+dropout is refused (an exact resume cannot change the recipe), with the way out in the message.
+
 ``--background`` starts the same command in a new process session (it outlives the shell that
 started it), logging to ``<out>/train.log`` with its pid in ``<out>/train.pid``; ``--status`` prints
 where a run in ``--out`` stands (steps, last val loss, the plateau test, whether it is running).
@@ -49,6 +57,7 @@ import torch
 from salad_bench.harness.quality.model import MiniWanConfig
 from salad_bench.harness.quality.train import (
     BASE_DEFAULTS,
+    LABEL_DROPOUT,
     RESUME_FREE,
     TrainConfig,
     init_distributed,
@@ -62,8 +71,9 @@ BAR = MiniWanConfig(
     num_layers=8, num_heads=4, head_dim=64, ffn_dim=1024, frames=16, height=48, width=48, data_version=2
 )
 PRESETS = {"bar": BAR, "v1": MiniWanConfig()}
-# --until-plateau's recipe: a constant rate after warm-up, a val evaluation every 250 steps
-PLATEAU_DEFAULTS = dict(batch=16, lr=3e-4, warmup=500, val_every=250, ckpt_every=250, max_steps=100_000)
+# --until-plateau's recipe: a constant rate after warm-up, a val evaluation every 250 steps, Wan's label dropout
+PLATEAU_DEFAULTS = dict(batch=16, lr=3e-4, warmup=500, val_every=250, ckpt_every=250, max_steps=100_000,
+                        label_dropout=LABEL_DROPOUT)  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
 
@@ -87,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup", type=int, default=None, help=f"warm-up steps (default {d.warmup_steps}; --until-plateau 500)"
     )
     p.add_argument("--t-sampling", choices=("logit_normal", "uniform"), default=d.t_sampling)
+    p.add_argument(
+        "--label-dropout", type=float, default=None,
+        help=f"probability of training on the null class instead of the label (default {d.label_dropout:g}; "
+        f"--until-plateau {PLATEAU_DEFAULTS['label_dropout']:g}); above 0 a new model has a null class",
+    )  # fmt: skip
     p.add_argument("--val-every", type=int, default=None, help=f"default {d.val_every}; --until-plateau 250")
     p.add_argument("--ckpt-every", type=int, default=None, help="save the resumable state every N steps")
     p.add_argument("--n-val", type=int, default=32, help="validation videos")
@@ -126,16 +141,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.label_dropout is not None and not 0 <= a.label_dropout < 1:
+        p.error(f"--label-dropout must be in [0, 1); got {a.label_dropout}")
+    return a
+
+
+def _label_dropout(a: argparse.Namespace) -> float:
+    if a.label_dropout is not None:
+        return a.label_dropout
+    return PLATEAU_DEFAULTS["label_dropout"] if a.until_plateau else BASE_DEFAULTS.label_dropout
 
 
 def _model_config(a: argparse.Namespace) -> MiniWanConfig:
+    """The preset's model; with a null class when the recipe drops labels."""
     cfg = PRESETS[a.preset]
     if a.tiny:
         cfg = dataclasses.replace(TINY, data_version=cfg.data_version)
     if a.layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=a.layers)
-    return cfg
+    return dataclasses.replace(cfg, null_class=_label_dropout(a) > 0)
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
@@ -162,6 +187,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         fit_to_budget=not plateau and a.time_budget is not None,
         seed=a.seed,
         compile=a.compile,
+        label_dropout=_label_dropout(a),
     )
 
 
@@ -209,7 +235,8 @@ def _train_fixed(a: argparse.Namespace) -> int:
                             state_path=a.state, echo=True)  # fmt: skip
     if dist.main:
         plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
-        _finish_checkpoint(out, plateau, a.weights_dtype, {"train_seconds_total": card["train_seconds"]})
+        extra = {"train_seconds_total": card["train_seconds"], "null_class_added_at": 0 if model_cfg.null_class else None}
+        _finish_checkpoint(out, plateau, a.weights_dtype, extra)
     _barrier(dist.world)
     return 0
 
@@ -222,29 +249,41 @@ def _state_from_checkpoint(a: argparse.Namespace, out: Path, state: Path, model_
                            curves: Path, main: bool) -> None:  # fmt: skip
     """A run whose checkpoint exists but whose resume state does not (another machine): refuse, since a
     fresh start would overwrite the checkpoint, or with ``--from-checkpoint`` write a resume state from the
-    checkpoint's weights at its step with fresh AdamW moments (the data, t and noise still follow the step)."""
+    checkpoint's weights at its step with fresh AdamW moments (the data, t and noise still follow the step).
+    The one change of recipe it allows is label dropout where the checkpoint was trained without: the null
+    class is added then, and the curve records the step. A resume state saved with another label dropout
+    than the recipe's is refused."""
     card = _last_card(out)
-    if state.exists() or not card.get("steps_done"):
-        return
-    if int(card["steps_done"]) >= cfg.steps or plateau_status(curves, a.plateau_window, a.plateau_rel_tol)["plateaued"]:
+    if card.get("steps_done") and (
+        int(card["steps_done"]) >= cfg.steps or plateau_status(curves, a.plateau_window, a.plateau_rel_tol)["plateaued"]
+    ):
         return  # nothing left to train: the loop says done
+    if state.exists():
+        _check_state_dropout(state, cfg)
+        return
+    if not card.get("steps_done"):
+        return
     if not a.from_checkpoint:
         raise _Refused(
             f"{out} holds a checkpoint at step {card['steps_done']} but no resume state ({state}); a fresh start would "
             "overwrite it. Pass --from-checkpoint to go on from its weights (fresh optimiser moments), or another --out"
         )
-    from salad_bench.harness.quality.model import load_checkpoint
+    from salad_bench.harness.quality.model import add_null_class, load_checkpoint
 
     model, card = load_checkpoint(out)
-    if model.config != model_cfg:
-        raise _Refused(f"{out}: the checkpoint's model is not this preset's ({model.config} vs {model_cfg})")
-    old = {
-        k: v for k, v in {**TrainConfig().as_dict(), **card.get("train_config", {})}.items() if k not in RESUME_FREE
-    }
+    old = {k: v for k, v in {**TrainConfig().as_dict(), **card.get("train_config", {})}.items() if k not in RESUME_FREE}
     new = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
+    starts_dropout = cfg.label_dropout > 0 and not old["label_dropout"]
+    if starts_dropout:
+        old["label_dropout"] = cfg.label_dropout  # the recipe's dropout from this step on
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise _Refused(f"{out}/card.json: trained with another recipe ({', '.join(diff)}); use the same settings")
+    add_null = starts_dropout and not model.config.null_class
+    if add_null:
+        model = add_null_class(model)
+    if model.config != model_cfg:
+        raise _Refused(f"{out}: the checkpoint's model is not this preset's ({model.config} vs {model_cfg})")
     if not main:
         return
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -257,7 +296,30 @@ def _state_from_checkpoint(a: argparse.Namespace, out: Path, state: Path, model_
         f.write(json.dumps({"phase": "base", "method": "full", "step": step, "event": "optimizer_reset",
                             "note": f"continued from the {card.get('weights_dtype', 'saved')} checkpoint without its "
                             "resume state: fresh AdamW moments"}) + "\n")  # fmt: skip
+        if add_null:
+            f.write(json.dumps({"phase": "base", "method": "full", "step": step, "event": "null_class_added",
+                                "label_dropout": cfg.label_dropout,
+                                "note": f"label dropout {cfg.label_dropout:g} from this step (trained without before): "
+                                "null class added, its prompt row the mean of the class rows"}) + "\n")  # fmt: skip
     print(f"no resume state: going on from the checkpoint at step {step} with fresh optimiser moments", flush=True)
+    if add_null:
+        print(f"label dropout {cfg.label_dropout:g} from step {step}: null class added to the checkpoint's model", flush=True)
+
+
+def _check_state_dropout(state: Path, cfg: TrainConfig) -> None:
+    """Refuse a resume state saved with another label dropout than ``cfg``'s, naming the ways on."""
+    try:
+        saved = torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("config", {})
+    except Exception:  # noqa: BLE001 - an unreadable state: train_loop reports it
+        return
+    was = float(saved.get("label_dropout", 0.0))
+    if was == cfg.label_dropout:
+        return
+    raise _Refused(
+        f"{state}: saved with label dropout {was:g}, the recipe now uses {cfg.label_dropout:g}; an exact resume cannot "
+        f"change it. Pass --label-dropout {was:g} to go on exactly, or move {state} away and rerun with --from-checkpoint "
+        "(the checkpoint's weights, a null class added if it needs one, fresh optimiser moments; the card records both)"
+    )
 
 
 def _optimizer_resets(curves: Path) -> list[int]:
@@ -265,6 +327,15 @@ def _optimizer_resets(curves: Path) -> list[int]:
         return []
     rows = [json.loads(x) for x in curves.read_text().splitlines() if '"optimizer_reset"' in x]
     return [int(r["step"]) for r in rows]
+
+
+def _null_class_added_at(curves: Path, model_cfg: MiniWanConfig) -> int | None:
+    """The step from which the model has its null class: the curve's ``null_class_added`` event, else 0 (from
+    the start); None for a model without one."""
+    if not model_cfg.null_class:
+        return None
+    rows = [json.loads(x) for x in curves.read_text().splitlines() if '"null_class_added"' in x] if curves.exists() else []
+    return int(rows[-1]["step"]) if rows else 0
 
 
 def _train_until_plateau(a: argparse.Namespace) -> int:
@@ -293,7 +364,8 @@ def _train_until_plateau(a: argparse.Namespace) -> int:
         if dist.main:
             total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
             extra = {"train_seconds_total": round(total, 1), "schedule": "constant lr after warm-up (--until-plateau)",
-                     "optimizer_resets_at": _optimizer_resets(curves)}  # fmt: skip
+                     "optimizer_resets_at": _optimizer_resets(curves),
+                     "null_class_added_at": _null_class_added_at(curves, model_cfg)}  # fmt: skip
             _finish_checkpoint(out, plateau_status(curves, a.plateau_window, a.plateau_rel_tol), a.weights_dtype, extra)
         if card["steps_done"] == done_steps:  # nothing moved (e.g. max steps reached inside the state)
             break

@@ -201,8 +201,8 @@ def test_bad_block_counts_are_refused(tmp_path):
 
 
 def test_the_stub_keeps_the_q_and_k_work_when_compiled():
-    """The compiled split's stub must read q and k: a stub that returned ``v`` let the compiler drop
-    the q and k projections, so the compiled attention figure counted them."""
+    """The compiled split's stub must read q and k: a stub that returns ``v`` lets the compiler drop the
+    q and k projections of this layer as dead code."""
     from torch._inductor.utils import run_and_get_code
 
     stub = dit._stub_factory(num_heads=2, head_dim=8)

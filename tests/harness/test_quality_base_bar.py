@@ -339,18 +339,22 @@ def test_from_checkpoint_adds_the_null_class_to_a_base_trained_without_and_recor
     assert [(e["event"], e["step"]) for e in events] == [("optimizer_reset", 4), ("null_class_added", 4)]
 
 
-def test_until_plateau_compiled_continues_the_eager_run_alike(tmp_path, capsys):
+def test_until_plateau_compiled_continues_the_eager_run_alike(tmp_path, capsys, monkeypatch):
     """--compile (the blocks compiled in place, fullgraph): a compiled piece resumes an eager run's state
     (compile is not part of the recipe) and trains like the eager run to rounding."""
-    from salad_bench.harness.quality.train_base import main as train_base
+    from salad_bench.harness.quality import train_base as tb
 
     common = ["--tiny", "--until-plateau", "--max-steps", "4", "--batch", "2", "--val-every", "2", "--n-val", "2",
               "--plateau-window", "3", "--check-every", "0", "--device", "cpu"]  # fmt: skip
-    assert train_base(["--out", str(tmp_path / "eager"), *common]) == 0  # pieces of two steps
-    # the first piece eager (a budget of 0 s stops the call after it), the second compiled
-    assert train_base(["--out", str(tmp_path / "mixed"), *common, "--time-budget", "0"]) == 0
+    assert tb.main(["--out", str(tmp_path / "eager"), *common]) == 0  # pieces of two steps
+    # the first piece eager: the call's clock reads 0 s until that piece has started, then its 5 s are gone
+    reads = iter([0.0, 0.0])
+    monkeypatch.setattr(tb.time, "monotonic", lambda: next(reads, 1e6))
+    assert tb.main(["--out", str(tmp_path / "mixed"), *common, "--time-budget", "5"]) == 0
     assert "not done" in capsys.readouterr().out
-    assert train_base(["--out", str(tmp_path / "mixed"), *common, "--compile"]) == 0
+    assert json.loads((tmp_path / "mixed" / "card.json").read_text())["steps_done"] == 2
+    monkeypatch.undo()
+    assert tb.main(["--out", str(tmp_path / "mixed"), *common, "--compile"]) == 0  # the second piece compiled
     eager, mixed = (read_val_curve(tmp_path / name / "curves.jsonl") for name in ("eager", "mixed"))
     assert [p[0] for p in eager] == [p[0] for p in mixed] == [2, 4]
     for (_, a, *_), (_, b, *_) in zip(eager, mixed, strict=True):

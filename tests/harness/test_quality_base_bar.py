@@ -224,6 +224,15 @@ def test_require_base_bar_wants_a_passing_card_for_these_weights(tiny_inputs):
     card = {"format": base_bar.BAR_FORMAT, "verdict": "pass", "checkpoint_shard_sha256": digests, "criteria": []}
     (ckpt / "bar.json").write_text(json.dumps(card))
     assert require_base_bar(ckpt)["verdict"] == "pass"
+    for scale, ok in ((5.0, True), (1.0, False), (8.0, False)):  # a pass at a scale other than the pre-registered one
+        (ckpt / "bar.json").write_text(json.dumps({**card, "guidance": {"null_class": True, "scale": scale}}))
+        if ok:
+            assert require_base_bar(ckpt)["guidance"]["scale"] == 5.0
+        else:
+            with pytest.raises(BaseBarError, match=f"guidance {scale}, not the pre-registered 5"):
+                require_base_bar(ckpt)
+    (ckpt / "bar.json").write_text(json.dumps({**card, "guidance": {"null_class": False, "scale": 1.0}}))
+    assert require_base_bar(ckpt)["verdict"] == "pass"  # no null class: sampled unguided, nothing to pick
     torch.manual_seed(1)
     save_checkpoint(MiniWan(TINY_V2), ckpt, {"steps_done": 1})  # other weights, the old card left behind
     with pytest.raises(BaseBarError, match="other weights"):

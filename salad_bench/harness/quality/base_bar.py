@@ -590,6 +590,11 @@ def require_base_bar(checkpoint_dir: str | Path) -> dict[str, Any]:
         )
         raise BaseBarError(f"{path}: the base model fails the bar ({failed}); fix: train it further "
                            "(python -m salad_bench.harness.quality.train_base --until-plateau ...), then rerun the bar")  # fmt: skip
+    g = bar.get("guidance") or {}
+    if g.get("null_class") and g.get("scale") != BarSettings.guidance:
+        raise BaseBarError(f"{path}: the card passed with guidance {g.get('scale')}, not the pre-registered "
+                           f"{BarSettings.guidance:g} (a scale picked after seeing samples proves nothing); "
+                           f"fix: rerun the bar without --guidance")  # fmt: skip
     return bar
 
 

@@ -143,8 +143,44 @@ def test_layer_attention_mass_on_a_tiny_model():
     assert [r["layer"] for r in rows] == [0, 1]
     for r in rows:
         assert 0 < r["topk_mass"] <= r["oracle_mass"] + 1e-6 <= 1 + 1e-5 and r["density"] < 1
+        ph = r["per_head"]  # per head, and the layer's figure is their mean
+        assert len(ph["topk"]) == len(ph["row_top"]) == TINY_V2.num_heads
+        assert sum(ph["topk"]) / len(ph["topk"]) == pytest.approx(r["topk_mass"], abs=1e-4)
+        assert sum(ph["row_top"]) / len(ph["row_top"]) == pytest.approx(r["row_top_mass"], abs=1e-4)
     full = layer_attention_mass(model, videos, labels, (0.5,), sparsity=0.0, batch=2)
     assert all(r["topk_mass"] == pytest.approx(1.0, abs=1e-5) for r in full)
+
+
+def test_per_head_masses_are_each_heads_own():
+    """Layer 0's per-head figures against attention_masses on the q, k read off the model by hand."""
+    from salad_bench.harness.integrations.wan import install_attention, restore_attention
+    from salad_bench.harness.quality.base_bar import attention_masses
+    from salad_bench.harness.quality.data import ProceduralVideos
+    from salad_bench.harness.quality.sampler import make_noise
+    from salad_bench.methods.base import AttentionMethod, MethodConfig
+
+    torch.manual_seed(0)
+    model = MiniWan(TINY_V2).eval()
+    videos, labels = ProceduralVideos("val", 1, TINY_V2.spec, TINY_V2.num_classes).batch([0], "cpu")
+    rows = layer_attention_mass(model, videos, labels, (0.5,), sparsity=0.75, batch=1)
+    seen = {}
+
+    class Grab(AttentionMethod):
+        family = "full"
+
+        def attend(self, q, k, v, ctx):
+            seen.setdefault(ctx.layer, attention_masses(q, k, ctx, 0.75))
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    install_attention(model.transformer, lambda **kw: Grab(MethodConfig(), num_heads=kw["num_heads"], head_dim=kw["head_dim"]))
+    noise = make_noise(1, TINY_V2.spec, 4321)  # the noise layer_attention_mass draws by default
+    with torch.no_grad():
+        model(0.5 * videos + 0.5 * noise, torch.full((1,), 0.5), labels)
+    restore_attention(model.transformer)
+    for r in rows:
+        for key in ("topk", "row_top"):
+            assert r["per_head"][key] == pytest.approx(seen[r["layer"]][key][0].tolist(), abs=1e-4)
+    assert len(set(rows[0]["per_head"]["row_top"])) > 1  # the heads differ: nothing is averaged across them
 
 
 # -- the bar end to end --------------------------------------------------------------------------------

@@ -289,8 +289,8 @@ def layer_attention_mass(
             m = attention_masses(q, k, ctx, sparsity)
             acc = sums.setdefault((ctx.layer, current["t"]), {**dict.fromkeys(_MASS_KEYS, 0.0), "n": 0})
             for key in _MASS_KEYS:
-                acc[key] += float(m[key].sum())
-            acc["n"] += m["topk"].numel()
+                acc[key] = acc[key] + m[key].sum(0).double().cpu()  # (H,): summed over videos, kept per head
+            acc["n"] += m["topk"].shape[0]
             return F.scaled_dot_product_attention(q, k, v)
 
     wan = model.transformer
@@ -313,14 +313,16 @@ def layer_attention_mass(
     layers = sorted({layer for layer, _ in sums})
     out = []
     for layer in layers:
-        per_t = {
+        per_t = {  # per head, (H,) each
             t: {k: v / sums[(layer, t)]["n"] for k, v in sums[(layer, t)].items() if k != "n"}
             for t in map(float, t_grid)
         }
-        mean = {k: sum(pt[k] for pt in per_t.values()) / len(per_t) for k in _MASS_KEYS}
+        heads = {k: sum(pt[k] for pt in per_t.values()) / len(per_t) for k in _MASS_KEYS}
+        mean = {k: float(v.mean()) for k, v in heads.items()}
         out.append({"layer": layer, "topk_mass": mean["topk"], "oracle_mass": mean["oracle"], "density": mean["density"],
                     "row_top_mass": mean["row_top"],
-                    "per_t": {f"{t:g}": {k: round(v, 5) for k, v in pt.items()} for t, pt in per_t.items()}})  # fmt: skip
+                    "per_head": {k: [round(float(x), 5) for x in heads[k]] for k in ("topk", "row_top")},
+                    "per_t": {f"{t:g}": {k: round(float(v.mean()), 5) for k, v in pt.items()} for t, pt in per_t.items()}})  # fmt: skip
     return out
 
 
@@ -532,6 +534,14 @@ def render_markdown(bar: dict[str, Any]) -> str:
     lines += ["", "Oracle: each query block's best key blocks, as many as topk keeps. Best keys per row: the mass of each "
               "row's top (1 - sparsity) N keys, what any pattern at this sparsity could keep; when it is below the "
               "threshold the model's attention is too spread for the criterion, whatever the selection."]  # fmt: skip
+    if all("per_head" in r for r in bar["attention"]):  # cards before the column have none
+        lines += ["", "Per head, topk kept mass / best keys per row (a head sparse per row but not in blocks attends "
+                  "to keys scattered across its query block; one low in both attends broadly):", "",
+                  "| layer | " + " | ".join(f"head {h}" for h in range(len(bar["attention"][0]["per_head"]["topk"]))) + " |",
+                  "|---|" + "---|" * len(bar["attention"][0]["per_head"]["topk"])]  # fmt: skip
+        for r in bar["attention"]:
+            ph = r["per_head"]
+            lines.append(f"| {r['layer']} | " + " | ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(ph["topk"], ph["row_top"], strict=True)) + " |")
     lines += ["", "`samples.png`: one row per class (in class order); four frames of the first sample (sampled as "
               "above), then four of a real validation video of the same class."]  # fmt: skip
     return "\n".join(lines) + "\n"

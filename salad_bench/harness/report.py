@@ -449,13 +449,28 @@ def quality_tables(df: pd.DataFrame, spec: TableSpec | None = None) -> list[Tabl
     tables = []
     for group, g in spec.groups(qual):
         g = _sort(g)
-        caption = (
+        parts = (
             f"Quality on {group['card'] or 'unknown card'}: {group['workload'] or 'workload ?'}"
-            f"{' (' + group['dtype'] + ')' if group['dtype'] else ''}. "
-            + (_baseline_text(g, fa2=False) if column(g, "speedup").notna().any() else "")
-        ).strip()
+            f"{' (' + group['dtype'] + ')' if group['dtype'] else ''}.",
+            _baseline_text(g, fa2=False) if column(g, "speedup").notna().any() else "",
+            _base_bar_text(g),
+        )
+        caption = " ".join(p.strip() for p in parts if p.strip())
         tables.append(spec.table(g, _title(group), caption))
     return tables + study_tables(df, "quality")
+
+
+def _base_bar_text(g: pd.DataFrame) -> str:
+    """Where the rows' base model did not pass the base-model bar (issue #25), the caption says so: such
+    figures are history, not a test of a method's quality claim."""
+    verdicts = column(g, "base_bar")
+    if (verdicts == "passed").all():
+        return ""
+    bases = sorted({f"`{c}` ({int(s):,} steps)" if pd.notna(s) else f"`{c}`"
+                    for c, s in zip(column(g, "checkpoint"), column(g, "checkpoint_steps"), strict=True) if pd.notna(c)})  # fmt: skip
+    where = f" {', '.join(bases)}" if bases else ""
+    return (f"Base model{where} without a passing base-model bar card: history, not a test of the paper's claim "
+            "(docs/QUALITY.md).")
 
 
 def _is_headline(df: pd.DataFrame) -> pd.Series:

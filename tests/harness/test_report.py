@@ -319,3 +319,14 @@ def test_rows_missing_fields_still_render(row: dict) -> None:
     report.to_markdown(tables), report.to_latex(tables)
     for make in plots.FIGURES.values():
         make(df)
+
+
+def test_quality_captions_say_when_the_base_never_passed_its_bar() -> None:
+    base = {"kind": "quality", "family": "training_free", "status": "ok", "workload": "mini", "dtype": "bf16",
+            "card": "H", "sparsity_target": 0.9, "psnr": 20.0, "checkpoint": "ckpt/a", "checkpoint_steps": 2618}  # fmt: skip
+    old = report.quality_tables(pd.DataFrame([{**base, "method": "topk"}, {**base, "method": "sta"}]))
+    assert "Base model `ckpt/a` (2,618 steps) without a passing base-model bar card" in old[0].caption
+    mixed = [{**base, "method": "topk", "base_bar": "passed"}, {**base, "method": "sta", "base_bar": "not checked (--no-base-bar)"}]
+    assert "without a passing base-model bar card" in report.quality_tables(pd.DataFrame(mixed))[0].caption
+    passed = [{**base, "method": m, "base_bar": "passed"} for m in ("topk", "sta")]
+    assert "bar card" not in report.quality_tables(pd.DataFrame(passed))[0].caption

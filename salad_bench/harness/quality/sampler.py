@@ -83,15 +83,11 @@ def euler_sample(
     for i in range(num_steps):
         if on_step is not None:
             on_step(i)
+        xin = torch.cat([x, x]) if guided else x
+        with autocast(x.device, bf16):
+            v = model(xin, ts[i].expand(xin.shape[0]).to(x.device), both).float()
         if guided:
-            t = ts[i].expand(2 * x.shape[0]).to(x.device)
-            with autocast(x.device, bf16):
-                out = model(torch.cat([x, x]), t, both)
-            v_cond, v_null = out.float().chunk(2)
+            v_cond, v_null = v.chunk(2)
             v = v_null + guidance * (v_cond - v_null)
-        else:
-            t = ts[i].expand(x.shape[0]).to(x.device)
-            with autocast(x.device, bf16):
-                v = model(x, t, labels)
-        x = x + (ts[i + 1] - ts[i]).item() * v.float()
+        x = x + (ts[i + 1] - ts[i]).item() * v
     return x.clamp(-1, 1)

@@ -235,7 +235,7 @@ def _train_fixed(a: argparse.Namespace) -> int:
                             state_path=a.state, echo=True)  # fmt: skip
     if dist.main:
         plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
-        extra = {"train_seconds_total": card["train_seconds"], "null_class_added_at": 0 if model_cfg.null_class else None}
+        extra = {"train_seconds_total": card["train_seconds"], "null_class_added_at": _null_class_added_at(curves, model_cfg)}
         _finish_checkpoint(out, plateau, a.weights_dtype, extra)
     _barrier(dist.world)
     return 0
@@ -322,11 +322,13 @@ def _check_state_dropout(state: Path, cfg: TrainConfig) -> None:
     )
 
 
-def _optimizer_resets(curves: Path) -> list[int]:
+def _event_steps(curves: Path, event: str) -> list[int]:
+    """The steps of the curve's ``event`` rows (``optimizer_reset``, ``null_class_added``), in order."""
+    curves = Path(curves)
     if not curves.exists():
         return []
-    rows = [json.loads(x) for x in curves.read_text().splitlines() if '"optimizer_reset"' in x]
-    return [int(r["step"]) for r in rows]
+    rows = (json.loads(x) for x in curves.read_text().splitlines() if f'"{event}"' in x)
+    return [int(r["step"]) for r in rows if r.get("event") == event]
 
 
 def _null_class_added_at(curves: Path, model_cfg: MiniWanConfig) -> int | None:
@@ -334,8 +336,7 @@ def _null_class_added_at(curves: Path, model_cfg: MiniWanConfig) -> int | None:
     the start); None for a model without one."""
     if not model_cfg.null_class:
         return None
-    rows = [json.loads(x) for x in curves.read_text().splitlines() if '"null_class_added"' in x] if curves.exists() else []
-    return int(rows[-1]["step"]) if rows else 0
+    return (_event_steps(curves, "null_class_added") or [0])[-1]
 
 
 def _train_until_plateau(a: argparse.Namespace) -> int:
@@ -364,7 +365,7 @@ def _train_until_plateau(a: argparse.Namespace) -> int:
         if dist.main:
             total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
             extra = {"train_seconds_total": round(total, 1), "schedule": "constant lr after warm-up (--until-plateau)",
-                     "optimizer_resets_at": _optimizer_resets(curves),
+                     "optimizer_resets_at": _event_steps(curves, "optimizer_reset"),
                      "null_class_added_at": _null_class_added_at(curves, model_cfg)}  # fmt: skip
             _finish_checkpoint(out, plateau_status(curves, a.plateau_window, a.plateau_rel_tol), a.weights_dtype, extra)
         if card["steps_done"] == done_steps:  # nothing moved (e.g. max steps reached inside the state)

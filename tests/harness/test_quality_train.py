@@ -100,6 +100,33 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
         )
 
 
+def test_sdpa_first_orders_the_backends_inside_the_loop_only_and_may_change_on_resume(tmp_path):
+    """``sdpa_first`` puts its backend first for every attention call of the loop and restores torch's order
+    after; it changes how fast, not what trains, so a run resumed under another choice is the same run (on the
+    CPU, cuDNN cannot serve and the next, flash, does as in torch's default order: the same numbers)."""
+    from torch.nn.attention import SDPBackend
+
+    before = torch._C._get_sdp_priority_order()
+    seen = []
+    data = ProceduralVideos("train", 16, TINY.spec)
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, dataset_size=16, bf16=False, ckpt_every=2)
+    a = _fresh()
+    train_loop(a, list(a.parameters()), data, cfg, device=torch.device("cpu"))
+    b = _fresh()
+    state = tmp_path / "state.pt"
+    train_loop(b, list(b.parameters()), data, dataclasses.replace(cfg, time_budget_s=0.0), device=torch.device("cpu"),
+               state_path=state)  # fmt: skip
+    c = _fresh()
+    r = train_loop(c, list(c.parameters()), data, dataclasses.replace(cfg, sdpa_first="cudnn"),
+                   device=torch.device("cpu"), state_path=state, on_t=lambda t: seen.append(torch._C._get_sdp_priority_order()))  # fmt: skip
+    assert r.steps == 4 and seen and all(order[0] == int(SDPBackend.CUDNN_ATTENTION) for order in seen)
+    assert torch._C._get_sdp_priority_order() == before
+    for (n, p), q in zip(a.named_parameters(), c.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
+    with pytest.raises(ValueError, match="sdpa_first must be one of default, cudnn"):
+        TrainConfig(sdpa_first="fa3")
+
+
 def test_fit_to_budget_shrinks_the_run():
     data = ProceduralVideos("train", None, TINY.spec)
     cfg = TrainConfig(steps=10_000, batch_size=2, bf16=False, time_budget_s=2.0, fit_to_budget=True, fit_after=2)

@@ -40,6 +40,7 @@ when it defines one, else all its parameters), the base model frozen: the adapte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,18 +69,39 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "RESUME_FREE",
+    "SDPA_FIRST",
     "compile_blocks",
     "drop_labels",
     "finetune",
     "init_distributed",
     "lr_at",
     "sample_t",
+    "sdpa_preference",
     "train_loop",
     "trainable_parameters",
 ]
 
 TrainParams = Literal["method", "all"]
 Objective = Literal["flow", "distill"]
+
+
+SDPA_FIRST = ("default", "cudnn", "flash", "efficient", "math")
+
+
+def sdpa_preference(first: str) -> contextlib.AbstractContextManager:
+    """A context in which ``F.scaled_dot_product_attention`` tries backend ``first`` before the others (every
+    backend stays enabled, so a call ``first`` cannot serve goes to the next, as in torch's own order; each
+    computes exact attention). ``"default"``: torch's order (flash, efficient, math, cuDNN)."""
+    if first not in SDPA_FIRST:
+        raise ValueError(f"sdpa_first must be one of {', '.join(SDPA_FIRST)}; got {first!r}")
+    if first == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+    order = [names[first], *(b for k, b in names.items() if k != first)]
+    return sdpa_kernel(order, set_priority=True)
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,7 @@ class TrainConfig:
     objective: Objective = "flow"  # "distill": match a frozen teacher's velocity (train_loop's ``teacher``)
     compile: bool = False  # torch.compile the model's repeated blocks (regional compilation) before training
     label_dropout: float = 0.0  # each label replaced by the model's null class with this probability (CFG training)
+    sdpa_first: str = "default"  # the SDPA backend torch tries first (sdpa_preference); exact attention either way
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -120,6 +143,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
+        if self.sdpa_first not in SDPA_FIRST:
+            raise ValueError(f"sdpa_first must be one of {', '.join(SDPA_FIRST)}; got {self.sdpa_first!r}")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -248,8 +273,8 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: 
     os.replace(tmp, path)
 
 
-# what may change when a run resumes (how long and how often it reports, not what it trains)
-RESUME_FREE = ("time_budget_s", "log_every", "val_every", "ckpt_every", "compile")
+# what may change when a run resumes (how long and how often it reports and how fast it runs, not what it trains)
+RESUME_FREE = ("time_budget_s", "log_every", "val_every", "ckpt_every", "compile", "sdpa_first")
 
 
 def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> int:
@@ -290,6 +315,25 @@ def train_loop(
     params: list[nn.Parameter],
     data: ProceduralVideos,
     cfg: TrainConfig,
+    **kwargs: Any,
+) -> TrainResult:
+    """Train ``params`` of ``model`` (called as ``model(x_t, t, labels)``) with flow matching, or with
+    ``cfg.objective == "distill"`` against ``teacher`` (frozen, same call signature; required then), every
+    attention call under :func:`sdpa_preference` (``cfg.sdpa_first``). Keywords: ``device`` (required),
+    ``dist``, ``curve``, ``state_path``, ``val_data``, ``on_t``, ``stop_if_no_grad``, ``teacher``.
+
+    ``on_t(t)`` runs before each forward with the batch's times (step-aware methods). With
+    ``stop_if_no_grad`` the run ends after the first step when no parameter received a gradient.
+    """
+    with sdpa_preference(cfg.sdpa_first):
+        return _train_loop(model, params, data, cfg, **kwargs)
+
+
+def _train_loop(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: ProceduralVideos,
+    cfg: TrainConfig,
     *,
     device: torch.device,
     dist: Dist = Dist(),
@@ -300,12 +344,6 @@ def train_loop(
     stop_if_no_grad: bool = False,
     teacher: nn.Module | None = None,
 ) -> TrainResult:
-    """Train ``params`` of ``model`` (called as ``model(x_t, t, labels)``) with flow matching, or with
-    ``cfg.objective == "distill"`` against ``teacher`` (frozen, same call signature; required then).
-
-    ``on_t(t)`` runs before each forward with the batch's times (step-aware methods). With
-    ``stop_if_no_grad`` the run ends after the first step when no parameter received a gradient.
-    """
     curve = curve or CurveLogger(None)
     if cfg.objective == "distill" and teacher is None:
         raise ValueError("objective 'distill' needs a teacher model")

@@ -59,6 +59,7 @@ from salad_bench.harness.quality.train import (
     BASE_DEFAULTS,
     LABEL_DROPOUT,
     RESUME_FREE,
+    SDPA_FIRST,
     TrainConfig,
     init_distributed,
     train_base_model,
@@ -139,6 +140,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true",
         help="torch.compile the transformer blocks (regional, fullgraph) before training; resumable either way",
     )  # fmt: skip
+    p.add_argument(
+        "--sdpa-first", choices=SDPA_FIRST, default="default",
+        help="the SDPA backend torch tries first for the model's attention (exact either way; recorded in the card's "
+        "train_config; may change between pieces of a resumed run). default: torch's order (flash first)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -188,6 +194,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         seed=a.seed,
         compile=a.compile,
         label_dropout=_label_dropout(a),
+        sdpa_first=a.sdpa_first,
     )
 
 

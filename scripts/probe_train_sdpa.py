@@ -40,18 +40,22 @@ def cuda_ms(fn, reps):
     return s.elapsed_time(e) / reps
 
 
-# 1. the attention call alone
-q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-g = torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16)
-for arm in arms:
+def attention_call(arm):
+    """The self-attention call alone, forward and forward + backward (3.5x the forward's FLOPs)."""
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16)
     with sdpa_preference(arm):
         fwd = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v), 10)
         both = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v).backward(g), 10)
     flops = 4 * B * H * N * N * D
-    rows.append({"what": "self-attention call", "arm": arm, "fwd_ms": fwd, "fwd_bwd_ms": both,
-                 "fwd_tflops": flops / fwd / 1e9, "fwd_bwd_tflops": 3.5 * flops / both / 1e9})  # fmt: skip
+    return {"what": "self-attention call", "arm": arm, "fwd_ms": fwd, "fwd_bwd_ms": both,
+            "fwd_tflops": flops / fwd / 1e9, "fwd_bwd_tflops": 3.5 * flops / both / 1e9}  # fmt: skip
+
+
+# 1. the attention call alone
+for arm in arms:
+    rows.append(attention_call(arm))
     print(rows[-1], flush=True)
-del q, k, v, g
 
 # 2. whole training steps, one fresh model per arm, eager then compiled, two rounds alternated
 data = ProceduralVideos("train", None, BAR.spec, BAR.num_classes)
@@ -92,8 +96,6 @@ def arm_steps(arm, compiled, reps=10):
         n = ev.key.lower()
         if any(w in n for w in ("flash", "fmha", "cudnn", "attention", "sdpa", "mha")):
             names[ev.key[:90]] = round(ev.device_time_total / 1e3, 2)  # ms in the profiled step
-    del model, opt
-    torch.cuda.empty_cache()
     return {"what": "train step", "arm": arm, "compiled": compiled, "step_ms": ms, "first_step_s": first_s,
             "attention_kernels_ms": dict(sorted(names.items(), key=lambda kv: -kv[1])[:6])}  # fmt: skip
 
@@ -102,6 +104,7 @@ for rnd in range(2):
     for compiled in (False, True):
         for arm in arms if rnd == 0 else arms[::-1]:
             r = {**arm_steps(arm, compiled), "round": rnd}
+            torch.cuda.empty_cache()
             rows.append(r)
             print({k: r[k] for k in ("arm", "compiled", "round", "step_ms", "first_step_s")}, flush=True)
 
@@ -111,5 +114,9 @@ with open(out, "w") as f:
 print(f"\n{'arm':8} {'compiled':8} {'step ms (rounds)':>22}")
 for arm in arms:
     for compiled in (False, True):
-        ms = [r["step_ms"] for r in rows if r.get("what") == "train step" and r["arm"] == arm and r["compiled"] == compiled]
+        ms = [
+            r["step_ms"]
+            for r in rows
+            if r.get("what") == "train step" and r["arm"] == arm and r["compiled"] == compiled
+        ]
         print(f"{arm:8} {compiled!s:8} {' / '.join(f'{m:.1f}' for m in ms):>22}")

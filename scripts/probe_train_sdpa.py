@@ -3,8 +3,8 @@
 For the ``bar`` preset of ``train_base`` (8 layers, 4 heads x 64, batch 16 x 9,216 tokens, bf16 autocast):
 the self-attention call alone (forward + backward at the model's shape), then whole training steps (forward,
 backward, clipping, AdamW) under each ``--sdpa-first`` choice, eager and with the blocks compiled as
-``--compile`` does, one fresh model per arm, arms alternated over two rounds; the attention kernels that ran
-are read from a profiled step. Usage: python scripts/probe_train_sdpa.py OUT_JSON [ARMS]. Written for
+``--compile`` does, one fresh model per arm, arms alternated over ROUNDS rounds (default 2); the attention
+kernels that ran are read from a profiled step. Usage: python scripts/probe_train_sdpa.py OUT_JSON [ARMS [ROUNDS]]. Written for
 docs/lab/2026-12-07-train-sdpa.md."""
 
 import json
@@ -23,6 +23,7 @@ from salad_bench.harness.results import provenance
 
 out = sys.argv[1]
 arms = (sys.argv[2] if len(sys.argv) > 2 else "default,cudnn").split(",")
+rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 dev = torch.device("cuda")
 B, H, N, D = 16, BAR.num_heads, BAR.spec.tokens, BAR.head_dim
 rows = []
@@ -100,7 +101,7 @@ def arm_steps(arm, compiled, reps=10):
             "attention_kernels_ms": dict(sorted(names.items(), key=lambda kv: -kv[1])[:6])}  # fmt: skip
 
 
-for rnd in range(2):
+for rnd in range(rounds):
     for compiled in (False, True):
         for arm in arms if rnd == 0 else arms[::-1]:
             r = {**arm_steps(arm, compiled), "round": rnd}

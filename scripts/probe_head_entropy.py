@@ -4,7 +4,7 @@ For checkpoints/mini-wan-v2, on N_VIDEOS validation videos x t in (0.1, 0.5, 0.9
 per call: per layer and head, the entropy of each row's softmax as a fraction of ln N (1 = uniform), the
 logit range (max - min) and the max - mean, the mass of each row's best 10% of keys, and the head's share
 of the RMS-normed q and k (qk-norm runs across heads, so a head can be made flat by shrinking its q, k).
-Usage: python scripts/probe_head_entropy.py [N_VIDEOS] [OUT_JSON]. Written for docs/lab/2026-12-07-train-sdpa.md."""
+Usage: python scripts/probe_head_entropy.py [N_VIDEOS] [OUT_JSON]. Written for docs/lab/2026-12-07-flat-heads.md."""
 
 import json
 import math

@@ -5,7 +5,7 @@ the self-attention call alone (forward + backward at the model's shape), then wh
 backward, clipping, AdamW) under each ``--sdpa-first`` choice, eager and with the blocks compiled as
 ``--compile`` does, one fresh model per arm, arms alternated over ROUNDS rounds (default 2); the attention
 kernels that ran are read from a profiled step. Usage: python scripts/probe_train_sdpa.py OUT_JSON [ARMS [ROUNDS]]. Written for
-docs/lab/2026-12-07-train-sdpa.md."""
+docs/lab/2026-12-07-flat-heads.md."""
 
 import json
 import sys

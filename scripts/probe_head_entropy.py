@@ -41,7 +41,7 @@ class Probe(AttentionMethod):
             "logit_max_minus_mean": s.amax(-1) - s.mean(-1),
             "row_top_mass": p.topk(keep, dim=-1).values.sum(-1),
             "q_rms": q[:, :, rows].float().square().mean(-1).sqrt(),
-            "k_rms": k.float().square().mean(-1).sqrt().mean(-1, keepdim=True).expand(-1, -1, ROWS),
+            "k_rms": k.float().square().mean(-1).sqrt().mean(-1, keepdim=True),  # (B, H, 1)
         }
         acc = sums.setdefault(ctx.layer, {})
         for key, val in stats.items():

@@ -88,12 +88,16 @@ Objective = Literal["flow", "distill"]
 SDPA_FIRST = ("default", "cudnn", "flash", "efficient", "math")
 
 
+def _check_sdpa_first(first: str) -> None:
+    if first not in SDPA_FIRST:
+        raise ValueError(f"sdpa_first must be one of {', '.join(SDPA_FIRST)}; got {first!r}")
+
+
 def sdpa_preference(first: str) -> contextlib.AbstractContextManager:
     """A context in which ``F.scaled_dot_product_attention`` tries backend ``first`` before the others (every
     backend stays enabled, so a call ``first`` cannot serve goes to the next, as in torch's own order; each
     computes exact attention). ``"default"``: torch's order (flash, efficient, math, cuDNN)."""
-    if first not in SDPA_FIRST:
-        raise ValueError(f"sdpa_first must be one of {', '.join(SDPA_FIRST)}; got {first!r}")
+    _check_sdpa_first(first)
     if first == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -143,8 +147,7 @@ class TrainConfig:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
-        if self.sdpa_first not in SDPA_FIRST:
-            raise ValueError(f"sdpa_first must be one of {', '.join(SDPA_FIRST)}; got {self.sdpa_first!r}")
+        _check_sdpa_first(self.sdpa_first)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

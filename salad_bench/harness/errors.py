@@ -7,6 +7,7 @@ traceback is printed).
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from collections.abc import Callable
@@ -37,6 +38,12 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return (BadInput, ValueError, UnknownNameError)
 
 
+def _crash() -> int:
+    traceback.print_exc()
+    print("crash: this is a bug in salad-bench; please report it with the traceback above", file=sys.stderr)
+    return EXIT_CRASH
+
+
 def guarded(fn: Callable[[], int]) -> int:
     """Run a command body; map its failures onto the exit codes above (messages on stderr)."""
     try:
@@ -49,8 +56,17 @@ def guarded(fn: Callable[[], int]) -> int:
         if name in _EXTRAS:
             print(f"error: this needs the optional package {name!r}, which is not installed: {_EXTRAS[name]}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        traceback.print_exc()
-        return EXIT_CRASH
+        return _crash()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: the disk is full ({exc.strerror}); free some space, then rerun with --resume where the "
+                  "command has it (rows already written are kept)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if exc.filename is None:  # not a path the user gave or the machine refused: a bug
+            return _crash()
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        print(f"error: cannot use {where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the exit code tells bad input from a crash
         import torch
 
@@ -61,6 +77,4 @@ def guarded(fn: Callable[[], int]) -> int:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             print(f"error: {msg}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        traceback.print_exc()
-        print("crash: this is a bug in salad-bench; please report it with the traceback above", file=sys.stderr)
-        return EXIT_CRASH
+        return _crash()

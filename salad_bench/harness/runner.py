@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,10 @@ def validate_spec(spec: RunSpec) -> None:
     out = Path(spec.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for the run (it is created if missing)")
+    held = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # created from here
+    if not held.is_dir() or not os.access(held, os.W_OK | os.X_OK):
+        why = "is a file" if not held.is_dir() else "is not writable"
+        raise ValueError(f"--out {out} cannot be created or written: {held} {why}; choose a directory you can write")
     for s in spec.sparsities:
         if not (0.0 <= s < 1.0) or math.isnan(s):
             raise ValueError(f"sparsity {s} is impossible: it must be in [0, 1) (0.9 keeps 10% of the tiles)")

@@ -80,6 +80,47 @@ def test_out_pointing_at_a_file_exits_2(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
+def test_out_below_a_file_exits_2_and_creates_nothing(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["--methods", "topk", "--out", str(f / "run"), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be created or written" in err and "is a file" in err and "Traceback" not in err
+    assert f.read_text() == "x"
+
+
+def test_out_the_system_refuses_exits_2_without_a_traceback(tmp_path, capsys, monkeypatch):
+    def refuse(self, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main(["--methods", "topk", "--out", str(tmp_path / "r"), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use {tmp_path / 'r'}: Permission denied" in err and "Traceback" not in err
+
+
+def test_a_full_disk_exits_2_and_says_so(capsys):
+    import errno
+
+    from salad_bench.harness.errors import guarded
+
+    def write():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert guarded(write) == 2
+    assert "the disk is full" in capsys.readouterr().err
+
+
+def test_an_os_error_without_a_path_is_a_crash(capsys):
+    from salad_bench.harness.errors import guarded
+
+    def bug():
+        raise OSError("something internal")
+
+    assert guarded(bug) == 3
+    assert "this is a bug" in capsys.readouterr().err
+
+
 def test_dit_workload_without_diffusers_exits_2(tmp_path, capsys, monkeypatch):
     import importlib.util
 

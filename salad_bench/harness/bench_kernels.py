@@ -37,6 +37,7 @@ import torch
 
 from salad_bench.harness.accuracy import rel_l2
 from salad_bench.harness.engine import Cell, Engine, failure
+from salad_bench.harness.errors import check_writable_dir
 from salad_bench.harness.flops import BACKWARD_FACTOR, tflops
 from salad_bench.harness.results import RowWriter, cell_identity, headline_times, round_ratios
 from salad_bench.harness.timing import measure
@@ -881,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant-densities", default="0.1,1.0", help="densities of the variants section")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the headline section")
     args = p.parse_args(argv)
+    check_writable_dir(args.out)
     try:  # compiled flex backward donates buffers, which forbids timing the backward with retain_graph
         import torch._functorch.config as functorch_config
 
@@ -924,4 +926,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from salad_bench.harness.errors import guarded
+
+    raise SystemExit(guarded(main))

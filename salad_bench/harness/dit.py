@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.engine import Cell, Engine
+from salad_bench.harness.errors import BadInput, check_writable_dir
 from salad_bench.harness.flops import dense_flops
 from salad_bench.harness.knobs import method_config
 from salad_bench.harness.results import RowWriter, cell_identity
@@ -677,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{w.dit_name:24s} grid {'x'.join(map(str, w.grid)):10s} N={w.n:>6,d}  {w.note}")
         return 0
     if not args.out:
-        raise SystemExit("--out DIR is required (where rows.jsonl is written)")
+        raise BadInput("--out DIR is required (where rows.jsonl is written)")
+    check_writable_dir(args.out)
     dtype = DTYPES[args.dtype]
     sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
     writer = RowWriter(args.out, resume=args.resume, device=args.device)
@@ -700,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in [w.strip() for w in args.workload.split(",") if w.strip()]:
         if args.pipeline:
             if not args.weights:
-                raise SystemExit("--pipeline needs --weights DIR (a full diffusers-format Wan2.1 directory)")
+                raise BadInput("--pipeline needs --weights DIR (a full diffusers-format Wan2.1 directory; docs/REAL_WEIGHTS.md)")
             run_pipeline_workload(w, args.methods.split(","), sparsities, weights=args.weights, writer=writer,
                                   device=args.device, dtype=dtype, knobs=json.loads(args.knobs),
                                   num_steps=args.num_steps, compiled=args.compile,
@@ -731,4 +733,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from salad_bench.harness.errors import guarded
+
+    raise SystemExit(guarded(main))

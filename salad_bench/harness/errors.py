@@ -8,11 +8,14 @@ traceback is printed).
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_CRASH", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REGRESSION", "BadInput", "guarded"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CRASH", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REGRESSION", "BadInput", "check_writable_dir",
+           "guarded"]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -29,6 +32,18 @@ _EXTRAS = {
 
 class BadInput(ValueError):
     """Input the program refuses; the message says what is wrong and what to do."""
+
+
+def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output directory that cannot be created or written (nothing is created)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{flag} {out} is a file; give a directory (it is created if missing)")
+    held = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # created from here
+    if not held.is_dir() or not os.access(held, os.W_OK | os.X_OK):
+        why = "is a file" if not held.is_dir() else "is not writable"
+        raise BadInput(f"{flag} {out} cannot be created or written: {held} {why}; choose a directory you can write")
+    return out
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:

@@ -424,4 +424,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from salad_bench.harness.errors import guarded
+
+    sys.exit(guarded(main))

@@ -230,4 +230,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from salad_bench.harness.errors import guarded
+
+    raise SystemExit(guarded(main))

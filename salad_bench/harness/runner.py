@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from salad_bench.harness.accuracy import compare, reference_attention
 from salad_bench.harness.distributed import Dist, barrier, deal, rank_device
 from salad_bench.harness.engine import Cell, Engine
+from salad_bench.harness.errors import check_writable_dir
 from salad_bench.harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
 from salad_bench.harness.knobs import method_config
 from salad_bench.harness.results import RowWriter, cell_identity
@@ -144,13 +144,7 @@ def validate_spec(spec: RunSpec) -> None:
                              'pip install -e ".[dev]" (or pip install diffusers), or use --qkv video or random')
     if not spec.sparsities:
         raise ValueError("no target sparsity given; pass one or more, e.g. --sparsity 0.9")
-    out = Path(spec.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory for the run (it is created if missing)")
-    held = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # created from here
-    if not held.is_dir() or not os.access(held, os.W_OK | os.X_OK):
-        why = "is a file" if not held.is_dir() else "is not writable"
-        raise ValueError(f"--out {out} cannot be created or written: {held} {why}; choose a directory you can write")
+    check_writable_dir(spec.out)
     for s in spec.sparsities:
         if not (0.0 <= s < 1.0) or math.isnan(s):
             raise ValueError(f"sparsity {s} is impossible: it must be in [0, 1) (0.9 keeps 10% of the tiles)")

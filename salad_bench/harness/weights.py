@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from salad_bench.harness.errors import BadInput
+
 __all__ = [
     "WeightsError",
     "check_safetensors",
@@ -53,7 +55,7 @@ _HOWTO = "see docs/REAL_WEIGHTS.md (download Wan-AI/Wan2.1-T2V-1.3B-Diffusers an
 _PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(BadInput):
     """A weights directory that cannot be used; the message names the file and the fix."""
 
 
@@ -522,4 +524,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from salad_bench.harness.errors import guarded
+
+    raise SystemExit(guarded(main))

@@ -250,3 +250,30 @@ def test_cpu_table_says_it_is_a_smoke_test_and_has_no_fa2_column(tmp_path, capsy
     text = capsys.readouterr().out
     assert "smoke test" in text and "not a speedup claim" in text
     assert "× FA2" not in text
+
+
+# -- every module entry point the docs name: bad input exits 2 with a message, never a traceback -------
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["salad_bench.harness.quality.train_base", "--out", "{f}/x", "--steps", "1"], "cannot be created or written"),
+        (["salad_bench.harness.quality.classifier", "--out", "{f}/x", "--tiny"], "cannot be created or written"),
+        (["salad_bench.harness.quality.base_bar", "--checkpoint", "{d}", "--classifier", "{d}", "--out", "{f}/x"],
+         "cannot be created or written"),
+        (["salad_bench.harness.quality.evaluate", "--checkpoint", "{d}"], "--checkpoint and --out are required"),
+        (["salad_bench.harness.dit", "--out", "{f}/x"], "cannot be created or written"),
+        (["salad_bench.harness.bench_kernels", "--out", "{f}/x"], "cannot be created or written"),
+        (["salad_bench.harness.weights", "check", "{d}/none"], "does not exist"),
+        (["salad_bench.harness.quality.parallel", "--methods", "full", "--out", "{d}/r", "--per-gpu", "0"],
+         "--per-gpu must be at least 1"),
+    ],
+    ids=lambda v: v[0].rsplit(".", 1)[-1] if isinstance(v, list) else None,
+)
+def test_module_entry_points_exit_2_on_bad_input(tmp_path, args, needle):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    cmd = [sys.executable, "-m", *(a.format(f=f, d=tmp_path) for a in args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert f.read_text() == "x"

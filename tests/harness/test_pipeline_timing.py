@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from salad_bench.harness.dit import main, run_pipeline_workload, video_size  # noqa: E402
+from salad_bench.harness.errors import BadInput  # noqa: E402
 from salad_bench.harness.results import RowWriter, read_jsonl  # noqa: E402
 from salad_bench.harness.workloads import get_workload  # noqa: E402
 from tests.harness.test_wan_integration import _tiny_pipeline  # noqa: E402
@@ -59,5 +60,5 @@ def test_pipeline_rows(tmp_path, monkeypatch):
 
 
 def test_pipeline_needs_weights(tmp_path):
-    with pytest.raises(SystemExit, match="--pipeline needs --weights"):
+    with pytest.raises(BadInput, match="--pipeline needs --weights"):
         main(["--workloads", "dit:tiny", "--pipeline", "--out", str(tmp_path), "--device", "cpu"])

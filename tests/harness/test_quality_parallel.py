@@ -40,11 +40,11 @@ def test_the_launcher_is_one_torchrun_command():
     assert "--nproc_per_node=2" in cmd and "--no-latency" not in cmd  # one rank per GPU: latency measured
 
 
-def test_launcher_refuses_flags_it_owns(tmp_path):
-    with pytest.raises(SystemExit, match="--resume is set by the launcher"):
-        main(["--methods", "full", "--out", str(tmp_path), "--", "--resume"])
-    with pytest.raises(SystemExit, match="per-gpu"):
-        main(["--methods", "full", "--out", str(tmp_path), "--per-gpu", "0"])
+def test_launcher_refuses_flags_it_owns(tmp_path, capsys):
+    for argv, needle in ((["--", "--resume"], "--resume is set by the launcher"), (["--per-gpu", "0"], "--per-gpu must be at least 1")):
+        with pytest.raises(SystemExit) as ei:
+            main(["--methods", "full", "--out", str(tmp_path), *argv])
+        assert ei.value.code == 2 and needle in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from salad_bench.harness.errors import check_writable_dir
+
 __all__ = [
     "BAR_FORMAT",
     "BarSettings",
@@ -648,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (math.isfinite(a.guidance) and a.guidance >= 1):
             raise BaseBarError(f"--guidance must be a number >= 1 (1: no guidance; the bar's default {BarSettings.guidance:g}); "
                                f"got {a.guidance:g}")  # fmt: skip
+        check_writable_dir(a.out or a.checkpoint, "--out" if a.out else "--checkpoint (where the card goes)")
         bar = run_bar(a.checkpoint, a.classifier, settings=settings, thresholds=thresholds, device=device, echo=True)
     except (BaseBarError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -662,4 +665,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from salad_bench.harness.errors import guarded
+
+    sys.exit(guarded(main))

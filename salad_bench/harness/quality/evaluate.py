@@ -84,6 +84,7 @@ import numpy as np
 import torch
 
 from salad_bench.harness.distributed import barrier, deal
+from salad_bench.harness.errors import EXIT_BAD_INPUT, BadInput, check_writable_dir
 from salad_bench.harness.quality.data import CLASS_NAMES, ProceduralVideos
 from salad_bench.harness.quality.metrics import (
     T_BANDS,
@@ -866,9 +867,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.check_kernels:
         why = check_kernels(device)
         print(f"kernel check on {device}: {'ok' if not why else why}", flush=True)
-        return 0 if not why else 1
+        return 0 if not why else EXIT_BAD_INPUT  # a refusal: the kernels must not be used on this card
     if not a.checkpoint or not a.out:
-        raise SystemExit("--checkpoint and --out are required (unless --check-kernels)")
+        raise BadInput("--checkpoint and --out are required (unless --check-kernels): python -m "
+                       "salad_bench.harness.quality.evaluate --checkpoint DIR --out DIR ...")
+    check_writable_dir(a.out)
     cells = cells_from_args(a)
     try:
         bar = check_base_bar(a.checkpoint, skip=a.no_base_bar)
@@ -980,4 +983,6 @@ def _summary(row: dict[str, Any], seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from salad_bench.harness.errors import guarded
+
+    sys.exit(guarded(main))

@@ -77,10 +77,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
     for flag in ("--resume", "--no-latency", "--split", "--methods", "--out"):
         if flag in extra:  # the launcher decides these
-            raise SystemExit(f"{flag} is set by the launcher; leave it out of the evaluate arguments")
+            p.error(f"{flag} is set by the launcher; leave it out of the evaluate arguments")
     a = p.parse_args(argv)
     if a.per_gpu < 1:
-        raise SystemExit(f"--per-gpu must be at least 1, got {a.per_gpu}")
+        p.error(f"--per-gpu must be at least 1, got {a.per_gpu}")
     return a, extra
 
 
@@ -149,4 +149,6 @@ def _interesting(line: str) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from salad_bench.harness.errors import guarded
+
+    sys.exit(guarded(main))

@@ -337,4 +337,6 @@ def _finish(config: StudyConfig, out: Path, a: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from salad_bench.harness.errors import guarded
+
+    sys.exit(guarded(main))

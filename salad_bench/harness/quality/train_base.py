@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from salad_bench.harness.errors import check_writable_dir
 from salad_bench.harness.quality.model import MiniWanConfig
 from salad_bench.harness.quality.train import (
     BASE_DEFAULTS,
@@ -439,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.status:
         return _status(a)
+    check_writable_dir(a.out)
     if a.background:
         return _background(a, argv)
     try:
@@ -450,4 +452,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from salad_bench.harness.errors import guarded
+
+    sys.exit(guarded(main))

@@ -60,14 +60,7 @@ def test_time_budget_does_not_count_the_first_step(monkeypatch):
     assert "after the first step's 50.0 s" in r.reason
 
 
-@pytest.mark.parametrize("on_resume", [{}, {"sdpa_first": "cudnn"}], ids=["same", "sdpa_first"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, on_resume):
-    """An interrupted run resumed from its state ends where an uninterrupted one does. ``sdpa_first`` may change
-    on resume (how fast, not what trains): it puts its backend first for every attention call of the loop and
-    restores torch's order after (on the CPU cuDNN cannot serve and flash, next as in torch's own order, does)."""
-    from torch.nn.attention import SDPBackend
-
-    before, seen = torch._C._get_sdp_priority_order(), []
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     data = ProceduralVideos("train", 16, TINY.spec)
     cfg = TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, dataset_size=16, bf16=False, ckpt_every=2)
     a = _fresh()
@@ -75,18 +68,31 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, on_resu
     b = _fresh()
     state = tmp_path / "state.pt"
     # interrupted run: the same recipe, stopped after 2 steps (a time budget of 0 s; the clock starts after step 1)
-    r = train_loop(b, list(b.parameters()), data, dataclasses.replace(cfg, time_budget_s=0.0), device=torch.device("cpu"),
-                   state_path=state)  # fmt: skip
+    r = train_loop(
+        b,
+        list(b.parameters()),
+        data,
+        dataclasses.replace(cfg, time_budget_s=0.0),
+        device=torch.device("cpu"),
+        state_path=state,
+    )
     assert r.stopped_early and r.steps == 2 and state.exists()
     c = _fresh()
-    r2 = train_loop(c, list(c.parameters()), data, dataclasses.replace(cfg, **on_resume), device=torch.device("cpu"),
-                    state_path=state, on_t=lambda t: seen.append(torch._C._get_sdp_priority_order()))  # fmt: skip
+    r2 = train_loop(c, list(c.parameters()), data, cfg, device=torch.device("cpu"), state_path=state)
     assert r2.steps == 4
     for (n, p), q in zip(a.named_parameters(), c.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
-    first = int(SDPBackend.CUDNN_ATTENTION) if on_resume else before[0]
-    assert seen and all(order[0] == first for order in seen)
-    assert torch._C._get_sdp_priority_order() == before
+
+
+def test_a_resumed_recipe_ignores_free_and_retired_fields_only():
+    from salad_bench.harness.quality.train import RESUME_FREE, RETIRED, recipe_of
+
+    base = TrainConfig(steps=4, lr=1e-3).as_dict()
+    older = {k: v for k, v in base.items() if k != "label_dropout"}  # saved before a field existed: its default
+    assert recipe_of(older) == recipe_of(base)
+    changed = {**base, "compile": True, "time_budget_s": 5.0, **{k: "anything" for k in RETIRED}}
+    assert recipe_of(changed) == recipe_of(base) and "compile" in RESUME_FREE
+    assert recipe_of({**base, "lr": 2e-3}) != recipe_of(base)
 
 
 def test_resume_with_another_recipe_is_refused(tmp_path):
@@ -103,8 +109,6 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
             device=torch.device("cpu"),
             state_path=tmp_path / "s.pt",
         )
-    with pytest.raises(ValueError, match="sdpa_first must be one of default, cudnn"):
-        TrainConfig(sdpa_first="fa3")
 
 
 def test_fit_to_budget_shrinks_the_run():

@@ -40,7 +40,6 @@ when it defines one, else all its parameters), the base model frozen: the adapte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -69,43 +68,20 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "RESUME_FREE",
-    "SDPA_FIRST",
+    "RETIRED",
     "compile_blocks",
     "drop_labels",
     "finetune",
     "init_distributed",
     "lr_at",
+    "recipe_of",
     "sample_t",
-    "sdpa_preference",
     "train_loop",
     "trainable_parameters",
 ]
 
 TrainParams = Literal["method", "all"]
 Objective = Literal["flow", "distill"]
-
-
-SDPA_FIRST = ("default", "cudnn", "flash", "efficient", "math")
-
-
-def _check_sdpa_first(first: str) -> None:
-    if first not in SDPA_FIRST:
-        raise ValueError(f"sdpa_first must be one of {', '.join(SDPA_FIRST)}; got {first!r}")
-
-
-def sdpa_preference(first: str) -> contextlib.AbstractContextManager:
-    """A context in which ``F.scaled_dot_product_attention`` tries backend ``first`` before the others (every
-    backend stays enabled, so a call ``first`` cannot serve goes to the next, as in torch's own order; each
-    computes exact attention). ``"default"``: torch's order (flash, efficient, math, cuDNN)."""
-    _check_sdpa_first(first)
-    if first == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
-    order = [names[first], *(b for k, b in names.items() if k != first)]
-    return sdpa_kernel(order, set_priority=True)
 
 
 @dataclass(frozen=True)
@@ -133,7 +109,6 @@ class TrainConfig:
     objective: Objective = "flow"  # "distill": match a frozen teacher's velocity (train_loop's ``teacher``)
     compile: bool = False  # torch.compile the model's repeated blocks (regional compilation) before training
     label_dropout: float = 0.0  # each label replaced by the model's null class with this probability (CFG training)
-    sdpa_first: str = "default"  # the SDPA backend torch tries first (sdpa_preference); exact attention either way
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -147,7 +122,6 @@ class TrainConfig:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
-        _check_sdpa_first(self.sdpa_first)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -276,8 +250,17 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: 
     os.replace(tmp, path)
 
 
-# what may change when a run resumes (how long and how often it reports and how fast it runs, not what it trains)
-RESUME_FREE = ("time_budget_s", "log_every", "val_every", "ckpt_every", "compile", "sdpa_first")
+# what may change when a run resumes (how long and how often it reports, not what it trains)
+RESUME_FREE = ("time_budget_s", "log_every", "val_every", "ckpt_every", "compile")
+# fields that older cards and states carry and that never changed what was trained (sdpa_first: which exact
+# SDPA backend torch tried first, removed after it measured no faster; docs/lab/2026-12-07-flat-heads.md)
+RETIRED = ("sdpa_first",)
+
+
+def recipe_of(config: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with ``config`` (a saved ``TrainConfig.as_dict()``, possibly older than
+    some fields: those take their defaults): everything but :data:`RESUME_FREE` and :data:`RETIRED`."""
+    return {k: v for k, v in {**TrainConfig().as_dict(), **config}.items() if k not in RESUME_FREE + RETIRED}
 
 
 def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> int:
@@ -287,9 +270,7 @@ def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: T
         raise ValueError(
             f"{path}: cannot read the training state ({type(exc).__name__}: {exc}); delete it to start over"
         ) from None
-    saved = {**TrainConfig().as_dict(), **state.get("config", {})}  # a state older than a field has its default
-    old = {k: v for k, v in saved.items() if k not in RESUME_FREE}
-    new = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
+    old, new = recipe_of(state.get("config", {})), recipe_of(cfg.as_dict())
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ValueError(
@@ -318,25 +299,6 @@ def train_loop(
     params: list[nn.Parameter],
     data: ProceduralVideos,
     cfg: TrainConfig,
-    **kwargs: Any,
-) -> TrainResult:
-    """Train ``params`` of ``model`` (called as ``model(x_t, t, labels)``) with flow matching, or with
-    ``cfg.objective == "distill"`` against ``teacher`` (frozen, same call signature; required then), every
-    attention call under :func:`sdpa_preference` (``cfg.sdpa_first``). Keywords: ``device`` (required),
-    ``dist``, ``curve``, ``state_path``, ``val_data``, ``on_t``, ``stop_if_no_grad``, ``teacher``.
-
-    ``on_t(t)`` runs before each forward with the batch's times (step-aware methods). With
-    ``stop_if_no_grad`` the run ends after the first step when no parameter received a gradient.
-    """
-    with sdpa_preference(cfg.sdpa_first):
-        return _train_loop(model, params, data, cfg, **kwargs)
-
-
-def _train_loop(
-    model: nn.Module,
-    params: list[nn.Parameter],
-    data: ProceduralVideos,
-    cfg: TrainConfig,
     *,
     device: torch.device,
     dist: Dist = Dist(),
@@ -347,6 +309,12 @@ def _train_loop(
     stop_if_no_grad: bool = False,
     teacher: nn.Module | None = None,
 ) -> TrainResult:
+    """Train ``params`` of ``model`` (called as ``model(x_t, t, labels)``) with flow matching, or with
+    ``cfg.objective == "distill"`` against ``teacher`` (frozen, same call signature; required then).
+
+    ``on_t(t)`` runs before each forward with the batch's times (step-aware methods). With
+    ``stop_if_no_grad`` the run ends after the first step when no parameter received a gradient.
+    """
     curve = curve or CurveLogger(None)
     if cfg.objective == "distill" and teacher is None:
         raise ValueError("objective 'distill' needs a teacher model")

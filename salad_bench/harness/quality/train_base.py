@@ -59,10 +59,9 @@ from salad_bench.harness.quality.model import MiniWanConfig
 from salad_bench.harness.quality.train import (
     BASE_DEFAULTS,
     LABEL_DROPOUT,
-    RESUME_FREE,
-    SDPA_FIRST,
     TrainConfig,
     init_distributed,
+    recipe_of,
     train_base_model,
 )
 
@@ -141,11 +140,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true",
         help="torch.compile the transformer blocks (regional, fullgraph) before training; resumable either way",
     )  # fmt: skip
-    p.add_argument(
-        "--sdpa-first", choices=SDPA_FIRST, default="default",
-        help="the SDPA backend torch tries first for the model's attention (exact either way; recorded in the card's "
-        "train_config; may change between pieces of a resumed run). default: torch's order (flash first)",
-    )  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -195,7 +189,6 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         seed=a.seed,
         compile=a.compile,
         label_dropout=_label_dropout(a),
-        sdpa_first=a.sdpa_first,
     )
 
 
@@ -279,8 +272,7 @@ def _state_from_checkpoint(a: argparse.Namespace, out: Path, state: Path, model_
     from salad_bench.harness.quality.model import add_null_class, load_checkpoint
 
     model, card = load_checkpoint(out)
-    old = {k: v for k, v in {**TrainConfig().as_dict(), **card.get("train_config", {})}.items() if k not in RESUME_FREE}
-    new = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
+    old, new = recipe_of(card.get("train_config", {})), recipe_of(cfg.as_dict())
     starts_dropout = cfg.label_dropout > 0 and not old["label_dropout"]
     if starts_dropout:
         old["label_dropout"] = cfg.label_dropout  # the recipe's dropout from this step on

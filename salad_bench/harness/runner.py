@@ -35,7 +35,7 @@ from salad_bench.harness.knobs import method_config
 from salad_bench.harness.results import RowWriter, cell_identity
 from salad_bench.harness.timing import measure, peak_memory_gib
 from salad_bench.harness.workloads import DTYPES, Workload, get_workload, make_qkv
-from salad_bench.kernels import execution_paths
+from salad_bench.kernels import block_sparse_attention, execution_paths
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, create_method
 
 __all__ = ["RunSpec", "Unit", "run", "check_device", "make_spec", "dense_baselines", "plan", "sweeps_sparsity",
@@ -252,6 +252,18 @@ class _Sweep:
                      speedups if p == "fwd" else {}, f"{wl.name} {u.method} s={u.sparsity}")
                 for u in units for p in passes]
 
+    def split(self, m: AttentionMethod, q, k, v, ctx, layout, backend: str, rest_ms: float) -> dict[str, float]:
+        """A forward's time beyond selection (``rest_ms``) split into the block-sparse kernel alone on the
+        method's layout (``kernel_ms``), the method's own work alone (``own_ms``, 0 when it has none) and
+        what is left, its glue (``glue_ms``: copies, casts, permutations, adds; negative within noise)."""
+        spec = self.spec
+        kernel_ms = measure(lambda: block_sparse_attention(q, k, v, layout, backend=backend), self.device,
+                            warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms).median_ms  # fmt: skip
+        own_ms = 0.0
+        if m.own_work(q, k, v, ctx) is not None:
+            own_ms = measure(lambda: m.own_work(q, k, v, ctx), self.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms).median_ms
+        return {"kernel_ms": kernel_ms, "own_ms": own_ms, "glue_ms": rest_ms - kernel_ms - own_ms}
+
     # -- one cell --------------------------------------------------------------------------------
     def measure_cell(self, cell: Cell, q, k, v, ref, ctx, wl: Workload) -> dict:
         """The measured fields of one attention cell: accuracy, time, memory, FLOPs."""
@@ -281,6 +293,8 @@ class _Sweep:
                 layout = m.select(q, k, ctx)
                 if layout is not None:
                     row["select_ms"] = measure(lambda: m.select(q, k, ctx), self.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms).median_ms
+                    if m.splits_into_kernel():
+                        row.update(self.split(m, q, k, v, ctx, layout, rep.backend, t.median_ms - row["select_ms"]))
                 row["peak_mem_gib"] = peak_memory_gib(lambda: m(q, k, v, ctx), self.device)
         else:
             qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))

@@ -69,6 +69,8 @@ class WarmupMethod(AttentionMethod):
     method-specific facts of the last call (merged into ``report().extra``).
     """
 
+    runs_block_sparse = True  # every peer here runs the block-sparse kernel on its select()'s layout
+
     def __init__(self, config: BlockSparseConfig, **kw) -> None:
         super().__init__(config, **kw)
         self._ctx: AttnContext | None = None

@@ -202,6 +202,8 @@ class AttentionMethod(nn.Module):
     wants_projection_lora: ClassVar[ProjectionLoRA | None] = None
     # attend() takes residual= and its kernel adds it to the output in place of a separate pass (inference)
     fuses_residual: ClassVar[bool] = False
+    # attend() is select(), then the package's block-sparse kernel on that layout (see splits_into_kernel)
+    runs_block_sparse: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, *, num_heads: int, head_dim: int, name: str | None = None) -> None:
         super().__init__()
@@ -249,6 +251,19 @@ class AttentionMethod(nn.Module):
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:
         """The block layout this method would use for these inputs; None for methods without one."""
+        return None
+
+    def splits_into_kernel(self) -> bool:
+        """Whether this method's work is :meth:`select`, the block-sparse kernel on its layout and
+        :meth:`own_work`, and nothing else but glue (copies, casts, permutations, adds): true for a method
+        with :attr:`runs_block_sparse`, and for a method built on exactly one other that does (SALAD, the
+        LoRA variants). A harness times the parts apart and reports the rest as the method's glue."""
+        subs = [m for m in self.children() if isinstance(m, AttentionMethod)]
+        return self.runs_block_sparse or (len(subs) == 1 and subs[0].splits_into_kernel())
+
+    def own_work(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> Any:
+        """What this method computes besides selecting its layout and running its sparse kernel, run alone
+        on these inputs (SALAD: the linear branch, the gate and the projection); None when there is none."""
         return None
 
     # -- checks ---------------------------------------------------------------------------------

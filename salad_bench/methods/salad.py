@@ -197,6 +197,10 @@ class Salad(AttentionMethod):
         # it can (inference), after otherwise
         return self.sparse(q, k, v, ctx, residual=self.project(out_l, g))
 
+    def own_work(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor | None:
+        """The gated, projected linear branch, as :meth:`attend` computes it before the sparse kernel adds it."""
+        return self.project(self.linear_branch(q, k, v, ctx), self.gate_value(q, ctx)) if self.linear_enabled else None
+
     def project(self, out_l: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``g * Proj(out_l)``, the gate on each output head, bias included: ``(B, H, N, D)``, a view of a
         token-major ``(B, N, H, D)`` buffer (the layout the model's output projection reads)."""

@@ -76,6 +76,10 @@ class SparseHeadLoRA(AttentionMethod):
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:
         return self.sparse.select(self._adapt("q", q), self._adapt("k", k), ctx)
 
+    def own_work(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> list[torch.Tensor]:
+        """The low-rank updates of q, k, v and the output (on a tensor of the output's shape)."""
+        return [self._adapt(name, x) for name, x in (("q", q), ("k", k), ("v", v), ("out", v))]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         out = self.sparse(self._adapt("q", q), self._adapt("k", k), self._adapt("v", v), ctx)
         return self._adapt("out", out)

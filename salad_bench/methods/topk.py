@@ -51,6 +51,7 @@ class TopK(AttentionMethod):
     family = "training_free"
     config: TopKConfig
     fuses_residual = True  # the block-sparse kernel adds a residual in its epilogue
+    runs_block_sparse = True
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout:
         c = self.config

@@ -100,8 +100,9 @@ def test_the_gate_command_refuses_without_a_gpu(tmp_path, capsys):
 def test_targets_are_read_from_the_experiment_and_reported_beside_the_run(tmp_path):
     run = tmp_path / "run"
     (run / "kernels").mkdir(parents=True)
-    rows = [{"status": "ok", "card": CARD, "method": "topk", "sparsity_target": 0.9, "qkv": q, "ms": ms}
-            for q, ms in (("video", 1.2), ("random", 1.4))]
+    rows = [{"status": "ok", "card": CARD, "method": "topk", "sparsity_target": 0.9, "qkv": q, "ms": ms, "glue_ms": g}
+            for q, ms, g in (("video", 1.2, 0.2), ("random", 1.4, 0.1))]
+    rows.append({"status": "ok", "card": CARD, "method": "sta", "sparsity_target": 0.9, "qkv": "video", "ms": 1.8})
     (run / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     krows = [{"status": "ok", "method": "linear_triton", "variant": f"headline_r{i}", "ms": ms}
              for i, ms in enumerate((0.12, 0.125, 0.2))]
@@ -111,12 +112,16 @@ def test_targets_are_read_from_the_experiment_and_reported_beside_the_run(tmp_pa
         {"name": "linear", "kernel": "linear_triton", "variant": "headline_r", "max_ms": 0.13, "cards": [CARD]},
         {"name": "linear elsewhere", "kernel": "linear_triton", "variant": "headline_r", "max_ms": 0.1, "cards": ["X"]},
         {"name": "absent", "method": "salad", "sparsity": 0.9, "max_ms": 1.6},
+        {"name": "topk glue", "method": "topk", "sparsity": 0.9, "field": "glue_ms", "max_ms": 0.15},
+        {"name": "sta glue", "method": "sta", "sparsity": 0.9, "field": "glue_ms", "max_ms": 0.15},
     ]
     got = {r["name"]: r for r in ci_gpu.evaluate_targets(run, targets)}
     assert got["topk"]["measured"] == 1.4 and got["topk"]["met"] is False  # the worst input counts
     assert got["linear"]["measured"] == 0.125 and got["linear"]["met"] is True  # median of the rounds
     assert "linear elsewhere" not in got  # another card's target
     assert got["absent"]["measured"] is None and got["absent"]["met"] is None
+    assert got["topk glue"]["measured"] == 0.2 and got["topk glue"]["met"] is False  # a row's other field
+    assert got["sta glue"]["measured"] is None  # rows from before the split have none: no figure, not 0
 
 
 def test_the_committed_experiment_parses_with_a_sweep_and_targets():

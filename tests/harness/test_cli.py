@@ -26,6 +26,19 @@ def test_run_writes_rows_and_table(tmp_path, capsys):
     assert (out / "summary.md").exists()
 
 
+def test_rows_split_a_method_into_selection_kernel_own_work_and_glue(tmp_path):
+    """Methods made of the block-sparse kernel get its time alone on their layout, their own work alone and
+    the rest as glue; others (SLA's own kernel, dense) get no split rather than a wrong one."""
+    out = tmp_path / "run"
+    assert main(["--methods", "topk,salad,sla,full", "--sparsity", "0.9", "--out", str(out), "--quick", "--no-baselines"]) == 0
+    by = {r["method"]: r for r in read_jsonl(out / "rows.jsonl")}
+    for name in ("topk", "salad"):
+        r = by[name]
+        assert r["kernel_ms"] > 0 and r["glue_ms"] == pytest.approx(r["ms"] - r["select_ms"] - r["kernel_ms"] - r["own_ms"])
+    assert by["topk"]["own_ms"] == 0 and by["salad"]["own_ms"] > 0
+    assert "kernel_ms" not in by["sla"] and "glue_ms" not in by["full"]
+
+
 def test_rows_name_the_memory_layout_of_their_inputs(tmp_path):
     """The wan kind hands methods q, k, v as the model does (views of token-major buffers); the others are
     contiguous. Every method row says which it got, and methods agree with full on both."""

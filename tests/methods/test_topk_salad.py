@@ -263,3 +263,30 @@ def test_drop_weakest_linear_branches():
     dropped = drop_weakest_linear_branches(mods, 0.2)
     assert dropped == [0, 3]  # gates 0 and 1
     assert [m.linear_enabled for m in mods].count(False) == 2
+
+
+@pytest.mark.parametrize("name", ["salad", "salad_sta", "salad_token_gate", "salad_no_linear"])
+def test_own_work_is_what_salad_adds_to_its_sparse_branch(gen, name):
+    """A harness splits SALAD's time into selection, the sparse kernel and ``own_work``: the latter must be
+    exactly what the forward adds to the sparse output (None without a linear branch)."""
+    h, d = 2, 64
+    q, k, v = _qkv(gen, h, d)
+    ctx = AttnContext(grid=GRID)
+    m = create_method(name, num_heads=h, head_dim=d, sparsity=0.6, proj_init="random").double()
+    if hasattr(m, "gate_proj"):
+        torch.nn.init.normal_(m.gate_proj.weight, std=0.05)
+    out = m(q, k, v, ctx)
+    sparse = m.sparse(q, k, v, ctx)  # the sparse branch as the forward runs it (STA's: in tile order)
+    own = m.own_work(q, k, v, ctx)
+    assert m.splits_into_kernel()
+    if name == "salad_no_linear":
+        assert own is None and torch.allclose(out, sparse, atol=1e-10)
+    else:
+        assert own.abs().max() > 1e-3 and torch.allclose(out, sparse + own, atol=1e-9)
+
+
+def test_only_methods_made_of_the_block_sparse_kernel_split_into_it():
+    split = {n: create_method(n, num_heads=2, head_dim=64, sparsity=0.9).splits_into_kernel()
+             for n in ("topk", "sta", "svg", "sparse_lora", "sparse_headlora", "salad", "sla", "vsa", "full")}
+    assert split == {"topk": True, "sta": True, "svg": True, "sparse_lora": True, "sparse_headlora": True,
+                     "salad": True, "sla": False, "vsa": False, "full": False}

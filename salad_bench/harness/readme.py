@@ -95,8 +95,12 @@ def targets_block(root: Path = ROOT) -> str:
 
     out = []
     for card, (run, _date, _sha) in sorted(newest_runs(root / "results").items()):
-        measured = [line for line in targets_markdown(run).splitlines() if "| – | – |" not in line]  # unmeasured
+        lines = targets_markdown(run).splitlines()
+        measured = [line for line in lines if "| – | – |" not in line]
+        missing = [line.split(" | ")[0].lstrip("| ") for line in lines if "| – | – |" in line]
         out += [f"{card}, `{run.relative_to(root).as_posix()}`:", "", *measured, ""]
+        if missing:
+            out += [f"Targets without rows in this run: {'; '.join(missing)}.", ""]
     return "\n".join(out)
 
 

@@ -79,3 +79,15 @@ def test_unknown_block_and_missing_file_exit_2(tmp_path, capsys):
     assert readme.main(["--readme", str(f)]) == 2
     assert "no generator" in capsys.readouterr().err
     assert readme.main(["--readme", str(tmp_path / "missing.md")]) == 2
+
+
+def test_a_target_without_rows_is_named_not_hidden(tmp_path):
+    run = tmp_path / "results" / "gpu" / "r"
+    run.mkdir(parents=True)
+    row = {"status": "ok", "card": "NVIDIA H100 80GB HBM3", "method": "topk", "sparsity_target": 0.9, "qkv": "video",
+           "ms": 1.2, "date": "2026-12-07", "git_sha": "abc"}
+    (run / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    block = readme.targets_block(tmp_path)
+    assert "| topk at 90% | <= 1.3 ms | 1.200 ms | yes |" in block
+    missing = block.split("Targets without rows in this run: ")[1]
+    assert "salad at 90%" in missing and "sta at 90%: glue" in missing and "topk at 90%" not in missing

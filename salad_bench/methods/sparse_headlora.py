@@ -77,8 +77,9 @@ class SparseHeadLoRA(AttentionMethod):
         return self.sparse.select(self._adapt("q", q), self._adapt("k", k), ctx)
 
     def own_work(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> list[torch.Tensor]:
-        """The low-rank updates of q, k, v and the output (on a tensor of the output's shape)."""
-        return [self._adapt(name, x) for name, x in (("q", q), ("k", k), ("v", v), ("out", v))]
+        """The low-rank updates of v and of the output (on a tensor of the output's shape); those of q and k
+        are inside :meth:`select`, and so in its time."""
+        return [self._adapt("v", v), self._adapt("out", v)]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         out = self.sparse(self._adapt("q", q), self._adapt("k", k), self._adapt("v", v), ctx)

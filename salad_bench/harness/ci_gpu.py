@@ -153,7 +153,11 @@ def evaluate_targets(run_dir: Path, targets: list[dict[str, Any]] | None = None)
 
 
 def targets_markdown(run_dir: Path) -> str:
-    rows = evaluate_targets(run_dir)
+    return targets_table(evaluate_targets(run_dir))
+
+
+def targets_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of :func:`evaluate_targets`' results."""
     lines = ["| target | goal | measured (worst input, median) | met | per input |", "|---|---|---|---|---|"]
     for r in rows:
         m = "–" if r["measured"] is None else f"{r['measured']:.3f} ms"

@@ -37,8 +37,6 @@ class BadInput(ValueError):
 def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:
     """Refuse, before any work, an output directory that cannot be created or written (nothing is created)."""
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"{flag} {out} is a file; give a directory (it is created if missing)")
     held = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # created from here
     if not held.is_dir() or not os.access(held, os.W_OK | os.X_OK):
         why = "is a file" if not held.is_dir() else "is not writable"

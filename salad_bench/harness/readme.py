@@ -91,14 +91,14 @@ def headline_block(root: Path = ROOT) -> str:
 
 
 def targets_block(root: Path = ROOT) -> str:
-    from salad_bench.harness.ci_gpu import newest_runs, targets_markdown
+    from salad_bench.harness.ci_gpu import evaluate_targets, newest_runs, targets_table
 
     out = []
     for card, (run, _date, _sha) in sorted(newest_runs(root / "results").items()):
-        lines = targets_markdown(run).splitlines()
-        measured = [line for line in lines if "| – | – |" not in line]
-        missing = [line.split(" | ")[0].lstrip("| ") for line in lines if "| – | – |" in line]
-        out += [f"{card}, `{run.relative_to(root).as_posix()}`:", "", *measured, ""]
+        results = evaluate_targets(run)
+        missing = [r["name"] for r in results if r["measured"] is None]
+        table = targets_table([r for r in results if r["measured"] is not None])
+        out += [f"{card}, `{run.relative_to(root).as_posix()}`:", "", *table.splitlines(), ""]
         if missing:
             out += [f"Targets without rows in this run: {'; '.join(missing)}.", ""]
     return "\n".join(out)

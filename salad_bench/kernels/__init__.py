@@ -118,6 +118,7 @@ def block_sparse_attention(
     backend: str = "auto",
     scale: float | None = None,
     residual: torch.Tensor | None = None,
+    q_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over the layout's kept tiles, ``(B, H, N, D)`` in and out (the Triton backend's
     output, and the compiled operator's on every backend, token-major: a view of a ``(B, N, H, D)`` buffer).
@@ -126,47 +127,60 @@ def block_sparse_attention(
     result then has the residual's memory layout. The Triton kernel adds it in its epilogue (no extra
     pass over the output); the other backends add it after.
 
+    ``q_index`` (inference only): a permutation of the N tokens for a layout built in another token
+    order (e.g. tile-major): the layout's query position i is q's token ``q_index[i]``, and k, v are
+    given in position order (``k = k_tokens[:, :, q_index]``); the output is in q's own token order. The
+    Triton kernel reads q and writes the output through the index (no gathers of q or the output); the
+    other backends gather and scatter around the attention.
+
     Under ``torch.compile`` this is the registered operator ``salad_bench::block_sparse_attention``
-    (``..._residual`` with a residual; :mod:`salad_bench.kernels.ops`), so a compiled model traces
-    around the kernel."""
+    (``..._inference`` with a residual or a query index; :mod:`salad_bench.kernels.ops`), so a compiled
+    model traces around the kernel."""
     which = resolve_backend(backend, q.device)
     s = -1.0 if scale is None else float(scale)
     if torch.compiler.is_compiling():
-        if residual is not None:
-            _check_residual(q, residual)  # at tracing: the operator's kernel checks it again when it runs
-            return torch.ops.salad_bench.block_sparse_attention_residual(
-                q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, s, residual
+        if residual is not None or q_index is not None:
+            _check_inference(q, k, v, residual, q_index)  # at tracing: the kernel checks them again when it runs
+            return torch.ops.salad_bench.block_sparse_attention_inference(
+                q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, s, residual, q_index
             )
         return torch.ops.salad_bench.block_sparse_attention(
             q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, s
         )
-    return _block_sparse_attention_impl(q, k, v, layout, which, scale, residual)
+    return _block_sparse_attention_impl(q, k, v, layout, which, scale, residual, q_index)
 
 
 def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, scale: float | None,
-                                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                                 residual: torch.Tensor | None = None,
+                                 q_index: torch.Tensor | None = None) -> torch.Tensor:
     which = resolve_backend(backend, q.device)
     if which == "triton":
         from salad_bench.kernels.block_sparse import block_sparse_attention_triton
 
-        return block_sparse_attention_triton(q, k, v, layout, scale=scale, residual=residual)  # checks residual
-    if residual is not None:
-        _check_residual(q, residual)
+        # checks the residual and the index
+        return block_sparse_attention_triton(q, k, v, layout, scale=scale, residual=residual, q_index=q_index)
+    _check_inference(q, k, v, residual, q_index)
+    qp = q if q_index is None else q.index_select(2, q_index)
     if which == "flex":
         from salad_bench.kernels.flex import flex_block_sparse_attention
 
-        out = flex_block_sparse_attention(q, k, v, layout, scale=scale)
+        out = flex_block_sparse_attention(qp, k, v, layout, scale=scale)
     else:
-        out = block_sparse_attention_gather(q, k, v, layout, scale=scale)
+        out = block_sparse_attention_gather(qp, k, v, layout, scale=scale)
+    if q_index is not None:
+        out = torch.empty_like(out).index_copy_(2, q_index, out)
     if residual is None:
         return out
     return torch.add(residual, out, out=torch.empty_like(residual))
 
 
-def _check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
-    from salad_bench.kernels.launch import check_residual
+def _check_inference(q, k, v, residual: torch.Tensor | None, q_index: torch.Tensor | None) -> None:
+    from salad_bench.kernels.launch import check_q_index, check_residual
 
-    check_residual(q, residual)
+    if residual is not None:
+        check_residual(q, residual)
+    if q_index is not None:
+        check_q_index(q, q_index, k, v)
 
 
 def linear_attention(

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import autotuned, check_qkv, check_residual
+from salad_bench.kernels.launch import autotuned, check_q_index, check_qkv, check_residual
 from salad_bench.kernels.layout import BlockLayout, cdiv, token_major
 from salad_bench.kernels.tma import tma_desc as _tma_desc
 from salad_bench.kernels.tma import tma_ok as _tma_ok
@@ -127,18 +127,18 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, start_n, N
 
 
 @triton.jit
-def _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, r_base, stride_rn, D: tl.constexpr,
+def _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, tok, N, stride_on, r_base, stride_rn, D: tl.constexpr,
                 HAS_RES: tl.constexpr):
-    """Normalise and store output rows ``offs_m`` (plus the residual's rows where ``HAS_RES``, added in
-    fp32) and their natural-log log-sum-exp (``m_i`` in log2 units); rows with no key (``l_i == 0``) get
-    zeros (the residual alone) and ``-inf``."""
+    """Normalise and store the output of query positions ``offs_m`` at tokens ``tok`` (plus the residual's
+    rows of those tokens where ``HAS_RES``, added in fp32) and the positions' natural-log log-sum-exp
+    (``m_i`` in log2 units); rows with no key (``l_i == 0``) get zeros (the residual alone) and ``-inf``."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     offs_d = tl.arange(0, D)
     o = acc / l_safe[:, None]
     if HAS_RES:
-        r = tl.load(r_base + offs_m[:, None] * stride_rn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+        r = tl.load(r_base + tok[:, None] * stride_rn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
         o += r.to(tl.float32)
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], o.to(o_base.dtype.element_ty),
+    tl.store(o_base + tok[:, None] * stride_on + offs_d[None, :], o.to(o_base.dtype.element_ty),
              mask=offs_m[:, None] < N)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(lse_base + offs_m, lse, mask=offs_m < N)
@@ -146,7 +146,7 @@ def _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, r_base, s
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, KV_IDX, KV_CNT, k_desc, v_desc, Res,
+    Q, K, V, Out, LSE, KV_IDX, KV_CNT, k_desc, v_desc, Res, QIdx,
     qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -156,6 +156,7 @@ def _fwd_kernel(
     H, N, MQ, MK, KMAX,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
     EVEN_N: tl.constexpr, KMAX_P2: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_QIDX: tl.constexpr,
 ):
     SUB: tl.constexpr = BQ // BLOCK_M
     pid = tl.program_id(0)
@@ -171,7 +172,11 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+    if HAS_QIDX:  # query position i is token QIdx[i]: its row is read, and its output written, there
+        tok = tl.load(QIdx + offs_m, mask=offs_m < N, other=0)
+    else:
+        tok = offs_m
+    q = tl.load(q_base + tok[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
@@ -193,7 +198,7 @@ def _fwd_kernel(
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     lse_base = LSE + bh.to(tl.int64) * N
     r_base = Res + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
-    _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, N, stride_on, r_base, stride_rn, D, HAS_RES)
+    _store_tile(acc, m_i, l_i, o_base, lse_base, offs_m, tok, N, stride_on, r_base, stride_rn, D, HAS_RES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,7 +377,7 @@ _DQ_CONFIGS = [
     for w in (4, 8)
     for s in (2, 3)
 ]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "BQ", "BK", "EVEN_N", "USE_TMA", "HAS_RES"],
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "BQ", "BK", "EVEN_N", "USE_TMA", "HAS_RES", "HAS_QIDX"],
                              prune_configs_by={"early_config_prune": _prune_block_m})(_fwd_kernel)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["D", "BQ", "BK"], prune_configs_by={"early_config_prune": _prune_block_m})(
     _bwd_dkdv_kernel
@@ -432,11 +437,13 @@ def transpose_layout(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, cnt.contiguous()
 
 
-def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True, residual=None):
+def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True, residual=None, q_index=None):
     """``(out, lse)``. K/V come through TMA descriptors where ``use_tma`` and the card and tensors allow
     them (:func:`kernels.tma.tma_ok`), from plain pointers otherwise (``use_tma=False`` forces those).
     ``out`` is token-major (:func:`kernels.layout.token_major`) whatever q's layout; with ``residual``
-    (checked by the caller) it is attention + residual, in the residual's memory layout."""
+    (checked by the caller) it is attention + residual, in the residual's memory layout. With ``q_index``
+    (int32, checked by the caller) query position i reads q's token ``q_index[i]`` and writes the output
+    (and adds the residual) at that token; ``lse`` stays in position order."""
     b, h, n, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     mq, mk = cdiv(n, bq), cdiv(n, bk)
@@ -454,7 +461,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True
     k_desc = _tma_desc(k, bk) if use_tma else k
     v_desc = _tma_desc(v, bk) if use_tma else v
     args = (
-        q, k, v, out, lse, kv_idx, kv_cnt, k_desc, v_desc, res,
+        q, k, v, out, lse, kv_idx, kv_cnt, k_desc, v_desc, res, kv_cnt if q_index is None else q_index,
         scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -464,7 +471,7 @@ def _forward(q, k, v, layout: BlockLayout, scale: float, *, use_tma: bool = True
         h, n, mq, mk, kmax,
     )
     consts = dict(D=d, BQ=bq, BK=bk, EVEN_N=(n % bk == 0), KMAX_P2=triton.next_power_of_2(max(kmax, 2)),
-                  USE_TMA=use_tma, PREC=_prec(q.dtype), HAS_RES=residual is not None)
+                  USE_TMA=use_tma, PREC=_prec(q.dtype), HAS_RES=residual is not None, HAS_QIDX=q_index is not None)
     autotuned(_fwd_tuned, lambda meta: (mq * (bq // meta["BLOCK_M"]), b * h), args, consts, _interpreter_config(bq))
     return out, lse
 
@@ -544,6 +551,7 @@ def block_sparse_attention_triton(
     scale: float | None = None,
     return_lse: bool = False,
     residual: torch.Tensor | None = None,
+    q_index: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the layout's kept tiles (differentiable in q, k, v).
 
@@ -556,13 +564,23 @@ def block_sparse_attention_triton(
     ``residual`` (inference only, :func:`check_residual`): a ``(B, H, N, D)`` tensor of any strides added
     to the output in the kernel's epilogue (one rounding); ``out`` then has the residual's memory layout,
     e.g. a token-major ``(B, N, H, D)`` buffer seen as ``(B, H, N, D)``.
+
+    ``q_index`` (inference only, :func:`check_q_index`): a permutation of the N tokens; the layout's query
+    position i is q's token ``q_index[i]``, and its output (plus that token's residual) is written at that
+    token, while k and v are given in position order. A caller that reorders tokens (tile order) gathers
+    k and v only: q's gather and the output's inverse gather happen in the kernel's loads and stores.
+    ``lse`` is in position order.
     """
     _check(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
-    if residual is not None:
-        check_residual(q, residual)
-        out, lse = _forward(q, k, v, layout, scale, residual=residual)
+    if q_index is not None:
+        check_q_index(q, q_index, k, v)
+        q_index = q_index.to(torch.int32).contiguous()
+    if residual is not None or q_index is not None:
+        if residual is not None:
+            check_residual(q, residual)
+        out, lse = _forward(q, k, v, layout, scale, residual=residual, q_index=q_index)
         return (out, lse) if return_lse else out
     out, lse = _BlockSparseAttention.apply(
         q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, scale

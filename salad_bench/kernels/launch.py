@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["INTERPRET", "Site", "autotuned", "check_qkv", "check_residual", "fitted", "interpreting", "launch", "sm_count"]
+__all__ = ["INTERPRET", "Site", "autotuned", "check_q_index", "check_qkv", "check_residual", "fitted", "interpreting", "launch", "sm_count"]
 
 
 def interpreting() -> bool:
@@ -65,6 +65,27 @@ def check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
         raise ValueError(
             "residual= is added in the forward's epilogue and has no backward; under autograd add the residual "
             "to the attention output outside (or run under torch.no_grad())"
+        )
+
+
+def check_q_index(q: torch.Tensor, q_index: torch.Tensor, *others: torch.Tensor) -> None:
+    """A query index the forward can read q and write its output through: integer, ``(N,)``, on q's
+    device, inference only (no gradient asked of q or ``others``). That it is a permutation is the
+    caller's promise (checking it would cost a sort and a host sync every call); an index out of range
+    is refused on the CPU, where it is cheap."""
+    n = q.shape[2]
+    if q_index.dtype not in (torch.int32, torch.int64) or tuple(q_index.shape) != (n,) or q_index.device != q.device:
+        raise ValueError(
+            f"q_index must be an int32/int64 permutation of the {n} tokens, shape ({n},), on {q.device}; got "
+            f"{q_index.dtype} of shape {tuple(q_index.shape)} on {q_index.device}"
+        )
+    cheap = q_index.device.type == "cpu" and not torch.compiler.is_compiling()  # no device sync, no data guard
+    if cheap and n and (int(q_index.min()) < 0 or int(q_index.max()) >= n):
+        raise ValueError(f"q_index holds tokens outside 0..{n - 1}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *others)):
+        raise ValueError(
+            "q_index= reads q and writes the output through an index in the forward alone, which has no backward; "
+            "under autograd gather q and the output outside (or run under torch.no_grad())"
         )
 
 

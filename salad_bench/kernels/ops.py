@@ -6,8 +6,9 @@ keys); it can trace a call to an operator whose output it knows from a fake impl
 these operators; eager calls go straight to the implementations (no dispatcher cost on the host).
 
 * ``salad_bench::block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale)``
-* ``salad_bench::block_sparse_attention_residual(..., residual)``: the same plus ``residual`` in the
-  residual's memory layout (inference: no backward)
+* ``salad_bench::block_sparse_attention_inference(..., residual?, q_index?)``: the same plus ``residual``
+  (output in the residual's memory layout) and/or q read and the output written through ``q_index``
+  (inference: no backward)
 * ``salad_bench::linear_attention(q, k, v, cos?, sin?, kind, eps, backend)``: token-major output
 * ``salad_bench::select_topk(q, k, keep, block_q, block_k, keep_diagonal) -> (kv_idx, kv_cnt)``
 
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from salad_bench.kernels.layout import is_token_major, token_major
 
-__all__ = ["block_sparse_attention_op", "block_sparse_attention_residual_op", "linear_attention_op", "select_topk_op"]
+__all__ = ["block_sparse_attention_op", "block_sparse_attention_inference_op", "linear_attention_op", "select_topk_op"]
 
 _NO_SCALE = -1.0  # the operator schema takes a float; "None" (1/sqrt(D)) travels as this
 
@@ -62,12 +63,13 @@ def _as_token_major(out: Tensor) -> Tensor:
 
 # -- block-sparse attention -----------------------------------------------------------------------
 def _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q: int, block_k: int, backend: str, scale: float,
-              residual: Tensor | None = None) -> Tensor:
+              residual: Tensor | None = None, q_index: Tensor | None = None) -> Tensor:
     from salad_bench.kernels import _block_sparse_attention_impl
     from salad_bench.kernels.layout import BlockLayout
 
     layout = BlockLayout(kv_idx, kv_cnt, block_q, block_k, q.shape[2])
-    return _block_sparse_attention_impl(q, k, v, layout, backend, None if scale == _NO_SCALE else scale, residual)
+    scale = None if scale == _NO_SCALE else scale
+    return _block_sparse_attention_impl(q, k, v, layout, backend, scale, residual, q_index)
 
 
 @torch.library.custom_op("salad_bench::block_sparse_attention", mutates_args=())
@@ -82,15 +84,19 @@ def _(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale):
     return token_major(*q.shape, q.dtype, q.device)
 
 
-@torch.library.custom_op("salad_bench::block_sparse_attention_residual", mutates_args=())
-def block_sparse_attention_residual_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, kv_cnt: Tensor, block_q: int,
-                                       block_k: int, backend: str, scale: float, residual: Tensor) -> Tensor:
-    return _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale, residual)
+@torch.library.custom_op("salad_bench::block_sparse_attention_inference", mutates_args=())
+def block_sparse_attention_inference_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, kv_cnt: Tensor, block_q: int,
+                                        block_k: int, backend: str, scale: float, residual: Tensor | None,
+                                        q_index: Tensor | None) -> Tensor:
+    out = _bsa_eager(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale, residual, q_index)
+    return out if residual is not None else _as_token_major(out)
 
 
-@block_sparse_attention_residual_op.register_fake
-def _(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale, residual):
-    return torch.empty_like(residual)  # the implementations allocate it so: the residual's strides
+@block_sparse_attention_inference_op.register_fake
+def _(q, k, v, kv_idx, kv_cnt, block_q, block_k, backend, scale, residual, q_index):
+    if residual is not None:
+        return torch.empty_like(residual)  # the implementations allocate it so: the residual's strides
+    return token_major(*q.shape, q.dtype, q.device)
 
 
 @torch.library.custom_op("salad_bench::block_sparse_attention_backward", mutates_args=())

@@ -12,9 +12,11 @@ Token order (``token_order``). The paper reorders tokens tile-major so that a ti
 contiguous tokens and every (query block, key block) tile is either fully inside the window or fully
 outside. Our tokens arrive t-major raster, so two orders are offered:
 
-* ``tile`` (default, the paper's layout): q, k, v are permuted tile-major before the block-sparse
-  kernel and the output is permuted back (exact: attention is permutation-equivariant; the cost is
-  three gathers and one scatter, no FLOPs). With tiles whose token count is a multiple of the block
+* ``tile`` (default, the paper's layout): the block-sparse problem is posed tile-major and the output
+  comes back in raster order (exact: attention is permutation-equivariant). In inference k and v are
+  gathered tile-major and the kernel reads q and writes the output (plus a residual) through the
+  permutation (``q_index``); under autograd q, k, v are gathered and the output gathered back. No
+  FLOPs either way. With tiles whose token count is a multiple of the block
   size every kept tile is fully used; partial tiles at ragged edges make some blocks straddle tiles.
 * ``raster``: tokens stay in raster order. A raster block touches several tiles (a 128-token block of
   a 52-wide frame spans every w-tile), so for the same window the block map is much denser, and on
@@ -189,6 +191,7 @@ class Sta(WarmupMethod):
     family = "training_free"
     needs_grid = True
     config: StaConfig
+    fuses_residual = True  # the block-sparse kernel adds a residual in its epilogue
 
     def __init__(self, config: StaConfig, **kw) -> None:
         super().__init__(config, **kw)
@@ -270,24 +273,30 @@ class Sta(WarmupMethod):
             self._layouts[key] = BlockLayout.from_dense(maps[None].expand(b, -1, -1, -1), c.block_q, c.block_k, n)
         return self._layouts[key].kv_idx, self._layouts[key].kv_cnt
 
-    def _execute(self, q, k, v, grid, layout: BlockLayout, backend: str, permute: bool = True) -> torch.Tensor:
+    def _execute(self, q, k, v, grid, layout: BlockLayout, backend: str, permute: bool = True,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.config.token_order == "raster" or not permute:
-            return block_sparse_attention(q, k, v, layout, backend=backend)
+            return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual)
         perm, inverse = self._permutation(tuple(grid), q.shape[2], str(q.device))
-        # gathers along the token dim both ways (the output through the inverse permutation: no scatter)
-        q, k, v = (gather_tokens(x, perm) for x in (q, k, v))
-        return gather_tokens(block_sparse_attention(q, k, v, layout, backend=backend), inverse)
+        k, v = gather_tokens(k, perm), gather_tokens(v, perm)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            # the kernel reads q and writes the output (plus the residual) through the permutation
+            return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual, q_index=perm)
+        # under autograd: gathers both ways (the output through the inverse permutation: no scatter)
+        out = gather_tokens(block_sparse_attention(gather_tokens(q, perm), k, v, layout, backend=backend), inverse)
+        return out if residual is None else residual + out
 
     @torch._dynamo.assume_constant_result
     def _permutation(self, grid, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         geo = self._geometry(grid, n, torch.device(device))
         return geo.perm, geo.inverse
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
         dense = self.is_dense_call(ctx)
         layout = self.select(q, k, ctx)
         backend = resolve_backend(self.config.backend, q.device)
-        out = self._execute(q, k, v, ctx.grid, layout, backend, permute=not dense)
+        out = self._execute(q, k, v, ctx.grid, layout, backend, permute=not dense, residual=residual)
         if dense:
             self._report_extra = {}
         self._record(layout, backend, ctx, dense, selection=0.0)

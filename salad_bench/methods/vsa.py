@@ -256,12 +256,13 @@ class VSA(AttentionMethod):
         # fine stage on the cube-major permutation
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
         backend = resolve_backend(self.config.backend, q.device)
-        qp, kp, vp = (gather_tokens(t, part.perm) for t in (q, k, v))
-        out_f = gather_tokens(block_sparse_attention(qp, kp, vp, layout, backend=backend), part.inv)
-        if self.config.gate == "linear":
-            out = out_f + (self.gate_value(q, ctx) * out_c).to(q.dtype)
-        else:
-            out = out_f + out_c.to(q.dtype)
+        coarse_out = (self.gate_value(q, ctx) * out_c if self.config.gate == "linear" else out_c).to(q.dtype)
+        kp, vp = gather_tokens(k, part.perm), gather_tokens(v, part.perm)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kp, vp, coarse_out)):
+            out_f = block_sparse_attention(gather_tokens(q, part.perm), kp, vp, layout, backend=backend)
+            out = gather_tokens(out_f, part.inv) + coarse_out
+        else:  # the kernel reads q, writes the output and adds the coarse branch through the permutation
+            out = block_sparse_attention(q, kp, vp, layout, backend=backend, residual=coarse_out, q_index=part.perm)
         m, c = part.num_cubes, h * d
         coarse = 3.0 * b * h * n * d + 4.0 * b * h * m * m * d
         gate = (2.0 * b * n * c * c if self.config.gate == "linear" else 0.0) + 2.0 * b * h * n * d

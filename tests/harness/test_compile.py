@@ -123,8 +123,12 @@ def test_operator_fakes_match_the_real_outputs():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     assert torch.ops.salad_bench.block_sparse_attention(*args).transpose(1, 2).is_contiguous()  # as Triton writes it
     res = torch.randn(1, 300, 2, 64).transpose(1, 2)  # token-major: the output takes its strides
-    torch.library.opcheck(torch.ops.salad_bench.block_sparse_attention_residual.default, (*args, res),
+    torch.library.opcheck(torch.ops.salad_bench.block_sparse_attention_inference.default, (*args, res, None),
                           test_utils=("test_schema", "test_faketensor"))
+    perm = torch.randperm(300)
+    for extra in ((None, perm), (res, perm)):  # q read and the output written through a query index
+        torch.library.opcheck(torch.ops.salad_bench.block_sparse_attention_inference.default, (*args, *extra),
+                              test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.salad_bench.linear_attention.default, (q, k, v, None, None, "relu", 1e-6, "torch"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     out = torch.ops.salad_bench.linear_attention(q, k, v, None, None, "relu", 1e-6, "torch")

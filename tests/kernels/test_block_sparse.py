@@ -285,6 +285,64 @@ def test_output_is_token_major_whatever_the_input_layout(gen, q_token_major):
         assert rel_l2(x.grad, r.grad) < 1e-4
 
 
+@pytest.mark.parametrize("n,dtype,with_residual", [(200, torch.float32, False), (136, torch.float16, True),
+                                                   (256, torch.float32, True)])
+def test_q_index_reads_q_and_writes_the_output_through_the_permutation(gen, n, dtype, with_residual):
+    """``q_index=perm`` with k, v given in permuted order: the output is the permuted problem's output
+    scattered back to q's own tokens (plus the residual of each token), i.e. what gathering q and
+    gathering the output back computes; ``lse`` stays in position order; ragged and even N."""
+    d = 64
+    q, k, v = _inputs(gen, 2, 2, n, d, dtype)
+    lay = _random_layout(gen, 2, 2, n, 64, 64)  # row (0, 0, 0) empty
+    perm = torch.randperm(n, generator=gen).to(DEVICE)
+    res = _token_major(torch.randn(2, 2, n, d, generator=gen).to(DEVICE, dtype)) if with_residual else None
+    kp, vp = k[:, :, perm], v[:, :, perm]
+    out, lse = bs.block_sparse_attention_triton(q, kp, vp, lay, residual=res, q_index=perm, return_lse=True)
+    ref_p, ref_lse = block_sparse_attention_ref(q[:, :, perm].double(), kp.double(), vp.double(), lay, return_lse=True)
+    ref = torch.empty_like(ref_p)
+    ref[:, :, perm] = ref_p
+    if res is not None:
+        ref = ref + res.double()
+        assert out.stride() == res.stride()
+    else:
+        assert out.transpose(1, 2).is_contiguous()
+    assert rel_l2(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-3
+    empty = perm[:64]  # the tokens at the empty block's positions get zeros (the residual alone)
+    want = res[0, 0, empty] if res is not None else torch.zeros_like(out[0, 0, empty])
+    torch.testing.assert_close(out[0, 0, empty], want, rtol=0, atol=0)
+
+
+def test_q_index_refuses_a_bad_index_and_autograd(gen):
+    q, k, v = _inputs(gen, 1, 2, 128, 64, torch.float32)
+    lay = BlockLayout.full(1, 2, 128, 64, 64, DEVICE)
+    perm = torch.randperm(128).to(DEVICE)
+    for bad in (perm[:100], perm.float(), perm[None]):
+        with pytest.raises(ValueError, match="q_index must be an int32/int64 permutation"):
+            bs.block_sparse_attention_triton(q, k, v, lay, q_index=bad)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="outside 0..127"):
+            bs.block_sparse_attention_triton(q, k, v, lay, q_index=perm + 1)
+    with pytest.raises(ValueError, match="no backward"):
+        bs.block_sparse_attention_triton(q, k.requires_grad_(), v, lay, q_index=perm)
+
+
+def test_q_index_on_the_torch_backends_matches_the_kernel(gen):
+    """The public entry point's other backends gather q and scatter the output for ``q_index`` alike."""
+    from salad_bench.kernels import block_sparse_attention
+
+    n, d = 200, 64
+    q, k, v = _inputs(gen, 1, 2, n, d, torch.float32)
+    lay = _random_layout(gen, 1, 2, n, 64, 64)
+    perm = torch.randperm(n, generator=gen).to(DEVICE)
+    res = torch.randn(1, 2, n, d, generator=gen).to(DEVICE)
+    got = block_sparse_attention(q, k, v, lay, backend="torch", residual=res, q_index=perm)
+    ref = bs.block_sparse_attention_triton(q, k, v, lay, residual=res, q_index=perm)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_residual_refuses_a_mismatch_and_autograd(gen):
     q, k, v = _inputs(gen, 1, 2, 128, 64, torch.float32)
     lay = BlockLayout.full(1, 2, 128, 64, 64, DEVICE)

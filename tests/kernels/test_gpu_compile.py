@@ -87,7 +87,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
     from salad_bench.kernels import block_sparse as bs, linear_attn as la
 
     FP32 = {"LSE", "DELTA", "PART", "S", "DPART", "DS", "COS", "SIN"}
-    I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT"}
+    I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT", "QIdx"}
     FLOATS = {"qk_scale", "sm_scale", "eps_n", "inv_n"}
     SCALARS = {"H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE"}
 
@@ -109,12 +109,13 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
                 types[p] = "i32"
         return types
 
-    fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, PREC="tf32")
+    fwd = dict(D=128, BQ=128, BK=64, BLOCK_M=128, EVEN_N=False, KMAX_P2=512, PREC="tf32", HAS_RES=False, HAS_QIDX=False)
     lin = dict(D=128, KIND=0, ROPE=True)
     cases = [
         ("fwd tma", bs._fwd_kernel, dict(fwd, USE_TMA=True), 4),
         ("fwd tma, even N", bs._fwd_kernel, dict(fwd, USE_TMA=True, EVEN_N=True), 4),
         ("fwd pointers", bs._fwd_kernel, dict(fwd, USE_TMA=False), 4),
+        ("fwd tma, residual and query index", bs._fwd_kernel, dict(fwd, USE_TMA=True, HAS_RES=True, HAS_QIDX=True), 4),
         ("bwd preprocess", bs._bwd_preprocess, dict(D=128, BLOCK=128), 4),
         ("bwd dk/dv", bs._bwd_dkdv_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, PREC="tf32"), 4),
         ("bwd dq", bs._bwd_dq_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, EVEN_N=False, KMAX_P2=512, PREC="tf32"), 4),

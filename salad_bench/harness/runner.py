@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,17 +253,31 @@ class _Sweep:
                      speedups if p == "fwd" else {}, f"{wl.name} {u.method} s={u.sparsity}")
                 for u in units for p in passes]
 
-    def split(self, m: AttentionMethod, q, k, v, ctx, layout, backend: str, rest_ms: float) -> dict[str, float]:
-        """A forward's time beyond selection (``rest_ms``) split into the block-sparse kernel alone on the
-        method's layout (``kernel_ms``), the method's own work alone (``own_ms``, 0 when it has none) and
-        what is left, its glue (``glue_ms``: copies, casts, permutations, adds; negative within noise)."""
+    SPLIT_ROUNDS = 5
+
+    def split(self, m: AttentionMethod, q, k, v, ctx, layout, backend: str) -> dict[str, float]:
+        """A forward split into its selection, the block-sparse kernel alone on the method's layout
+        (``kernel_ms``), the method's own work alone (``own_ms``, 0 when it has none) and what is left, its
+        glue (``glue_ms``: copies, casts, permutations, adds). The four are timed in turn, in
+        :attr:`SPLIT_ROUNDS` rounds, and the glue is the median over rounds of each round's forward minus its
+        parts, so that drift between timing windows (clocks, other work on the card) cancels instead of
+        landing in the glue; ``glue_ms_p20``/``glue_ms_p80`` say how far the rounds spread."""
         spec = self.spec
-        kernel_ms = measure(lambda: block_sparse_attention(q, k, v, layout, backend=backend), self.device,
-                            warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms).median_ms  # fmt: skip
-        own_ms = 0.0
+        parts = {"fwd": lambda: m(q, k, v, ctx), "select": lambda: m.select(q, k, ctx),
+                 "kernel": lambda: block_sparse_attention(q, k, v, layout, backend=backend)}
         if m.own_work(q, k, v, ctx) is not None:
-            own_ms = measure(lambda: m.own_work(q, k, v, ctx), self.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms).median_ms
-        return {"kernel_ms": kernel_ms, "own_ms": own_ms, "glue_ms": rest_ms - kernel_ms - own_ms}
+            parts["own"] = lambda: m.own_work(q, k, v, ctx)
+        rep_ms = max(spec.rep_ms / 2, 1.0)
+        times: dict[str, list[float]] = {name: [] for name in parts}
+        for _ in range(self.SPLIT_ROUNDS):
+            for name, fn in parts.items():
+                times[name].append(measure(fn, self.device, warmup_ms=spec.warmup_ms, rep_ms=rep_ms).median_ms)
+        own = times.get("own", [0.0] * self.SPLIT_ROUNDS)
+        glue = sorted(f - sel - ker - o for f, sel, ker, o in zip(times["fwd"], times["select"], times["kernel"], own, strict=True))
+        mid = statistics.median
+        return {"kernel_ms": mid(times["kernel"]), "own_ms": mid(own), "glue_ms": mid(glue),
+                "glue_ms_p20": glue[len(glue) // 5], "glue_ms_p80": glue[-1 - len(glue) // 5],
+                "split_fwd_ms": mid(times["fwd"]), "split_select_ms": mid(times["select"]), "split_rounds": len(glue)}
 
     # -- one cell --------------------------------------------------------------------------------
     def measure_cell(self, cell: Cell, q, k, v, ref, ctx, wl: Workload) -> dict:
@@ -294,7 +309,7 @@ class _Sweep:
                 if layout is not None:
                     row["select_ms"] = measure(lambda: m.select(q, k, ctx), self.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms).median_ms
                     if m.splits_into_kernel():
-                        row.update(self.split(m, q, k, v, ctx, layout, rep.backend, t.median_ms - row["select_ms"]))
+                        row.update(self.split(m, q, k, v, ctx, layout, rep.backend))
                 row["peak_mem_gib"] = peak_memory_gib(lambda: m(q, k, v, ctx), self.device)
         else:
             qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))

@@ -160,6 +160,7 @@ def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, sca
         # checks the residual and the index
         return block_sparse_attention_triton(q, k, v, layout, scale=scale, residual=residual, q_index=q_index)
     _check_inference(q, k, v, residual, q_index)
+    q_index = None if q_index is None else q_index.long()  # index_copy_ takes int64 indices only
     qp = q if q_index is None else q.index_select(2, q_index)
     if which == "flex":
         from salad_bench.kernels.flex import flex_block_sparse_attention

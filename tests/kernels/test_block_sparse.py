@@ -338,9 +338,10 @@ def test_q_index_on_the_torch_backends_matches_the_kernel(gen):
     lay = _random_layout(gen, 1, 2, n, 64, 64)
     perm = torch.randperm(n, generator=gen).to(DEVICE)
     res = torch.randn(1, 2, n, d, generator=gen).to(DEVICE)
-    got = block_sparse_attention(q, k, v, lay, backend="torch", residual=res, q_index=perm)
     ref = bs.block_sparse_attention_triton(q, k, v, lay, residual=res, q_index=perm)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for index in (perm, perm.int()):  # int64 and int32 alike
+        got = block_sparse_attention(q, k, v, lay, backend="torch", residual=res, q_index=index)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_residual_refuses_a_mismatch_and_autograd(gen):

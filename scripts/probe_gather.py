@@ -8,9 +8,9 @@ moving 2 x 100 MB in and out takes about 0.13 ms. This times, at Wan 480p (B=1, 
 * `index_select`: what `methods.base.gather_tokens` does today (heads-major: `index_select` on the token dim;
   token-major: whole `H * D` rows);
 * `advanced`: `x[:, :, perm]`;
-* `triton_kv`: one Triton launch that gathers k and v together, each program a block of rows of one (batch,
-  head), output heads-major (contiguous);
-* `triton_kv_tokens`: the same, output token-major (what the kernel's TMA descriptors read as well);
+* `triton_kv_rR`: one Triton launch that gathers k and v together, each program R rows of one (batch, head),
+  output heads-major (contiguous), R in 32, 64, 128;
+* `triton_kv_tokens_rR`: the same, output token-major (what the kernel's TMA descriptors read as well);
 * `copy`: `k.clone(); v.clone()`, the bandwidth floor for the same bytes.
 
 Each result is checked against `index_select`. Usage: python scripts/probe_gather.py OUT_JSON
@@ -65,8 +65,9 @@ def ways(k, v, perm, perm64) -> dict:
     return {
         "index_select": lambda: (gather_tokens(k, perm64), gather_tokens(v, perm64)),
         "advanced": lambda: (k[:, :, perm64], v[:, :, perm64]),
-        "triton_kv": lambda: gather_kv_triton(k, v, perm, tokens_out=False),
-        "triton_kv_tokens": lambda: gather_kv_triton(k, v, perm, tokens_out=True),
+        **{f"triton_kv_r{r}": (lambda r=r: gather_kv_triton(k, v, perm, tokens_out=False, rows=r)) for r in (32, 64, 128)},
+        **{f"triton_kv_tokens_r{r}": (lambda r=r: gather_kv_triton(k, v, perm, tokens_out=True, rows=r))
+           for r in (32, 64, 128)},
         "copy": lambda: (k.clone(), v.clone()),
     }
 
@@ -92,7 +93,7 @@ def main() -> int:
             gb = 4 * k.numel() * k.element_size() / 1e9  # read and write k and v
             results.append({"input": layout, "way": name, "ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms,
                             "GB/s": gb / (t.median_ms / 1e3), "equal": ok})
-            print(f"{layout:7} {name:17} {t.median_ms:7.3f} ms  {gb / (t.median_ms / 1e3):7.0f} GB/s  equal={ok}", flush=True)
+            print(f"{layout:7} {name:22} {t.median_ms:7.3f} ms  {gb / (t.median_ms / 1e3):7.0f} GB/s  equal={ok}", flush=True)
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "shape": [b, h, n, d], "grid": list(wl.grid)}
     with open(out_path, "w") as f:

@@ -4,12 +4,7 @@
 #   SHA=$(git rev-parse HEAD) bash scripts/gpu_gate.sh OUT_DIR [ci-gpu options, e.g. --make-baseline FILE]
 set -o pipefail
 out=${1:?usage: gpu_gate.sh OUT_DIR [options]}; shift
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-export SALAD_GIT_SHA=${SHA:-$(git rev-parse HEAD 2>/dev/null)} SALAD_GIT_DIRTY=${DIRTY:-0}
+. scripts/device_env.sh
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit,temperature.gpu --format=csv,noheader || true
 mkdir -p "$out"
 python3 -m salad_bench ci-gpu --out "$out" "$@" 2>&1 | tee "$out/gate.log"

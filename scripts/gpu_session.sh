@@ -7,7 +7,7 @@
 #   train   the quality base: train_base --until-plateau --compile in CKPT (an exact resume where its state is,
 #           --from-checkpoint otherwise), leaving BAR_S seconds for the bar
 #   bar     the base's bar card into $OUT/bar
-# Usage, from the repository root (wheels in .whl/ are installed first, as in gpu_gate.sh):
+# Usage, from the repository root (wheels in .whl/ are installed first: scripts/device_env.sh):
 #   SHA=$(git rev-parse HEAD) OUT=/tmp/out BUDGET=560 STEPS=tests,gate,train,bar bash scripts/gpu_session.sh
 set -o pipefail
 OUT=${OUT:?set OUT}; BUDGET=${BUDGET:-560}; STEPS=${STEPS:-gate}; BAR_S=${BAR_S:-110}
@@ -16,12 +16,7 @@ T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-export SALAD_GIT_SHA=${SHA:-$(git rev-parse HEAD 2>/dev/null)} SALAD_GIT_DIRTY=${DIRTY:-0}
+. scripts/device_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader || true
 if has tests; then
   # shellcheck disable=SC2086
@@ -34,7 +29,7 @@ if has probe && [ -n "$PROBE" ]; then
   echo "probe rc=$?"; tail -25 "$OUT/probe.log"
 fi
 if has gate; then
-  SHA=$SALAD_GIT_SHA timeout $(( $(left) - 20 )) bash scripts/gpu_gate.sh "$OUT/gate" > "$OUT/gate_stdout.log" 2>&1
+  timeout $(( $(left) - 20 )) bash scripts/gpu_gate.sh "$OUT/gate" > "$OUT/gate_stdout.log" 2>&1
   echo "gate rc=$?"; tail -14 "$OUT/gate/gate.log"
 fi
 if has train; then

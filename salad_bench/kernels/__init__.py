@@ -12,6 +12,7 @@ import functools
 import torch
 
 from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.launch import check_inference
 from salad_bench.kernels.layout import BlockLayout, cdiv, keep_count
 from salad_bench.kernels.reference import (
     block_sparse_attention_gather,
@@ -140,7 +141,7 @@ def block_sparse_attention(
     s = -1.0 if scale is None else float(scale)
     if torch.compiler.is_compiling():
         if residual is not None or q_index is not None:
-            _check_inference(q, k, v, residual, q_index)  # at tracing: the kernel checks them again when it runs
+            check_inference(q, k, v, residual, q_index)  # at tracing: the kernel checks them again when it runs
             return torch.ops.salad_bench.block_sparse_attention_inference(
                 q, k, v, layout.kv_idx, layout.kv_cnt, layout.block_q, layout.block_k, which, s, residual, q_index
             )
@@ -159,7 +160,7 @@ def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, sca
 
         # checks the residual and the index
         return block_sparse_attention_triton(q, k, v, layout, scale=scale, residual=residual, q_index=q_index)
-    _check_inference(q, k, v, residual, q_index)
+    check_inference(q, k, v, residual, q_index)
     q_index = None if q_index is None else q_index.long()  # index_copy_ takes int64 indices only
     qp = q if q_index is None else q.index_select(2, q_index)
     if which == "flex":
@@ -173,15 +174,6 @@ def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, sca
     if residual is None:
         return out
     return torch.add(residual, out, out=torch.empty_like(residual))
-
-
-def _check_inference(q, k, v, residual: torch.Tensor | None, q_index: torch.Tensor | None) -> None:
-    from salad_bench.kernels.launch import check_q_index, check_residual
-
-    if residual is not None:
-        check_residual(q, residual)
-    if q_index is not None:
-        check_q_index(q, q_index, k, v)
 
 
 def linear_attention(

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from salad_bench.kernels.errors import Unsupported
-from salad_bench.kernels.launch import autotuned, check_q_index, check_qkv, check_residual
+from salad_bench.kernels.launch import autotuned, check_inference, check_qkv
 from salad_bench.kernels.layout import BlockLayout, cdiv, token_major
 from salad_bench.kernels.tma import tma_desc as _tma_desc
 from salad_bench.kernels.tma import tma_ok as _tma_ok
@@ -574,12 +574,9 @@ def block_sparse_attention_triton(
     _check(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
-    if q_index is not None:
-        check_q_index(q, q_index, k, v)
-        q_index = q_index.to(torch.int32).contiguous()
     if residual is not None or q_index is not None:
-        if residual is not None:
-            check_residual(q, residual)
+        check_inference(q, k, v, residual, q_index)
+        q_index = None if q_index is None else q_index.to(torch.int32).contiguous()
         out, lse = _forward(q, k, v, layout, scale, residual=residual, q_index=q_index)
         return (out, lse) if return_lse else out
     out, lse = _BlockSparseAttention.apply(

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["INTERPRET", "Site", "autotuned", "check_q_index", "check_qkv", "check_residual", "fitted", "interpreting", "launch", "sm_count"]
+__all__ = ["INTERPRET", "Site", "autotuned", "check_inference", "check_q_index", "check_qkv", "check_residual", "fitted", "interpreting", "launch", "needs_grad", "sm_count"]
 
 
 def interpreting() -> bool:
@@ -52,6 +52,21 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str, he
         raise Unsupported(f"the Triton {kernel} kernel supports head_dim {head_dims}, not {q.shape[-1]}")
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record a call on these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None,
+                    q_index: torch.Tensor | None) -> None:
+    """The forward-only extras of a block-sparse call, each where given: :func:`check_residual`,
+    :func:`check_q_index`."""
+    if residual is not None:
+        check_residual(q, residual)
+    if q_index is not None:
+        check_q_index(q, q_index, k, v)
+
+
 def check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
     """A residual the forward can add in its epilogue: q's shape, dtype and device; inference only."""
     if residual.shape != q.shape or residual.dtype != q.dtype or residual.device != q.device:
@@ -61,7 +76,7 @@ def check_residual(q: torch.Tensor, residual: torch.Tensor) -> None:
         )
     if residual.stride(-1) != 1:
         raise ValueError(f"residual's last dim must be contiguous (strides {residual.stride()}); pass residual.contiguous()")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, residual)):
+    if needs_grad(q, residual):
         raise ValueError(
             "residual= is added in the forward's epilogue and has no backward; under autograd add the residual "
             "to the attention output outside (or run under torch.no_grad())"
@@ -82,7 +97,7 @@ def check_q_index(q: torch.Tensor, q_index: torch.Tensor, *others: torch.Tensor)
     cheap = q_index.device.type == "cpu" and not torch.compiler.is_compiling()  # no device sync, no data guard
     if cheap and n and (int(q_index.min()) < 0 or int(q_index.max()) >= n):
         raise ValueError(f"q_index holds tokens outside 0..{n - 1}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *others)):
+    if needs_grad(q, *others):
         raise ValueError(
             "q_index= reads q and writes the output through an index in the forward alone, which has no backward; "
             "under autograd gather q and the output outside (or run under torch.no_grad())"

@@ -20,7 +20,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from salad_bench.kernels import block_sparse_attention
 from salad_bench.kernels.errors import Unsupported
+from salad_bench.kernels.launch import needs_grad
 from salad_bench.kernels.layout import BlockLayout, is_token_major
 from salad_bench.methods.registry import Registry
 
@@ -41,6 +43,7 @@ __all__ = [
     "create_method",
     "dense_flops",
     "gather_tokens",
+    "permuted_block_sparse",
 ]
 
 Family = Literal["full", "training_free", "trained", "salad", "ablation"]
@@ -184,6 +187,19 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(b, index.numel(), h, d).transpose(1, 2)
 
 
+def permuted_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, perm: torch.Tensor,
+                          inverse: torch.Tensor, backend: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse attention whose ``layout`` is posed in the token order ``perm`` (``inverse`` its inverse;
+    STA's tiles, VSA's cubes), output (plus ``residual``) in the tokens' own order. At inference k and v are
+    gathered and the kernel reads q and writes the output through ``perm`` (``q_index``); under autograd q,
+    k, v are gathered and the output gathered back (the inverse permutation: no scatter)."""
+    k, v = gather_tokens(k, perm), gather_tokens(v, perm)
+    if not needs_grad(q, k, v, residual):
+        return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual, q_index=perm)
+    out = gather_tokens(block_sparse_attention(gather_tokens(q, perm), k, v, layout, backend=backend), inverse)
+    return out if residual is None else residual + out
+
+
 class AttentionMethod(nn.Module):
     """Base class: subclass, set ``Config`` and ``family``, implement :meth:`attend`.
 
@@ -234,7 +250,7 @@ class AttentionMethod(nn.Module):
             return self.attend(q, k, v, ctx)
         if residual.shape != q.shape or residual.dtype != q.dtype:
             raise ValueError(f"residual is {tuple(residual.shape)} {residual.dtype}; q is {tuple(q.shape)} {q.dtype}")
-        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, residual))
+        grads = needs_grad(q, k, v, residual)
         if self.fuses_residual and not grads and residual.stride(-1) == 1:
             return self.attend(q, k, v, ctx, residual=residual)  # type: ignore[call-arg]
         return residual + self.attend(q, k, v, ctx)

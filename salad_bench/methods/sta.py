@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from salad_bench.kernels import block_sparse_attention, resolve_backend
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.methods._warmup import WarmupConfig, WarmupMethod, check_count
-from salad_bench.methods.base import METHODS, AttnContext, check_choice, check_range, gather_tokens
+from salad_bench.methods.base import METHODS, AttnContext, check_choice, check_range, permuted_block_sparse
 
 Window = tuple[int, int, int]
 
@@ -278,13 +278,7 @@ class Sta(WarmupMethod):
         if self.config.token_order == "raster" or not permute:
             return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual)
         perm, inverse = self._permutation(tuple(grid), q.shape[2], str(q.device))
-        k, v = gather_tokens(k, perm), gather_tokens(v, perm)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-            # the kernel reads q and writes the output (plus the residual) through the permutation
-            return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual, q_index=perm)
-        # under autograd: gathers both ways (the output through the inverse permutation: no scatter)
-        out = gather_tokens(block_sparse_attention(gather_tokens(q, perm), k, v, layout, backend=backend), inverse)
-        return out if residual is None else residual + out
+        return permuted_block_sparse(q, k, v, layout, perm, inverse, backend, residual)
 
     @torch._dynamo.assume_constant_result
     def _permutation(self, grid, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

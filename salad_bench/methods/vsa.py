@@ -62,7 +62,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from salad_bench.kernels import block_sparse_attention, keep_count, resolve_backend
+from salad_bench.kernels import keep_count, resolve_backend
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.methods.base import (
     METHODS,
@@ -71,7 +71,7 @@ from salad_bench.methods.base import (
     MethodConfig,
     check_choice,
     check_range,
-    gather_tokens,
+    permuted_block_sparse,
 )
 
 __all__ = ["CubePartition", "VSA", "VSAConfig", "cube_partition", "fine_token_mask"]
@@ -257,12 +257,7 @@ class VSA(AttentionMethod):
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
         backend = resolve_backend(self.config.backend, q.device)
         coarse_out = (self.gate_value(q, ctx) * out_c if self.config.gate == "linear" else out_c).to(q.dtype)
-        kp, vp = gather_tokens(k, part.perm), gather_tokens(v, part.perm)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kp, vp, coarse_out)):
-            out_f = block_sparse_attention(gather_tokens(q, part.perm), kp, vp, layout, backend=backend)
-            out = gather_tokens(out_f, part.inv) + coarse_out
-        else:  # the kernel reads q, writes the output and adds the coarse branch through the permutation
-            out = block_sparse_attention(q, kp, vp, layout, backend=backend, residual=coarse_out, q_index=part.perm)
+        out = permuted_block_sparse(q, k, v, layout, part.perm, part.inv, backend, residual=coarse_out)
         m, c = part.num_cubes, h * d
         coarse = 3.0 * b * h * n * d + 4.0 * b * h * m * m * d
         gate = (2.0 * b * n * c * c if self.config.gate == "linear" else 0.0) + 2.0 * b * h * n * d

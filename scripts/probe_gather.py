@@ -25,11 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+import salad_bench.methods.base as mbase
 from salad_bench.harness.timing import measure
-from salad_bench.harness.workloads import get_workload
-from salad_bench.kernels.layout import token_major
-from salad_bench.methods import create_method
-from salad_bench.methods.base import gather_tokens
+from salad_bench.harness.workloads import get_workload, make_qkv
+from salad_bench.kernels.gather import gather_pair as kernel_gather_pair
+from salad_bench.kernels.layout import gather_tokens, token_major
+from salad_bench.methods import AttnContext, create_method
 
 
 @triton.jit
@@ -68,6 +69,7 @@ def ways(k, v, perm, perm64) -> dict:
         **{f"triton_kv_r{r}": (lambda r=r: gather_kv_triton(k, v, perm, tokens_out=False, rows=r)) for r in (32, 64, 128)},
         **{f"triton_kv_tokens_r{r}": (lambda r=r: gather_kv_triton(k, v, perm, tokens_out=True, rows=r))
            for r in (32, 64, 128)},
+        "gather_pair": lambda: kernel_gather_pair(k, v, perm),
         "copy": lambda: (k.clone(), v.clone()),
     }
 
@@ -94,6 +96,26 @@ def main() -> int:
             results.append({"input": layout, "way": name, "ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms,
                             "GB/s": gb / (t.median_ms / 1e3), "equal": ok})
             print(f"{layout:7} {name:22} {t.median_ms:7.3f} ms  {gb / (t.median_ms / 1e3):7.0f} GB/s  equal={ok}", flush=True)
+    # the methods as called: k and v gathered by gather_pair (the package now) against index_select (before)
+    ctx = AttnContext(grid=wl.grid, num_layers=wl.layers)
+    new = mbase.gather_pair
+    old = lambda a, b, index, backend: (gather_tokens(a, index), gather_tokens(b, index))  # noqa: E731
+    for kind in ("video", "wan"):
+        q, k, v = make_qkv(wl, kind=kind, device="cuda", dtype=torch.bfloat16)
+        for name in ("sta", "salad_sta", "vsa"):
+            m = create_method(name, num_heads=h, head_dim=d, sparsity=0.9).cuda().to(torch.bfloat16).eval()
+            outs = {}
+            for _ in range(2):  # alternate, twice
+                for way, fn in (("index_select", old), ("gather_pair", new)):
+                    mbase.gather_pair = fn
+                    with torch.no_grad():
+                        outs[way] = m(q, k, v, ctx)
+                        t = measure(lambda m=m, q=q, k=k, v=v: m(q, k, v, ctx), torch.device("cuda"), warmup_ms=25, rep_ms=200)
+                    results.append({"input": kind, "method": name, "way": way, "ms": t.median_ms, "p20": t.p20_ms,
+                                    "p80": t.p80_ms})
+                    print(f"{kind:7} {name:10} {way:14} {t.median_ms:7.3f} ms", flush=True)
+            mbase.gather_pair = new
+            print(f"{kind:7} {name:10} outputs equal: {torch.equal(outs['index_select'], outs['gather_pair'])}", flush=True)
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "shape": [b, h, n, d], "grid": list(wl.grid)}
     with open(out_path, "w") as f:

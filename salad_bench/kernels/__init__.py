@@ -27,6 +27,7 @@ __all__ = [
     "block_sparse_attention_ref",
     "cdiv",
     "execution_paths",
+    "gather_pair",
     "keep_count",
     "linear_attention",
     "linear_attention_ref",
@@ -174,6 +175,26 @@ def _block_sparse_attention_impl(q, k, v, layout: BlockLayout, backend: str, sca
     if residual is None:
         return out
     return torch.add(residual, out, out=torch.empty_like(residual))
+
+
+def gather_pair(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a[:, :, index], b[:, :, index])`` of two ``(B, H, N, D)`` tensors: k and v put into the token
+    order a block layout is posed in (tile order, cube order) before :func:`block_sparse_attention` with
+    ``q_index``. On the Triton backend, at inference, one launch gathers both
+    (:func:`kernels.gather.gather_pair`); otherwise, and under autograd, ``index_select`` per tensor
+    (:func:`kernels.layout.gather_tokens`). A token-major input stays token-major. Under
+    ``torch.compile`` the Triton path is the operator ``salad_bench::gather_pair``."""
+    from salad_bench.kernels.launch import needs_grad
+    from salad_bench.kernels.layout import gather_tokens
+
+    if resolve_backend(backend, a.device) != "triton" or needs_grad(a, b):
+        return gather_tokens(a, index), gather_tokens(b, index)
+    if torch.compiler.is_compiling():
+        return torch.ops.salad_bench.gather_pair(a, b, index)
+    from salad_bench.kernels.gather import gather_pair as _triton_gather_pair
+
+    return _triton_gather_pair(a, b, index)
 
 
 def linear_attention(

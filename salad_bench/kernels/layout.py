@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "cdiv", "is_token_major", "keep_count", "token_major"]
+__all__ = ["BlockLayout", "cdiv", "gather_tokens", "is_token_major", "keep_count", "token_major"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -134,3 +134,14 @@ def token_major(b: int, h: int, n: int, d: int, dtype: torch.dtype, device: torc
 def is_token_major(x: torch.Tensor) -> bool:
     """Whether a ``(B, H, N, D)`` tensor is a view of a dense token-major ``(B, N, H, D)`` buffer."""
     return x.transpose(1, 2).is_contiguous()
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, index]`` of a ``(B, H, N, D)`` tensor, the cheap way for its layout. A token-major ``x``
+    (the model's q, k, v; every block-sparse and linear-attention output) is gathered as whole ``H * D``
+    rows and stays token-major; any other layout goes through ``index_select`` on the token dim."""
+    if not is_token_major(x):
+        return x.index_select(2, index)
+    b, h, n, d = x.shape
+    rows = x.transpose(1, 2).reshape(b, n, h * d).index_select(1, index)
+    return rows.view(b, index.numel(), h, d).transpose(1, 2)

@@ -9,6 +9,8 @@ these operators; eager calls go straight to the implementations (no dispatcher c
 * ``salad_bench::block_sparse_attention_inference(..., residual?, q_index?)``: the same plus ``residual``
   (output in the residual's memory layout) and/or q read and the output written through ``q_index``
   (inference: no backward)
+* ``salad_bench::gather_pair(a, b, index) -> (a[:, :, index], b[:, :, index])``: one Triton launch
+  (inference: no backward)
 * ``salad_bench::linear_attention(q, k, v, cos?, sin?, kind, eps, backend)``: token-major output
 * ``salad_bench::select_topk(q, k, keep, block_q, block_k, keep_diagonal) -> (kv_idx, kv_cnt)``
 
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from salad_bench.kernels.layout import is_token_major, token_major
 
-__all__ = ["block_sparse_attention_op", "block_sparse_attention_inference_op", "linear_attention_op", "select_topk_op"]
+__all__ = ["block_sparse_attention_inference_op", "block_sparse_attention_op", "gather_pair_op", "linear_attention_op", "select_topk_op"]
 
 _NO_SCALE = -1.0  # the operator schema takes a float; "None" (1/sqrt(D)) travels as this
 
@@ -123,6 +125,21 @@ def _bsa_backward(ctx, grad):
 
 
 block_sparse_attention_op.register_autograd(_bsa_backward, setup_context=_bsa_setup)
+
+
+# -- gather of k and v into a token order (Triton, inference) --------------------------------------
+@torch.library.custom_op("salad_bench::gather_pair", mutates_args=())
+def gather_pair_op(a: Tensor, b: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    from salad_bench.kernels.gather import gather_pair
+
+    return gather_pair(a, b, index)
+
+
+@gather_pair_op.register_fake
+def _(a, b, index):
+    from salad_bench.kernels.gather import _out_like
+
+    return _out_like(a, index.shape[0]), _out_like(a, index.shape[0])
 
 
 # -- linear attention ----------------------------------------------------------------------------

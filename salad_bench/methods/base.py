@@ -20,10 +20,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from salad_bench.kernels import block_sparse_attention
+from salad_bench.kernels import block_sparse_attention, gather_pair
 from salad_bench.kernels.errors import Unsupported
 from salad_bench.kernels.launch import needs_grad
-from salad_bench.kernels.layout import BlockLayout, is_token_major
+from salad_bench.kernels.layout import BlockLayout, gather_tokens
 from salad_bench.methods.registry import Registry
 
 __all__ = [
@@ -176,26 +176,16 @@ def dense_flops(b: int, h: int, n_q: int, n_k: int, d: int) -> float:
     return 4.0 * b * h * n_q * n_k * d
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[:, :, index]`` of a ``(B, H, N, D)`` tensor, the cheap way for its layout. A token-major ``x``
-    (the model's q, k, v; every block-sparse and linear-attention output) is gathered as whole ``H * D``
-    rows and stays token-major; any other layout goes through ``index_select`` on the token dim."""
-    if not is_token_major(x):
-        return x.index_select(2, index)
-    b, h, n, d = x.shape
-    rows = x.transpose(1, 2).reshape(b, n, h * d).index_select(1, index)
-    return rows.view(b, index.numel(), h, d).transpose(1, 2)
-
-
 def permuted_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, perm: torch.Tensor,
                           inverse: torch.Tensor, backend: str, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse attention whose ``layout`` is posed in the token order ``perm`` (``inverse`` its inverse;
     STA's tiles, VSA's cubes), output (plus ``residual``) in the tokens' own order. At inference k and v are
     gathered and the kernel reads q and writes the output through ``perm`` (``q_index``); under autograd q,
     k, v are gathered and the output gathered back (the inverse permutation: no scatter)."""
-    k, v = gather_tokens(k, perm), gather_tokens(v, perm)
     if not needs_grad(q, k, v, residual):
+        k, v = gather_pair(k, v, perm, backend)
         return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual, q_index=perm)
+    k, v = gather_tokens(k, perm), gather_tokens(v, perm)
     out = gather_tokens(block_sparse_attention(gather_tokens(q, perm), k, v, layout, backend=backend), inverse)
     return out if residual is None else residual + out
 

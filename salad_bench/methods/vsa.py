@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from salad_bench.kernels import keep_count, resolve_backend
@@ -113,6 +114,9 @@ class CubePartition:
     overlap: torch.Tensor
     block: int
     aligned: bool
+    grid: tuple[int, int, int]
+    cube: tuple[int, int, int]
+    pool_order: torch.Tensor  # (M,): for cube id c, its index in the grid's natural (t, h, w) cube order
 
     @property
     def num_cubes(self) -> int:
@@ -155,18 +159,38 @@ def cube_partition(grid: tuple[int, int, int], cube: tuple[int, int, int], devic
     overlap = torch.zeros(mb, m, device=device)
     overlap[torch.arange(n, device=device) // block, token_cube[perm]] = 1.0
     aligned = m == mb and bool((sizes == block).all())
-    part = CubePartition(perm, inv, token_cube, sizes, overlap, block, aligned)
+    part = CubePartition(perm, inv, token_cube, sizes, overlap, block, aligned, (t, h, w), (ct, ch, cw), order)
     _PARTITIONS[key] = part
     return part
 
 
 def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
-    """Mean of each cube's tokens: ``(B, H, N, D) -> (B, H, M, D)`` in fp32 (or fp64); differentiable."""
+    """Mean of each cube's tokens: ``(B, H, N, D) -> (B, H, M, D)`` in fp32 (or fp64); differentiable.
+
+    A heads-major or token-major ``x`` (every layout the harness and the model pass) is pooled in one
+    pass by ``avg_pool3d`` over the grid (a ragged edge cube averages the tokens it has; fp32
+    accumulation, the mean rounded once to x's dtype); any other layout, and half types on the CPU (no
+    such pooling there), by an fp32 ``index_add``."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    b, h, _, d = x.shape
-    sums = torch.zeros(b, h, part.num_cubes, d, device=x.device, dtype=work)
-    sums = sums.index_add(2, part.token_cube, x.to(work))
-    return sums / part.cube_sizes.to(work)[:, None]
+    b, h, n, d = x.shape
+    t, gh, gw = part.grid
+    poolable = x.device.type == "cuda" or x.dtype in (torch.float32, torch.float64)  # no bf16/fp16 on the CPU
+    if poolable and x.transpose(1, 2).is_contiguous():  # token-major: channels are the H * D of a token
+        cells, lead, chans = x.transpose(1, 2).reshape(b, t, gh, gw, h * d), b, h * d
+    elif poolable and x.is_contiguous():
+        cells, lead, chans = x.reshape(b * h, t, gh, gw, d), b * h, d
+    else:
+        sums = torch.zeros(b, h, part.num_cubes, d, device=x.device, dtype=work)
+        sums = sums.index_add(2, part.token_cube, x.to(work))
+        return sums / part.cube_sizes.to(work)[:, None]
+    window = tuple(min(c, g) for c, g in zip(part.cube, part.grid, strict=True))  # a grid side under a cube: one cell
+    pooled = F.avg_pool3d(cells.permute(0, 4, 1, 2, 3), window, stride=part.cube, ceil_mode=True)
+    pooled = pooled.permute(0, 2, 3, 4, 1).reshape(lead, -1, chans)  # (lead, cubes in natural order, chans)
+    if lead == b:
+        pooled = pooled.view(b, -1, h, d).transpose(1, 2)
+    else:
+        pooled = pooled.view(b, h, -1, d)
+    return pooled.index_select(2, part.pool_order).to(work)
 
 
 def cube_scores(q: torch.Tensor, k: torch.Tensor, part: CubePartition) -> torch.Tensor:
@@ -252,11 +276,12 @@ class VSA(AttentionMethod):
         # coarse stage (differentiable through the pooling)
         qc, kc, vc = pool_cubes(q, part), pool_cubes(k, part), pool_cubes(v, part)
         scores = qc @ kc.transpose(-1, -2) / math.sqrt(d)
-        out_c = (torch.softmax(scores, dim=-1) @ vc)[:, :, part.token_cube]  # (B, H, N, D), raster order
+        # per cube in fp32, then broadcast to the tokens in q's dtype: (B, H, N, D), raster order
+        out_c = (torch.softmax(scores, dim=-1) @ vc).to(q.dtype).index_select(2, part.token_cube)
         # fine stage on the cube-major permutation
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
         backend = resolve_backend(self.config.backend, q.device)
-        coarse_out = (self.gate_value(q, ctx) * out_c if self.config.gate == "linear" else out_c).to(q.dtype)
+        coarse_out = (self.gate_value(q, ctx).to(q.dtype) * out_c if self.config.gate == "linear" else out_c)
         out = permuted_block_sparse(q, k, v, layout, part.perm, part.inv, backend, residual=coarse_out)
         m, c = part.num_cubes, h * d
         coarse = 3.0 * b * h * n * d + 4.0 * b * h * m * m * d

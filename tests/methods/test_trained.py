@@ -162,18 +162,41 @@ def test_vsa_permutation_round_trips(grid, gen):
     assert (part.overlap[torch.arange(full.numel()), full] == 1).all()
 
 
-def test_vsa_cube_tokens_follow_the_grid(gen):
-    grid = (3, 10, 11)
-    part = cube_partition(grid, (4, 4, 4), "cpu")
+@pytest.mark.parametrize("grid,cube", [((3, 10, 11), (4, 4, 4)), ((5, 9, 8), (2, 4, 8)), ((1, 4, 4), (4, 4, 4))])
+@pytest.mark.parametrize("layout", ["heads", "tokens", "strided"])
+def test_vsa_cube_tokens_follow_the_grid(gen, grid, cube, layout):
+    """Cubes are cells of the grid (ragged at its edges), and pool_cubes is each cell's mean whatever x's
+    memory layout: heads-major and token-major pool over the grid, anything else through index_add."""
+    part = cube_partition(grid, cube, "cpu")
     t, h, w = torch.meshgrid(*(torch.arange(s) for s in grid), indexing="ij")
-    coords = torch.stack([t // 4, h // 4, w // 4], -1).reshape(-1, 3)
+    coords = torch.stack([t // cube[0], h // cube[1], w // cube[2]], -1).reshape(-1, 3)
     for c in range(part.num_cubes):
         members = coords[part.token_cube == c]
-        assert (members == members[0]).all()  # one cube = one 4x4x4 cell of the grid
-    x = torch.randn(1, H, math.prod(grid), D, generator=gen)
+        assert (members == members[0]).all()  # one cube = one cell of the grid
+    x = torch.randn(2, H, math.prod(grid), D, generator=gen)
+    if layout == "tokens":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "strided":
+        x = torch.randn(2, H, math.prod(grid), 2 * D, generator=gen)[..., ::2]
     pooled = pool_cubes(x, part)
+    assert pooled.shape == (2, H, part.num_cubes, D) and pooled.dtype == torch.float32
     for c in range(part.num_cubes):
         torch.testing.assert_close(pooled[:, :, c], x[:, :, part.token_cube == c].mean(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("token_major", [False, True])
+def test_vsa_pools_bf16_on_the_gpu_as_the_fp32_mean_rounded_once(gen, token_major):
+    """On CUDA a bf16 x is pooled by avg_pool3d (fp32 accumulation): the fp32 mean rounded to bf16 once."""
+    grid = (5, 10, 11)
+    part = cube_partition(grid, (4, 4, 4), "cuda")
+    x = torch.randn(1, 3, math.prod(grid), 128, generator=gen).cuda().bfloat16()
+    if token_major:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    want = torch.stack([x[:, :, part.token_cube == c].float().mean(2) for c in range(part.num_cubes)], 2)
+    torch.testing.assert_close(pool_cubes(x, part), want.bfloat16().float(), rtol=0, atol=1e-2)
+    torch.testing.assert_close(pool_cubes(x, part), want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("grid", [*GRIDS, (4, 8, 8)])

@@ -79,3 +79,16 @@ def test_tile_ordered_methods_gather_k_v_in_one_launch_at_inference(gen, name, k
     trained = m(*(x.clone().requires_grad_() for x in (q, k, v)), ctx)
     assert calls == [1]
     torch.testing.assert_close(inferred, trained.detach(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+def test_gather_pair_operator_fake_matches_the_kernel(gen, token_major):
+    """``salad_bench::gather_pair`` (what a compiled model calls): its fake gives the kernel's shapes and
+    strides (token-major stays token-major)."""
+    import salad_bench.kernels  # noqa: F401  (registers the operators)
+
+    k, v = _pair(gen, 40, 64, token_major)
+    idx = torch.randperm(40, generator=gen).to(DEVICE)
+    torch.library.opcheck(torch.ops.salad_bench.gather_pair.default, (k, v, idx), test_utils=("test_schema", "test_faketensor"))
+    gk, gv = torch.ops.salad_bench.gather_pair(k, v, idx)
+    assert torch.equal(gk, k[:, :, idx]) and torch.equal(gv, v[:, :, idx])

@@ -242,7 +242,8 @@ def check_committed(repo: Path = ROOT) -> int:
     pending = repo / PENDING
     note = pending.read_text() if pending.exists() else ""
     if last[:7] in note:
-        print(f"GPU run pending for {last[:10]} ({PENDING}): {note.strip().splitlines()[-1]}")
+        why = next(line for line in note.splitlines() if last[:7] in line)  # the line naming the change
+        print(f"GPU run pending for {last[:10]} ({PENDING}): {why.strip()}")
         return code
     print(
         f"error: the newest committed GPU run measured {newest_sha[:10]}, older than {last[:10]}, the last commit "

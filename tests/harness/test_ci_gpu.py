@@ -72,9 +72,9 @@ def test_stale_run_fails_unless_a_pending_note_names_the_change(repo, capsys):
     last = _commit(repo, "salad_bench/methods/m.py", "new method code")
     assert ci_gpu.check_committed(repo) == 1
     assert "older than" in capsys.readouterr().err
-    (repo / "results" / "gpu_pending.txt").write_text(f"{last[:10]}: no GPU lent this session\n")
+    (repo / "results" / "gpu_pending.txt").write_text(f"GPU gate pending:\n- {last[:10]}: no GPU lent this session\n- x\n")
     assert ci_gpu.check_committed(repo) == 0
-    assert "pending" in capsys.readouterr().out
+    assert f"pending for {last[:10]} (results/gpu_pending.txt): - {last[:10]}: no GPU lent" in capsys.readouterr().out
 
 
 def test_a_change_elsewhere_does_not_make_the_run_stale(repo):

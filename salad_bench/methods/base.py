@@ -42,6 +42,7 @@ __all__ = [
     "check_range",
     "create_method",
     "dense_flops",
+    "block_sparse_with_residual",
     "gather_tokens",
     "permuted_block_sparse",
 ]
@@ -116,6 +117,11 @@ class AttnContext:
     ``dense``: the caller's answer of :meth:`AttentionMethod.dense_at` for this call, when it decided it
     beforehand. A model integration does so for compiled models, where it passes ``layer``/``step`` as
     None: an integer read inside a compiled region would give every layer and step its own graph.
+    ``token_order``: where the caller already put the tokens into the order the method asked for
+    (:meth:`AttentionMethod.token_order`; position i holds raster token ``token_order[i]``), that order;
+    q, k, v, ``hidden_states`` and the output are then all in it. None: raster order. A model integration
+    that permutes the sequence once per forward (the Wan integration) sets it, and only to the order the
+    installed method itself returned, so the method skips its per-call gathers.
     ``q_unrotated``/``k_unrotated``: ``(B, H, N, D)`` q and k *before* the model's rotary embedding, given
     only to a method that asks (:attr:`AttentionMethod.wants_unrotated_qk`) when the caller rotated q and
     k itself (the Wan integration: references to tensors it already has, no copy). None otherwise: the
@@ -131,6 +137,7 @@ class AttnContext:
     hidden_states: torch.Tensor | None = field(default=None, compare=False, repr=False)
     q_unrotated: torch.Tensor | None = field(default=None, compare=False, repr=False)
     k_unrotated: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    token_order: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def check(self, n: int) -> None:
         if self.grid is not None and math.prod(self.grid) != n:
@@ -174,6 +181,15 @@ class MethodReport:
 def dense_flops(b: int, h: int, n_q: int, n_k: int, d: int) -> float:
     """Forward FLOPs of dense softmax attention: ``4 * B * H * Nq * Nk * D`` (two matmuls)."""
     return 4.0 * b * h * n_q * n_k * d
+
+
+def block_sparse_with_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, backend: str,
+                               residual: torch.Tensor | None) -> torch.Tensor:
+    """Block-sparse attention plus ``residual``: added in the kernel's epilogue at inference, after the
+    attention under autograd (the fused forward has no backward)."""
+    if residual is None or not needs_grad(q, k, v, residual):
+        return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual)
+    return residual + block_sparse_attention(q, k, v, layout, backend=backend)
 
 
 def permuted_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, perm: torch.Tensor,
@@ -254,6 +270,19 @@ class AttentionMethod(nn.Module):
         A model integration asks this outside any compiled region and hands the answer over as
         ``AttnContext.dense``."""
         return any(m.dense_at(layer, step) for m in self.children() if isinstance(m, AttentionMethod))
+
+    def token_order(self, grid: tuple[int, int, int], n: int, device: torch.device | str) -> torch.Tensor | None:
+        """The token order this method poses its whole problem in, for a video of ``grid`` (``N`` tokens):
+        int64 ``(N,)``, position i holding raster token ``order[i]``; None (the default) for raster order.
+
+        A method that returns an order must compute the same attention when called with q, k, v (and
+        ``hidden_states``) already in that order and ``AttnContext.token_order`` set to it, with nothing
+        position-dependent of its own left in raster order. A model integration may then permute the
+        sequence once per forward instead of the method gathering k and v in every layer (STA's tiles:
+        FastVideo tiles the latent once per forward too). Only methods whose every part allows it
+        override this (``sta``, ``vsa``); a method built on one (``salad_sta``, whose linear branch
+        rotates by raster positions) does not inherit it."""
+        return None
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:
         """The block layout this method would use for these inputs; None for methods without one."""

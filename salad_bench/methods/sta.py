@@ -285,12 +285,20 @@ class Sta(WarmupMethod):
         geo = self._geometry(grid, n, torch.device(device))
         return geo.perm, geo.inverse
 
+    def token_order(self, grid, n: int, device) -> torch.Tensor | None:
+        """Tile order (``token_order="tile"``): the layout is posed in it; None for ``"raster"``."""
+        if self.config.token_order == "raster":
+            return None
+        return self._permutation(tuple(grid), n, str(torch.device(device)))[0]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         dense = self.is_dense_call(ctx)
         layout = self.select(q, k, ctx)
         backend = resolve_backend(self.config.backend, q.device)
-        out = self._execute(q, k, v, ctx.grid, layout, backend, permute=not dense, residual=residual)
+        # tokens already in tile order (ctx.token_order, set by a model integration): nothing to permute
+        permute = not dense and ctx.token_order is None
+        out = self._execute(q, k, v, ctx.grid, layout, backend, permute=permute, residual=residual)
         if dense:
             self._report_extra = {}
         self._record(layout, backend, ctx, dense, selection=0.0)

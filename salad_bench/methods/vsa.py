@@ -70,6 +70,7 @@ from salad_bench.methods.base import (
     AttentionMethod,
     AttnContext,
     MethodConfig,
+    block_sparse_with_residual,
     check_choice,
     check_range,
     permuted_block_sparse,
@@ -117,6 +118,8 @@ class CubePartition:
     grid: tuple[int, int, int]
     cube: tuple[int, int, int]
     pool_order: torch.Tensor  # (M,): for cube id c, its index in the grid's natural (t, h, w) cube order
+    position_cube: torch.Tensor  # (N,): cube id of the token at cube-major position p (token_cube[perm])
+    full_cubes: int  # cubes of ``block`` tokens: positions 0 .. full_cubes * block - 1 hold them in turn
 
     @property
     def num_cubes(self) -> int:
@@ -159,7 +162,9 @@ def cube_partition(grid: tuple[int, int, int], cube: tuple[int, int, int], devic
     overlap = torch.zeros(mb, m, device=device)
     overlap[torch.arange(n, device=device) // block, token_cube[perm]] = 1.0
     aligned = m == mb and bool((sizes == block).all())
-    part = CubePartition(perm, inv, token_cube, sizes, overlap, block, aligned, (t, h, w), (ct, ch, cw), order)
+    full = int((sizes == block).sum())
+    part = CubePartition(perm, inv, token_cube, sizes, overlap, block, aligned, (t, h, w), (ct, ch, cw), order,
+                         token_cube[perm], full)
     _PARTITIONS[key] = part
     return part
 
@@ -191,6 +196,21 @@ def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
     else:
         pooled = pooled.view(b, h, -1, d)
     return pooled.index_select(2, part.pool_order).to(work)
+
+
+def pool_cubes_in_order(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
+    """:func:`pool_cubes` of an ``x`` whose tokens are already in cube-major order (``x[:, :, perm]``): the
+    full cubes are consecutive runs of ``block`` tokens (one fp32-accumulating mean over a view), the
+    partial cubes of the tail go through an fp32 ``index_add``."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b, h, n, d = x.shape
+    head = part.full_cubes * part.block
+    full = x[:, :, :head].unflatten(2, (part.full_cubes, part.block)).mean(3, dtype=work)
+    if head == n:
+        return full
+    tail = torch.zeros(b, h, part.num_cubes - part.full_cubes, d, device=x.device, dtype=work)
+    tail = tail.index_add(2, part.position_cube[head:] - part.full_cubes, x[:, :, head:].to(work))
+    return torch.cat([full, tail / part.cube_sizes[part.full_cubes:].to(work)[:, None]], 2)
 
 
 def cube_scores(q: torch.Tensor, k: torch.Tensor, part: CubePartition) -> torch.Tensor:
@@ -270,19 +290,30 @@ class VSA(AttentionMethod):
         g = self.gate_proj(x.to(self.gate_proj.weight.dtype))
         return g.view(b, n, h, d).transpose(1, 2)
 
+    def token_order(self, grid, n: int, device) -> torch.Tensor | None:
+        """Cube-major order (``partition.perm``): the fine stage is posed in it, the coarse stage pools
+        consecutive runs in it."""
+        return cube_partition(tuple(grid), self.config.cube, torch.device(device)).perm
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, h, n, d = q.shape
         part = self.partition(ctx, q.device)
+        ordered = ctx.token_order is not None  # tokens already cube-major (a model integration did it)
+        pool = pool_cubes_in_order if ordered else pool_cubes
         # coarse stage (differentiable through the pooling)
-        qc, kc, vc = pool_cubes(q, part), pool_cubes(k, part), pool_cubes(v, part)
+        qc, kc, vc = pool(q, part), pool(k, part), pool(v, part)
         scores = qc @ kc.transpose(-1, -2) / math.sqrt(d)
-        # per cube in fp32, then broadcast to the tokens in q's dtype: (B, H, N, D), raster order
-        out_c = (torch.softmax(scores, dim=-1) @ vc).to(q.dtype).index_select(2, part.token_cube)
+        # per cube in fp32, then broadcast to the tokens in q's dtype: (B, H, N, D), in the tokens' order
+        cube_of = part.position_cube if ordered else part.token_cube
+        out_c = (torch.softmax(scores, dim=-1) @ vc).to(q.dtype).index_select(2, cube_of)
         # fine stage on the cube-major permutation
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
         backend = resolve_backend(self.config.backend, q.device)
         coarse_out = (self.gate_value(q, ctx).to(q.dtype) * out_c if self.config.gate == "linear" else out_c)
-        out = permuted_block_sparse(q, k, v, layout, part.perm, part.inv, backend, residual=coarse_out)
+        if ordered:
+            out = block_sparse_with_residual(q, k, v, layout, backend, coarse_out)
+        else:
+            out = permuted_block_sparse(q, k, v, layout, part.perm, part.inv, backend, residual=coarse_out)
         m, c = part.num_cubes, h * d
         coarse = 3.0 * b * h * n * d + 4.0 * b * h * m * m * d
         gate = (2.0 * b * n * c * c if self.config.gate == "linear" else 0.0) + 2.0 * b * h * n * d

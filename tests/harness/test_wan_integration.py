@@ -413,3 +413,80 @@ def test_generate_writes_a_real_mp4(tmp_path, monkeypatch):
     (root / "model_index.json").unlink()
     with pytest.raises(WeightsError, match="model_index.json: missing"):
         generate(root, "a cat", 0, 1, 1.0, None, 0.0, tmp_path / "c.mp4", 5, 32, 32, device="cpu")
+
+
+# -- token order -----------------------------------------------------------------------------------
+ORDERED = [("sta", {"tile": (2, 4, 4)}), ("vsa", {})]
+
+
+def _ordered_and_raster(name, knobs, monkeypatch, train=False):
+    """The model's output (and every parameter's gradient with ``train``) with the blocks run in the method's
+    token order, then with the order refused (the method gathers per layer), and the gathers counted."""
+    import salad_bench.methods.base as mbase
+
+    inputs = _inputs(frames=6, h=24, w=24)  # grid (6, 12, 12): vsa's cubes ragged in t
+    calls = {"gathers": 0}
+    for fn in ("gather_pair", "gather_tokens"):
+        real = getattr(mbase, fn)
+        monkeypatch.setattr(mbase, fn, lambda *a, real=real: calls.__setitem__("gathers", calls["gathers"] + 1) or real(*a))
+    results = []
+    for refuse in (False, True):
+        model = _model()
+        methods = install_attention(model, name, sparsity=0.6, **knobs)
+        g = torch.Generator().manual_seed(3)
+        for m in methods:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        if refuse:
+            monkeypatch.setattr(type(methods[0]), "token_order", lambda self, grid, n, device: None)
+        calls["gathers"] = 0
+        if train:
+            model.train().requires_grad_(True)  # the whole DiT trains (and the methods' own parameters)
+            out = model(**inputs)[0]
+            out.square().mean().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+        else:
+            out, grads = _run(model, inputs), []
+        state = attention_state(model)
+        results.append((out.detach(), grads, calls["gathers"], state.order))
+        assert methods[0].report().density < 0.95
+    return results
+
+
+@pytest.mark.parametrize("name,knobs", ORDERED)
+def test_a_method_with_a_token_order_runs_the_blocks_in_it(name, knobs, monkeypatch):
+    """sta (tiles) and vsa (cubes) pose their problem in a token order: the blocks run in it (the patch
+    embedding written so, the rotary tables permuted, proj_out's output put back) and the methods gather
+    nothing per layer; the model's output is the one they give gathering k and v in every layer."""
+    (ordered, _, gathers, order), (raster, _, raster_gathers, no_order) = _ordered_and_raster(name, knobs, monkeypatch)
+    assert order is not None and no_order is None
+    assert gathers == 0 and raster_gathers == TINY["num_layers"]  # k and v: one gather_pair per layer
+    torch.testing.assert_close(ordered, raster, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,knobs", ORDERED)
+def test_training_in_the_token_order_gives_the_same_gradients(name, knobs, monkeypatch):
+    (ordered, g_ordered, _, _), (raster, g_raster, _, _) = _ordered_and_raster(name, knobs, monkeypatch, train=True)
+    torch.testing.assert_close(ordered, raster, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ordered, g_raster, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_no_token_order_without_a_shared_one_or_with_a_per_token_timestep():
+    """salad_sta (its linear branch rotates by raster position) keeps raster order; so does a forward
+    with a per-token timestep (Wan 2.2 TI2V conditions tokens by position); restore removes the hooks."""
+    model = _model()
+    install_attention(model, "salad_sta", sparsity=0.5, sparse_knobs=(("tile", (2, 4, 4)),))
+    _run(model, _inputs(frames=6, h=24, w=24))
+    assert attention_state(model).order is None
+    install_attention(model, "sta", sparsity=0.5, tile=(2, 4, 4))
+    inputs = _inputs(frames=6, h=24, w=24)
+    _run(model, inputs)
+    assert attention_state(model).order is not None
+    n = 6 * 12 * 12
+    hook = model._forward_pre_hooks[attention_state(model).hook.id]
+    hook(model, (), dict(inputs, timestep=torch.full((1, n), 700.0)))  # as the model's forward would be called
+    assert attention_state(model).order is None
+    restore_attention(model)
+    assert not model.patch_embedding._forward_hooks and not model.rope._forward_hooks and not model.proj_out._forward_hooks

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salad_bench.methods import METHODS, AttnContext, Unsupported, create_method
+from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
 
 GRID = (3, 10, 11)  # N = 330: not a multiple of 64 or 128
 HEADS, DIM = 2, 64
@@ -153,3 +153,34 @@ def test_tile_ordered_methods_infer_as_they_train(name, knobs, gen):
     trained = m(*xs, ctx)
     trained.sum().backward()
     torch.testing.assert_close(inferred, trained.detach(), rtol=2e-5, atol=2e-5)
+
+
+# methods whose class names a token order of its own (AttentionMethod.token_order overridden)
+WITH_ORDER = [n for n in ALL if METHODS.get(n).cls.token_order is not AttentionMethod.token_order]
+
+
+def test_sta_and_vsa_name_their_token_order_and_salad_sta_does_not():
+    assert {"sta", "vsa"} <= set(WITH_ORDER) and "salad_sta" not in WITH_ORDER
+
+
+@pytest.mark.filterwarnings("ignore:sta. sparsity")
+@pytest.mark.parametrize("name", WITH_ORDER)
+def test_a_method_given_its_own_token_order_computes_the_same_attention(name, gen):
+    """A method that names a token order (``token_order``: sta's tiles, vsa's cubes) and is called with
+    q, k, v and hidden_states already in it (``AttnContext.token_order``, what the Wan integration does)
+    gives its raster output in that order, at a sparsity where it skips tiles."""
+    q, k, v = _qkv(gen)
+    m = create_method(name, num_heads=HEADS, head_dim=DIM, sparsity=0.7)
+    order = m.token_order(GRID, q.shape[2], "cpu")
+    if order is None:
+        pytest.skip(f"{name} keeps raster order in this configuration")
+    assert torch.equal(torch.sort(order).values, torch.arange(q.shape[2]))  # a permutation
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    hidden = torch.randn(1, q.shape[2], HEADS * DIM, generator=gen)
+    with torch.no_grad():
+        raster = m(q, k, v, AttnContext(grid=GRID, hidden_states=hidden))
+        ordered = m(*(x[:, :, order] for x in (q, k, v)),
+                    AttnContext(grid=GRID, hidden_states=hidden[:, order], token_order=order))
+    assert m.report().density < 0.97
+    torch.testing.assert_close(ordered, raster[:, :, order], rtol=1e-5, atol=1e-5)

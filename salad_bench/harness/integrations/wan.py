@@ -33,6 +33,14 @@ projected from). A method that sets ``wants_unrotated_qk`` (SALAD's linear branc
 own RoPE) also gets ``q_unrotated``/``k_unrotated``: ``(B, H, N, D)`` views of q and k after qk-norm and
 before Wan's RoPE, the tensors the processor already holds (no copy; they stay alive for the call).
 
+Token order: when every installed method poses its problem in one token order of the grid
+(:meth:`AttentionMethod.token_order`: ``sta``'s tiles, ``vsa``'s cubes), the blocks run in that order, as
+FastVideo runs STA: forward hooks write the patch embedding's output in that order, permute the rotary
+tables alike and put ``proj_out``'s output back into raster order before the unpatchify (every module
+in between is token-wise), and each call gets ``AttnContext(token_order=perm)``, so the method gathers
+nothing per layer. Three index_selects per forward instead of two k/v gathers per layer. A per-token
+timestep (Wan 2.2 TI2V) keeps raster order.
+
 The sampling step is not visible to the transformer: samplers call :func:`set_step` before each
 step (or pass :func:`step_callback` as a pipeline's ``callback_on_step_end``), so methods that keep
 the first steps dense know where they are.
@@ -137,6 +145,10 @@ class WanAttnState:
     loras: list[Any] = field(default_factory=list)  # InstalledLoRA per layer that asked for it
     processors: list[Any] = field(default_factory=list)  # (SparseWanAttnProcessor, its method) per layer
     hook: Any = None
+    order_hooks: list[Any] = field(default_factory=list)  # patch_embedding, rope, proj_out (token order)
+    # (perm, inverse) when this forward runs in the methods' own token order (see _shared_order), else None
+    order: tuple[torch.Tensor, torch.Tensor] | None = None
+    orders: dict[Any, Any] = field(default_factory=dict)  # (grid, device) -> (perm, inverse) or None
 
 
 def _wan_class():
@@ -160,6 +172,7 @@ def attention_state(model: torch.nn.Module) -> WanAttnState | None:
 def _grid_pre_hook(state: WanAttnState):
     def hook(module, args, kwargs):
         x = kwargs.get("hidden_states", args[0] if args else None)
+        state.order = None
         if x is None or x.dim() != 5:
             state.grid = None
             return None
@@ -168,9 +181,51 @@ def _grid_pre_hook(state: WanAttnState):
         state.grid = (f // p_t, h // p_h, w // p_w)
         for proc, method in state.processors:
             proc.dense = method.dense_at(proc.layer, state.step)
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        # a per-token timestep (Wan 2.2 TI2V) conditions tokens by raster position: no reordering
+        if not (torch.is_tensor(timestep) and timestep.dim() > 1):
+            state.order = _shared_order(state, x.device)
         return None
 
     return hook
+
+
+def _shared_order(state: WanAttnState, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(perm, inverse) when every installed method poses its problem in one token order of this grid
+    (:meth:`AttentionMethod.token_order`, e.g. ``sta``'s tiles), else None. Decided once per grid and device."""
+    key = (state.grid, str(device))
+    if key not in state.orders:
+        n = math.prod(state.grid)
+        orders = [m.token_order(state.grid, n, device) for _, m in state.processors]
+        first = orders[0] if orders else None
+        same = first is not None and all(o is not None and torch.equal(o.to(first.device), first) for o in orders)
+        state.orders[key] = (first.to(device), torch.argsort(first).to(device)) if same else None
+    return state.orders[key]
+
+
+def _order_hooks(model: torch.nn.Module, state: WanAttnState) -> list[Any]:
+    """Forward hooks that run the blocks in the methods' shared token order (state.order, when set):
+    the patch embedding's output is written in that order (the forward's ``flatten(2)`` then reads the
+    sequence permuted), the rotary tables are permuted alike, and ``proj_out``'s output is put back into
+    raster order before the unpatchify. Every module between them is token-wise."""
+
+    def patches(module, args, out):
+        if state.order is None:
+            return None
+        return out.flatten(2).index_select(2, state.order[0]).view_as(out)
+
+    def rope(module, args, out):
+        if state.order is None:
+            return None
+        return tuple(t.index_select(1, state.order[0]) for t in out)
+
+    def unpermute(module, args, out):
+        if state.order is None:
+            return None
+        return out.index_select(1, state.order[1])
+
+    return [model.patch_embedding.register_forward_hook(patches), model.rope.register_forward_hook(rope),
+            model.proj_out.register_forward_hook(unpermute)]
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -238,6 +293,7 @@ class SparseWanAttnProcessor:
             hidden_states=hidden_states,
             q_unrotated=None if unrotated is None else unrotated[0],
             k_unrotated=None if unrotated is None else unrotated[1],
+            token_order=None if st.order is None or grid is None else st.order[0],
         )
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, N, D) views
         timer = st.timer
@@ -304,6 +360,7 @@ def install_attention(
         _undo(blocks, state)
         raise
     state.hook = model.register_forward_pre_hook(_grid_pre_hook(state), with_kwargs=True)
+    state.order_hooks = _order_hooks(model, state)
     model.__dict__[_STATE_ATTR] = state
     return instances
 
@@ -347,6 +404,8 @@ def restore_attention(model: torch.nn.Module) -> None:
     _undo(list(model.blocks), state)
     if state.hook is not None:
         state.hook.remove()
+    for h in state.order_hooks:
+        h.remove()
     del model.__dict__[_STATE_ATTR]
 
 

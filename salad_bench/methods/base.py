@@ -279,9 +279,9 @@ class AttentionMethod(nn.Module):
         ``hidden_states``) already in that order and ``AttnContext.token_order`` set to it, with nothing
         position-dependent of its own left in raster order. A model integration may then permute the
         sequence once per forward instead of the method gathering k and v in every layer (STA's tiles:
-        FastVideo tiles the latent once per forward too). Only methods whose every part allows it
-        override this (``sta``, ``vsa``); a method built on one (``salad_sta``, whose linear branch
-        rotates by raster positions) does not inherit it."""
+        FastVideo tiles the latent once per forward too). Methods whose every part allows it override
+        this: ``sta``, ``vsa``, and SALAD with its sparse branch's order (``salad_sta``; its linear
+        branch permutes its RoPE tables alike)."""
         return None
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:

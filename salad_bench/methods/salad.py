@@ -134,15 +134,28 @@ class Salad(AttentionMethod):
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout | None:
         return self.sparse.select(q, k, ctx)
 
-    def _rope(self, grid: tuple[int, int, int] | None, device: torch.device):
+    def _rope(self, grid: tuple[int, int, int] | None, device: torch.device, order: torch.Tensor | None = None):
+        """The branch's 3D RoPE tables ``(N, D/2)`` for ``grid``, rows in the tokens' order (``order``:
+        ``AttnContext.token_order``, the sparse branch's own order, or None for raster)."""
         if not self.config.rope or grid is None:
             return None, None
+
+        def tables():
+            cos, sin = rope_3d_freqs(grid, self.head_dim, device)
+            return (cos, sin) if order is None else (cos.index_select(0, order), sin.index_select(0, order))
+
         if torch.compiler.is_compiling():  # in the graph: a cache lookup there would be a guard, and a recompile
-            return rope_3d_freqs(grid, self.head_dim, device)
-        key = (grid, device)
+            return tables()
+        key = (grid, device, order is not None)  # only the sparse branch's one order is ever passed
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_3d_freqs(grid, self.head_dim, device)
+            self._rope_cache[key] = tables()
         return self._rope_cache[key]
+
+    def token_order(self, grid, n: int, device) -> torch.Tensor | None:
+        """The sparse branch's order (``salad_sta``: STA's tiles). The linear branch follows it (its RoPE
+        tables permuted alike; the linear attention itself sums over every key), the gate pools over
+        tokens or is per token, and the projection is per token."""
+        return self.sparse.token_order(grid, n, device)
 
     @property
     def wants_unrotated_qk(self) -> bool:  # type: ignore[override]
@@ -182,7 +195,7 @@ class Salad(AttentionMethod):
             q = torch.einsum("bhnd,hde->bhne", q, m[0])
             k = torch.einsum("bhnd,hde->bhne", k, m[1])
             v = torch.einsum("bhnd,hde->bhne", v, m[2])
-        cos, sin = self._rope(ctx.grid, q.device)
+        cos, sin = self._rope(ctx.grid, q.device, ctx.token_order)
         return linear_attention(q, k, v, kind=self.config.feature_map, cos=cos, sin=sin, eps=self.config.eps)
 
     # -- forward --------------------------------------------------------------------------------

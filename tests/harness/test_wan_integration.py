@@ -416,7 +416,7 @@ def test_generate_writes_a_real_mp4(tmp_path, monkeypatch):
 
 
 # -- token order -----------------------------------------------------------------------------------
-ORDERED = [("sta", {"tile": (2, 4, 4)}), ("vsa", {})]
+ORDERED = [("sta", {"tile": (2, 4, 4)}), ("vsa", {}), ("salad_sta", {"sparse_knobs": (("tile", (2, 4, 4)),)})]
 
 
 def _ordered_and_raster(name, knobs, monkeypatch, train=False):
@@ -456,9 +456,10 @@ def _ordered_and_raster(name, knobs, monkeypatch, train=False):
 
 @pytest.mark.parametrize("name,knobs", ORDERED)
 def test_a_method_with_a_token_order_runs_the_blocks_in_it(name, knobs, monkeypatch):
-    """sta (tiles) and vsa (cubes) pose their problem in a token order: the blocks run in it (the patch
-    embedding written so, the rotary tables permuted, proj_out's output put back) and the methods gather
-    nothing per layer; the model's output is the one they give gathering k and v in every layer."""
+    """sta (tiles), vsa (cubes) and salad_sta (STA's tiles; its linear branch's RoPE tables permuted alike)
+    pose their problem in a token order: the blocks run in it (the patch embedding written so, the rotary
+    tables permuted, proj_out's output put back) and the methods gather nothing per layer; the model's
+    output is the one they give gathering k and v in every layer."""
     (ordered, _, gathers, order), (raster, _, raster_gathers, no_order) = _ordered_and_raster(name, knobs, monkeypatch)
     assert order is not None and no_order is None
     assert gathers == 0 and raster_gathers == TINY["num_layers"]  # k and v: one gather_pair per layer
@@ -474,14 +475,14 @@ def test_training_in_the_token_order_gives_the_same_gradients(name, knobs, monke
 
 
 def test_no_token_order_without_a_shared_one_or_with_a_per_token_timestep():
-    """salad_sta (its linear branch rotates by raster position) keeps raster order; so does a forward
-    with a per-token timestep (Wan 2.2 TI2V conditions tokens by position); restore removes the hooks."""
+    """salad (its sparse branch, topk, poses nothing in another order) keeps raster order; so does a
+    forward with a per-token timestep (Wan 2.2 TI2V conditions tokens by position); restore removes the hooks."""
     model = _model()
-    install_attention(model, "salad_sta", sparsity=0.5, sparse_knobs=(("tile", (2, 4, 4)),))
-    _run(model, _inputs(frames=6, h=24, w=24))
+    inputs = _inputs(frames=6, h=24, w=24)
+    install_attention(model, "salad", sparsity=0.5)
+    _run(model, inputs)
     assert attention_state(model).order is None
     install_attention(model, "sta", sparsity=0.5, tile=(2, 4, 4))
-    inputs = _inputs(frames=6, h=24, w=24)
     _run(model, inputs)
     assert attention_state(model).order is not None
     n = 6 * 12 * 12

@@ -28,6 +28,8 @@ What a row measures (``kind="dit"``):
   the same process on the same card. ``speedup = baseline_ms / ms``; ``attn_speedup =
   baseline_attn_ms / attn_ms``. The ``full`` row re-uses the baseline measurement (it *is* the
   baseline, with ``backend`` naming what ``auto`` picked).
+* ``token_order``: whether the blocks ran in the installed method's own token order (the Wan
+  integration's hooks; ``sta``, ``vsa``, ``salad_sta``), so the method gathered nothing per layer.
 * ``density``: mean over layers of each method's ``report().density``; ``backend``: the backends the
   layers report. The sampler step is ``step`` of ``num_steps`` (default: the middle of a 50-step
   run, past any dense warm-up steps) and is recorded.
@@ -166,7 +168,7 @@ def _forward_stats(
     attention time from the difference to the zero-cost stub model."""
     import time
 
-    from salad_bench.harness.integrations.wan import installed_methods, time_attention
+    from salad_bench.harness.integrations.wan import attention_state, installed_methods, time_attention
 
     def fn():
         return model(**inputs)
@@ -196,6 +198,8 @@ def _forward_stats(
                     sums.append(timer.take_ms())
                     inner.append(timer.take_ms(inner=True))
         reports = [m.report() for m in installed_methods(model)]
+        state = attention_state(model)
+        in_order = state is not None and state.order is not None  # the blocks ran in the methods' token order
     attn_ms = statistics.median(sums) if sums else None
     # a method built on another (SALAD on its sparse branch): its own work, per forward, beyond that method's
     extra = [a - b for a, b in zip(sums, inner, strict=True)] if any(inner) else []
@@ -215,6 +219,7 @@ def _forward_stats(
         "density": statistics.fmean(r.density for r in reports) if reports else None,
         "effective_density": effective,
         "backend": ",".join(backends),
+        "token_order": in_order,
         "flops_attn_executed": float(sum(r.flops_total for r in reports)),
         "peak_mem_gib": peak,
         "output_finite": finite,

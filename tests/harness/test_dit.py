@@ -86,6 +86,16 @@ def test_rows_for_dense_and_sparse_methods(tmp_path):
     # SALAD's own work (linear branch, projection, gate, merge) apart from its sparse branch's calls
     assert 0 < salad["attn_extra_ms"] < salad["attn_ms"] and topk["attn_extra_ms"] is None
     assert topk["flops_attn_executed"] < topk["flops_attn_dense"]
+    assert not any(r["token_order"] for r in rows)  # none of these poses its problem in another order
+
+
+def test_rows_say_when_the_blocks_ran_in_the_methods_token_order(tmp_path):
+    writer = RowWriter(tmp_path / "run")
+    run_dit_workload("dit:tiny", ["full", "sta", "vsa"], [0.5], writer=writer, knobs={"sta": {"tile": (1, 4, 4)}}, **FAST)
+    rows = {r["method"]: r for r in read_jsonl(writer.path)}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["sta"]["token_order"] is True and rows["vsa"]["token_order"] is True
+    assert rows["full"]["token_order"] is False
 
 
 def test_resume_skips_done_cells(tmp_path):

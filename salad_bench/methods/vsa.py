@@ -172,10 +172,13 @@ def cube_partition(grid: tuple[int, int, int], cube: tuple[int, int, int], devic
 def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
     """Mean of each cube's tokens: ``(B, H, N, D) -> (B, H, M, D)`` in fp32 (or fp64); differentiable.
 
-    A heads-major or token-major ``x`` (every layout the harness and the model pass) is pooled in one
-    pass by ``avg_pool3d`` over the grid (a ragged edge cube averages the tokens it has; fp32
-    accumulation, the mean rounded once to x's dtype); any other layout, and half types on the CPU (no
-    such pooling there), by an fp32 ``index_add``."""
+    A heads-major or token-major ``x`` (every layout the harness and the model pass) is pooled over the
+    grid in two ``avg_pool3d`` passes that read it in place, each a contiguous ``(N, C, D, H, W)`` view
+    (frames as channels, channels innermost): each frame's ``h x w`` windows, then the windows' means over
+    each cube's frames, in fp32. A ragged edge cube averages the tokens it has (every frame of a cube
+    has the same window, so the mean of the frames' means is the cube's mean); accumulation is fp32,
+    the frame means rounded once to x's dtype. Any other layout, and half types on the CPU (no such
+    pooling there), go through an fp32 ``index_add``."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     b, h, n, d = x.shape
     t, gh, gw = part.grid
@@ -188,14 +191,18 @@ def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
         sums = torch.zeros(b, h, part.num_cubes, d, device=x.device, dtype=work)
         sums = sums.index_add(2, part.token_cube, x.to(work))
         return sums / part.cube_sizes.to(work)[:, None]
-    window = tuple(min(c, g) for c, g in zip(part.cube, part.grid, strict=True))  # a grid side under a cube: one cell
-    pooled = F.avg_pool3d(cells.permute(0, 4, 1, 2, 3), window, stride=part.cube, ceil_mode=True)
-    pooled = pooled.permute(0, 2, 3, 4, 1).reshape(lead, -1, chans)  # (lead, cubes in natural order, chans)
+    ct, ch, cw = part.cube
+    # a grid side under a cube is one cell: the window is clipped to it
+    frames = F.avg_pool3d(cells, (min(ch, gh), min(cw, gw), 1), stride=(ch, cw, 1), ceil_mode=True)
+    nh, nw = frames.shape[2], frames.shape[3]  # (lead, T, nh, nw, chans): each frame's window means
+    cubes = F.avg_pool3d(frames.to(work).view(lead, 1, t, nh * nw * chans, 1), (min(ct, t), 1, 1), stride=(ct, 1, 1),
+                         ceil_mode=True)  # (lead, 1, nt, nh * nw * chans, 1): over each cube's frames
+    pooled = cubes.reshape(lead, -1, chans)  # (lead, cubes in natural (t, h, w) order, chans)
     if lead == b:
         pooled = pooled.view(b, -1, h, d).transpose(1, 2)
     else:
         pooled = pooled.view(b, h, -1, d)
-    return pooled.index_select(2, part.pool_order).to(work)
+    return pooled.index_select(2, part.pool_order)
 
 
 def pool_cubes_in_order(x: torch.Tensor, part: CubePartition) -> torch.Tensor:

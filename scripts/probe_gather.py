@@ -23,41 +23,25 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 import salad_bench.methods.base as mbase
 from salad_bench.harness.timing import measure
 from salad_bench.harness.workloads import get_workload, make_qkv
+from salad_bench.kernels.gather import _gather_pair_kernel
 from salad_bench.kernels.gather import gather_pair as kernel_gather_pair
 from salad_bench.kernels.layout import gather_tokens, token_major
 from salad_bench.methods import AttnContext, create_method
 
 
-@triton.jit
-def _gather_kv(K, V, KO, VO, PERM, H, N, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-               D: tl.constexpr, ROWS: tl.constexpr):
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs = pid * ROWS + tl.arange(0, ROWS)
-    mask = offs < N
-    src = tl.load(PERM + offs, mask=mask, other=0).to(tl.int64)
-    d = tl.arange(0, D)
-    m2 = mask[:, None]
-    k = tl.load(K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + src[:, None] * sk_n + d[None, :], mask=m2)
-    v = tl.load(V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h + src[:, None] * sv_n + d[None, :], mask=m2)
-    out = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs[:, None].to(tl.int64) * so_n + d[None, :]
-    tl.store(KO + out, k, mask=m2)
-    tl.store(VO + out, v, mask=m2)
-
-
 def gather_kv_triton(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, tokens_out: bool, rows: int = 64):
+    """The package's gather kernel (kernels.gather) at another row count and output layout."""
     b, h, n, d = k.shape
     if tokens_out:
         ko, vo = token_major(b, h, n, d, k.dtype, k.device), token_major(b, h, n, d, v.dtype, v.device)
     else:
         ko, vo = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
-    _gather_kv[(triton.cdiv(n, rows), b * h)](
-        k, v, ko, vo, perm, h, n, *k.stride()[:3], *v.stride()[:3], *ko.stride()[:3], D=d, ROWS=rows, num_warps=4
+    _gather_pair_kernel[(triton.cdiv(n, rows), b * h)](
+        k, v, ko, vo, perm, h, n, *k.stride()[:3], *v.stride()[:3], *ko.stride()[:3], d, DP=d, ROWS=rows, num_warps=4
     )
     return ko, vo
 

@@ -42,7 +42,6 @@ __all__ = [
     "check_range",
     "create_method",
     "dense_flops",
-    "block_sparse_with_residual",
     "gather_tokens",
     "permuted_block_sparse",
 ]
@@ -183,26 +182,25 @@ def dense_flops(b: int, h: int, n_q: int, n_k: int, d: int) -> float:
     return 4.0 * b * h * n_q * n_k * d
 
 
-def block_sparse_with_residual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, backend: str,
-                               residual: torch.Tensor | None) -> torch.Tensor:
-    """Block-sparse attention plus ``residual``: added in the kernel's epilogue at inference, after the
-    attention under autograd (the fused forward has no backward)."""
-    if residual is None or not needs_grad(q, k, v, residual):
-        return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual)
-    return residual + block_sparse_attention(q, k, v, layout, backend=backend)
-
-
-def permuted_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, perm: torch.Tensor,
-                          inverse: torch.Tensor, backend: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+def permuted_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                          perm: torch.Tensor | None, inverse: torch.Tensor | None, backend: str,
+                          residual: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse attention whose ``layout`` is posed in the token order ``perm`` (``inverse`` its inverse;
-    STA's tiles, VSA's cubes), output (plus ``residual``) in the tokens' own order. At inference k and v are
+    STA's tiles, VSA's cubes), output plus ``residual`` in the tokens' own order. At inference k and v are
     gathered and the kernel reads q and writes the output through ``perm`` (``q_index``); under autograd q,
-    k, v are gathered and the output gathered back (the inverse permutation: no scatter)."""
+    k, v are gathered and the output gathered back (the inverse permutation: no scatter). ``perm`` None:
+    the tokens are already in the layout's order (``AttnContext.token_order``), nothing is gathered. The
+    residual is added in the kernel's epilogue at inference, after the attention under autograd."""
     if not needs_grad(q, k, v, residual):
+        if perm is None:
+            return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual)
         k, v = gather_pair(k, v, perm, backend)
         return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual, q_index=perm)
-    k, v = gather_tokens(k, perm), gather_tokens(v, perm)
-    out = gather_tokens(block_sparse_attention(gather_tokens(q, perm), k, v, layout, backend=backend), inverse)
+    if perm is None:
+        out = block_sparse_attention(q, k, v, layout, backend=backend)
+    else:
+        k, v = gather_tokens(k, perm), gather_tokens(v, perm)
+        out = gather_tokens(block_sparse_attention(gather_tokens(q, perm), k, v, layout, backend=backend), inverse)
     return out if residual is None else residual + out
 
 

@@ -65,7 +65,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from salad_bench.kernels import block_sparse_attention, resolve_backend
+from salad_bench.kernels import resolve_backend
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.methods._warmup import WarmupConfig, WarmupMethod, check_count
 from salad_bench.methods.base import METHODS, AttnContext, check_choice, check_range, permuted_block_sparse
@@ -275,9 +275,9 @@ class Sta(WarmupMethod):
 
     def _execute(self, q, k, v, grid, layout: BlockLayout, backend: str, permute: bool = True,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.config.token_order == "raster" or not permute:
-            return block_sparse_attention(q, k, v, layout, backend=backend, residual=residual)
-        perm, inverse = self._permutation(tuple(grid), q.shape[2], str(q.device))
+        perm = inverse = None  # raster order, or tokens already in tile order
+        if self.config.token_order != "raster" and permute:
+            perm, inverse = self._permutation(tuple(grid), q.shape[2], str(q.device))
         return permuted_block_sparse(q, k, v, layout, perm, inverse, backend, residual)
 
     @torch._dynamo.assume_constant_result

@@ -70,7 +70,6 @@ from salad_bench.methods.base import (
     AttentionMethod,
     AttnContext,
     MethodConfig,
-    block_sparse_with_residual,
     check_choice,
     check_range,
     permuted_block_sparse,
@@ -169,6 +168,15 @@ def cube_partition(grid: tuple[int, int, int], cube: tuple[int, int, int], devic
     return part
 
 
+def _mean_by_cube(x: torch.Tensor, cube_ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """``(B, H, M, D)`` means of x's tokens by ``cube_ids`` (``sizes[c]`` tokens in cube c), by an fp32
+    (fp64 for fp64 x) ``index_add``."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b, h, _, d = x.shape
+    sums = torch.zeros(b, h, sizes.numel(), d, device=x.device, dtype=work).index_add(2, cube_ids, x.to(work))
+    return sums / sizes.to(work)[:, None]
+
+
 def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
     """Mean of each cube's tokens: ``(B, H, N, D) -> (B, H, M, D)`` in fp32 (or fp64); differentiable.
 
@@ -188,9 +196,7 @@ def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
     elif poolable and x.is_contiguous():
         cells, lead, chans = x.reshape(b * h, t, gh, gw, d), b * h, d
     else:
-        sums = torch.zeros(b, h, part.num_cubes, d, device=x.device, dtype=work)
-        sums = sums.index_add(2, part.token_cube, x.to(work))
-        return sums / part.cube_sizes.to(work)[:, None]
+        return _mean_by_cube(x, part.token_cube, part.cube_sizes)
     ct, ch, cw = part.cube
     # a grid side under a cube is one cell: the window is clipped to it
     frames = F.avg_pool3d(cells, (min(ch, gh), min(cw, gw), 1), stride=(ch, cw, 1), ceil_mode=True)
@@ -210,14 +216,12 @@ def pool_cubes_in_order(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
     full cubes are consecutive runs of ``block`` tokens (one fp32-accumulating mean over a view), the
     partial cubes of the tail go through an fp32 ``index_add``."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    b, h, n, d = x.shape
     head = part.full_cubes * part.block
     full = x[:, :, :head].unflatten(2, (part.full_cubes, part.block)).mean(3, dtype=work)
-    if head == n:
+    if head == x.shape[2]:
         return full
-    tail = torch.zeros(b, h, part.num_cubes - part.full_cubes, d, device=x.device, dtype=work)
-    tail = tail.index_add(2, part.position_cube[head:] - part.full_cubes, x[:, :, head:].to(work))
-    return torch.cat([full, tail / part.cube_sizes[part.full_cubes:].to(work)[:, None]], 2)
+    tail = _mean_by_cube(x[:, :, head:], part.position_cube[head:] - part.full_cubes, part.cube_sizes[part.full_cubes:])
+    return torch.cat([full, tail], 2)
 
 
 def cube_scores(q: torch.Tensor, k: torch.Tensor, part: CubePartition) -> torch.Tensor:
@@ -317,10 +321,8 @@ class VSA(AttentionMethod):
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
         backend = resolve_backend(self.config.backend, q.device)
         coarse_out = (self.gate_value(q, ctx).to(q.dtype) * out_c if self.config.gate == "linear" else out_c)
-        if ordered:
-            out = block_sparse_with_residual(q, k, v, layout, backend, coarse_out)
-        else:
-            out = permuted_block_sparse(q, k, v, layout, part.perm, part.inv, backend, residual=coarse_out)
+        perm = None if ordered else part.perm
+        out = permuted_block_sparse(q, k, v, layout, perm, part.inv, backend, residual=coarse_out)
         m, c = part.num_cubes, h * d
         coarse = 3.0 * b * h * n * d + 4.0 * b * h * m * m * d
         gate = (2.0 * b * n * c * c if self.config.gate == "linear" else 0.0) + 2.0 * b * h * n * d

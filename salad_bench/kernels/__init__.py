@@ -33,6 +33,7 @@ __all__ = [
     "linear_attention_ref",
     "resolve_backend",
     "triton_available",
+    "window_means",
 ]
 
 
@@ -181,20 +182,38 @@ def gather_pair(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``(a[:, :, index], b[:, :, index])`` of two ``(B, H, N, D)`` tensors: k and v put into the token
     order a block layout is posed in (tile order, cube order) before :func:`block_sparse_attention` with
-    ``q_index``. On the Triton backend, at inference, one launch gathers both
-    (:func:`kernels.gather.gather_pair`); otherwise, and under autograd, ``index_select`` per tensor
-    (:func:`kernels.layout.gather_tokens`). A token-major input stays token-major. Under
+    ``q_index``. On the Triton backend, at inference, one launch gathers both when they are not
+    token-major (:func:`kernels.gather.gather_pair`); a token-major pair, other backends and autograd take
+    ``index_select`` per tensor (:func:`kernels.layout.gather_tokens`: a token-major tensor as whole
+    ``H * D`` rows, which the launch only ties). A token-major input stays token-major. Under
     ``torch.compile`` the Triton path is the operator ``salad_bench::gather_pair``."""
     from salad_bench.kernels.launch import needs_grad
-    from salad_bench.kernels.layout import gather_tokens
+    from salad_bench.kernels.layout import gather_tokens, is_token_major
 
-    if resolve_backend(backend, a.device) != "triton" or needs_grad(a, b):
+    if (resolve_backend(backend, a.device) != "triton" or needs_grad(a, b)
+            or (is_token_major(a) and is_token_major(b))):
         return gather_tokens(a, index), gather_tokens(b, index)
     if torch.compiler.is_compiling():
         return torch.ops.salad_bench.gather_pair(a, b, index)
     from salad_bench.kernels.gather import gather_pair as _triton_gather_pair
 
     return _triton_gather_pair(a, b, index)
+
+
+def window_means(x: torch.Tensor, grid: tuple[int, int, int], window: tuple[int, int, int],
+                 order: torch.Tensor | None = None) -> torch.Tensor:
+    """Each cell's fp32 mean of a ``(B, H, N, D)`` tensor's tokens over a ``(T, H, W)`` grid cut into
+    ``window``-sized cells (ragged at the edges), in one Triton launch (:func:`kernels.pool.window_means`):
+    ``(B, H, M, D)``, cells in raster order or in ``order``. Inference only (no autograd); raises
+    :class:`Unsupported` where Triton cannot run. Under ``torch.compile`` it is the operator
+    ``salad_bench::window_means``."""
+    if not triton_available(x.device):
+        raise Unsupported(f"window_means needs Triton on {x.device.type} (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    if torch.compiler.is_compiling():
+        return torch.ops.salad_bench.window_means(x, list(grid), list(window), order)
+    from salad_bench.kernels.pool import window_means as _triton_window_means
+
+    return _triton_window_means(x, grid, window, order)
 
 
 def linear_attention(

@@ -11,6 +11,8 @@ these operators; eager calls go straight to the implementations (no dispatcher c
   (inference: no backward)
 * ``salad_bench::gather_pair(a, b, index) -> (a[:, :, index], b[:, :, index])``: one Triton launch
   (inference: no backward)
+* ``salad_bench::window_means(x, grid, window, order?) -> (B, H, M, D)`` fp32 means over a token grid's
+  cells: one Triton launch (inference: no backward)
 * ``salad_bench::linear_attention(q, k, v, cos?, sin?, kind, eps, backend)``: token-major output
 * ``salad_bench::select_topk(q, k, keep, block_q, block_k, keep_diagonal) -> (kv_idx, kv_cnt)``
 
@@ -32,7 +34,8 @@ from torch import Tensor
 
 from salad_bench.kernels.layout import is_token_major, token_major
 
-__all__ = ["block_sparse_attention_inference_op", "block_sparse_attention_op", "gather_pair_op", "linear_attention_op", "select_topk_op"]
+__all__ = ["block_sparse_attention_inference_op", "block_sparse_attention_op", "gather_pair_op", "linear_attention_op", "select_topk_op",
+           "window_means_op"]
 
 _NO_SCALE = -1.0  # the operator schema takes a float; "None" (1/sqrt(D)) travels as this
 
@@ -140,6 +143,22 @@ def _(a, b, index):
     from salad_bench.kernels.gather import _out_like
 
     return _out_like(a, index.shape[0]), _out_like(a, index.shape[0])
+
+
+# -- means over a token grid's cells (Triton, inference) -------------------------------------------
+@torch.library.custom_op("salad_bench::window_means", mutates_args=())
+def window_means_op(x: Tensor, grid: list[int], window: list[int], order: Tensor | None) -> Tensor:
+    from salad_bench.kernels.pool import window_means
+
+    return window_means(x, tuple(grid), tuple(window), order)
+
+
+@window_means_op.register_fake
+def _(x, grid, window, order):
+    cells = 1
+    for g, w in zip(grid, window, strict=True):
+        cells *= -(-g // w)
+    return x.new_empty((x.shape[0], x.shape[1], cells, x.shape[3]), dtype=torch.float32)
 
 
 # -- linear attention ----------------------------------------------------------------------------

@@ -63,7 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salad_bench.kernels import keep_count, resolve_backend
+from salad_bench.kernels import keep_count, resolve_backend, window_means
+from salad_bench.kernels.launch import needs_grad
 from salad_bench.kernels.layout import BlockLayout, cdiv
 from salad_bench.methods.base import (
     METHODS,
@@ -177,16 +178,20 @@ def _mean_by_cube(x: torch.Tensor, cube_ids: torch.Tensor, sizes: torch.Tensor) 
     return sums / sizes.to(work)[:, None]
 
 
-def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
+def pool_cubes(x: torch.Tensor, part: CubePartition, backend: str | None = None) -> torch.Tensor:
     """Mean of each cube's tokens: ``(B, H, N, D) -> (B, H, M, D)`` in fp32 (or fp64); differentiable.
 
-    A heads-major or token-major ``x`` (every layout the harness and the model pass) is pooled over the
-    grid in two ``avg_pool3d`` passes that read it in place, each a contiguous ``(N, C, D, H, W)`` view
-    (frames as channels, channels innermost): each frame's ``h x w`` windows, then the windows' means over
-    each cube's frames, in fp32. A ragged edge cube averages the tokens it has (every frame of a cube
+    On the Triton ``backend`` at inference one launch reads x once (:func:`kernels.window_means`: the cubes
+    in cube-id order, fp32 sums of x's own values). Otherwise, and under autograd, a heads-major or
+    token-major ``x`` (every layout the harness and the model pass) is pooled over the grid in two passes:
+    one ``avg_pool3d`` that reads it in place as a contiguous ``(N, C, D, H, W)`` view (frames as channels,
+    channels innermost) for each frame's ``h x w`` windows, then the windows' means over each cube's
+    frames, in fp32. A ragged edge cube averages the tokens it has (every frame of a cube
     has the same window, so the mean of the frames' means is the cube's mean); accumulation is fp32,
     the frame means rounded once to x's dtype. Any other layout, and half types on the CPU (no such
     pooling there), go through an fp32 ``index_add``."""
+    if backend == "triton" and x.dtype != torch.float64 and x.stride(-1) == 1 and not needs_grad(x):
+        return window_means(x, part.grid, part.cube, part.pool_order)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     b, h, n, d = x.shape
     t, gh, gw = part.grid
@@ -200,10 +205,13 @@ def pool_cubes(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
     ct, ch, cw = part.cube
     # a grid side under a cube is one cell: the window is clipped to it
     frames = F.avg_pool3d(cells, (min(ch, gh), min(cw, gw), 1), stride=(ch, cw, 1), ceil_mode=True)
-    nh, nw = frames.shape[2], frames.shape[3]  # (lead, T, nh, nw, chans): each frame's window means
-    cubes = F.avg_pool3d(frames.to(work).view(lead, 1, t, nh * nw * chans, 1), (min(ct, t), 1, 1), stride=(ct, 1, 1),
-                         ceil_mode=True)  # (lead, 1, nt, nh * nw * chans, 1): over each cube's frames
-    pooled = cubes.reshape(lead, -1, chans)  # (lead, cubes in natural (t, h, w) order, chans)
+    # (lead, T, nh, nw, chans): each frame's window means; then each cube's frames, the full cubes as one
+    # reduction over a view and a ragged last cube apart (both fp32)
+    full = t // ct
+    cubes = [frames[:, : full * ct].unflatten(1, (full, ct)).mean(2, dtype=work)] if full else []
+    if t > full * ct:
+        cubes.append(frames[:, full * ct :].mean(1, keepdim=True, dtype=work))
+    pooled = (torch.cat(cubes, 1) if len(cubes) > 1 else cubes[0]).reshape(lead, -1, chans)  # natural (t, h, w) order
     if lead == b:
         pooled = pooled.view(b, -1, h, d).transpose(1, 2)
     else:
@@ -224,9 +232,9 @@ def pool_cubes_in_order(x: torch.Tensor, part: CubePartition) -> torch.Tensor:
     return torch.cat([full, tail], 2)
 
 
-def cube_scores(q: torch.Tensor, k: torch.Tensor, part: CubePartition) -> torch.Tensor:
+def cube_scores(q: torch.Tensor, k: torch.Tensor, part: CubePartition, backend: str | None = None) -> torch.Tensor:
     """Cube-level logits ``(B, H, M, M)``, scaled by ``1/sqrt(D)`` (FastVideo's compression branch)."""
-    return pool_cubes(q, part) @ pool_cubes(k, part).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return pool_cubes(q, part, backend) @ pool_cubes(k, part, backend).transpose(-1, -2) / math.sqrt(q.shape[-1])
 
 
 def selected_cubes(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -285,7 +293,8 @@ class VSA(AttentionMethod):
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> BlockLayout:
         """Fine-stage layout over the cube-major token order (``partition(ctx).perm``)."""
         part = self.partition(ctx, q.device)
-        idx = selected_cubes(cube_scores(q, k, part).detach(), self.config.sparsity)
+        backend = resolve_backend(self.config.backend, q.device)
+        idx = selected_cubes(cube_scores(q, k, part, backend).detach(), self.config.sparsity)
         return cube_layout(idx, part, q.shape[2])
 
     def gate_value(self, q: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -309,17 +318,19 @@ class VSA(AttentionMethod):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, h, n, d = q.shape
         part = self.partition(ctx, q.device)
+        backend = resolve_backend(self.config.backend, q.device)
         ordered = ctx.token_order is not None  # tokens already cube-major (a model integration did it)
-        pool = pool_cubes_in_order if ordered else pool_cubes
         # coarse stage (differentiable through the pooling)
-        qc, kc, vc = pool(q, part), pool(k, part), pool(v, part)
+        if ordered:
+            qc, kc, vc = pool_cubes_in_order(q, part), pool_cubes_in_order(k, part), pool_cubes_in_order(v, part)
+        else:
+            qc, kc, vc = pool_cubes(q, part, backend), pool_cubes(k, part, backend), pool_cubes(v, part, backend)
         scores = qc @ kc.transpose(-1, -2) / math.sqrt(d)
         # per cube in fp32, then broadcast to the tokens in q's dtype: (B, H, N, D), in the tokens' order
         cube_of = part.position_cube if ordered else part.token_cube
         out_c = (torch.softmax(scores, dim=-1) @ vc).to(q.dtype).index_select(2, cube_of)
         # fine stage on the cube-major permutation
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
-        backend = resolve_backend(self.config.backend, q.device)
         coarse_out = (self.gate_value(q, ctx).to(q.dtype) * out_c if self.config.gate == "linear" else out_c)
         perm = None if ordered else part.perm
         out = permuted_block_sparse(q, k, v, layout, perm, part.inv, backend, residual=coarse_out)

@@ -18,7 +18,7 @@ import torch
 # The shared modules first (launch holds the interpreter flag, features Triton functions the kernels import).
 KERNEL_MODULES = ("triton", "triton.experimental.gluon", "salad_bench.kernels.launch", "salad_bench.kernels.features",
                   "salad_bench.kernels.block_sparse", "salad_bench.kernels.select_triton", "salad_bench.kernels.linear_attn",
-                  "salad_bench.kernels.gather")
+                  "salad_bench.kernels.gather", "salad_bench.kernels.pool")
 INTERPRETED = not torch.cuda.is_available()
 # Set when triton was imported (compiled mode) before this file ran: the interpreter cannot be turned on.
 TRITON_TOO_EARLY = INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1" and "triton" in sys.modules

@@ -82,6 +82,22 @@ def test_tile_ordered_methods_gather_k_v_in_one_launch_at_inference(gen, name, k
 
 
 @pytest.mark.parametrize("token_major", [False, True])
+def test_the_dispatch_launches_for_heads_major_pairs_only(gen, token_major, monkeypatch):
+    """``kernels.gather_pair`` on the Triton backend at inference: one launch for a heads-major pair, whole-row
+    ``index_select`` for a token-major one (where the launch measured no faster); the same tensors either way."""
+    import salad_bench.kernels as K
+
+    calls = []
+    real = g.gather_pair
+    monkeypatch.setattr(g, "gather_pair", lambda *a: calls.append(1) or real(*a))
+    k, v = _pair(gen, 90, 64, token_major)
+    perm = torch.randperm(90, generator=gen).to(DEVICE)
+    gk, gv = K.gather_pair(k, v, perm, "triton")
+    assert calls == ([] if token_major else [1])
+    assert torch.equal(gk, k[:, :, perm]) and torch.equal(gv, v[:, :, perm]) and is_token_major(gk) == token_major
+
+
+@pytest.mark.parametrize("token_major", [False, True])
 def test_gather_pair_operator_fake_matches_the_kernel(gen, token_major):
     """``salad_bench::gather_pair`` (what a compiled model calls): its fake gives the kernel's shapes and
     strides (token-major stays token-major)."""

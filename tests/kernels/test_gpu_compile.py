@@ -84,12 +84,12 @@ def test_selection_kernels_compile_for_hopper(tmp_path):
 
 KERNELS_SCRIPT = BUILD + textwrap.dedent(
     """
-    from salad_bench.kernels import block_sparse as bs, gather as ga, linear_attn as la
+    from salad_bench.kernels import block_sparse as bs, gather as ga, linear_attn as la, pool as po
 
-    FP32 = {"LSE", "DELTA", "PART", "S", "DPART", "DS", "COS", "SIN"}
+    FP32 = {"LSE", "DELTA", "PART", "S", "DPART", "DS", "COS", "SIN", "OUT"}
     I32 = {"KV_IDX", "KV_CNT", "ORDER", "QT_IDX", "QT_CNT", "QIdx", "IDX"}
     FLOATS = {"qk_scale", "sm_scale", "eps_n", "inv_n"}
-    SCALARS = {"H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE", "D"}
+    SCALARS = {"H", "N", "MQ", "MK", "KMAX", "CHUNK", "QT_STRIDE", "D", "T", "GH", "GW", "NH", "NW"}
 
     def types_of(fn):
         # argument types from the kernels' naming: upper-case tensors, *_desc TMA descriptors, the rest ints
@@ -120,6 +120,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
         ("bwd dk/dv", bs._bwd_dkdv_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, PREC="tf32"), 4),
         ("bwd dq", bs._bwd_dq_kernel, dict(D=128, BQ=128, BK=64, BLOCK_M=64, EVEN_N=False, KMAX_P2=512, PREC="tf32"), 4),
         ("gather pair", ga._gather_pair_kernel, dict(DP=128, ROWS=ga._ROWS), 4),
+        ("window means", po._window_means_kernel, dict(WT=4, WH=4, WW=4, ROWS=16, DP=128, HAS_ORDER=True), 4),
         ("linear state", la._fwd_state_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=False, BLOCK=32), 4),
         ("linear state, split (the backward's)", la._fwd_state_kernel, dict(lin, NATIVE_MODE=2, STATE_SPLIT=True, BLOCK=32), 4),
         ("linear out", la._fwd_out_kernel, dict(lin, F32_MODE=1, F32_SPLIT=False, BLOCK=32), 4),
@@ -135,7 +136,7 @@ KERNELS_SCRIPT = BUILD + textwrap.dedent(
 
 
 def test_attention_and_linear_kernels_compile_for_hopper(tmp_path):
-    """The block-sparse forward (TMA and pointer loads), its backward kernels, the k/v gather and the
+    """The block-sparse forward (TMA and pointer loads), its backward kernels, the k/v gather, the grid means and the
     linear-branch Triton kernels build for sm_90, with the specialisation a launch gives (aligned pointers, divisible integers)."""
     res = _compile(KERNELS_SCRIPT, tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

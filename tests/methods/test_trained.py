@@ -188,8 +188,8 @@ def test_vsa_cube_tokens_follow_the_grid(gen, grid, cube, layout):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 @pytest.mark.parametrize("token_major", [False, True])
 def test_vsa_pools_bf16_on_the_gpu_close_to_the_fp32_mean(gen, token_major):
-    """On CUDA a bf16 x is pooled by two avg_pool3d passes (fp32 accumulation, each frame's window mean
-    rounded to bf16 once, the frames averaged in fp32): within bf16 rounding of the fp32 mean."""
+    """On CUDA a bf16 x is pooled by one avg_pool3d pass (fp32 accumulation, each frame's window mean
+    rounded to bf16 once), then the frames averaged in fp32: within bf16 rounding of the fp32 mean."""
     grid = (5, 10, 11)
     part = cube_partition(grid, (4, 4, 4), "cuda")
     x = torch.randn(1, 3, math.prod(grid), 128, generator=gen).cuda().bfloat16()

@@ -80,7 +80,8 @@ def main() -> int:
             results.append({"input": layout, "way": name, "ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms,
                             "GB/s": gb / (t.median_ms / 1e3), "equal": ok})
             print(f"{layout:7} {name:22} {t.median_ms:7.3f} ms  {gb / (t.median_ms / 1e3):7.0f} GB/s  equal={ok}", flush=True)
-    # the methods as called: k and v gathered by gather_pair (the package now) against index_select (before)
+    # the methods as called: k and v gathered by the package's dispatch (since f8d352a the launch for heads-major
+    # pairs, index_select for token-major ones) against index_select throughout
     ctx = AttnContext(grid=wl.grid, num_layers=wl.layers)
     new = mbase.gather_pair
     old = lambda a, b, index, backend: (gather_tokens(a, index), gather_tokens(b, index))  # noqa: E731

@@ -155,10 +155,9 @@ def window_means_op(x: Tensor, grid: list[int], window: list[int], order: Tensor
 
 @window_means_op.register_fake
 def _(x, grid, window, order):
-    cells = 1
-    for g, w in zip(grid, window, strict=True):
-        cells *= -(-g // w)
-    return x.new_empty((x.shape[0], x.shape[1], cells, x.shape[3]), dtype=torch.float32)
+    from salad_bench.kernels.pool import cell_count
+
+    return x.new_empty((x.shape[0], x.shape[1], cell_count(grid, window), x.shape[3]), dtype=torch.float32)
 
 
 # -- linear attention ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from salad_bench.kernels.layout import cdiv
 
-__all__ = ["window_means"]
+__all__ = ["cell_count", "window_means"]
 
 
 @triton.jit
@@ -47,6 +47,11 @@ def _window_means_kernel(X, OUT, ORDER, H, T, GH, GW, NH, NW,
     tl.store(OUT + b * so_b + h * so_h + pos.to(tl.int64) * so_m + d, acc / count.to(tl.float32), mask=d_ok)
 
 
+def cell_count(grid, window) -> int:
+    """Cells of a ``(T, H, W)`` grid cut into ``window``-sized cells, ragged at the far edges."""
+    return cdiv(grid[0], window[0]) * cdiv(grid[1], window[1]) * cdiv(grid[2], window[2])
+
+
 def window_means(x: torch.Tensor, grid: tuple[int, int, int], window: tuple[int, int, int],
                  order: torch.Tensor | None = None) -> torch.Tensor:
     """Each grid cell's mean of ``x``'s tokens: ``(B, H, N, D)`` with ``N = T * GH * GW`` in raster order
@@ -66,7 +71,7 @@ def window_means(x: torch.Tensor, grid: tuple[int, int, int], window: tuple[int,
     if torch.is_grad_enabled() and x.requires_grad:
         raise ValueError("window_means has no backward; pool tensors that need gradients with torch ops")
     b, h, _, d = x.shape
-    m = cdiv(t, wt) * cdiv(gh, wh) * cdiv(gw, ww)
+    m = cell_count((t, gh, gw), (wt, wh, ww))
     if order is not None and (order.dim() != 1 or order.numel() != m or order.device != x.device
                               or order.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"window_means' order must be a 1-D int32/int64 tensor of the {m} cells on {x.device}; got "

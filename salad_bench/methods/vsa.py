@@ -321,17 +321,15 @@ class VSA(AttentionMethod):
         backend = resolve_backend(self.config.backend, q.device)
         ordered = ctx.token_order is not None  # tokens already cube-major (a model integration did it)
         # coarse stage (differentiable through the pooling)
-        if ordered:
-            qc, kc, vc = pool_cubes_in_order(q, part), pool_cubes_in_order(k, part), pool_cubes_in_order(v, part)
-        else:
-            qc, kc, vc = pool_cubes(q, part, backend), pool_cubes(k, part, backend), pool_cubes(v, part, backend)
+        pool = (lambda x: pool_cubes_in_order(x, part)) if ordered else (lambda x: pool_cubes(x, part, backend))
+        qc, kc, vc = pool(q), pool(k), pool(v)
         scores = qc @ kc.transpose(-1, -2) / math.sqrt(d)
         # per cube in fp32, then broadcast to the tokens in q's dtype: (B, H, N, D), in the tokens' order
         cube_of = part.position_cube if ordered else part.token_cube
         out_c = (torch.softmax(scores, dim=-1) @ vc).to(q.dtype).index_select(2, cube_of)
         # fine stage on the cube-major permutation
         layout = cube_layout(selected_cubes(scores.detach(), self.config.sparsity), part, n)
-        coarse_out = (self.gate_value(q, ctx).to(q.dtype) * out_c if self.config.gate == "linear" else out_c)
+        coarse_out = self.gate_value(q, ctx).to(q.dtype) * out_c if self.config.gate == "linear" else out_c
         perm = None if ordered else part.perm
         out = permuted_block_sparse(q, k, v, layout, perm, part.inv, backend, residual=coarse_out)
         m, c = part.num_cubes, h * d

@@ -66,6 +66,23 @@ def test_a_flat_curve_under_a_decaying_lr_is_not_a_constant_lr_plateau():
     assert not res["plateaued"] and "learning rate changes" in res["reason"]
 
 
+def test_a_cooled_checkpoint_is_tested_on_its_constant_lr_phase(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    flat = (0.1 + 0.0005 * torch.randn(10, generator=g)).tolist()
+    lrs = [3e-4] * 10 + [3e-4 * (1 - i / 4) for i in range(4)]
+    path = tmp_path / "curves.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "val_loss": v, "lr": lr}) + "\n"
+                            for s, v, lr in _curve([*flat, 0.095, 0.09, 0.085, 0.08], lrs)))  # fmt: skip
+    assert not base_bar.checkpoint_plateau(path)["plateaued"]  # the whole curve: the lr changes in the window
+    res = base_bar.checkpoint_plateau(path, {"from_step": 2500, "steps": 1000})
+    assert res["plateaued"] and res["steps"] == [750, 2500], res
+    assert res["cooldown"]["val_loss_before"] == pytest.approx(flat[-1]) and res["cooldown"]["val_loss_after"] == 0.08
+    assert res["cooldown"]["last_step"] == 3500 and "cooldown from step 2500" in res["reason"]
+    falling = base_bar.checkpoint_plateau(path, {"from_step": 2000, "steps": 1500}, rel_tol=1e-9)
+    assert not falling["plateaued"] and falling["reason"].startswith("constant-lr phase up to step 2000")
+    assert not base_bar.checkpoint_plateau(tmp_path / "none.jsonl")["plateaued"]
+
+
 def test_too_few_evaluations_and_the_t_quantile():
     assert not plateau_test(_curve([0.1] * 5), window=8)["plateaued"]
     assert base_bar._t975(4) == pytest.approx(2.776, abs=1e-3) and base_bar._t975(30) == pytest.approx(2.042, abs=1e-3)
@@ -343,6 +360,74 @@ def test_until_plateau_on_a_new_machine_refuses_or_goes_on_from_the_checkpoint(t
     assert card["steps_done"] == 6 and card["optimizer_resets_at"] == [4]
     assert "fresh optimiser moments" in capsys.readouterr().out
     assert train_base([*common, "--from-checkpoint", "--lr", "1e-3"]) == 0  # done already: the recipe is not read
+
+
+def _curve_rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_cooldown_after_the_plateau_decays_the_lr_to_zero_in_pieces_alike(tmp_path, capsys):
+    """--cooldown goes on from the plateau's resume state (its moments: no reset), the lr falling linearly
+    to 0; pieces equal one call; the card keeps the plateau of the constant phase; reruns and misuse."""
+    from salad_bench.harness.quality.train import lr_at
+    from salad_bench.harness.quality.train_base import main as train_base
+
+    common = ["--tiny", "--batch", "2", "--val-every", "2", "--n-val", "2", "--plateau-window", "3",
+              "--plateau-rel-tol", "100", "--device", "cpu"]  # fmt: skip
+    one, pieces = tmp_path / "one", tmp_path / "pieces"
+    for out in (one, pieces):
+        assert train_base(["--out", str(out), "--until-plateau", "--max-steps", "20", "--check-every", "0", *common]) == 0
+    start = json.loads((one / "card.json").read_text())["steps_done"]
+    assert start < 20 and json.loads((one / "card.json").read_text())["plateau"]["plateaued"]
+    assert train_base(["--out", str(one), "--cooldown", "4", *common]) == 0
+    assert train_base(["--out", str(pieces), "--cooldown", "4", "--check-every", "0", *common]) == 0
+    assert "done: cooled down" in capsys.readouterr().out
+    a, card = load_checkpoint(one)
+    b, _ = load_checkpoint(pieces)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(x, y, rtol=0, atol=1e-2 * x.abs().max().item() + 1e-6), name
+    assert card["steps_done"] == start + 4 and card["optimizer_resets_at"] == []
+    assert card["cooldown"] == {"from_step": start, "steps": 4, "lr_from": 3e-4, "lr_to": 0.0, "schedule": "linear"}
+    assert card["train_config"]["decay_start"] == start and card["train_config"]["min_lr_ratio"] == 0.0
+    assert card["plateau"]["plateaued"] and f"cooldown from step {start}" in card["plateau"]["reason"]
+    rows = _curve_rows(one / "curves.jsonl")
+    lrs = {r["step"]: r["lr"] for r in rows if r["step"] > start and "lr" in r and "event" not in r}
+    assert lrs == {start + 1: pytest.approx(3e-4), start + 2: pytest.approx(2.25e-4), start + 4: pytest.approx(0.75e-4)}
+    from salad_bench.harness.quality.train import TrainConfig
+
+    assert lr_at(start + 4, TrainConfig(**{k: v for k, v in card["train_config"].items()})) == 0.0
+    assert [r["step"] for r in rows if r.get("event") == "cooldown_start"] == [start]
+    # reruns: done; another N or a constant lr after it is refused with the way on
+    assert train_base(["--out", str(one), "--cooldown", "4", *common]) == 0
+    assert "done: cooled down" in capsys.readouterr().out
+    assert train_base(["--out", str(one), "--cooldown", "6", *common]) == 2
+    assert "rerun with --cooldown 4" in capsys.readouterr().err
+    assert train_base(["--out", str(one), "--until-plateau", "--max-steps", "40", *common]) == 2
+    assert "cooled down from step" in capsys.readouterr().err
+
+
+def test_cooldown_refuses_a_curve_without_a_plateau_and_a_new_machine_without_from_checkpoint(tmp_path, capsys):
+    from salad_bench.harness.quality.train_base import main as train_base
+
+    common = ["--tiny", "--batch", "2", "--val-every", "2", "--n-val", "2", "--plateau-window", "3", "--device", "cpu",
+              "--out", str(tmp_path)]  # fmt: skip
+    assert train_base(["--cooldown", "2", *common]) == 2
+    assert "no trained checkpoint" in capsys.readouterr().err
+    assert train_base(["--until-plateau", "--max-steps", "4", "--plateau-rel-tol", "1e-9", *common]) == 0
+    assert train_base(["--cooldown", "2", "--plateau-rel-tol", "1e-9", *common]) == 2
+    assert "has not plateaued" in capsys.readouterr().err
+    common[-1] = str(tmp_path / "plateaued")
+    assert train_base(["--until-plateau", "--max-steps", "6", "--plateau-rel-tol", "100", "--check-every", "0", *common]) == 0
+    (tmp_path / "plateaued" / "resume" / "state.pt").unlink()
+    assert train_base(["--cooldown", "2", "--plateau-rel-tol", "100", *common]) == 2
+    assert "--from-checkpoint" in capsys.readouterr().err
+    assert train_base(["--cooldown", "2", "--plateau-rel-tol", "100", "--from-checkpoint", *common]) == 0
+    card = json.loads((tmp_path / "plateaued" / "card.json").read_text())
+    assert card["steps_done"] == card["cooldown"]["from_step"] + 2 and card["optimizer_resets_at"] == [card["cooldown"]["from_step"]]
+    with pytest.raises(SystemExit):
+        train_base(["--cooldown", "0", *common])
+    with pytest.raises(SystemExit):
+        train_base(["--cooldown", "2", "--until-plateau", *common])
 
 
 def test_until_plateau_drops_labels_to_a_null_class_from_the_start(tmp_path):

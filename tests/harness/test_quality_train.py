@@ -40,6 +40,17 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(110, cfg) == pytest.approx(0.1)
 
 
+def test_lr_schedule_warmup_stable_then_linear_decay():
+    cfg = TrainConfig(steps=140, lr=1.0, warmup_steps=10, min_lr_ratio=0.0, decay_start=100)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(10, cfg) == 1.0 and lr_at(99, cfg) == 1.0
+    assert lr_at(100, cfg) == 1.0 and lr_at(110, cfg) == pytest.approx(0.75) and lr_at(139, cfg) == pytest.approx(0.025)
+    assert lr_at(140, cfg) == 0.0 and lr_at(500, cfg) == 0.0
+    assert lr_at(120, dataclasses.replace(cfg, min_lr_ratio=0.2)) == pytest.approx(0.6)
+    for bad in (-1, 141):
+        with pytest.raises(ValueError, match="decay_start"):
+            TrainConfig(steps=140, decay_start=bad)
+
+
 def _fresh():
     torch.manual_seed(0)
     return MiniWan(TINY)

@@ -7,7 +7,10 @@ checkpoint directory, so the card is committed with the weights it judges):
 1. **val loss has plateaued at a constant learning rate** (:func:`plateau_test` on the checkpoint's
    ``curves.jsonl``): over the last ``window`` validation evaluations the learning rate is constant and
    the least-squares line through the val losses falls by less than ``rel_tol`` of their mean across
-   the window. The slope's 95% interval is reported beside it.
+   the window. The slope's 95% interval is reported beside it. A base cooled down after its plateau
+   (``train_base --cooldown``: the lr falls linearly to 0) is tested on the constant-lr phase before
+   the cooldown (:func:`checkpoint_plateau`), and the val loss before and after the cooldown is reported;
+   the other criteria judge the cooled weights.
 2. **samples are recognisably the data**: ``per_class`` videos per class sampled with the study's
    Euler sampler (:mod:`harness.quality.sampler`) are labelled with their prompt's class by the
    video classifier (:mod:`harness.quality.classifier`) at >= 80%. A model with a null class is
@@ -62,6 +65,7 @@ __all__ = [
     "main",
     "oracle_mass",
     "row_top_mass",
+    "checkpoint_plateau",
     "plateau_test",
     "read_val_curve",
     "require_base_bar",
@@ -175,6 +179,36 @@ def plateau_test(
         out["reason"] = (
             f"falls {fall:.2%} across the last {window} evaluations at lr {lrs[-1]:.3g} (limit {rel_tol:.2%})"
         )
+    return out
+
+
+def checkpoint_plateau(
+    curve_path: str | Path, cooldown: dict[str, Any] | None = None, *, window: int = 8, rel_tol: float = 0.01
+) -> dict[str, Any]:
+    """:func:`plateau_test` on a checkpoint's curves file; not plateaued when the file does not exist.
+
+    ``cooldown`` (the card's ``cooldown``: ``from_step``, ``steps``): the plateau is that of the constant-lr
+    phase, the evaluations up to ``from_step``; the result's ``cooldown`` gives the val loss there and at
+    the last evaluation after it, and the reason says so."""
+    path = Path(curve_path)
+    if not path.exists():
+        return {"plateaued": False, "evaluations": 0, "reason": f"{path} is missing: no val curve to test"}
+    points = read_val_curve(path)
+    if not cooldown:
+        return plateau_test(points, window=window, rel_tol=rel_tol)
+    start, steps = int(cooldown["from_step"]), int(cooldown["steps"])
+    stable = [p for p in points if p[0] <= start]
+    out = plateau_test(stable, window=window, rel_tol=rel_tol)
+    after = [p for p in points if p[0] > start]
+    info = {"from_step": start, "steps": steps, "to_step": start + steps,
+            "val_loss_before": stable[-1][1] if stable else None,
+            "val_loss_after": after[-1][1] if after else None, "last_step": after[-1][0] if after else start}  # fmt: skip
+    out["cooldown"] = info
+    tail = f"; then a cooldown from step {start}, the lr falling linearly to 0 over {steps:,} steps"
+    if after:
+        before = f"{info['val_loss_before']:.4f}" if stable else "n/a"
+        tail += f" (val loss {before} at step {start}, {info['val_loss_after']:.4f} at step {info['last_step']})"
+    out["reason"] = f"constant-lr phase up to step {start}: {out['reason']}{tail}"
     return out
 
 
@@ -410,11 +444,8 @@ def run_bar(
     criteria = []
 
     # 1. plateau
-    curve_path = ckpt / "curves.jsonl"
-    if curve_path.exists():
-        plateau = plateau_test(read_val_curve(curve_path), window=th.plateau_window, rel_tol=th.plateau_rel_tol)
-    else:
-        plateau = {"plateaued": False, "reason": f"{curve_path} is missing: no val curve to test"}
+    plateau = checkpoint_plateau(ckpt / "curves.jsonl", card.get("cooldown"), window=th.plateau_window,
+                                 rel_tol=th.plateau_rel_tol)  # fmt: skip
     criteria.append(_criterion("val_loss_plateau", plateau.get("rel_fall"), th.plateau_rel_tol, plateau["plateaued"],
                                rule="relative fall of the fitted line across the window, at a constant lr, below the threshold",
                                detail=plateau))  # fmt: skip

@@ -16,7 +16,8 @@ with probability p, drawn from the same generator after ``t`` and noise (so thos
 whatever p, and p = 0 draws nothing). The val loss stays conditional (true labels).
 
 Optimiser: AdamW (betas 0.9/0.99, weight decay 0.01 on every trained tensor), one schedule for
-everything: linear warm-up for ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr``; gradient
+everything: linear warm-up for ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr`` (or, with
+``decay_start``, constant until that step and then a straight line down: warm-up, stable, decay); gradient
 clipping at ``grad_clip`` (global norm); bf16 autocast on CUDA (fp32 master weights), fp32 on the CPU.
 
 Distributed: ``torchrun``-ready. With ``WORLD_SIZE > 1`` :func:`init_distributed` starts the process
@@ -109,6 +110,9 @@ class TrainConfig:
     objective: Objective = "flow"  # "distill": match a frozen teacher's velocity (train_loop's ``teacher``)
     compile: bool = False  # torch.compile the model's repeated blocks (regional compilation) before training
     label_dropout: float = 0.0  # each label replaced by the model's null class with this probability (CFG training)
+    # warm-up, stable, decay: constant lr from the warm-up's end to this step, then linear to min_lr_ratio * lr at
+    # ``steps`` (a cooldown after a constant-lr plateau); None: the cosine from the warm-up's end
+    decay_start: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -122,6 +126,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1); got {self.label_dropout}")
+        if self.decay_start is not None and not 0 <= self.decay_start <= self.steps:
+            raise ValueError(f"decay_start must be in [0, steps={self.steps}]; got {self.decay_start}")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -137,9 +143,13 @@ LABEL_DROPOUT = 0.1
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio * lr`` at ``steps``."""
+    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio * lr`` at ``steps``; with
+    ``decay_start``, ``lr`` until that step and a straight line to ``min_lr_ratio * lr`` at ``steps`` instead."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay_start is not None:
+        frac = min(1.0, max(0, step - cfg.decay_start) / max(1, cfg.steps - cfg.decay_start))
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
     span = max(1, cfg.steps - cfg.warmup_steps)
     frac = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))

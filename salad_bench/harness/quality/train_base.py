@@ -22,6 +22,15 @@ Two ways to train:
   checkpoint's weights with fresh AdamW moments (inexact; the curve and ``optimizer_resets_at`` in
   the card say where).
 
+``--cooldown N``: after the plateau, the last phase of a warm-up/stable/decay schedule: from the
+plateaued checkpoint's step the lr falls linearly from the plateau's rate to 0 over N steps, with the
+checkpoint's own recipe (batch, data, label dropout, seed). It refuses a checkpoint whose curve has not
+plateaued. Like ``--until-plateau`` it trains in pieces, resumes exactly from the resume state (which
+goes on with its AdamW moments when it is the plateau's own), and needs ``--from-checkpoint`` without
+it. The card's ``cooldown`` names the step it started from; its ``plateau`` is the test of the
+constant-lr phase before it (:func:`~harness.quality.base_bar.checkpoint_plateau`), and a cooled
+checkpoint takes no more ``--until-plateau``.
+
 Label dropout (``--label-dropout``; 0.1 with ``--until-plateau``, as Wan2.1 drops its prompts, else 0):
 each training label is replaced by the null class with that probability, so the sampler can guide
 (classifier-free guidance); a new model then has a null class (``MiniWanConfig.null_class``). A
@@ -122,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--check-every", type=float, default=300.0, help="--until-plateau: seconds of training between plateau tests"
     )
+    p.add_argument(
+        "--cooldown", type=int, default=None, metavar="N",
+        help="after the plateau: the lr falls linearly to 0 over N steps from the checkpoint's step (rerun until done)",
+    )  # fmt: skip
     p.add_argument("--plateau-window", type=int, default=8, help="val evaluations the plateau test looks at")
     p.add_argument("--plateau-rel-tol", type=float, default=0.01, help="largest relative fall across the window")
     p.add_argument(
@@ -145,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.label_dropout is not None and not 0 <= a.label_dropout < 1:
         p.error(f"--label-dropout must be in [0, 1); got {a.label_dropout}")
+    if a.cooldown is not None:
+        if a.cooldown < 1:
+            p.error(f"--cooldown must be a positive number of steps; got {a.cooldown}")
+        if a.until_plateau:
+            p.error("--cooldown follows the plateau: run --until-plateau first, then --cooldown N on its own")
     return a
 
 
@@ -192,14 +210,14 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
     )
 
 
-def plateau_status(curve_path: str | Path, window: int, rel_tol: float) -> dict[str, Any]:
-    """The plateau test on a curves file (not plateaued when the file does not exist yet)."""
-    from salad_bench.harness.quality.base_bar import plateau_test, read_val_curve
+def plateau_status(
+    curve_path: str | Path, window: int, rel_tol: float, cooldown: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The plateau test on a curves file (not plateaued when the file does not exist yet); with the card's
+    ``cooldown``, of the constant-lr phase before it."""
+    from salad_bench.harness.quality.base_bar import checkpoint_plateau
 
-    path = Path(curve_path)
-    if not path.exists():
-        return {"plateaued": False, "evaluations": 0, "reason": f"{path} does not exist yet"}
-    return plateau_test(read_val_curve(path), window=window, rel_tol=rel_tol)
+    return checkpoint_plateau(curve_path, cooldown, window=window, rel_tol=rel_tol)
 
 
 def _finish_checkpoint(out: Path, plateau: dict[str, Any], dtype_name: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -286,24 +304,34 @@ def _state_from_checkpoint(a: argparse.Namespace, out: Path, state: Path, model_
         raise _Refused(f"{out}: the checkpoint's model is not this preset's ({model.config} vs {model_cfg})")
     if not main:
         return
+    step = _state_from_weights(model, card, cfg, state, curves)
+    if add_null:
+        _log_event(curves, step, "null_class_added", label_dropout=cfg.label_dropout,
+                   note=f"label dropout {cfg.label_dropout:g} from this step (trained without before): null class "
+                   "added, its prompt row the mean of the class rows")  # fmt: skip
+        print(f"label dropout {cfg.label_dropout:g} from step {step}: null class added to the checkpoint's model", flush=True)
+
+
+def _log_event(curves: Path, step: int, event: str, **fields: Any) -> None:
+    """One ``event`` row in the curves file (read back by :func:`_event_steps`; no val loss, so the plateau
+    test skips it)."""
+    with open(curves, "a") as f:
+        f.write(json.dumps({"phase": "base", "method": "full", "step": step, "event": event, **fields}) + "\n")
+
+
+def _state_from_weights(model: torch.nn.Module, card: dict[str, Any], cfg: TrainConfig, state: Path, curves: Path) -> int:
+    """Write a resume state at the checkpoint's step from ``model`` (its weights) with fresh AdamW moments,
+    and record the reset in the curve; returns the step."""
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     state.parent.mkdir(parents=True, exist_ok=True)
     step = int(card["steps_done"])
     torch.save(
         {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg.as_dict()}, state
     )
-    with open(curves, "a") as f:
-        f.write(json.dumps({"phase": "base", "method": "full", "step": step, "event": "optimizer_reset",
-                            "note": f"continued from the {card.get('weights_dtype', 'saved')} checkpoint without its "
-                            "resume state: fresh AdamW moments"}) + "\n")  # fmt: skip
-        if add_null:
-            f.write(json.dumps({"phase": "base", "method": "full", "step": step, "event": "null_class_added",
-                                "label_dropout": cfg.label_dropout,
-                                "note": f"label dropout {cfg.label_dropout:g} from this step (trained without before): "
-                                "null class added, its prompt row the mean of the class rows"}) + "\n")  # fmt: skip
+    _log_event(curves, step, "optimizer_reset", note=f"continued from the {card.get('weights_dtype', 'saved')} "
+               "checkpoint without its resume state: fresh AdamW moments")  # fmt: skip
     print(f"no resume state: going on from the checkpoint at step {step} with fresh optimiser moments", flush=True)
-    if add_null:
-        print(f"label dropout {cfg.label_dropout:g} from step {step}: null class added to the checkpoint's model", flush=True)
+    return step
 
 
 def _check_state_dropout(state: Path, cfg: TrainConfig) -> None:
@@ -346,6 +374,10 @@ def _train_until_plateau(a: argparse.Namespace) -> int:
     curves = Path(a.curves or out / "curves.jsonl")
     state = Path(a.state) if a.state else out / "resume" / "state.pt"
     try:
+        cool = _card_cooldown(_last_card(out))
+        if cool is not None:
+            raise _Refused(f"{out}: cooled down from step {cool['from_step']} (--cooldown {cool['steps']}); a constant "
+                           "lr after the cooldown would undo it: go on with the same --cooldown, or train another --out")  # fmt: skip
         _state_from_checkpoint(a, out, state, model_cfg, cfg, curves, dist.main)
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -384,6 +416,126 @@ def _train_until_plateau(a: argparse.Namespace) -> int:
     return 0
 
 
+def _card_cooldown(card: dict[str, Any]) -> dict[str, Any] | None:
+    """The card's cooldown (``from_step``, ``steps``); from its recipe's ``decay_start`` when a piece was cut off
+    before the card was finished; None for a checkpoint never cooled down."""
+    if card.get("cooldown"):
+        return card["cooldown"]
+    tc = card.get("train_config", {})
+    if tc.get("decay_start") is None:
+        return None
+    return {"from_step": int(tc["decay_start"]), "steps": int(tc["steps"]) - int(tc["decay_start"])}
+
+
+def _cooldown_config(card: dict[str, Any], a: argparse.Namespace, start: int) -> TrainConfig:
+    """The checkpoint's own recipe (batch, lr, data, label dropout, seed), its lr falling linearly from
+    ``start`` to 0 at ``start + a.cooldown``."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = TrainConfig(**{k: v for k, v in card.get("train_config", {}).items() if k in names})
+    return dataclasses.replace(
+        base, steps=start + a.cooldown, decay_start=start, min_lr_ratio=0.0, time_budget_s=None, fit_to_budget=False,
+        compile=a.compile, val_every=a.val_every or base.val_every, ckpt_every=a.ckpt_every or base.ckpt_every,
+    )  # fmt: skip
+
+
+def _prepare_cooldown(a: argparse.Namespace, out: Path, state: Path, curves: Path, main: bool
+                      ) -> tuple[MiniWanConfig, TrainConfig, int]:  # fmt: skip
+    """The model, the cooldown's recipe and its first step, with a resume state in place to train from:
+    the cooldown's own (an exact resume), the plateau's at the same step (its AdamW moments go on; the
+    recipe in it becomes the cooldown's), or, with ``--from-checkpoint`` only, one from the checkpoint's
+    weights with fresh moments. Refuses a checkpoint that has not plateaued, another N than the cooldown
+    under way, and a state of another run."""
+    from salad_bench.harness.quality.model import load_checkpoint
+    from salad_bench.harness.quality.train import recipe_of
+
+    card = _last_card(out)
+    if not card.get("steps_done"):
+        raise _Refused(f"{out} holds no trained checkpoint (card.json with steps_done); train the base first "
+                       "(--until-plateau), then --cooldown")  # fmt: skip
+    cool = _card_cooldown(card)
+    if cool is not None:
+        start = int(cool["from_step"])
+        if int(cool["steps"]) != a.cooldown:
+            raise _Refused(f"{out}: a cooldown of {int(cool['steps'])} steps from step {start} is under way or done; "
+                           f"rerun with --cooldown {int(cool['steps'])}")  # fmt: skip
+    else:
+        start = int(card["steps_done"])
+        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
+        if not plateau["plateaued"]:
+            raise _Refused(f"{out}: the val loss has not plateaued at a constant lr ({plateau['reason']}); the cooldown "
+                           "follows the plateau: train on with --until-plateau first")  # fmt: skip
+    model, card = load_checkpoint(out)
+    cfg = _cooldown_config(card, a, start)
+    done = int(card["steps_done"])
+    if done >= cfg.steps:
+        return model.config, cfg, start
+    if state.exists():
+        saved = torch.load(state, map_location="cpu", weights_only=False)
+        was, step = saved.get("config", {}), int(saved.get("step", -1))
+        if recipe_of(was) == recipe_of(cfg.as_dict()):
+            return model.config, cfg, start  # the cooldown's own state
+        schedule = {k: was.get(k) for k in ("steps", "decay_start", "min_lr_ratio")}
+        if cool is None and step == start and recipe_of(was) == recipe_of({**cfg.as_dict(), **schedule}):
+            if main:
+                torch.save({**saved, "config": cfg.as_dict()}, state)
+                _log_event(curves, start, "cooldown_start", steps=a.cooldown, lr_from=cfg.lr,
+                           note="the plateau's resume state goes on (its AdamW moments), the lr falling linearly to 0")  # fmt: skip
+            return model.config, cfg, start
+        raise _Refused(f"{state}: a resume state at step {step} of another run than this cooldown from step {start}; "
+                       "move it away and rerun with --from-checkpoint")  # fmt: skip
+    if not a.from_checkpoint:
+        raise _Refused(
+            f"{out} holds a checkpoint at step {done} but no resume state ({state}); pass --from-checkpoint to cool "
+            "down from its weights with fresh optimiser moments (the curve and the card say where)"
+        )
+    if main:
+        if cool is None:
+            _log_event(curves, start, "cooldown_start", steps=a.cooldown, lr_from=cfg.lr,
+                       note="the lr falls linearly to 0 from this step")  # fmt: skip
+        _state_from_weights(model, card, cfg, state, curves)
+    return model.config, cfg, start
+
+
+def _train_cooldown(a: argparse.Namespace) -> int:
+    dist, device = init_distributed(a.device)
+    out = Path(a.out)
+    curves = Path(a.curves or out / "curves.jsonl")
+    state = Path(a.state) if a.state else out / "resume" / "state.pt"
+    try:
+        model_cfg, cfg, start = _prepare_cooldown(a, out, state, curves, dist.main)
+    except _Refused as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    cooldown = {"from_step": start, "steps": a.cooldown, "lr_from": cfg.lr, "lr_to": 0.0, "schedule": "linear"}
+    start_clock = time.monotonic()
+    while True:
+        _barrier(dist.world)
+        done_steps = int(_last_card(out).get("steps_done", 0))
+        left = None if a.time_budget is None else a.time_budget - (time.monotonic() - start_clock)
+        if done_steps >= cfg.steps or (left is not None and left < 1.0):
+            break
+        piece = a.check_every if left is None else min(a.check_every, left)
+        prev = _last_card(out)
+        card = train_base_model(out, model_cfg, dataclasses.replace(cfg, time_budget_s=piece), device=device, dist=dist,
+                                n_val=a.n_val, curve_path=curves, state_path=state, echo=True)  # fmt: skip
+        if dist.main:
+            total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
+            extra = {"train_seconds_total": round(total, 1), "cooldown": cooldown,
+                     "schedule": f"constant lr {cfg.lr:g} after warm-up until step {start} (the plateau), then linear "
+                     f"to 0 over {a.cooldown:,} steps (--cooldown)",
+                     "optimizer_resets_at": _event_steps(curves, "optimizer_reset"),
+                     "null_class_added_at": _null_class_added_at(curves, model_cfg)}  # fmt: skip
+            plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol, cooldown)
+            _finish_checkpoint(out, plateau, a.weights_dtype, extra)
+        if card["steps_done"] == done_steps:
+            break
+    if dist.main:
+        card = _last_card(out)
+        word = "done: cooled down" if int(card.get("steps_done", 0)) >= cfg.steps else "not done: run the same command again to continue"
+        print(f"{word} (step {card.get('steps_done')} of {cfg.steps}, val_loss {card.get('val_loss')})", flush=True)
+    return 0
+
+
 def _pid_alive(pidfile: Path) -> int | None:
     try:
         pid = int(pidfile.read_text().strip())
@@ -417,12 +569,13 @@ def _background(a: argparse.Namespace, argv: list[str]) -> int:
 def _status(a: argparse.Namespace) -> int:
     out = Path(a.out)
     card = _last_card(out)
-    plateau = plateau_status(a.curves or out / "curves.jsonl", a.plateau_window, a.plateau_rel_tol)
+    cool = _card_cooldown(card)
+    plateau = plateau_status(a.curves or out / "curves.jsonl", a.plateau_window, a.plateau_rel_tol, cool)
     pid = _pid_alive(out / "train.pid")
     print(json.dumps({
         "running": pid is not None, "pid": pid, "steps_done": card.get("steps_done"), "val_loss": card.get("val_loss"),
         "train_seconds_total": card.get("train_seconds_total"), "plateaued": plateau["plateaued"], "plateau": plateau["reason"],
-        "rel_fall": plateau.get("rel_fall"),
+        "rel_fall": plateau.get("rel_fall"), "cooldown": cool,
     }, indent=1), flush=True)  # fmt: skip
     return 0
 
@@ -436,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.background:
         return _background(a, argv)
     try:
+        if a.cooldown is not None:
+            return _train_cooldown(a)
         return _train_until_plateau(a) if a.until_plateau else _train_fixed(a)
     finally:
         pidfile = Path(a.out) / "train.pid"

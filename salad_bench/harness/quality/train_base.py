@@ -367,6 +367,37 @@ def _null_class_added_at(curves: Path, model_cfg: MiniWanConfig) -> int | None:
     return (_event_steps(curves, "null_class_added") or [0])[-1]
 
 
+def _train_in_pieces(a: argparse.Namespace, out: Path, model_cfg: MiniWanConfig, cfg: TrainConfig, curves: Path,
+                     state: Path, dist: Any, device: torch.device, *, schedule: str,
+                     cooldown: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
+    """Train in pieces of ``--check-every`` seconds until ``cfg.steps`` are done, this call's ``--time-budget``
+    is spent or (no ``cooldown``) the plateau test passes, finishing the checkpoint after each piece (its card
+    names ``schedule`` and ``cooldown``). Returns the last plateau test and the steps done before it."""
+    start = time.monotonic()
+    while True:
+        _barrier(dist.world)  # rank 0 has written the curve and the checkpoint: every rank reads the same file
+        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol, cooldown)
+        done_steps = int(_last_card(out).get("steps_done", 0))
+        left = None if a.time_budget is None else a.time_budget - (time.monotonic() - start)
+        if (plateau["plateaued"] and cooldown is None) or done_steps >= cfg.steps or (left is not None and left < 1.0):
+            return plateau, done_steps
+        piece = a.check_every if left is None else min(a.check_every, left)
+        prev = _last_card(out)
+        card = train_base_model(out, model_cfg, dataclasses.replace(cfg, time_budget_s=piece), device=device, dist=dist,
+                                n_val=a.n_val, curve_path=curves, state_path=state, echo=True)  # fmt: skip
+        if dist.main:
+            total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
+            extra = {"train_seconds_total": round(total, 1), "schedule": schedule,
+                     "optimizer_resets_at": _event_steps(curves, "optimizer_reset"),
+                     "null_class_added_at": _null_class_added_at(curves, model_cfg)}  # fmt: skip
+            if cooldown is not None:
+                extra["cooldown"] = cooldown
+            plateau_now = plateau_status(curves, a.plateau_window, a.plateau_rel_tol, cooldown)
+            _finish_checkpoint(out, plateau_now, a.weights_dtype, extra)
+        if card["steps_done"] == done_steps:  # nothing moved (e.g. max steps reached inside the state)
+            return plateau, done_steps
+
+
 def _train_until_plateau(a: argparse.Namespace) -> int:
     model_cfg, cfg = _model_config(a), _train_config(a)
     dist, device = init_distributed(a.device)
@@ -382,26 +413,8 @@ def _train_until_plateau(a: argparse.Namespace) -> int:
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    start = time.monotonic()
-    while True:
-        _barrier(dist.world)  # rank 0 has written the curve and the checkpoint: every rank reads the same file
-        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
-        done_steps = int(_last_card(out).get("steps_done", 0))
-        left = None if a.time_budget is None else a.time_budget - (time.monotonic() - start)
-        if plateau["plateaued"] or done_steps >= cfg.steps or (left is not None and left < 1.0):
-            break
-        piece = a.check_every if left is None else min(a.check_every, left)
-        prev = _last_card(out)
-        card = train_base_model(out, model_cfg, dataclasses.replace(cfg, time_budget_s=piece), device=device, dist=dist,
-                                n_val=a.n_val, curve_path=curves, state_path=state, echo=True)  # fmt: skip
-        if dist.main:
-            total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
-            extra = {"train_seconds_total": round(total, 1), "schedule": "constant lr after warm-up (--until-plateau)",
-                     "optimizer_resets_at": _event_steps(curves, "optimizer_reset"),
-                     "null_class_added_at": _null_class_added_at(curves, model_cfg)}  # fmt: skip
-            _finish_checkpoint(out, plateau_status(curves, a.plateau_window, a.plateau_rel_tol), a.weights_dtype, extra)
-        if card["steps_done"] == done_steps:  # nothing moved (e.g. max steps reached inside the state)
-            break
+    plateau, done_steps = _train_in_pieces(a, out, model_cfg, cfg, curves, state, dist, device,
+                                           schedule="constant lr after warm-up (--until-plateau)")  # fmt: skip
     if dist.main:
         card = _last_card(out)
         if plateau["plateaued"]:
@@ -507,28 +520,9 @@ def _train_cooldown(a: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     cooldown = {"from_step": start, "steps": a.cooldown, "lr_from": cfg.lr, "lr_to": 0.0, "schedule": "linear"}
-    start_clock = time.monotonic()
-    while True:
-        _barrier(dist.world)
-        done_steps = int(_last_card(out).get("steps_done", 0))
-        left = None if a.time_budget is None else a.time_budget - (time.monotonic() - start_clock)
-        if done_steps >= cfg.steps or (left is not None and left < 1.0):
-            break
-        piece = a.check_every if left is None else min(a.check_every, left)
-        prev = _last_card(out)
-        card = train_base_model(out, model_cfg, dataclasses.replace(cfg, time_budget_s=piece), device=device, dist=dist,
-                                n_val=a.n_val, curve_path=curves, state_path=state, echo=True)  # fmt: skip
-        if dist.main:
-            total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
-            extra = {"train_seconds_total": round(total, 1), "cooldown": cooldown,
-                     "schedule": f"constant lr {cfg.lr:g} after warm-up until step {start} (the plateau), then linear "
-                     f"to 0 over {a.cooldown:,} steps (--cooldown)",
-                     "optimizer_resets_at": _event_steps(curves, "optimizer_reset"),
-                     "null_class_added_at": _null_class_added_at(curves, model_cfg)}  # fmt: skip
-            plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol, cooldown)
-            _finish_checkpoint(out, plateau, a.weights_dtype, extra)
-        if card["steps_done"] == done_steps:
-            break
+    _train_in_pieces(a, out, model_cfg, cfg, curves, state, dist, device, cooldown=cooldown,
+                     schedule=f"constant lr {cfg.lr:g} after warm-up until step {start} (the plateau), then linear to 0 "
+                     f"over {a.cooldown:,} steps (--cooldown)")  # fmt: skip
     if dist.main:
         card = _last_card(out)
         word = "done: cooled down" if int(card.get("steps_done", 0)) >= cfg.steps else "not done: run the same command again to continue"

@@ -193,11 +193,11 @@ def _provenance(out: Path, rows) -> None:
 
 
 # -- in CI (no GPU) -------------------------------------------------------------------------------
-def newest_runs(results: Path) -> dict[str, tuple[Path, str, str]]:
-    """``{card: (run dir, newest row date, git sha)}`` of the newest gate run of each card."""
+def card_runs(results: Path) -> dict[str, list[tuple[Path, str, str]]]:
+    """``{card: [(run dir, newest row date, git sha), ...]}``: every gate run of each card, newest first."""
     from salad_bench.harness.results import read_jsonl
 
-    best: dict[str, tuple[Path, str, str]] = {}
+    runs: dict[str, list[tuple[Path, str, str]]] = {}
     for rows_file in sorted((results / "gpu").glob("*/rows.jsonl")):
         rows = read_jsonl(rows_file)
         if not rows:
@@ -205,9 +205,13 @@ def newest_runs(results: Path) -> dict[str, tuple[Path, str, str]]:
         card, date = str(rows[0].get("card")), max(str(r.get("date", "")) for r in rows)
         shas = [r.get("git_sha") for r in rows if r.get("git_sha")]
         sha = max(set(shas), key=shas.count) if shas else ""
-        if card not in best or date > best[card][1]:
-            best[card] = (rows_file.parent, date, sha)
-    return best
+        runs.setdefault(card, []).append((rows_file.parent, date, sha))
+    return {card: sorted(found, key=lambda r: r[1], reverse=True) for card, found in runs.items()}
+
+
+def newest_runs(results: Path) -> dict[str, tuple[Path, str, str]]:
+    """``{card: (run dir, newest row date, git sha)}`` of the newest gate run of each card."""
+    return {card: found[0] for card, found in card_runs(results).items()}
 
 
 def check_committed(repo: Path = ROOT) -> int:

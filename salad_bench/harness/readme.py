@@ -91,16 +91,26 @@ def headline_block(root: Path = ROOT) -> str:
 
 
 def targets_block(root: Path = ROOT) -> str:
-    from salad_bench.harness.ci_gpu import evaluate_targets, newest_runs, targets_table
+    """Each card's newest gate run against the targets; a target that run has no rows for comes from the
+    newest earlier run of the card that measured it, named with its commit."""
+    from salad_bench.harness.ci_gpu import card_runs, evaluate_targets, targets_table
 
     out = []
-    for card, (run, _date, _sha) in sorted(newest_runs(root / "results").items()):
+    for card, runs in sorted(card_runs(root / "results").items()):
+        (run, _date, _sha), older = runs[0], runs[1:]
         results = evaluate_targets(run)
         missing = [r["name"] for r in results if r["measured"] is None]
         table = targets_table([r for r in results if r["measured"] is not None])
         out += [f"{card}, `{run.relative_to(root).as_posix()}`:", "", *table.splitlines(), ""]
+        for prev, _, sha in older:
+            found = [r for r in evaluate_targets(prev) if r["name"] in missing and r["measured"] is not None]
+            if found:
+                out += [f"Not measured in that run; from the newest earlier run of this card that measured them, "
+                        f"`{prev.relative_to(root).as_posix()}` (git {sha[:7]}):", "",
+                        *targets_table(found).splitlines(), ""]  # fmt: skip
+                missing = [m for m in missing if m not in {r["name"] for r in found}]
         if missing:
-            out += [f"Targets without rows in this run: {'; '.join(missing)}.", ""]
+            out += [f"Targets without rows in any run of this card: {'; '.join(missing)}.", ""]
     return "\n".join(out)
 
 

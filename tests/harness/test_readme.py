@@ -89,5 +89,24 @@ def test_a_target_without_rows_is_named_not_hidden(tmp_path):
     (run / "rows.jsonl").write_text(json.dumps(row) + "\n")
     block = readme.targets_block(tmp_path)
     assert "| topk at 90% | <= 1.3 ms | 1.200 ms | yes |" in block
-    missing = block.split("Targets without rows in this run: ")[1]
+    missing = block.split("Targets without rows in any run of this card: ")[1]
     assert "salad at 90%" in missing and "sta at 90%: glue" in missing and "topk at 90%" not in missing
+
+
+def test_a_target_the_newest_run_lacks_comes_from_the_newest_earlier_run_that_measured_it(tmp_path):
+    def write(name, date, sha, rows):
+        run = tmp_path / "results" / "gpu" / name
+        run.mkdir(parents=True)
+        base = {"status": "ok", "card": "NVIDIA H100 80GB HBM3", "sparsity_target": 0.9, "qkv": "video", "date": date,
+                "git_sha": sha}
+        (run / "rows.jsonl").write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+
+    write("old", "2026-12-05", "aaaaaaa1", [{"method": "topk", "ms": 1.5}, {"method": "salad", "ms": 2.5}])
+    write("mid", "2026-12-06", "bbbbbbb1", [{"method": "topk", "ms": 1.4}, {"method": "salad", "ms": 2.0}])
+    write("new", "2026-12-07", "ccccccc1", [{"method": "topk", "ms": 1.2}])
+    block = readme.targets_block(tmp_path)
+    newest, rest = block.split("Not measured in that run")
+    assert "`results/gpu/new`" in newest and "| topk at 90% | <= 1.3 ms | 1.200 ms | yes |" in newest
+    assert "`results/gpu/mid` (git bbbbbbb)" in rest and "| salad at 90% (>= 7x cuDNN) | <= 1.6 ms | 2.000 ms |" in rest
+    assert "results/gpu/old" not in block and "1.500" not in block  # the newer measurement wins
+    assert "salad at 90%" not in block.split("Targets without rows in any run of this card: ")[1]

@@ -242,6 +242,28 @@ def test_bar_on_an_untrained_model_writes_a_card_that_fails_honestly(tiny_inputs
         require_base_bar(ckpt)
 
 
+def test_a_cooled_base_passes_the_plateau_of_its_constant_phase_and_the_card_says_so(tiny_inputs):
+    """The bar reads the checkpoint card's cooldown: the plateau is tested before it (the decaying rows would fail
+    a constant-lr test), and BAR.md reports the val loss before and after."""
+    ckpt, clf = tiny_inputs
+    torch.manual_seed(0)
+    save_checkpoint(MiniWan(TINY_V2), ckpt, {"steps_done": 120, "cooldown": {"from_step": 80, "steps": 40}})
+    decay = [{"phase": "base", "step": 80 + 10 * (i + 1), "val_loss": 0.9 - 0.05 * i, "lr": 3e-4 * (1 - (i + 1) / 4)}
+             for i in range(4)]  # fmt: skip
+    with open(ckpt / "curves.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in decay))
+    bar = base_bar.run_bar(ckpt, clf, settings=base_bar.BarSettings(per_class=1, sample_steps=2, real_per_class=1,
+                                                                    mass_videos=2, mass_t=(0.5,)))  # fmt: skip
+    plateau = bar["criteria"][0]
+    assert plateau["pass"] and plateau["detail"]["steps"] == [10, 80] and plateau["detail"]["cooldown"]["val_loss_after"] == 0.75
+    md = base_bar.render_markdown({k: v for k, v in bar.items() if k != "_grid"})
+    assert "constant-lr phase up to step 80" in md and "val loss 1.0000 at step 80, 0.7500 at step 120" in md
+    save_checkpoint(MiniWan(TINY_V2), ckpt, {"steps_done": 120})  # the same curve without the card's cooldown: fails
+    bar = base_bar.run_bar(ckpt, clf, settings=base_bar.BarSettings(per_class=1, sample_steps=2, real_per_class=1,
+                                                                    mass_videos=2, mass_t=(0.5,)))  # fmt: skip
+    assert not bar["criteria"][0]["pass"] and "learning rate changes" in bar["criteria"][0]["detail"]["reason"]
+
+
 def test_a_model_with_a_null_class_is_judged_on_guided_samples_with_the_unguided_beside(tiny_inputs):
     ckpt, clf = tiny_inputs
     torch.manual_seed(0)

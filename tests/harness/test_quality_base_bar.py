@@ -440,6 +440,9 @@ def test_cooldown_refuses_a_curve_without_a_plateau_and_a_new_machine_without_fr
     assert "has not plateaued" in capsys.readouterr().err
     common[-1] = str(tmp_path / "plateaued")
     assert train_base(["--until-plateau", "--max-steps", "6", "--plateau-rel-tol", "100", "--check-every", "0", *common]) == 0
+    (tmp_path / "plateaued" / "resume" / "state.pt").write_bytes(b"not a state")
+    assert train_base(["--cooldown", "2", "--plateau-rel-tol", "100", *common]) == 2
+    assert "cannot read the resume state" in capsys.readouterr().err
     (tmp_path / "plateaued" / "resume" / "state.pt").unlink()
     assert train_base(["--cooldown", "2", "--plateau-rel-tol", "100", *common]) == 2
     assert "--from-checkpoint" in capsys.readouterr().err

@@ -483,7 +483,11 @@ def _prepare_cooldown(a: argparse.Namespace, out: Path, state: Path, curves: Pat
     if done >= cfg.steps:
         return model.config, cfg, start
     if state.exists():
-        saved = torch.load(state, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(state, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged state: say which file and the way on
+            raise _Refused(f"{state}: cannot read the resume state ({type(exc).__name__}: {exc}); move it away and "
+                           "rerun with --from-checkpoint") from None  # fmt: skip
         was, step = saved.get("config", {}), int(saved.get("step", -1))
         if recipe_of(was) == recipe_of(cfg.as_dict()):
             return model.config, cfg, start  # the cooldown's own state

@@ -391,7 +391,7 @@ def _curve_rows(path):
 def test_cooldown_after_the_plateau_decays_the_lr_to_zero_in_pieces_alike(tmp_path, capsys):
     """--cooldown goes on from the plateau's resume state (its moments: no reset), the lr falling linearly
     to 0; pieces equal one call; the card keeps the plateau of the constant phase; reruns and misuse."""
-    from salad_bench.harness.quality.train import lr_at
+    from salad_bench.harness.quality.train import TrainConfig, lr_at
     from salad_bench.harness.quality.train_base import main as train_base
 
     common = ["--tiny", "--batch", "2", "--val-every", "2", "--n-val", "2", "--plateau-window", "3",
@@ -415,9 +415,7 @@ def test_cooldown_after_the_plateau_decays_the_lr_to_zero_in_pieces_alike(tmp_pa
     rows = _curve_rows(one / "curves.jsonl")
     lrs = {r["step"]: r["lr"] for r in rows if r["step"] > start and "lr" in r and "event" not in r}
     assert lrs == {start + 1: pytest.approx(3e-4), start + 2: pytest.approx(2.25e-4), start + 4: pytest.approx(0.75e-4)}
-    from salad_bench.harness.quality.train import TrainConfig
-
-    assert lr_at(start + 4, TrainConfig(**{k: v for k, v in card["train_config"].items()})) == 0.0
+    assert lr_at(start + 4, TrainConfig(**card["train_config"])) == 0.0
     assert [r["step"] for r in rows if r.get("event") == "cooldown_start"] == [start]
     # reruns: done; another N or a constant lr after it is refused with the way on
     assert train_base(["--out", str(one), "--cooldown", "4", *common]) == 0

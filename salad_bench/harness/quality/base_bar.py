@@ -200,8 +200,7 @@ def checkpoint_plateau(
     stable = [p for p in points if p[0] <= start]
     out = plateau_test(stable, window=window, rel_tol=rel_tol)
     after = [p for p in points if p[0] > start]
-    info = {"from_step": start, "steps": steps, "to_step": start + steps,
-            "val_loss_before": stable[-1][1] if stable else None,
+    info = {"from_step": start, "steps": steps, "val_loss_before": stable[-1][1] if stable else None,
             "val_loss_after": after[-1][1] if after else None, "last_step": after[-1][0] if after else start}  # fmt: skip
     out["cooldown"] = info
     tail = f"; then a cooldown from step {start}, the lr falling linearly to 0 over {steps:,} steps"

@@ -74,7 +74,7 @@ from salad_bench.harness.quality.train import (
     train_base_model,
 )
 
-__all__ = ["BAR", "TINY", "main", "parse_args", "plateau_status"]
+__all__ = ["BAR", "TINY", "main", "parse_args"]
 
 TINY = MiniWanConfig(num_layers=2, num_heads=2, head_dim=64, ffn_dim=128, freq_dim=32, frames=4, height=16, width=16)
 BAR = MiniWanConfig(
@@ -210,14 +210,13 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
     )
 
 
-def plateau_status(
-    curve_path: str | Path, window: int, rel_tol: float, cooldown: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The plateau test on a curves file (not plateaued when the file does not exist yet); with the card's
-    ``cooldown``, of the constant-lr phase before it."""
+def _plateau(a: argparse.Namespace, curves: str | Path, cooldown: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plateau test of ``--plateau-window`` and ``--plateau-rel-tol`` on a curves file
+    (:func:`~harness.quality.base_bar.checkpoint_plateau`: with the card's ``cooldown``, of the constant-lr
+    phase before it)."""
     from salad_bench.harness.quality.base_bar import checkpoint_plateau
 
-    return checkpoint_plateau(curve_path, cooldown, window=window, rel_tol=rel_tol)
+    return checkpoint_plateau(curves, cooldown, window=a.plateau_window, rel_tol=a.plateau_rel_tol)
 
 
 def _finish_checkpoint(out: Path, plateau: dict[str, Any], dtype_name: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +252,7 @@ def _train_fixed(a: argparse.Namespace) -> int:
     card = train_base_model(out, model_cfg, cfg, device=device, dist=dist, n_val=a.n_val, curve_path=curves,
                             state_path=a.state, echo=True)  # fmt: skip
     if dist.main:
-        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
+        plateau = _plateau(a, curves)
         extra = {"train_seconds_total": card["train_seconds"], "null_class_added_at": _null_class_added_at(curves, model_cfg)}
         _finish_checkpoint(out, plateau, a.weights_dtype, extra)
     _barrier(dist.world)
@@ -274,7 +273,7 @@ def _state_from_checkpoint(a: argparse.Namespace, out: Path, state: Path, model_
     than the recipe's is refused."""
     card = _last_card(out)
     if card.get("steps_done") and (
-        int(card["steps_done"]) >= cfg.steps or plateau_status(curves, a.plateau_window, a.plateau_rel_tol)["plateaued"]
+        int(card["steps_done"]) >= cfg.steps or _plateau(a, curves)["plateaued"]
     ):
         return  # nothing left to train: the loop says done
     if state.exists():
@@ -374,17 +373,19 @@ def _train_in_pieces(a: argparse.Namespace, out: Path, model_cfg: MiniWanConfig,
     is spent or (no ``cooldown``) the plateau test passes, finishing the checkpoint after each piece (its card
     names ``schedule`` and ``cooldown``). Returns the last plateau test and the steps done before it."""
     start = time.monotonic()
+    _barrier(dist.world)  # rank 0 has written the curve and the checkpoint: every rank reads the same files
+    plateau = _plateau(a, curves, cooldown)
     while True:
-        _barrier(dist.world)  # rank 0 has written the curve and the checkpoint: every rank reads the same file
-        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol, cooldown)
-        done_steps = int(_last_card(out).get("steps_done", 0))
+        prev = _last_card(out)
+        done_steps = int(prev.get("steps_done", 0))
         left = None if a.time_budget is None else a.time_budget - (time.monotonic() - start)
         if (plateau["plateaued"] and cooldown is None) or done_steps >= cfg.steps or (left is not None and left < 1.0):
             return plateau, done_steps
         piece = a.check_every if left is None else min(a.check_every, left)
-        prev = _last_card(out)
         card = train_base_model(out, model_cfg, dataclasses.replace(cfg, time_budget_s=piece), device=device, dist=dist,
                                 n_val=a.n_val, curve_path=curves, state_path=state, echo=True)  # fmt: skip
+        _barrier(dist.world)  # rank 0 has written the piece's curve
+        plateau = _plateau(a, curves, cooldown)
         if dist.main:
             total = float(prev.get("train_seconds_total", 0.0)) + card["train_seconds"]
             extra = {"train_seconds_total": round(total, 1), "schedule": schedule,
@@ -392,8 +393,8 @@ def _train_in_pieces(a: argparse.Namespace, out: Path, model_cfg: MiniWanConfig,
                      "null_class_added_at": _null_class_added_at(curves, model_cfg)}  # fmt: skip
             if cooldown is not None:
                 extra["cooldown"] = cooldown
-            plateau_now = plateau_status(curves, a.plateau_window, a.plateau_rel_tol, cooldown)
-            _finish_checkpoint(out, plateau_now, a.weights_dtype, extra)
+            _finish_checkpoint(out, plateau, a.weights_dtype, extra)
+        _barrier(dist.world)  # and its checkpoint
         if card["steps_done"] == done_steps:  # nothing moved (e.g. max steps reached inside the state)
             return plateau, done_steps
 
@@ -473,7 +474,7 @@ def _prepare_cooldown(a: argparse.Namespace, out: Path, state: Path, curves: Pat
                            f"rerun with --cooldown {int(cool['steps'])}")  # fmt: skip
     else:
         start = int(card["steps_done"])
-        plateau = plateau_status(curves, a.plateau_window, a.plateau_rel_tol)
+        plateau = _plateau(a, curves)
         if not plateau["plateaued"]:
             raise _Refused(f"{out}: the val loss has not plateaued at a constant lr ({plateau['reason']}); the cooldown "
                            "follows the plateau: train on with --until-plateau first")  # fmt: skip
@@ -484,7 +485,7 @@ def _prepare_cooldown(a: argparse.Namespace, out: Path, state: Path, curves: Pat
         return model.config, cfg, start
     if state.exists():
         try:
-            saved = torch.load(state, map_location="cpu", weights_only=False)
+            saved = torch.load(state, map_location="cpu", weights_only=False)  # whole: it may be rewritten in place
         except Exception as exc:  # noqa: BLE001 - a damaged state: say which file and the way on
             raise _Refused(f"{state}: cannot read the resume state ({type(exc).__name__}: {exc}); move it away and "
                            "rerun with --from-checkpoint") from None  # fmt: skip
@@ -568,7 +569,7 @@ def _status(a: argparse.Namespace) -> int:
     out = Path(a.out)
     card = _last_card(out)
     cool = _card_cooldown(card)
-    plateau = plateau_status(a.curves or out / "curves.jsonl", a.plateau_window, a.plateau_rel_tol, cool)
+    plateau = _plateau(a, a.curves or out / "curves.jsonl", cool)
     pid = _pid_alive(out / "train.pid")
     print(json.dumps({
         "running": pid is not None, "pid": pid, "steps_done": card.get("steps_done"), "val_loss": card.get("val_loss"),

@@ -6,11 +6,16 @@
 #   gate    scripts/gpu_gate.sh $OUT/gate: the gate's sweep, gated against the committed baseline of the card
 #   train   the quality base: train_base --until-plateau --compile in CKPT (an exact resume where its state is,
 #           --from-checkpoint otherwise), leaving BAR_S seconds for the bar
+#   cooldown  the same with --cooldown $COOLDOWN (default 1600 steps) in place of --until-plateau
 #   bar     the base's bar card into $OUT/bar
+# With RETURN (the device call's $OUT), last: OUT as RETURN/run.tgz (with CKPT's card, curve and bar files in
+# ckpt/ when train or cooldown ran), CKPT's shards beside it (its resume state stays: over 16 MiB) and Triton's
+# compile cache as RETURN/triton.tgz.* (scripts/pack_cache.sh): copy those into .compile-cache/ here and carry
+# that folder next time, so a cold machine skips the compiles.
 # Usage, from the repository root (wheels in .whl/ are installed first: scripts/device_env.sh):
-#   SHA=$(git rev-parse HEAD) OUT=/tmp/out BUDGET=560 STEPS=tests,gate,train,bar bash scripts/gpu_session.sh
+#   SHA=$(git rev-parse HEAD) OUT=/tmp/s RETURN=$OUT BUDGET=560 STEPS=tests,gate,train,bar bash scripts/gpu_session.sh
 set -o pipefail
-OUT=${OUT:?set OUT}; BUDGET=${BUDGET:-560}; STEPS=${STEPS:-gate}; BAR_S=${BAR_S:-110}
+OUT=${OUT:?set OUT}; BUDGET=${BUDGET:-560}; STEPS=${STEPS:-gate}; BAR_S=${BAR_S:-110}; COOLDOWN=${COOLDOWN:-1600}
 CKPT=${CKPT:-checkpoints/mini-wan-v2}; CLASSIFIER=${CLASSIFIER:-checkpoints/video-classifier}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -32,21 +37,33 @@ if has gate; then
   timeout $(( $(left) - 20 )) bash scripts/gpu_gate.sh "$OUT/gate" > "$OUT/gate_stdout.log" 2>&1
   echo "gate rc=$?"; tail -14 "$OUT/gate/gate.log"
 fi
-if has train; then
-  reserve=0; has bar && reserve=$BAR_S
+train() {  # $1: the step's name, then train_base's mode options
+  local step=$1 reserve=0 b from; shift
+  has bar && reserve=$BAR_S
   b=$(( $(left) - reserve - 60 ))
   if [ "$b" -gt 60 ]; then
     from="--from-checkpoint"; [ -f "$CKPT/resume/state.pt" ] && from=""
-    timeout $(( b + 50 )) python3 -m salad_bench.harness.quality.train_base --out "$CKPT" --until-plateau --compile \
-      --time-budget "$b" $from > "$OUT/train.log" 2>&1
-    echo "train rc=$?"; tail -3 "$OUT/train.log"
+    timeout $(( b + 50 )) python3 -m salad_bench.harness.quality.train_base --out "$CKPT" "$@" --compile \
+      --time-budget "$b" $from > "$OUT/$step.log" 2>&1
+    echo "$step rc=$?"; tail -3 "$OUT/$step.log"
   else
-    echo "train: skipped, ${b}s left for it"
+    echo "$step: skipped, ${b}s left for it"
   fi
-fi
+}
+has train && train train --until-plateau
+has cooldown && train cooldown --cooldown "$COOLDOWN"
 if has bar; then
   mkdir -p "$OUT/bar"
-  timeout $(( $(left) - 5 )) python3 -m salad_bench.harness.quality.base_bar --checkpoint "$CKPT" \
+  timeout $(( $(left) - 15 )) python3 -m salad_bench.harness.quality.base_bar --checkpoint "$CKPT" \
     --classifier "$CLASSIFIER" --out "$OUT/bar" > "$OUT/bar.log" 2>&1
   echo "bar rc=$?"; tail -8 "$OUT/bar.log"
+fi
+if [ -n "$RETURN" ]; then  # within the device's limits on what comes back (8 files, 16 MiB each)
+  if has train || has cooldown; then
+    mkdir -p "$OUT/ckpt"
+    find "$CKPT" -maxdepth 1 -type f ! -name 'model-*' ! -name train.pid -exec cp {} "$OUT/ckpt/" \;
+    cp "$CKPT"/model-*.safetensors "$RETURN/"
+  fi
+  bash scripts/pack_cache.sh "$RETURN"
+  tar czf "$RETURN/run.tgz" -C "$OUT" .
 fi

@@ -10,8 +10,8 @@
 #   bar     the base's bar card into $OUT/bar
 # With RETURN (the device call's $OUT), last: OUT as RETURN/run.tgz (with CKPT's card, curve and bar files in
 # ckpt/ when train or cooldown ran), CKPT's shards beside it (its resume state stays: over 16 MiB) and Triton's
-# compile cache as RETURN/triton.tgz.* (scripts/pack_cache.sh): copy those into .compile-cache/ here and carry
-# that folder next time, so a cold machine skips the compiles.
+# compile cache as RETURN/triton.tgz.* (scripts/pack_cache.sh). Here, scripts/take_back.sh puts them in place
+# (the cache in .compile-cache/: carry that folder next time, so a cold machine skips the compiles).
 # Usage, from the repository root (wheels in .whl/ are installed first: scripts/device_env.sh):
 #   SHA=$(git rev-parse HEAD) OUT=/tmp/s RETURN=$OUT BUDGET=560 STEPS=tests,gate,train,bar bash scripts/gpu_session.sh
 set -o pipefail

@@ -84,3 +84,52 @@ def test_a_cache_over_the_part_limit_does_not_come_back(tmp_path):
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0 and "not brought back" in res.stdout
     assert not list(ret.glob("triton.tgz.*"))
+
+
+def _returned(tmp: Path, with_ckpt_files: bool = True) -> Path:
+    """What a cooldown call brings back: run.tgz (its ckpt/ with the card), a shard, a cache part."""
+    work, ret = tmp / "work", tmp / "ret"
+    (work / "ckpt").mkdir(parents=True)
+    (work / "cooldown.log").write_text("done: cooled down\n")
+    if with_ckpt_files:
+        (work / "ckpt" / "card.json").write_text('{"steps_done": 15594}')
+    ret.mkdir()
+    with tarfile.open(ret / "run.tgz", "w:gz") as t:
+        t.add(work, arcname=".")
+    (ret / "model-00001-of-00001.safetensors").write_bytes(b"new weights")
+    (ret / "triton.tgz.aa").write_bytes(b"part")
+    return ret
+
+
+def _take_back(root: Path, ret: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/take_back.sh", str(ret), "back"], cwd=root, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def test_take_back_puts_the_checkpoint_run_and_cache_in_place(tmp_path):
+    root = _tree(tmp_path, "here")
+    ckpt = root / "checkpoints" / "mini-wan-v2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model-00001-of-00002.safetensors").write_bytes(b"old")  # the old sharding goes
+    (root / ".compile-cache").mkdir()
+    (root / ".compile-cache" / "triton.tgz.ab").write_bytes(b"stale")
+    res = _take_back(root, _returned(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["card.json", "model-00001-of-00001.safetensors"]
+    assert (ckpt / "model-00001-of-00001.safetensors").read_bytes() == b"new weights"
+    assert sorted(p.name for p in (root / ".compile-cache").iterdir()) == ["triton.tgz.aa"]
+    assert (root / "back" / "cooldown.log").read_text() == "done: cooled down\n"
+
+
+def test_take_back_refuses_shards_without_their_card(tmp_path):
+    root = _tree(tmp_path, "here")
+    ckpt = root / "checkpoints" / "mini-wan-v2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model-00001-of-00001.safetensors").write_bytes(b"old")
+    ret = _returned(tmp_path, with_ckpt_files=False)
+    shutil.rmtree(tmp_path / "work" / "ckpt")
+    with tarfile.open(ret / "run.tgz", "w:gz") as t:
+        t.add(tmp_path / "work", arcname=".")
+    res = _take_back(root, ret)
+    assert res.returncode == 2 and "left as it was" in res.stderr
+    assert (ckpt / "model-00001-of-00001.safetensors").read_bytes() == b"old"

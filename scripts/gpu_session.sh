@@ -7,7 +7,7 @@
 #   train   the quality base: train_base --until-plateau --compile in CKPT (an exact resume where its state is,
 #           --from-checkpoint otherwise), leaving BAR_S seconds for the bar
 #   cooldown  the same with --cooldown $COOLDOWN (default 1600 steps) in place of --until-plateau
-#   bar     the base's bar card into $OUT/bar
+#   bar     the base's bar card in CKPT (beside the weights it judged), copied to $OUT/bar
 # With RETURN (the device call's $OUT), last: OUT as RETURN/run.tgz (with CKPT's card, curve and bar files in
 # ckpt/ when train or cooldown ran), CKPT's shards beside it (its resume state stays: over 16 MiB) and Triton's
 # compile cache as RETURN/triton.tgz.* (scripts/pack_cache.sh). Here, scripts/take_back.sh puts them in place
@@ -55,8 +55,9 @@ has cooldown && train cooldown --cooldown "$COOLDOWN"
 if has bar; then
   mkdir -p "$OUT/bar"
   timeout $(( $(left) - 15 )) python3 -m salad_bench.harness.quality.base_bar --checkpoint "$CKPT" \
-    --classifier "$CLASSIFIER" --out "$OUT/bar" > "$OUT/bar.log" 2>&1
+    --classifier "$CLASSIFIER" > "$OUT/bar.log" 2>&1
   echo "bar rc=$?"; tail -8 "$OUT/bar.log"
+  cp "$CKPT"/bar.json "$CKPT"/BAR.md "$CKPT"/samples.png "$OUT/bar/" 2>/dev/null
 fi
 if [ -n "$RETURN" ]; then  # within the device's limits on what comes back (8 files, 16 MiB each)
   if has train || has cooldown; then

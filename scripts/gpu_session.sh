@@ -51,7 +51,7 @@ train() {  # $1: the step's name, then train_base's mode options
   fi
 }
 has train && train train --until-plateau
-has cooldown && train cooldown --cooldown "$COOLDOWN"
+has cooldown && train cooldown --cooldown "$COOLDOWN" --check-every 100000  # one piece: no second compile
 if has bar; then
   mkdir -p "$OUT/bar"
   timeout $(( $(left) - 15 )) python3 -m salad_bench.harness.quality.base_bar --checkpoint "$CKPT" \

@@ -244,11 +244,16 @@ def _last_card(out: Path) -> dict[str, Any]:
         return {}
 
 
+def _paths(a: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """``--out``, its curves file and its resume state (``--curves``, ``--state`` where given)."""
+    out = Path(a.out)
+    return out, Path(a.curves or out / "curves.jsonl"), Path(a.state or out / "resume" / "state.pt")
+
+
 def _train_fixed(a: argparse.Namespace) -> int:
     model_cfg, cfg = _model_config(a), _train_config(a)
     dist, device = init_distributed(a.device)
-    out = Path(a.out)
-    curves = a.curves or out / "curves.jsonl"
+    out, curves, _ = _paths(a)
     card = train_base_model(out, model_cfg, cfg, device=device, dist=dist, n_val=a.n_val, curve_path=curves,
                             state_path=a.state, echo=True)  # fmt: skip
     if dist.main:
@@ -402,18 +407,12 @@ def _train_in_pieces(a: argparse.Namespace, out: Path, model_cfg: MiniWanConfig,
 def _train_until_plateau(a: argparse.Namespace) -> int:
     model_cfg, cfg = _model_config(a), _train_config(a)
     dist, device = init_distributed(a.device)
-    out = Path(a.out)
-    curves = Path(a.curves or out / "curves.jsonl")
-    state = Path(a.state) if a.state else out / "resume" / "state.pt"
-    try:
-        cool = _card_cooldown(_last_card(out))
-        if cool is not None:
-            raise _Refused(f"{out}: cooled down from step {cool['from_step']} (--cooldown {cool['steps']}); a constant "
-                           "lr after the cooldown would undo it: go on with the same --cooldown, or train another --out")  # fmt: skip
-        _state_from_checkpoint(a, out, state, model_cfg, cfg, curves, dist.main)
-    except _Refused as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    out, curves, state = _paths(a)
+    cool = _card_cooldown(_last_card(out))
+    if cool is not None:
+        raise _Refused(f"{out}: cooled down from step {cool['from_step']} (--cooldown {cool['steps']}); a constant "
+                       "lr after the cooldown would undo it: go on with the same --cooldown, or train another --out")  # fmt: skip
+    _state_from_checkpoint(a, out, state, model_cfg, cfg, curves, dist.main)
     plateau, done_steps = _train_in_pieces(a, out, model_cfg, cfg, curves, state, dist, device,
                                            schedule="constant lr after warm-up (--until-plateau)")  # fmt: skip
     if dist.main:
@@ -516,14 +515,8 @@ def _prepare_cooldown(a: argparse.Namespace, out: Path, state: Path, curves: Pat
 
 def _train_cooldown(a: argparse.Namespace) -> int:
     dist, device = init_distributed(a.device)
-    out = Path(a.out)
-    curves = Path(a.curves or out / "curves.jsonl")
-    state = Path(a.state) if a.state else out / "resume" / "state.pt"
-    try:
-        model_cfg, cfg, start = _prepare_cooldown(a, out, state, curves, dist.main)
-    except _Refused as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    out, curves, state = _paths(a)
+    model_cfg, cfg, start = _prepare_cooldown(a, out, state, curves, dist.main)
     cooldown = {"from_step": start, "steps": a.cooldown, "lr_from": cfg.lr, "lr_to": 0.0, "schedule": "linear"}
     _train_in_pieces(a, out, model_cfg, cfg, curves, state, dist, device, cooldown=cooldown,
                      schedule=f"constant lr {cfg.lr:g} after warm-up until step {start} (the plateau), then linear to 0 "
@@ -566,10 +559,10 @@ def _background(a: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _status(a: argparse.Namespace) -> int:
-    out = Path(a.out)
+    out, curves, _ = _paths(a)
     card = _last_card(out)
     cool = _card_cooldown(card)
-    plateau = _plateau(a, a.curves or out / "curves.jsonl", cool)
+    plateau = _plateau(a, curves, cool)
     pid = _pid_alive(out / "train.pid")
     print(json.dumps({
         "running": pid is not None, "pid": pid, "steps_done": card.get("steps_done"), "val_loss": card.get("val_loss"),
@@ -591,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cooldown is not None:
             return _train_cooldown(a)
         return _train_until_plateau(a) if a.until_plateau else _train_fixed(a)
+    except _Refused as exc:  # refused before training: the message names the fix
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         pidfile = Path(a.out) / "train.pid"
         if pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):

@@ -17,6 +17,12 @@ gives a ``skipped`` row with the reason, never a silent fallback. Accuracy: ``re
 (and of dQ/dK/dV for ``fwd+bwd``) against an fp32 reference on the first two heads. FLOPs: forward
 ``4 * kept token pairs * D``, backward 2.5x, fwd+bwd 3.5x; dense-equivalent uses ``4 B H N^2 D``.
 A Markdown table is printed last.
+
+Bad input exits 2 with one line naming the flag, the value and the fix, before anything is measured
+(``--n``/``--heads``/``--rounds`` >= 1, densities in (0, 1], known sections). Without a CUDA device the
+full Wan shape is refused (its dense scores alone are ~52 GB): run it on a GPU, or pass a small ``--n``
+for a CPU smoke run (``--n 256 --heads 1 --dtype fp32``, Triton kernels under ``TRITON_INTERPRET=1``).
+A section that fails prints one line and becomes an error row; the sweep goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import math
 import os
 import statistics
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ import torch
 
 from salad_bench.harness.accuracy import rel_l2
 from salad_bench.harness.engine import Cell, Engine, failure
-from salad_bench.harness.errors import check_writable_dir
+from salad_bench.harness.errors import BadInput, check_writable_dir
 from salad_bench.harness.flops import BACKWARD_FACTOR, tflops
 from salad_bench.harness.results import RowWriter, cell_identity, headline_times, round_ratios
 from salad_bench.harness.timing import measure
@@ -47,6 +52,10 @@ from salad_bench.kernels.layout import BlockLayout, cdiv, keep_count
 
 PASS_FACTOR = {"fwd": 1.0, "bwd": BACKWARD_FACTOR, "fwd+bwd": 1.0 + BACKWARD_FACTOR}
 REF_HEADS = 2  # heads checked against the fp32 reference (the full reference is slow)
+SECTIONS = ("dense", "sparse", "selection", "linear", "video", "variants", "profile", "headline", "inputs", "peers")
+DEFAULT_SECTIONS = "dense,sparse,selection,linear,video,variants,headline"
+CPU_MAX_N = 4096  # the largest preset a machine without CUDA runs without an explicit --n (cpu-tiny: 2,400)
+SMOKE = "--n 256 --heads 1 --dtype fp32"  # a CPU smoke run's size, named in the refusal
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,8 +187,9 @@ class Bench:
         if "fwd+bwd" in passes:
             try:  # a backward that cannot compile must not hide the forward rows
                 acc.update(self.accuracy(attn, layout, grads=True))
-            except Exception:
-                print(traceback.format_exc(limit=4), file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - the fwd+bwd row below records the failure
+                print(f"  {method}{f' ({variant})' if variant else ''}: gradients not checked against the reference: "
+                      f"{_one_line(failure(exc)['reason'])}", file=sys.stderr)
         out_ms = {}
         if "fwd" in passes:
             r = self.timed(method, backend, "fwd", lambda: attn(q, k, v), density=density, pairs=pairs,
@@ -866,23 +876,109 @@ def headline_targets(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# ----------------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------------
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _at_least_one(what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= 1 (argparse names the flag; the message names the value and a fix)."""
+
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            val = 0
+        if val < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1; give {what}")
+        return val
+
+    return parse
+
+
+def _densities(text: str) -> list[float]:
+    """An argparse type: comma-separated densities (the share of key blocks kept), each in (0, 1]."""
+    fix = "give comma-separated densities in (0, 1] (1.0 is dense), e.g. 1.0,0.5,0.1"
+    vals = []
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        try:
+            val = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number; {fix}") from None
+        if not 0.0 < val <= 1.0:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"density {part} is outside (0, 1]; {fix}")
+        vals.append(val)
+    if not vals:
+        raise argparse.ArgumentTypeError(f"no density in {text!r}; {fix}")
+    return vals
+
+
+def _sections(text: str) -> list[str]:
+    """An argparse type: a comma list of :data:`SECTIONS`."""
+    import difflib
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for name in names:
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(name, SECTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise argparse.ArgumentTypeError(f"unknown section {name!r}{hint}; choose from {','.join(SECTIONS)}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"no section in {text!r}; choose one or more of {','.join(SECTIONS)}")
+    return names
+
+
+def build_parser(prog: str = "salad-bench kernels") -> argparse.ArgumentParser:
+    from salad_bench.harness.cli import _Parser  # exit 2 with one line for a bad value, as `salad-bench run`
+
+    p = _Parser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/kernels/latest", help="run directory for rows.jsonl")
-    p.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
+    p.add_argument("--densities", type=_densities, default="1.0,0.5,0.25,0.1,0.05",
+                   help="block densities of the sparse section, each in (0, 1] (default 1.0,0.5,0.25,0.1,0.05)")
     p.add_argument("--workload", default="wan2.1-1.3b-480p", help="attention workload preset (salad-bench list)")
-    p.add_argument("--n", type=int, default=None, help="override: a flat grid of N tokens (CPU smoke runs)")
-    p.add_argument("--heads", type=int, default=None, help="override: the number of heads")
+    p.add_argument("--n", type=_at_least_one("the number of tokens, e.g. --n 256 for a CPU smoke run"), default=None,
+                   help="override: a flat grid of N tokens (CPU smoke runs; without a GPU the Wan shape needs it)")
+    p.add_argument("--heads", type=_at_least_one("the number of heads, e.g. --heads 1"), default=None,
+                   help="override: the number of heads")
     p.add_argument("--quick", action="store_true", help="shorter timing budget")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="bf16 on GPUs; fp32/fp16 for a CPU smoke run under TRITON_INTERPRET=1")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--sections", default="dense,sparse,selection,linear,video,variants,headline",
-                   help="comma list of dense,sparse,selection,linear,video,variants,profile,headline,inputs,peers")
-    p.add_argument("--variant-densities", default="0.1,1.0", help="densities of the variants section")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the headline section")
-    args = p.parse_args(argv)
+    p.add_argument("--sections", type=_sections, default=DEFAULT_SECTIONS,
+                   help=f"comma list of {','.join(SECTIONS)} (default {DEFAULT_SECTIONS})")
+    p.add_argument("--variant-densities", type=_densities, default="0.1,1.0",
+                   help="densities of the variants section, each in (0, 1]")
+    p.add_argument("--rounds", type=_at_least_one("the number of rounds, e.g. --rounds 5"), default=5,
+                   help="interleaved rounds of the headline section")
+    return p
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Refuse, before anything is measured, a workload too large for a machine without CUDA (no ``--n``)."""
+    from salad_bench.harness.workloads import get_workload
+
+    wl = get_workload(args.workload)  # an unknown name is refused here too
+    if torch.cuda.is_available() or args.n is not None or wl.n <= CPU_MAX_N:
+        return
+    heads = wl.heads if args.heads is None else args.heads
+    gb = 4.0 * heads * wl.n * wl.n / 1e9
+    raise BadInput(
+        f"salad-bench kernels times kernels on a GPU and this machine has none; {wl.name} is {wl.n:,} tokens x "
+        f"{heads} heads (~{gb:.0f} GB of fp32 scores per dense attention), too large for the CPU; run it on the GPU "
+        f"machine, or pass a small size for a CPU smoke run: {SMOKE} (TRITON_INTERPRET=1 runs the Triton kernels)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad value (2, one line): a code, not an exception
+        return int(exc.code or 0)
     check_writable_dir(args.out)
+    check_device(args)
     try:  # compiled flex backward donates buffers, which forbids timing the backward with retain_graph
         import torch._functorch.config as functorch_config
 
@@ -890,17 +986,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError):
         pass
     bench = Bench(args)
-    sections = set(args.sections.split(","))
-    densities = [float(x) for x in args.densities.split(",") if x]
+    sections, densities = set(args.sections), args.densities
     if bench.device.type != "cuda":
-        print("warning: no CUDA device; Triton kernels need TRITON_INTERPRET=1 and a tiny --n", file=sys.stderr)
+        print("warning: no CUDA device; a CPU smoke run (Triton kernels need TRITON_INTERPRET=1)", file=sys.stderr)
     steps: list[tuple[str, Callable[[], None]]] = [
         ("dense", lambda: dense_section(bench)),
         ("sparse", lambda: sparse_section(bench, densities)),
         ("selection", lambda: selection_section(bench)),
         ("linear", lambda: linear_section(bench)),
         ("video", lambda: video_topk_section(bench)),
-        ("variants", lambda: variants_section(bench, [float(x) for x in args.variant_densities.split(",") if x])),
+        ("variants", lambda: variants_section(bench, args.variant_densities)),
         ("profile", lambda: profile_section(bench)),
         ("headline", lambda: headline_section(bench, rounds=args.rounds)),
         ("inputs", lambda: inputs_section(bench, rounds=max(1, min(args.rounds, 3)))),
@@ -911,9 +1006,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             step()
-        except Exception as exc:  # the section becomes an error row; the sweep goes on
-            print(f"section {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
-            bench.skipped(f"section:{name}", "", "", **failure(exc))
+        except Exception as exc:  # noqa: BLE001 - the section becomes a row with its reason; the sweep goes on
+            why = failure(exc)
+            said = "skipped" if why["status"] == "skipped" else "failed"
+            print(f"section {name} {said}: {_one_line(why['reason'])}", file=sys.stderr)
+            bench.skipped(f"section:{name}", "", "", **why)
     print()
     print(f"card: {bench.writer.provenance['card']}, torch {torch.__version__}, rows in {bench.writer.path}")
     for key, cfg in autotune_choices().items():

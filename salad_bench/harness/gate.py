@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
+import numbers
 import re
 import statistics
 import sys
@@ -37,6 +39,7 @@ from typing import Any
 
 import pandas as pd
 
+from salad_bench.harness.cli import _Parser
 from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION
 from salad_bench.harness.frames import dense_backend
 from salad_bench.harness.results import ResultsFileError, load_rows
@@ -119,43 +122,134 @@ def _speedup(row: dict[str, Any]) -> float | None:
 
 
 # -- baseline files ------------------------------------------------------------------------------
+# the type of each entry field the gate reads ("text": a string, "number": a JSON number, "key": either)
+_ENTRY_TYPES = {
+    **dict.fromkeys(CELL_FIELDS, "key"),
+    "method": "text",
+    "sparsity_target": "number",
+    "speedup": "number",
+    "ms": "number",
+    "baseline_ms": "number",
+    "baseline_backend": "text",
+}
+_TYPE_TEXT = {"text": "a string", "number": "a number", "key": "a string or a number"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _has_type(v: Any, kind: str) -> bool:
+    return v is None or (kind != "number" and isinstance(v, str)) or (kind != "text" and _is_number(v))
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _threshold(value: Any, what: str) -> float:
+    """``value`` as a threshold; raises ValueError naming ``what`` unless it is a finite number >= 0."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} is {_show(value)}; a threshold is a finite number >= 0")
+    return float(value)
+
+
+def _threshold_arg(text: str) -> float:
+    """argparse ``type`` of --rel and --abs: NaN, infinity or a negative number would switch the gate off."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"got {text!r}; a threshold is a finite number >= 0 (e.g. --rel 0.1 --abs 0.15)")
+    return value
+
+
 def load_baseline(path: str | Path) -> dict[str, Any]:
-    """Read and validate a baseline file; raises :class:`BaselineError` naming the file and the fix."""
+    """Read and validate a baseline file; raises :class:`BaselineError` naming the file and the fix.
+
+    Every field the gate reads is checked here (types, finite thresholds >= 0, finite speedups > 0), so a
+    malformed baseline is refused before anything is measured (``run_all.py --gate``), never mid-gate.
+    """
     path = Path(path)
     make = f"create one with: python -m salad_bench.harness.gate --make-baseline results/<run> --out {path}"
+
+    def bad(what: str, fix: str = "regenerate it") -> BaselineError:
+        return BaselineError(f"{path}: {what}; {fix} ({make})")
+
     if not path.is_file():
         raise BaselineError(f"{path}: no such baseline file; {make}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BaselineError(
             f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); fix it or regenerate it ({make})"
         ) from None
+    except UnicodeDecodeError as exc:
+        raise bad(f"not text (not UTF-8: byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     if not isinstance(data, dict):
         raise BaselineError(f"{path}: a baseline is a JSON object; regenerate it ({make})")
+    if data.get("schema", SCHEMA) != SCHEMA:
+        raise BaselineError(
+            f"{path}: schema {_show(data.get('schema'))}, this gate reads schema {SCHEMA}; regenerate it ({make})"
+        )
     missing = [k for k in ("card", "entries") if k not in data]
     if missing:
         raise BaselineError(f"{path}: missing key(s) {', '.join(missing)}; regenerate it ({make})")
+    if not isinstance(data["card"], str) or not data["card"]:
+        raise bad(f"'card' is {_show(data['card'])}, not a card's name (a string, e.g. 'NVIDIA H200')")
+    for k in ("git_sha", "date"):
+        if data.get(k) is not None and not isinstance(data[k], str):
+            raise bad(f"'{k}' is {_show(data[k])}, not a string")
+    versions = data.get("versions")
+    if versions is not None:
+        if not isinstance(versions, dict):
+            raise bad(f"'versions' is {_show(versions)}, not an object of {', '.join(VERSION_FIELDS)}")
+        for k, v in versions.items():
+            if not _has_type(v, "key"):
+                raise bad(f"versions.{k} is {_show(v)}, not a string or a number")
+    table = data.get("thresholds")
+    if table is not None:
+        if not isinstance(table, dict):
+            raise bad(f"'thresholds' is {_show(table)}, not an object like {{\"default\": {{\"rel\": 0.1, \"abs\": 0.15}}}}")
+        for key, t in table.items():
+            if not isinstance(t, dict):
+                raise bad(f"thresholds.{key} is {_show(t)}, not an object like {{\"rel\": 0.1, \"abs\": 0.15}}")
+            for k in DEFAULT_THRESHOLDS:
+                try:
+                    _threshold(t.get(k, 0.0), f"thresholds.{key}.{k}")
+                except ValueError as exc:
+                    raise bad(str(exc), "fix it or regenerate it") from None
     if not isinstance(data["entries"], list) or not all(isinstance(e, dict) for e in data["entries"]):
         raise BaselineError(f"{path}: 'entries' must be a list of objects; regenerate it ({make})")
     for i, e in enumerate(data["entries"]):
-        if _speedup(e) is None or e.get("method") is None:
+        for f, kind in _ENTRY_TYPES.items():
+            if not _has_type(e.get(f), kind):
+                raise bad(f"entry {i} field {f} is {_show(e[f])}, not {_TYPE_TEXT[kind]}")
+        speedup = _speedup(e)
+        if speedup is None or e.get("method") is None:
             raise BaselineError(f"{path}: entry {i} has no method or no speedup; regenerate it ({make})")
-    if data.get("schema", SCHEMA) != SCHEMA:
-        raise BaselineError(
-            f"{path}: schema {data.get('schema')!r}, this gate reads schema {SCHEMA}; regenerate it ({make})"
-        )
+        if not math.isfinite(speedup) or speedup <= 0:
+            raise bad(f"entry {i} has speedup {speedup:g}; a speedup is a finite number > 0")
     return data
 
 
 def thresholds_for(baseline: dict[str, Any], card: str | None = None) -> dict[str, float]:
-    """The card's thresholds from the baseline file, else its default, else :data:`DEFAULT_THRESHOLDS`."""
+    """The card's thresholds from the baseline file, else its default, else :data:`DEFAULT_THRESHOLDS`.
+
+    Raises ValueError for a threshold that is not a finite number >= 0 (NaN would switch the gate off).
+    """
     table = baseline.get("thresholds") or {}
+    if not isinstance(table, dict):
+        raise ValueError(f"'thresholds' is {_show(table)}, not an object of {{card or 'default': {{rel, abs}}}}")
     card = card or baseline.get("card")
     out = dict(DEFAULT_THRESHOLDS)
     for key in ("default", card):
-        if isinstance(table.get(key), dict):
-            out.update({k: float(v) for k, v in table[key].items() if k in DEFAULT_THRESHOLDS})
+        if isinstance(key, str) and isinstance(table.get(key), dict):
+            out.update(
+                {k: _threshold(v, f"thresholds.{key}.{k}") for k, v in table[key].items() if k in DEFAULT_THRESHOLDS}
+            )
     return out
 
 
@@ -331,7 +425,7 @@ def gate(
 ) -> GateResult:
     """Compare ``rows`` (one or more runs) with ``baseline``; ``rel``/``abs_`` override its thresholds."""
     th = thresholds_for(baseline)
-    th = {"rel": th["rel"] if rel is None else rel, "abs": th["abs"] if abs_ is None else abs_}
+    th = {k: th[k] if v is None else _threshold(v, k) for k, v in (("rel", rel), ("abs", abs_))}
     res = GateResult(baseline_path, str(baseline["card"]), baseline.get("git_sha"), baseline.get("date"), th)
     entries = {_cell(e): e for e in baseline["entries"]}
     by_cell: dict[tuple, list[dict[str, Any]]] = {}
@@ -367,7 +461,7 @@ def gate(
 
 # -- CLI -----------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="python -m salad_bench.harness.gate", description="Gate a run's speedups against a per-card baseline."
     )
     ap.add_argument("runs", nargs="*", help="run directories (containing rows.jsonl) or .jsonl files")
@@ -379,12 +473,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--card", help="with --make-baseline: the card to take when the run holds several")
     ap.add_argument("--allow-empty", action="store_true", help="exit 0 when no cell is comparable (default: exit 2)")
     ap.add_argument(
-        "--rel", type=float, help=f"relative threshold (default: baseline file, else {DEFAULT_THRESHOLDS['rel']})"
+        "--rel", type=_threshold_arg, help=f"relative threshold (default: baseline file, else {DEFAULT_THRESHOLDS['rel']})"
     )
     ap.add_argument(
         "--abs",
         dest="abs_",
-        type=float,
+        type=_threshold_arg,
         help=f"absolute threshold in x (default: baseline file, else {DEFAULT_THRESHOLDS['abs']})",
     )
     return ap
@@ -398,7 +492,10 @@ def _load(runs: list[str]) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, one line): a code, not an exception
+        return int(exc.code or 0)
     try:
         if args.make_baseline:
             df = _load(args.make_baseline)

@@ -206,6 +206,108 @@ def test_bad_results_exit_2(tmp_path: Path, baseline: dict, capsys) -> None:
     assert gate.main([str(run)]) == 2  # no --baseline
 
 
+def _gate_cli(argv: list[str]) -> int:
+    """``salad-bench gate ARGV`` as the command runs it: a crash is exit 3 with a traceback, not an exception."""
+    from salad_bench.harness.errors import guarded
+
+    return guarded(lambda: gate.main(argv))
+
+
+def _set(data: dict, where: str, value) -> None:
+    *keys, last = [int(k) if k.isdigit() else k for k in where.split(".")]
+    for k in keys:
+        data = data[k]
+    data[last] = value
+
+
+@pytest.mark.parametrize(
+    "where,value,names",
+    [
+        ("thresholds", [1, 2], "'thresholds'"),
+        ("thresholds.default", 0.1, "thresholds.default"),
+        ("thresholds.default.rel", "abc", "thresholds.default.rel"),
+        ("thresholds.default.rel", float("nan"), "thresholds.default.rel"),
+        ("thresholds.default.abs", -1, "thresholds.default.abs"),
+        ("versions", "x", "'versions'"),
+        ("versions.torch", ["2.11"], "versions.torch"),
+        ("card", ["NVIDIA H200"], "'card'"),
+        ("git_sha", 123, "'git_sha'"),
+        ("entries.0.method", ["a"], "entry 0 field method"),
+        ("entries.1.workload", {"a": 1}, "entry 1 field workload"),
+        ("entries.0.sparsity_target", "x", "entry 0 field sparsity_target"),
+        ("entries.0.speedup", "abc", "entry 0 field speedup"),
+        ("entries.0.speedup", 0, "entry 0 has speedup 0"),
+        ("entries.0.speedup", -5, "entry 0 has speedup -5"),
+        ("entries.0.speedup", float("inf"), "entry 0 has speedup inf"),
+        ("entries.0.baseline_backend", ["cudnn"], "entry 0 field baseline_backend"),
+    ],
+)
+def test_malformed_baseline_fields_exit_2(tmp_path: Path, baseline: dict, capsys, where: str, value, names: str) -> None:
+    """A field of the wrong type or an impossible value: exit 2 naming the file, the field and the fix (never a
+    crash, never a gate switched off)."""
+    run = _write_run(tmp_path / "run", _current(topk9=0.7))  # a 90% regression: nothing may let it pass
+    _set(baseline, where, value)
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(baseline))
+    assert _gate_cli([str(run), "--baseline", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert str(path) in err and names in err and "--make-baseline" in err, err
+
+
+def test_binary_baseline_exit_2(tmp_path: Path, capsys) -> None:
+    run = _write_run(tmp_path / "run", BASE_ROWS)
+    path = tmp_path / "bin.json"
+    path.write_bytes(b"\xae\x00\xff\xfe" + bytes(range(256)) * 4)
+    assert _gate_cli([str(run), "--baseline", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert str(path) in err and "UTF-8" in err and "--make-baseline" in err, err
+
+
+@pytest.mark.parametrize("content", [b"\xae\x00\xff\xfe", b'{"card": "x", "thresholds": [1, 2], "entries": []}'])
+def test_run_all_gate_checks_malformed_baseline_before_measuring(tmp_path: Path, capsys, content: bytes) -> None:
+    from salad_bench.harness.cli import main as run_main
+
+    path = tmp_path / "base.json"
+    path.write_bytes(content)
+    out = tmp_path / "r"
+    args = ["--methods", "topk", "--out", str(out), "--gate", str(path), "--quick", "--no-baselines", "--sparsity", "0.9"]
+    assert run_main(args) == 2
+    std, err = capsys.readouterr()
+    assert "Traceback" not in std + err and str(path) in err and "--make-baseline" in err, err
+    assert not (out / "rows.jsonl").exists()  # refused before anything was measured
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--rel", "nan"), ("--abs", "nan"), ("--rel", "-1"), ("--abs", "-0.5"), ("--rel", "inf"), ("--rel", "abc")],
+)
+def test_bad_threshold_arguments_exit_2(tmp_path: Path, baseline: dict, capsys, flag: str, value: str) -> None:
+    run = _write_run(tmp_path / "run", _current(topk9=0.7))  # a 90% regression
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(baseline))
+    assert _gate_cli([str(run), "--baseline", str(path), flag, value]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "usage:" not in err
+    assert flag in err and repr(value) in err and "a threshold is a finite number >= 0" in err, err
+    assert err.count("\n") == 1  # one line, not argparse's usage block
+
+
+def test_bad_gate_arguments_one_line(capsys) -> None:
+    assert _gate_cli(["--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--bogus" in err and "usage:" not in err and err.count("\n") == 1, err
+
+
+def test_nonfinite_thresholds_refused_in_the_api(baseline: dict) -> None:
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        gate.gate(_current(), baseline, rel=float("nan"))
+    baseline["thresholds"]["default"]["abs"] = float("nan")
+    with pytest.raises(ValueError, match="thresholds.default.abs"):
+        gate.thresholds_for(baseline)
+
+
 # -- analytic FLOP speedups ----------------------------------------------------------------------
 def test_expected_flops_committed_file_passes() -> None:
     res = expected_flops.check(EXPECTED, log=lambda s: None)

@@ -12,6 +12,7 @@ gate's verdict over all of them.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -38,11 +39,37 @@ def _knob(text: str) -> tuple[str, str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed takes a whole number in [0, 2**63), got {text!r}")
+    return seed
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with exit code 2 and no usage dump for a bad value (the message says what to fix)."""
+    """argparse with exit code 2 and no usage dump for a bad value (the message says what to fix); an
+    option given twice keeps its last value, as argparse does, and says so."""
 
     def error(self, message: str):  # noqa: D401
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        once = {o: a.dest for a in self._actions if a.option_strings and a.nargs is None
+                and not isinstance(a, argparse._AppendAction) for o in a.option_strings}  # fmt: skip
+        seen: set[str] = set()
+        for tok in argv:
+            if tok == "--":
+                break
+            opt = tok.split("=", 1)[0]
+            if opt in once:
+                if once[opt] in seen:
+                    print(f"warning: {opt} is given more than once; the last one counts", file=sys.stderr)
+                seen.add(once[opt])
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
@@ -59,7 +86,7 @@ def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
                    help="video-like (structured), i.i.d. random, or taken from a Wan2.1 self-attention layer (needs diffusers)")
     p.add_argument("--include", action="append", default=[], type=Path, metavar="PATH",
                    help="a .py file or a folder of them that registers your own methods (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--no-baselines", action="store_true", help="skip timing the dense backends (no speedup column)")
     p.add_argument("--knob", type=_knob, action="append", default=[], help="METHOD.KEY=VALUE override, repeatable")
@@ -111,6 +138,7 @@ def main(argv: list[str] | None = None, prog: str = "run_all.py") -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from salad_bench.harness.errors import BadInput
     from salad_bench.harness.plugins import include_methods
     from salad_bench.harness.runner import make_spec, run
 
@@ -120,7 +148,11 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     raw: dict[str, dict] = {}
     for method, key, value in args.knob:
+        if key in raw.get(method, {}):
+            print(f"warning: --knob {method}.{key} is given more than once; the last one counts ({value})", file=sys.stderr)
         raw.setdefault(method, {})[key] = value
+    if args.allow_empty and args.gate is None:
+        raise BadInput("--allow-empty applies to the gate; add --gate BASELINE or drop it")
     spec = make_spec(
         args.methods, sparsities=args.sparsity, workloads=args.workloads, device=args.device, dtype=args.dtype,
         out=args.out, knobs=raw, quick=args.quick, resume=args.resume, qkv=args.qkv, seed=args.seed,
@@ -134,6 +166,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         rows_path = run(spec)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during shutdown: no traceback
         print(f"\ninterrupted: rows measured so far are in {out}/rows*.jsonl; rerun with --out {out} --resume", file=sys.stderr)
         return 130
     from salad_bench.harness.distributed import Dist

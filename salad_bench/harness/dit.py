@@ -62,7 +62,7 @@ from salad_bench.harness.results import RowWriter, cell_identity
 from salad_bench.harness.timing import measure, peak_memory_gib
 from salad_bench.harness.workloads import DIT_WORKLOADS, DTYPES, Workload
 from salad_bench.methods import METHODS, AttentionMethod, AttnContext, Unsupported, create_method
-from salad_bench.methods.registry import UnknownNameError
+from salad_bench.methods.registry import UnknownNameError, close_names
 
 __all__ = ["DIT_WORKLOADS", "get_dit_workload", "run_dit_workload", "main"]
 
@@ -70,9 +70,7 @@ __all__ = ["DIT_WORKLOADS", "get_dit_workload", "run_dit_workload", "main"]
 def get_dit_workload(name: str) -> Workload:
     if name in DIT_WORKLOADS:
         return DIT_WORKLOADS[name]
-    import difflib
-
-    close = difflib.get_close_matches(name, list(DIT_WORKLOADS), n=2, cutoff=0.5)
+    close = close_names(name, DIT_WORKLOADS, n=2)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise UnknownNameError(f"unknown DiT workload {name!r}.{hint} Known: {', '.join(DIT_WORKLOADS)}.")
 

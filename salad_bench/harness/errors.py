@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,8 +20,9 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_CRASH", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-# optional packages: import name -> what to install
+# packages that may be missing: import name -> what to install
 _EXTRAS = {
+    "torch": "pip install torch (a CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu), then pip install -e .",
     "diffusers": 'pip install -e ".[dev]" (or pip install diffusers transformers)',
     "transformers": 'pip install -e ".[dev]" (or pip install transformers)',
     "safetensors": "pip install safetensors",
@@ -62,12 +64,13 @@ def guarded(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during shutdown: no traceback
         print("\ninterrupted: rows already measured are kept; rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:
         name = (exc.name or "").split(".")[0]
         if name in _EXTRAS:
-            print(f"error: this needs the optional package {name!r}, which is not installed: {_EXTRAS[name]}", file=sys.stderr)
+            print(f"error: this needs the package {name!r}, which is not installed: {_EXTRAS[name]}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return _crash()
     except OSError as exc:

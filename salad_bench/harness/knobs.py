@@ -16,6 +16,7 @@ import typing
 from typing import Any, Literal
 
 from salad_bench.methods import METHODS
+from salad_bench.methods.registry import close_names
 
 __all__ = ["KnobError", "check_knobs", "method_config", "parse_knob"]
 
@@ -119,9 +120,7 @@ def check_knobs(knobs: dict[str, dict[str, Any]], methods: list[str]) -> dict[st
     out: dict[str, dict[str, Any]] = {}
     for method, kv in knobs.items():
         if method not in methods:
-            import difflib
-
-            close = difflib.get_close_matches(method, methods + METHODS.names(), n=1, cutoff=0.5)
+            close = close_names(method, methods + METHODS.names(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close and close[0] != method else ""
             raise KnobError(
                 f"--knob {method}.*: {method!r} is not a method of this run (--methods {','.join(methods)}){hint}; "

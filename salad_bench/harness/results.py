@@ -197,6 +197,8 @@ def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True, warn: bool = True
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
+            if (bad := _bad_field(row)) is not None:
+                raise ValueError(bad)
             rows.append(row)
         except ValueError as exc:
             last = i == len(lines) and not text.endswith("\n")
@@ -209,6 +211,20 @@ def read_jsonl(path: Path, *, tolerate_torn_tail: bool = True, warn: bool = True
                 f"or write to a new --out directory."
             ) from None
     return rows
+
+
+# fields a row holds as numbers (or null): a string there is a corrupt row, refused with its file and line
+NUMERIC_FIELDS = ("sparsity_target", "density", "sparsity", "ms", "ms_p20", "ms_p80", "speedup", "rel_l2", "cos_sim",
+                  "max_abs_err", "peak_mem_gib", "flops_attention", "flops_executed", "flops_dense",
+                  "tflops_dense_equiv", "tflops_executed", "mfu", "select_ms", "baseline_ms", "seed", "round")  # fmt: skip
+
+
+def _bad_field(row: dict[str, Any]) -> str | None:
+    for f in NUMERIC_FIELDS:
+        v = row.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"field {f!r} is {v!r}, not a number"
+    return None
 
 
 def rows_files(run_dir: str | Path) -> list[Path]:
@@ -235,6 +251,9 @@ class RowWriter:
         self._done: set[tuple] = set()
         self._rows: dict[tuple, dict[str, Any]] = {}
         self.existing: list[dict[str, Any]] = []
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise ResultsFileError(f"{self.path} is not writable, so no new row could be kept; make it writable "
+                                   "(chmod u+w) or choose another --out")  # fmt: skip
         held = [f for f in rows_files(self.run_dir) if f.stat().st_size]
         if held and not resume:
             raise ResultsFileError(

@@ -30,7 +30,7 @@ import torch
 from salad_bench.harness.accuracy import compare, reference_attention
 from salad_bench.harness.distributed import Dist, barrier, deal, rank_device
 from salad_bench.harness.engine import Cell, Engine
-from salad_bench.harness.errors import check_writable_dir
+from salad_bench.harness.errors import BadInput, check_writable_dir
 from salad_bench.harness.flops import BACKWARD_FACTOR, dense_flops, mfu, tflops
 from salad_bench.harness.knobs import method_config
 from salad_bench.harness.results import RowWriter, cell_identity
@@ -101,11 +101,14 @@ def make_spec(
     dev = check_device(device)
     names = METHODS.select(methods)
     wls = workloads or default_workload(torch.device(dev))
-    wls = [w.strip() for w in (wls.split(",") if isinstance(wls, str) else wls) if w.strip()]
+    wls = list(dict.fromkeys(w.strip() for w in (wls.split(",") if isinstance(wls, str) else wls) if w.strip()))
+    if not wls:
+        raise BadInput(f"no workload selected from {workloads!r}: give one or more names, e.g. --workloads cpu-tiny "
+                       "(salad-bench list shows them all)")  # fmt: skip
     return RunSpec(
         methods=names,
         workloads=wls,
-        sparsities=list(sparsities),
+        sparsities=list(dict.fromkeys(sparsities)),  # each target once: a repeat would measure its cells again
         device=dev,
         dtype=dtype or ("bf16" if dev.startswith("cuda") else "fp32"),
         out=Path(out) if out is not None else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
@@ -152,8 +155,9 @@ def validate_spec(spec: RunSpec) -> None:
     if spec.dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {spec.dtype!r}; use one of {', '.join(DTYPES)}")
     dev = torch.device(check_device(spec.device))
-    if spec.dit_blocks is not None and not any(w.startswith("dit:") for w in spec.workloads):
-        raise ValueError("--dit-blocks applies to whole-model workloads; add --workloads dit:<preset> or drop it")
+    for flag, used in (("--dit-blocks", spec.dit_blocks is not None), ("--compile", spec.compile)):
+        if used and not any(w.startswith("dit:") for w in spec.workloads):
+            raise ValueError(f"{flag} applies to whole-model workloads; add --workloads dit:<preset> or drop it")
     for name in spec.methods:
         for s in spec.sparsities[:1] or [0.0]:
             create_method(name, num_heads=2, head_dim=64, sparsity=s, **spec.knobs.get(name, {}))  # knob check
@@ -410,10 +414,11 @@ def run(spec: RunSpec, *, quiet: bool = False) -> Path:
     dist = Dist.from_env()
     spec = dataclasses.replace(spec, device=rank_device(spec.device, dist))
     validate_spec(spec)
-    if torch.device(spec.device).index is not None:
+    if torch.device(spec.device).type == "cuda" and torch.device(spec.device).index is not None:
         torch.cuda.set_device(spec.device)  # CUDA events, streams and Triton launches follow the current device
     writer = RowWriter(spec.out, resume=spec.resume, device=spec.device,
                        rank=dist.rank if dist.world > 1 else None, world_size=dist.world)  # fmt: skip
+    _check_seed(spec, writer)
     barrier(dist)  # every rank has read the run's rows before any rank appends: the same plan everywhere
     base, rest = plan(spec, dist.rank, dist.world, writer)
     if dist.world > 1 and not quiet:
@@ -432,6 +437,15 @@ def run(spec: RunSpec, *, quiet: bool = False) -> Path:
             _measure_units(sweep, rest)
     barrier(dist)
     return writer.path
+
+
+def _check_seed(spec: RunSpec, writer: RowWriter) -> None:
+    """The seed makes the inputs but is not part of a cell's identity: a resumed run must keep it, or the
+    other seed's rows would be taken for this one's."""
+    seeds = sorted({r["seed"] for r in writer.existing if r.get("kind") in ("attention", "dit") and "seed" in r} - {spec.seed})
+    if seeds:
+        raise BadInput(f"{spec.out} was measured with --seed {', '.join(map(str, seeds))}, this run asks for --seed {spec.seed}; "
+                       f"resume with --seed {seeds[0]}, or give this seed its own --out")  # fmt: skip
 
 
 def _measure_units(sweep: _Sweep, units: list[Unit]) -> None:
@@ -455,6 +469,7 @@ def _measure_units(sweep: _Sweep, units: list[Unit]) -> None:
                 knobs=spec.knobs,
                 compiled=spec.compile,
                 blocks=spec.dit_blocks,
+                seed=spec.seed,
             )
             continue
         sweep.workload(get_workload(w), mine)

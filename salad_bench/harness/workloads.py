@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from salad_bench.kernels.rope import apply_rope, rope_3d_freqs
-from salad_bench.methods.registry import UnknownNameError
+from salad_bench.methods.registry import UnknownNameError, close_names
 
 __all__ = ["Workload", "WORKLOADS", "DIT_WORKLOADS", "WAN_1_3B", "WAN_14B", "WAN_TINY", "dit_workload",
            "get_workload", "make_qkv", "default_workload"]
@@ -104,9 +104,7 @@ DIT_WORKLOADS: dict[str, Workload] = {w.dit_name: w for w in WORKLOADS.values() 
 def get_workload(name: str) -> Workload:
     if name in WORKLOADS:
         return WORKLOADS[name]
-    import difflib
-
-    close = difflib.get_close_matches(name, list(WORKLOADS), n=2, cutoff=0.5)
+    close = close_names(name, WORKLOADS, n=2)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise UnknownNameError(f"unknown workload {name!r}.{hint} Known: {', '.join(WORKLOADS)} (and dit:<preset> for whole-model runs).")
 

@@ -40,6 +40,7 @@ __all__ = [
     "check_choice",
     "check_count",
     "check_range",
+    "check_sparse_knobs",
     "create_method",
     "dense_flops",
     "gather_tokens",
@@ -68,6 +69,19 @@ def check_count(name: str, value: Any, lo: int = 0, hi: int | None = None) -> No
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def check_sparse_knobs(knobs: Any) -> None:
+    """``sparse_knobs`` of a method built on another: ``(key, value)`` pairs of the inner method's knobs.
+    ``sparsity`` and the shape are the outer method's, passed through, so they cannot be set here."""
+    try:
+        keys = [k for k, _ in knobs]
+    except (TypeError, ValueError):
+        raise ValueError(f"sparse_knobs={knobs!r} must be (key, value) pairs, e.g. (('block_q', 64),)") from None
+    for key in keys:
+        if key in ("sparsity", "num_heads", "head_dim"):
+            raise ValueError(f"sparse_knobs sets {key!r}, which the method passes to its sparse branch itself; "
+                             "drop it (the target sparsity is set with --sparsity)")  # fmt: skip
 
 
 @dataclass(frozen=True)

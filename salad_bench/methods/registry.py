@@ -13,9 +13,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Registry", "Entry", "UnknownNameError"]
+__all__ = ["Registry", "Entry", "UnknownNameError", "close_names"]
 
 T = TypeVar("T")
+
+
+def close_names(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """The known names closest to ``name``, compared case-insensitively (``SALAD`` finds ``salad``)."""
+    lower: dict[str, str] = {}
+    for k in known:
+        lower.setdefault(k.lower(), k)
+    return [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=n, cutoff=0.5)]
 
 
 class UnknownNameError(KeyError):
@@ -89,7 +97,7 @@ class Registry(Generic[T]):
             raise UnknownNameError(self._unknown_message(name)) from None
 
     def _unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
+        close = close_names(name, self._entries)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}."
 
@@ -127,5 +135,6 @@ class Registry(Generic[T]):
                 hits = [tok]
             out.extend(h for h in hits if h not in out)
         if not out:
-            raise ValueError(f"no {self.kind} selected from {spec!r}")
+            raise ValueError(f"no {self.kind} selected from {spec!r}: give one or more names, e.g. "
+                             f"{', '.join(self.names()[:2])} (salad-bench list shows them all)")
         return out

@@ -58,6 +58,7 @@ from salad_bench.methods.base import (
     MethodReport,
     check_choice,
     check_range,
+    check_sparse_knobs,
     create_method,
 )
 
@@ -91,6 +92,7 @@ class SaladConfig(MethodConfig):
                 "use gate='dynamic' or 'static_dynamic', or gate_granularity='sample'"
             )
         check_choice("proj_init", self.proj_init, ("zero", "random"))
+        check_sparse_knobs(self.sparse_knobs)
         check_range("drop_fraction", self.drop_fraction, 0.0, 1.0, hi_open=True)
         check_range("eps", self.eps, 0.0, 1.0, lo_open=True)
         if self.sparse.startswith("salad"):

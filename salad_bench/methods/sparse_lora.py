@@ -47,6 +47,7 @@ from salad_bench.methods.base import (
     ProjectionLoRA,
     check_count,
     check_range,
+    check_sparse_knobs,
     create_method,
 )
 
@@ -68,6 +69,7 @@ class SparseLoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_count("rank", self.rank, 1)  # the upper bound depends on the shape: checked by each method
+        check_sparse_knobs(self.sparse_knobs)
         if self.alpha is not None:
             check_range("alpha", self.alpha, 0.0, 1e6, lo_open=True)
         bad = [t for t in self.targets if t not in PROJECTIONS]

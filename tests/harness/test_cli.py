@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,46 @@ def test_resume_skips_measured_cells(tmp_path):
     assert sorted(r["sparsity_target"] for r in rows) == [0.9, 0.95]
 
 
+def test_resume_with_another_seed_is_refused_and_keeps_the_rows(tmp_path, capsys):
+    """The seed makes the inputs but is not part of a cell's key: a resume under another seed would take the
+    first seed's rows for its own, so it is refused, and the rows stay as they were."""
+    out = tmp_path / "run"
+    args = ["--methods", "topk", "--sparsity", "0.9", "--workloads", "tiny", "--out", str(out), "--quick", "--no-baselines"]
+    assert main(args) == 0
+    before = (out / "rows.jsonl").read_bytes()
+    assert main([*args, "--resume", "--seed", "5"]) == 2
+    assert "measured with --seed 0" in capsys.readouterr().err
+    assert (out / "rows.jsonl").read_bytes() == before
+    assert main([*args, "--resume", "--seed", "0"]) == 0
+
+
+def test_an_option_given_twice_keeps_the_last_and_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--methods", "full", "--methods", "topk", "--sparsity=0.5", "--sparsity", "0.9", "--workloads", "tiny",
+                 "--knob", "topk.block_q=32", "--knob", "topk.block_q=64", "--out", str(out), "--quick",
+                 "--no-baselines"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--methods is given more than once" in err and "--sparsity is given more than once" in err
+    assert "--knob topk.block_q is given more than once; the last one counts (64)" in err
+    (row,) = read_jsonl(out / "rows.jsonl")
+    assert (row["method"], row["sparsity_target"], json.loads(row["config"])["block_q"]) == ("topk", 0.9, 64)
+
+
+def test_a_repeated_workload_or_sparsity_is_measured_once(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--methods", "topk", "--sparsity", "0.9,0.9", "--workloads", "tiny,tiny", "--out", str(out),
+                 "--quick", "--no-baselines"]) == 0  # fmt: skip
+    rows = read_jsonl(out / "rows.jsonl")
+    assert len(rows) == 1 and rows[0]["sparsity_target"] == 0.9
+
+
+def test_an_indexed_cpu_device_runs(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--methods", "topk", "--sparsity", "0.9", "--workloads", "tiny", "--device", "cpu:0", "--out", str(out),
+                 "--quick", "--no-baselines"]) == 0  # fmt: skip
+    assert read_jsonl(out / "rows.jsonl")[0]["status"] == "ok"
+
+
 def test_speedup_is_over_fastest_measured_dense(tmp_path):
     out = tmp_path / "run"
     assert main(["--methods", "topk", "--sparsity", "0.9", "--out", str(out), "--quick"]) == 0
@@ -94,6 +135,17 @@ def test_speedup_is_over_fastest_measured_dense(tmp_path):
         (["--methods", "topk", "--dit-blocks", "2"], "--dit-blocks applies to whole-model workloads"),
         (["--methods", "topk", "--workloads", "dit:tiny", "--dit-blocks", "3"], "has 2 transformer blocks"),
         (["--methods", "topk", "--workloads", "dit:tiny", "--dit-blocks", "two"], "invalid int value"),
+        (["--methods", "SALAD"], "did you mean 'salad'"),
+        (["--methods", "topk", "--workloads", "TINY"], "did you mean 'tiny'"),
+        (["--methods", ","], "give one or more names"),
+        (["--methods", "topk", "--workloads", ","], "no workload selected"),
+        (["--methods", "topk", "--seed", "99999999999999999999999"], "--seed takes a whole number"),
+        (["--methods", "topk", "--seed", "-1"], "--seed takes a whole number"),
+        (["--methods", "topk", "--compile"], "--compile applies to whole-model workloads"),
+        (["--methods", "topk", "--allow-empty"], "--allow-empty applies to the gate"),
+        (["--methods", "salad", "--knob", "salad.sparse_knobs=(('sparsity',0.5),)"], "sparse_knobs sets 'sparsity'"),
+        (["--methods", "sparse_lora", "--knob", "sparse_lora.sparse_knobs=(('sparsity',0.5),)"], "sparse_knobs sets 'sparsity'"),
+        (["--methods", "salad", "--knob", "salad.sparse_knobs=3"], "is not a tuple"),
     ],
 )
 def test_bad_input_exits_2_with_message(args, needle, tmp_path, capsys):

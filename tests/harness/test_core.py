@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,26 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
         read_jsonl(p)
     with pytest.raises(ResultsFileError, match="no such results file"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_a_number_field_holding_text_is_an_error_naming_line_and_field(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps({"ms": 1.0}) + "\n" + json.dumps({"method": "a", "density": "x"}) + "\n")
+    with pytest.raises(ResultsFileError, match=r"rows.jsonl:2.*'density' is 'x', not a number.*corrupt"):
+        read_jsonl(p)
+    p.write_text(json.dumps({"ms": None, "speedup": 2, "seed": 0}) + "\n")  # null and int are numbers here
+    assert read_jsonl(p) == [{"ms": None, "speedup": 2, "seed": 0}]
+
+
+def test_a_rows_file_that_cannot_be_written_is_refused_before_measuring(tmp_path, monkeypatch):
+    import os
+
+    w = RowWriter(tmp_path / "run")
+    w.append({"method": "a", "status": "ok"})
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == w.path else real(path, mode))
+    with pytest.raises(ResultsFileError, match=r"rows.jsonl is not writable.*chmod u\+w"):
+        RowWriter(tmp_path / "run", resume=True)
 
 
 def test_wan_qkv_kind_comes_from_a_wan_layer():

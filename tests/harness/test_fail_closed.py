@@ -161,6 +161,25 @@ def test_interrupt_exits_130_and_keeps_rows(tmp_path, monkeypatch, capsys):
     assert [r["method"] for r in _rows(out)] == ["topk"]
 
 
+def test_a_second_interrupt_during_shutdown_is_ignored():
+    """After the first Ctrl-C the handler ignores SIGINT, so a second one while torch tears down does not
+    print a traceback over the message that says how to resume."""
+    import signal
+
+    from salad_bench.harness.errors import EXIT_INTERRUPTED, guarded
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+
+        def body() -> int:
+            raise KeyboardInterrupt
+
+        assert guarded(body) == EXIT_INTERRUPTED
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 # -- resume --------------------------------------------------------------------------------------
 def test_resume_carries_the_dense_baseline_and_adds_no_duplicates(tmp_path):
     out = tmp_path / "r"

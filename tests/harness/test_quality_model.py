@@ -83,6 +83,14 @@ def test_config_mismatch_with_card_names_the_file(saved):
         load_checkpoint(d)
 
 
+@pytest.mark.parametrize("card", [[1, 2], "card", {"model_config": "oops"}, {"shard_sha256": [1]}])
+def test_a_card_of_the_wrong_shape_names_the_file(saved, card):
+    _, d = saved
+    (d / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"card\.json.*(not a card|not a JSON object)"):
+        load_checkpoint(d)
+
+
 def test_shards_that_disagree_name_the_file(saved):
     from safetensors import safe_open
     from safetensors.torch import save_file

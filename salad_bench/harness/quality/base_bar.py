@@ -620,8 +620,10 @@ def require_base_bar(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise BaseBarError(f"{path}: not valid JSON ({exc}); fix: {fix}") from None
     if bar.get("format") != BAR_FORMAT:
         raise BaseBarError(f"{path}: not a bar card (format={bar.get('format')!r}); fix: {fix}")
+    from salad_bench.harness.quality.model import read_card
+
     try:
-        digests = json.loads((d / "card.json").read_text()).get("shard_sha256")
+        digests = read_card(d).get("shard_sha256")
     except (OSError, ValueError):
         digests = None
     if not digests or digests != bar.get("checkpoint_shard_sha256"):

@@ -308,7 +308,7 @@ def save_classifier(model: VideoClassifier, out_dir: str | Path, card: dict[str,
 
 def load_classifier(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> tuple[VideoClassifier, dict[str, Any]]:
     """Load a :func:`save_classifier` directory; returns ``(model in eval mode, card)``."""
-    from salad_bench.harness.quality.model import CheckpointError, read_shards
+    from salad_bench.harness.quality.model import CheckpointError, read_card, read_shards
 
     d = Path(ckpt_dir)
     metas, state, where = read_shards(d, "classifier")
@@ -329,13 +329,7 @@ def load_classifier(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
             f"{where.get(bad[0], d)}: tensors do not match the config: {', '.join(bad[:3])}; retrain the classifier"
         )
     model.load_state_dict(state)
-    card: dict[str, Any] = {}
-    if (d / "card.json").exists():
-        try:
-            card = json.loads((d / "card.json").read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{d / 'card.json'}: not valid JSON ({exc})") from None
-    return model.to(device).eval(), card
+    return model.to(device).eval(), read_card(d)
 
 
 # -- CLI ----------------------------------------------------------------------------------------------

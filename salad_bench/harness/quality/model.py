@@ -220,16 +220,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_card(d: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``card.json`` (``{}`` when it has none); a card that is not a JSON object, or whose
+    ``shard_sha256`` or ``model_config`` is not one, raises :class:`CheckpointError`."""
+    path = Path(d) / "card.json"
+    if not path.exists():
+        return {}
+    fix = "restore it from the checkpoint's source (git checkout) or retrain"
+    try:
+        card = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{path}: holds a {type(card).__name__}, not a card (a JSON object); {fix}")
+    for key in ("shard_sha256", "model_config"):
+        if card.get(key) is not None and not isinstance(card[key], dict):
+            raise CheckpointError(f"{path}: {key} is {card[key]!r}, not a JSON object; {fix}")
+    return card
+
+
 def _verify_digests(d: Path, names: list[str]) -> None:
     """Check each shard against the sha256 its ``card.json`` records (a flipped byte in a tensor's data
     loads silently otherwise). A card without digests (written before they existed) is not checked."""
-    card_path = d / "card.json"
-    if not card_path.exists():
-        return
-    try:
-        digests = json.loads(card_path.read_text()).get("shard_sha256") or {}
-    except ValueError as exc:
-        raise CheckpointError(f"{card_path}: not valid JSON ({exc}); restore it from the checkpoint's source") from None
+    digests = read_card(d).get("shard_sha256") or {}
     for name in names:
         want = digests.get(name)
         if want is not None and _sha256(d / name) != want:
@@ -408,12 +421,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: torch.device | str = "cpu") ->
     d = Path(ckpt_dir)
     metas, state, where = _read_shards(d, "model")
     card_path = d / "card.json"
-    card: dict[str, Any] = {}
-    if card_path.exists():
-        try:
-            card = json.loads(card_path.read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{card_path}: not valid JSON ({exc})") from None
+    card = read_card(d)
     config_dict: dict[str, Any] | None = None
     for path, meta in metas:
         if meta.get("format") != FORMAT or "config" not in meta:

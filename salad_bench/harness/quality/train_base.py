@@ -64,7 +64,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.errors import check_writable_dir
-from salad_bench.harness.quality.model import MiniWanConfig
+from salad_bench.harness.quality.model import MiniWanConfig, read_card
 from salad_bench.harness.quality.train import (
     BASE_DEFAULTS,
     LABEL_DROPOUT,
@@ -239,7 +239,7 @@ def _barrier(world: int) -> None:
 
 def _last_card(out: Path) -> dict[str, Any]:
     try:
-        return json.loads((out / "card.json").read_text())
+        return read_card(out)
     except (OSError, ValueError):
         return {}
 

@@ -13,13 +13,20 @@ from salad_bench.kernels.layout import BlockLayout
 __all__ = ["flex_block_mask", "flex_block_sparse_attention", "flex_dense_attention"]
 
 
-@functools.lru_cache(maxsize=4)
-def _compiled_flex(device_type: str):
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device_type == "cuda":
-        return torch.compile(flex_attention, dynamic=False)
-    return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _require_cuda(q: torch.Tensor) -> None:
+    """Flex runs compiled on CUDA only. Eager flex (the CPU) materialises all N^2 scores and applies
+    ``mask_mod`` alone, which for a block mask built from kv blocks keeps every key: dense attention."""
+    if q.device.type != "cuda":
+        raise Unsupported(f"FlexAttention runs compiled on CUDA only; eager flex on {q.device.type} materialises "
+                          "all N^2 scores and ignores a block mask (dense attention), not a fair or sparse "
+                          "baseline; use backend='torch' or 'triton' there")  # fmt: skip
 
 
 def flex_block_mask(layout: BlockLayout):
@@ -44,12 +51,14 @@ def flex_block_mask(layout: BlockLayout):
 def flex_block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_mask=None, scale: float | None = None
 ) -> torch.Tensor:
-    """Block-sparse attention through FlexAttention; pass a prebuilt ``block_mask`` to time the kernel alone."""
+    """Block-sparse attention through FlexAttention (CUDA; the compiled kernel visits only the mask's
+    blocks); pass a prebuilt ``block_mask`` to time the kernel alone."""
+    _require_cuda(q)
     bm = flex_block_mask(layout) if block_mask is None else block_mask
-    fn = _compiled_flex(q.device.type)
-    return fn(q, k, v, block_mask=bm, scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    return _compiled_flex()(q, k, v, block_mask=bm, scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
 
 
 def flex_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense attention through (compiled, on CUDA) FlexAttention with no mask."""
-    return _compiled_flex(q.device.type)(q, k, v)
+    """Dense attention through compiled FlexAttention with no mask (CUDA)."""
+    _require_cuda(q)
+    return _compiled_flex()(q, k, v)

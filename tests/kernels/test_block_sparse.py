@@ -344,6 +344,21 @@ def test_q_index_on_the_torch_backends_matches_the_kernel(gen):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_the_flex_backend_keeps_only_the_layouts_tiles_or_refuses(gen):
+    """Compiled flex (CUDA) visits only the layout's blocks; eager flex (the CPU) applies no block mask and
+    would return dense attention, so it refuses there rather than pass dense off as sparse."""
+    from salad_bench.kernels import block_sparse_attention
+
+    q, k, v = _inputs(gen, 1, 2, 256, 64, torch.float32)
+    lay = _random_layout(gen, 1, 2, 256, 128, 64, empty=False)
+    if DEVICE == "cpu":
+        with pytest.raises(Unsupported, match="runs compiled on CUDA only"):
+            block_sparse_attention(q, k, v, lay, backend="flex")
+        return
+    want = block_sparse_attention_ref(q.double(), k.double(), v.double(), lay).float()
+    torch.testing.assert_close(block_sparse_attention(q, k, v, lay, backend="flex"), want, rtol=2e-3, atol=2e-3)
+
+
 def test_residual_refuses_a_mismatch_and_autograd(gen):
     q, k, v = _inputs(gen, 1, 2, 128, 64, torch.float32)
     lay = BlockLayout.full(1, 2, 128, 64, 64, DEVICE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +376,14 @@ def test_train_base_cli_writes_a_loadable_checkpoint_with_a_card(tmp_path):
     assert "git_sha" in card and (out / "README.md").exists()
     curve = [json.loads(x) for x in (out / "curves.jsonl").read_text().splitlines()]
     assert curve[-1]["step"] == 3 and "val_loss" in curve[-1]
+    # the same command where the checkpoint has no resume state (another machine) must not start over on it
+    shutil.rmtree(out / "resume", ignore_errors=True)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    again = _run([sys.executable, "-m", "salad_bench.harness.quality.train_base", "--out", str(out), "--tiny", "--steps", "3",
+                  "--batch", "2", "--n-val", "2", "--val-every", "3"])  # fmt: skip
+    assert again.returncode == 2 and "a fresh start would overwrite it" in again.stderr, again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
 
 
 def test_ranks_take_their_share_of_the_global_batch():

@@ -253,9 +253,14 @@ def _paths(a: argparse.Namespace) -> tuple[Path, Path, Path]:
 def _train_fixed(a: argparse.Namespace) -> int:
     model_cfg, cfg = _model_config(a), _train_config(a)
     dist, device = init_distributed(a.device)
-    out, curves, _ = _paths(a)
+    out, curves, state = _paths(a)
+    done = _last_card(out).get("steps_done")
+    if done and not state.exists():
+        raise _Refused(f"{out} holds a checkpoint at step {done} but no resume state ({state}); a fresh start would "
+                       "overwrite it. Train into another --out, or go on from its weights with --until-plateau "
+                       "--from-checkpoint")  # fmt: skip
     card = train_base_model(out, model_cfg, cfg, device=device, dist=dist, n_val=a.n_val, curve_path=curves,
-                            state_path=a.state, echo=True)  # fmt: skip
+                            state_path=state, echo=True)  # fmt: skip
     if dist.main:
         plateau = _plateau(a, curves)
         extra = {"train_seconds_total": card["train_seconds"], "null_class_added_at": _null_class_added_at(curves, model_cfg)}

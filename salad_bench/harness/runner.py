@@ -223,17 +223,20 @@ class _Sweep:
             return self.measure_cell(cell, q, k, v, ref, ctx, wl)
 
         self.engine.run(self.cells(wl, [u for u in units if u.baseline], None), measure)
-        base = self.baseline_info(wl)
-        self.engine.run(self.cells(wl, [u for u in units if not u.baseline], base), measure)
+        bases = {p: self.baseline_info(wl, p) for p in self.passes()}
+        self.engine.run(self.cells(wl, [u for u in units if not u.baseline], bases), measure)
 
-    def baseline_info(self, wl: Workload) -> dict[str, Any]:
-        """The fastest dense backend among this run's forward rows of ``wl`` on this card (measured by
+    def passes(self) -> list[str]:
+        return ["fwd", "fwd+bwd"] if self.spec.backward else ["fwd"]
+
+    def baseline_info(self, wl: Workload, pass_: str = "fwd") -> dict[str, Any]:
+        """The fastest dense backend among this run's rows of ``wl`` for one pass on this card (measured by
         this process, another rank, or before an interruption)."""
         spec = self.spec
         base: dict[str, float] = {}
         if spec.baselines:
             for name in dense_baselines():
-                row = self.writer.done_row(_identity(name, spec, wl.name, "fwd", 0.0))
+                row = self.writer.done_row(_identity(name, spec, wl.name, pass_, 0.0))
                 if row and row.get("status") == "ok":
                     base[name] = row["ms"]
         best = min(base, key=base.get) if base else None
@@ -244,18 +247,24 @@ class _Sweep:
             "fa2_ms": base.get(_fa2()),
         }
 
-    def cells(self, wl: Workload, units: list[Unit], base: dict[str, Any] | None) -> list[Cell]:
-        """Every pass of each unit's cell; with ``base`` (the methods' cells) each row names the baseline
-        and a forward row gets its speedups over it."""
-        passes = ["fwd", "fwd+bwd"] if self.spec.backward else ["fwd"]
+    def cells(self, wl: Workload, units: list[Unit], bases: dict[str, dict[str, Any]] | None) -> list[Cell]:
+        """Every pass of each unit's cell; with ``bases`` (the methods' cells: a pass's
+        :meth:`baseline_info`) each row names its pass's dense baseline and gets its speedups over it."""
         shape = {"B": wl.batch, "H": wl.heads, "N": wl.n, "D": wl.head_dim, "grid": list(wl.grid),
                  "device": str(self.device), "seed": self.spec.seed, "qkv_layout": self.layout}
-        speedups = {"speedup": base["baseline_ms"], "speedup_vs_fa2": base["fa2_ms"]} if base else {}
-        speedups = {key: ms for key, ms in speedups.items() if ms}
-        return [Cell(_identity(u.method, self.spec, wl.name, p, u.sparsity),
-                     {"family": METHODS.get(u.method).family, **shape, **(base or {})},
-                     speedups if p == "fwd" else {}, f"{wl.name} {u.method} s={u.sparsity}")
-                for u in units for p in passes]
+
+        def speedups(base: dict[str, Any]) -> dict[str, float]:
+            pairs = {"speedup": base.get("baseline_ms"), "speedup_vs_fa2": base.get("fa2_ms")}
+            return {key: ms for key, ms in pairs.items() if ms}
+
+        out = []
+        for u in units:
+            for p in self.passes():
+                base = (bases or {}).get(p) or {}
+                out.append(Cell(_identity(u.method, self.spec, wl.name, p, u.sparsity),
+                                {"family": METHODS.get(u.method).family, **shape, **base}, speedups(base),
+                                f"{wl.name} {u.method} s={u.sparsity}"))  # fmt: skip
+        return out
 
     SPLIT_ROUNDS = 5
 

@@ -112,6 +112,19 @@ def test_an_indexed_cpu_device_runs(tmp_path):
     assert read_jsonl(out / "rows.jsonl")[0]["status"] == "ok"
 
 
+def test_forward_backward_rows_are_timed_against_the_dense_forward_backward(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--methods", "topk", "--sparsity", "0.9", "--workloads", "tiny", "--backward", "--out", str(out),
+                 "--quick"]) == 0  # fmt: skip
+    rows = read_jsonl(out / "rows.jsonl")
+    for p in ("fwd", "fwd+bwd"):
+        dense = {r["method"]: r["ms"] for r in rows if r["pass"] == p and r["method"].startswith("full_") and r["status"] == "ok"}
+        (topk,) = [r for r in rows if r["method"] == "topk" and r["pass"] == p]
+        best = min(dense, key=dense.get)
+        assert (topk["baseline_method"], topk["baseline_ms"]) == (best, dense[best])
+        assert topk["speedup"] == pytest.approx(dense[best] / topk["ms"])
+
+
 def test_speedup_is_over_fastest_measured_dense(tmp_path):
     out = tmp_path / "run"
     assert main(["--methods", "topk", "--sparsity", "0.9", "--out", str(out), "--quick"]) == 0

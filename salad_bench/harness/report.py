@@ -582,6 +582,11 @@ def write_reports(
     index += _provenance_lines(df, list(sources))
     index += ["", "## Tables", ""]
     for stem, tables in build_tables(df, paper).items():
+        if not tables:  # no rows of this kind: no empty files (and none left from an earlier report here)
+            for ext in ("md", "tex"):
+                (out / f"{stem}.{ext}").unlink(missing_ok=True)
+            index.append(f"- `{stem}`: no rows of this kind")
+            continue
         for ext, render in (("md", to_markdown), ("tex", to_latex)):
             path = out / f"{stem}.{ext}"
             path.write_text(render(tables))

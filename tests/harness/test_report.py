@@ -254,6 +254,18 @@ def test_write_reports_index(tmp_path: Path) -> None:
     assert "NVIDIA H200" in index and "[main.md](main.md)" in index and "1 skipped" in index
 
 
+def test_a_kind_without_rows_writes_no_empty_table_files(tmp_path: Path) -> None:
+    rows = synthetic_rows()
+    attention = rows[rows["kind"] == "attention"]
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "dit.md").write_text("a table from an earlier report\n")
+    report.write_reports(attention, out, figures=False)
+    assert (out / "main.md").stat().st_size > 0
+    assert not (out / "dit.md").exists() and not (out / "kernel.tex").exists()
+    assert "`dit`: no rows of this kind" in (out / "README.md").read_text()
+
+
 def test_cli_writes_tables(tmp_path: Path) -> None:
     run = _run_dir(tmp_path, synthetic_rows())
     out = tmp_path / "reports"

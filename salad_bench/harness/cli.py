@@ -166,7 +166,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         rows_path = run(spec)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during shutdown: no traceback
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal during shutdown: no traceback
         print(f"\ninterrupted: rows measured so far are in {out}/rows*.jsonl; rerun with --out {out} --resume", file=sys.stderr)
         return 130
     from salad_bench.harness.distributed import Dist

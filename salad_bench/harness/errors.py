@@ -59,17 +59,27 @@ def _crash() -> int:
     return EXIT_CRASH
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def guarded(fn: Callable[[], int]) -> int:
-    """Run a command body; map its failures onto the exit codes above (messages on stderr)."""
+    """Run a command body; map its failures onto the exit codes above (messages on stderr). SIGTERM (a
+    scheduler's stop, ``kill``) is taken as Ctrl-C: the rows measured are kept and the exit code is 130."""
     try:
-        return fn()
+        before = signal.signal(signal.SIGTERM, _stop)
+    except ValueError:  # not the main thread: signals stay as they are
+        before = None
+    try:
+        result = fn()
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during shutdown: no traceback
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal during shutdown: no traceback
         print("\ninterrupted: rows already measured are kept; rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:
-        name = (exc.name or "").split(".")[0]
-        if name in _EXTRAS:
+        name = exc.name or ""
+        if name in _EXTRAS:  # the package itself; a missing submodule of an installed one is a broken install
             print(f"error: this needs the package {name!r}, which is not installed: {_EXTRAS[name]}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return _crash()
@@ -94,3 +104,7 @@ def guarded(fn: Callable[[], int]) -> int:
             print(f"error: {msg}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return _crash()
+    finally:
+        if before is not None and signal.getsignal(signal.SIGTERM) is _stop:
+            signal.signal(signal.SIGTERM, before)
+    return result

@@ -161,23 +161,30 @@ def test_interrupt_exits_130_and_keeps_rows(tmp_path, monkeypatch, capsys):
     assert [r["method"] for r in _rows(out)] == ["topk"]
 
 
-def test_a_second_interrupt_during_shutdown_is_ignored():
-    """After the first Ctrl-C the handler ignores SIGINT, so a second one while torch tears down does not
-    print a traceback over the message that says how to resume."""
+def test_sigterm_is_an_interrupt_and_a_second_signal_is_ignored():
+    """SIGTERM (a scheduler's stop) ends a command as Ctrl-C does (exit 130, rows kept); after the first
+    signal both are ignored, so a second one while torch tears down prints no traceback over the message
+    that says how to resume. A command that ends normally leaves SIGTERM as it found it."""
+    import os
     import signal
+    import time
 
     from salad_bench.harness.errors import EXIT_INTERRUPTED, guarded
 
-    before = signal.getsignal(signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        assert guarded(lambda: 0) == 0 and signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
 
         def body() -> int:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            return 0
 
         assert guarded(body) == EXIT_INTERRUPTED
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, before)
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 # -- resume --------------------------------------------------------------------------------------

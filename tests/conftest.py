@@ -1,4 +1,9 @@
-"""Shared fixtures: seeded generators, the device under test, and the ``gpu`` marker's skip rule."""
+"""Shared fixtures: seeded generators, the device under test, and the ``gpu`` marker's skip rule.
+
+``SALAD_BENCH_INCLUDE=PATH[:PATH...]`` (``os.pathsep``-separated ``.py`` files or folders of them) loads
+methods defined outside the project before collection, as ``run_all.py --include PATH`` does, so the
+registry-wide tests (the contract test among them) cover them too.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,27 @@ if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+INCLUDE_ENV = "SALAD_BENCH_INCLUDE"
+
+
+def include_from_env(environ=os.environ) -> list[str]:
+    """Load the method files ``SALAD_BENCH_INCLUDE`` names with ``--include``'s loader; their module names."""
+    paths = [p for p in environ.get(INCLUDE_ENV, "").split(os.pathsep) if p.strip()]
+    if not paths:
+        return []
+    from salad_bench.harness.errors import BadInput
+    from salad_bench.harness.plugins import include_methods
+
+    try:
+        return include_methods(paths)
+    except BadInput as exc:
+        raise pytest.UsageError(f"{INCLUDE_ENV}: {exc}") from None
+
+
+def pytest_configure(config):
+    # before collection: the test modules parametrize over METHODS.names() when they are imported
+    include_from_env()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -107,3 +107,32 @@ def test_a_variant_inherits_or_replaces_traits():
     reg.register_variant("inherits", "base")
     reg.register_variant("replaces", "base", traits=("lossy",))
     assert reg.with_trait("dense") == ["base", "inherits"] and reg.with_trait("lossy") == ["replaces"]
+
+
+def test_salad_bench_include_puts_an_outside_method_under_the_contract_test(tmp_path):
+    """``SALAD_BENCH_INCLUDE`` loads a method file before collection (tests/conftest.py), so the
+    registry-wide tests, which parametrize over ``METHODS.names()`` at import, cover ``--include`` methods."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mine = tmp_path / "mine.py"
+    mine.write_text("from salad_bench.methods.base import METHODS\n"
+                    "METHODS.register_variant('included_probe', 'topk', description='from outside the project')\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "SALAD_BENCH_INCLUDE": os.pathsep.join([str(mine), str(mine)])}  # twice: loaded once
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/methods/test_contract.py",
+         "-k", "test_shape_dtype_density and included_probe"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_salad_bench_include_names_a_bad_path(tmp_path):
+    from tests.conftest import include_from_env
+
+    assert include_from_env({}) == [] and include_from_env({"SALAD_BENCH_INCLUDE": ""}) == []
+    with pytest.raises(pytest.UsageError, match="SALAD_BENCH_INCLUDE.*not a .py file"):
+        include_from_env({"SALAD_BENCH_INCLUDE": str(tmp_path / "missing.py")})

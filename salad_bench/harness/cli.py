@@ -123,7 +123,7 @@ def _list() -> str:
     lines.append("Workloads (name | grid T x H x W | tokens | heads x head_dim):")
     for w in WORKLOADS.values():
         lines.append(f"  {w.name:<20} {'x'.join(map(str, w.grid)):<10} {w.n:>7,}  {w.heads} x {w.head_dim}   {w.note}")
-    lines.append("  dit:<preset>         one whole Wan2.1 transformer forward (see harness/dit.py)")
+    lines.append("  dit:<preset>         one whole Wan2.1 transformer forward (see salad_bench/harness/dit.py)")
     return "\n".join(lines)
 
 

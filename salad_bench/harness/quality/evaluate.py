@@ -820,7 +820,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="video classifier directory for sample quality (default: the one the base's bar.json names, "
                         f"else {DEFAULT_CLASSIFIER}; none there: rows say skipped)")
     p.add_argument("--no-base-bar", action="store_true",
-                   help="do not ask the base-model bar (harness/quality/base_bar.py) about --checkpoint; the rows say so")
+                   help="do not ask the base-model bar (salad_bench/harness/quality/base_bar.py) about --checkpoint; the rows say so")
     p.add_argument("--split", choices=("methods", "batch"), default="methods",
                    help="under torchrun: deal the cells out over the ranks (default), or fine-tune each cell "
                         "data-parallel over all ranks (DDP; rank 0 measures)")

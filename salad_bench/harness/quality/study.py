@@ -186,7 +186,7 @@ def commit_run(paths: list[Path], message: str, cwd: Path | None = None) -> str:
 # -- the CLI ---------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m salad_bench.harness.quality.study", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=None, help="the study's TOML (default: harness/experiments/quality_study.toml)")
+    p.add_argument("--config", default=None, help="the study's TOML (default: salad_bench/harness/experiments/quality_study.toml)")
     p.add_argument("--out", help="the run directory (rows, curves, study.toml, intervals.md)")
     p.add_argument("--checkpoint", default=None, help="the base model (default: the config's)")
     p.add_argument("--classifier", default=None, help="video classifier for sample quality (default: the config's, else the bar's)")

@@ -117,7 +117,7 @@ def _list() -> str:
     for e in METHODS.entries():
         cfg = e.cls.Config(**e.defaults)
         knobs = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg))
-        lines.append(f"  {e.name:<20} {e.family or e.cls.family:<14} {e.description}")
+        lines.append(f"  {e.name:<20} {e.family:<14} {e.description}")
         lines.append(f"  {'':<20} knobs: {knobs}")
     lines.append("")
     lines.append("Workloads (name | grid T x H x W | tokens | heads x head_dim):")

@@ -379,7 +379,7 @@ class AttentionMethod(nn.Module):
         return f"name={self.name!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.knobs().items())
 
 
-METHODS: Registry[AttentionMethod] = Registry("method", AttentionMethod)
+METHODS: Registry[AttentionMethod] = Registry("method", AttentionMethod, FAMILIES)
 
 # Traits a harness may ask of a registry entry (METHODS.with_trait), so it never names a method:
 # "dense": exact dense attention, measured once (no sparsity sweep); "reference": the dense method a

@@ -48,12 +48,20 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Names to classes deriving from ``base``."""
 
-    def __init__(self, kind: str, base: type[T]) -> None:
+    def __init__(self, kind: str, base: type[T], families: tuple[str, ...] | None = None) -> None:
         self.kind = kind
         self.base = base
+        self.families = families  # the families an entry may have (None: any)
         self._entries: dict[str, Entry[T]] = {}
 
     def _add(self, entry: Entry[T]) -> None:
+        """Register ``entry``; a missing family is the class's own (its ``family`` attribute)."""
+        import dataclasses
+
+        entry = dataclasses.replace(entry, family=entry.family or getattr(entry.cls, "family", None))
+        if self.families is not None and entry.family not in self.families:
+            raise ValueError(f"{self.kind} {entry.name!r}: family {entry.family!r} is not one of "
+                             f"{', '.join(self.families)}")  # fmt: skip
         if not entry.name or entry.name != entry.name.lower() or " " in entry.name:
             raise ValueError(f"{self.kind} names are lowercase snake_case; got {entry.name!r}")
         if entry.name in self._entries:

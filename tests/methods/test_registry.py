@@ -80,7 +80,25 @@ def test_every_entry_has_a_known_family():
     from salad_bench.methods.base import FAMILIES
 
     for e in METHODS.entries():
-        assert (e.family or e.cls.family) in FAMILIES, e.name
+        assert e.family in FAMILIES, e.name
+
+
+def test_a_family_is_the_classs_own_unless_given_and_must_be_known():
+    from salad_bench.methods.base import FAMILIES
+
+    reg: Registry[AttentionMethod] = Registry("method", AttentionMethod, FAMILIES)
+    reg.register("toy")(_Toy)
+    reg.register("toy_dense", family="full")(_Toy)
+    reg.register_variant("toy_hot", "toy")
+    assert [reg.get(n).family for n in ("toy", "toy_dense", "toy_hot")] == ["training_free", "full", "training_free"]
+    with pytest.raises(ValueError, match="family 'sliding' is not one of full, training_free"):
+        reg.register("toy_bad", family="sliding")(_Toy)
+    assert "toy_bad" not in reg
+
+
+def test_names_match_case_insensitively_in_suggestions():
+    msg = str(pytest.raises(UnknownNameError, METHODS.get, "SALAD").value)
+    assert "did you mean 'salad'" in msg.lower()
 
 
 def test_traits_tell_the_harness_what_it_needs_without_names():

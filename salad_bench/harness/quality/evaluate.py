@@ -212,8 +212,7 @@ def _traits(name: str) -> frozenset[str]:
 def _family(name: str) -> str:
     from salad_bench.methods import METHODS
 
-    entry = METHODS.get(name)
-    return entry.family or getattr(entry.cls, "family", "training_free")
+    return METHODS.get(name).family
 
 
 def reference_method() -> str:

@@ -222,7 +222,7 @@ def select_methods(selectors: tuple[str, ...], err) -> tuple[str, ...]:
             fam = sel[7:]
             if fam not in FAMILIES:
                 raise err(f"[{i}]", f"unknown family {fam!r}; families: {', '.join(FAMILIES)}")
-            names = [e.name for e in METHODS.entries() if (e.family or e.cls.family) == fam]
+            names = [e.name for e in METHODS.entries() if e.family == fam]
         else:
             try:
                 names = METHODS.select(sel)

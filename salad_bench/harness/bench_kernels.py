@@ -42,7 +42,7 @@ import torch
 
 from salad_bench.harness.accuracy import rel_l2
 from salad_bench.harness.engine import Cell, Engine, failure
-from salad_bench.harness.errors import BadInput, check_writable_dir
+from salad_bench.harness.errors import BadInput, Parser, check_writable_dir
 from salad_bench.harness.flops import BACKWARD_FACTOR, tflops
 from salad_bench.harness.results import RowWriter, cell_identity, headline_times, round_ratios
 from salad_bench.harness.timing import measure
@@ -933,9 +933,8 @@ def _sections(text: str) -> list[str]:
 
 
 def build_parser(prog: str = "salad-bench kernels") -> argparse.ArgumentParser:
-    from salad_bench.harness.cli import _Parser  # exit 2 with one line for a bad value, as `salad-bench run`
 
-    p = _Parser(prog=prog, description=__doc__.split("\n")[0])
+    p = Parser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/kernels/latest", help="run directory for rows.jsonl")
     p.add_argument("--densities", type=_densities, default="1.0,0.5,0.25,0.1,0.05",
                    help="block densities of the sparse section, each in (0, 1] (default 1.0,0.5,0.25,0.1,0.05)")

@@ -21,14 +21,13 @@ names that commit and says why no GPU run was possible.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION, BadInput, guarded
+from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION, BadInput, Parser, guarded
 
 __all__ = ["SWEEP", "check_committed", "evaluate_targets", "load_experiment", "main", "run_gate"]
 
@@ -259,7 +258,7 @@ def check_committed(repo: Path = ROOT) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="salad-bench ci-gpu", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="salad-bench ci-gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("action", nargs="?", default="run", choices=["run", "check", "targets"],
                     help="run: measure and gate on this GPU (default); check: CI's gate of the committed runs; "
                          "targets: the experiment's targets beside a run's figures (--out RUN)")

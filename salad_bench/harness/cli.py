@@ -16,6 +16,8 @@ import signal
 import sys
 from pathlib import Path
 
+from salad_bench.harness.errors import Parser
+
 __all__ = ["main", "build_parser"]
 
 
@@ -49,31 +51,8 @@ def _seed(text: str) -> int:
     return seed
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with exit code 2 and no usage dump for a bad value (the message says what to fix); an
-    option given twice keeps its last value, as argparse does, and says so."""
-
-    def error(self, message: str):  # noqa: D401
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-    def parse_known_args(self, args=None, namespace=None):
-        argv = sys.argv[1:] if args is None else list(args)
-        once = {o: a.dest for a in self._actions if a.option_strings and a.nargs is None
-                and not isinstance(a, argparse._AppendAction) for o in a.option_strings}  # fmt: skip
-        seen: set[str] = set()
-        for tok in argv:
-            if tok == "--":
-                break
-            opt = tok.split("=", 1)[0]
-            if opt in once:
-                if once[opt] in seen:
-                    print(f"warning: {opt} is given more than once; the last one counts", file=sys.stderr)
-                seen.add(once[opt])
-        return super().parse_known_args(args, namespace)
-
-
 def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=prog,
         description="Benchmark sparse-attention methods against the fastest dense attention on this machine.",
     )

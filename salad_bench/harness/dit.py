@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from salad_bench.harness.engine import Cell, Engine
-from salad_bench.harness.errors import BadInput, check_writable_dir
+from salad_bench.harness.errors import BadInput, Parser, check_writable_dir
 from salad_bench.harness.flops import dense_flops
 from salad_bench.harness.knobs import method_config
 from salad_bench.harness.results import RowWriter, cell_identity
@@ -643,7 +643,7 @@ def run_pipeline_workload(
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m salad_bench.harness.dit", description="Time whole Wan2.1 transformer forwards per attention method."
     )
     p.add_argument(

@@ -7,6 +7,7 @@ traceback is printed).
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import signal
@@ -15,8 +16,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_CRASH", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REGRESSION", "BadInput", "check_writable_dir",
-           "guarded"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CRASH", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REGRESSION", "BadInput", "Parser",
+           "check_writable_dir", "guarded"]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -34,6 +35,29 @@ _EXTRAS = {
 
 class BadInput(ValueError):
     """Input the program refuses; the message says what is wrong and what to do."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and no usage dump for a bad value (the message says what to fix); an
+    option given twice keeps its last value, as argparse does, and says so."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        once = {o: a.dest for a in self._actions if a.option_strings and a.nargs is None
+                and not isinstance(a, argparse._AppendAction) for o in a.option_strings}  # fmt: skip
+        seen: set[str] = set()
+        for tok in argv:
+            if tok == "--":
+                break
+            opt = tok.split("=", 1)[0]
+            if opt in once:
+                if once[opt] in seen:
+                    print(f"warning: {opt} is given more than once; the last one counts", file=sys.stderr)
+                seen.add(once[opt])
+        return super().parse_known_args(args, namespace)
 
 
 def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:

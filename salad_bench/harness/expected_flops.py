@@ -14,13 +14,13 @@ registered cell with no expectation is listed as unchecked (``--strict`` fails o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from salad_bench.harness.errors import Parser
 from salad_bench.harness.flops import dense_flops
 
 __all__ = ["SHAPE", "cases", "CheckResult", "check", "compute", "main"]
@@ -194,7 +194,7 @@ def write(path: str | Path, *, log=print) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m salad_bench.harness.expected_flops", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m salad_bench.harness.expected_flops", description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", metavar="FILE", help="recompute and compare with FILE (exit 1 on a mismatch)")
     mode.add_argument("--write", metavar="FILE", help="recompute and write FILE")

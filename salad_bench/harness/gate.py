@@ -39,8 +39,7 @@ from typing import Any
 
 import pandas as pd
 
-from salad_bench.harness.cli import _Parser
-from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION
+from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION, Parser
 from salad_bench.harness.frames import dense_backend
 from salad_bench.harness.results import ResultsFileError, load_rows
 
@@ -461,7 +460,7 @@ def gate(
 
 # -- CLI -----------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(
+    ap = Parser(
         prog="python -m salad_bench.harness.gate", description="Gate a run's speedups against a per-card baseline."
     )
     ap.add_argument("runs", nargs="*", help="run directories (containing rows.jsonl) or .jsonl files")

@@ -16,13 +16,12 @@ Blocks:
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import pandas as pd
 
-from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, guarded
+from salad_bench.harness.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, Parser, guarded
 
 __all__ = ["blocks", "main", "render"]
 
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m salad_bench.harness.readme", description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m salad_bench.harness.readme", description=__doc__.split("\n")[0])
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     ap.add_argument("--check", action="store_true", help="only compare; exit 2 if a block is stale")
     args = ap.parse_args(argv)

@@ -25,7 +25,6 @@ CLI: ``python -m salad_bench.harness.report results/<run> [more runs] [--out rep
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import statistics
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from salad_bench.harness.errors import BadInput
+from salad_bench.harness.errors import BadInput, Parser
 from salad_bench.harness.frames import (  # noqa: F401  (re-exported: report's public helpers)
     ABLATION_TARGET,
     IDENTITY,
@@ -638,7 +637,7 @@ def _provenance_lines(df: pd.DataFrame, sources: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m salad_bench.harness.report", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m salad_bench.harness.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+",
                     help="run directories (every rows file in them: rows.jsonl, a torchrun run's rows.rank<R>.jsonl) "
                          "or .jsonl files")

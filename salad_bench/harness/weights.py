@@ -18,7 +18,6 @@ kept as diffusers keeps them) and the safetensors are copied in shard by shard; 
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import struct
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from salad_bench.harness.errors import BadInput
+from salad_bench.harness.errors import BadInput, Parser
 
 __all__ = [
     "WeightsError",
@@ -475,7 +474,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m salad_bench.harness.weights", description="Check Wan2.1 weights or generate a video with a method."
     )
     sub = p.add_subparsers(dest="cmd", required=True)

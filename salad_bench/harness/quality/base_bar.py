@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from salad_bench.harness.errors import check_writable_dir
+from salad_bench.harness.errors import Parser, check_writable_dir
 
 __all__ = [
     "BAR_FORMAT",
@@ -645,7 +645,7 @@ def require_base_bar(checkpoint_dir: str | Path) -> dict[str, Any]:
 # -- CLI ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s, th = BarSettings(), Thresholds()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m salad_bench.harness.quality.base_bar", description=__doc__.split("\n")[0]
     )
     p.add_argument("--checkpoint", required=True, help="the base model's checkpoint directory")

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from salad_bench.harness.errors import Parser
 from salad_bench.harness.quality.data import (
     NUM_CLASSES,
     SPECS,
@@ -338,7 +339,7 @@ TINY = dict(widths=(8, 16), feature_dim=16, frame_width=4)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = FitConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m salad_bench.harness.quality.classifier", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, help="checkpoint directory (shards + card.json)")

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 
 from salad_bench.harness.distributed import barrier, deal
-from salad_bench.harness.errors import EXIT_BAD_INPUT, BadInput, check_writable_dir
+from salad_bench.harness.errors import EXIT_BAD_INPUT, BadInput, Parser, check_writable_dir
 from salad_bench.harness.quality.data import CLASS_NAMES, ProceduralVideos
 from salad_bench.harness.quality.metrics import (
     T_BANDS,
@@ -763,7 +763,7 @@ def check_kernels(device: torch.device, n: int = 4096, tol: float = 3e-2) -> str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = FINETUNE_DEFAULTS
-    p = argparse.ArgumentParser(prog="python -m salad_bench.harness.quality.evaluate", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m salad_bench.harness.quality.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="base model directory (python -m salad_bench.harness.quality.train_base)")
     p.add_argument(
         "--check-kernels",

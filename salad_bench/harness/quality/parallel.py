@@ -29,6 +29,8 @@ import sys
 import threading
 from pathlib import Path
 
+from salad_bench.harness.errors import Parser
+
 __all__ = ["assign", "command", "main"]
 
 
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         k = argv.index("--")
         argv, extra = argv[:k], argv[k + 1 :]
-    p = argparse.ArgumentParser(prog="python -m salad_bench.harness.quality.parallel", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m salad_bench.harness.quality.parallel", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", required=True, help="comma list / globs of registered methods")
     p.add_argument("--out", required=True, help="the run directory all ranks share")
     p.add_argument("--gpus", default="auto", help="comma list of GPU indices, 'auto' (all visible) or 'none' (CPU)")

@@ -26,7 +26,6 @@ to its run.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from salad_bench.harness.errors import Parser
 from salad_bench.harness.quality.study_config import CONTROL, Hypothesis, StudyConfig, StudyConfigError, metric
 from salad_bench.harness.study_tables import study_tables
 from salad_bench.harness.tables import to_markdown
@@ -411,7 +411,7 @@ def markdown(summary: list[dict[str, Any]], hypotheses: list[dict[str, Any]]) ->
 def main(argv: list[str] | None = None) -> int:
     from salad_bench.harness.quality.study_config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m salad_bench.harness.quality.stats", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m salad_bench.harness.quality.stats", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="quality run directories (rows*.jsonl) or rows files")
     p.add_argument("--config", default=None, help="the study config whose hypotheses are checked (default: the committed one)")
     p.add_argument("--draws", type=int, default=None, help="bootstrap draws (default: the config's)")

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from salad_bench.harness.errors import Parser
 from salad_bench.harness.quality.study_config import StudyConfig, StudyConfigError, load_config
 
 __all__ = ["Plan", "commit_run", "main", "plan", "regenerate_reports"]
@@ -185,7 +186,7 @@ def commit_run(paths: list[Path], message: str, cwd: Path | None = None) -> str:
 
 # -- the CLI ---------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m salad_bench.harness.quality.study", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m salad_bench.harness.quality.study", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=None, help="the study's TOML (default: salad_bench/harness/experiments/quality_study.toml)")
     p.add_argument("--out", help="the run directory (rows, curves, study.toml, intervals.md)")
     p.add_argument("--checkpoint", default=None, help="the base model (default: the config's)")

@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from salad_bench.harness.errors import check_writable_dir
+from salad_bench.harness.errors import Parser, check_writable_dir
 from salad_bench.harness.quality.model import MiniWanConfig, read_card
 from salad_bench.harness.quality.train import (
     BASE_DEFAULTS,
@@ -89,7 +89,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = BASE_DEFAULTS
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m salad_bench.harness.quality.train_base", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, help="checkpoint directory (shards + card.json + README.md)")

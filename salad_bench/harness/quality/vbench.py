@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 import torch
 
+from salad_bench.harness.errors import Parser
+
 __all__ = ["VBenchResult", "VBenchUnavailable", "resolve_python", "run_vbench", "vbench_rows", "write_custom_input"]
 
 ENV_VAR = "SALAD_VBENCH_PYTHON"
@@ -212,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m salad_bench.harness.quality.vbench --samples RUN/samples.npz --out DIR``: score a study's saved
     samples with VBench (one mp4 folder and one VBench run per method) and write rows of kind "quality"
     (``pass`` "vbench"), each with our in-process score beside VBench's for ``temporal_flickering``."""
-    import argparse
 
     import numpy as np
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from salad_bench.harness.quality.metrics import temporal_flickering_videos
     from salad_bench.harness.results import RowWriter
 
-    p = argparse.ArgumentParser(prog="python -m salad_bench.harness.quality.vbench", description=main.__doc__.split("\n")[0])
+    p = Parser(prog="python -m salad_bench.harness.quality.vbench", description=main.__doc__.split("\n")[0])
     p.add_argument("--samples", required=True, help="samples.npz written by harness.quality.evaluate --save-samples")
     p.add_argument("--out", required=True, help="run directory for rows.jsonl, the mp4s and VBench's outputs")
     p.add_argument("--methods", default="", help="comma list (default: every method in the file)")

@@ -13,7 +13,9 @@
 # compile cache as RETURN/triton.tgz.* (scripts/pack_cache.sh). Here, scripts/take_back.sh puts them in place
 # (the cache in .compile-cache/: carry that folder next time, so a cold machine skips the compiles).
 # Usage, from the repository root (wheels in .whl/ are installed first: scripts/device_env.sh):
-#   SHA=$(git rev-parse HEAD) OUT=/tmp/s RETURN=$OUT BUDGET=560 STEPS=tests,gate,train,bar bash scripts/gpu_session.sh
+#   SHA=$(git rev-parse HEAD) RETURN=$OUT OUT=/tmp/s BUDGET=560 STEPS=tests,gate,train,bar bash scripts/gpu_session.sh
+# (RETURN first: the assignments expand in order, so RETURN=$OUT after OUT=/tmp/s would be /tmp/s, and nothing
+# would come back; the script refuses that.)
 set -o pipefail
 OUT=${OUT:?set OUT}; BUDGET=${BUDGET:-560}; STEPS=${STEPS:-gate}; BAR_S=${BAR_S:-110}; COOLDOWN=${COOLDOWN:-1600}
 CKPT=${CKPT:-checkpoints/mini-wan-v2}; CLASSIFIER=${CLASSIFIER:-checkpoints/video-classifier}
@@ -21,6 +23,10 @@ T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
+if [ -n "$RETURN" ] && [ "$(cd "$OUT" && pwd -P)" = "$(mkdir -p "$RETURN" && cd "$RETURN" && pwd -P)" ]; then
+  echo "error: RETURN is OUT ($OUT): give RETURN the device call's \$OUT and OUT a scratch folder (RETURN=\$OUT OUT=/tmp/s ...)" >&2
+  exit 2
+fi
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader || true
 if has tests; then

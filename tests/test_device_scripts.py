@@ -63,6 +63,16 @@ def test_session_returns_run_and_cache_which_a_cold_machine_restores(tmp_path):
     assert (cold / "ABCDEF" / "k.cubin").read_bytes() == (cache / "ABCDEF" / "k.cubin").read_bytes()
 
 
+def test_session_refuses_return_equal_to_out(tmp_path):
+    """``OUT=/tmp/s RETURN=$OUT`` expands RETURN to /tmp/s: nothing would come back, so the script refuses."""
+    root, work = _tree(tmp_path, "tree"), tmp_path / "work"
+    env = _env(tmp_path / "cache", OUT=str(work), RETURN=str(work), STEPS="probe", BUDGET="60", PROBE="true")
+    res = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert res.returncode == 2 and "RETURN is OUT" in res.stderr, res.stderr
+    assert not (work / "probe.log").exists()
+
+
 def test_damaged_cache_parts_leave_an_empty_cache(tmp_path):
     cache, ret = tmp_path / "cache", tmp_path / "ret"
     _fake_cache(cache)

@@ -919,12 +919,12 @@ def _densities(text: str) -> list[float]:
 
 def _sections(text: str) -> list[str]:
     """An argparse type: a comma list of :data:`SECTIONS`."""
-    import difflib
+    from salad_bench.methods.registry import close_names
 
     names = [x.strip() for x in text.split(",") if x.strip()]
     for name in names:
         if name not in SECTIONS:
-            close = difflib.get_close_matches(name, SECTIONS, n=1)
+            close = close_names(name, SECTIONS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise argparse.ArgumentTypeError(f"unknown section {name!r}{hint}; choose from {','.join(SECTIONS)}")
     if not names:

@@ -12,11 +12,10 @@ gate's verdict over all of them.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
-from salad_bench.harness.errors import Parser
+from salad_bench.harness.errors import Parser, ignore_stop_signals
 
 __all__ = ["main", "build_parser"]
 
@@ -145,8 +144,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         rows_path = run(spec)
     except KeyboardInterrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal during shutdown: no traceback
+        ignore_stop_signals()
         print(f"\ninterrupted: rows measured so far are in {out}/rows*.jsonl; rerun with --out {out} --resume", file=sys.stderr)
         return 130
     from salad_bench.harness.distributed import Dist

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CRASH", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REGRESSION", "BadInput", "Parser",
-           "check_writable_dir", "guarded"]
+           "check_writable_dir", "guarded", "ignore_stop_signals"]
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -87,6 +87,13 @@ def _stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def ignore_stop_signals() -> None:
+    """After the first Ctrl-C or SIGTERM: a second one while torch tears down prints no traceback over the
+    message that says how to resume."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def guarded(fn: Callable[[], int]) -> int:
     """Run a command body; map its failures onto the exit codes above (messages on stderr). SIGTERM (a
     scheduler's stop, ``kill``) is taken as Ctrl-C: the rows measured are kept and the exit code is 130."""
@@ -97,8 +104,7 @@ def guarded(fn: Callable[[], int]) -> int:
     try:
         result = fn()
     except KeyboardInterrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal during shutdown: no traceback
+        ignore_stop_signals()
         print("\ninterrupted: rows already measured are kept; rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:

@@ -157,12 +157,25 @@ def _threshold(value: Any, what: str) -> float:
 def _threshold_arg(text: str) -> float:
     """argparse ``type`` of --rel and --abs: NaN, infinity or a negative number would switch the gate off."""
     try:
-        value = float(text)
+        return _threshold(float(text), "it")
     except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"got {text!r}; a threshold is a finite number >= 0 (e.g. --rel 0.1 --abs 0.15)")
-    return value
+        raise argparse.ArgumentTypeError(f"got {text!r}; a threshold is a finite number >= 0 (e.g. --rel 0.1 --abs 0.15)") from None
+
+
+def _threshold_table(table: Any) -> dict[str, dict[str, float]]:
+    """A baseline's ``thresholds`` (``{card or 'default': {rel, abs}}``, absent: ``{}``), every value checked by
+    :func:`_threshold`; raises ValueError naming the first bad one."""
+    if table is None:
+        return {}
+    example = '{"rel": 0.1, "abs": 0.15}'
+    if not isinstance(table, dict):
+        raise ValueError(f"'thresholds' is {_show(table)}, not an object like {{\"default\": {example}}}")
+    out = {}
+    for key, t in table.items():
+        if not isinstance(t, dict):
+            raise ValueError(f"thresholds.{key} is {_show(t)}, not an object like {example}")
+        out[key] = {k: _threshold(v, f"thresholds.{key}.{k}") for k, v in t.items() if k in DEFAULT_THRESHOLDS}
+    return out
 
 
 def load_baseline(path: str | Path) -> dict[str, Any]:
@@ -208,18 +221,10 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
         for k, v in versions.items():
             if not _has_type(v, "key"):
                 raise bad(f"versions.{k} is {_show(v)}, not a string or a number")
-    table = data.get("thresholds")
-    if table is not None:
-        if not isinstance(table, dict):
-            raise bad(f"'thresholds' is {_show(table)}, not an object like {{\"default\": {{\"rel\": 0.1, \"abs\": 0.15}}}}")
-        for key, t in table.items():
-            if not isinstance(t, dict):
-                raise bad(f"thresholds.{key} is {_show(t)}, not an object like {{\"rel\": 0.1, \"abs\": 0.15}}")
-            for k in DEFAULT_THRESHOLDS:
-                try:
-                    _threshold(t.get(k, 0.0), f"thresholds.{key}.{k}")
-                except ValueError as exc:
-                    raise bad(str(exc), "fix it or regenerate it") from None
+    try:
+        _threshold_table(data.get("thresholds"))
+    except ValueError as exc:
+        raise bad(str(exc), "fix it or regenerate it") from None
     if not isinstance(data["entries"], list) or not all(isinstance(e, dict) for e in data["entries"]):
         raise BaselineError(f"{path}: 'entries' must be a list of objects; regenerate it ({make})")
     for i, e in enumerate(data["entries"]):
@@ -239,16 +244,11 @@ def thresholds_for(baseline: dict[str, Any], card: str | None = None) -> dict[st
 
     Raises ValueError for a threshold that is not a finite number >= 0 (NaN would switch the gate off).
     """
-    table = baseline.get("thresholds") or {}
-    if not isinstance(table, dict):
-        raise ValueError(f"'thresholds' is {_show(table)}, not an object of {{card or 'default': {{rel, abs}}}}")
+    table = _threshold_table(baseline.get("thresholds"))
     card = card or baseline.get("card")
     out = dict(DEFAULT_THRESHOLDS)
     for key in ("default", card):
-        if isinstance(key, str) and isinstance(table.get(key), dict):
-            out.update(
-                {k: _threshold(v, f"thresholds.{key}.{k}") for k, v in table[key].items() if k in DEFAULT_THRESHOLDS}
-            )
+        out.update(table.get(key) or {})
     return out
 
 
